@@ -1,0 +1,393 @@
+"""The blob store: exact DICOM file bytes, named by their BLAKE3-256 hash.
+
+Layout under the data folder::
+
+    blobs/ab/cd/<hash>          the bytes, read-only once written
+    blobs/ab/cd/<hash>.chunks   BLAKE3-256 digest of every 1 MiB chunk, concatenated (32 bytes each)
+    tmp/                        files being written (``*.tmp``) and partial pulls (``*.part``)
+
+Invariants:
+
+- A blob is whole or absent. Bytes go to a temp file that is fsynced, then renamed
+  into place, then the folder is fsynced. Nothing is ever written in place.
+- A blob's chunk list is renamed into place *before* the blob, so a present blob always
+  has its chunk list (a crash can leave a chunk list without a blob; that is harmless
+  and collected).
+- Identical bytes are stored once: writing a blob that exists discards the temp file.
+- Paths are built only from strings that passed :func:`syncnode.ids.check_hash`.
+- Memory does not grow with the size of a blob: everything streams in chunk-sized
+  pieces.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import blake3
+
+from .ids import check_hash
+
+CHUNK_SIZE = 1 << 20
+DIGEST_SIZE = 32
+_READ_SIZE = CHUNK_SIZE
+
+
+class BlobError(Exception):
+    """Base class for blob store errors."""
+
+
+class BlobHashMismatch(BlobError):
+    """Bytes received for a blob do not hash to the name they were promised under."""
+
+    def __init__(self, expected: str, actual: str) -> None:
+        super().__init__(f"blob hash mismatch: expected {expected}, got {actual}")
+        self.expected = expected
+        self.actual = actual
+
+
+class BlobMissing(BlobError, FileNotFoundError):
+    """The blob is not in the store."""
+
+
+class StoreFull(BlobError, OSError):
+    """The disk holding the data folder is full."""
+
+
+@dataclass(frozen=True, slots=True)
+class BlobInfo:
+    """What the store knows about one blob."""
+
+    hash: str
+    size: int
+    chunks: tuple[str, ...]
+    created: bool  # False when identical bytes were already stored
+
+    @property
+    def chunks_root(self) -> str:
+        """BLAKE3 of the concatenated chunk digests: binds the chunk list to an event."""
+        return chunks_root(bytes.fromhex("".join(self.chunks)))
+
+
+@dataclass(frozen=True, slots=True)
+class BlobDamage:
+    hash: str
+    reason: str
+
+
+def chunks_root(chunk_digests: bytes) -> str:
+    return blake3.blake3(chunk_digests).hexdigest()
+
+
+def chunk_count(size: int) -> int:
+    """Number of chunks of a blob of ``size`` bytes (an empty blob has none)."""
+    return (size + CHUNK_SIZE - 1) // CHUNK_SIZE
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _ChunkHasher:
+    """Hashes a byte stream both whole and per 1 MiB chunk, whatever the write sizes."""
+
+    def __init__(self) -> None:
+        self.whole = blake3.blake3()
+        self._chunk = blake3.blake3()
+        self._in_chunk = 0
+        self.digests = bytearray()
+        self.size = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        self.whole.update(view)
+        self.size += len(view)
+        while view:
+            take = min(len(view), CHUNK_SIZE - self._in_chunk)
+            self._chunk.update(view[:take])
+            self._in_chunk += take
+            view = view[take:]
+            if self._in_chunk == CHUNK_SIZE:
+                self.digests += self._chunk.digest()
+                self._chunk = blake3.blake3()
+                self._in_chunk = 0
+
+    def finish(self) -> tuple[str, bytes]:
+        if self._in_chunk:
+            self.digests += self._chunk.digest()
+            self._in_chunk = 0
+        return self.whole.hexdigest(), bytes(self.digests)
+
+
+class BlobWriter:
+    """Streams bytes into a temp file, hashing as it goes; ``commit`` makes it a blob."""
+
+    def __init__(self, store: BlobStore) -> None:
+        self._store = store
+        self.tmp_path = store.tmp_dir / f"blob-{os.getpid()}-{secrets.token_hex(8)}.tmp"
+        self._file: BinaryIO | None = open(self.tmp_path, "xb")
+        self._hasher = _ChunkHasher()
+
+    @property
+    def size(self) -> int:
+        return self._hasher.size
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self._file is None:
+            raise BlobError("write after commit or abort")
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            self.abort()
+            if exc.errno == errno.ENOSPC:
+                raise StoreFull("no space left for the blob store") from exc
+            raise
+        self._hasher.update(data)
+
+    def commit(self, expected_hash: str | None = None, *, sync_dir: bool = True) -> BlobInfo:
+        """Make the written bytes a blob. Raises BlobHashMismatch (and stores nothing)."""
+        if self._file is None:
+            raise BlobError("commit after commit or abort")
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as exc:
+            self.abort()
+            if exc.errno == errno.ENOSPC:
+                raise StoreFull("no space left for the blob store") from exc
+            raise
+        self._file.close()
+        self._file = None
+        digest, chunk_digests = self._hasher.finish()
+        if expected_hash is not None and digest != expected_hash:
+            self.tmp_path.unlink(missing_ok=True)
+            raise BlobHashMismatch(expected_hash, digest)
+        try:
+            return self._store._install(self.tmp_path, digest, self.size, chunk_digests, sync_dir)
+        except BaseException:
+            self.tmp_path.unlink(missing_ok=True)
+            raise
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self.tmp_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abort()  # no-op after a commit
+
+
+class BlobStore:
+    """Content-addressed files under ``<data>/blobs`` with temp files in ``<data>/tmp``."""
+
+    def __init__(self, data_dir: Path | str) -> None:
+        data_dir = Path(data_dir)
+        self.root = data_dir / "blobs"
+        self.tmp_dir = data_dir / "tmp"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self._dirty_dirs: set[Path] = set()
+
+    # -- paths ---------------------------------------------------------------------------
+    def path(self, blob_hash: str) -> Path:
+        h = check_hash(blob_hash, "blob hash")
+        return self.root / h[:2] / h[2:4] / h
+
+    def chunks_path(self, blob_hash: str) -> Path:
+        p = self.path(blob_hash)
+        return p.with_name(p.name + ".chunks")
+
+    def part_path(self, blob_hash: str) -> Path:
+        """Where a pull of this blob keeps its partial bytes between attempts."""
+        return self.tmp_dir / f"{check_hash(blob_hash, 'blob hash')}.part"
+
+    # -- reading -------------------------------------------------------------------------
+    def has(self, blob_hash: str) -> bool:
+        return self.path(blob_hash).is_file()
+
+    def size(self, blob_hash: str) -> int:
+        try:
+            return self.path(blob_hash).stat().st_size
+        except FileNotFoundError as exc:
+            raise BlobMissing(f"blob {blob_hash} is not in the store") from exc
+
+    def open(self, blob_hash: str) -> BinaryIO:
+        try:
+            return open(self.path(blob_hash), "rb")
+        except FileNotFoundError as exc:
+            raise BlobMissing(f"blob {blob_hash} is not in the store") from exc
+
+    def chunk_digests(self, blob_hash: str) -> bytes:
+        """The concatenated 32-byte chunk digests of a stored blob."""
+        try:
+            return self.chunks_path(blob_hash).read_bytes()
+        except FileNotFoundError as exc:
+            raise BlobMissing(f"chunk list of blob {blob_hash} is missing") from exc
+
+    def chunks(self, blob_hash: str) -> list[str]:
+        raw = self.chunk_digests(blob_hash)
+        return [raw[i : i + DIGEST_SIZE].hex() for i in range(0, len(raw), DIGEST_SIZE)]
+
+    def read_verified(self, blob_hash: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        """Yield bytes [start, end) of a blob, each covering chunk checked against its digest.
+
+        Raises BlobError as soon as a chunk does not match: damaged bytes are never
+        handed out.
+        """
+        digests = self.chunk_digests(blob_hash)
+        with self.open(blob_hash) as f:
+            size = os.fstat(f.fileno()).st_size
+            end = size if end is None else min(end, size)
+            index = start // CHUNK_SIZE
+            f.seek(index * CHUNK_SIZE)
+            pos = index * CHUNK_SIZE
+            while pos < end:
+                chunk = f.read(CHUNK_SIZE)
+                want = digests[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE]
+                if not chunk or blake3.blake3(chunk).digest() != want:
+                    raise BlobError(f"blob {blob_hash} is damaged at chunk {index}")
+                lo = max(start - pos, 0)
+                hi = min(end - pos, len(chunk))
+                yield chunk[lo:hi]
+                pos += len(chunk)
+                index += 1
+
+    def iter_hashes(self) -> Iterator[str]:
+        for d1 in sorted(self.root.iterdir()):
+            if not d1.is_dir():
+                continue
+            for d2 in sorted(d1.iterdir()):
+                if not d2.is_dir():
+                    continue
+                for f in sorted(d2.iterdir()):
+                    if len(f.name) == 64 and not f.name.endswith(".chunks"):
+                        yield f.name
+
+    # -- writing -------------------------------------------------------------------------
+    def writer(self) -> BlobWriter:
+        return BlobWriter(self)
+
+    def put_stream(self, source: BinaryIO, expected_hash: str | None = None,
+                   *, sync_dir: bool = True) -> BlobInfo:
+        with self.writer() as w:
+            while True:
+                block = source.read(_READ_SIZE)
+                if not block:
+                    break
+                w.write(block)
+            return w.commit(expected_hash, sync_dir=sync_dir)
+
+    def put_file(self, path: Path | str, *, sync_dir: bool = True) -> BlobInfo:
+        with open(path, "rb") as f:
+            return self.put_stream(f, sync_dir=sync_dir)
+
+    def put_bytes(self, data: bytes, *, sync_dir: bool = True) -> BlobInfo:
+        with self.writer() as w:
+            w.write(data)
+            return w.commit(sync_dir=sync_dir)
+
+    def _install(self, tmp: Path, digest: str, size: int, chunk_digests: bytes,
+                 sync_dir: bool) -> BlobInfo:
+        final = self.path(digest)
+        chunks = tuple(chunk_digests[i : i + DIGEST_SIZE].hex()
+                       for i in range(0, len(chunk_digests), DIGEST_SIZE))
+        if final.is_file():
+            tmp.unlink(missing_ok=True)
+            if not self.chunks_path(digest).is_file():  # repair a lost chunk list
+                self._write_chunks(digest, chunk_digests)
+                self._mark_dirty(final.parent, sync_dir)
+            return BlobInfo(digest, size, chunks, created=False)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        self._write_chunks(digest, chunk_digests)
+        os.replace(tmp, final)
+        os.chmod(final, 0o444)
+        self._mark_dirty(final.parent, sync_dir)
+        return BlobInfo(digest, size, chunks, created=True)
+
+    def _write_chunks(self, digest: str, chunk_digests: bytes) -> None:
+        cpath = self.chunks_path(digest)
+        cpath.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.tmp_dir / f"chunks-{os.getpid()}-{secrets.token_hex(8)}.tmp"
+        with open(tmp, "xb") as f:
+            f.write(chunk_digests)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, cpath)
+
+    def _mark_dirty(self, folder: Path, sync_now: bool) -> None:
+        self._dirty_dirs.update((folder, folder.parent, folder.parent.parent))
+        if sync_now:
+            self.flush_dirs()
+
+    def flush_dirs(self) -> None:
+        """Fsync every folder a rename touched since the last flush: makes renames durable."""
+        dirs, self._dirty_dirs = self._dirty_dirs, set()
+        for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+            fsync_dir(d)
+
+    def delete(self, blob_hash: str) -> bool:
+        """Remove a blob and its chunk list. Returns whether the blob existed."""
+        path = self.path(blob_hash)
+        existed = path.exists()
+        path.unlink(missing_ok=True)
+        self.chunks_path(blob_hash).unlink(missing_ok=True)
+        return existed
+
+    # -- housekeeping --------------------------------------------------------------------
+    def clean_tmp(self) -> int:
+        """Remove temp files left by processes that no longer run. Keeps ``.part`` files."""
+        removed = 0
+        for f in self.tmp_dir.glob("*.tmp"):
+            parts = f.name.split("-")
+            if len(parts) >= 3 and parts[1].isdigit() and _pid_alive(int(parts[1])):
+                continue
+            f.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+    def verify(self, blob_hash: str) -> BlobDamage | None:
+        """Re-hash one blob and its chunk list; None when both are intact."""
+        try:
+            with self.open(blob_hash) as f:
+                hasher = _ChunkHasher()
+                while block := f.read(_READ_SIZE):
+                    hasher.update(block)
+        except BlobMissing:
+            return BlobDamage(blob_hash, "missing")
+        digest, chunk_digests = hasher.finish()
+        if digest != blob_hash:
+            return BlobDamage(blob_hash, f"content hashes to {digest}")
+        try:
+            stored = self.chunk_digests(blob_hash)
+        except BlobMissing:
+            return BlobDamage(blob_hash, "chunk list missing")
+        if stored != chunk_digests:
+            return BlobDamage(blob_hash, "chunk list does not match the content")
+        return None
+
+    def verify_all(self, hashes: Iterable[str] | None = None) -> Iterator[tuple[str, BlobDamage | None]]:
+        for h in (self.iter_hashes() if hashes is None else hashes):
+            yield h, self.verify(h)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

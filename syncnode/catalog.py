@@ -1,0 +1,569 @@
+"""The catalog: SQLite (WAL) holding the event set and everything derived from it.
+
+Tables (all SQL is in this file):
+
+- ``events``: the grow-only set. ``id`` (32 raw bytes) = BLAKE3 of ``body``, the
+  canonical encoding (see :mod:`syncnode.events`). Never updated, never deleted.
+- ``puts``: one row per put event, with the indexed attributes, ``removed`` (a delete
+  names it) and ``live`` (it is the live version of its SOP Instance UID). Derived.
+- ``tombstones``: (put id, delete id) for every put a delete names, including puts not
+  received yet, so that a put arriving after its tombstone is born removed. Derived.
+- ``merkle``: digest and count of every non-empty node of the Merkle index. Derived,
+  maintained in the same transaction as the inserts that change it.
+- ``meta``: the node id and the hybrid logical clock.
+
+Invariants:
+
+- Every change happens in one ``BEGIN IMMEDIATE`` transaction, so another process (the
+  CLI next to ``syncnode run``) sees the events, the live view and the Merkle index
+  change together or not at all.
+- The derived tables are a function of the event set alone: applying the same events
+  in any order, any number of times, gives the same rows (see the rule in
+  :mod:`syncnode.events`).
+- A put event that is not removed is inserted only when its blob is in the store; the
+  caller checks this inside the same write transaction (``blob_present``).
+- Commits are synchronous (``synchronous=FULL``): once a method returns, its events
+  survive a crash or power loss.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import events as ev
+from . import merkle
+from .blobstore import BlobInfo
+from .ids import check_hash, check_uid
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    seq      INTEGER PRIMARY KEY,
+    id       BLOB NOT NULL,
+    kind     TEXT NOT NULL CHECK (kind IN ('put', 'delete')),
+    hlc      INTEGER NOT NULL,
+    origin   TEXT NOT NULL,
+    body     BLOB NOT NULL,
+    received INTEGER NOT NULL DEFAULT (unixepoch())
+);
+-- Rows are appended in arrival order (seq); the id index is small and dense, which keeps
+-- random-hash inserts and Merkle leaf scans in cache at millions of events.
+CREATE UNIQUE INDEX IF NOT EXISTS events_by_id ON events (id);
+CREATE TABLE IF NOT EXISTS puts (
+    event_id            BLOB NOT NULL UNIQUE,
+    sop_instance_uid    TEXT NOT NULL,
+    sop_class_uid       TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    study_instance_uid  TEXT NOT NULL,
+    patient_id          TEXT NOT NULL,
+    modality            TEXT NOT NULL,
+    study_date          TEXT NOT NULL,
+    transfer_syntax_uid TEXT NOT NULL,
+    blob                TEXT NOT NULL,
+    size                INTEGER NOT NULL,
+    chunks              TEXT NOT NULL,
+    hlc                 INTEGER NOT NULL,
+    origin              TEXT NOT NULL,
+    removed             INTEGER NOT NULL DEFAULT 0,
+    live                INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS puts_by_sop ON puts (sop_instance_uid, removed);
+CREATE INDEX IF NOT EXISTS puts_by_blob ON puts (blob, removed);
+CREATE INDEX IF NOT EXISTS puts_live_by_study ON puts (study_instance_uid, series_instance_uid)
+    WHERE live = 1;
+CREATE TABLE IF NOT EXISTS tombstones (
+    put_id    BLOB NOT NULL,
+    delete_id BLOB NOT NULL,
+    PRIMARY KEY (put_id, delete_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS merkle (
+    level  INTEGER NOT NULL,
+    idx    INTEGER NOT NULL,
+    digest BLOB NOT NULL,
+    count  INTEGER NOT NULL,
+    PRIMARY KEY (level, idx)
+) WITHOUT ROWID;
+"""
+
+PUT_COLUMNS = (
+    "sop_instance_uid", "sop_class_uid", "series_instance_uid", "study_instance_uid",
+    "patient_id", "modality", "study_date", "transfer_syntax_uid", "blob", "size", "chunks",
+    "hlc", "origin",
+)
+
+
+class CatalogError(Exception):
+    """A catalog operation that cannot be carried out; the message says why."""
+
+
+class BlobNotPresent(CatalogError):
+    """A put event whose blob is not in the store cannot be made live."""
+
+
+@dataclass(slots=True)
+class ApplyResult:
+    """What a batch of events changed."""
+
+    inserted: list[str] = field(default_factory=list)  # hex ids of events new to this node
+    freed_blobs: set[str] = field(default_factory=set)  # blobs no put references any more
+    rejected: dict[str, str] = field(default_factory=dict)  # id -> reason
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    """A live instance as the catalog lists it."""
+
+    event_id: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    patient_id: str
+    modality: str
+    study_date: str
+    transfer_syntax_uid: str
+    blob: str
+    size: int
+    hlc: int
+    origin: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+class Catalog:
+    """One node's catalog. Thread-safe (one connection behind a lock); many processes may
+    open the same file at once."""
+
+    def __init__(self, path: Path | str, node_id: str | None = None) -> None:
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None,
+                                   check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA busy_timeout=60000")
+        self._db.execute("PRAGMA cache_size=-131072")  # 128 MiB
+        self._db.executescript(SCHEMA)
+        with self._write() as db:
+            if node_id is not None:
+                row = db.execute("SELECT value FROM meta WHERE key='node_id'").fetchone()
+                if row is None:
+                    db.execute("INSERT INTO meta VALUES ('node_id', ?)", (node_id,))
+                elif row[0] != node_id:
+                    raise CatalogError(
+                        f"catalog {self.path} belongs to node {row[0]}, not {node_id}")
+        self.node_id = node_id or self.get_meta("node_id") or ""
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- transactions --------------------------------------------------------------------
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            else:
+                self._db.execute("COMMIT")
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                yield self._db
+            finally:
+                self._db.execute("COMMIT")
+
+    def get_meta(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def _tick(self, db: sqlite3.Connection) -> int:
+        row = db.execute("SELECT value FROM meta WHERE key='hlc'").fetchone()
+        hlc = ev.hlc_tick(int(row[0]) if row else 0)
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('hlc', ?)", (str(hlc),))
+        return hlc
+
+    def _observe(self, db: sqlite3.Connection, remote: int) -> None:
+        row = db.execute("SELECT value FROM meta WHERE key='hlc'").fetchone()
+        last = int(row[0]) if row else 0
+        if remote > last:
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('hlc', ?)",
+                       (str(ev.hlc_observe(last, remote)),))
+
+    # -- inserting events ----------------------------------------------------------------
+    def _insert(self, db: sqlite3.Connection, eid: bytes, body: bytes, event: ev.Event,
+                dirty_leaves: set[int], dirty_sops: set[str], freed: set[str]) -> bool:
+        cur = db.execute(
+            "INSERT OR IGNORE INTO events (id, kind, hlc, origin, body) VALUES (?, ?, ?, ?, ?)",
+            (eid, event.kind, event.hlc, event.origin, body))
+        if cur.rowcount == 0:
+            return False
+        dirty_leaves.add(merkle.leaf_index(eid))
+        dirty_sops.add(event.sop_instance_uid)
+        if isinstance(event, ev.PutEvent):
+            db.execute(
+                f"INSERT INTO puts (event_id, {', '.join(PUT_COLUMNS)}, removed) "
+                f"SELECT ?1, {', '.join(f'?{i + 2}' for i in range(len(PUT_COLUMNS)))}, "
+                "EXISTS (SELECT 1 FROM tombstones WHERE put_id=?1)",
+                (eid, *(getattr(event, c) for c in PUT_COLUMNS)))
+        else:
+            for put_hex in event.removes:
+                put_id = bytes.fromhex(put_hex)
+                db.execute("INSERT OR IGNORE INTO tombstones VALUES (?, ?)", (put_id, eid))
+                row = db.execute("SELECT blob, sop_instance_uid, removed FROM puts "
+                                 "WHERE event_id=?", (put_id,)).fetchone()
+                if row is not None and not row[2]:
+                    db.execute("UPDATE puts SET removed=1, live=0 WHERE event_id=?", (put_id,))
+                    dirty_sops.add(row[1])
+                    freed.add(row[0])
+        return True
+
+    def _finish(self, db: sqlite3.Connection, dirty_leaves: set[int], dirty_sops: set[str],
+                freed: set[str]) -> set[str]:
+        """Recompute what a batch of inserts made stale; return blobs nothing references."""
+        db.executemany(
+            "UPDATE puts SET live = (event_id = (SELECT event_id FROM puts "
+            "WHERE sop_instance_uid=?1 AND removed=0 "
+            "ORDER BY hlc DESC, origin DESC, event_id DESC LIMIT 1)) "
+            "WHERE sop_instance_uid=?1 AND removed=0", ((sop,) for sop in dirty_sops))
+        self._update_merkle(db, dirty_leaves)
+        return {b for b in freed if db.execute(
+            "SELECT 1 FROM puts WHERE blob=? AND removed=0 LIMIT 1", (b,)).fetchone() is None}
+
+    def _update_merkle(self, db: sqlite3.Connection, dirty_leaves: set[int]) -> None:
+        level, dirty = merkle.LEAF_LEVEL, dirty_leaves
+        while True:
+            nodes = []
+            for idx in sorted(dirty):
+                if level == merkle.LEAF_LEVEL:
+                    lo, hi = merkle.id_range(level, idx)
+                    if hi is None:
+                        rows = db.execute("SELECT id FROM events WHERE id >= ? ORDER BY id",
+                                          (lo,))
+                    else:
+                        rows = db.execute("SELECT id FROM events WHERE id >= ? AND id < ? "
+                                          "ORDER BY id", (lo, hi))
+                    nodes.append((idx, merkle.leaf_digest(r[0] for r in rows)))
+                else:
+                    nodes.append((idx, merkle.inner_digest(self._children(db, level, idx))))
+            db.executemany("INSERT OR REPLACE INTO merkle VALUES (?, ?, ?, ?)",
+                           ((level, i, n.digest, n.count) for i, n in nodes if n.count))
+            db.executemany("DELETE FROM merkle WHERE level=? AND idx=?",
+                           ((level, i) for i, n in nodes if not n.count))
+            if level == 0:
+                return
+            level -= 1
+            dirty = {i // merkle.FANOUT for i in dirty}
+
+    @staticmethod
+    def _children(db: sqlite3.Connection, level: int, idx: int) -> list[merkle.NodeDigest]:
+        first = idx * merkle.FANOUT
+        found = {r[0]: merkle.NodeDigest(r[1], r[2]) for r in db.execute(
+            "SELECT idx, digest, count FROM merkle WHERE level=? AND idx >= ? AND idx < ?",
+            (level + 1, first, first + merkle.FANOUT))}
+        return [found.get(first + i, merkle.EMPTY_NODE) for i in range(merkle.FANOUT)]
+
+    def add_local_puts(self, items: Iterable[tuple[dict[str, str], BlobInfo]],
+                       blob_present: Callable[[str], bool] | None = None,
+                       ) -> list[tuple[str, bool]]:
+        """Record instances stored here. ``items``: (attributes, blob) pairs where the
+        attributes are those of :class:`syncnode.dicomfile.InstanceInfo`.
+
+        Returns (event id, new) per item; an instance whose live version already has these
+        exact bytes gets no new event (re-importing is a no-op).
+        """
+        results: list[tuple[str, bool]] = []
+        dirty_leaves: set[int] = set()
+        dirty_sops: set[str] = set()
+        freed: set[str] = set()
+        batch: dict[str, tuple[str, str]] = {}  # SOP UID -> (blob, event id) added here
+        with self._write() as db:
+            for attrs, blob in items:
+                sop = check_uid(attrs["sop_instance_uid"], "SOP Instance UID")
+                if blob_present is not None and not blob_present(blob.hash):
+                    raise BlobNotPresent(f"blob {blob.hash} of {sop} vanished before commit")
+                if sop in batch:  # a later file of this batch with the same UID
+                    if batch[sop][0] == blob.hash:
+                        results.append((batch[sop][1], False))
+                        continue
+                else:
+                    row = db.execute("SELECT event_id FROM puts WHERE sop_instance_uid=? "
+                                     "AND blob=? AND live=1", (sop, blob.hash)).fetchone()
+                    if row is not None:
+                        results.append((row[0].hex(), False))
+                        continue
+                event = ev.PutEvent(
+                    origin=self.node_id, hlc=self._tick(db), blob=blob.hash, size=blob.size,
+                    chunks=blob.chunks_root,
+                    sop_class_uid=check_uid(attrs["sop_class_uid"], "SOP Class UID"),
+                    sop_instance_uid=sop,
+                    series_instance_uid=check_uid(attrs["series_instance_uid"],
+                                                  "Series Instance UID"),
+                    study_instance_uid=check_uid(attrs["study_instance_uid"],
+                                                 "Study Instance UID"),
+                    patient_id=attrs.get("patient_id", ""), modality=attrs.get("modality", ""),
+                    study_date=attrs.get("study_date", ""),
+                    transfer_syntax_uid=attrs.get("transfer_syntax_uid", ""),
+                )
+                body = ev.encode(event)
+                ev.decode(body)  # the same validation a peer will apply
+                eid = ev.event_id(body)
+                new = self._insert(db, bytes.fromhex(eid), body, event, dirty_leaves,
+                                   dirty_sops, freed)
+                batch[sop] = (blob.hash, eid)
+                results.append((eid, new))
+            self._finish(db, dirty_leaves, dirty_sops, freed)
+        return results
+
+    def delete_instances(self, sop_uids: Iterable[str]) -> ApplyResult:
+        """Tombstone the current versions of these instances. Unknown UIDs are ignored."""
+        return self._delete_where("sop_instance_uid=?",
+                                  [check_uid(u, "SOP Instance UID") for u in sop_uids])
+
+    def delete_study(self, study_uid: str) -> ApplyResult:
+        check_uid(study_uid, "Study Instance UID")
+        with self._lock:
+            sops = [r[0] for r in self._db.execute(
+                "SELECT DISTINCT sop_instance_uid FROM puts WHERE study_instance_uid=? "
+                "AND removed=0", (study_uid,))]
+        return self.delete_instances(sops)
+
+    def _delete_where(self, where: str, params: list[str]) -> ApplyResult:
+        result = ApplyResult()
+        dirty_leaves: set[int] = set()
+        dirty_sops: set[str] = set()
+        freed: set[str] = set()
+        with self._write() as db:
+            for param in params:
+                puts = [r[0].hex() for r in db.execute(
+                    f"SELECT event_id FROM puts WHERE {where} AND removed=0", (param,))]
+                if not puts:
+                    continue
+                event = ev.DeleteEvent(origin=self.node_id, hlc=self._tick(db),
+                                       sop_instance_uid=param, removes=tuple(sorted(puts)))
+                body = ev.encode(event)
+                eid = ev.event_id(body)
+                if self._insert(db, bytes.fromhex(eid), body, event, dirty_leaves,
+                                dirty_sops, freed):
+                    result.inserted.append(eid)
+            result.freed_blobs = self._finish(db, dirty_leaves, dirty_sops, freed)
+        return result
+
+    def apply(self, received: Iterable[tuple[str, bytes]],
+              blob_present: Callable[[str], bool] | None = None) -> ApplyResult:
+        """Apply events received from a peer: (hex id, body) pairs. Idempotent.
+
+        Each body must hash to its id and decode; a put that is not already removed needs
+        its blob present (``blob_present``), otherwise it is rejected, not inserted.
+        """
+        result = ApplyResult()
+        dirty_leaves: set[int] = set()
+        dirty_sops: set[str] = set()
+        freed: set[str] = set()
+        max_hlc = 0
+        with self._write() as db:
+            for eid, body in received:
+                try:
+                    event = ev.decode_checked(eid, body)
+                except ev.InvalidEvent as exc:
+                    result.rejected[eid] = str(exc)
+                    continue
+                raw = bytes.fromhex(eid)
+                if (isinstance(event, ev.PutEvent) and blob_present is not None
+                        and not blob_present(event.blob)
+                        and db.execute("SELECT 1 FROM tombstones WHERE put_id=? LIMIT 1",
+                                       (raw,)).fetchone() is None):
+                    result.rejected[eid] = f"blob {event.blob} not present"
+                    continue
+                max_hlc = max(max_hlc, event.hlc)
+                if self._insert(db, raw, body, event, dirty_leaves, dirty_sops, freed):
+                    result.inserted.append(eid)
+            self._observe(db, max_hlc)
+            result.freed_blobs = self._finish(db, dirty_leaves, dirty_sops, freed)
+        return result
+
+    # -- reading events ------------------------------------------------------------------
+    def has_event(self, eid: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM events WHERE id=?",
+                                    (bytes.fromhex(check_hash(eid, "event id")),)
+                                    ).fetchone() is not None
+
+    def missing_events(self, eids: Iterable[str]) -> list[str]:
+        with self._lock:
+            return [e for e in eids if self._db.execute(
+                "SELECT 1 FROM events WHERE id=?", (bytes.fromhex(check_hash(e, "event id")),)
+            ).fetchone() is None]
+
+    def get_events(self, eids: Iterable[str]) -> list[tuple[str, bytes]]:
+        out = []
+        with self._lock:
+            for e in eids:
+                row = self._db.execute("SELECT body FROM events WHERE id=?",
+                                       (bytes.fromhex(check_hash(e, "event id")),)).fetchone()
+                if row is not None:
+                    out.append((e, bytes(row[0])))
+        return out
+
+    def event_count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT count(*) FROM events").fetchone()[0]
+
+    def all_event_ids(self) -> list[str]:
+        with self._lock:
+            return [r[0].hex() for r in self._db.execute("SELECT id FROM events ORDER BY id")]
+
+    # -- Merkle index --------------------------------------------------------------------
+    def merkle_node(self, prefix: str = "") -> merkle.NodeDigest:
+        level, idx = merkle.index_of(prefix)
+        with self._lock:
+            row = self._db.execute("SELECT digest, count FROM merkle WHERE level=? AND idx=?",
+                                   (level, idx)).fetchone()
+        return merkle.NodeDigest(bytes(row[0]), row[1]) if row else merkle.EMPTY_NODE
+
+    def merkle_root(self) -> merkle.NodeDigest:
+        return self.merkle_node("")
+
+    def merkle_children(self, prefix: str) -> list[merkle.NodeDigest]:
+        level, idx = merkle.index_of(prefix)
+        if level >= merkle.LEAF_LEVEL:
+            raise ValueError(f"prefix {prefix!r} is a leaf: it has no children")
+        with self._read() as db:
+            return self._children(db, level, idx)
+
+    def ids_under(self, prefix: str, limit: int | None = None) -> list[str]:
+        """Event ids (hex, sorted) under a prefix; at most ``limit`` of them."""
+        level, idx = merkle.index_of(prefix)
+        lo, hi = merkle.id_range(level, idx)
+        sql = "SELECT id FROM events WHERE id >= ?" + ("" if hi is None else " AND id < ?")
+        sql += " ORDER BY id" + ("" if limit is None else f" LIMIT {int(limit)}")
+        with self._lock:
+            return [r[0].hex() for r in self._db.execute(sql, (lo,) if hi is None else (lo, hi))]
+
+    def recompute_merkle(self) -> merkle.NodeDigest:
+        """The root recomputed from the events alone (for checks); changes nothing."""
+        with self._read() as db:
+            tree = merkle.MemoryMerkle(r[0] for r in db.execute("SELECT id FROM events"))
+        return tree.root()
+
+    # -- the live view -------------------------------------------------------------------
+    def instances(self, *, study: str | None = None, series: str | None = None,
+                  sop: str | None = None, patient_id: str | None = None,
+                  modality: str | None = None, date_from: str | None = None,
+                  date_to: str | None = None, limit: int | None = None,
+                  offset: int = 0) -> list[Instance]:
+        where, params = ["live=1"], []
+        for col, val, is_uid in (("study_instance_uid", study, True),
+                                 ("series_instance_uid", series, True),
+                                 ("sop_instance_uid", sop, True),
+                                 ("patient_id", patient_id, False),
+                                 ("modality", modality, False)):
+            if val is not None:
+                where.append(f"{col}=?")
+                params.append(check_uid(val, col) if is_uid else val)
+        if date_from:
+            where.append("study_date >= ?")
+            params.append(date_from)
+        if date_to:
+            where.append("study_date <= ?")
+            params.append(date_to)
+        sql = (f"SELECT event_id, {', '.join(PUT_COLUMNS)} FROM puts WHERE {' AND '.join(where)}"
+               " ORDER BY study_instance_uid, series_instance_uid, sop_instance_uid")
+        if limit is not None:
+            sql += f" LIMIT {int(limit)} OFFSET {int(offset)}"
+        with self._lock:
+            rows = self._db.execute(sql, params).fetchall()
+        return [_instance(r) for r in rows]
+
+    def instance(self, sop_uid: str) -> Instance | None:
+        found = self.instances(sop=sop_uid)
+        return found[0] if found else None
+
+    def put_event(self, eid: str) -> Instance | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT event_id, {', '.join(PUT_COLUMNS)} FROM puts "
+                                   "WHERE event_id=?", (bytes.fromhex(check_hash(eid)),)
+                                   ).fetchone()
+        return _instance(row) if row else None
+
+    def referenced_blobs(self) -> set[str]:
+        """Blobs some put that is not removed refers to: the blobs this node must hold."""
+        with self._lock:
+            return {r[0] for r in self._db.execute(
+                "SELECT DISTINCT blob FROM puts WHERE removed=0")}
+
+    def blob_referenced(self, blob_hash: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM puts WHERE blob=? AND removed=0 LIMIT 1",
+                                    (blob_hash,)).fetchone() is not None
+
+    def collect_garbage(self, candidates: Iterable[str], delete: Callable[[str], bool]) -> int:
+        """Delete the candidate blobs that nothing references, under the write lock so no
+        concurrent put can start referring to one while it goes."""
+        removed = 0
+        with self._write() as db:
+            for b in candidates:
+                if db.execute("SELECT 1 FROM puts WHERE blob=? AND removed=0 LIMIT 1",
+                              (b,)).fetchone() is None and delete(b):
+                    removed += 1
+        return removed
+
+    def counts(self) -> dict[str, int]:
+        with self._read() as db:
+            events, puts, deletes = db.execute(
+                "SELECT count(*), coalesce(sum(kind='put'), 0), coalesce(sum(kind='delete'), 0) "
+                "FROM events").fetchone()
+            instances, studies, series, live_bytes = db.execute(
+                "SELECT count(*), count(DISTINCT study_instance_uid), "
+                "count(DISTINCT series_instance_uid), coalesce(sum(size), 0) "
+                "FROM puts WHERE live=1").fetchone()
+            blobs, blob_bytes = db.execute(
+                "SELECT count(*), coalesce(sum(size), 0) FROM "
+                "(SELECT blob, max(size) AS size FROM puts WHERE removed=0 GROUP BY blob)"
+            ).fetchone()
+        return {"events": events, "put_events": puts, "delete_events": deletes,
+                "instances": instances, "studies": studies, "series": series,
+                "instance_bytes": live_bytes, "blobs": blobs, "blob_bytes": blob_bytes}
+
+    def studies(self) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT study_instance_uid, min(study_date), group_concat(DISTINCT modality), "
+                "count(*), count(DISTINCT series_instance_uid), sum(size) FROM puts "
+                "WHERE live=1 GROUP BY study_instance_uid ORDER BY study_instance_uid"
+            ).fetchall()
+        return [{"study_instance_uid": r[0], "study_date": r[1], "modalities": r[2] or "",
+                 "instances": r[3], "series": r[4], "bytes": r[5]} for r in rows]
+
+    def check_derived(self) -> list[str]:
+        """Compare the derived tables with a recomputation from the events; list mismatches."""
+        problems = []
+        if self.recompute_merkle() != self.merkle_root():
+            problems.append("Merkle index does not match the events")
+        return problems
+
+
+def _instance(row: tuple) -> Instance:
+    return Instance(row[0].hex(), *row[1:])

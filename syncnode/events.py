@@ -1,0 +1,194 @@
+"""Catalog events: canonical encoding, ids, the hybrid logical clock, the live-view rule (pure).
+
+An event is an immutable fact named by the BLAKE3-256 hash of its canonical encoding:
+
+- ``put``: a blob entered the catalog as one DICOM instance. It carries the blob hash,
+  size, the BLAKE3 of the blob's chunk list (so a receiver can trust the chunk list it
+  is sent), the instance's UIDs and a few indexed attributes.
+- ``delete``: a tombstone naming the put events it removes.
+
+Canonical encoding: UTF-8 JSON, keys sorted, no insignificant whitespace, non-ASCII
+escaped, integers only. Decoding re-encodes and refuses anything that is not already
+canonical, so an event id is a function of the event's content alone.
+
+Live-view rule (deterministic, independent of arrival order): a put is *removed* when
+any delete event names it. For each SOP Instance UID, the live version is the put that
+is not removed with the greatest ``(hlc, origin, id)``. A delete names only the puts its
+node had seen, so a put made concurrently with (or after) a delete survives it: a re-put
+after a delete wins. Older versions that are not removed stay in the catalog (and their
+blobs are kept), so every version ever acknowledged can be recovered.
+
+Hybrid logical clock (HLC): a 64-bit integer, wall-clock milliseconds in the high 48 bits,
+a counter in the low 16. It never goes backwards and moves past every clock it observes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import blake3
+
+from .ids import check_hash, check_uid, is_hash
+
+EVENT_VERSION = 1
+MAX_EVENT_BYTES = 64 * 1024
+MAX_REMOVES = 10_000
+_ATTR_MAX = 64  # longest allowed patient id / modality / date / TS string
+
+
+class InvalidEvent(ValueError):
+    """An event body that is malformed, not canonical, or violates the schema."""
+
+
+@dataclass(frozen=True, slots=True)
+class PutEvent:
+    origin: str
+    hlc: int
+    blob: str
+    size: int
+    chunks: str  # BLAKE3 of the concatenated chunk digests
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    patient_id: str = ""
+    modality: str = ""
+    study_date: str = ""
+    transfer_syntax_uid: str = ""
+    kind: Literal["put"] = field(default="put")
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteEvent:
+    origin: str
+    hlc: int
+    sop_instance_uid: str
+    removes: tuple[str, ...]
+    kind: Literal["delete"] = field(default="delete")
+
+
+Event = PutEvent | DeleteEvent
+
+
+def encode(event: Event) -> bytes:
+    """The canonical bytes of an event."""
+    obj: dict[str, Any] = {k: getattr(event, k) for k in event.__slots__}
+    if isinstance(event, DeleteEvent):
+        obj["removes"] = sorted(set(event.removes))
+    obj["v"] = EVENT_VERSION
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def event_id(body: bytes) -> str:
+    return blake3.blake3(body).hexdigest()
+
+
+def _str(obj: dict[str, Any], key: str, *, max_len: int = _ATTR_MAX) -> str:
+    value = obj.get(key, "")
+    if not isinstance(value, str) or len(value) > max_len:
+        raise InvalidEvent(f"field {key!r} must be a string of at most {max_len} characters")
+    if any(ord(c) < 0x20 for c in value):
+        raise InvalidEvent(f"field {key!r} contains control characters")
+    return value
+
+
+def _int(obj: dict[str, Any], key: str) -> int:
+    value = obj.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
+        raise InvalidEvent(f"field {key!r} must be a non-negative 63-bit integer")
+    return value
+
+
+def decode(body: bytes) -> Event:
+    """Parse and validate an event body. Raises InvalidEvent for anything off-schema."""
+    if len(body) > MAX_EVENT_BYTES:
+        raise InvalidEvent(f"event of {len(body)} bytes exceeds {MAX_EVENT_BYTES}")
+    try:
+        obj = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidEvent(f"event is not JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise InvalidEvent("event is not a JSON object")
+    if obj.get("v") != EVENT_VERSION:
+        raise InvalidEvent(f"unsupported event version {obj.get('v')!r}")
+    kind = obj.get("kind")
+    try:
+        origin = _str(obj, "origin", max_len=80)
+        if not origin:
+            raise InvalidEvent("event has no origin")
+        hlc = _int(obj, "hlc")
+        event: Event
+        if kind == "put":
+            expected = set(PutEvent.__slots__) | {"v"}
+            blob = obj.get("blob")
+            chunks = obj.get("chunks")
+            if not is_hash(blob) or not is_hash(chunks):
+                raise InvalidEvent("put event needs 'blob' and 'chunks' hashes")
+            event = PutEvent(
+                origin=origin, hlc=hlc, blob=blob, size=_int(obj, "size"), chunks=chunks,
+                sop_class_uid=check_uid(obj.get("sop_class_uid"), "SOP Class UID"),
+                sop_instance_uid=check_uid(obj.get("sop_instance_uid"), "SOP Instance UID"),
+                series_instance_uid=check_uid(obj.get("series_instance_uid"),
+                                              "Series Instance UID"),
+                study_instance_uid=check_uid(obj.get("study_instance_uid"),
+                                             "Study Instance UID"),
+                patient_id=_str(obj, "patient_id"), modality=_str(obj, "modality"),
+                study_date=_str(obj, "study_date"),
+                transfer_syntax_uid=_str(obj, "transfer_syntax_uid"),
+            )
+        elif kind == "delete":
+            expected = set(DeleteEvent.__slots__) | {"v"}
+            removes = obj.get("removes")
+            if (not isinstance(removes, list) or not removes or len(removes) > MAX_REMOVES
+                    or not all(is_hash(r) for r in removes)):
+                raise InvalidEvent("delete event needs 'removes': a list of event ids")
+            event = DeleteEvent(
+                origin=origin, hlc=hlc,
+                sop_instance_uid=check_uid(obj.get("sop_instance_uid"), "SOP Instance UID"),
+                removes=tuple(removes),
+            )
+        else:
+            raise InvalidEvent(f"unknown event kind {kind!r}")
+    except ValueError as exc:  # InvalidUID from check_uid
+        if isinstance(exc, InvalidEvent):
+            raise
+        raise InvalidEvent(str(exc)) from exc
+    if set(obj) != expected:
+        raise InvalidEvent(f"unexpected fields {sorted(set(obj) ^ expected)}")
+    if encode(event) != body:
+        raise InvalidEvent("event is not in canonical form")
+    return event
+
+
+def decode_checked(eid: str, body: bytes) -> Event:
+    """Decode a body received under id ``eid``; the id must be the hash of the body."""
+    check_hash(eid, "event id")
+    actual = event_id(body)
+    if actual != eid:
+        raise InvalidEvent(f"event body hashes to {actual}, not {eid}")
+    return decode(body)
+
+
+def live_key(hlc: int, origin: str, eid: str) -> tuple[int, str, str]:
+    """Order of precedence among versions of one instance: the greatest key is live."""
+    return (hlc, origin, eid)
+
+
+# -- hybrid logical clock -----------------------------------------------------------------
+HLC_COUNTER_BITS = 16
+
+
+def hlc_tick(last: int, now_ms: int | None = None) -> int:
+    """The next local timestamp after ``last``."""
+    if now_ms is None:
+        now_ms = time.time_ns() // 1_000_000
+    physical = now_ms << HLC_COUNTER_BITS
+    return physical if physical > last else last + 1
+
+
+def hlc_observe(last: int, remote: int) -> int:
+    """The clock after seeing a remote timestamp: never behind anything observed."""
+    return max(last, remote)
