@@ -153,6 +153,11 @@ class BlobWriter:
             raise
         self._hasher.update(data)
 
+    def flush(self) -> None:
+        """Hand buffered bytes to the OS so the temp file can be read back (no fsync)."""
+        if self._file is not None:
+            self._file.flush()
+
     def commit(self, expected_hash: str | None = None, *, sync_dir: bool = True) -> BlobInfo:
         """Make the written bytes a blob. Raises BlobHashMismatch (and stores nothing)."""
         if self._file is None:

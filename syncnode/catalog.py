@@ -133,6 +133,7 @@ class Instance:
     transfer_syntax_uid: str
     blob: str
     size: int
+    chunks: str
     hlc: int
     origin: str
 

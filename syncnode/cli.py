@@ -1,0 +1,287 @@
+"""The ``syncnode`` command line: parse, call, print. Every reading command has ``--json``.
+
+Exit codes: 0 success; 1 the command ran but found problems (files rejected by import,
+damaged blobs found by verify); 2 wrong usage or a node that cannot be opened.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from . import __version__
+from . import config as cfg
+from .ids import InvalidUID
+from .local import LocalNode, NodeNotInitialised
+from .tls import IdentityError, create_ca, load_ca
+
+app = typer.Typer(
+    help="syncnode: keep DICOM studies identical across sites, peer to peer, verified.",
+    no_args_is_help=True, add_completion=False, rich_markup_mode=None,
+)
+ca_app = typer.Typer(help="Cluster certificate authority (optional).", no_args_is_help=True)
+app.add_typer(ca_app, name="ca")
+
+err = Console(stderr=True)
+out = Console(highlight=False, soft_wrap=True)
+
+DataOpt = Annotated[Path, typer.Option(
+    "--data", "-d", envvar="SYNCNODE_DATA", help="Node data folder (env SYNCNODE_DATA).",
+    show_default=True)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
+DEFAULT_DATA = Path("syncnode-data")
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def open_node(data: Path) -> LocalNode:
+    try:
+        return LocalNode(data)
+    except (NodeNotInitialised, IdentityError) as exc:
+        fail(str(exc))
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        out.print(f"syncnode {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option("--version", callback=version_callback,
+                                               is_eager=True, help="Print the version.")]
+         = False) -> None:
+    """syncnode: keep DICOM studies identical across sites, peer to peer, verified."""
+
+
+@app.command()
+def init(data: DataOpt = DEFAULT_DATA,
+         ca: Annotated[Path | None, typer.Option(
+             help="Folder of a cluster CA (from `syncnode ca init`) to sign this node's "
+                  "certificate: nodes signed by one CA trust each other.")] = None,
+         json_out: JsonOpt = False) -> None:
+    """Create a node: data folder, key and certificate, config file. Prints the node id.
+
+    Example: syncnode init --data /srv/syncnode
+    """
+    try:
+        authority = load_ca(ca) if ca else None
+        node = LocalNode.init(data, ca=authority)
+    except IdentityError as exc:
+        fail(str(exc))
+    if json_out:
+        print_json({"node_id": str(node.node_id), "data": str(data.resolve())})
+    else:
+        out.print(f"Created node in {data}")
+        out.print(f"Node id: {node.node_id}")
+        out.print("Give this id to the operators of the peers that should trust this node.")
+
+
+@ca_app.command("init")
+def ca_init(folder: Annotated[Path, typer.Argument(help="Folder for ca.key and ca.crt.")]
+            ) -> None:
+    """Create a cluster CA. Keep ca.key offline; give ca.crt to every node (init --ca)."""
+    try:
+        authority = create_ca(folder)
+    except IdentityError as exc:
+        fail(str(exc))
+    out.print(f"Created cluster CA in {folder} ({authority.cert_path.name})")
+
+
+@app.command("id")
+def node_id(data: DataOpt = DEFAULT_DATA, json_out: JsonOpt = False) -> None:
+    """Print this node's id (the SHA-256 of its certificate, grouped for reading aloud)."""
+    node = open_node(data)
+    if json_out:
+        print_json({"node_id": str(node.node_id)})
+    else:
+        out.print(str(node.node_id))
+
+
+@app.command("import")
+def import_cmd(
+    paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders (recursive).")],
+    data: DataOpt = DEFAULT_DATA, json_out: JsonOpt = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Ingest DICOM Part-10 files into the node.
+
+    Re-importing the same bytes adds nothing. Files that are not DICOM, are truncated or
+    lack required UIDs are listed with the reason; the rest are imported, and the exit
+    code is 1 if any file failed.
+
+    Example: syncnode import --data /srv/syncnode /media/cdrom/DICOM
+    """
+    from .importer import import_paths, iter_files
+
+    node = open_node(data)
+    for p in paths:
+        if not p.exists():
+            fail(f"{p}: no such file or folder")
+    files = list(iter_files(paths))
+    total = sum(f.stat().st_size for f in files)
+    show = not (quiet or json_out) and err.is_terminal
+    columns = (TextColumn("importing"), BarColumn(), MofNCompleteColumn(), DownloadColumn(),
+               TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, disable=not show) as progress:
+        files_task = progress.add_task("import", total=len(files))
+        byte_total = [0]
+
+        def step(path: Path, nbytes: int) -> None:
+            byte_total[0] += path.stat().st_size if path.exists() else nbytes
+            progress.update(files_task, advance=1)
+
+        report = import_paths(node, files, progress=step)
+    if json_out:
+        print_json(report.to_dict())
+    else:
+        out.print(f"{report.files} files: {report.imported} imported, "
+                  f"{report.unchanged} already present, {len(report.failed)} failed "
+                  f"({human_bytes(report.bytes)} of {human_bytes(total)} accepted)")
+        for path, reason in report.failed:
+            out.print(f"  FAILED {path}: {reason}")
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command("ls")
+def ls(data: DataOpt = DEFAULT_DATA,
+       study: Annotated[str | None, typer.Option(help="Only this Study Instance UID.")] = None,
+       series: Annotated[str | None, typer.Option(help="Only this Series Instance UID.")]
+       = None,
+       json_out: JsonOpt = False) -> None:
+    """List live instances (one line each), optionally of one study or series."""
+    node = open_node(data)
+    try:
+        rows = node.catalog.instances(study=study, series=series)
+    except InvalidUID as exc:
+        fail(str(exc))
+    if json_out:
+        print_json([r.to_dict() for r in rows])
+        return
+    for r in rows:
+        out.print(f"{r.study_instance_uid}  {r.series_instance_uid}  {r.sop_instance_uid}  "
+                  f"{r.modality or '-':4} {r.study_date or '-':8}  {r.size:>10}  {r.blob[:16]}")
+
+
+@app.command("rm")
+def rm(sop_uids: Annotated[list[str] | None, typer.Argument(
+           help="SOP Instance UIDs to delete.")] = None,
+       data: DataOpt = DEFAULT_DATA,
+       study: Annotated[str | None, typer.Option(help="Delete every instance of this study.")]
+       = None,
+       json_out: JsonOpt = False) -> None:
+    """Delete instances: writes a tombstone that syncs to every peer; frees the blobs."""
+    if not sop_uids and not study:
+        fail("give SOP Instance UIDs or --study UID")
+    node = open_node(data)
+    try:
+        result = node.delete_study(study) if study else node.delete_instances(sop_uids or [])
+    except InvalidUID as exc:
+        fail(str(exc))
+    if json_out:
+        print_json({"tombstones": result.inserted, "freed_blobs": sorted(result.freed_blobs)})
+    else:
+        out.print(f"{len(result.inserted)} tombstones written, "
+                  f"{len(result.freed_blobs)} blobs freed")
+    if not result.inserted:
+        err.print("nothing matched: no live instance with that UID")
+        raise typer.Exit(1)
+
+
+def status_dict(node: LocalNode) -> dict[str, Any]:
+    root = node.catalog.merkle_root()
+    return {"node_id": str(node.node_id), "data": str(node.data),
+            "merkle_root": root.digest.hex(), **node.catalog.counts()}
+
+
+@app.command()
+def status(data: DataOpt = DEFAULT_DATA, json_out: JsonOpt = False) -> None:
+    """Counts, bytes, the Merkle root (equal roots = same catalog)."""
+    node = open_node(data)
+    st = status_dict(node)
+    if json_out:
+        print_json(st)
+        return
+    out.print(f"node        {st['node_id']}")
+    out.print(f"instances   {st['instances']} in {st['studies']} studies, {st['series']} series"
+              f" ({human_bytes(st['instance_bytes'])})")
+    out.print(f"blobs       {st['blobs']} ({human_bytes(st['blob_bytes'])})")
+    out.print(f"events      {st['events']} ({st['put_events']} put, "
+              f"{st['delete_events']} delete)")
+    out.print(f"merkle root {st['merkle_root']}")
+
+
+@app.command()
+def verify(data: DataOpt = DEFAULT_DATA, json_out: JsonOpt = False,
+           repair: Annotated[bool, typer.Option(
+               help="Fetch damaged or missing blobs from trusted peers.")] = False) -> None:
+    """Re-hash every blob and chunk list. Exit 1 and list the damage if any."""
+    node = open_node(data)
+    if repair:
+        fail("--repair needs peers; it is not available in this version", 2)
+    show = not json_out and err.is_terminal
+    with Progress(TextColumn("verifying"), BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), console=err, disable=not show) as progress:
+        task = progress.add_task("verify", total=node.catalog.counts()["blob_bytes"] or None)
+        report = node.verify(lambda _h, n: progress.update(task, advance=n))
+    if json_out:
+        print_json({"ok": report.ok, "blobs_checked": report.blobs_checked,
+                    "bytes_checked": report.bytes_checked,
+                    "damaged": [{"blob": d.hash, "reason": d.reason} for d in report.damaged],
+                    "missing": report.missing, "catalog_problems": report.catalog_problems})
+    else:
+        out.print(f"checked {report.blobs_checked} blobs ({human_bytes(report.bytes_checked)})")
+        for d in report.damaged:
+            out.print(f"  DAMAGED {d.hash}: {d.reason}")
+        for h in report.missing:
+            out.print(f"  MISSING {h}: referenced by the catalog, not in the store")
+        for p in report.catalog_problems:
+            out.print(f"  CATALOG {p}")
+        out.print("OK" if report.ok else "PROBLEMS FOUND")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def gc(data: DataOpt = DEFAULT_DATA) -> None:
+    """Remove blobs that no live event references, and stale temp files."""
+    node = open_node(data)
+    out.print(f"{node.gc()} blobs removed")
+
+
+def _config_error_exit(exc: cfg.ConfigError) -> NoReturn:
+    fail(str(exc))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

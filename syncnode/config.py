@@ -1,0 +1,203 @@
+"""Node configuration: one schema, four layers.
+
+Precedence, highest first: command-line flags > ``SYNCNODE_*`` environment variables >
+the config file ``<data>/config.toml`` > the defaults below. Every key has the same name
+in all four (flag ``--dicom-port``, variable ``SYNCNODE_DICOM_PORT``, file key
+``dicom_port``). An invalid value is refused when the node starts, with a message naming
+the key and the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import tomllib
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+CONFIG_FILE = "config.toml"
+_AE_RE = re.compile(r"^[\x21-\x5b\x5d-\x7e]([\x20-\x5b\x5d-\x7e]{0,14}[\x21-\x5b\x5d-\x7e])?$")
+_EXPORT_RE = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>\d{1,5})$")
+
+# Keys that take effect only after `syncnode run` restarts.
+RESTART_KEYS = frozenset({"dicom_port", "ae_title", "peer_host", "peer_port", "api_host",
+                          "api_port", "discovery", "log_format", "max_pdu"})
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the key."""
+
+
+def check_ae_title(value: str) -> str:
+    if not _AE_RE.fullmatch(value):
+        raise ValueError("an AE title is 1-16 printable ASCII characters, no backslash, "
+                         "not only spaces")
+    return value
+
+
+def parse_ae_address(value: str) -> tuple[str, str, int]:
+    """``AE@HOST:PORT`` -> (ae, host, port)."""
+    m = _EXPORT_RE.fullmatch(value.strip())
+    if not m or not 0 < int(m["port"]) < 65536:
+        raise ValueError(f"{value!r} is not AE@HOST:PORT (e.g. ORTHANC@127.0.0.1:4242)")
+    return check_ae_title(m["ae"]), m["host"], int(m["port"])
+
+
+class Settings(BaseSettings):
+    """Every setting of a node. Field names are the config-file keys."""
+
+    model_config = SettingsConfigDict(env_prefix="SYNCNODE_", extra="forbid",
+                                      validate_default=True)
+
+    data: Path = Field(Path("syncnode-data"), description="data folder")
+    dicom_port: int = Field(11112, ge=0, le=65535, description="DICOM SCP port (0 = any free)")
+    dicom_host: str = Field("0.0.0.0", description="address the DICOM SCP listens on")
+    ae_title: str = Field("SYNCNODE", description="AE title of the DICOM SCP")
+    allowed_aes: list[str] = Field(default_factory=list,
+                                   description="calling AE titles accepted (empty = any)")
+    max_pdu: int = Field(262_144, ge=4096, le=16_777_216,
+                         description="largest PDU the SCP reads, in bytes")
+    peer_host: str = Field("0.0.0.0", description="address the peer server listens on")
+    peer_port: int = Field(8443, ge=0, le=65535, description="peer (mutual TLS) port")
+    api_host: str = Field("127.0.0.1", description="admin API address")
+    api_port: int = Field(8080, ge=0, le=65535, description="admin API port")
+    api_key: str = Field("", description="key required for admin API changes (X-API-Key)")
+    export: list[str] = Field(default_factory=list,
+                              description="local PACS to deliver to, AE@HOST:PORT")
+    import_from: list[str] = Field(default_factory=list,
+                                   description="PACS to poll and retrieve from, AE@HOST:PORT")
+    discovery: bool = Field(True, description="advertise and browse on the LAN (mDNS)")
+    sync_interval: float = Field(5.0, gt=0, le=3600,
+                                 description="seconds between sync rounds per peer")
+    max_pulls: int = Field(4, ge=1, le=64, description="blobs pulled at once per peer")
+    log_format: Literal["kv", "json"] = Field("kv", description="log line format")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info")
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return check_ae_title(v)
+
+    @field_validator("allowed_aes")
+    @classmethod
+    def _aes(cls, v: list[str]) -> list[str]:
+        return [check_ae_title(a) for a in v]
+
+    @field_validator("export", "import_from")
+    @classmethod
+    def _addresses(cls, v: list[str]) -> list[str]:
+        for a in v:
+            parse_ae_address(a)
+        return v
+
+    @field_validator("api_key")
+    @classmethod
+    def _key(cls, v: str) -> str:
+        if v and len(v) < 16:
+            raise ValueError("an API key has at least 16 characters")
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _FileSource(settings_cls))
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """The config file of the data folder chosen by the higher layers (or the default)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        data = _FILE_DATA_DIR.get() or Path(os.environ.get("SYNCNODE_DATA", "syncnode-data"))
+        return read_file(Path(data))
+
+
+# The data folder whose config file the file layer reads, chosen by the layers above it.
+_FILE_DATA_DIR: ContextVar[Path | None] = ContextVar("syncnode_config_data", default=None)
+
+
+def read_file(data: Path) -> dict[str, Any]:
+    path = data / CONFIG_FILE
+    if not path.is_file():
+        return {}
+    try:
+        with open(path, "rb") as f:
+            values = tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    values.pop("data", None)  # the folder holding the file is the data folder
+    return values
+
+
+def write_file(data: Path, values: dict[str, Any]) -> None:
+    """Write the config file atomically (temp file, fsync, rename)."""
+    path = data / CONFIG_FILE
+    tmp = path.with_suffix(".toml.tmp")
+    clean = {k: v for k, v in values.items() if k != "data" and v is not None}
+    with open(tmp, "wb") as f:
+        tomli_w.dump(clean, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o600)  # holds the API key
+    os.replace(tmp, path)
+
+
+def load(data: Path | str | None = None, **overrides: Any) -> Settings:
+    """Settings for a data folder. ``overrides`` are command-line flags (None = not given)."""
+    flags = {k: v for k, v in overrides.items() if v is not None}
+    if data is not None:
+        flags["data"] = Path(data)
+    chosen = flags.get("data") or os.environ.get("SYNCNODE_DATA")
+    token = _FILE_DATA_DIR.set(Path(chosen) if chosen else None)
+    try:
+        return Settings(**flags)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    finally:
+        _FILE_DATA_DIR.reset(token)
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "config"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown setting"
+        lines.append(f"invalid setting {key!r} (flag --{key.replace('_', '-')}, "
+                     f"env SYNCNODE_{key.upper()}): {msg}")
+    return "\n".join(lines)
+
+
+def initial_values() -> dict[str, Any]:
+    """What ``syncnode init`` writes to a new config file."""
+    return {"api_key": secrets.token_urlsafe(24)}
+
+
+def update_file(data: Path, changes: dict[str, Any]) -> tuple[Settings, list[str]]:
+    """Validate and persist changes to the config file; return the new settings and the
+    changed keys that need a restart to take effect."""
+    values = read_file(data)
+    values.update(changes)
+    try:
+        settings = Settings(**{**values, "data": data})
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    write_file(data, {k: v for k, v in settings.model_dump(mode="json").items()
+                      if k in values})
+    return settings, sorted(k for k in changes if k in RESTART_KEYS)

@@ -1,0 +1,115 @@
+"""A node's data folder: identity, configuration, blob store and catalog, opened together.
+
+Layout of ``<data>``::
+
+    node.key, node.crt   the identity (the node id is the SHA-256 of node.crt)
+    ca.crt               the cluster CA this node trusts, if any
+    trust/               pinned peer certificates
+    config.toml          settings (see syncnode.config), including the admin API key
+    catalog.db           the catalog (SQLite, WAL)
+    blobs/, tmp/         the blob store
+
+Operations that touch both the store and the catalog live here, so that every command
+and service keeps the same invariant: a catalog row that is not removed points at a whole
+blob, and blobs nothing refers to are collected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import config as cfg
+from .blobstore import BlobDamage, BlobStore
+from .catalog import ApplyResult, Catalog
+from .tls import CertificateAuthority, Identity, TrustStore, create_identity, load_identity
+
+CATALOG_FILE = "catalog.db"
+
+
+class NodeNotInitialised(Exception):
+    def __init__(self, data: Path) -> None:
+        super().__init__(f"no node in {data}: run `syncnode init --data {data}` first")
+
+
+@dataclass(slots=True)
+class VerifyReport:
+    blobs_checked: int = 0
+    bytes_checked: int = 0
+    damaged: list[BlobDamage] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # referenced by the catalog, absent
+    catalog_problems: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.damaged or self.missing or self.catalog_problems)
+
+
+class LocalNode:
+    """The data folder of one node. Cheap to open; safe to open from several processes."""
+
+    def __init__(self, data: Path | str) -> None:
+        self.data = Path(data)
+        if not (self.data / "node.crt").is_file():
+            raise NodeNotInitialised(self.data)
+        self.identity: Identity = load_identity(self.data)
+        self.node_id = self.identity.node_id
+        self.store = BlobStore(self.data)
+        self.catalog = Catalog(self.data / CATALOG_FILE, node_id=self.node_id.compact)
+        self.trust = TrustStore(self.data)
+
+    @classmethod
+    def init(cls, data: Path | str, ca: CertificateAuthority | None = None) -> LocalNode:
+        data = Path(data)
+        data.mkdir(parents=True, exist_ok=True, mode=0o700)
+        create_identity(data, ca=ca)
+        if not (data / cfg.CONFIG_FILE).exists():
+            cfg.write_file(data, cfg.initial_values())
+        return cls(data)
+
+    def settings(self, **flags: object) -> cfg.Settings:
+        return cfg.load(self.data, **flags)
+
+    def close(self) -> None:
+        self.catalog.close()
+
+    # -- deleting ------------------------------------------------------------------------
+    def collect(self, result: ApplyResult) -> ApplyResult:
+        """Remove the blobs a batch of events freed."""
+        if result.freed_blobs:
+            self.catalog.collect_garbage(result.freed_blobs, self.store.delete)
+        return result
+
+    def delete_instances(self, sop_uids: Iterable[str]) -> ApplyResult:
+        return self.collect(self.catalog.delete_instances(sop_uids))
+
+    def delete_study(self, study_uid: str) -> ApplyResult:
+        return self.collect(self.catalog.delete_study(study_uid))
+
+    def gc(self) -> int:
+        """Remove every stored blob no event keeps alive, and stale temp files."""
+        self.store.clean_tmp()
+        keep = self.catalog.referenced_blobs()
+        unreferenced = [h for h in self.store.iter_hashes() if h not in keep]
+        return self.catalog.collect_garbage(unreferenced, self.store.delete)
+
+    # -- checking ------------------------------------------------------------------------
+    def verify(self, progress: Callable[[str, int], None] | None = None) -> VerifyReport:
+        """Re-hash every blob and chunk list; check every referenced blob is present and
+        the Merkle index matches the events."""
+        report = VerifyReport()
+        referenced = self.catalog.referenced_blobs()
+        for h, damage in self.store.verify_all():
+            size = self.store.path(h).stat().st_size if damage is None else 0
+            report.blobs_checked += 1
+            report.bytes_checked += size
+            if damage is not None:
+                report.damaged.append(damage)
+            if progress:
+                progress(h, size)
+        present = set(self.store.iter_hashes())
+        report.missing = sorted(referenced - present)
+        report.catalog_problems = self.catalog.check_derived()
+        return report
