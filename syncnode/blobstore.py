@@ -255,6 +255,9 @@ class BlobStore:
         digests = self.chunk_digests(blob_hash)
         with self.open(blob_hash) as f:
             size = os.fstat(f.fileno()).st_size
+            if len(digests) != chunk_count(size) * DIGEST_SIZE:  # cut on a chunk boundary
+                raise BlobError(f"blob {blob_hash} is damaged: its size does not match "
+                                "its chunk list")
             end = size if end is None else min(end, size)
             index = start // CHUNK_SIZE
             f.seek(index * CHUNK_SIZE)
@@ -303,6 +306,22 @@ class BlobStore:
         with self.writer() as w:
             w.write(data)
             return w.commit(sync_dir=sync_dir)
+
+    def adopt(self, path: Path, expected_hash: str, *, sync_dir: bool = True) -> BlobInfo:
+        """Move a complete file (e.g. a finished ``.part``) into the store after hashing it.
+
+        Raises BlobHashMismatch, leaving the file where it is, if it is not ``expected_hash``.
+        """
+        check_hash(expected_hash, "blob hash")
+        hasher = _ChunkHasher()
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+            while block := f.read(_READ_SIZE):
+                hasher.update(block)
+        digest, chunk_digests = hasher.finish()
+        if digest != expected_hash:
+            raise BlobHashMismatch(expected_hash, digest)
+        return self._install(path, digest, hasher.size, chunk_digests, sync_dir)
 
     def _install(self, tmp: Path, digest: str, size: int, chunk_digests: bytes,
                  sync_dir: bool) -> BlobInfo:

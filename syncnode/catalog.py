@@ -28,8 +28,10 @@ Invariants:
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -85,6 +87,17 @@ CREATE TABLE IF NOT EXISTS tombstones (
     delete_id BLOB NOT NULL,
     PRIMARY KEY (put_id, delete_id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS peers (
+    node_id TEXT PRIMARY KEY,
+    url     TEXT NOT NULL,
+    push    TEXT NOT NULL DEFAULT 'auto' CHECK (push IN ('auto', 'always', 'never')),
+    added   INTEGER NOT NULL DEFAULT (unixepoch())
+);
+CREATE TABLE IF NOT EXISTS peer_state (
+    node_id TEXT PRIMARY KEY,
+    updated REAL NOT NULL,
+    state   TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS merkle (
     level  INTEGER NOT NULL,
     idx    INTEGER NOT NULL,
@@ -406,6 +419,12 @@ class Catalog:
         return result
 
     # -- reading events ------------------------------------------------------------------
+    def is_tombstoned(self, put_id: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM tombstones WHERE put_id=? LIMIT 1",
+                                    (bytes.fromhex(check_hash(put_id, "event id")),)
+                                    ).fetchone() is not None
+
     def has_event(self, eid: str) -> bool:
         with self._lock:
             return self._db.execute("SELECT 1 FROM events WHERE id=?",
@@ -530,6 +549,34 @@ class Catalog:
                               (b,)).fetchone() is None and delete(b):
                     removed += 1
         return removed
+
+    # -- peers ---------------------------------------------------------------------------
+    def add_peer(self, node_id: str, url: str, push: str = "auto") -> None:
+        with self._write() as db:
+            db.execute("INSERT INTO peers (node_id, url, push) VALUES (?, ?, ?) "
+                       "ON CONFLICT (node_id) DO UPDATE SET url=excluded.url, push=excluded.push",
+                       (node_id, url, push))
+
+    def remove_peer(self, node_id: str) -> bool:
+        with self._write() as db:
+            db.execute("DELETE FROM peer_state WHERE node_id=?", (node_id,))
+            return db.execute("DELETE FROM peers WHERE node_id=?", (node_id,)).rowcount > 0
+
+    def peers(self) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute("SELECT node_id, url, push, added FROM peers "
+                                    "ORDER BY node_id").fetchall()
+        return [{"node_id": r[0], "url": r[1], "push": r[2], "added": r[3]} for r in rows]
+
+    def set_peer_state(self, node_id: str, state: dict[str, Any]) -> None:
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO peer_state VALUES (?, ?, ?)",
+                       (node_id, time.time(), json.dumps(state, sort_keys=True)))
+
+    def peer_states(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute("SELECT node_id, updated, state FROM peer_state").fetchall()
+        return {r[0]: {**json.loads(r[2]), "updated": r[1]} for r in rows}
 
     def counts(self) -> dict[str, int]:
         with self._read() as db:

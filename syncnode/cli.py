@@ -221,7 +221,8 @@ def rm(sop_uids: Annotated[list[str] | None, typer.Argument(
 def status_dict(node: LocalNode) -> dict[str, Any]:
     root = node.catalog.merkle_root()
     return {"node_id": str(node.node_id), "data": str(node.data),
-            "merkle_root": root.digest.hex(), **node.catalog.counts()}
+            "merkle_root": root.digest.hex(), **node.catalog.counts(),
+            "peers": peer_rows(node)}
 
 
 @app.command()
@@ -239,6 +240,14 @@ def status(data: DataOpt = DEFAULT_DATA, json_out: JsonOpt = False) -> None:
     out.print(f"events      {st['events']} ({st['put_events']} put, "
               f"{st['delete_events']} delete)")
     out.print(f"merkle root {st['merkle_root']}")
+    for p in st["peers"]:
+        line = f"peer        {p['node_id'][:15]}  {p['url']}  {p.get('state', 'never contacted')}"
+        if p.get("blobs_needed"):
+            line += (f"  pulling: {p['blobs_needed']} blobs, "
+                     f"{human_bytes(p['bytes_needed'])} still needed")
+        if p.get("last_error"):
+            line += f"  last error: {p['last_error']}"
+        out.print(line)
 
 
 @app.command()
@@ -270,6 +279,139 @@ def verify(data: DataOpt = DEFAULT_DATA, json_out: JsonOpt = False,
         out.print("OK" if report.ok else "PROBLEMS FOUND")
     if not report.ok:
         raise typer.Exit(1)
+
+
+peer_app = typer.Typer(help="Manage the trusted peers.", no_args_is_help=True)
+app.add_typer(peer_app, name="peer")
+
+
+@peer_app.command("add")
+def peer_add(
+    node_id_arg: Annotated[str, typer.Argument(metavar="NODE_ID", help="The peer's node id.")],
+    url: Annotated[str, typer.Argument(help="Its peer address, https://HOST:PORT.")],
+    data: DataOpt = DEFAULT_DATA,
+    push: Annotated[str, typer.Option(
+        help="auto: also push when the peer does not dial us; always; never.")] = "auto",
+) -> None:
+    """Trust a peer and sync with it. Its certificate is fetched from URL and pinned only if
+    its SHA-256 is NODE_ID (if it is offline now, on first contact)."""
+    import asyncio
+
+    from .nodeid import InvalidNodeId, NodeId
+    from .tls import NodeTLSError, PeerUnreachable, fetch_peer_certificate
+
+    node = open_node(data)
+    try:
+        peer = NodeId.parse(node_id_arg)
+    except InvalidNodeId as exc:
+        fail(str(exc))
+    if peer == node.node_id:
+        fail("that is this node's own id")
+    if push not in ("auto", "always", "never"):
+        fail("--push is auto, always or never")
+    if not url.startswith("https://"):
+        url = "https://" + url
+    try:
+        der = asyncio.run(fetch_peer_certificate(url, node.identity, peer, timeout=5))
+        node.trust.pin(der, peer)
+        pinned = True
+    except PeerUnreachable as exc:
+        err.print(f"warning: {exc}; its certificate will be pinned on first contact")
+        pinned = False
+    except NodeTLSError as exc:
+        fail(str(exc))
+    node.catalog.add_peer(peer.compact, url, push)
+    out.print(f"Trusted peer {peer} at {url}" + ("" if pinned else " (not contacted yet)"))
+
+
+@peer_app.command("list")
+def peer_list(data: DataOpt = DEFAULT_DATA, json_out: JsonOpt = False) -> None:
+    """List trusted peers with their sync state."""
+    node = open_node(data)
+    rows = peer_rows(node)
+    if json_out:
+        print_json(rows)
+        return
+    for r in rows:
+        out.print(f"{r['node_id']}  {r['url']}  {r.get('state', 'never contacted')}"
+                  + (f"  last error: {r['last_error']}" if r.get("last_error") else ""))
+
+
+@peer_app.command("remove")
+def peer_remove(node_id_arg: Annotated[str, typer.Argument(metavar="NODE_ID")],
+                data: DataOpt = DEFAULT_DATA) -> None:
+    """Stop trusting a peer: its connections are refused from the next request on."""
+    from .nodeid import InvalidNodeId, NodeId
+
+    node = open_node(data)
+    try:
+        peer = NodeId.parse(node_id_arg)
+    except InvalidNodeId as exc:
+        fail(str(exc))
+    known = node.catalog.remove_peer(peer.compact)
+    unpinned = node.trust.remove(peer)
+    if not (known or unpinned):
+        fail(f"{peer} is not a trusted peer", 1)
+    out.print(f"Removed peer {peer}")
+
+
+def peer_rows(node: LocalNode) -> list[dict[str, Any]]:
+    from .nodeid import NodeId
+
+    states = node.catalog.peer_states()
+    rows = []
+    for p in node.catalog.peers():
+        st = states.get(p["node_id"], {})
+        rows.append({**st, "node_id": str(NodeId.parse(p["node_id"])), "url": p["url"],
+                     "push": p["push"], "pinned": node.trust.certificate(
+                         NodeId.parse(p["node_id"])) is not None})
+    return rows
+
+
+@app.command()
+def run(
+    data: DataOpt = DEFAULT_DATA,
+    dicom_port: Annotated[int | None, typer.Option(help="DICOM SCP port [11112].")] = None,
+    ae_title: Annotated[str | None, typer.Option(help="AE title of the SCP [SYNCNODE].")]
+    = None,
+    peer_port: Annotated[int | None, typer.Option(help="Peer (mTLS) port [8443].")] = None,
+    peer_host: Annotated[str | None, typer.Option(help="Peer listen address [0.0.0.0].")]
+    = None,
+    api_port: Annotated[int | None, typer.Option(help="Admin API port [8080].")] = None,
+    api_host: Annotated[str | None, typer.Option(help="Admin API address [127.0.0.1].")]
+    = None,
+    export: Annotated[list[str] | None, typer.Option(
+        help="Local PACS to deliver to, AE@HOST:PORT (repeatable).")] = None,
+    no_discovery: Annotated[bool, typer.Option(
+        "--no-discovery", help="Do not advertise or browse on the LAN.")] = False,
+    sync_interval: Annotated[float | None, typer.Option(
+        help="Seconds between sync rounds per peer [5].")] = None,
+    duration: Annotated[float | None, typer.Option(
+        help="Stop after this many seconds (for tests and demos).")] = None,
+) -> None:
+    """Run the node: peer server, sync with every trusted peer (and the DICOM bridge,
+    admin API and discovery where configured). Stops cleanly on Ctrl-C / SIGTERM."""
+    import asyncio
+
+    from .logs import setup_logging
+    from .node import AlreadyRunning
+    from .node import run as run_node
+
+    node = open_node(data)
+    try:
+        settings = node.settings(dicom_port=dicom_port, ae_title=ae_title, peer_port=peer_port,
+                                 peer_host=peer_host, api_port=api_port, api_host=api_host,
+                                 export=export, discovery=False if no_discovery else None,
+                                 sync_interval=sync_interval)
+    except cfg.ConfigError as exc:
+        fail(str(exc))
+    setup_logging(settings.log_format, settings.log_level)
+    try:
+        asyncio.run(run_node(node, settings, duration))
+    except AlreadyRunning as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot start: {exc}")
 
 
 @app.command()

@@ -1,0 +1,258 @@
+"""The peer server: serves the protocol of :mod:`syncnode.protocol` over mutual TLS.
+
+Only trusted peers reach a handler: the TLS layer refuses the rest during the handshake,
+and every request re-checks the presented certificate against the current trust list (a
+peer removed while its connection stays open is refused from its next request on).
+Blob bytes are served chunk by chunk, each chunk checked against its digest first, so a
+blob damaged on this disk is never handed to a peer. Bodies are size-bounded and read with
+a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from . import merkle, protocol
+from .blobstore import CHUNK_SIZE, BlobError, BlobMissing
+from .catalog import Catalog
+from .ids import InvalidHash, check_hash
+from .local import LocalNode
+from .nodeid import NodeId
+from .tls import peer_node_id
+from .transfer import PartialBlob, TransferError
+
+log = logging.getLogger("syncnode.peer_server")
+BODY_READ_TIMEOUT = 60.0
+PEER_KEY: web.AppKey[NodeId] = web.AppKey("peer", NodeId)
+
+
+def _error(status: int, reason: str) -> web.Response:
+    return web.json_response({"error": reason}, status=status)
+
+
+class PeerServer:
+    """The aiohttp application of one node's peer port."""
+
+    def __init__(self, node: LocalNode,
+                 on_events: Callable[[list[str]], Awaitable[None]] | None = None) -> None:
+        self.node = node
+        self.catalog: Catalog = node.catalog
+        self.last_seen: dict[str, float] = {}  # node id -> time of its last request
+        self.on_events = on_events  # called after pushed events were applied
+        self.stats: dict[str, dict[str, int]] = {}
+        self._push_locks: dict[str, asyncio.Lock] = {}
+        self.app = web.Application(client_max_size=protocol.MAX_JSON_BODY,
+                                   middlewares=[self._guard])
+        p = protocol.PREFIX
+        self.app.add_routes([
+            web.get(f"{p}/hello", self.hello),
+            web.get(f"{p}/merkle", self.merkle),
+            web.post(f"{p}/events", self.events),
+            web.get(f"{p}/blobs/{{hash}}/chunks", self.chunks),
+            web.get(f"{p}/blobs/{{hash}}", self.blob),
+            web.post(f"{p}/push/offer", self.push_offer),
+            web.put(f"{p}/push/blobs/{{hash}}", self.push_blob),
+            web.post(f"{p}/push/events", self.push_events),
+        ])
+
+    def _stat(self, peer: str, key: str, n: int) -> None:
+        s = self.stats.setdefault(peer, {})
+        s[key] = s.get(key, 0) + n
+
+    @web.middleware
+    async def _guard(self, request: web.Request,
+                     handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                     ) -> web.StreamResponse:
+        ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+        if ssl_object is None:
+            return _error(403, "mutual TLS required")
+        der = ssl_object.getpeercert(binary_form=True)
+        if not der or not self.node.trust.is_trusted(der):
+            return _error(403, "peer is not trusted (any more)")
+        peer = NodeId.from_certificate_der(der)
+        request[PEER_KEY] = peer
+        self.last_seen[peer.compact] = time.time()
+        try:
+            return await handler(request)
+        except (InvalidHash, ValueError) as exc:
+            return _error(400, str(exc))
+        except BlobMissing as exc:
+            return _error(404, str(exc))
+
+    async def _json(self, request: web.Request) -> Any:
+        try:
+            return await asyncio.wait_for(request.json(), BODY_READ_TIMEOUT)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"body is not JSON: {exc}") from exc
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    # -- reading -------------------------------------------------------------------------
+    async def hello(self, request: web.Request) -> web.Response:
+        root = await self._run(self.catalog.merkle_root)
+        return web.json_response({"node_id": str(self.node.node_id), "version": protocol.VERSION,
+                                  "root": root.digest.hex(), "count": root.count})
+
+    async def merkle(self, request: web.Request) -> web.Response:
+        prefix = merkle.check_prefix(request.query.get("prefix", ""))
+
+        def answer() -> dict[str, Any]:
+            node = self.catalog.merkle_node(prefix)
+            leaf = len(prefix) == merkle.LEAF_LEVEL
+            children = None if leaf else self.catalog.merkle_children(prefix)
+            ids = (self.catalog.ids_under(prefix)
+                   if leaf or node.count <= protocol.INLINE_IDS else None)
+            return protocol.merkle_response(prefix, node, children, ids)
+
+        return web.json_response(await self._run(answer))
+
+    async def events(self, request: web.Request) -> web.Response:
+        body = await self._json(request)
+        ids = body.get("ids") if isinstance(body, dict) else None
+        if not isinstance(ids, list) or len(ids) > protocol.MAX_IDS:
+            return _error(400, f"'ids' must be a list of at most {protocol.MAX_IDS} event ids")
+        ids = [check_hash(i, "event id") for i in ids]
+        found = await self._run(self.catalog.get_events, ids)
+        return web.json_response({"events": [{"id": i, "body": b.decode()} for i, b in found]})
+
+    async def chunks(self, request: web.Request) -> web.Response:
+        h = check_hash(request.match_info["hash"], "blob hash")
+        store = self.node.store
+        digests = await self._run(store.chunk_digests, h)
+        size = await self._run(store.size, h)
+        return web.json_response({"size": size, "chunks": digests.hex()})
+
+    async def blob(self, request: web.Request) -> web.StreamResponse:
+        h = check_hash(request.match_info["hash"], "blob hash")
+        store = self.node.store
+        size = await self._run(store.size, h)
+        try:
+            start, end = protocol.parse_range(request.headers.get("Range"), size)
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=416,
+                                     headers={"Content-Range": f"bytes */{size}"})
+        ranged = "Range" in request.headers
+        resp = web.StreamResponse(status=206 if ranged else 200, headers={
+            "Content-Type": "application/octet-stream", "Content-Length": str(end - start),
+            "Accept-Ranges": "bytes"})
+        if ranged:
+            resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        pieces = store.read_verified(h, start, end)
+        loop = asyncio.get_running_loop()
+        first = True
+        peer = request[PEER_KEY].compact
+        while True:
+            try:
+                piece = await loop.run_in_executor(None, next, pieces, None)
+            except BlobError as exc:
+                log.error("refusing to serve damaged blob %s: %s", h, exc)
+                if first:
+                    return _error(500, f"blob {h} is damaged on this node")
+                raise  # headers are out: abort the connection, the receiver resumes elsewhere
+            if piece is None:
+                break
+            if first:
+                await resp.prepare(request)
+                first = False
+            await resp.write(piece)
+            self._stat(peer, "bytes_out", len(piece))
+        if first:
+            await resp.prepare(request)
+        await resp.write_eof()
+        return resp
+
+    # -- receiving pushes (for peers that can reach us when we cannot reach them) ----------
+    async def push_offer(self, request: web.Request) -> web.Response:
+        body = await self._json(request)
+        offered = body.get("blobs") if isinstance(body, dict) else None
+        if not isinstance(offered, list) or len(offered) > protocol.MAX_OFFER:
+            return _error(400, f"'blobs' must be a list of at most {protocol.MAX_OFFER}")
+        want = []
+        for item in offered:
+            h = check_hash(item.get("hash"), "blob hash")
+            size, chunks = item.get("size"), item.get("chunks")
+            if not isinstance(size, int) or size < 0 or not isinstance(chunks, str):
+                return _error(400, f"offer of {h} needs 'size' and 'chunks'")
+            if self.node.store.has(h):
+                continue
+            digests = bytes.fromhex(chunks)
+            self._write_offer(h, size, digests)
+            part = PartialBlob(self.node.store, h, size, digests)
+            want.append({"hash": h, "offset": part.offset})
+            part.close()
+        return web.json_response({"want": want})
+
+    def _offer_path(self, h: str) -> Any:
+        return self.node.store.tmp_dir / f"{h}.offer"
+
+    def _write_offer(self, h: str, size: int, digests: bytes) -> None:
+        self._offer_path(h).write_bytes(size.to_bytes(8, "big") + digests)
+
+    async def push_blob(self, request: web.Request) -> web.Response:
+        h = check_hash(request.match_info["hash"], "blob hash")
+        lock = self._push_locks.setdefault(h, asyncio.Lock())
+        async with lock:
+            return await self._receive_push(request, h)
+
+    async def _receive_push(self, request: web.Request, h: str) -> web.Response:
+        store = self.node.store
+        if store.has(h):
+            return web.json_response({"offset": store.size(h), "complete": True})
+        try:
+            raw = self._offer_path(h).read_bytes()
+        except FileNotFoundError:
+            return _error(409, f"blob {h} was not offered first")
+        size, digests = int.from_bytes(raw[:8], "big"), raw[8:]
+        try:
+            part = PartialBlob(store, h, size, digests)
+        except TransferError as exc:
+            return _error(400, str(exc))
+        offset = int(request.query.get("offset", "-1"))
+        if offset != part.offset:
+            part.close()
+            return _error(409, f"send blob {h} from offset {part.offset}, not {offset}")
+        peer = request[PEER_KEY].compact
+        try:
+            while not part.complete:
+                data = await asyncio.wait_for(request.content.read(CHUNK_SIZE), BODY_READ_TIMEOUT)
+                if not data:
+                    break
+                part.feed(data)
+                self._stat(peer, "bytes_in", len(data))
+            if part.complete:
+                await self._run(part.finish)
+                self._offer_path(h).unlink(missing_ok=True)
+                return web.json_response({"offset": size, "complete": True})
+            return web.json_response({"offset": part.offset, "complete": False})
+        except TransferError as exc:
+            log.warning("pushed blob %s from %s failed verification: %s", h, peer, exc)
+            return _error(422, str(exc))
+        finally:
+            part.close()
+
+    async def push_events(self, request: web.Request) -> web.Response:
+        body = await self._json(request)
+        items = body.get("events") if isinstance(body, dict) else None
+        if not isinstance(items, list) or len(items) > protocol.MAX_IDS:
+            return _error(400, f"'events' must be a list of at most {protocol.MAX_IDS}")
+        pairs = []
+        for item in items:
+            if not isinstance(item, dict) or not isinstance(item.get("body"), str):
+                return _error(400, "each event is {id, body}")
+            pairs.append((check_hash(item.get("id"), "event id"), item["body"].encode()))
+        result = await self._run(lambda: self.node.collect(
+            self.catalog.apply(pairs, blob_present=self.node.store.has)))
+        if result.inserted and self.on_events:
+            await self.on_events(result.inserted)
+        return web.json_response({"applied": result.inserted, "rejected": result.rejected})
+
+
+__all__ = ["PeerServer"]

@@ -1,0 +1,494 @@
+"""The sync engine: one loop per trusted peer — diff, fetch events, pull blobs, apply, push.
+
+Per round with a peer:
+
+1. ``hello``: equal Merkle roots mean nothing to do (one request).
+2. Walk the Merkle tree from the root, descending only where digests differ, until the
+   id lists are short; each step yields the ids the peer has and we lack, and those we
+   have and it lacks. Memory stays bounded by one node's id list.
+3. Fetch the missing events, verify each body against its id. Deletes, and puts already
+   tombstoned, apply at once; other puts wait for their blob.
+4. Pull missing blobs, several at once (bounded), through :class:`PartialBlob`: every
+   chunk verified on arrival, resumable, whole hash checked, renamed into the store; only
+   then are the puts applied (a put is never live without its whole blob).
+5. If the peer does not dial us (no request from it for a while) or is configured to,
+   push what it lacks the same way in the other direction.
+
+Failures (unreachable, refused, a chunk that does not verify) are recorded in the peer's
+state and retried with capped exponential backoff with jitter; one bad blob from a peer
+does not stop the rest, and any other peer that has it can supply it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import aiohttp
+
+from . import events as ev
+from . import merkle, protocol
+from .blobstore import CHUNK_SIZE, BlobHashMismatch
+from .local import LocalNode
+from .nodeid import NodeId
+from .protocol import ProtocolError, RemoteNode
+from .tls import NodeTLSError, client_ssl_context, fetch_peer_certificate
+from .transfer import PartialBlob, TransferError
+
+log = logging.getLogger("syncnode.sync")
+REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10, sock_read=60)
+EVENT_BATCH = 500
+PUSH_AFTER_SILENCE = 3  # sync intervals without a request from the peer before we push
+
+
+@dataclass
+class PeerState:
+    """What `syncnode status` shows for one peer."""
+
+    node_id: str
+    url: str
+    state: str = "idle"  # idle, connecting, syncing, in_sync, unreachable, error
+    in_sync: bool = False
+    remote_root: str = ""
+    local_root: str = ""
+    events_needed: int = 0
+    blobs_needed: int = 0
+    bytes_needed: int = 0
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    events_received: int = 0
+    events_sent: int = 0
+    bytes_resumed: int = 0  # bytes already held in .part files when a pull (re)started
+    integrity_errors: int = 0
+    last_error: str = ""
+    last_error_at: float = 0.0
+    last_success: float = 0.0
+    next_attempt: float = 0.0
+    pushing: bool = False
+    round_started: float = 0.0
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter."""
+
+    def __init__(self, base: float = 1.0, cap: float = 60.0) -> None:
+        self.base, self.cap, self.failures = base, cap, 0
+
+    def next(self) -> float:
+        self.failures += 1
+        return random.uniform(0.5, 1.0) * min(self.cap, self.base * 2 ** (self.failures - 1))
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class PeerClient:
+    """HTTP client for one peer over mutual TLS, checking the peer's node id."""
+
+    def __init__(self, node: LocalNode, peer_id: NodeId, url: str) -> None:
+        self.node, self.peer_id = node, peer_id
+        self.base = url.rstrip("/") + protocol.PREFIX
+        self._session: aiohttp.ClientSession | None = None
+        self._trust_version: Any = None
+
+    def session(self) -> aiohttp.ClientSession:
+        version = self.node.trust.version()
+        if self._session is None or version != self._trust_version or self._session.closed:
+            if self._session is not None and not self._session.closed:
+                asyncio.get_running_loop().create_task(self._session.close())
+            ctx: ssl.SSLContext = client_ssl_context(self.node.identity, self.node.trust,
+                                                     expected=self.peer_id)
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=ctx, limit=16, force_close=False),
+                timeout=REQUEST_TIMEOUT, raise_for_status=False)
+            self._trust_version = version
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def _json(self, method: str, path: str, **kw: Any) -> Any:
+        async with self.session().request(method, self.base + path, **kw) as resp:
+            if resp.status >= 400:
+                raise ProtocolError(f"{method} {path}: HTTP {resp.status}: "
+                                    f"{(await resp.text())[:300]}")
+            return await resp.json()
+
+    async def hello(self) -> dict[str, Any]:
+        return await self._json("GET", "/hello")
+
+    async def merkle(self, prefix: str) -> RemoteNode:
+        return protocol.parse_merkle(
+            await self._json("GET", "/merkle", params={"prefix": prefix}), prefix)
+
+    async def events(self, ids: list[str]) -> list[tuple[str, bytes]]:
+        obj = await self._json("POST", "/events", json={"ids": ids})
+        return [(e["id"], e["body"].encode()) for e in obj.get("events", [])]
+
+    async def chunks(self, blob: str) -> tuple[int, bytes]:
+        obj = await self._json("GET", f"/blobs/{blob}/chunks")
+        return int(obj["size"]), bytes.fromhex(obj["chunks"])
+
+
+async def walk_diff(local: LocalNode, fetch: Callable[[str], Any]
+                    ) -> AsyncIterator[tuple[list[str], list[str]]]:
+    """Yield (ids only the peer has, ids only we have), a Merkle node at a time."""
+    catalog = local.catalog
+    stack = [""]
+    while stack:
+        prefix = stack.pop()
+        remote: RemoteNode = await fetch(prefix)
+        mine = catalog.merkle_node(prefix)
+        if remote.digest == mine.digest:
+            continue
+        if remote.ids is not None and (mine.count <= protocol.INLINE_IDS
+                                       or len(prefix) == merkle.LEAF_LEVEL):
+            theirs = set(remote.ids)
+            ours = set(catalog.ids_under(prefix))
+            yield sorted(theirs - ours), sorted(ours - theirs)
+            continue
+        if remote.children is None:
+            raise ProtocolError(f"peer gave no children for differing prefix {prefix!r}")
+        mine_children = catalog.merkle_children(prefix)
+        for i in reversed(range(merkle.FANOUT)):
+            r, m = remote.children[i], mine_children[i]
+            if r.digest == m.digest:
+                continue
+            child = prefix + format(i, "x")
+            if r.count == 0:  # only we have events there
+                yield [], catalog.ids_under(child)
+            else:
+                stack.append(child)
+
+
+class PeerSync:
+    """The sync loop with one peer."""
+
+    def __init__(self, node: LocalNode, engine: SyncEngine, peer_id: NodeId, url: str,
+                 push: str = "auto") -> None:
+        self.node, self.engine = node, engine
+        self.peer_id = peer_id
+        self.client = PeerClient(node, peer_id, url)
+        self.state = PeerState(node_id=str(peer_id), url=url)
+        self.push = push
+        self.wake = asyncio.Event()
+        self.backoff = Backoff()
+        self._last_saved = 0.0
+
+    def save_state(self, force: bool = False) -> None:
+        now = time.time()
+        if force or now - self._last_saved > 0.5:
+            self._last_saved = now
+            self.node.catalog.set_peer_state(self.peer_id.compact, asdict(self.state))
+
+    def error(self, exc: BaseException, state: str = "error") -> None:
+        self.state.state = state
+        self.state.in_sync = False
+        self.state.last_error = f"{type(exc).__name__}: {exc}"[:500]
+        self.state.last_error_at = time.time()
+        self.save_state(force=True)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.sync_once()
+                self.backoff.reset()
+                delay = self.engine.interval
+            except (aiohttp.ClientConnectionError, OSError, asyncio.TimeoutError) as exc:
+                self.error(exc, "unreachable")
+                delay = self.backoff.next()
+            except (ProtocolError, TransferError, BlobHashMismatch, NodeTLSError,
+                    aiohttp.ClientError, ValueError) as exc:
+                self.error(exc)
+                delay = self.backoff.next()
+            except Exception as exc:  # a bug must not end this peer's loop: log it loudly
+                log.exception("sync with %s failed unexpectedly", self.peer_id.short)
+                self.error(exc)
+                delay = self.backoff.next()
+            self.state.next_attempt = time.time() + delay
+            self.save_state(force=True)
+            self.wake.clear()
+            try:
+                await asyncio.wait_for(self._wait(stop), delay)
+            except TimeoutError:
+                pass
+
+    async def _wait(self, stop: asyncio.Event) -> None:
+        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.wake.wait())]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+
+    def should_push(self) -> bool:
+        if self.push == "always":
+            return True
+        if self.push == "never":
+            return False
+        seen = self.engine.last_seen(self.peer_id.compact)
+        return time.time() - seen > PUSH_AFTER_SILENCE * self.engine.interval
+
+    async def ensure_pinned(self) -> None:
+        """Pin the peer's certificate on first contact if the operator gave only its id."""
+        trust = self.node.trust
+        if trust.certificate(self.peer_id) is not None or trust.ca_certificate() is not None:
+            return
+        host_port = self.client.base.removesuffix(protocol.PREFIX)
+        der = await fetch_peer_certificate(host_port, self.node.identity, self.peer_id)
+        trust.pin(der, self.peer_id)
+        log.info("pinned certificate of peer %s", self.peer_id.short)
+
+    async def sync_once(self) -> None:
+        st = self.state
+        st.state, st.round_started = "connecting", time.time()
+        await self.ensure_pinned()
+        hello = await self.client.hello()
+        if hello.get("version") != protocol.VERSION:
+            raise ProtocolError(f"peer speaks protocol {hello.get('version')!r}")
+        mine = self.node.catalog.merkle_root()
+        st.remote_root, st.local_root = hello.get("root", ""), mine.digest.hex()
+        if st.remote_root == st.local_root:
+            self._in_sync()
+            return
+        st.state, st.in_sync = "syncing", False
+        st.pushing = self.should_push()
+        self.save_state(force=True)
+        to_push: list[str] = []
+        async for theirs, ours in walk_diff(self.node, self.client.merkle):
+            if theirs:
+                await self.pull_events(theirs)
+            if st.pushing:
+                to_push.extend(ours)
+                if len(to_push) >= EVENT_BATCH:
+                    await self.push_events(to_push)
+                    to_push = []
+        if to_push:
+            await self.push_events(to_push)
+        hello = await self.client.hello()
+        mine = self.node.catalog.merkle_root()
+        st.remote_root, st.local_root = hello.get("root", ""), mine.digest.hex()
+        if st.remote_root == st.local_root:
+            self._in_sync()
+        else:
+            st.state = "syncing"  # more to do (e.g. one side changed meanwhile): go again soon
+            self.wake.set()
+            self.save_state(force=True)
+
+    def _in_sync(self) -> None:
+        st = self.state
+        st.state, st.in_sync = "in_sync", True
+        st.events_needed = st.blobs_needed = st.bytes_needed = 0
+        st.last_success = time.time()
+        st.last_error = ""
+        self.save_state(force=True)
+
+    # -- pulling -------------------------------------------------------------------------
+    async def pull_events(self, ids: list[str]) -> None:
+        st = self.state
+        catalog, store = self.node.catalog, self.node.store
+        for i in range(0, len(ids), EVENT_BATCH):
+            batch = ids[i:i + EVENT_BATCH]
+            st.events_needed = len(ids) - i
+            received = await self.client.events(batch)
+            decoded: list[tuple[str, bytes, ev.Event]] = []
+            for eid, body in received:
+                try:
+                    decoded.append((eid, body, ev.decode_checked(eid, body)))
+                except ev.InvalidEvent as exc:
+                    st.integrity_errors += 1
+                    self.error(ProtocolError(f"peer sent invalid event {eid}: {exc}"))
+            ready = [(e, b) for e, b, x in decoded
+                     if not isinstance(x, ev.PutEvent) or store.has(x.blob)]
+            waiting: dict[str, list[tuple[str, bytes, ev.PutEvent]]] = {}
+            for e, b, x in decoded:
+                if isinstance(x, ev.PutEvent) and not store.has(x.blob):
+                    waiting.setdefault(x.blob, []).append((e, b, x))
+            if ready:
+                await self._apply(ready)
+            # puts whose tombstone we now hold need no blob
+            for blob in list(waiting):
+                dead = [(e, b) for e, b, _ in waiting[blob]
+                        if not catalog.missing_events([e]) or self._tombstoned(e)]
+                if len(dead) == len(waiting[blob]):
+                    await self._apply(dead)
+                    del waiting[blob]
+            st.blobs_needed = len(waiting)
+            st.bytes_needed = sum(v[0][2].size for v in waiting.values())
+            self.save_state()
+            sem = asyncio.Semaphore(self.engine.max_pulls)
+            results = await asyncio.gather(
+                *(self._pull_and_apply(blob, items, sem) for blob, items in waiting.items()),
+                return_exceptions=True)
+            failures = [r for r in results if isinstance(r, BaseException)]
+            for r in failures:
+                if not isinstance(r, Exception):
+                    raise r
+            if failures:
+                raise failures[0]
+            st.events_received += len(received)
+
+    def _tombstoned(self, eid: str) -> bool:
+        return self.node.catalog.is_tombstoned(eid)
+
+    async def _apply(self, pairs: list[tuple[str, bytes]]) -> None:
+        node = self.node
+        result = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: node.collect(node.catalog.apply(pairs, blob_present=node.store.has)))
+        if result.rejected:
+            self.state.integrity_errors += len(result.rejected)
+            first = next(iter(result.rejected.items()))
+            raise ProtocolError(f"{len(result.rejected)} events rejected, e.g. {first[0]}: "
+                                f"{first[1]}")
+        if result.inserted:
+            self.engine.changed(exclude=self)
+
+    async def _pull_and_apply(self, blob: str, items: list[tuple[str, bytes, ev.PutEvent]],
+                              sem: asyncio.Semaphore) -> None:
+        async with sem, self.engine.blob_lock(blob):
+            if not self.node.store.has(blob):
+                await self.pull_blob(items[0][2])
+        await self._apply([(e, b) for e, b, _ in items])
+        self.state.blobs_needed = max(0, self.state.blobs_needed - 1)
+        self.state.bytes_needed = max(0, self.state.bytes_needed - items[0][2].size)
+        self.save_state()
+
+    async def pull_blob(self, put: ev.PutEvent) -> None:
+        st = self.state
+        size, digests = await self.client.chunks(put.blob)
+        if size != put.size:
+            raise ProtocolError(f"peer says blob {put.blob} has {size} bytes, event says "
+                                f"{put.size}")
+        loop = asyncio.get_running_loop()
+        part = await loop.run_in_executor(
+            None, lambda: PartialBlob(self.node.store, put.blob, size, digests, put.chunks))
+        st.bytes_resumed += part.offset
+        try:
+            if not part.complete:
+                headers = {"Range": f"bytes={part.offset}-"}
+                url = f"{self.client.base}/blobs/{put.blob}"
+                async with self.client.session().get(url, headers=headers) as resp:
+                    if resp.status not in (200, 206):
+                        raise ProtocolError(f"GET blob {put.blob}: HTTP {resp.status}: "
+                                            f"{(await resp.text())[:300]}")
+                    if resp.status == 200 and part.offset:
+                        raise ProtocolError("peer ignored the Range header")
+                    async for data in resp.content.iter_chunked(CHUNK_SIZE):
+                        try:
+                            part.feed(data)
+                        except TransferError:
+                            st.integrity_errors += 1
+                            raise
+                        st.bytes_received += len(data)
+                        self.engine.count_bytes(self.peer_id.compact, "in", len(data))
+                if not part.complete:
+                    raise ProtocolError(f"blob {put.blob} ended early at {part.offset} bytes")
+            await loop.run_in_executor(None, part.finish)
+        finally:
+            part.close()
+
+    # -- pushing -------------------------------------------------------------------------
+    async def push_events(self, ids: list[str]) -> None:
+        catalog, store = self.node.catalog, self.node.store
+        for i in range(0, len(ids), EVENT_BATCH):
+            pairs = catalog.get_events(ids[i:i + EVENT_BATCH])
+            puts = {}
+            for eid, body in pairs:
+                x = ev.decode(body)
+                if isinstance(x, ev.PutEvent) and store.has(x.blob):
+                    puts[x.blob] = x
+            offer = [{"hash": h, "size": p.size, "chunks": store.chunk_digests(h).hex()}
+                     for h, p in puts.items()]
+            want = (await self.client._json("POST", "/push/offer", json={"blobs": offer})
+                    ).get("want", []) if offer else []
+            for w in want:
+                await self.push_blob(protocol.check_hash_value(w["hash"]), int(w["offset"]))
+            result = await self.client._json("POST", "/push/events", json={
+                "events": [{"id": e, "body": b.decode()} for e, b in pairs]})
+            self.state.events_sent += len(result.get("applied", []))
+            if result.get("rejected"):
+                raise ProtocolError(f"peer rejected pushed events: "
+                                    f"{list(result['rejected'].items())[:1]}")
+
+    async def push_blob(self, blob: str, offset: int) -> None:
+        store = self.node.store
+        size = store.size(blob)
+        pieces = store.read_verified(blob, offset, size)
+        loop = asyncio.get_running_loop()
+
+        async def body() -> AsyncIterator[bytes]:
+            while (piece := await loop.run_in_executor(None, next, pieces, None)) is not None:
+                self.state.bytes_sent += len(piece)
+                self.engine.count_bytes(self.peer_id.compact, "out", len(piece))
+                yield piece
+
+        async with self.client.session().put(
+                f"{self.client.base}/push/blobs/{blob}", params={"offset": str(offset)},
+                data=body(), headers={"Content-Length": str(size - offset)}) as resp:
+            if resp.status >= 400:
+                raise ProtocolError(f"push of blob {blob}: HTTP {resp.status}: "
+                                    f"{(await resp.text())[:300]}")
+
+
+@dataclass
+class SyncEngine:
+    """All peer loops of one node, sharing blob locks and counters."""
+
+    node: LocalNode
+    interval: float = 5.0
+    max_pulls: int = 4
+    last_seen_fn: Callable[[str], float] | None = None
+    peers: dict[str, PeerSync] = field(default_factory=dict)
+    tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    bytes: dict[str, dict[str, int]] = field(default_factory=dict)
+    _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    started: float = field(default_factory=time.time)
+
+    def blob_lock(self, blob: str) -> asyncio.Lock:
+        return self._locks.setdefault(blob, asyncio.Lock())
+
+    def last_seen(self, peer: str) -> float:
+        """When the peer last dialled us (or when we started: give it time to do so)."""
+        seen = self.last_seen_fn(peer) if self.last_seen_fn else 0.0
+        return max(seen, self.started)
+
+    def count_bytes(self, peer: str, direction: str, n: int) -> None:
+        d = self.bytes.setdefault(peer, {"in": 0, "out": 0})
+        d[direction] += n
+
+    def changed(self, exclude: PeerSync | None = None) -> None:
+        """Local catalog changed: let the other peers' loops run now."""
+        for p in self.peers.values():
+            if p is not exclude:
+                p.wake.set()
+
+    def refresh(self) -> None:
+        """Start loops for new trusted peers, stop loops of removed ones."""
+        wanted = {p["node_id"]: p for p in self.node.catalog.peers()}
+        for nid in list(self.peers):
+            if nid not in wanted or self.peers[nid].client.base.removesuffix(protocol.PREFIX) \
+                    != wanted[nid]["url"].rstrip("/"):
+                self.tasks.pop(nid).cancel()
+                asyncio.get_running_loop().create_task(self.peers.pop(nid).client.close())
+        for nid, p in wanted.items():
+            if nid not in self.peers:
+                ps = PeerSync(self.node, self, NodeId.parse(nid), p["url"], p["push"])
+                self.peers[nid] = ps
+                self.tasks[nid] = asyncio.get_running_loop().create_task(
+                    ps.run(self._stop), name=f"sync-{nid[:7]}")
+
+    async def stop(self) -> None:
+        self._stop.set()
+        for t in self.tasks.values():
+            t.cancel()
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        for p in self.peers.values():
+            await p.client.close()

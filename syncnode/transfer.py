@@ -1,0 +1,132 @@
+"""Receiving a blob piece by piece, verified as it arrives, resumable after a drop.
+
+A transfer knows the blob's hash, its size and its chunk list (1 MiB chunks) before the
+first byte arrives. The chunk list is trusted only if its BLAKE3 equals the ``chunks``
+field of the put event that named the blob (or, without an event, only provisionally:
+the whole-blob hash decides at the end).
+
+Bytes go to ``tmp/<hash>.part``. Only whole verified chunks are ever appended, so the
+part file is always a verified prefix of the blob: after a drop or a crash, the next
+attempt re-checks the prefix and resumes at its end — at most one chunk is transferred
+twice. At the end the whole file is hashed once more and renamed into the store; a blob
+whose bytes do not match is never stored.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import blake3
+
+from .blobstore import (
+    CHUNK_SIZE,
+    DIGEST_SIZE,
+    BlobHashMismatch,
+    BlobInfo,
+    BlobStore,
+    chunk_count,
+    chunks_root,
+)
+
+
+class TransferError(Exception):
+    """The sender sent something that does not verify; the message says what."""
+
+
+class ChunkMismatch(TransferError):
+    def __init__(self, blob: str, index: int) -> None:
+        super().__init__(f"chunk {index} of blob {blob} does not match its hash")
+        self.blob = blob
+        self.index = index
+
+
+class PartialBlob:
+    """The receiving side of one blob transfer. Not thread-safe; one writer per blob."""
+
+    def __init__(self, store: BlobStore, blob: str, size: int, chunk_digests: bytes,
+                 expected_chunks_root: str | None = None) -> None:
+        if len(chunk_digests) != chunk_count(size) * DIGEST_SIZE:
+            raise TransferError(f"chunk list of blob {blob} has {len(chunk_digests) // 32} "
+                                f"entries, a blob of {size} bytes has {chunk_count(size)}")
+        if expected_chunks_root is not None and chunks_root(chunk_digests) != expected_chunks_root:
+            raise TransferError(f"chunk list of blob {blob} does not match its put event")
+        self.store = store
+        self.blob = blob
+        self.size = size
+        self.digests = chunk_digests
+        self.path: Path = store.part_path(blob)
+        self._buf = bytearray()
+        self.offset = self._resume()  # bytes verified on disk
+        self.resumed_from = self.offset
+        self._file = open(self.path, "r+b" if self.path.exists() else "w+b")
+        self._file.truncate(self.offset)
+        self._file.seek(self.offset)
+
+    def _resume(self) -> int:
+        """Length of the verified prefix already in the part file (whole chunks only)."""
+        if not self.path.exists():
+            return 0
+        good = 0
+        with open(self.path, "rb") as f:
+            index = 0
+            while chunk := f.read(CHUNK_SIZE):
+                last = good + len(chunk) == self.size
+                if (len(chunk) < CHUNK_SIZE and not last) or not self._chunk_ok(index, chunk):
+                    break
+                good += len(chunk)
+                index += 1
+        return good
+
+    def _chunk_ok(self, index: int, chunk: bytes | bytearray) -> bool:
+        want = self.digests[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE]
+        return blake3.blake3(chunk).digest() == want
+
+    @property
+    def complete(self) -> bool:
+        return self.offset >= self.size
+
+    @property
+    def pending(self) -> int:
+        """Bytes received but not yet verified (less than one chunk)."""
+        return len(self._buf)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Accept the next bytes (which must start at ``offset + pending``)."""
+        if self.offset + len(self._buf) + len(data) > self.size:
+            raise TransferError(f"sender sent more than the {self.size} bytes of blob {self.blob}")
+        self._buf += data
+        while len(self._buf) >= CHUNK_SIZE or (
+                self._buf and self.offset + len(self._buf) == self.size):
+            take = min(CHUNK_SIZE, len(self._buf))
+            chunk = bytes(self._buf[:take])
+            index = self.offset // CHUNK_SIZE
+            if not self._chunk_ok(index, chunk):
+                self._buf.clear()
+                raise ChunkMismatch(self.blob, index)
+            self._file.write(chunk)
+            self.offset += take
+            del self._buf[:take]
+
+    def close(self) -> None:
+        """Keep the verified prefix for a later attempt; drop unverified bytes."""
+        if not self._file.closed:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+        self._buf.clear()
+
+    def finish(self) -> BlobInfo:
+        """Check the whole hash and move the blob into the store."""
+        if not self.complete:
+            raise TransferError(f"blob {self.blob} incomplete: {self.offset} of {self.size} bytes")
+        self.close()
+        try:
+            return self.store.adopt(self.path, self.blob)
+        except BlobHashMismatch:
+            self.path.unlink(missing_ok=True)
+            raise
+
+    def discard(self) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)
