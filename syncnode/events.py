@@ -92,6 +92,8 @@ def _str(obj: dict[str, Any], key: str, *, max_len: int = _ATTR_MAX) -> str:
         raise InvalidEvent(f"field {key!r} must be a string of at most {max_len} characters")
     if any(ord(c) < 0x20 for c in value):
         raise InvalidEvent(f"field {key!r} contains control characters")
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in value):  # cannot be stored as UTF-8
+        raise InvalidEvent(f"field {key!r} contains an unpaired surrogate")
     return value
 
 
