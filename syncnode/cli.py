@@ -27,6 +27,8 @@ from . import __version__
 from . import config as cfg
 from .ids import InvalidUID
 from .local import LocalNode, NodeNotInitialised
+from .status import node_status as status_dict
+from .status import peer_rows
 from .tls import IdentityError, create_ca, load_ca
 
 app = typer.Typer(
@@ -218,13 +220,6 @@ def rm(sop_uids: Annotated[list[str] | None, typer.Argument(
         raise typer.Exit(1)
 
 
-def status_dict(node: LocalNode) -> dict[str, Any]:
-    root = node.catalog.merkle_root()
-    return {"node_id": str(node.node_id), "data": str(node.data),
-            "merkle_root": root.digest.hex(), **node.catalog.counts(),
-            "peers": peer_rows(node)}
-
-
 @app.command()
 def status(data: DataOpt = DEFAULT_DATA, json_out: JsonOpt = False) -> None:
     """Counts, bytes, the Merkle root (equal roots = same catalog)."""
@@ -353,19 +348,6 @@ def peer_remove(node_id_arg: Annotated[str, typer.Argument(metavar="NODE_ID")],
     if not (known or unpinned):
         fail(f"{peer} is not a trusted peer", 1)
     out.print(f"Removed peer {peer}")
-
-
-def peer_rows(node: LocalNode) -> list[dict[str, Any]]:
-    from .nodeid import NodeId
-
-    states = node.catalog.peer_states()
-    rows = []
-    for p in node.catalog.peers():
-        st = states.get(p["node_id"], {})
-        rows.append({**st, "node_id": str(NodeId.parse(p["node_id"])), "url": p["url"],
-                     "push": p["push"], "pinned": node.trust.certificate(
-                         NodeId.parse(p["node_id"])) is not None})
-    return rows
 
 
 @app.command()

@@ -1,0 +1,28 @@
+"""What a node reports about itself: counts, Merkle root, peers. Shared by the CLI
+(`syncnode status`), the admin API and the dashboard, so they always agree."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .local import LocalNode
+from .nodeid import NodeId
+
+
+def peer_rows(node: LocalNode) -> list[dict[str, Any]]:
+    """Every trusted peer with its last recorded sync state (written by `syncnode run`)."""
+    states = node.catalog.peer_states()
+    rows = []
+    for p in node.catalog.peers():
+        peer = NodeId.parse(p["node_id"])
+        st = states.get(p["node_id"], {})
+        rows.append({**st, "node_id": str(peer), "url": p["url"], "push": p["push"],
+                     "pinned": node.trust.certificate(peer) is not None})
+    return rows
+
+
+def node_status(node: LocalNode) -> dict[str, Any]:
+    root = node.catalog.merkle_root()
+    return {"node_id": str(node.node_id), "data": str(node.data),
+            "merkle_root": root.digest.hex(), **node.catalog.counts(),
+            "peers": peer_rows(node)}
