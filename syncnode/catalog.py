@@ -41,7 +41,7 @@ from typing import Any
 from . import events as ev
 from . import merkle
 from .blobstore import BlobInfo
-from .ids import check_hash, check_uid
+from .ids import InvalidHash, check_hash, check_uid
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -337,9 +337,10 @@ class Catalog:
                                                   "Series Instance UID"),
                     study_instance_uid=check_uid(attrs["study_instance_uid"],
                                                  "Study Instance UID"),
-                    patient_id=attrs.get("patient_id", ""), modality=attrs.get("modality", ""),
-                    study_date=attrs.get("study_date", ""),
-                    transfer_syntax_uid=attrs.get("transfer_syntax_uid", ""),
+                    patient_id=_indexed(attrs.get("patient_id", "")),
+                    modality=_indexed(attrs.get("modality", "")),
+                    study_date=_indexed(attrs.get("study_date", "")),
+                    transfer_syntax_uid=_indexed(attrs.get("transfer_syntax_uid", "")),
                 )
                 body = ev.encode(event)
                 ev.decode(body)  # the same validation a peer will apply
@@ -401,7 +402,7 @@ class Catalog:
             for eid, body in received:
                 try:
                     event = ev.decode_checked(eid, body)
-                except ev.InvalidEvent as exc:
+                except (ev.InvalidEvent, InvalidHash) as exc:
                     result.rejected[eid] = str(exc)
                     continue
                 raw = bytes.fromhex(eid)
@@ -611,6 +612,13 @@ class Catalog:
         if self.recompute_merkle() != self.merkle_root():
             problems.append("Merkle index does not match the events")
         return problems
+
+
+def _indexed(value: str) -> str:
+    """An indexed attribute as an event may carry it (see :func:`events.decode`): control
+    characters become spaces, at most 64 characters. The stored file is not changed."""
+    text = "".join(" " if ord(c) < 0x20 or 0xD800 <= ord(c) <= 0xDFFF else c for c in value)
+    return text.strip()[:ev._ATTR_MAX]
 
 
 def _instance(row: tuple) -> Instance:
