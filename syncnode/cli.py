@@ -364,8 +364,9 @@ def run(
     = None,
     export: Annotated[list[str] | None, typer.Option(
         help="Local PACS to deliver to, AE@HOST:PORT (repeatable).")] = None,
-    no_discovery: Annotated[bool, typer.Option(
-        "--no-discovery", help="Do not advertise or browse on the LAN.")] = False,
+    discovery: Annotated[bool | None, typer.Option(
+        "--discovery/--no-discovery",
+        help="Advertise this node and list others on the LAN with mDNS [off].")] = None,
     sync_interval: Annotated[float | None, typer.Option(
         help="Seconds between sync rounds per peer [5].")] = None,
     duration: Annotated[float | None, typer.Option(
@@ -375,6 +376,7 @@ def run(
     admin API and discovery where configured). Stops cleanly on Ctrl-C / SIGTERM."""
     import asyncio
 
+    from .admin.api import UnsafeBinding
     from .logs import setup_logging
     from .node import AlreadyRunning
     from .node import run as run_node
@@ -383,14 +385,14 @@ def run(
     try:
         settings = node.settings(dicom_port=dicom_port, ae_title=ae_title, peer_port=peer_port,
                                  peer_host=peer_host, api_port=api_port, api_host=api_host,
-                                 export=export, discovery=False if no_discovery else None,
+                                 export=export, discovery=discovery,
                                  sync_interval=sync_interval)
     except cfg.ConfigError as exc:
         fail(str(exc))
     setup_logging(settings.log_format, settings.log_level)
     try:
         asyncio.run(run_node(node, settings, duration))
-    except AlreadyRunning as exc:
+    except (AlreadyRunning, UnsafeBinding) as exc:
         fail(str(exc))
     except OSError as exc:
         fail(f"cannot start: {exc}")

@@ -76,7 +76,8 @@ class Settings(BaseSettings):
                               description="local PACS to deliver to, AE@HOST:PORT")
     import_from: list[str] = Field(default_factory=list,
                                    description="PACS to poll and retrieve from, AE@HOST:PORT")
-    discovery: bool = Field(True, description="advertise and browse on the LAN (mDNS)")
+    # Off unless asked for: announcing a node that holds patient data is an operator's choice.
+    discovery: bool = Field(False, description="advertise and browse on the LAN (mDNS)")
     sync_interval: float = Field(5.0, gt=0, le=3600,
                                  description="seconds between sync rounds per peer")
     max_pulls: int = Field(4, ge=1, le=64, description="blobs pulled at once per peer")

@@ -14,12 +14,16 @@ import json
 import logging
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
+from .admin.api import AdminAPI, check_binding
+from .admin.feed import EventFeed
 from .config import Settings
+from .discovery import Discovery
 from .local import LocalNode
 from .peer_server import PeerServer
 from .sync import SyncEngine
@@ -44,6 +48,12 @@ class RunningNode:
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     _lock_fd: int | None = None
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    feed: EventFeed | None = None
+    admin: AdminAPI | None = None
+    discovery: Discovery | None = None
+    # Other services add what they report: name -> callable giving a JSON-able value.
+    status_providers: dict[str, Callable[[], Any]] = field(default_factory=dict)
+    metric_providers: list[Callable[[], dict[str, float]]] = field(default_factory=list)
 
     def _take_lock(self) -> None:
         fd = os.open(self.node.data / "run.lock", os.O_CREAT | os.O_RDWR, 0o600)
@@ -72,8 +82,91 @@ class RunningNode:
                                  last_seen_fn=lambda p: self.peer_server.last_seen.get(p, 0.0)
                                  if self.peer_server else 0.0)
         self._tasks.append(asyncio.get_running_loop().create_task(self._refresh_peers()))
-        log.info("node %s running: peer port %d", self.node.node_id.short, self.ports["peer"])
-        (self.node.data / "ports.json").write_text(json.dumps(self.ports, sort_keys=True))
+        self.engine.on_state = self._on_peer_state
+        await self._start_admin()
+        if s.discovery:
+            await self._start_discovery()
+        log.info("node %s running: ports %s", self.node.node_id.short,
+                 " ".join(f"{k}={v}" for k, v in sorted(self.ports.items())))
+        self.write_ports()
+
+    def write_ports(self) -> None:
+        """Record the bound ports (useful when they were chosen by the OS: port 0)."""
+        tmp = self.node.data / "ports.json.tmp"
+        tmp.write_text(json.dumps(self.ports, sort_keys=True))
+        os.replace(tmp, self.node.data / "ports.json")
+
+    async def _start_admin(self) -> None:
+        s = self.settings
+        check_binding(s.api_host, s.api_key)
+        self.feed = EventFeed()
+        self.admin = AdminAPI(self)
+        runner = web.AppRunner(self.admin.app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, s.api_host, s.api_port)
+        await site.start()
+        self._runners.append(runner)
+        self.ports["api"] = _bound_port(site)
+
+    async def _start_discovery(self) -> None:
+        self.discovery = Discovery(self.node.node_id, self.ports["peer"], self._on_discovered)
+        await self.discovery.start()
+
+    def _on_discovered(self, entry: dict[str, Any]) -> None:
+        compact = entry["node_id"].replace("-", "")
+        states = self.node.catalog.peer_states()
+        for p in self.node.catalog.peers():
+            # Move a trusted peer to its announced address only when the configured one
+            # does not work: an operator's explicit URL wins while it is reachable.
+            unreachable = states.get(compact, {}).get("state") == "unreachable"
+            if p["node_id"] == compact and unreachable \
+                    and p["url"].rstrip("/") != entry["url"]:
+                log.info("trusted peer %s now at %s", compact[:7], entry["url"])
+                self.node.catalog.add_peer(compact, entry["url"], p["push"])
+                self.peers_changed()
+        self.feed.publish("discovered", node_id=entry["node_id"], url=entry["url"])
+
+    def discovered(self) -> list[dict[str, Any]]:
+        """Nodes seen on the LAN that are not trusted yet."""
+        if self.discovery is None:
+            return []
+        trusted = {p["node_id"] for p in self.node.catalog.peers()}
+        return [e for e in self.discovery.seen.values()
+                if e["node_id"].replace("-", "") not in trusted]
+
+    def _on_peer_state(self, state: Any) -> None:
+        if self.feed is not None:
+            self.feed.publish("peer", node_id=state.node_id, state=state.state,
+                              in_sync=state.in_sync, bytes_needed=state.bytes_needed,
+                              blobs_needed=state.blobs_needed)
+
+    def peers_changed(self) -> None:
+        if self.engine:
+            self.engine.refresh()
+        if self.feed is not None:
+            self.feed.publish("peers")
+
+    def local_change(self) -> None:
+        if self.engine:
+            self.engine.changed()
+
+    def apply_settings(self, changes: dict[str, Any]) -> None:
+        """Take changed settings that need no restart into effect now."""
+        self.settings = self.settings.model_copy(update=changes)
+        if self.engine:
+            self.engine.interval = self.settings.sync_interval
+            self.engine.max_pulls = self.settings.max_pulls
+        if self.feed is not None:
+            self.feed.publish("config", keys=sorted(changes))
+
+    def extra_status(self) -> dict[str, Any]:
+        return {name: fn() for name, fn in self.status_providers.items()}
+
+    def extra_metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for fn in self.metric_providers:
+            out.update(fn())
+        return out
 
     async def _on_pushed(self, _ids: list[str]) -> None:
         if self.engine:
@@ -87,6 +180,8 @@ class RunningNode:
             root = self.node.catalog.merkle_root().digest
             if last_root is not None and root != last_root:
                 self.engine.changed()  # e.g. an import by the CLI beside us
+                if self.feed is not None:
+                    self.feed.publish("catalog", merkle_root=root.hex())
             last_root = root
             await asyncio.sleep(PEER_REFRESH_SECONDS)
 
@@ -94,6 +189,8 @@ class RunningNode:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.discovery:
+            await self.discovery.stop()
         if self.engine:
             await self.engine.stop()
         for r in self._runners:

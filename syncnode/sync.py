@@ -187,6 +187,8 @@ class PeerSync:
         if force or now - self._last_saved > 0.5:
             self._last_saved = now
             self.node.catalog.set_peer_state(self.peer_id.compact, asdict(self.state))
+            if self.engine.on_state is not None:
+                self.engine.on_state(self.state)
 
     def error(self, exc: BaseException, state: str = "error") -> None:
         self.state.state = state
@@ -451,6 +453,7 @@ class SyncEngine:
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     started: float = field(default_factory=time.time)
+    on_state: Callable[[PeerState], None] | None = None
 
     def blob_lock(self, blob: str) -> asyncio.Lock:
         return self._locks.setdefault(blob, asyncio.Lock())

@@ -1,0 +1,122 @@
+"""The OpenAPI 3 description of the admin API (kept beside the code it describes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_ERR = {"description": "error", "content": {"application/json": {"schema": {
+    "$ref": "#/components/schemas/Error"}}}}
+_KEY = [{"apiKey": []}]
+
+
+def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+_OBJ = {"type": "object"}
+_NODE_ID = {"name": "node_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_SOP = {"name": "sop_uid", "in": "path", "required": True,
+        "schema": {"type": "string", "pattern": r"^[0-9.]{1,64}$"}}
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.0.3",
+    "info": {"title": "syncnode admin API", "version": "1",
+             "description": "Read freely on the admin port; changes need X-API-Key."},
+    "components": {
+        "securitySchemes": {"apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}},
+        "schemas": {
+            "Error": {"type": "object", "required": ["error"],
+                      "properties": {"error": {"type": "string"}}},
+            "Instance": {"type": "object", "required": ["sop_instance_uid", "blob", "size"],
+                         "properties": {k: {"type": "string"} for k in (
+                             "event_id", "sop_instance_uid", "sop_class_uid",
+                             "series_instance_uid", "study_instance_uid", "patient_id",
+                             "modality", "study_date", "transfer_syntax_uid", "blob",
+                             "chunks", "origin")} | {"size": {"type": "integer"},
+                                                     "hlc": {"type": "integer"}}},
+            "Peer": {"type": "object", "required": ["node_id", "url"],
+                     "properties": {"node_id": {"type": "string"}, "url": {"type": "string"},
+                                    "state": {"type": "string"},
+                                    "in_sync": {"type": "boolean"}}},
+        },
+    },
+    "paths": {
+        "/healthz": {"get": {"summary": "Liveness", "responses": {"200": _json(_OBJ)}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {
+            "description": "text exposition format",
+            "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+        "/api/v1/openapi.json": {"get": {"summary": "This document",
+                                         "responses": {"200": _json(_OBJ)}}},
+        "/api/v1/status": {"get": {"summary": "Counts, Merkle root, peers",
+                                   "responses": {"200": _json(_OBJ)}}},
+        "/api/v1/nodes": {
+            "get": {"summary": "Trusted peers with their state", "responses": {
+                "200": _json({"type": "array", "items": {"$ref": "#/components/schemas/Peer"}})}},
+            "post": {"summary": "Trust a peer", "security": _KEY,
+                     "requestBody": {"required": True, "content": {"application/json": {
+                         "schema": {"type": "object", "required": ["node_id", "url"],
+                                    "properties": {"node_id": {"type": "string"},
+                                                   "url": {"type": "string"},
+                                                   "push": {"type": "string", "enum": [
+                                                       "auto", "always", "never"]}}}}}},
+                     "responses": {"201": _json(_OBJ, "trusted"), "400": _ERR, "401": _ERR,
+                                   "403": _ERR, "409": _ERR}},
+        },
+        "/api/v1/nodes/{node_id}": {"delete": {
+            "summary": "Stop trusting a peer", "security": _KEY, "parameters": [_NODE_ID],
+            "responses": {"200": _json(_OBJ), "400": _ERR, "401": _ERR, "403": _ERR,
+                          "404": _ERR}}},
+        "/api/v1/discovered": {"get": {"summary": "Nodes seen on the LAN, not yet trusted",
+                                       "responses": {"200": _json({"type": "array",
+                                                                   "items": _OBJ})}}},
+        "/api/v1/discovered/{node_id}/accept": {"post": {
+            "summary": "Trust a node seen on the LAN", "security": _KEY,
+            "parameters": [_NODE_ID],
+            "responses": {"201": _json(_OBJ), "400": _ERR, "401": _ERR, "403": _ERR,
+                          "404": _ERR, "409": _ERR}}},
+        "/api/v1/instances": {"get": {
+            "summary": "Live instances, filtered and paged",
+            "parameters": [
+                {"name": n, "in": "query", "required": False, "schema": s} for n, s in (
+                    ("study", {"type": "string"}), ("series", {"type": "string"}),
+                    ("patient_id", {"type": "string"}), ("modality", {"type": "string"}),
+                    ("date_from", {"type": "string", "pattern": "^[0-9]{8}$"}),
+                    ("date_to", {"type": "string", "pattern": "^[0-9]{8}$"}),
+                    ("limit", {"type": "integer", "minimum": 1, "maximum": 1000}),
+                    ("offset", {"type": "integer", "minimum": 0}))],
+            "responses": {"200": _json({"type": "object", "required": ["instances"],
+                                        "properties": {"instances": {
+                                            "type": "array",
+                                            "items": {"$ref": "#/components/schemas/Instance"}},
+                                            "more": {"type": "boolean"}}}),
+                          "400": _ERR}}},
+        "/api/v1/instances/{sop_uid}": {"delete": {
+            "summary": "Delete (a tombstone that syncs)", "security": _KEY,
+            "parameters": [_SOP],
+            "responses": {"200": _json(_OBJ), "400": _ERR, "401": _ERR, "403": _ERR,
+                          "404": _ERR}}},
+        "/api/v1/instances/{sop_uid}/file": {"get": {
+            "summary": "The instance's exact bytes", "parameters": [_SOP],
+            "responses": {"200": {"description": "DICOM Part-10 file", "content": {
+                "application/dicom": {"schema": {"type": "string", "format": "binary"}}}},
+                "400": _ERR, "404": _ERR}}},
+        "/api/v1/studies": {"get": {"summary": "Live studies with counts",
+                                    "responses": {"200": _json({"type": "array",
+                                                                "items": _OBJ})}}},
+        "/api/v1/config": {
+            "get": {"summary": "Effective settings", "responses": {"200": _json(_OBJ)}},
+            "patch": {"summary": "Change settings (persisted; some need a restart)",
+                      "security": _KEY,
+                      "requestBody": {"required": True, "content": {"application/json": {
+                          "schema": _OBJ}}},
+                      "responses": {"200": _json(_OBJ), "400": _ERR, "401": _ERR,
+                                    "403": _ERR}}},
+        "/api/v1/events": {"get": {
+            "summary": "Long-poll feed of changes; ids only grow",
+            "parameters": [
+                {"name": "since", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                {"name": "timeout", "in": "query",
+                 "schema": {"type": "number", "minimum": 0, "maximum": 60}}],
+            "responses": {"200": _json(_OBJ), "400": _ERR}}},
+    },
+}
