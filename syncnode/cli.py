@@ -399,6 +399,20 @@ def run(
 
 
 @app.command()
+def demo(duration: Annotated[float | None, typer.Option(
+            help="Stop after this many seconds (default: run until Ctrl-C).")] = None,
+         keep: Annotated[Path | None, typer.Option(
+            help="Use this folder and keep it afterwards (default: a temp folder, removed).")]
+         = None) -> None:
+    """Start three nodes on loopback, import a generated study at one, watch the others
+    receive it. Exit 0 once all three hold the same catalog."""
+    from .demo import run_demo
+
+    if not run_demo(duration, keep):
+        raise typer.Exit(1)
+
+
+@app.command()
 def gc(data: DataOpt = DEFAULT_DATA) -> None:
     """Remove blobs that no live event references, and stale temp files."""
     node = open_node(data)
