@@ -287,9 +287,14 @@ def peer_add(
     data: DataOpt = DEFAULT_DATA,
     push: Annotated[str, typer.Option(
         help="auto: also push when the peer does not dial us; always; never.")] = "auto",
+    cert: Annotated[Path | None, typer.Option(
+        "--cert", help="The peer's certificate file (its node.crt): pin it from the file "
+                       "instead of fetching it from URL, e.g. when this node cannot reach "
+                       "the peer.")] = None,
 ) -> None:
-    """Trust a peer and sync with it. Its certificate is fetched from URL and pinned only if
-    its SHA-256 is NODE_ID (if it is offline now, on first contact)."""
+    """Trust a peer and sync with it. Its certificate is fetched from URL (or read from
+    --cert) and pinned only if its SHA-256 is NODE_ID (if it is offline now, on first
+    contact)."""
     import asyncio
 
     from .nodeid import InvalidNodeId, NodeId
@@ -307,14 +312,19 @@ def peer_add(
     if not url.startswith("https://"):
         url = "https://" + url
     try:
-        der = asyncio.run(fetch_peer_certificate(url, node.identity, peer, timeout=5))
+        if cert is not None:
+            der = cert.read_bytes()
+        else:
+            der = asyncio.run(fetch_peer_certificate(url, node.identity, peer, timeout=5))
         node.trust.pin(der, peer)
         pinned = True
-    except PeerUnreachable as exc:
+    except PeerUnreachable as exc:  # (a ConnectionError: before OSError)
         err.print(f"warning: {exc}; its certificate will be pinned on first contact")
         pinned = False
     except NodeTLSError as exc:
         fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot read {cert}: {exc.strerror or exc}")
     node.catalog.add_peer(peer.compact, url, push)
     out.print(f"Trusted peer {peer} at {url}" + ("" if pinned else " (not contacted yet)"))
 
