@@ -93,7 +93,12 @@ def test_identical_bytes_stored_once(store: BlobStore) -> None:
         third = w.commit()
     assert first.created is True
     assert second.created is False and third.created is False
-    assert first.hash == second.hash == third.hash
+    w = store.writer()  # no context manager: commit alone must clean up
+    w.write(data)
+    fourth = w.commit()
+    assert not w.tmp_path.exists()
+    assert fourth.created is False
+    assert first.hash == second.hash == third.hash == fourth.hash
     assert first.chunks == second.chunks == third.chunks
     assert files_under(store.root) == [store.path(first.hash), store.chunks_path(first.hash)]
     assert files_under(store.tmp_dir) == []
@@ -174,6 +179,25 @@ def test_streaming_writes_in_odd_sizes(store: BlobStore, tmp_path: Path) -> None
     assert streamed.size == whole.size
     assert streamed.chunks_root == whole.chunks_root
     assert store.chunks(streamed.hash) == expected_chunks(data)
+
+
+@pytest.mark.parametrize("splits", [
+    [MiB - 1, 1, MiB - 1, 2],
+    [MiB - 1, 2, MiB],
+    [1, MiB - 2, 1, 5],
+    [MiB, MiB - 1, 1, 1],
+    [MiB + 1, MiB - 1, 3],
+])
+def test_write_boundaries_next_to_chunk_edges(store: BlobStore, splits: list[int]) -> None:
+    data = data_of(sum(splits), len(splits))
+    with store.writer() as w:
+        pos = 0
+        for n in splits:
+            w.write(data[pos : pos + n])
+            pos += n
+        info = w.commit()
+    assert list(info.chunks) == expected_chunks(data)
+    assert info.hash == blake3.blake3(data).hexdigest()
 
 
 def test_writer_refuses_use_after_commit(store: BlobStore) -> None:
