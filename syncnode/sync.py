@@ -197,23 +197,36 @@ class PeerSync:
         self.state.last_error_at = time.time()
         self.save_state(force=True)
 
+    def _progress(self) -> tuple[int, int, int, int]:
+        st = self.state
+        return st.bytes_received, st.bytes_sent, st.events_received, st.events_sent
+
+    def _retry_delay(self, before: tuple[int, int, int, int]) -> float:
+        """A round that moved data before it failed (a link drop mid-transfer) retries at
+        the first step of the backoff: only a peer that makes no progress backs off further,
+        so a flaky link costs about a second per drop, not minutes."""
+        if self._progress() != before:
+            self.backoff.reset()
+        return self.backoff.next()
+
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            before = self._progress()
             try:
                 await self.sync_once()
                 self.backoff.reset()
                 delay = self.engine.interval
-            except (aiohttp.ClientConnectionError, OSError, asyncio.TimeoutError) as exc:
+            except (aiohttp.ClientConnectionError, OSError, TimeoutError) as exc:
                 self.error(exc, "unreachable")
-                delay = self.backoff.next()
+                delay = self._retry_delay(before)
             except (ProtocolError, TransferError, BlobHashMismatch, NodeTLSError,
                     aiohttp.ClientError, ValueError) as exc:
                 self.error(exc)
-                delay = self.backoff.next()
+                delay = self._retry_delay(before)
             except Exception as exc:  # a bug must not end this peer's loop: log it loudly
                 log.exception("sync with %s failed unexpectedly", self.peer_id.short)
                 self.error(exc)
-                delay = self.backoff.next()
+                delay = self._retry_delay(before)
             self.state.next_attempt = time.time() + delay
             self.save_state(force=True)
             self.wake.clear()
