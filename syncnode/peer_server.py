@@ -30,7 +30,7 @@ from .transfer import PartialBlob, TransferError
 
 log = logging.getLogger("syncnode.peer_server")
 BODY_READ_TIMEOUT = 60.0
-PEER_KEY: web.AppKey[NodeId] = web.AppKey("peer", NodeId)
+PEER_KEY: web.RequestKey[NodeId] = web.RequestKey("peer", NodeId)
 
 
 def _error(status: int, reason: str) -> web.Response:

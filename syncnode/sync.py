@@ -49,7 +49,12 @@ PUSH_AFTER_SILENCE = 3  # sync intervals without a request from the peer before 
 
 @dataclass
 class PeerState:
-    """What `syncnode status` shows for one peer."""
+    """What `syncnode status` shows for one peer.
+
+    ``in_sync`` means this node holds every event (and blob) the peer held at the end of
+    the last round; ``peer_lacks`` counts what the peer still lacks from us (zero once it
+    has pulled, or once we pushed it).
+    """
 
     node_id: str
     url: str
@@ -71,6 +76,7 @@ class PeerState:
     last_success: float = 0.0
     next_attempt: float = 0.0
     pushing: bool = False
+    peer_lacks: int = 0  # events we have that the peer had not pulled at the last round
     round_started: float = 0.0
 
 
@@ -277,9 +283,12 @@ class PeerSync:
         st.pushing = self.should_push()
         self.save_state(force=True)
         to_push: list[str] = []
+        pulled = lacking = 0
         async for theirs, ours in walk_diff(self.node, self.client.merkle):
             if theirs:
                 await self.pull_events(theirs)
+                pulled += len(theirs)
+            lacking += len(ours)
             if st.pushing:
                 to_push.extend(ours)
                 if len(to_push) >= EVENT_BATCH:
@@ -287,15 +296,13 @@ class PeerSync:
                     to_push = []
         if to_push:
             await self.push_events(to_push)
-        hello = await self.client.hello()
-        mine = self.node.catalog.merkle_root()
-        st.remote_root, st.local_root = hello.get("root", ""), mine.digest.hex()
-        if st.remote_root == st.local_root:
-            self._in_sync()
-        else:
-            st.state = "syncing"  # more to do (e.g. one side changed meanwhile): go again soon
-            self.wake.set()
-            self.save_state(force=True)
+        # We now hold everything the peer held when the walk passed it: up to date with it.
+        # What it lacks from us is its own loop's job (or was pushed just now).
+        st.peer_lacks = 0 if st.pushing else lacking
+        st.local_root = self.node.catalog.merkle_root().digest.hex()
+        self._in_sync()
+        if pulled:
+            self.wake.set()  # look again at once: the peer may have changed meanwhile
 
     def _in_sync(self) -> None:
         st = self.state
