@@ -381,6 +381,10 @@ def run(
         help="Seconds between sync rounds per peer [5].")] = None,
     duration: Annotated[float | None, typer.Option(
         help="Stop after this many seconds (for tests and demos).")] = None,
+    log_format: Annotated[str | None, typer.Option(
+        help="Log lines as key=value (kv) or json [kv].")] = None,
+    log_level: Annotated[str | None, typer.Option(
+        help="debug, info, warning or error [info].")] = None,
 ) -> None:
     """Run the node: peer server, sync with every trusted peer (and the DICOM bridge,
     admin API and discovery where configured). Stops cleanly on Ctrl-C / SIGTERM."""
@@ -396,7 +400,8 @@ def run(
         settings = node.settings(dicom_port=dicom_port, ae_title=ae_title, peer_port=peer_port,
                                  peer_host=peer_host, api_port=api_port, api_host=api_host,
                                  export=export, discovery=discovery,
-                                 sync_interval=sync_interval)
+                                 sync_interval=sync_interval, log_format=log_format,
+                                 log_level=log_level)
     except cfg.ConfigError as exc:
         fail(str(exc))
     setup_logging(settings.log_format, settings.log_level)

@@ -197,6 +197,7 @@ class PeerSync:
                 self.engine.on_state(self.state)
 
     def error(self, exc: BaseException, state: str = "error") -> None:
+        log.warning("sync with %s: %s: %s", self.peer_id.short, type(exc).__name__, exc)
         self.state.state = state
         self.state.in_sync = False
         self.state.last_error = f"{type(exc).__name__}: {exc}"[:500]
@@ -301,6 +302,10 @@ class PeerSync:
         st.peer_lacks = 0 if st.pushing else lacking
         st.local_root = self.node.catalog.merkle_root().digest.hex()
         self._in_sync()
+        if pulled or (st.pushing and lacking):
+            log.info("sync round with %s: %d events pulled, %d pushed, root %s",
+                     self.peer_id.short, pulled, lacking if st.pushing else 0,
+                     st.local_root[:16])
         if pulled:
             self.wake.set()  # look again at once: the peer may have changed meanwhile
 
@@ -413,6 +418,8 @@ class PeerSync:
                 if not part.complete:
                     raise ProtocolError(f"blob {put.blob} ended early at {part.offset} bytes")
             await loop.run_in_executor(None, part.finish)
+            log.debug("blob %s from %s stored (%d bytes, %d resumed)", put.blob,
+                      self.peer_id.short, size, part.resumed_from)
         finally:
             part.close()
 
