@@ -529,6 +529,14 @@ class Catalog:
                                    ).fetchone()
         return _instance(row) if row else None
 
+    def put_for_blob(self, blob_hash: str) -> Instance | None:
+        """A put event (not removed) whose blob this is: its size and chunk-list hash."""
+        with self._lock:
+            row = self._db.execute(f"SELECT event_id, {', '.join(PUT_COLUMNS)} FROM puts "
+                                   "WHERE blob=? AND removed=0 LIMIT 1",
+                                   (check_hash(blob_hash, "blob hash"),)).fetchone()
+        return _instance(row) if row else None
+
     def referenced_blobs(self) -> set[str]:
         """Blobs some put that is not removed refers to: the blobs this node must hold."""
         with self._lock:

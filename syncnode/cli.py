@@ -13,6 +13,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -38,8 +39,8 @@ app = typer.Typer(
 ca_app = typer.Typer(help="Cluster certificate authority (optional).", no_args_is_help=True)
 app.add_typer(ca_app, name="ca")
 
-err = Console(stderr=True)
-out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)  # never break a path in an error over lines
+out = Console(highlight=False, soft_wrap=True, markup=False)  # paths may contain [...]
 
 DataOpt = Annotated[Path, typer.Option(
     "--data", "-d", envvar="SYNCNODE_DATA", help="Node data folder (env SYNCNODE_DATA).",
@@ -49,7 +50,7 @@ DEFAULT_DATA = Path("syncnode-data")
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -249,17 +250,30 @@ def status(data: DataOpt = DEFAULT_DATA, json_out: JsonOpt = False) -> None:
 def verify(data: DataOpt = DEFAULT_DATA, json_out: JsonOpt = False,
            repair: Annotated[bool, typer.Option(
                help="Fetch damaged or missing blobs from trusted peers.")] = False) -> None:
-    """Re-hash every blob and chunk list. Exit 1 and list the damage if any."""
+    """Re-hash every blob and chunk list. Exit 1 and list the damage if any.
+
+    With --repair, damaged blobs are moved to <data>/damaged/ and fetched again from
+    trusted peers (verified like any transfer); exit 0 if everything was mended."""
     node = open_node(data)
-    if repair:
-        fail("--repair needs peers; it is not available in this version", 2)
     show = not json_out and err.is_terminal
     with Progress(TextColumn("verifying"), BarColumn(), DownloadColumn(),
                   TransferSpeedColumn(), console=err, disable=not show) as progress:
         task = progress.add_task("verify", total=node.catalog.counts()["blob_bytes"] or None)
         report = node.verify(lambda _h, n: progress.update(task, advance=n))
+    repaired: dict[str, str] = {}
+    if repair and (report.damaged or report.missing):
+        import asyncio
+
+        from .repair import repair_blobs
+
+        wanted = [d.hash for d in report.damaged] + report.missing
+        repaired = asyncio.run(repair_blobs(node, wanted))
+        fixed = {b for b, how in repaired.items() if how.startswith("repaired")}
+        report.damaged = [d for d in report.damaged if d.hash not in fixed]
+        report.missing = [h for h in report.missing if h not in fixed]
     if json_out:
         print_json({"ok": report.ok, "blobs_checked": report.blobs_checked,
+                    "repair": repaired,
                     "bytes_checked": report.bytes_checked,
                     "damaged": [{"blob": d.hash, "reason": d.reason} for d in report.damaged],
                     "missing": report.missing, "catalog_problems": report.catalog_problems})
@@ -271,6 +285,8 @@ def verify(data: DataOpt = DEFAULT_DATA, json_out: JsonOpt = False,
             out.print(f"  MISSING {h}: referenced by the catalog, not in the store")
         for p in report.catalog_problems:
             out.print(f"  CATALOG {p}")
+        for b, how in repaired.items():
+            out.print(f"  REPAIR {b}: {how}")
         out.print("OK" if report.ok else "PROBLEMS FOUND")
     if not report.ok:
         raise typer.Exit(1)

@@ -34,7 +34,7 @@ import aiohttp
 
 from . import events as ev
 from . import merkle, protocol
-from .blobstore import CHUNK_SIZE, BlobHashMismatch
+from .blobstore import CHUNK_SIZE, BlobHashMismatch, BlobStore
 from .local import LocalNode
 from .nodeid import NodeId
 from .protocol import ProtocolError, RemoteNode
@@ -141,6 +141,45 @@ class PeerClient:
     async def chunks(self, blob: str) -> tuple[int, bytes]:
         obj = await self._json("GET", f"/blobs/{blob}/chunks")
         return int(obj["size"]), bytes.fromhex(obj["chunks"])
+
+    async def fetch_blob(self, store: BlobStore, blob: str, size: int, chunks_root: str,
+                         on_bytes: Callable[[int], None] | None = None) -> int:
+        """Pull one blob into the store through a verified, resumable ``.part`` file.
+
+        Returns how many bytes were already held from an earlier attempt. Raises
+        TransferError (a chunk or the whole hash does not match: nothing is stored) or
+        ProtocolError / aiohttp errors (the verified prefix is kept for the next attempt).
+        """
+        peer_size, digests = await self.chunks(blob)
+        if peer_size != size:
+            raise ProtocolError(f"peer says blob {blob} has {peer_size} bytes, the event "
+                                f"says {size}")
+        loop = asyncio.get_running_loop()
+        part = await loop.run_in_executor(
+            None, lambda: PartialBlob(store, blob, size, digests, chunks_root))
+        resumed = part.offset
+        try:
+            if not part.complete:
+                headers = {"Range": f"bytes={part.offset}-"}
+                async with self.session().get(f"{self.base}/blobs/{blob}",
+                                              headers=headers) as resp:
+                    if resp.status not in (200, 206):
+                        raise ProtocolError(f"GET blob {blob}: HTTP {resp.status}: "
+                                            f"{(await resp.text())[:300]}")
+                    if resp.status == 200 and part.offset:
+                        raise ProtocolError("peer ignored the Range header")
+                    async for data in resp.content.iter_chunked(CHUNK_SIZE):
+                        part.feed(data)
+                        if on_bytes:
+                            on_bytes(len(data))
+                if not part.complete:
+                    raise ProtocolError(f"blob {blob} ended early at {part.offset} bytes")
+            await loop.run_in_executor(None, part.finish)
+            log.debug("blob %s from %s stored (%d bytes, %d resumed)", blob,
+                      self.peer_id.short, size, resumed)
+        finally:
+            part.close()
+        return resumed
 
 
 async def walk_diff(local: LocalNode, fetch: Callable[[str], Any]
@@ -389,39 +428,18 @@ class PeerSync:
 
     async def pull_blob(self, put: ev.PutEvent) -> None:
         st = self.state
-        size, digests = await self.client.chunks(put.blob)
-        if size != put.size:
-            raise ProtocolError(f"peer says blob {put.blob} has {size} bytes, event says "
-                                f"{put.size}")
-        loop = asyncio.get_running_loop()
-        part = await loop.run_in_executor(
-            None, lambda: PartialBlob(self.node.store, put.blob, size, digests, put.chunks))
-        st.bytes_resumed += part.offset
+
+        def received(n: int) -> None:
+            st.bytes_received += n
+            self.engine.count_bytes(self.peer_id.compact, "in", n)
+
         try:
-            if not part.complete:
-                headers = {"Range": f"bytes={part.offset}-"}
-                url = f"{self.client.base}/blobs/{put.blob}"
-                async with self.client.session().get(url, headers=headers) as resp:
-                    if resp.status not in (200, 206):
-                        raise ProtocolError(f"GET blob {put.blob}: HTTP {resp.status}: "
-                                            f"{(await resp.text())[:300]}")
-                    if resp.status == 200 and part.offset:
-                        raise ProtocolError("peer ignored the Range header")
-                    async for data in resp.content.iter_chunked(CHUNK_SIZE):
-                        try:
-                            part.feed(data)
-                        except TransferError:
-                            st.integrity_errors += 1
-                            raise
-                        st.bytes_received += len(data)
-                        self.engine.count_bytes(self.peer_id.compact, "in", len(data))
-                if not part.complete:
-                    raise ProtocolError(f"blob {put.blob} ended early at {part.offset} bytes")
-            await loop.run_in_executor(None, part.finish)
-            log.debug("blob %s from %s stored (%d bytes, %d resumed)", put.blob,
-                      self.peer_id.short, size, part.resumed_from)
-        finally:
-            part.close()
+            resumed = await self.client.fetch_blob(self.node.store, put.blob, put.size,
+                                                   put.chunks, received)
+        except TransferError:
+            st.integrity_errors += 1
+            raise
+        st.bytes_resumed += resumed
 
     # -- pushing -------------------------------------------------------------------------
     async def push_events(self, ids: list[str]) -> None:
