@@ -305,8 +305,8 @@ class Catalog:
         """Record instances stored here. ``items``: (attributes, blob) pairs where the
         attributes are those of :class:`syncnode.dicomfile.InstanceInfo`.
 
-        Returns (event id, new) per item; an instance whose live version already has these
-        exact bytes gets no new event (re-importing is a no-op).
+        Returns (event id, new) per item; an instance that already has a version with these
+        exact bytes (not deleted) gets no new event (re-importing is a no-op).
         """
         results: list[tuple[str, bool]] = []
         dirty_leaves: set[int] = set()
@@ -318,16 +318,14 @@ class Catalog:
                 sop = check_uid(attrs["sop_instance_uid"], "SOP Instance UID")
                 if blob_present is not None and not blob_present(blob.hash):
                     raise BlobNotPresent(f"blob {blob.hash} of {sop} vanished before commit")
-                if sop in batch:  # a later file of this batch with the same UID
-                    if batch[sop][0] == blob.hash:
-                        results.append((batch[sop][1], False))
-                        continue
-                else:
-                    row = db.execute("SELECT event_id FROM puts WHERE sop_instance_uid=? "
-                                     "AND blob=? AND live=1", (sop, blob.hash)).fetchone()
-                    if row is not None:
-                        results.append((row[0].hex(), False))
-                        continue
+                if sop in batch and batch[sop][0] == blob.hash:  # a duplicate in this batch
+                    results.append((batch[sop][1], False))
+                    continue
+                row = db.execute("SELECT event_id FROM puts WHERE sop_instance_uid=? "
+                                 "AND blob=? AND removed=0", (sop, blob.hash)).fetchone()
+                if row is not None:
+                    results.append((row[0].hex(), False))
+                    continue
                 event = ev.PutEvent(
                     origin=self.node_id, hlc=self._tick(db), blob=blob.hash, size=blob.size,
                     chunks=blob.chunks_root,

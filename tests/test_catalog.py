@@ -178,6 +178,16 @@ def test_reimport_is_a_noop(cat: Catalog) -> None:
     # different bytes for the same instance: a new version, which is live
     [(eid2, new2)] = cat.add_local_puts([(attrs(sop), fake_blob("a2"))])
     assert new2 and live_event(cat, sop) == eid2
+    # importing a folder holding both versions again adds nothing, in either order
+    n = cat.event_count()
+    for items in ([fake_blob("a"), fake_blob("a2")], [fake_blob("a2"), fake_blob("a")]):
+        res = cat.add_local_puts([(attrs(sop), b) for b in items])
+        assert sorted(res) == sorted([(eid, False), (eid2, False)])
+    assert cat.event_count() == n and live_event(cat, sop) == eid2
+    # a third version imported between copies of the first two, in one batch
+    res = cat.add_local_puts([(attrs(sop), fake_blob(t)) for t in ("a", "a3", "a2", "a3")])
+    assert [new for _, new in res] == [False, True, False, False]
+    assert live_event(cat, sop) == res[1][0]
 
 
 def test_local_hlc_moves_past_observed_remote_clock(cat: Catalog) -> None:
