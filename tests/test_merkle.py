@@ -25,7 +25,7 @@ def in_range(eid: bytes, lo: bytes, hi: bytes | None) -> bool:
 
 def test_shape() -> None:
     assert FANOUT == 16
-    assert EMPTY == bytes(32) and EMPTY_NODE == NodeDigest(bytes(32), 0)
+    assert bytes(32) == EMPTY and NodeDigest(bytes(32), 0) == EMPTY_NODE
     assert LEAF_LEVEL >= 1
 
 
