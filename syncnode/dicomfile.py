@@ -49,7 +49,8 @@ Acceptance rules (checked in this order; the first failure is the reason)
    private) syntax is rejected because the data set cannot be walked and so cannot be verified.
    All standard syntaxes are accepted as stored, without decoding: implicit/explicit little
    endian, explicit big endian (retired), deflated, and every encapsulated (JPEG, JPEG-LS,
-   JPEG 2000, HTJ2K, RLE, MPEG, JPEG XL, ...) syntax.
+   JPEG 2000, HTJ2K, RLE, MPEG, JPEG XL, ...) syntax.  A DICOMDIR (Media Storage Directory
+   Storage in the file meta) is rejected: it is an index of other files, not an instance.
 4. Structure: every element of the data set is walked, top level and nested.  Values are never
    read except the handful of small top-level attributes below; everything else is skipped by
    seeking (or, for deflated data sets, by inflating into a fixed-size buffer and discarding).
@@ -60,7 +61,11 @@ Acceptance rules (checked in this order; the first failure is the reason)
    overrunning a defined-length sequence, undefined length on a VR that cannot have it,
    sequences nested deeper than 64 levels, encapsulated Pixel Data under a native Transfer
    Syntax (or the reverse), encapsulated Pixel Data with no fragments, and bytes after the end
-   of a deflate stream (other than one NUL pad byte) are *corrupt*.
+   of a deflate stream are *corrupt*.  Tolerated after a deflate stream: one NUL pad byte, and
+   an 8-byte gzip-style trailer (CRC-32 and size of the inflated data) that some encoders
+   write - it is then verified.  A data set whose first element has no valid VR under an
+   explicit VR Transfer Syntax (i.e. it was written in implicit VR) is rejected: pydicom
+   silently switches to implicit VR, but other toolkits misparse such files.
    Implicit VR: an undefined-length element is a sequence (except Pixel Data); a defined-length
    element is descended into only if the data dictionary says it is SQ.  An explicit-VR ``UN``
    element of undefined length holds an implicit VR little endian sequence (PS3.5 6.2.2).
@@ -85,6 +90,9 @@ What cannot be detected: a cut that falls exactly on a top-level element boundar
 the required attributes and the Pixel Data (typically losing only trailing elements such as
 Data Set Trailing Padding, or trailing elements of a non-image object such as an SR) leaves a
 structurally complete data set; it is indistinguishable from a shorter original and is accepted.
+The same holds, for SOP Classes whose Pixel Data is optional (e.g. RT Dose), for a boundary cut
+after the UIDs but before Rows/Columns; and for a deflated file, for a cut that removes exactly
+its optional CRC-32/size trailer.  Cuts at arbitrary byte offsets are always detected.
 End-to-end integrity of transferred bytes is guaranteed by the BLAKE3 content address, not here.
 
 Indexed values: ``patient_id`` is decoded with the Specific Character Set and stripped of
@@ -96,23 +104,36 @@ tags, attribute names, offsets and lengths.
 Decisions for pydicom's bundled broken files (``pydicom/data/test_files``)
 -------------------------------------------------------------------------
 - ``no_meta.dcm``, ``ExplVR_LitEndNoMeta.dcm``, ``ExplVR_BigEndNoMeta.dcm``, ``rtstruct.dcm``:
-  bare data sets without preamble/``DICM`` -> rejected (rule 2).
+  bare data sets without preamble/``DICM`` -> rejected (rule 2; ``no_meta.dcm`` starts with a
+  stray byte, so it gets no "bare data set" hint).  The non-DICOM files (``README.txt``,
+  ``*.json``, ``*.dump``, ``crayons.icc``, ``zipMR.gz``) are rejected the same way.
 - ``no_meta_group_length.dcm``: has preamble, ``DICM`` and a file meta lacking only the group
   length (tolerated); its data set has no SOP Class UID -> rejected "missing SOP Class UID".
 - ``meta_missing_tsyntax.dcm``: file meta lacks Transfer Syntax UID -> rejected.
 - ``MR_truncated.dcm``: Pixel Data declares 8192 bytes, the file holds 8130 -> truncated.
 - ``rtplan_truncated.dcm``: Beam Sequence cut short -> truncated.
-- ``badVR.dcm``: a copy of ``rtdose.dcm`` whose Number of Frames is ``'1A'``.  Nothing is cut,
-  but the Pixel Data length cannot be verified and no viewer can tell how many frames it holds
-  -> rejected "invalid Number of Frames '1A'" (it would also fail the SOP Instance UID check).
+- ``badVR.dcm``: an explicit VR copy of ``rtdose.dcm`` whose Number of Frames is ``'1A'``
+  instead of ``'15'``.  Nothing is cut, but the Pixel Data length cannot be verified and no
+  viewer can tell how many frames it holds -> rejected "invalid Number of Frames '1A'" (it
+  would also fail the SOP Instance UID check below).
 - ``rtdose*.dcm`` (except the RLE variants), ``rtplan.dcm``: SOP Instance UID ``1.9.999...`` /
   ``1.2.777...`` but Media Storage SOP Instance UID ``1.2.999...`` -> rejected (rule 6).
 - ``JPEGLSNearLossless_*.dcm``, ``SC_rgb_jls_lossy_*.dcm``: no Study/Series Instance UID ->
   rejected "missing Study Instance UID".
 - ``UN_sequence.dcm``, ``empty_charset_LEI.dcm``, ``nested_priv_SQ.dcm``, ``priv_SQ.dcm``:
   structurally fine fragments without SOP Class UID -> rejected "missing SOP Class UID".
+- ``nested_priv_SQ.dcm``: Pixel Data without Rows -> rejected "Pixel Data present but Rows
+  (0028,0010) is missing" (it also lacks the SOP Class UID).
+- ``SC_rgb_jpeg.dcm``: file meta says JPEG Baseline (explicit VR) but the data set is written
+  in implicit VR -> rejected "corrupt: the data set is not encoded with explicit VR ...".
+- ``image_dfl.dcm``: deflated, followed by a gzip-style CRC-32/size trailer that matches ->
+  accepted.  ``ExplVR_BigEnd.dcm`` has Study Date ``1997.04.24`` -> accepted, indexed
+  ``19970424``.
 - ``JPEG2000-embedded-sequence-delimiter.dcm``: the delimiter bytes lie inside a fragment and
   are skipped by its length, so the structure is valid -> accepted.
+- ``dicomdirtests/``: the DICOMDIRs are rejected (rule 3); the ``TINY_ALPHA`` CT "images" were
+  stripped of their Image Pixel module -> rejected "no Pixel Data in a CT Image Storage
+  instance"; the other images are accepted.
 """
 
 from __future__ import annotations
@@ -236,7 +257,8 @@ _LONG_VRS: Final = frozenset(
     {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 )
 _SHORT_VRS: Final = frozenset(
-    vr.encode() for vr in "AE AS AT CS DA DS DT FL FD IS LO LT PN SH SL SS ST TM UI UL US".split()
+    {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"PN"}
+    | {b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"}
 )
 
 _IMPLICIT_VR_LE: Final = "1.2.840.10008.1.2"
@@ -245,7 +267,8 @@ _MEDIA_STORAGE_DIRECTORY: Final = "1.2.840.10008.1.3.10"
 _DEFLATED_SYNTAXES: Final = frozenset({"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.95"})
 
 _MAX_DEPTH: Final = 64
-_INFLATE_CHUNK: Final = 64 * 1024
+_INFLATE_CHUNK: Final = 64 * 1024  # compressed bytes read, inflated bytes buffered, at a time
+_SKIP_CHUNK: Final = 1024 * 1024  # inflated bytes discarded at a time when skipping a value
 _TEXT_DELIMS: Final = {0x0D, 0x0A, 0x09, 0x0C}
 
 
@@ -359,19 +382,21 @@ class _InflateSource:
         self._buf = bytearray()
         self._off = 0
         self.pos = 0
+        self._input_done = False
         self._crc = 0  # CRC-32 and size of the inflated data, for a gzip-style trailer
         self._total = 0
 
-    def _fill(self) -> bool:
-        """Inflate more output into the buffer; False when no more output can come."""
+    def _inflate(self, max_length: int) -> bytes:
+        """The next piece (at most `max_length` bytes) of inflated data; b"" at the end."""
         while not self._d.eof:
             data = self._d.unconsumed_tail
-            if not data:
+            if not data and not self._input_done:
                 data = self._f.read(_INFLATE_CHUNK)
-                if not data:
-                    return False
+                self._input_done = not data
             try:
-                out = self._d.decompress(data, _INFLATE_CHUNK)
+                # With no input left this still drains output that zlib holds for input it
+                # has already consumed (possible when the previous call hit max_length).
+                out = self._d.decompress(data, max_length)
             except zlib.error as exc:
                 raise InvalidDicom(
                     f"corrupt: deflated data set cannot be inflated ({exc})"
@@ -379,12 +404,21 @@ class _InflateSource:
             if out:
                 self._crc = zlib.crc32(out, self._crc)
                 self._total += len(out)
-                if self._off:
-                    del self._buf[: self._off]
-                    self._off = 0
-                self._buf += out
-                return True
-        return False
+                return out
+            if self._input_done:
+                return b""
+        return b""
+
+    def _fill(self) -> bool:
+        """Append inflated data to the buffer; False when there is no more."""
+        out = self._inflate(_INFLATE_CHUNK)
+        if not out:
+            return False
+        if self._off:
+            del self._buf[: self._off]
+            self._off = 0
+        self._buf += out
+        return True
 
     def _available(self) -> int:
         return len(self._buf) - self._off
@@ -399,14 +433,15 @@ class _InflateSource:
         return data
 
     def skip(self, n: int) -> None:
-        done = 0
-        while done < n:
-            take = min(n - done, self._available())
-            self._off += take
-            self.pos += take
-            done += take
-            if done < n and not self._fill():
+        done = min(n, self._available())
+        self._off += done
+        while done < n:  # inflate and discard, without buffering
+            out = self._inflate(min(n - done, _SKIP_CHUNK))
+            if not out:
+                self.pos += done
                 raise _EndOfData(done)
+            done += len(out)
+        self.pos += n
 
     def remaining(self) -> int | None:
         return None
@@ -456,13 +491,24 @@ class _InflateSource:
 class _Encoding:
     implicit: bool
     little: bool
+    header: struct.Struct  # tag group, tag element, 32-bit length
+    u16: struct.Struct
+    u32: struct.Struct
 
-    @property
-    def e(self) -> str:
-        return "<" if self.little else ">"
+    @classmethod
+    def of(cls, implicit: bool, little: bool) -> _Encoding:
+        e = "<" if little else ">"
+        return cls(
+            implicit,
+            little,
+            struct.Struct(e + "HHI"),
+            struct.Struct(e + "H"),
+            struct.Struct(e + "I"),
+        )
 
 
-_IMPLICIT_LE: Final = _Encoding(implicit=True, little=True)
+_IMPLICIT_LE: Final = _Encoding.of(implicit=True, little=True)
+_EXPLICIT_LE: Final = _Encoding.of(implicit=False, little=True)
 
 
 @dataclass(slots=True)
@@ -488,15 +534,15 @@ def _read_header(src: _Source, enc: _Encoding) -> tuple[int, bytes | None, int]:
     """Read one element/item header: (tag, VR or None, length).  Raises _EndOfData."""
     start = src.pos
     hdr = src.read(8)
-    group, elem, length = struct.unpack(enc.e + "HHI", hdr)
+    group, elem, length = enc.header.unpack(hdr)
     tag = (group << 16) | elem
     if group == 0xFFFE or enc.implicit:
         return tag, None, length
     vr = hdr[4:6]
     if vr in _SHORT_VRS:
-        return tag, vr, struct.unpack(enc.e + "H", hdr[6:8])[0]
+        return tag, vr, enc.u16.unpack(hdr[6:8])[0]
     if vr in _LONG_VRS:
-        return tag, vr, struct.unpack(enc.e + "I", src.read(4))[0]
+        return tag, vr, enc.u32.unpack(src.read(4))[0]
     shown = _show(vr.decode("latin-1"))
     raise _BadVR(
         f"corrupt: element {_tag_str(tag)} at {_where(src, start)} has invalid VR {shown}",
@@ -514,7 +560,7 @@ def _is_sequence(tag: int, vr: bytes | None) -> bool:
         return False
 
 
-def _walk_fragments(src: _Source, tag: int) -> None:
+def _walk_fragments(src: _Source, enc: _Encoding, tag: int) -> None:
     """Encapsulated value: items with defined lengths up to a Sequence Delimitation Item.
 
     Only the 8-byte item headers are read; fragment contents are skipped.
@@ -522,7 +568,7 @@ def _walk_fragments(src: _Source, tag: int) -> None:
     fragments = 0
     while True:
         start = src.pos
-        group, elem, length = struct.unpack("<HHI", src.read(8))
+        group, elem, length = enc.header.unpack(src.read(8))
         item_tag = (group << 16) | elem
         if item_tag == _SEQ_DELIM:
             break
@@ -578,7 +624,7 @@ def _walk_value(
     """Skip or descend into one element's value (the header has been read)."""
     if length == _UNDEFINED:
         if tag == _PIXEL_DATA or (vr is not None and vr in (b"OB", b"OW")):
-            _walk_fragments(src, tag)
+            _walk_fragments(src, enc, tag)
         elif vr is None or vr == b"SQ":
             _walk_sequence(src, enc, tag, length, depth)
         elif vr == b"UN":
@@ -713,7 +759,7 @@ class _Meta:
 
 def _read_meta(f: BinaryIO, size: int) -> _Meta:
     src = _FileSource(f, 132, size)
-    le = _Encoding(implicit=False, little=True)
+    le = _EXPLICIT_LE
     values: dict[int, bytes] = {}
     group_length: int | None = None
     group_length_end = 0
@@ -793,7 +839,7 @@ def _us_value(top: _TopLevel, enc: _Encoding, tag: int, name: str) -> int:
         )
     if len(raw) != 2:
         raise InvalidDicom(f"invalid {name}: value is {len(raw)} bytes long, expected 2")
-    return int(struct.unpack(enc.e + "H", raw)[0])
+    return int(enc.u16.unpack(raw)[0])
 
 
 def _number_of_frames(top: _TopLevel) -> int:
@@ -910,11 +956,10 @@ def inspect_file(path: str | os.PathLike[str]) -> InstanceInfo:
     the file size.
     """
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # before open(): a FIFO would block it
+            raise InvalidDicom("not a regular file")
         with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise InvalidDicom("not a regular file")
-            return _inspect(f, st.st_size)
+            return _inspect(f, os.fstat(f.fileno()).st_size)
     except OSError as exc:
         raise InvalidDicom(f"cannot read file: {exc.strerror or type(exc).__name__}") from exc
 
@@ -946,7 +991,7 @@ def _inspect(f: BinaryIO, size: int) -> InstanceInfo:
 
     deflated = ts in _DEFLATED_SYNTAXES
     encapsulated = bool(uid.is_encapsulated)
-    enc = _Encoding(implicit=ts == _IMPLICIT_VR_LE, little=bool(uid.is_little_endian))
+    enc = _Encoding.of(implicit=ts == _IMPLICIT_VR_LE, little=bool(uid.is_little_endian))
     src: _FileSource | _InflateSource
     src = _InflateSource(f, meta.end, size) if deflated else _FileSource(f, meta.end, size)
 
