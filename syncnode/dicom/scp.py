@@ -1,0 +1,627 @@
+"""The DICOM SCP of ``syncnode run``: C-ECHO, C-STORE into the blob store, C-FIND over the catalog.
+
+Receiving an instance (C-STORE)
+-------------------------------
+1. While the P-DATA PDUs of a C-STORE request arrive, the data set bytes are written, as
+   received, into a blob-store temp file (:class:`StoreSpool`), after a preamble, ``DICM``
+   and a file meta group built from the association: Media Storage SOP Class/Instance
+   UID = the request's Affected SOP Class/Instance UID, Transfer Syntax UID = the
+   negotiated one, Implementation Class UID/Version Name = syncnode's (we write the file),
+   Source Application Entity Title = the calling AE title. The data set is never decoded
+   or re-encoded; memory does not grow with its size; it is hashed while written.
+2. When the request is complete the handler inspects the temp file
+   (:func:`syncnode.dicomfile.inspect_file`), renames it into the store
+   (:mod:`syncnode.dicom.ingest`), and hands (attributes, blob) to the :class:`Committer`.
+3. The committer thread makes everything queued so far durable at once (one
+   ``syncfs``) and then inserts their put events in one synchronous catalog
+   transaction (group commit across associations).
+4. Only then is the status sent: Success 0x0000 means the bytes and the event are
+   durable. Failures store nothing: 0xA700 out of resources (disk full), 0xA900 data set
+   does not match SOP class (identity UIDs missing, invalid or contradicting the
+   request), 0xC000 cannot understand (truncated, corrupt, unsupported encoding; the
+   reason is in the Error Comment), 0x0110 processing failure (unexpected error).
+
+Association policy
+------------------
+Called AE title must be ours (``require_called_aet``); if ``allowed_aes`` is set, the
+calling AE title (and, for ``AE@HOST`` entries, the peer address) must be on it, else
+A-ASSOCIATE-RJ (calling AE not recognised). PDU reads are capped and sockets have
+TCP_NODELAY (:mod:`syncnode.dicom.transport`).
+
+Logs name UIDs, hashes, AE titles and addresses; never patient names, IDs or dates.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+from typing import Any, cast
+
+from pydicom.dataset import Dataset
+from pydicom.uid import AllTransferSyntaxes
+from pynetdicom import AllStoragePresentationContexts, evt
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import _MESSAGE_TYPES, C_STORE_RQ, DIMSEMessage
+from pynetdicom.dsutils import decode
+from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+    Verification,
+)
+
+from .. import __version__
+from ..blobstore import BlobInfo, BlobStore, StoreFull
+from ..catalog import Catalog
+from ..dicomfile import InstanceInfo, InvalidDicom, inspect_file
+from ..ids import is_uid
+from ..local import CATALOG_FILE, LocalNode
+from . import query
+from .ingest import SpoolWriter, make_durable
+from .transport import GuardedServer, PduLimits, SyncnodeAE, set_nodelay, start_server
+
+log = logging.getLogger("syncnode.dicom")
+
+IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1432.1"
+IMPLEMENTATION_VERSION = f"SYNCNODE_{__version__}"[:16]
+
+# Every standard transfer syntax whose data set is self-contained (JPIP-referenced and
+# SMPTE ST 2110 syntaxes carry no pixel data in the data set and are left out).
+STORE_TRANSFER_SYNTAXES = [
+    ts for ts in AllTransferSyntaxes
+    if not ts.startswith("1.2.840.10008.1.2.7.")
+    and ts not in ("1.2.840.10008.1.2.4.94", "1.2.840.10008.1.2.4.95",
+                   "1.2.840.10008.1.2.4.204", "1.2.840.10008.1.2.4.205")
+]
+FIND_MODELS = (StudyRootQueryRetrieveInformationModelFind,
+               PatientRootQueryRetrieveInformationModelFind)
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_MISMATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC000
+STATUS_PROCESSING_FAILURE = 0x0110
+COMMIT_WAIT = 300.0  # seconds a handler waits for its group commit before giving up
+
+# InvalidDicom reasons about the instance's identity -> 0xA900; the rest -> 0xC000.
+_IDENTITY_PREFIXES = (
+    "missing SOP", "invalid SOP", "missing Study", "invalid Study", "missing Series",
+    "invalid Series", "SOP Class UID", "SOP Instance UID", "file meta lacks Media Storage",
+)
+
+
+def status_for_reason(reason: str) -> int:
+    return (STATUS_DATASET_MISMATCH if reason.startswith(_IDENTITY_PREFIXES)
+            else STATUS_CANNOT_UNDERSTAND)
+
+
+# --------------------------------------------------------------------------------------------
+# File meta
+
+
+def _element(tag: int, vr: bytes, value: bytes) -> bytes:
+    group, elem = tag >> 16, tag & 0xFFFF
+    if vr in (b"OB", b"OW", b"UN", b"UT", b"SQ"):
+        return struct.pack("<HH2sHI", group, elem, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
+
+
+def _ui(value: str) -> bytes:
+    raw = value.encode("ascii", "replace")
+    return raw + b"\0" if len(raw) % 2 else raw
+
+
+def _text(value: str) -> bytes:
+    raw = value.encode("ascii", "replace")
+    return raw + b" " if len(raw) % 2 else raw
+
+
+def file_meta_bytes(sop_class: str, sop_instance: str, transfer_syntax: str,
+                    source_ae: str = "") -> bytes:
+    """Preamble, ``DICM`` and the group 0002 elements (explicit VR little endian)."""
+    body = b"".join([
+        _element(0x00020001, b"OB", b"\x00\x01"),
+        _element(0x00020002, b"UI", _ui(sop_class)),
+        _element(0x00020003, b"UI", _ui(sop_instance)),
+        _element(0x00020010, b"UI", _ui(transfer_syntax)),
+        _element(0x00020012, b"UI", _ui(IMPLEMENTATION_CLASS_UID)),
+        _element(0x00020013, b"SH", _text(IMPLEMENTATION_VERSION)),
+        *([_element(0x00020016, b"AE", _text(source_ae[:16]))] if source_ae else []),
+    ])
+    return b"\0" * 128 + b"DICM" + _element(0x00020000, b"UL", struct.pack("<I", len(body))) + body
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming the data set of a C-STORE request to disk
+
+
+class StoreSpool:
+    """File-like target for the data set of one C-STORE request (pynetdicom writes
+    ``write(bytes)``, calls ``file.flush()``, and at the end ``close()``/unlinks ``name``).
+
+    Errors while writing (disk full) are remembered, not raised: they surface in the
+    handler as a failure status. ``claim()`` hands the writer to the handler; a spool that
+    is never claimed (association aborted mid-transfer) is discarded by ``close()``.
+    """
+
+    def __init__(self, store: BlobStore, header: bytes) -> None:
+        self._lock = threading.Lock()
+        self.error: BaseException | None = None
+        self.writer: SpoolWriter | None = None
+        self._claimed = False
+        try:
+            self.writer = SpoolWriter(store)
+            self.writer.write(header)
+        except (StoreFull, OSError) as exc:
+            self._fail(exc)
+
+    @property
+    def file(self) -> StoreSpool:
+        return self
+
+    @property
+    def name(self) -> str:
+        return str(self.writer.tmp_path) if self.writer is not None else ""
+
+    def flush(self) -> None:
+        """No-op: bytes are handed to the OS when the request is complete."""
+
+    def _fail(self, exc: BaseException) -> None:
+        self.error = exc
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
+
+    def write(self, data: bytes) -> int:
+        with self._lock:
+            if self.writer is None or self._claimed:
+                return len(data)
+            try:
+                self.writer.write(data)
+            except (StoreFull, OSError) as exc:
+                self._fail(exc)
+        return len(data)
+
+    def claim(self) -> SpoolWriter:
+        with self._lock:
+            self._claimed = True
+            if self.error is not None or self.writer is None:
+                raise self.error or StoreFull("spool lost")
+            return self.writer
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._claimed and self.writer is not None:
+                self.writer.abort()
+                self.writer = None
+
+    def __bool__(self) -> bool:
+        return True
+
+
+class _StreamingMessage(DIMSEMessage):
+    """A DIMSE message whose C-STORE data set goes to a :class:`StoreSpool`.
+
+    pynetdicom's ``DIMSEMessage.decode_msg`` with the temp-file branch replaced. Once the
+    command set is decoded the instance's class becomes the concrete message class, whose
+    own ``decode_msg`` then writes further data set fragments into ``_data_set_file``.
+    """
+
+    def __init__(self, provider: StreamingDIMSE) -> None:
+        # DIMSEMessage.__init__ keys its set-up on the class name; do what it does for the
+        # base class (the concrete class is chosen once the command set is decoded).
+        self.context_id = None
+        self.encoded_command_set = BytesIO()
+        self.data_set = BytesIO()
+        self.command_set = Dataset()
+        self._data_set_path = None
+        self._data_set_file = None
+        self._provider = provider
+
+    def decode_msg(self, primitive: P_DATA, assoc: Any = None) -> bool:
+        if primitive.__class__ != P_DATA or primitive is None:
+            return False
+        for context_id, data in primitive.presentation_data_value_list:
+            header = data[0]
+            if header & 1:
+                self.encoded_command_set.write(data[1:])
+                if header & 2:
+                    self.context_id = context_id
+                    self.command_set = decode(self.encoded_command_set, True, True)
+                    self.__class__ = _MESSAGE_TYPES[cast(int, self.command_set.CommandField)][1]
+                    if self.command_set.CommandDataSetType == 0x0101:
+                        return True
+                    if isinstance(self, C_STORE_RQ):
+                        spool = self._provider.new_spool(self, context_id)
+                        self._data_set_file = spool  # type: ignore[assignment]
+                        self._data_set_path = Path(spool.name) if spool.name else None
+            else:
+                if self._data_set_file:
+                    self._data_set_file.write(data[1:])
+                else:
+                    cast(Any, self.data_set).write(data[1:])
+                if header & 2:
+                    return True
+        return False
+
+
+class StreamingDIMSE(DIMSEServiceProvider):
+    """DIMSE provider that streams C-STORE data sets into the blob store."""
+
+    def __init__(self, assoc: Any, store: BlobStore) -> None:
+        super().__init__(assoc)
+        self._store = store
+        self.spools: list[StoreSpool] = []
+
+    def receive_primitive(self, primitive: P_DATA) -> None:
+        if self.message is None:
+            self.message = _StreamingMessage(self)
+        super().receive_primitive(primitive)
+
+    def new_spool(self, msg: DIMSEMessage, context_id: int) -> StoreSpool:
+        cs = msg.command_set
+        cx = self.assoc._accepted_cx.get(context_id)
+        ts = str(cx.transfer_syntax[0]) if cx is not None else ""
+        calling = ""
+        primitive = self.assoc.requestor.primitive
+        if primitive is not None:
+            calling = str(primitive.calling_ae_title or "").strip()
+        header = file_meta_bytes(str(cs.AffectedSOPClassUID or ""),
+                                 str(cs.AffectedSOPInstanceUID or ""), ts, calling)
+        spool = StoreSpool(self._store, header)
+        # Keep only spools that may still need discarding (bounded per association).
+        self.spools = [s for s in self.spools if not s._claimed and s.writer is not None]
+        self.spools.append(spool)
+        return spool
+
+    def discard(self) -> None:
+        for s in self.spools:
+            s.close()
+        self.spools = []
+
+
+# --------------------------------------------------------------------------------------------
+# Group commit
+
+
+@dataclass
+class _Pending:
+    info: InstanceInfo
+    blob: BlobInfo
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+    new: bool = False
+
+
+class Committer:
+    """Makes stored blobs durable and inserts their put events, many at a time.
+
+    Leader-based group commit, on its own catalog connection: a handler thread that
+    submits an item while no commit is running becomes the leader and commits everything
+    queued so far (its own item included); handlers arriving meanwhile queue up and wait,
+    and the next leader takes them all in one batch. A single association therefore pays
+    no thread hand-off, and concurrent associations share device flushes. Per batch: make
+    its blobs durable (:func:`syncnode.dicom.ingest.make_durable`), then one synchronous
+    transaction for all its put events. A batch that fails is retried item by item so one
+    bad item cannot fail the others.
+    """
+
+    MAX_BATCH = 256
+
+    def __init__(self, catalog_path: Path, node_id: str, store: BlobStore) -> None:
+        self._catalog = Catalog(catalog_path, node_id=node_id)
+        self._store = store
+        self._cv = threading.Condition()
+        self._pending: list[_Pending] = []
+        self._leader = False
+        self._closed = False
+        self.batches = 0
+        self.committed = 0
+
+    def commit(self, info: InstanceInfo, blob: BlobInfo, timeout: float) -> _Pending:
+        """Queue an item; return once it is committed, failed, or ``timeout`` passed."""
+        item = _Pending(info, blob)
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            if self._closed:
+                item.error = RuntimeError("the DICOM bridge is stopping")
+                item.done.set()
+                return item
+            self._pending.append(item)
+        while not item.done.is_set():
+            with self._cv:
+                if self._leader or not self._pending:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return item
+                    self._cv.wait(min(left, 1.0))
+                    continue
+                self._leader = True
+                batch = self._pending[:self.MAX_BATCH]
+                del self._pending[:self.MAX_BATCH]
+            try:
+                self._commit(batch)
+            finally:
+                with self._cv:
+                    self._leader = False
+                    self._cv.notify_all()
+        return item
+
+    def stop(self) -> None:
+        with self._cv:
+            self._closed = True
+            deadline = time.monotonic() + 30
+            while (self._leader or self._pending) and time.monotonic() < deadline:
+                self._cv.wait(0.5)
+        self._catalog.close()
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        try:
+            make_durable(self._store, {p.blob.hash for p in batch})
+            results = self._catalog.add_local_puts(
+                [(p.info.to_dict(), p.blob) for p in batch], blob_present=self._store.has)
+            for p, (_eid, new) in zip(batch, results, strict=True):
+                p.new = new
+            self.batches += 1
+            self.committed += len(batch)
+        except Exception as exc:  # reported per item below
+            if len(batch) > 1:
+                for p in batch:
+                    self._commit([p])
+                return
+            batch[0].error = exc
+        for p in batch:
+            p.done.set()
+
+    def forget_blob(self, blob: BlobInfo) -> None:
+        """Remove a blob this bridge created if nothing references it (failed commit)."""
+        if blob.created:
+            self._catalog.collect_garbage([blob.hash], self._store.delete)
+
+
+# --------------------------------------------------------------------------------------------
+# Allow-list
+
+
+def parse_allowed(entries: list[str]) -> list[tuple[str, str | None]]:
+    """``AE`` or ``AE@HOST`` entries -> (ae, host or None)."""
+    out: list[tuple[str, str | None]] = []
+    for e in entries:
+        if "@" in e:
+            ae, host = e.rsplit("@", 1)
+            out.append((ae.strip(), host.strip() or None))
+        else:
+            out.append((e.strip(), None))
+    return out
+
+
+def _host_matches(wanted: str, address: str) -> bool:
+    if wanted == address:
+        return True
+    try:
+        infos = socket.getaddrinfo(wanted, None)
+    except OSError:
+        return False
+    return any(info[4][0] == address for info in infos)
+
+
+@dataclass
+class ScpStats:
+    stored: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    rejected_associations: int = 0
+    finds: int = 0
+
+
+class DicomServer:
+    """The node's DICOM SCP. ``start()`` binds and serves in background threads."""
+
+    def __init__(self, node: LocalNode, *, ae_title: str, host: str = "0.0.0.0",
+                 port: int = 11112, allowed_aes: list[str] | None = None,
+                 max_pdu: int = 262_144, max_associations: int = 16,
+                 network_timeout: float = 60.0) -> None:
+        self.node = node
+        self.ae_title = ae_title
+        self.host = host
+        self.port = port
+        self.allowed = parse_allowed(allowed_aes or [])
+        self.max_pdu = max_pdu
+        self.stats = ScpStats()
+        # Its own blob store object (same folders): its folder-fsync bookkeeping is ours.
+        self.store = BlobStore(node.data)
+        self.catalog_path = node.data / CATALOG_FILE
+        self.committer: Committer | None = None
+        self.limits = PduLimits(max_pdata=max_pdu)
+        self.ae = SyncnodeAE(ae_title, self.limits)
+        self.ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        self.ae.implementation_version_name = IMPLEMENTATION_VERSION
+        self.ae.maximum_pdu_size = max_pdu
+        self.ae.require_called_aet = True
+        self.ae.maximum_associations = max_associations
+        self.ae.network_timeout = network_timeout
+        self.ae.acse_timeout = 30
+        self.ae.dimse_timeout = 60
+        self.network_timeout = network_timeout
+        self.ae.add_supported_context(Verification)
+        for cx in AllStoragePresentationContexts:
+            self.ae.add_supported_context(cx.abstract_syntax, STORE_TRANSFER_SYNTAXES)
+        for model in FIND_MODELS:
+            self.ae.add_supported_context(model)
+        self._server: GuardedServer | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def start(self) -> int:
+        self.committer = Committer(self.catalog_path, self.node.node_id.compact, self.store)
+        handlers = [
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_FIND, self._on_find),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_CONN_CLOSE, self._on_close),
+        ]
+        try:
+            self._server = start_server(
+                self.ae, (self.host, self.port), ae_title=self.ae_title, evt_handlers=handlers,
+                limits=self.limits,
+                dimse_factory=lambda assoc: StreamingDIMSE(assoc, self.store),
+                read_timeout=self.network_timeout)
+        except BaseException:
+            self.committer.stop()
+            self.committer = None
+            raise
+        self.port = int(self._server.server_address[1])
+        log.info("DICOM SCP %s listening on %s:%d", self.ae_title, self.host, self.port)
+        return self.port
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            deadline = time.monotonic() + 10
+            for assoc in list(server.active_associations):
+                assoc.abort()
+            while server.active_associations and time.monotonic() < deadline:
+                time.sleep(0.02)
+        if self.committer is not None:
+            self.committer.stop()
+            self.committer = None
+
+    # -- handlers ----------------------------------------------------------------------
+    def _on_echo(self, event: evt.Event) -> int:
+        return STATUS_SUCCESS
+
+    def _on_close(self, event: evt.Event) -> None:
+        dimse = event.assoc.dimse
+        if isinstance(dimse, StreamingDIMSE):
+            dimse.discard()
+
+    def _on_requested(self, event: evt.Event) -> None:
+        if not self.allowed:
+            return
+        assoc = event.assoc
+        primitive = assoc.requestor.primitive
+        calling = str(primitive.calling_ae_title or "").strip() if primitive else ""
+        address = str(assoc.requestor.address)
+        for ae, host in self.allowed:
+            if ae == calling and (host is None or _host_matches(host, address)):
+                return
+        self.stats.rejected_associations += 1
+        log.warning("DICOM association refused: calling AE %r from %s is not allowed",
+                    calling, address)
+        assoc.acse.send_reject(0x01, 0x01, 0x03)
+
+    def _on_store(self, event: evt.Event) -> int | Dataset:
+        req = event.request
+        sop = str(req.AffectedSOPInstanceUID or "")
+        shown_sop = sop if is_uid(sop) else "(invalid UID)"
+        try:
+            writer = self._writer_for(event)
+        except StoreFull:
+            self.stats.failed += 1
+            log.error("C-STORE %s refused: no space left for the blob store", shown_sop)
+            return _status(STATUS_OUT_OF_RESOURCES, "no space left on the receiving node")
+        except OSError as exc:
+            self.stats.failed += 1
+            log.error("C-STORE %s refused: %s", shown_sop, exc.strerror or type(exc).__name__)
+            return _status(STATUS_OUT_OF_RESOURCES, "cannot write to the blob store")
+        try:
+            writer.flush()
+            info = inspect_file(writer.tmp_path)
+            if info.sop_instance_uid != sop:  # inspect checks it against the file meta too
+                raise InvalidDicom(f"SOP Instance UID {info.sop_instance_uid} does not match "
+                                   "the request's Affected SOP Instance UID")
+            blob = writer.install()
+        except InvalidDicom as exc:
+            writer.abort()
+            self.stats.failed += 1
+            log.warning("C-STORE %s from %s refused: %s", shown_sop,
+                        event.assoc.requestor.ae_title, exc.reason)
+            return _status(status_for_reason(exc.reason), exc.reason)
+        except StoreFull:
+            writer.abort()
+            self.stats.failed += 1
+            log.error("C-STORE %s refused: no space left for the blob store", shown_sop)
+            return _status(STATUS_OUT_OF_RESOURCES, "no space left on the receiving node")
+        except OSError as exc:
+            writer.abort()
+            self.stats.failed += 1
+            log.error("C-STORE %s failed: %s", shown_sop, exc.strerror or type(exc).__name__)
+            return _status(STATUS_OUT_OF_RESOURCES, "cannot write to the blob store")
+        committer = self.committer
+        if committer is None:
+            return _status(STATUS_PROCESSING_FAILURE, "node is stopping")
+        pending = committer.commit(info, blob, COMMIT_WAIT)
+        if not pending.done.is_set() or pending.error is not None:
+            self.stats.failed += 1
+            log.error("C-STORE %s: catalog commit failed: %s", sop,
+                      type(pending.error).__name__ if pending.error else "timeout")
+            if pending.error is not None:
+                committer.forget_blob(blob)
+            return _status(STATUS_PROCESSING_FAILURE, "could not record the instance")
+        if pending.new:
+            self.stats.stored += 1
+        else:
+            self.stats.duplicates += 1
+        log.debug("C-STORE %s stored as blob %s", sop, blob.hash)
+        return STATUS_SUCCESS
+
+    def _writer_for(self, event: evt.Event) -> SpoolWriter:
+        req = event.request
+        spool = getattr(req, "_dataset_file", None)
+        if isinstance(spool, StoreSpool):
+            return spool.claim()
+        # Not streamed (e.g. a C-STORE arriving on a C-GET association we requested).
+        cx = event.context
+        header = file_meta_bytes(str(req.AffectedSOPClassUID or ""),
+                                 str(req.AffectedSOPInstanceUID or ""),
+                                 str(cx.transfer_syntax), str(event.assoc.acceptor.ae_title))
+        writer = SpoolWriter(self.store)
+        try:
+            writer.write(header)
+            writer.write(cast(Any, req.DataSet).getbuffer())
+        except BaseException:
+            writer.abort()
+            raise
+        return writer
+
+    def _on_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+        self.stats.finds += 1
+        model = str(event.request.AffectedSOPClassUID)
+        try:
+            identifier = event.identifier
+        except Exception as exc:  # an undecodable identifier is the peer's error
+            log.warning("C-FIND identifier cannot be decoded: %s", type(exc).__name__)
+            yield _status(STATUS_CANNOT_UNDERSTAND, "identifier cannot be decoded"), None
+            return
+        try:
+            results = query.find(self.catalog_path, model, identifier)
+            for ds in results:
+                if event.is_cancelled:
+                    yield 0xFE00, None
+                    return
+                yield 0xFF00, ds
+        except query.QueryError as exc:
+            yield _status(exc.status, str(exc)), None
+            return
+        yield STATUS_SUCCESS, None
+
+
+def _status(code: int, comment: str = "") -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    if comment and code != STATUS_SUCCESS:
+        ds.ErrorComment = comment[:64]
+    return ds
+
+
+def nodelay_handler(event: evt.Event) -> None:
+    """EVT_CONN_OPEN handler for plain pynetdicom associations: set TCP_NODELAY."""
+    set_nodelay(event.assoc.dul.socket.socket)
