@@ -51,6 +51,7 @@ class RunningNode:
     feed: EventFeed | None = None
     admin: AdminAPI | None = None
     discovery: Discovery | None = None
+    dicom: Any = None  # syncnode.dicom.service.DicomBridge
     # Other services add what they report: name -> callable giving a JSON-able value.
     status_providers: dict[str, Callable[[], Any]] = field(default_factory=dict)
     metric_providers: list[Callable[[], dict[str, float]]] = field(default_factory=list)
@@ -83,6 +84,7 @@ class RunningNode:
                                  if self.peer_server else 0.0)
         self._tasks.append(asyncio.get_running_loop().create_task(self._refresh_peers()))
         self.engine.on_state = self._on_peer_state
+        await self._start_dicom()
         await self._start_admin()
         if s.discovery:
             await self._start_discovery()
@@ -107,6 +109,15 @@ class RunningNode:
         await site.start()
         self._runners.append(runner)
         self.ports["api"] = _bound_port(site)
+
+    async def _start_dicom(self) -> None:
+        from .dicom.service import DicomBridge
+
+        loop = asyncio.get_running_loop()
+        self.dicom = DicomBridge(self.node, self.settings,
+                                 on_stored=lambda: loop.call_soon_threadsafe(self.local_change))
+        self.ports["dicom"] = await asyncio.to_thread(self.dicom.start)
+        self.status_providers["dicom"] = self.dicom.status
 
     async def _start_discovery(self) -> None:
         self.discovery = Discovery(self.node.node_id, self.ports["peer"], self._on_discovered)
@@ -191,6 +202,8 @@ class RunningNode:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.discovery:
             await self.discovery.stop()
+        if self.dicom is not None:
+            await asyncio.to_thread(self.dicom.stop)
         if self.engine:
             await self.engine.stop()
         for r in self._runners:

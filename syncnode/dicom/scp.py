@@ -38,7 +38,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -427,8 +427,10 @@ class DicomServer:
     def __init__(self, node: LocalNode, *, ae_title: str, host: str = "0.0.0.0",
                  port: int = 11112, allowed_aes: list[str] | None = None,
                  max_pdu: int = 262_144, max_associations: int = 16,
-                 network_timeout: float = 60.0) -> None:
+                 network_timeout: float = 60.0,
+                 on_stored: Callable[[], None] | None = None) -> None:
         self.node = node
+        self.on_stored = on_stored
         self.ae_title = ae_title
         self.host = host
         self.port = port
@@ -568,6 +570,8 @@ class DicomServer:
             return _status(STATUS_PROCESSING_FAILURE, "could not record the instance")
         if pending.new:
             self.stats.stored += 1
+            if self.on_stored is not None:
+                self.on_stored()
         else:
             self.stats.duplicates += 1
         log.debug("C-STORE %s stored as blob %s", sop, blob.hash)

@@ -287,10 +287,11 @@ class FastAssociation(Association):
         # pynetdicom's Association._run_reactor with the sleep replaced by a wait.
         self._is_paused = False
         while not self._kill:
+            # Waiting counts as paused (as pynetdicom's checkpoint does): a user thread
+            # that clears the checkpoint can use DIMSE at once instead of waiting a tick.
+            self._is_paused = True
             self._wake_evt.wait(IDLE_WAIT)
             self._wake_evt.clear()
-
-            self._is_paused = True
             self._reactor_checkpoint.wait()
             self._is_paused = False
 

@@ -1,0 +1,504 @@
+"""The exporter: instances that arrived from peers go to the local PACS by C-STORE.
+
+Outbox
+------
+Tables in the catalog database file, created and used only here:
+
+- ``outbox``: one row per (destination, put event): ``state`` is ``pending``, ``done``
+  (the PACS answered a success status), ``failed`` (given up, with ``last_error``) or
+  ``skipped`` (the instance is no longer live: deleted or superseded). ``attempts`` and
+  ``next_attempt`` (Unix time) drive retries and survive restarts.
+- ``outbox_cursor``: per destination, the last catalog event ``seq`` already scanned,
+  plus the destination's last error and last contact.
+
+Each destination (``AE@HOST:PORT``) has one worker thread with its own SQLite
+connection. A round: (1) scan events after the cursor; put events whose origin is not
+this node are enqueued and the cursor advanced, in one transaction (so an event is
+enqueued exactly once per destination; puts from this node came from the local PACS
+and are never sent back); (2) take the due pending items (up to ``BATCH``), open one
+association proposing, for each (SOP class, stored transfer syntax) pair, exactly that
+syntax (plus Explicit VR Little Endian for a deflated instance, which can be inflated
+without decoding); (3) send each item's stored data set bytes as they are, after
+verifying the blob against its chunk hashes; (4) record each outcome.
+
+An item is ``done`` only on 0x0000 or the warnings 0xB000, 0xB006, 0xB007. Transient
+failures (cannot connect, association rejected or aborted, no response, 0xA7xx out of
+resources, 0x0110 processing failure) retry with capped exponential backoff with jitter,
+indefinitely. Other failure statuses, and a transfer syntax the PACS refuses when
+sending would need transcoding, are retried ``PERMANENT_ATTEMPTS`` times and then
+``failed`` with the reason. Nothing is ever sent twice on purpose: an item leaves
+``pending`` in the same transaction that records its success; a crash between the
+PACS's success and that commit can resend one item (C-STORE of the same instance is
+idempotent at a PACS).
+
+:func:`outbox_status` reads the counts for ``syncnode status`` (works without ``run``).
+Logs name UIDs, AE titles and statuses; never patient data.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+import sqlite3
+import struct
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+from pynetdicom import evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.presentation import build_context
+
+from ..blobstore import BlobError, BlobStore
+from ..config import parse_ae_address
+from ..local import CATALOG_FILE, LocalNode
+from .transport import PduLimits, SyncnodeAE
+
+log = logging.getLogger("syncnode.dicom.exporter")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id               INTEGER PRIMARY KEY,
+    dest             TEXT NOT NULL,
+    event_id         BLOB NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    state            TEXT NOT NULL DEFAULT 'pending'
+                     CHECK (state IN ('pending', 'done', 'failed', 'skipped')),
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    next_attempt     REAL NOT NULL DEFAULT 0,
+    last_error       TEXT NOT NULL DEFAULT '',
+    enqueued         REAL NOT NULL,
+    updated          REAL NOT NULL,
+    UNIQUE (dest, event_id)
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (dest, state, next_attempt);
+CREATE TABLE IF NOT EXISTS outbox_cursor (
+    dest          TEXT PRIMARY KEY,
+    seq           INTEGER NOT NULL DEFAULT 0,
+    last_error    TEXT NOT NULL DEFAULT '',
+    last_contact  REAL NOT NULL DEFAULT 0,
+    failures      INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+SUCCESS_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+DEFLATED = "1.2.840.10008.1.2.1.99"
+BATCH = 100
+MAX_CONTEXTS = 100  # per association (the protocol allows 128)
+SCAN_LIMIT = 2000
+PERMANENT_ATTEMPTS = 3
+IN_MEMORY_LIMIT = 16 << 20  # blobs up to this size are sent from verified memory
+
+
+def _transient(status: int) -> bool:
+    return (status & 0xFF00) == 0xA700 or status in (0x0110, 0x0211, 0x0213)
+
+
+def backoff(failures: int, base: float, cap: float, rng: random.Random | None = None) -> float:
+    """Capped exponential backoff with jitter: in [d/2, d], d = min(cap, base * 2^(n-1))."""
+    d = min(cap, base * (2 ** max(0, failures - 1)))
+    return d * (0.5 + 0.5 * (rng or random).random())
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, timeout=60.0, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("PRAGMA busy_timeout=60000")
+    db.executescript(SCHEMA)
+    return db
+
+
+def dataset_offset(head: bytes) -> int:
+    """Offset of the data set in a Part-10 file, from its first bytes (group 0002 is
+    explicit VR little endian; ``head`` must cover the file meta)."""
+    if head[128:132] != b"DICM":
+        raise ValueError("not a Part-10 file")
+    pos = 132
+    while pos + 8 <= len(head):
+        group = struct.unpack_from("<H", head, pos)[0]
+        if group != 0x0002:
+            return pos
+        vr = head[pos + 4:pos + 6]
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL",
+                  b"OV"):
+            pos += 12 + struct.unpack_from("<I", head, pos + 8)[0]
+        else:
+            pos += 8 + struct.unpack_from("<H", head, pos + 6)[0]
+    raise ValueError("file meta longer than expected")
+
+
+@dataclass
+class Item:
+    id: int
+    event_id: bytes
+    sop_instance_uid: str
+    attempts: int
+    live: bool
+    blob: str
+    size: int
+    sop_class_uid: str
+    transfer_syntax_uid: str
+
+
+class Destination:
+    """One export target and its worker thread."""
+
+    def __init__(self, exporter: Exporter, address: str) -> None:
+        self.exporter = exporter
+        self.address = address
+        self.ae_title, self.host, self.port = parse_ae_address(address)
+        self.thread = threading.Thread(target=self._run, name=f"dicom-export-{self.ae_title}",
+                                       daemon=True)
+        self.db: sqlite3.Connection | None = None
+        self.failures = 0
+        self.blocked_until = 0.0
+        self.assoc: Any = None
+
+    # -- the loop ------------------------------------------------------------------------
+    def _run(self) -> None:
+        ex = self.exporter
+        self.db = connect(ex.catalog_path)
+        try:
+            self.db.execute("INSERT OR IGNORE INTO outbox_cursor (dest) VALUES (?)",
+                            (self.address,))
+            while not ex.stopping.is_set():
+                try:
+                    while self.enqueue_new() >= SCAN_LIMIT and not ex.stopping.is_set():
+                        pass
+                    worked = False
+                    if time.time() >= self.blocked_until:
+                        worked = self.send_due()
+                except sqlite3.Error as exc:
+                    log.error("export to %s: catalog error: %s", self.address, exc)
+                    worked = False
+                if not worked:
+                    ex.wakeup.wait(ex.poll_interval)
+                    ex.wakeup.clear()
+        finally:
+            self.db.close()
+
+    def enqueue_new(self) -> int:
+        """Enqueue put events from peers after the cursor; return how many events scanned."""
+        db = self.db
+        assert db is not None
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            row = db.execute("SELECT seq FROM outbox_cursor WHERE dest=?",
+                             (self.address,)).fetchone()
+            cursor = row[0] if row else 0
+            rows = db.execute(
+                "SELECT e.seq, e.id, e.kind, e.origin, p.sop_instance_uid FROM events e "
+                "LEFT JOIN puts p ON p.event_id = e.id WHERE e.seq > ? ORDER BY e.seq LIMIT ?",
+                (cursor, SCAN_LIMIT)).fetchall()
+            now = time.time()
+            new = [(self.address, eid, sop, now, now) for _seq, eid, kind, origin, sop in rows
+                   if kind == "put" and origin != self.exporter.node_id and sop is not None]
+            if new:
+                db.executemany(
+                    "INSERT OR IGNORE INTO outbox (dest, event_id, sop_instance_uid, enqueued, "
+                    "updated) VALUES (?, ?, ?, ?, ?)", new)
+            if rows:
+                db.execute("UPDATE outbox_cursor SET seq=? WHERE dest=?",
+                           (rows[-1][0], self.address))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        if new:
+            log.info("export to %s: %d instances queued", self.address, len(new))
+        return len(rows)
+
+    def due_items(self) -> list[Item]:
+        assert self.db is not None
+        rows = self.db.execute(
+            "SELECT o.id, o.event_id, o.sop_instance_uid, o.attempts, coalesce(p.live, 0), "
+            "coalesce(p.blob, ''), coalesce(p.size, 0), coalesce(p.sop_class_uid, ''), "
+            "coalesce(p.transfer_syntax_uid, '') FROM outbox o "
+            "LEFT JOIN puts p ON p.event_id = o.event_id "
+            "WHERE o.dest=? AND o.state='pending' AND o.next_attempt <= ? "
+            "ORDER BY o.id LIMIT ?", (self.address, time.time(), BATCH)).fetchall()
+        return [Item(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6], r[7], r[8]) for r in rows]
+
+    def send_due(self) -> bool:
+        """Send one batch of due items over one association. True if anything was due."""
+        items = self.due_items()
+        if not items:
+            return False
+        live = []
+        for it in items:
+            if it.live:
+                live.append(it)
+            else:
+                self.finish(it, "skipped", "instance is no longer live (deleted or replaced)")
+        pairs: list[tuple[str, str]] = []
+        batch: list[Item] = []
+        for it in live:
+            pair = (it.sop_class_uid, it.transfer_syntax_uid)
+            if pair not in pairs:
+                if len(pairs) >= MAX_CONTEXTS:
+                    break
+                pairs.append(pair)
+            batch.append(it)
+        if batch:
+            self.send_batch(batch, pairs)
+        return True
+
+    # -- sending -------------------------------------------------------------------------
+    def send_batch(self, batch: list[Item], pairs: list[tuple[str, str]]) -> None:
+        ex = self.exporter
+        contexts = []
+        for sop_class, ts in pairs:
+            syntaxes = [ts] + ([EXPLICIT_LE] if ts == DEFLATED else [])
+            contexts.append(build_context(sop_class, syntaxes))
+        ae = SyncnodeAE(ex.ae_title, PduLimits(max_pdata=ex.max_pdu))
+        ae.acse_timeout = 30
+        ae.dimse_timeout = ex.dimse_timeout
+        ae.network_timeout = 60
+        ae.connection_timeout = 10
+        try:
+            assoc = ae.associate(self.host, self.port, contexts=contexts,
+                                 ae_title=self.ae_title, max_pdu=ex.max_pdu,
+                                 evt_handlers=[(evt.EVT_CONN_OPEN, _socket_timeout)])
+        except (OSError, RuntimeError, ValueError) as exc:
+            self.destination_failed(f"cannot associate: {exc}")
+            return
+        if not assoc.is_established:
+            why = ("association rejected" if assoc.is_rejected else
+                   "association aborted" if assoc.is_aborted else "cannot connect")
+            self.destination_failed(f"{why} by {self.address}")
+            return
+        self.assoc = assoc
+        try:
+            for n, it in enumerate(batch):
+                if ex.stopping.is_set():
+                    break
+                if not assoc.is_established:
+                    self.destination_failed("association lost during the batch")
+                    return
+                self.send_one(assoc, it, n + 1)
+        finally:
+            self.assoc = None
+            if assoc.is_established:
+                assoc.release()
+        self.db_contact_ok()
+
+    def send_one(self, assoc: Any, it: Item, msg_id: int) -> None:
+        ex = self.exporter
+        ts = it.transfer_syntax_uid
+        cx = _accepted(assoc, it.sop_class_uid, ts)
+        inflate = False
+        if cx is None and ts == DEFLATED:
+            cx = _accepted(assoc, it.sop_class_uid, EXPLICIT_LE)
+            inflate = cx is not None
+        if cx is None:
+            reason = (f"{self.ae_title} did not accept {UID(it.sop_class_uid).name} in "
+                      f"{UID(ts).name}; sending it otherwise would need transcoding")
+            self.item_failed(it, reason, permanent=True)
+            return
+        try:
+            payload = self.payload(it, inflate)
+        except (BlobError, OSError, ValueError, zlib.error) as exc:
+            self.item_failed(it, f"stored blob cannot be read: {exc}", permanent=True)
+            return
+        req = C_STORE()
+        req.MessageID = msg_id
+        req.Priority = 0x0002
+        req.AffectedSOPClassUID = it.sop_class_uid
+        req.AffectedSOPInstanceUID = it.sop_instance_uid
+        if isinstance(payload, tuple):
+            req._dataset_path = payload
+        else:
+            req.DataSet = payload
+        status_ds = _exchange(assoc, req, cx.context_id)
+        if status_ds is None:
+            self.item_failed(it, "no response from the PACS (timeout or association lost)",
+                             permanent=False)
+            return
+        status = int(status_ds.get("Status", 0xC000))
+        if status in SUCCESS_STATUSES:
+            self.finish(it, "done", "" if status == 0 else f"warning 0x{status:04X}")
+            ex.sent += 1
+            return
+        comment = str(status_ds.get("ErrorComment", "") or "")[:200]
+        reason = f"status 0x{status:04X}" + (f": {comment}" if comment else "")
+        self.item_failed(it, reason, permanent=not _transient(status))
+
+    def payload(self, it: Item, inflate: bool) -> io.BytesIO | tuple[Path, int]:
+        """The data set bytes to send, checked against the blob's chunk hashes."""
+        store = self.exporter.store
+        if it.size <= IN_MEMORY_LIMIT or inflate:
+            if inflate:
+                return io.BytesIO(_inflated(store, it.blob))
+            data = b"".join(store.read_verified(it.blob))
+            return io.BytesIO(data[dataset_offset(data[:65536]):])
+        for _ in store.read_verified(it.blob):  # verify the whole blob, then stream it
+            pass
+        with store.open(it.blob) as f:
+            head = f.read(65536)
+        return (store.path(it.blob), dataset_offset(head))
+
+    # -- bookkeeping ---------------------------------------------------------------------
+    def finish(self, it: Item, state: str, note: str = "") -> None:
+        assert self.db is not None
+        self.db.execute("UPDATE outbox SET state=?, last_error=?, updated=? WHERE id=?",
+                        (state, note, time.time(), it.id))
+        if state == "done":
+            log.debug("exported %s to %s", it.sop_instance_uid, self.address)
+
+    def item_failed(self, it: Item, reason: str, permanent: bool) -> None:
+        assert self.db is not None
+        attempts = it.attempts + 1
+        now = time.time()
+        if permanent and attempts >= PERMANENT_ATTEMPTS:
+            self.db.execute("UPDATE outbox SET state='failed', attempts=?, last_error=?, "
+                            "updated=? WHERE id=?", (attempts, reason, now, it.id))
+            log.warning("export of %s to %s failed for good: %s", it.sop_instance_uid,
+                        self.address, reason)
+            return
+        delay = backoff(attempts, self.exporter.backoff_base, self.exporter.backoff_cap)
+        self.db.execute("UPDATE outbox SET attempts=?, next_attempt=?, last_error=?, updated=? "
+                        "WHERE id=?", (attempts, now + delay, reason, now, it.id))
+        log.warning("export of %s to %s failed (attempt %d, retry in %.1f s): %s",
+                    it.sop_instance_uid, self.address, attempts, delay, reason)
+
+    def destination_failed(self, reason: str) -> None:
+        assert self.db is not None
+        self.failures += 1
+        delay = backoff(self.failures, self.exporter.backoff_base, self.exporter.backoff_cap)
+        self.blocked_until = time.time() + delay
+        self.db.execute("UPDATE outbox_cursor SET last_error=?, failures=? WHERE dest=?",
+                        (reason, self.failures, self.address))
+        log.warning("export to %s: %s (retry in %.1f s)", self.address, reason, delay)
+
+    def db_contact_ok(self) -> None:
+        assert self.db is not None
+        self.failures = 0
+        self.blocked_until = 0.0
+        self.db.execute("UPDATE outbox_cursor SET last_error='', failures=0, last_contact=? "
+                        "WHERE dest=?", (time.time(), self.address))
+
+
+def _socket_timeout(event: evt.Event) -> None:
+    sock = event.assoc.dul.socket.socket
+    if sock is not None:
+        sock.settimeout(120)
+
+
+def _accepted(assoc: Any, sop_class: str, ts: str) -> Any:
+    for cx in assoc.accepted_contexts:
+        if cx.abstract_syntax == sop_class and cx.transfer_syntax[0] == ts:
+            return cx
+    return None
+
+
+def _exchange(assoc: Any, req: C_STORE, context_id: int) -> Dataset | None:
+    """pynetdicom's send_c_store after the data set is prepared: send, wait, check."""
+    assoc._reactor_checkpoint.clear()
+    deadline = time.monotonic() + 5
+    while not assoc._is_paused and time.monotonic() < deadline:
+        time.sleep(0.0001)
+    try:
+        assoc.dimse.send_msg(req, context_id)
+        _cx, rsp = assoc.dimse.get_msg(block=True)
+    finally:
+        assoc._reactor_checkpoint.set()
+    if rsp is None:
+        assoc._handle_no_response()
+        return None
+    return assoc._check_received_status(rsp)
+
+
+def _inflated(store: BlobStore, blob: str) -> bytes:
+    """A deflated instance's data set, inflated (= its explicit VR little endian bytes)."""
+    data = b"".join(store.read_verified(blob))
+    body = data[dataset_offset(data[:65536]):]
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    return inflater.decompress(body) + inflater.flush()
+
+
+class Exporter:
+    """Runs one :class:`Destination` worker per configured PACS."""
+
+    def __init__(self, node: LocalNode, destinations: list[str], *, ae_title: str,
+                 poll_interval: float = 0.25, backoff_base: float = 1.0,
+                 backoff_cap: float = 60.0, max_pdu: int = 262_144,
+                 dimse_timeout: float = 120.0) -> None:
+        self.node = node
+        self.node_id = node.node_id.compact
+        self.catalog_path = node.data / CATALOG_FILE
+        self.store = BlobStore(node.data)
+        self.ae_title = ae_title
+        self.poll_interval = poll_interval
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.max_pdu = max_pdu
+        self.dimse_timeout = dimse_timeout
+        self.stopping = threading.Event()
+        self.wakeup = threading.Event()
+        self.sent = 0
+        self.destinations = [Destination(self, a) for a in dict.fromkeys(destinations)]
+        connect(self.catalog_path).close()  # create the tables before anyone reads them
+
+    def start(self) -> None:
+        for d in self.destinations:
+            d.thread.start()
+
+    def wake(self) -> None:
+        self.wakeup.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.stopping.set()
+        self.wakeup.set()
+        for d in self.destinations:
+            assoc = d.assoc
+            if assoc is not None and assoc.is_established:
+                assoc.abort()
+        deadline = time.monotonic() + timeout
+        for d in self.destinations:
+            if d.thread.is_alive():
+                d.thread.join(max(0.1, deadline - time.monotonic()))
+
+
+def outbox_status(catalog_path: Path | str) -> dict[str, Any]:
+    """Per destination: pending / done / failed / skipped counts, due now, last error and
+    the first failed items with their reasons. Empty if nothing was ever exported."""
+    path = Path(catalog_path)
+    if not path.exists():
+        return {}
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0)
+    try:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "outbox" not in tables or "outbox_cursor" not in tables:
+            return {}
+        out: dict[str, Any] = {}
+        for dest, last_error, last_contact, failures in db.execute(
+                "SELECT dest, last_error, last_contact, failures FROM outbox_cursor "
+                "ORDER BY dest"):
+            out[dest] = {"pending": 0, "done": 0, "failed": 0, "skipped": 0,
+                         "last_error": last_error, "last_contact": last_contact,
+                         "consecutive_failures": failures, "failed_items": []}
+        for dest, state, n in db.execute(
+                "SELECT dest, state, count(*) FROM outbox GROUP BY dest, state"):
+            out.setdefault(dest, {"pending": 0, "done": 0, "failed": 0, "skipped": 0,
+                                  "last_error": "", "last_contact": 0.0,
+                                  "consecutive_failures": 0, "failed_items": []})[state] = n
+        for dest, sop, err in db.execute(
+                "SELECT dest, sop_instance_uid, last_error FROM outbox WHERE state='failed' "
+                "ORDER BY id LIMIT 50"):
+            out[dest]["failed_items"].append({"sop_instance_uid": sop, "reason": err})
+        now = time.time()
+        for dest, n, oldest in db.execute(
+                "SELECT dest, count(*), min(enqueued) FROM outbox WHERE state='pending' "
+                "GROUP BY dest"):
+            out[dest]["oldest_pending_seconds"] = round(now - oldest, 1) if n else 0.0
+        return out
+    finally:
+        db.close()

@@ -1,0 +1,226 @@
+"""``--import-from AE@HOST:PORT``: poll a PACS and retrieve the studies we do not have yet.
+
+Every ``poll_interval`` seconds a worker per source asks the PACS (C-FIND, Study Root,
+STUDY level) for every study and its NumberOfStudyRelatedInstances. A study is
+retrieved with C-MOVE to this node's own AE title (so the PACS must list this node's
+AE title, host and DICOM port among its known modalities), and the instances arrive
+through the node's SCP like any C-STORE: verified, stored byte for byte, durable.
+
+Table ``retrieved`` (catalog database file, created and used only here) remembers, per
+source, each retrieved Study Instance UID and the instance count the PACS reported.
+A study is never fetched twice: it is fetched again only if the PACS later reports
+more instances than were recorded (new images added to it). A study whose instances
+the node already holds (e.g. one the exporter delivered to that same PACS) is recorded
+without being moved, so export and import of one PACS do not loop.
+
+Failures (PACS unreachable, C-MOVE failed or partial) are logged and retried on the
+next poll; a study is recorded only after a C-MOVE whose final status is Success.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import evt
+from pynetdicom.sop_class import (
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+from ..config import parse_ae_address
+from ..ids import is_uid
+from ..local import CATALOG_FILE, LocalNode
+from .transport import PduLimits, SyncnodeAE
+
+log = logging.getLogger("syncnode.dicom.retrieve")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS retrieved (
+    source             TEXT NOT NULL,
+    study_instance_uid TEXT NOT NULL,
+    instances          INTEGER NOT NULL,
+    retrieved          REAL NOT NULL,
+    PRIMARY KEY (source, study_instance_uid)
+) WITHOUT ROWID;
+"""
+
+
+def connect(path: Any) -> sqlite3.Connection:
+    db = sqlite3.connect(path, timeout=60.0, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("PRAGMA busy_timeout=60000")
+    db.executescript(SCHEMA)
+    return db
+
+
+class Source:
+    def __init__(self, retriever: Retriever, address: str) -> None:
+        self.r = retriever
+        self.address = address
+        self.ae_title, self.host, self.port = parse_ae_address(address)
+        self.thread = threading.Thread(target=self._run, name=f"dicom-import-{self.ae_title}",
+                                       daemon=True)
+        self.last_error = ""
+        self.moved_studies = 0
+
+    def _run(self) -> None:
+        db = connect(self.r.catalog_path)
+        try:
+            while not self.r.stopping.is_set():
+                try:
+                    self.poll(db)
+                    self.last_error = ""
+                except (OSError, RuntimeError, ValueError) as exc:
+                    self.last_error = str(exc)
+                    log.warning("import from %s: %s", self.address, exc)
+                self.r.stopping.wait(self.r.poll_interval)
+        finally:
+            db.close()
+
+    def _associate(self, contexts: list[Any]) -> Any:
+        ae = SyncnodeAE(self.r.ae_title, PduLimits(max_pdata=1 << 20))
+        for cx in contexts:
+            ae.add_requested_context(cx)
+        ae.acse_timeout = 30
+        ae.dimse_timeout = self.r.move_timeout
+        ae.network_timeout = 60
+        ae.connection_timeout = 10
+        assoc = ae.associate(self.host, self.port, ae_title=self.ae_title,
+                             evt_handlers=[(evt.EVT_CONN_OPEN, _socket_timeout)])
+        if not assoc.is_established:
+            raise RuntimeError(f"association with {self.address} was not accepted")
+        return assoc
+
+    def poll(self, db: sqlite3.Connection) -> None:
+        studies = self.find_studies()
+        known = {r[0]: r[1] for r in db.execute(
+            "SELECT study_instance_uid, instances FROM retrieved WHERE source=?",
+            (self.address,))}
+        todo = [(uid, n) for uid, n in studies.items() if uid not in known or n > known[uid]]
+        for uid, count in todo:
+            if self.r.stopping.is_set():
+                return
+            have = self.r.local_count(uid)
+            if count and have >= count:
+                self.record(db, uid, count)  # already here (e.g. exported by us to it)
+                continue
+            if self.move_study(uid):
+                self.record(db, uid, max(count, self.r.local_count(uid)))
+                self.moved_studies += 1
+
+    def find_studies(self) -> dict[str, int]:
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = ""
+        query.NumberOfStudyRelatedInstances = ""
+        assoc = self._associate([_cx(StudyRootQueryRetrieveInformationModelFind)])
+        found: dict[str, int] = {}
+        try:
+            for status, ident in assoc.send_c_find(query,
+                                                   StudyRootQueryRetrieveInformationModelFind):
+                code = int(status.get("Status", 0xC000)) if status else None
+                if code is None:
+                    raise RuntimeError("C-FIND got no response")
+                if code in (0xFF00, 0xFF01) and ident is not None:
+                    uid = str(ident.get("StudyInstanceUID", "") or "").strip()
+                    if not is_uid(uid):
+                        continue
+                    try:
+                        n = int(ident.get("NumberOfStudyRelatedInstances", 0) or 0)
+                    except (TypeError, ValueError):
+                        n = 0
+                    found[uid] = n
+                elif code != 0x0000:
+                    raise RuntimeError(f"C-FIND failed with status 0x{code:04X}")
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        return found
+
+    def move_study(self, study_uid: str) -> bool:
+        ident = Dataset()
+        ident.QueryRetrieveLevel = "STUDY"
+        ident.StudyInstanceUID = study_uid
+        assoc = self._associate([_cx(StudyRootQueryRetrieveInformationModelMove)])
+        final: int | None = None
+        failed = done = 0
+        try:
+            for status, _ident in assoc.send_c_move(
+                    ident, self.r.ae_title, StudyRootQueryRetrieveInformationModelMove):
+                if not status:
+                    break
+                code = int(status.get("Status", 0xC000))
+                if code not in (0xFF00,):
+                    final = code
+                    failed = int(status.get("NumberOfFailedSuboperations", 0) or 0)
+                    done = int(status.get("NumberOfCompletedSuboperations", 0) or 0)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        if final == 0x0000:
+            log.info("import from %s: study %s retrieved (%d instances)", self.address,
+                     study_uid, done)
+            return True
+        log.warning("import from %s: C-MOVE of study %s ended with %s%s", self.address,
+                    study_uid, "no final status" if final is None else f"0x{final:04X}",
+                    "" if final is None else f" ({failed} failed)")
+        return False
+
+    def record(self, db: sqlite3.Connection, uid: str, count: int) -> None:
+        db.execute("INSERT OR REPLACE INTO retrieved VALUES (?, ?, ?, ?)",
+                   (self.address, uid, count, time.time()))
+
+
+def _cx(model: str) -> Any:
+    from pynetdicom.presentation import build_context
+
+    return build_context(model)
+
+
+def _socket_timeout(event: evt.Event) -> None:
+    sock = event.assoc.dul.socket.socket
+    if sock is not None:
+        sock.settimeout(120)
+
+
+class Retriever:
+    """One :class:`Source` worker per ``import_from`` address."""
+
+    def __init__(self, node: LocalNode, sources: list[str], *, ae_title: str,
+                 poll_interval: float = 60.0, move_timeout: float = 600.0) -> None:
+        self.node = node
+        self.catalog_path = node.data / CATALOG_FILE
+        self.ae_title = ae_title
+        self.poll_interval = poll_interval
+        self.move_timeout = move_timeout
+        self.stopping = threading.Event()
+        self.sources = [Source(self, a) for a in dict.fromkeys(sources)]
+        self._read = sqlite3.connect(f"file:{self.catalog_path}?mode=ro", uri=True,
+                                     timeout=30.0, check_same_thread=False)
+        self._lock = threading.Lock()
+        connect(self.catalog_path).close()
+
+    def local_count(self, study_uid: str) -> int:
+        with self._lock:
+            row = self._read.execute("SELECT count(*) FROM puts WHERE live=1 AND "
+                                     "study_instance_uid=?", (study_uid,)).fetchone()
+        return int(row[0])
+
+    def start(self) -> None:
+        for s in self.sources:
+            s.thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.stopping.set()
+        deadline = time.monotonic() + timeout
+        for s in self.sources:
+            if s.thread.is_alive():
+                s.thread.join(max(0.1, deadline - time.monotonic()))
+        with self._lock:
+            self._read.close()

@@ -1,0 +1,74 @@
+"""The DICOM bridge as one service of ``syncnode run``: SCP, exporter, retriever together.
+
+``RunningNode`` creates a :class:`DicomBridge` from the settings, calls :meth:`start`
+(blocking, so from a worker thread) and :meth:`stop` at shutdown. ``start`` returns the
+bound SCP port (``dicom_port`` 0 picks a free one). ``on_stored`` is called (from SCP
+threads) after instances were committed, so the node can wake its sync loops at once
+instead of at the next poll. Everything started here is stopped by :meth:`stop`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ..config import Settings
+from ..local import LocalNode
+from .exporter import Exporter, outbox_status
+from .retrieve import Retriever
+from .scp import DicomServer
+
+
+class DicomBridge:
+    def __init__(self, node: LocalNode, settings: Settings,
+                 on_stored: Callable[[], None] | None = None, *,
+                 export_poll: float = 0.25, import_poll: float = 60.0,
+                 backoff_base: float = 1.0, backoff_cap: float = 60.0) -> None:
+        self.node = node
+        self.settings = settings
+        self.server = DicomServer(node, ae_title=settings.ae_title, host=settings.dicom_host,
+                                  port=settings.dicom_port, allowed_aes=settings.allowed_aes,
+                                  max_pdu=settings.max_pdu, on_stored=on_stored)
+        self.exporter = (Exporter(node, settings.export, ae_title=settings.ae_title,
+                                  poll_interval=export_poll, backoff_base=backoff_base,
+                                  backoff_cap=backoff_cap, max_pdu=settings.max_pdu)
+                         if settings.export else None)
+        self.retriever = (Retriever(node, settings.import_from, ae_title=settings.ae_title,
+                                    poll_interval=import_poll)
+                          if settings.import_from else None)
+        self.port = 0
+
+    def start(self) -> int:
+        self.port = self.server.start()
+        try:
+            if self.exporter is not None:
+                self.exporter.start()
+            if self.retriever is not None:
+                self.retriever.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self.port
+
+    def stop(self) -> None:
+        if self.retriever is not None:
+            self.retriever.stop()
+        if self.exporter is not None:
+            self.exporter.stop()
+        self.server.stop()
+
+    def wake_exporter(self) -> None:
+        if self.exporter is not None:
+            self.exporter.wake()
+
+    def status(self) -> dict[str, Any]:
+        st = self.server.stats
+        return {
+            "ae_title": self.settings.ae_title, "port": self.port,
+            "stored": st.stored, "duplicates": st.duplicates, "failed": st.failed,
+            "rejected_associations": st.rejected_associations, "finds": st.finds,
+            "export": outbox_status(self.node.data / "catalog.db") if self.exporter else {},
+            "import_from": {s.address: {"last_error": s.last_error,
+                                        "studies_retrieved": s.moved_studies}
+                            for s in (self.retriever.sources if self.retriever else [])},
+        }
