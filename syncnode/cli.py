@@ -244,6 +244,14 @@ def status(data: DataOpt = DEFAULT_DATA, json_out: JsonOpt = False) -> None:
         if p.get("last_error"):
             line += f"  last error: {p['last_error']}"
         out.print(line)
+    for dest, ex in st.get("export", {}).items():
+        line = (f"export      {dest}  {ex['pending']} pending, {ex['done']} done, "
+                f"{ex['failed']} failed, {ex['skipped']} skipped")
+        if ex.get("last_error"):
+            line += f"  last error: {ex['last_error']}"
+        out.print(line)
+        for item in ex.get("failed_items", [])[:10]:
+            out.print(f"  FAILED {item['sop_instance_uid']}: {item['reason']}")
 
 
 @app.command()
@@ -390,6 +398,9 @@ def run(
     = None,
     export: Annotated[list[str] | None, typer.Option(
         help="Local PACS to deliver to, AE@HOST:PORT (repeatable).")] = None,
+    import_from: Annotated[list[str] | None, typer.Option(
+        help="PACS to poll for new studies and retrieve by C-MOVE, AE@HOST:PORT "
+             "(repeatable).")] = None,
     discovery: Annotated[bool | None, typer.Option(
         "--discovery/--no-discovery",
         help="Advertise this node and list others on the LAN with mDNS [off].")] = None,
@@ -415,7 +426,8 @@ def run(
     try:
         settings = node.settings(dicom_port=dicom_port, ae_title=ae_title, peer_port=peer_port,
                                  peer_host=peer_host, api_port=api_port, api_host=api_host,
-                                 export=export, discovery=discovery,
+                                 export=export, import_from=import_from,
+                                 discovery=discovery,
                                  sync_interval=sync_interval, log_format=log_format,
                                  log_level=log_level)
     except cfg.ConfigError as exc:

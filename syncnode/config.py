@@ -64,7 +64,8 @@ class Settings(BaseSettings):
     dicom_host: str = Field("0.0.0.0", description="address the DICOM SCP listens on")
     ae_title: str = Field("SYNCNODE", description="AE title of the DICOM SCP")
     allowed_aes: list[str] = Field(default_factory=list,
-                                   description="calling AE titles accepted (empty = any)")
+                                   description="calling AE titles accepted, AE or AE@HOST "
+                                               "(empty = any)")
     max_pdu: int = Field(262_144, ge=4096, le=16_777_216,
                          description="largest PDU the SCP reads, in bytes")
     peer_host: str = Field("0.0.0.0", description="address the peer server listens on")
@@ -92,7 +93,14 @@ class Settings(BaseSettings):
     @field_validator("allowed_aes")
     @classmethod
     def _aes(cls, v: list[str]) -> list[str]:
-        return [check_ae_title(a) for a in v]
+        # "AE" or "AE@HOST" (the calling AE must also connect from HOST).
+        out = []
+        for a in v:
+            ae, _, host = a.rpartition("@") if "@" in a else (a, "", "")
+            if "@" in a and not host.strip():
+                raise ValueError(f"{a!r}: AE@HOST needs a host after '@'")
+            out.append(check_ae_title(ae) + (f"@{host.strip()}" if "@" in a else ""))
+        return out
 
     @field_validator("export", "import_from")
     @classmethod

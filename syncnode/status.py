@@ -22,7 +22,9 @@ def peer_rows(node: LocalNode) -> list[dict[str, Any]]:
 
 
 def node_status(node: LocalNode) -> dict[str, Any]:
+    from .dicom.exporter import outbox_status
+
     root = node.catalog.merkle_root()
     return {"node_id": str(node.node_id), "data": str(node.data),
             "merkle_root": root.digest.hex(), **node.catalog.counts(),
-            "peers": peer_rows(node)}
+            "peers": peer_rows(node), "export": outbox_status(node.catalog.path)}
