@@ -114,10 +114,18 @@ class RunningNode:
         from .dicom.service import DicomBridge
 
         loop = asyncio.get_running_loop()
-        self.dicom = DicomBridge(self.node, self.settings,
-                                 on_stored=lambda: loop.call_soon_threadsafe(self.local_change))
-        self.ports["dicom"] = await asyncio.to_thread(self.dicom.start)
-        self.status_providers["dicom"] = self.dicom.status
+        bridge = DicomBridge(self.node, self.settings,
+                             on_stored=lambda: loop.call_soon_threadsafe(self.local_change))
+        try:
+            self.ports["dicom"] = await asyncio.to_thread(bridge.start)
+        except OSError as exc:  # e.g. the port is taken: the node still syncs; say so loudly
+            msg = f"DICOM SCP not started on {self.settings.dicom_host}:" \
+                  f"{self.settings.dicom_port}: {exc.strerror or exc}"
+            log.error("%s", msg)
+            self.status_providers["dicom"] = lambda: {"error": msg}
+            return
+        self.dicom = bridge
+        self.status_providers["dicom"] = bridge.status
 
     async def _start_discovery(self) -> None:
         self.discovery = Discovery(self.node.node_id, self.ports["peer"], self._on_discovered)
