@@ -49,8 +49,8 @@ def dcmtk(name: str) -> str:
         if not os.access(path, os.X_OK):
             continue
         try:
-            head = subprocess.run([path, "--version"], capture_output=True, text=True,
-                                  timeout=10).stdout
+            head = subprocess.run([path, "--version"], check=False, capture_output=True,
+                                  text=True, timeout=10).stdout
         except (OSError, subprocess.TimeoutExpired):
             continue
         if "dcmtk" in head.lower():
@@ -157,7 +157,7 @@ class Orthanc:
             (self.workdir / d).mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "orthanc.json"
         conf.write_text(json.dumps(self.config(), indent=1))
-        log = open(self.workdir / "orthanc.log", "ab")
+        log = open(self.workdir / "orthanc.log", "ab")  # noqa: SIM115 - held by the child
         try:
             self.proc = subprocess.Popen([orthanc_binary(), str(conf)], stdout=log,
                                          stderr=subprocess.STDOUT, env=tool_env(),
@@ -242,9 +242,9 @@ class Orthanc:
 
     def pixel_hash(self, orthanc_id: str) -> str:
         """SHA-256 of the instance's Pixel Data element value (7FE0,0010)."""
-        from pydicom import dcmread
-
         import io
+
+        from pydicom import dcmread
 
         ds = dcmread(io.BytesIO(self.instance_file(orthanc_id)))
         return hashlib.sha256(ds.PixelData).hexdigest()
@@ -324,8 +324,6 @@ def make_study(out: Path, n: int, *, seed: str = "s", rows: int = 64, cols: int 
         ds.HighBit = 11
         ds.PixelRepresentation = 0
         ds.PixelData = rng.integers(0, 4096, size=(rows, cols), dtype=np.uint16).tobytes()
-        ds.is_little_endian = True
-        ds.is_implicit_VR = ts == "1.2.840.10008.1.2"
         path = out / f"im{i + 1:05d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         files.append(path)
@@ -356,8 +354,8 @@ def dataset_bytes(data: bytes) -> bytes:
 
 def run_tool(args: Sequence[str], timeout: float = 300.0, check: bool = True
              ) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout,
-                          env=tool_env(), stdin=subprocess.DEVNULL)
+    proc = subprocess.run(list(args), check=False, capture_output=True, text=True,
+                          timeout=timeout, env=tool_env(), stdin=subprocess.DEVNULL)
     if check and proc.returncode != 0:
         raise RuntimeError(f"{args[0]} exited {proc.returncode}: {proc.stderr[-2000:]}")
     return proc
@@ -371,3 +369,88 @@ def orthanc(workdir: Path, **kw: Any) -> Iterator[Orthanc]:
         yield server
     finally:
         server.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# Sending exact bytes (pynetdicom SCU)
+
+
+def send_raw(host: str, port: int, items: Sequence[tuple[str, str, str, bytes]], *,
+             called: str = "SYNCNODE", calling: str = "TESTSCU",
+             contexts: Sequence[tuple[str, str]] | None = None) -> list[int | None]:
+    """Send data sets as given, without decoding: ``items`` are (SOP class, SOP instance,
+    transfer syntax, data set bytes). Returns each C-STORE status (None: not sent, e.g.
+    no accepted context). One association for all."""
+    import io as _io
+
+    from pynetdicom import AE
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.presentation import build_context
+
+    from syncnode.dicom.exporter import _accepted, _exchange
+    from syncnode.dicom.transport import set_nodelay
+
+    pairs = list(dict.fromkeys(contexts or [(c, t) for c, _i, t, _d in items]))
+    ae = AE(calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    assoc = ae.associate(host, port, contexts=[build_context(c, [t]) for c, t in pairs],
+                         ae_title=called)
+    if not assoc.is_established:
+        raise ConnectionError("association not accepted")
+    set_nodelay(assoc.dul.socket.socket)
+    out: list[int | None] = []
+    try:
+        for n, (sop_class, sop, ts, data) in enumerate(items):
+            cx = _accepted(assoc, sop_class, ts)
+            if cx is None:
+                out.append(None)
+                continue
+            req = C_STORE()
+            req.MessageID = n + 1
+            req.Priority = 2
+            req.AffectedSOPClassUID = sop_class
+            req.AffectedSOPInstanceUID = sop
+            req.DataSet = _io.BytesIO(data)
+            status = _exchange(assoc, req, cx.context_id)
+            out.append(None if status is None else int(status.Status))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return out
+
+
+def file_item(path: Path) -> tuple[str, str, str, bytes]:
+    """(SOP class, SOP instance, transfer syntax, data set bytes) of a Part-10 file, read
+    from its file meta without decoding the data set."""
+    from pydicom import dcmread
+
+    data = Path(path).read_bytes()
+    meta = dcmread(path, stop_before_pixels=True).file_meta
+    return (str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID),
+            str(meta.TransferSyntaxUID), dataset_bytes(data))
+
+
+def echo(host: str, port: int, called: str = "SYNCNODE", calling: str = "TESTSCU") -> int | None:
+    from pynetdicom import AE
+
+    ae = AE(calling)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    assoc = ae.associate(host, port, ae_title=called)
+    if not assoc.is_established:
+        return None
+    try:
+        status = assoc.send_c_echo()
+        return int(status.Status) if "Status" in status else None
+    finally:
+        assoc.release()
+
+
+def rss_kib(pid: int | None = None) -> int:
+    """Resident set size of a process (this one by default), in KiB."""
+    path = f"/proc/{pid or 'self'}/status"
+    with open(path) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("VmRSS not found")

@@ -506,9 +506,10 @@ class DicomServer:
             dimse.discard()
 
     def _on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        _prefer_requestor_order(assoc)
         if not self.allowed:
             return
-        assoc = event.assoc
         primitive = assoc.requestor.primitive
         calling = str(primitive.calling_ae_title or "").strip() if primitive else ""
         address = str(assoc.requestor.address)
@@ -616,6 +617,30 @@ class DicomServer:
             yield _status(exc.status, str(exc)), None
             return
         yield STATUS_SUCCESS, None
+
+
+def _prefer_requestor_order(assoc: Any) -> None:
+    """Accept, for each proposed context, the requestor's *first* transfer syntax we support.
+
+    pynetdicom picks the acceptor's first syntax that the requestor proposed; a sender
+    proposing [JPEG, Explicit LE] would then have to transcode its JPEG file to explicit
+    little endian. The requestor lists what it has first, so its order wins here and the
+    data set arrives as the sender holds it. (This association's copy of the supported
+    contexts is reordered; the server's list is untouched.)
+    """
+    primitive = assoc.requestor.primitive
+    if primitive is None:
+        return
+    wanted: dict[str, list[str]] = {}
+    for cx in primitive.presentation_context_definition_list:
+        order = wanted.setdefault(str(cx.abstract_syntax), [])
+        order.extend(str(ts) for ts in cx.transfer_syntax if str(ts) not in order)
+    for cx in assoc.acceptor.supported_contexts:
+        order = wanted.get(str(cx.abstract_syntax))
+        if order and len(cx.transfer_syntax) > 1:
+            rank = {ts: i for i, ts in enumerate(order)}
+            cx._transfer_syntax = sorted(cx.transfer_syntax,
+                                         key=lambda ts: rank.get(str(ts), len(rank)))
 
 
 def _status(code: int, comment: str = "") -> Dataset:

@@ -100,6 +100,7 @@ class GuardedDUL(DULServiceProvider):
         super().__init__(assoc)
         self.limits = limits
         self.oversized_pdus = 0
+        self._refused = False
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -202,6 +203,9 @@ class GuardedDUL(DULServiceProvider):
         if raw is None:
             self.event_queue.put("Evt17")
             return
+        if self._refused:  # after an invalid PDU: read nothing more, close the connection
+            sock.close()
+            return
         try:
             header = _recv_exact(raw, 6)
         except (OSError, TimeoutError):
@@ -243,6 +247,7 @@ class GuardedDUL(DULServiceProvider):
 
     def _refuse(self, raw: socket.socket) -> None:
         """Invalid PDU: let the state machine abort, and read nothing more from the peer."""
+        self._refused = True
         self.event_queue.put("Evt19")
         try:
             raw.shutdown(socket.SHUT_RD)

@@ -1,0 +1,334 @@
+"""The DICOM SCP in-process, driven by a real DICOM client (pynetdicom) over loopback.
+
+- Every valid pydicom test file, sent as its exact data set bytes in its own transfer
+  syntax, is stored byte for byte (data set after the file meta identical to the file's)
+  and indexed.
+- Broken input over the wire gets a failure status, stores nothing, and the SCP keeps
+  serving (C-ECHO afterwards).
+- A 6-byte PDU header claiming ~4 GiB does not make the process grow and is cut off.
+- Association policy: called AE title checked; allow-list by AE and AE@HOST.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import struct
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom.data
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import dicom_testkit as kit
+
+from syncnode.dicom.scp import DicomServer, file_meta_bytes, status_for_reason
+from syncnode.dicomfile import InvalidDicom, inspect_file
+from syncnode.local import LocalNode
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def pydicom_file(name: str) -> str:
+    return str(Path(pydicom.data.__file__).parent / "test_files" / name)
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[LocalNode]:
+    n = LocalNode.init(tmp_path / "node")
+    yield n
+    n.close()
+
+
+@pytest.fixture
+def scp(node: LocalNode) -> Iterator[DicomServer]:
+    server = DicomServer(node, ae_title="SYNCNODE", host="127.0.0.1", port=0)
+    server.start()
+    yield server
+    server.stop()
+
+
+PYDICOM_FILES = Path(pydicom.data.__file__).parent / "test_files"
+
+
+def valid_pydicom_files() -> list[Path]:
+    """pydicom's bundled test files that inspect_file accepts (no download is tried)."""
+    out = []
+    for f in sorted(PYDICOM_FILES.glob("*.dcm")):
+        try:
+            inspect_file(f)
+        except InvalidDicom:
+            continue
+        out.append(Path(f))
+    return out
+
+
+def blobs_of(node: LocalNode, sop: str) -> list[str]:
+    with sqlite3.connect(node.data / "catalog.db") as db:
+        return [r[0] for r in db.execute("SELECT blob FROM puts WHERE sop_instance_uid=?",
+                                         (sop,))]
+
+
+def stored_datasets(node: LocalNode, sop: str) -> list[bytes]:
+    return [kit.dataset_bytes(node.store.path(b).read_bytes()) for b in blobs_of(node, sop)]
+
+
+def tmp_files(node: LocalNode) -> list[str]:
+    return sorted(p.name for p in (node.data / "tmp").iterdir())
+
+
+def test_echo(scp: DicomServer) -> None:
+    assert kit.echo("127.0.0.1", scp.port) == 0x0000
+
+
+def test_pydicom_files_stored_byte_for_byte(scp: DicomServer, node: LocalNode) -> None:
+    files = valid_pydicom_files()
+    assert len(files) > 40
+    items = [kit.file_item(f) for f in files]
+    # one association per file: some files share a SOP Instance UID with another version
+    for f, item in zip(files, items, strict=True):
+        assert kit.send_raw("127.0.0.1", scp.port, [item]) == [0x0000], f.name
+    for f, (_cls, sop, _ts, data) in zip(files, items, strict=True):
+        assert data in stored_datasets(node, sop), f"{f.name}: stored bytes differ"
+        for blob in blobs_of(node, sop):
+            meta = inspect_file(node.store.path(blob))
+            assert meta.sop_instance_uid == sop
+    assert node.verify().ok
+    live = {i.sop_instance_uid for i in node.catalog.instances()}
+    assert live == {item[1] for item in items}
+    assert tmp_files(node) == []
+    # the file meta names the negotiated transfer syntax and syncnode as the writer
+    jpeg = next(f for f in files if f.name == "JPEG2000.dcm")
+    blob = blobs_of(node, kit.file_item(jpeg)[1])[0]
+    head = node.store.path(blob).read_bytes()[:400]
+    assert b"1.2.840.10008.1.2.4.91" in head and b"TESTSCU" in head
+
+
+def test_duplicate_store_is_success_and_adds_nothing(scp: DicomServer, node: LocalNode) -> None:
+    item = kit.file_item(Path(pydicom_file("CT_small.dcm")))
+    assert kit.send_raw("127.0.0.1", scp.port, [item, item]) == [0, 0]
+    assert node.catalog.counts()["put_events"] == 1
+    assert scp.stats.stored == 1 and scp.stats.duplicates == 1
+
+
+def _truncated(data: bytes, keep: int) -> bytes:
+    return data[:keep]
+
+
+@pytest.mark.parametrize("case", ["truncated_pixels", "truncated_header", "no_sop_instance",
+                                  "sop_mismatch", "garbage"])
+def test_broken_input_refused_and_nothing_stored(scp: DicomServer, node: LocalNode,
+                                                  case: str) -> None:
+    cls, sop, ts, data = kit.file_item(Path(pydicom_file("CT_small.dcm")))
+    expect: set[int]
+    if case == "truncated_pixels":
+        payload, expect = data[:-100], {0xC000}
+    elif case == "truncated_header":
+        payload, expect = data[:37], {0xC000}
+    elif case == "no_sop_instance":
+        from pydicom import dcmread
+        from pydicom.filebase import DicomBytesIO
+        from pydicom.filewriter import write_dataset
+
+        ds = dcmread(pydicom_file("CT_small.dcm"))
+        del ds.SOPInstanceUID
+        buf = DicomBytesIO()
+        buf.is_little_endian, buf.is_implicit_VR = True, False
+        write_dataset(buf, ds)
+        payload, expect = buf.getvalue(), {0xA900}
+    elif case == "sop_mismatch":
+        sop = "1.2.3.4.5.6.7"  # the request names another instance than the data set
+        payload, expect = data, {0xA900}
+    else:
+        payload, expect = os.urandom(5000), {0xC000, 0xA900}
+    statuses = kit.send_raw("127.0.0.1", scp.port, [(cls, sop, ts, payload)])
+    assert statuses[0] in expect, hex(statuses[0] or 0)
+    assert node.catalog.counts()["events"] == 0
+    assert list(node.store.iter_hashes()) == []
+    assert tmp_files(node) == []
+    assert kit.echo("127.0.0.1", scp.port) == 0  # still serving
+
+
+def test_pydicom_broken_files_refused(scp: DicomServer, node: LocalNode) -> None:
+    """pydicom's own broken files (they load without error in pydicom) sent as they are."""
+    for name, expect in (("MR_truncated.dcm", 0xC000), ("rtplan_truncated.dcm", 0xC000),
+                         ("badVR.dcm", None)):
+        cls, sop, ts, data = kit.file_item(Path(pydicom_file(name)))
+        status = kit.send_raw("127.0.0.1", scp.port, [(cls, sop, ts, data)])[0]
+        assert status is not None and status != 0, name
+        if expect is not None:
+            assert status == expect, (name, hex(status))
+    assert node.catalog.counts()["events"] == 0
+    assert list(node.store.iter_hashes()) == []
+    assert kit.echo("127.0.0.1", scp.port) == 0
+
+
+def test_unknown_sop_class_not_accepted(scp: DicomServer, node: LocalNode) -> None:
+    _cls, sop, ts, data = kit.file_item(Path(pydicom_file("CT_small.dcm")))
+    unknown = "1.2.826.0.1.3680043.10.1432.99.1"
+    # its presentation context is refused, so nothing can be sent under it ...
+    assert kit.send_raw("127.0.0.1", scp.port, [(unknown, sop, ts, data)],
+                        contexts=[(unknown, ts), (CT, ts)]) == [None]
+    # ... and a data set of another class sent under a CT context does not match it
+    status = kit.send_raw("127.0.0.1", scp.port, [(CT, sop, ts, data.replace(
+        b"1.2.840.10008.5.1.4.1.1.2\x00", b"1.2.840.10008.5.1.4.1.1.4\x00", 1))])[0]
+    assert status == 0xA900
+    assert node.catalog.counts()["events"] == 0
+    assert kit.echo("127.0.0.1", scp.port) == 0
+
+
+def test_oversized_pdu_header_is_cut_off(scp: DicomServer, node: LocalNode) -> None:
+    before = kit.rss_kib()
+    for pdu_type in (0x01, 0x04):
+        with socket.create_connection(("127.0.0.1", scp.port), timeout=10) as s:
+            s.sendall(struct.pack(">BBL", pdu_type, 0, 0xFFFFFFF0))
+            sent = 0
+            block = b"\0" * (1 << 20)
+            try:
+                while sent < (64 << 20):  # try to push 64 MiB after the header
+                    s.sendall(block)
+                    sent += len(block)
+            except OSError:
+                pass  # the server stopped reading / closed: what we want
+            s.settimeout(5)
+            try:
+                while s.recv(65536):
+                    pass
+            except OSError:
+                pass
+        assert sent < (64 << 20), "the server kept reading the oversized PDU"
+    grown = kit.rss_kib() - before
+    assert grown < 32 << 10, f"process grew by {grown} KiB"
+    assert kit.echo("127.0.0.1", scp.port) == 0
+
+
+def test_called_ae_title_checked(scp: DicomServer) -> None:
+    assert kit.echo("127.0.0.1", scp.port, called="OTHER") is None
+    assert kit.echo("127.0.0.1", scp.port) == 0
+
+
+def test_allow_list(node: LocalNode) -> None:
+    server = DicomServer(node, ae_title="SYNCNODE", host="127.0.0.1", port=0,
+                         allowed_aes=["GOODSCU", "HOSTSCU@127.0.0.1", "FARSCU@192.0.2.7"])
+    port = server.start()
+    try:
+        assert kit.echo("127.0.0.1", port, calling="GOODSCU") == 0
+        assert kit.echo("127.0.0.1", port, calling="HOSTSCU") == 0
+        assert kit.echo("127.0.0.1", port, calling="FARSCU") is None  # wrong host
+        assert kit.echo("127.0.0.1", port, calling="BADSCU") is None
+        assert server.stats.rejected_associations == 2
+        assert kit.echo("127.0.0.1", port, calling="GOODSCU") == 0
+    finally:
+        server.stop()
+
+
+def test_concurrent_associations_group_commit(scp: DicomServer, node: LocalNode,
+                                              tmp_path: Path) -> None:
+    import threading
+
+    study = kit.make_study(tmp_path / "s", 40, seed="concurrent")
+    items = [kit.file_item(f) for f in study.files]
+    results: list[list[int | None]] = []
+
+    def send(part: list[tuple[str, str, str, bytes]]) -> None:
+        results.append(kit.send_raw("127.0.0.1", scp.port, part))
+
+    threads = [threading.Thread(target=send, args=(items[i::4],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(s for r in results for s in r) == [0] * 40
+    assert {i.sop_instance_uid for i in node.catalog.instances()} == set(study.sop_uids)
+    for item in items:
+        assert stored_datasets(node, item[1]) == [item[3]]
+
+
+def test_store_refused_when_disk_full(node: LocalNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from syncnode.dicom import ingest
+
+    real_write = ingest.SpoolWriter.write
+    calls = {"n": 0}
+
+    def full(self: ingest.SpoolWriter, data: bytes) -> None:
+        calls["n"] += 1
+        if calls["n"] > 1:  # the file meta is written, then the disk "fills up"
+            self.abort()
+            raise ingest.StoreFull("no space left for the blob store") from OSError(
+                errno.ENOSPC, "full")
+        real_write(self, data)
+
+    monkeypatch.setattr(ingest.SpoolWriter, "write", full)
+    server = DicomServer(node, ae_title="SYNCNODE", host="127.0.0.1", port=0)
+    port = server.start()
+    try:
+        item = kit.file_item(Path(pydicom_file("CT_small.dcm")))
+        assert kit.send_raw("127.0.0.1", port, [item]) == [0xA700]
+        assert node.catalog.counts()["events"] == 0
+        assert tmp_files(node) == []
+        assert kit.echo("127.0.0.1", port) == 0
+    finally:
+        server.stop()
+
+
+def test_aborted_transfer_leaves_nothing(scp: DicomServer, node: LocalNode) -> None:
+    """A peer that aborts in the middle of a data set: its temp file is removed."""
+    from pynetdicom import AE
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.presentation import build_context
+
+    cls, sop, ts, data = kit.file_item(Path(pydicom_file("CT_small.dcm")))
+    ae = AE("TESTSCU")
+    assoc = ae.associate("127.0.0.1", scp.port, contexts=[build_context(cls, [ts])],
+                         ae_title="SYNCNODE", max_pdu=16384)
+    assert assoc.is_established
+    req = C_STORE()
+    req.MessageID, req.Priority = 1, 2
+    req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = cls, sop
+    import io
+
+    req.DataSet = io.BytesIO(data)
+    msg_pdus = []
+    from pynetdicom.dimse_messages import C_STORE_RQ
+
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(req)
+    for pdata in msg.encode_msg(assoc.accepted_contexts[0].context_id, 4096):
+        msg_pdus.append(pdata)
+    for pdata in msg_pdus[:-2]:  # everything but the last fragments
+        assoc.dul.send_pdu(pdata)
+    time.sleep(0.5)
+    assoc.abort()
+    deadline = time.monotonic() + 10
+    while tmp_files(node) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert tmp_files(node) == []
+    assert node.catalog.counts()["events"] == 0
+    assert kit.echo("127.0.0.1", scp.port) == 0
+
+
+def test_file_meta_bytes_parse_back(tmp_path: Path) -> None:
+    from pydicom import dcmread
+
+    head = file_meta_bytes(CT, "1.2.3", EXPLICIT_LE, "SOMEAE")
+    (tmp_path / "f.dcm").write_bytes(head + kit.file_item(
+        Path(pydicom_file("CT_small.dcm")))[3])
+    meta = dcmread(tmp_path / "f.dcm", stop_before_pixels=True).file_meta
+    assert meta.MediaStorageSOPClassUID == CT
+    assert meta.MediaStorageSOPInstanceUID == "1.2.3"
+    assert meta.TransferSyntaxUID == EXPLICIT_LE
+    assert meta.SourceApplicationEntityTitle == "SOMEAE"
+    assert meta.FileMetaInformationGroupLength == len(head) - 132 - 12
+
+
+def test_status_for_reason() -> None:
+    assert status_for_reason("missing SOP Instance UID") == 0xA900
+    assert status_for_reason("SOP Class UID 1.2 does not match Media Storage ...") == 0xA900
+    assert status_for_reason("truncated: file ends inside ...") == 0xC000
