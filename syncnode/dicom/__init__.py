@@ -22,3 +22,5 @@ _pynetdicom_config.LOG_HANDLER_LEVEL = "none"
 _pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
 _pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
 logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+# Connection failures are reported by the exporter/retriever with their retry plan.
+logging.getLogger("pynetdicom.transport").setLevel(logging.CRITICAL)

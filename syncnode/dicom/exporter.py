@@ -254,7 +254,9 @@ class Destination:
     # -- sending -------------------------------------------------------------------------
     def send_batch(self, batch: list[Item], pairs: list[tuple[str, str]]) -> None:
         ex = self.exporter
-        contexts = []
+        # Verification too: the association stands even if every storage context is
+        # refused, so each item can be failed with its own reason.
+        contexts = [build_context("1.2.840.10008.1.1")]
         for sop_class, ts in pairs:
             syntaxes = [ts] + ([EXPLICIT_LE] if ts == DEFLATED else [])
             contexts.append(build_context(sop_class, syntaxes))
@@ -271,9 +273,10 @@ class Destination:
             self.destination_failed(f"cannot associate: {exc}")
             return
         if not assoc.is_established:
-            why = ("association rejected" if assoc.is_rejected else
-                   "association aborted" if assoc.is_aborted else "cannot connect")
-            self.destination_failed(f"{why} by {self.address}")
+            why = ("association rejected by" if assoc.is_rejected else
+                   "no association with")
+            self.destination_failed(f"{why} {self.address} (refused, unreachable or aborted)"
+                                    if not assoc.is_rejected else f"{why} {self.address}")
             return
         self.assoc = assoc
         try:

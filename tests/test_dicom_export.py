@@ -1,0 +1,212 @@
+"""The exporter against a real DICOM peer (DCMTK ``storescp`` as the local PACS).
+
+Instances "from a peer" are made the way sync makes them: put events created on another
+node, applied to this node's catalog with their blobs. Instances imported on this node
+itself must never be exported.
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import dicom_testkit as kit
+
+from syncnode.dicom.exporter import Exporter, backoff, dataset_offset, outbox_status
+from syncnode.importer import import_paths
+from syncnode.local import LocalNode
+
+pytestmark = pytest.mark.skipif(not Path("/usr/bin/storescp").exists() and
+                                not Path("/usr/local/bin/storescp").exists(),
+                                reason="DCMTK storescp not installed")
+
+
+class StoreSCP:
+    """DCMTK storescp writing every received instance to its own (unique) file."""
+
+    def __init__(self, out: Path, port: int, extra: list[str] | None = None) -> None:
+        self.out, self.port, self.extra = out, port, extra or []
+        out.mkdir(parents=True, exist_ok=True)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [kit.dcmtk("storescp"), "-aet", "PACS", "-od", str(self.out), "+uf",
+             *self.extra, str(self.port)],
+            env=kit.tool_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        kit.wait_port(self.port)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+            self.proc = None
+
+    def received(self) -> list[str]:
+        """SOP Instance UIDs of every file received (duplicates kept)."""
+        return [str(dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+                for f in sorted(self.out.iterdir()) if f.is_file()]
+
+
+@pytest.fixture
+def pacs(tmp_path: Path) -> Iterator[StoreSCP]:
+    scp = StoreSCP(tmp_path / "pacs", kit.free_port())
+    yield scp
+    scp.stop()
+
+
+@pytest.fixture
+def nodes(tmp_path: Path) -> Iterator[tuple[LocalNode, LocalNode]]:
+    a, b = LocalNode.init(tmp_path / "a"), LocalNode.init(tmp_path / "b")
+    yield a, b
+    a.close()
+    b.close()
+
+
+def from_peer(src: LocalNode, dst: LocalNode, files: list[Path]) -> list[str]:
+    """Import files on ``src`` and copy the resulting events and blobs to ``dst``."""
+    before = set(src.catalog.all_event_ids())
+    import_paths(src, files)
+    new = [e for e in src.catalog.all_event_ids() if e not in before]
+    events = src.catalog.get_events(new)
+    for eid, _body in events:
+        inst = src.catalog.put_event(eid)
+        assert inst is not None
+        dst.store.put_file(src.store.path(inst.blob))
+    result = dst.catalog.apply(events, blob_present=dst.store.has)
+    assert not result.rejected
+    return new
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def exporter(node: LocalNode, pacs: StoreSCP) -> Exporter:
+    ex = Exporter(node, [f"PACS@127.0.0.1:{pacs.port}"], ae_title="SYNCNODE",
+                  poll_interval=0.05, backoff_base=0.05, backoff_cap=0.4)
+    ex.start()
+    return ex
+
+
+def status_of(node: LocalNode, pacs: StoreSCP) -> dict:
+    return outbox_status(node.data / "catalog.db").get(f"PACS@127.0.0.1:{pacs.port}", {})
+
+
+def test_exports_peer_instances_only(nodes: tuple[LocalNode, LocalNode], pacs: StoreSCP,
+                                     tmp_path: Path) -> None:
+    a, b = nodes
+    peer_study = kit.make_study(tmp_path / "peer", 12, seed="peer", series=2)
+    local_study = kit.make_study(tmp_path / "local", 5, seed="local")
+    from_peer(a, b, peer_study.files)
+    import_paths(b, local_study.files)  # came from B's own PACS: never sent back
+    pacs.start()
+    ex = exporter(b, pacs)
+    try:
+        wait_until(lambda: status_of(b, pacs).get("done") == 12, 60, "12 exported")
+    finally:
+        ex.stop()
+    assert sorted(pacs.received()) == sorted(peer_study.sop_uids)
+    st = status_of(b, pacs)
+    assert (st["pending"], st["failed"], st["done"]) == (0, 0, 12)
+    # what arrived is what was stored (pixel data compared: storescp rewrites the file)
+    for f in sorted(pacs.out.iterdir()):
+        got = dcmread(f)
+        src = dcmread(peer_study.files[peer_study.sop_uids.index(str(got.SOPInstanceUID))])
+        assert got.PixelData == src.PixelData
+
+
+def test_pacs_down_then_up_drains_without_duplicates(nodes: tuple[LocalNode, LocalNode],
+                                                     pacs: StoreSCP, tmp_path: Path) -> None:
+    a, b = nodes
+    first = kit.make_study(tmp_path / "s1", 8, seed="first")
+    from_peer(a, b, first.files)
+    ex = exporter(b, pacs)  # the PACS is not running yet
+    try:
+        wait_until(lambda: "no association" in status_of(b, pacs).get("last_error", ""),
+                   20, "a connection failure to be recorded")
+        assert status_of(b, pacs)["pending"] == 8
+        pacs.start()
+        wait_until(lambda: status_of(b, pacs).get("done") == 8, 60, "8 exported")
+        pacs.stop()
+        second = kit.make_study(tmp_path / "s2", 6, seed="second")
+        from_peer(a, b, second.files)
+        time.sleep(0.5)
+        assert status_of(b, pacs)["pending"] == 6
+    finally:
+        ex.stop()
+    # restart of the node: a new exporter picks up the persisted outbox
+    pacs.start()
+    ex = exporter(b, pacs)
+    try:
+        wait_until(lambda: status_of(b, pacs).get("done") == 14, 60, "14 exported")
+    finally:
+        ex.stop()
+    got = pacs.received()
+    assert len(got) == 14 and set(got) == set(first.sop_uids) | set(second.sop_uids)
+
+
+def test_deleted_instance_is_skipped(nodes: tuple[LocalNode, LocalNode], pacs: StoreSCP,
+                                     tmp_path: Path) -> None:
+    a, b = nodes
+    study = kit.make_study(tmp_path / "s", 4, seed="del")
+    from_peer(a, b, study.files)
+    b.delete_instances([study.sop_uids[0]])
+    pacs.start()
+    ex = exporter(b, pacs)
+    try:
+        wait_until(lambda: status_of(b, pacs).get("done") == 3, 60, "3 exported")
+        wait_until(lambda: status_of(b, pacs).get("skipped") == 1, 10, "1 skipped")
+    finally:
+        ex.stop()
+    assert sorted(pacs.received()) == sorted(study.sop_uids[1:])
+
+
+def test_refused_transfer_syntax_fails_with_reason(nodes: tuple[LocalNode, LocalNode],
+                                                   tmp_path: Path) -> None:
+    a, b = nodes
+    import pydicom.data
+
+    jpeg = Path(pydicom.data.__file__).parent / "test_files" / "JPEG2000.dcm"
+    from_peer(a, b, [jpeg])
+    pacs = StoreSCP(tmp_path / "pacs", kit.free_port(), extra=["+xi"])  # implicit LE only
+    pacs.start()
+    ex = exporter(b, pacs)
+    try:
+        wait_until(lambda: status_of(b, pacs).get("failed") == 1, 30, "the item to fail")
+    finally:
+        ex.stop()
+        pacs.stop()
+    st = status_of(b, pacs)
+    assert "transcoding" in st["failed_items"][0]["reason"]
+    assert pacs.received() == []
+
+
+def test_backoff_is_capped_with_jitter() -> None:
+    rng = random.Random(1)
+    for n in range(1, 20):
+        d = backoff(n, 1.0, 60.0, rng)
+        full = min(60.0, 2 ** (n - 1))
+        assert full / 2 <= d <= full
+
+
+def test_dataset_offset(tmp_path: Path) -> None:
+    study = kit.make_study(tmp_path / "s", 1, seed="off")
+    data = study.files[0].read_bytes()
+    assert data[dataset_offset(data[:4096]):] == kit.dataset_bytes(data)
