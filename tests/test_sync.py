@@ -262,6 +262,8 @@ async def test_bit_flips_on_the_link_never_store_a_damaged_blob_and_heal(
                        describe=lambda: describe_nodes([a, b]))
     assert_blobs_intact(a)
     assert blob_set(a) == a.catalog.referenced_blobs()
+    report = await asyncio.to_thread(cli_json, "verify", data=a.data)
+    assert report["ok"] and report["blobs_checked"] == 3, report
 
 
 @pytest.mark.timeout(90)
@@ -317,6 +319,8 @@ async def test_damaged_bytes_from_a_peer_are_refused_and_another_peer_supplies_t
     await wait_for(lambda: converged([a, b, c]), 30, "A to get the blobs from C",
                    describe=lambda: describe_nodes([a, b, c]))
     assert_blobs_intact(a)
+    report = await asyncio.to_thread(cli_json, "verify", data=a.data)
+    assert report["ok"] and report["blobs_checked"] == 2, report
     from_b, from_c = await settled_state(a, b), await settled_state(a, c)
     assert from_b["integrity_errors"] >= 2
     assert from_c["integrity_errors"] == 0
