@@ -179,6 +179,10 @@ class Destination:
                 except sqlite3.Error as exc:
                     log.error("export to %s: catalog error: %s", self.address, exc)
                     worked = False
+                except Exception:  # a bug must not end the worker: log it, retry later
+                    log.exception("export to %s failed", self.address)
+                    self.blocked_until = time.time() + self.exporter.backoff_cap
+                    worked = False
                 if not worked:
                     ex.wakeup.wait(ex.poll_interval)
                     ex.wakeup.clear()

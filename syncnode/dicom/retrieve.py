@@ -79,19 +79,20 @@ class Source:
                 except (OSError, RuntimeError, ValueError) as exc:
                     self.last_error = str(exc)
                     log.warning("import from %s: %s", self.address, exc)
+                except Exception as exc:  # a bug must not end the worker: log it, go on
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    log.exception("import from %s failed", self.address)
                 self.r.stopping.wait(self.r.poll_interval)
         finally:
             db.close()
 
     def _associate(self, contexts: list[Any]) -> Any:
         ae = SyncnodeAE(self.r.ae_title, PduLimits(max_pdata=1 << 20))
-        for cx in contexts:
-            ae.add_requested_context(cx)
         ae.acse_timeout = 30
         ae.dimse_timeout = self.r.move_timeout
         ae.network_timeout = 60
         ae.connection_timeout = 10
-        assoc = ae.associate(self.host, self.port, ae_title=self.ae_title,
+        assoc = ae.associate(self.host, self.port, contexts=contexts, ae_title=self.ae_title,
                              evt_handlers=[(evt.EVT_CONN_OPEN, _socket_timeout)])
         if not assoc.is_established:
             raise RuntimeError(f"association with {self.address} was not accepted")
