@@ -7,7 +7,8 @@ Receiving an instance (C-STORE)
    and a file meta group built from the association: Media Storage SOP Class/Instance
    UID = the request's Affected SOP Class/Instance UID, Transfer Syntax UID = the
    negotiated one, Implementation Class UID/Version Name = syncnode's (we write the file),
-   Source Application Entity Title = the calling AE title. The data set is never decoded
+   and nothing else (no sender-specific element: the same data set sent by two AEs is
+   the same blob, so re-sending adds nothing). The data set is never decoded
    or re-encoded; memory does not grow with its size; it is hashed while written.
 2. When the request is complete the handler inspects the temp file
    (:func:`syncnode.dicomfile.inspect_file`), renames it into the store
@@ -269,12 +270,8 @@ class StreamingDIMSE(DIMSEServiceProvider):
         cs = msg.command_set
         cx = self.assoc._accepted_cx.get(context_id)
         ts = str(cx.transfer_syntax[0]) if cx is not None else ""
-        calling = ""
-        primitive = self.assoc.requestor.primitive
-        if primitive is not None:
-            calling = str(primitive.calling_ae_title or "").strip()
         header = file_meta_bytes(str(cs.AffectedSOPClassUID or ""),
-                                 str(cs.AffectedSOPInstanceUID or ""), ts, calling)
+                                 str(cs.AffectedSOPInstanceUID or ""), ts)
         spool = StoreSpool(self._store, header)
         # Keep only spools that may still need discarding (bounded per association).
         self.spools = [s for s in self.spools if not s._claimed and s.writer is not None]
@@ -587,7 +584,7 @@ class DicomServer:
         cx = event.context
         header = file_meta_bytes(str(req.AffectedSOPClassUID or ""),
                                  str(req.AffectedSOPInstanceUID or ""),
-                                 str(cx.transfer_syntax), str(event.assoc.acceptor.ae_title))
+                                 str(cx.transfer_syntax))
         writer = SpoolWriter(self.store)
         try:
             writer.write(header)
