@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,6 +206,7 @@ class BlobStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self._dirty_dirs: set[Path] = set()
+        self._dirty_lock = threading.Lock()
 
     # -- paths ---------------------------------------------------------------------------
     def path(self, blob_hash: str) -> Path:
@@ -323,6 +325,13 @@ class BlobStore:
             raise BlobHashMismatch(expected_hash, digest)
         return self._install(path, digest, hasher.size, chunk_digests, sync_dir)
 
+    def install_verified(self, path: Path, digest: str, size: int, chunk_digests: bytes,
+                         *, sync_dir: bool = True) -> BlobInfo:
+        """Move a file whose hash and chunk list the caller computed while writing it (and
+        fsynced) into the store, without reading it again."""
+        check_hash(digest, "blob hash")
+        return self._install(path, digest, size, chunk_digests, sync_dir)
+
     def _install(self, tmp: Path, digest: str, size: int, chunk_digests: bytes,
                  sync_dir: bool) -> BlobInfo:
         final = self.path(digest)
@@ -352,13 +361,16 @@ class BlobStore:
         os.replace(tmp, cpath)
 
     def _mark_dirty(self, folder: Path, sync_now: bool) -> None:
-        self._dirty_dirs.update((folder, folder.parent, folder.parent.parent))
+        with self._dirty_lock:
+            self._dirty_dirs.update((folder, folder.parent, folder.parent.parent))
         if sync_now:
             self.flush_dirs()
 
     def flush_dirs(self) -> None:
-        """Fsync every folder a rename touched since the last flush: makes renames durable."""
-        dirs, self._dirty_dirs = self._dirty_dirs, set()
+        """Fsync every folder a rename touched since the last flush: makes renames durable.
+        Safe to call from several threads."""
+        with self._dirty_lock:
+            dirs, self._dirty_dirs = self._dirty_dirs, set()
         for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
             fsync_dir(d)
 

@@ -493,7 +493,8 @@ class Catalog:
                   modality: str | None = None, date_from: str | None = None,
                   date_to: str | None = None, limit: int | None = None,
                   offset: int = 0) -> list[Instance]:
-        where, params = ["live=1"], []
+        where: list[str] = ["live=1"]
+        params: list[Any] = []
         for col, val, is_uid in (("study_instance_uid", study, True),
                                  ("series_instance_uid", series, True),
                                  ("sop_instance_uid", sop, True),
@@ -511,7 +512,10 @@ class Catalog:
         sql = (f"SELECT event_id, {', '.join(PUT_COLUMNS)} FROM puts WHERE {' AND '.join(where)}"
                " ORDER BY study_instance_uid, series_instance_uid, sop_instance_uid")
         if limit is not None:
-            sql += f" LIMIT {int(limit)} OFFSET {int(offset)}"
+            if not (0 <= limit < 2**63 and 0 <= offset < 2**63):
+                raise ValueError("limit and offset must be between 0 and 2**63 - 1")
+            sql += " LIMIT ? OFFSET ?"
+            params += [limit, offset]
         with self._lock:
             rows = self._db.execute(sql, params).fetchall()
         return [_instance(r) for r in rows]

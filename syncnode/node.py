@@ -49,6 +49,7 @@ class RunningNode:
     _lock_fd: int | None = None
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
     feed: EventFeed | None = None
+    blob_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     admin: AdminAPI | None = None
     discovery: Discovery | None = None
     dicom: Any = None  # syncnode.dicom.service.DicomBridge
@@ -69,7 +70,8 @@ class RunningNode:
         self._take_lock()
         self.node.store.clean_tmp()
         s = self.settings
-        self.peer_server = PeerServer(self.node, on_events=self._on_pushed)
+        self.peer_server = PeerServer(self.node, on_events=self._on_pushed,
+                                      blob_locks=self.blob_locks, on_seen=self._on_peer_seen)
         runner = web.AppRunner(self.peer_server.app, access_log=None,
                                handler_cancellation=True)
         await runner.setup()
@@ -80,6 +82,7 @@ class RunningNode:
         self._runners.append(runner)
         self.ports["peer"] = _bound_port(site)
         self.engine = SyncEngine(self.node, interval=s.sync_interval, max_pulls=s.max_pulls,
+                                 blob_locks=self.blob_locks,
                                  last_seen_fn=lambda p: self.peer_server.last_seen.get(p, 0.0)
                                  if self.peer_server else 0.0)
         self._tasks.append(asyncio.get_running_loop().create_task(self._refresh_peers()))
@@ -186,6 +189,10 @@ class RunningNode:
         for fn in self.metric_providers:
             out.update(fn())
         return out
+
+    def _on_peer_seen(self, peer: str) -> None:
+        if self.engine is not None:
+            self.engine.peer_seen(peer)
 
     async def _on_pushed(self, _ids: list[str]) -> None:
         if self.engine:

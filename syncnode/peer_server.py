@@ -41,13 +41,21 @@ class PeerServer:
     """The aiohttp application of one node's peer port."""
 
     def __init__(self, node: LocalNode,
-                 on_events: Callable[[list[str]], Awaitable[None]] | None = None) -> None:
+                 on_events: Callable[[list[str]], Awaitable[None]] | None = None,
+                 blob_locks: dict[str, asyncio.Lock] | None = None,
+                 on_seen: Callable[[str], None] | None = None) -> None:
         self.node = node
         self.catalog: Catalog = node.catalog
-        self.last_seen: dict[str, float] = {}  # node id -> time of its last request
+        self.last_seen: dict[str, float] = {}  # node id -> last time it was talking to us
         self.on_events = on_events  # called after pushed events were applied
+        self.on_seen = on_seen  # called with a peer's compact id on each of its requests
         self.stats: dict[str, dict[str, int]] = {}
-        self._push_locks: dict[str, asyncio.Lock] = {}
+        # One lock per blob being written, shared with the sync engine's pulls so a pushed
+        # and a pulled copy of the same blob never share a .part file.
+        self.blob_locks: dict[str, asyncio.Lock] = {} if blob_locks is None else blob_locks
+        self._trusted: dict[bytes, bool] = {}
+        self._trust_version: object = None
+        self._trust_checked = 0.0
         self.app = web.Application(client_max_size=protocol.MAX_JSON_BODY,
                                    middlewares=[self._guard])
         p = protocol.PREFIX
@@ -74,17 +82,33 @@ class PeerServer:
         if ssl_object is None:
             return _error(403, "mutual TLS required")
         der = ssl_object.getpeercert(binary_form=True)
-        if not der or not self.node.trust.is_trusted(der):
+        if not der or not self._is_trusted(der):
             return _error(403, "peer is not trusted (any more)")
         peer = NodeId.from_certificate_der(der)
         request[PEER_KEY] = peer
         self.last_seen[peer.compact] = time.time()
+        if self.on_seen is not None:
+            self.on_seen(peer.compact)
         try:
             return await handler(request)
         except (InvalidHash, ValueError) as exc:
             return _error(400, str(exc))
         except BlobMissing as exc:
             return _error(404, str(exc))
+
+    def _is_trusted(self, der: bytes) -> bool:
+        """The trust list's verdict, cached until the list changes (checked once a second)."""
+        now = time.monotonic()
+        if now - self._trust_checked > 1.0:
+            self._trust_checked = now
+            version = self.node.trust.version()
+            if version != self._trust_version:
+                self._trust_version = version
+                self._trusted.clear()
+        verdict = self._trusted.get(der)
+        if verdict is None:
+            verdict = self._trusted[der] = self.node.trust.is_trusted(der)
+        return verdict
 
     async def _json(self, request: web.Request) -> Any:
         try:
@@ -164,6 +188,7 @@ class PeerServer:
                 first = False
             await resp.write(piece)
             self._stat(peer, "bytes_out", len(piece))
+            self.last_seen[peer] = time.time()  # a long download is not silence
         if first:
             await resp.prepare(request)
         await resp.write_eof()
@@ -175,7 +200,7 @@ class PeerServer:
         offered = body.get("blobs") if isinstance(body, dict) else None
         if not isinstance(offered, list) or len(offered) > protocol.MAX_OFFER:
             return _error(400, f"'blobs' must be a list of at most {protocol.MAX_OFFER}")
-        want = []
+        want, busy = [], []
         for item in offered:
             h = check_hash(item.get("hash"), "blob hash")
             size, chunks = item.get("size"), item.get("chunks")
@@ -183,12 +208,16 @@ class PeerServer:
                 return _error(400, f"offer of {h} needs 'size' and 'chunks'")
             if self.node.store.has(h):
                 continue
+            lock = self.blob_locks.get(h)
+            if lock is not None and lock.locked():  # being pulled or pushed right now
+                busy.append(h)
+                continue
             digests = bytes.fromhex(chunks)
             self._write_offer(h, size, digests)
             part = PartialBlob(self.node.store, h, size, digests)
             want.append({"hash": h, "offset": part.offset})
             part.close()
-        return web.json_response({"want": want})
+        return web.json_response({"want": want, "busy": busy})
 
     def _offer_path(self, h: str) -> Any:
         return self.node.store.tmp_dir / f"{h}.offer"
@@ -198,7 +227,7 @@ class PeerServer:
 
     async def push_blob(self, request: web.Request) -> web.Response:
         h = check_hash(request.match_info["hash"], "blob hash")
-        lock = self._push_locks.setdefault(h, asyncio.Lock())
+        lock = self.blob_locks.setdefault(h, asyncio.Lock())
         async with lock:
             return await self._receive_push(request, h)
 

@@ -44,6 +44,8 @@ from .transfer import PartialBlob, TransferError
 log = logging.getLogger("syncnode.sync")
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10, sock_read=60)
 EVENT_BATCH = 500
+APPLY_BATCH = 64  # pulled blobs made live in one transaction
+APPLY_DELAY = 0.25  # seconds a pulled blob may wait for others before it is made live
 PUSH_AFTER_SILENCE = 3  # sync intervals without a request from the peer before we push
 
 
@@ -148,12 +150,15 @@ class PeerClient:
         return int(obj["size"]), bytes.fromhex(obj["chunks"])
 
     async def fetch_blob(self, store: BlobStore, blob: str, size: int, chunks_root: str,
-                         on_bytes: Callable[[int], None] | None = None) -> int:
+                         on_bytes: Callable[[int], None] | None = None, *,
+                         sync_dir: bool = True) -> int:
         """Pull one blob into the store through a verified, resumable ``.part`` file.
 
         Returns how many bytes were already held from an earlier attempt. Raises
         TransferError (a chunk or the whole hash does not match: nothing is stored) or
         ProtocolError / aiohttp errors (the verified prefix is kept for the next attempt).
+        With ``sync_dir=False`` the caller must ``store.flush_dirs()`` before recording the
+        blob in the catalog.
         """
         peer_size, digests = await self.chunks(blob)
         if peer_size != size:
@@ -173,18 +178,45 @@ class PeerClient:
                                             f"{(await resp.text())[:300]}")
                     if resp.status == 200 and part.offset:
                         raise ProtocolError("peer ignored the Range header")
-                    async for data in resp.content.iter_chunked(CHUNK_SIZE):
-                        part.feed(data)
-                        if on_bytes:
-                            on_bytes(len(data))
-                if not part.complete:
-                    raise ProtocolError(f"blob {blob} ended early at {part.offset} bytes")
-            await loop.run_in_executor(None, part.finish)
+                    await self._receive(resp, part, on_bytes)
+            await loop.run_in_executor(None, lambda: part.finish(sync_dir=sync_dir))
             log.debug("blob %s from %s stored (%d bytes, %d resumed)", blob,
                       self.peer_id.short, size, resumed)
         finally:
             part.close()
         return resumed
+
+    @staticmethod
+    async def _receive(resp: aiohttp.ClientResponse, part: PartialBlob,
+                       on_bytes: Callable[[int], None] | None) -> None:
+        """Read whole chunks off the socket while the previous one is verified and written
+        in a worker thread: the event loop never hashes or writes, and at most two chunks
+        are held in memory."""
+        loop = asyncio.get_running_loop()
+        writing: asyncio.Future[None] | None = None
+        offset = part.offset
+        try:
+            while offset < part.size:
+                n = min(CHUNK_SIZE, part.size - offset)
+                try:
+                    data = await resp.content.readexactly(n)
+                except asyncio.IncompleteReadError as exc:
+                    raise ProtocolError(f"blob {part.blob} ended early at "
+                                        f"{offset + len(exc.partial)} bytes") from exc
+                if writing is not None:
+                    await writing
+                writing = loop.run_in_executor(None, part.write_chunk, data)
+                offset += n
+                if on_bytes:
+                    on_bytes(n)
+            if writing is not None:
+                await writing
+                writing = None
+        finally:
+            if writing is not None and not writing.done():
+                # let the worker finish with the file before the caller closes it; its own
+                # error (if any) is secondary to the one already propagating
+                await asyncio.wait([writing])
 
 
 async def walk_diff(local: LocalNode, fetch: Callable[[str], Any]
@@ -232,6 +264,9 @@ class PeerSync:
         self.backoff = Backoff()
         self._last_saved = 0.0
         self._skipped: list[tuple[str, bytes]] = []  # puts whose blob the peer lacked
+        # pulled blobs whose puts wait to be applied together: (pairs, blob size)
+        self._ready: list[tuple[list[tuple[str, bytes]], int]] = []
+        self._ready_since = 0.0
 
     def save_state(self, force: bool = False) -> None:
         now = time.time()
@@ -264,6 +299,7 @@ class PeerSync:
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             before = self._progress()
+            self.wake.clear()  # a wake-up during the round (e.g. "look again") is kept
             try:
                 await self.sync_once()
                 self.backoff.reset()
@@ -281,7 +317,6 @@ class PeerSync:
                 delay = self._retry_delay(before)
             self.state.next_attempt = time.time() + delay
             self.save_state(force=True)
-            self.wake.clear()
             try:
                 await asyncio.wait_for(self._wait(stop), delay)
             except TimeoutError:
@@ -398,9 +433,12 @@ class PeerSync:
             st.bytes_needed = sum(v[0][2].size for v in waiting.values())
             self.save_state()
             sem = asyncio.Semaphore(self.engine.max_pulls)
-            results = await asyncio.gather(
-                *(self._pull_and_apply(blob, items, sem) for blob, items in waiting.items()),
-                return_exceptions=True)
+            try:
+                results = await asyncio.gather(
+                    *(self._pull_and_apply(blob, items, sem) for blob, items in waiting.items()),
+                    return_exceptions=True)
+            finally:
+                await self._flush_ready()
             failures = [r for r in results if isinstance(r, BaseException)]
             for r in failures:
                 if not isinstance(r, Exception):
@@ -435,9 +473,24 @@ class PeerSync:
                     # comes later in this walk (another Merkle leaf). Settled at its end.
                     self._skipped.extend((e, b) for e, b, _ in items)
                     return
-        await self._apply([(e, b) for e, b, _ in items])
-        self.state.blobs_needed = max(0, self.state.blobs_needed - 1)
-        self.state.bytes_needed = max(0, self.state.bytes_needed - items[0][2].size)
+        if not self._ready:
+            self._ready_since = time.monotonic()
+        self._ready.append(([(e, b) for e, b, _ in items], items[0][2].size))
+        if len(self._ready) >= APPLY_BATCH or time.monotonic() - self._ready_since > APPLY_DELAY:
+            await self._flush_ready()
+
+    async def _flush_ready(self) -> None:
+        """Make a group of pulled blobs durable (one round of folder fsyncs) and their puts
+        live (one transaction): cheaper than per blob, and never later than APPLY_DELAY
+        after the first of them arrived (unless no other blob completes meanwhile)."""
+        if not self._ready:
+            return
+        ready, self._ready = self._ready, []
+        await asyncio.get_running_loop().run_in_executor(None, self.node.store.flush_dirs)
+        await self._apply([pair for pairs, _ in ready for pair in pairs])
+        st = self.state
+        st.blobs_needed = max(0, st.blobs_needed - len(ready))
+        st.bytes_needed = max(0, st.bytes_needed - sum(size for _, size in ready))
         self.save_state()
 
     async def _settle_skipped(self) -> None:
@@ -461,7 +514,7 @@ class PeerSync:
 
         try:
             resumed = await self.client.fetch_blob(self.node.store, put.blob, put.size,
-                                                   put.chunks, received)
+                                                   put.chunks, received, sync_dir=False)
         except TransferError:
             st.integrity_errors += 1
             raise
@@ -479,10 +532,25 @@ class PeerSync:
                     puts[x.blob] = x
             offer = [{"hash": h, "size": p.size, "chunks": store.chunk_digests(h).hex()}
                      for h, p in puts.items()]
-            want = (await self.client._json("POST", "/push/offer", json={"blobs": offer})
-                    ).get("want", []) if offer else []
-            for w in want:
-                await self.push_blob(protocol.check_hash_value(w["hash"]), int(w["offset"]))
+            answer = (await self.client._json("POST", "/push/offer", json={"blobs": offer})
+                      if offer else {})
+            sem = asyncio.Semaphore(self.engine.max_pulls)
+
+            async def push_one(w: dict[str, Any]) -> None:
+                async with sem:
+                    await self.push_blob(protocol.check_hash_value(w["hash"]), int(w["offset"]))
+
+            results = await asyncio.gather(*(push_one(w) for w in answer.get("want", [])),
+                                           return_exceptions=True)
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise r
+            # blobs the peer is fetching itself right now: their puts go in a later round
+            busy = set(answer.get("busy", []))
+            pairs = [(e, b) for e, b in pairs
+                     if not (isinstance(x := ev.decode(b), ev.PutEvent) and x.blob in busy)]
+            if not pairs:
+                continue
             result = await self.client._json("POST", "/push/events", json={
                 "events": [{"id": e, "body": b.decode()} for e, b in pairs]})
             self.state.events_sent += len(result.get("applied", []))
@@ -524,13 +592,13 @@ class SyncEngine:
     peers: dict[str, PeerSync] = field(default_factory=dict)
     tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     bytes: dict[str, dict[str, int]] = field(default_factory=dict)
-    _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    blob_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     started: float = field(default_factory=time.time)
     on_state: Callable[[PeerState], None] | None = None
 
     def blob_lock(self, blob: str) -> asyncio.Lock:
-        return self._locks.setdefault(blob, asyncio.Lock())
+        return self.blob_locks.setdefault(blob, asyncio.Lock())
 
     def last_seen(self, peer: str) -> float:
         """When the peer last dialled us (or when we started: give it time to do so)."""
@@ -540,6 +608,13 @@ class SyncEngine:
     def count_bytes(self, peer: str, direction: str, n: int) -> None:
         d = self.bytes.setdefault(peer, {"in": 0, "out": 0})
         d[direction] += n
+
+    def peer_seen(self, peer: str) -> None:
+        """The peer just talked to us: if we were backing off from it, try again now."""
+        ps = self.peers.get(peer)
+        if ps is not None and ps.state.state == "unreachable":
+            ps.backoff.reset()
+            ps.wake.set()
 
     def changed(self, exclude: PeerSync | None = None) -> None:
         """Local catalog changed: let the other peers' loops run now."""

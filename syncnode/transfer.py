@@ -57,6 +57,7 @@ class PartialBlob:
         self.digests = chunk_digests
         self.path: Path = store.part_path(blob)
         self._buf = bytearray()
+        self._whole = blake3.blake3()  # of the verified prefix: no re-read at the end
         self.offset = self._resume()  # bytes verified on disk
         self.resumed_from = self.offset
         self._file = open(self.path, "r+b" if self.path.exists() else "w+b")
@@ -74,11 +75,12 @@ class PartialBlob:
                 last = good + len(chunk) == self.size
                 if (len(chunk) < CHUNK_SIZE and not last) or not self._chunk_ok(index, chunk):
                     break
+                self._whole.update(chunk)
                 good += len(chunk)
                 index += 1
         return good
 
-    def _chunk_ok(self, index: int, chunk: bytes | bytearray) -> bool:
+    def _chunk_ok(self, index: int, chunk: bytes | bytearray | memoryview) -> bool:
         want = self.digests[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE]
         return blake3.blake3(chunk).digest() == want
 
@@ -87,25 +89,40 @@ class PartialBlob:
         return self.offset >= self.size
 
     @property
+    def next_chunk_size(self) -> int:
+        """How many bytes the next :meth:`write_chunk` call takes (0 when complete)."""
+        return min(CHUNK_SIZE, self.size - self.offset)
+
+    @property
     def pending(self) -> int:
         """Bytes received but not yet verified (less than one chunk)."""
         return len(self._buf)
 
+    def write_chunk(self, chunk: bytes | bytearray | memoryview) -> None:
+        """Verify and append exactly the next chunk. Blocking (hash + write): run it in a
+        worker thread; BLAKE3 and file writes release the GIL."""
+        if len(chunk) != self.next_chunk_size:
+            raise TransferError(f"chunk of {len(chunk)} bytes for blob {self.blob} at "
+                                f"{self.offset}, expected {self.next_chunk_size}")
+        index = self.offset // CHUNK_SIZE
+        if not self._chunk_ok(index, chunk):
+            raise ChunkMismatch(self.blob, index)
+        self._file.write(chunk)
+        self._whole.update(chunk)
+        self.offset += len(chunk)
+
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        """Accept the next bytes (which must start at ``offset + pending``)."""
+        """Accept the next bytes in any sizes (which must start at ``offset + pending``)."""
         if self.offset + len(self._buf) + len(data) > self.size:
             raise TransferError(f"sender sent more than the {self.size} bytes of blob {self.blob}")
         self._buf += data
-        while len(self._buf) >= CHUNK_SIZE or (
-                self._buf and self.offset + len(self._buf) == self.size):
-            take = min(CHUNK_SIZE, len(self._buf))
-            chunk = bytes(self._buf[:take])
-            index = self.offset // CHUNK_SIZE
-            if not self._chunk_ok(index, chunk):
+        while self._buf and len(self._buf) >= self.next_chunk_size:
+            take = self.next_chunk_size
+            try:
+                self.write_chunk(bytes(self._buf[:take]))
+            except TransferError:
                 self._buf.clear()
-                raise ChunkMismatch(self.blob, index)
-            self._file.write(chunk)
-            self.offset += take
+                raise
             del self._buf[:take]
 
     def close(self) -> None:
@@ -116,16 +133,21 @@ class PartialBlob:
             self._file.close()
         self._buf.clear()
 
-    def finish(self) -> BlobInfo:
-        """Check the whole hash and move the blob into the store."""
+    def finish(self, *, sync_dir: bool = True) -> BlobInfo:
+        """Check the whole hash and move the blob into the store.
+
+        With ``sync_dir=False`` the caller makes the rename durable later
+        (``store.flush_dirs()``), before it records the blob in the catalog.
+        """
         if not self.complete:
             raise TransferError(f"blob {self.blob} incomplete: {self.offset} of {self.size} bytes")
         self.close()
-        try:
-            return self.store.adopt(self.path, self.blob)
-        except BlobHashMismatch:
+        digest = self._whole.hexdigest()
+        if digest != self.blob:
             self.path.unlink(missing_ok=True)
-            raise
+            raise BlobHashMismatch(self.blob, digest)
+        return self.store.install_verified(self.path, digest, self.size, self.digests,
+                                           sync_dir=sync_dir)
 
     def discard(self) -> None:
         self.close()

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from ..node import RunningNode
 
 MAX_PAGE = 1000
+MAX_OFFSET = 10**12
 LONG_POLL_MAX = 60.0
 
 
@@ -210,8 +211,8 @@ class AdminAPI:
             return _error(400, f"unknown filter(s) {sorted(unknown)}; known: {sorted(known)}")
         limit = int(q.get("limit", "100"))
         offset = int(q.get("offset", "0"))
-        if not 0 < limit <= MAX_PAGE or offset < 0:
-            return _error(400, f"limit is 1..{MAX_PAGE}, offset >= 0")
+        if not 0 < limit <= MAX_PAGE or not 0 <= offset <= MAX_OFFSET:
+            return _error(400, f"limit is 1..{MAX_PAGE}, offset 0..{MAX_OFFSET}")
         for d in ("date_from", "date_to"):
             if q.get(d) and not (len(q[d]) == 8 and q[d].isdigit()):
                 return _error(400, f"{d} must be YYYYMMDD")

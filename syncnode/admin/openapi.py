@@ -83,7 +83,7 @@ OPENAPI: dict[str, Any] = {
                     ("date_from", {"type": "string", "pattern": "^[0-9]{8}$"}),
                     ("date_to", {"type": "string", "pattern": "^[0-9]{8}$"}),
                     ("limit", {"type": "integer", "minimum": 1, "maximum": 1000}),
-                    ("offset", {"type": "integer", "minimum": 0}))],
+                    ("offset", {"type": "integer", "minimum": 0, "maximum": 10**12}))],
             "responses": {"200": _json({"type": "object", "required": ["instances"],
                                         "properties": {"instances": {
                                             "type": "array",
