@@ -93,6 +93,7 @@ def test_pydicom_files_stored_byte_for_byte(scp: DicomServer, node: LocalNode) -
     # one association per file: some files share a SOP Instance UID with another version
     for f, item in zip(files, items, strict=True):
         assert kit.send_raw("127.0.0.1", scp.port, [item]) == [0x0000], f.name
+    assert scp.wait_applied()
     for f, (_cls, sop, _ts, data) in zip(files, items, strict=True):
         assert data in stored_datasets(node, sop), f"{f.name}: stored bytes differ"
         for blob in blobs_of(node, sop):
@@ -113,6 +114,7 @@ def test_pydicom_files_stored_byte_for_byte(scp: DicomServer, node: LocalNode) -
 def test_duplicate_store_is_success_and_adds_nothing(scp: DicomServer, node: LocalNode) -> None:
     item = kit.file_item(Path(pydicom_file("CT_small.dcm")))
     assert kit.send_raw("127.0.0.1", scp.port, [item, item]) == [0, 0]
+    assert scp.wait_applied()
     assert node.catalog.counts()["put_events"] == 1
     assert scp.stats.stored == 1 and scp.stats.duplicates == 1
 
@@ -149,6 +151,7 @@ def test_broken_input_refused_and_nothing_stored(scp: DicomServer, node: LocalNo
         payload, expect = os.urandom(5000), {0xC000, 0xA900}
     statuses = kit.send_raw("127.0.0.1", scp.port, [(cls, sop, ts, payload)])
     assert statuses[0] in expect, hex(statuses[0] or 0)
+    assert scp.wait_applied()
     assert node.catalog.counts()["events"] == 0
     assert list(node.store.iter_hashes()) == []
     assert tmp_files(node) == []
@@ -245,6 +248,7 @@ def test_concurrent_associations_group_commit(scp: DicomServer, node: LocalNode,
     for t in threads:
         t.join(60)
     assert sorted(s for r in results for s in r) == [0] * 40
+    assert scp.wait_applied()
     assert {i.sop_instance_uid for i in node.catalog.instances()} == set(study.sop_uids)
     for item in items:
         assert stored_datasets(node, item[1]) == [item[3]]

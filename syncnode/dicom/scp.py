@@ -13,9 +13,11 @@ Receiving an instance (C-STORE)
 2. When the request is complete the handler inspects the temp file
    (:func:`syncnode.dicomfile.inspect_file`), renames it into the store
    (:mod:`syncnode.dicom.ingest`), and hands (attributes, blob) to the :class:`Committer`.
-3. The committer thread makes everything queued so far durable at once (one
-   ``syncfs``) and then inserts their put events in one synchronous catalog
-   transaction (group commit across associations).
+3. The :class:`Committer` (group commit across associations) appends the put events
+   of everything queued so far to the ingest journal and makes blobs and journal durable
+   with one flush (:mod:`syncnode.dicom.journal`, :mod:`syncnode.dicom.ingest`); the
+   journal's thread inserts the events into the catalog right after (milliseconds) and
+   replays them after a crash.
 4. Only then is the status sent: Success 0x0000 means the bytes and the event are
    durable. Failures store nothing: 0xA700 out of resources (disk full), 0xA900 data set
    does not match SOP class (identity UIDs missing, invalid or contradicting the
@@ -60,12 +62,12 @@ from pynetdicom.sop_class import (
 
 from .. import __version__
 from ..blobstore import BlobInfo, BlobStore, StoreFull
-from ..catalog import Catalog
 from ..dicomfile import InstanceInfo, InvalidDicom, inspect_file
 from ..ids import is_uid
 from ..local import CATALOG_FILE, LocalNode
 from . import query
-from .ingest import SpoolWriter, make_durable
+from .ingest import SpoolWriter, have_syncfs, make_durable
+from .journal import IngestJournal
 from .transport import GuardedServer, PduLimits, SyncnodeAE, set_nodelay, start_server
 
 log = logging.getLogger("syncnode.dicom")
@@ -304,16 +306,18 @@ class Committer:
     submits an item while no commit is running becomes the leader and commits everything
     queued so far (its own item included); handlers arriving meanwhile queue up and wait,
     and the next leader takes them all in one batch. A single association therefore pays
-    no thread hand-off, and concurrent associations share device flushes. Per batch: make
-    its blobs durable (:func:`syncnode.dicom.ingest.make_durable`), then one synchronous
-    transaction for all its put events. A batch that fails is retried item by item so one
-    bad item cannot fail the others.
+    no thread hand-off, and concurrent associations share device flushes. Per batch: the
+    put events are appended to the ingest journal (:mod:`syncnode.dicom.journal`), then
+    one flush makes the blobs and the journal durable together
+    (:func:`syncnode.dicom.ingest.make_durable`); the journal's thread then inserts the
+    events into the catalog. A batch that fails is retried item by item so one bad item
+    cannot fail the others.
     """
 
     MAX_BATCH = 256
 
-    def __init__(self, catalog_path: Path, node_id: str, store: BlobStore) -> None:
-        self._catalog = Catalog(catalog_path, node_id=node_id)
+    def __init__(self, journal: IngestJournal, store: BlobStore) -> None:
+        self.journal = journal
         self._store = store
         self._cv = threading.Condition()
         self._pending: list[_Pending] = []
@@ -357,14 +361,16 @@ class Committer:
             deadline = time.monotonic() + 30
             while (self._leader or self._pending) and time.monotonic() < deadline:
                 self._cv.wait(0.5)
-        self._catalog.close()
+        self.journal.close()
 
     def _commit(self, batch: list[_Pending]) -> None:
         try:
+            results = self.journal.record([(p.info, p.blob) for p in batch])
             make_durable(self._store, {p.blob.hash for p in batch})
-            results = self._catalog.add_local_puts(
-                [(p.info.to_dict(), p.blob) for p in batch], blob_present=self._store.has)
-            for p, (_eid, new) in zip(batch, results, strict=True):
+            if not have_syncfs():
+                self.journal.sync_file()
+            self.journal.durable([(eid, body) for eid, _new, body in results if body])
+            for p, (_eid, new, _body) in zip(batch, results, strict=True):
                 p.new = new
             self.batches += 1
             self.committed += len(batch)
@@ -380,7 +386,7 @@ class Committer:
     def forget_blob(self, blob: BlobInfo) -> None:
         """Remove a blob this bridge created if nothing references it (failed commit)."""
         if blob.created:
-            self._catalog.collect_garbage([blob.hash], self._store.delete)
+            self.journal.catalog.collect_garbage([blob.hash], self._store.delete)
 
 
 # --------------------------------------------------------------------------------------------
@@ -458,7 +464,9 @@ class DicomServer:
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> int:
-        self.committer = Committer(self.catalog_path, self.node.node_id.compact, self.store)
+        journal = IngestJournal(self.node.data, self.catalog_path, self.node.node_id.compact,
+                                self.store, on_applied=self._applied)
+        self.committer = Committer(journal, self.store)
         handlers = [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
@@ -492,6 +500,14 @@ class DicomServer:
         if self.committer is not None:
             self.committer.stop()
             self.committer = None
+
+    def wait_applied(self, timeout: float = 30.0) -> bool:
+        """Block until every acknowledged instance is in the catalog (normally ms)."""
+        return self.committer is None or self.committer.journal.wait_applied(timeout)
+
+    def _applied(self, _count: int) -> None:
+        if self.on_stored is not None:
+            self.on_stored()
 
     # -- handlers ----------------------------------------------------------------------
     def _on_echo(self, event: evt.Event) -> int:
@@ -568,8 +584,6 @@ class DicomServer:
             return _status(STATUS_PROCESSING_FAILURE, "could not record the instance")
         if pending.new:
             self.stats.stored += 1
-            if self.on_stored is not None:
-                self.on_stored()
         else:
             self.stats.duplicates += 1
         log.debug("C-STORE %s stored as blob %s", sop, blob.hash)

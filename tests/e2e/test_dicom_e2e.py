@@ -188,6 +188,7 @@ def test_storescu_generated_study(bridge: tuple[LocalNode, DicomBridge],
     study = kit.make_study(tmp_path / "s", 30, seed="storescu", series=3, rows=256, cols=256)
     kit.run_tool([kit.dcmtk("storescu"), "-aec", "SYNCNODE", "127.0.0.1", str(br.port),
                   "+sd", str(tmp_path / "s")])
+    assert br.server.wait_applied()
     listed = json.loads(cli("ls", "--json", data=node.data).stdout)
     assert sorted(r["sop_instance_uid"] for r in listed) == sorted(study.sop_uids)
     by_sop = {r["sop_instance_uid"]: r for r in listed}
@@ -220,6 +221,7 @@ def test_storescu_every_valid_pydicom_file(bridge: tuple[LocalNode, DicomBridge]
             # else: storescu's own limits (it cannot read or re-encode a few of these
             # files); the node refusing one would show in its failure count below.
     assert len(sent) >= 30
+    assert br.server.wait_applied()
     listed = {r["sop_instance_uid"]
               for r in json.loads(cli("ls", "--json", data=node.data).stdout)}
     assert {sops[f] for f in sent} <= listed

@@ -1,0 +1,232 @@
+"""The SCP's ingest journal: put events made durable with their blobs in one device flush.
+
+A C-STORE may be acknowledged only once its blob and its put event are durable. Doing
+that with the catalog directly costs two flushes in sequence (the blob, then the
+catalog's synchronous commit), because the event must never be durable before its blob.
+Here the put event (its id and canonical body, exactly what the catalog will hold) is
+appended to ``<data>/dicom-ingest.journal`` *before* the batch's single flush
+(:func:`syncnode.dicom.ingest.make_durable`): after that one ``syncfs`` the blobs, their
+chunk lists, their names and the events are all on disk, and the SCP answers Success.
+A background thread then inserts the journaled events into the catalog (synchronous
+transactions, many events each) and empties the journal once everything in it is in the
+catalog.
+
+Crash safety: the flush does not order its writes, so after a crash the journal may hold
+a record whose blob did not reach the disk; such a record was never acknowledged (the
+answer waits for the whole flush). On start, :meth:`IngestJournal.recover` replays every
+intact record (length, CRC-32, and the event id must hash its body) whose blob is present
+and re-hashes correctly, skips the others, and stops at a torn tail. Replaying an event the
+catalog already has changes nothing (events are a set). So every acknowledged instance
+ends up in the catalog, and the catalog never points at a missing or damaged blob.
+
+Record format: ``b"SNJ1"``, payload length (u32 LE), CRC-32 of the payload (u32 LE),
+payload = 32-byte event id + event body. Events are built exactly as
+:meth:`syncnode.catalog.Catalog.add_local_puts` builds them (this node as origin, the
+hybrid logical clock, the same validation); an instance whose live version, or a journaled
+one, already has the same bytes gets no new event.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+from .. import events as ev
+from ..blobstore import BlobInfo, BlobStore
+from ..catalog import Catalog
+from ..dicomfile import InstanceInfo
+from ..ids import check_uid
+
+log = logging.getLogger("syncnode.dicom")
+
+JOURNAL_FILE = "dicom-ingest.journal"
+_MAGIC = b"SNJ1"
+_HEADER = struct.Struct("<4sII")
+_MAX_RECORD = ev.MAX_EVENT_BYTES + 32
+APPLY_BATCH = 512
+
+
+class IngestJournal:
+    """Append-only journal of the SCP's put events, applied to the catalog in background."""
+
+    def __init__(self, data_dir: Path, catalog_path: Path, node_id: str, store: BlobStore,
+                 on_applied: Callable[[int], None] | None = None) -> None:
+        self.path = Path(data_dir) / JOURNAL_FILE
+        self.node_id = node_id
+        self.store = store
+        self.on_applied = on_applied
+        self.catalog = Catalog(catalog_path, node_id=node_id)
+        self._lock = threading.Condition()
+        self._hlc = int(self.catalog.get_meta("hlc") or 0)
+        self._pending: list[tuple[str, bytes]] = []  # journaled, durable, not yet applied
+        self._unapplied = 0  # records in the journal file not yet in the catalog
+        self._journaled: dict[str, tuple[str, str]] = {}  # SOP UID -> (blob, event id)
+        self._sop_of: dict[str, str] = {}  # event id -> SOP UID, for journaled events
+        self._closing = False
+        self.applied = 0
+        self.recovered = self.recover()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._thread = threading.Thread(target=self._apply_loop, name="dicom-journal",
+                                        daemon=True)
+        self._thread.start()
+
+    # -- writing (the committer's leader thread) ------------------------------------------
+    def record(self, items: list[tuple[InstanceInfo, BlobInfo]]
+               ) -> list[tuple[str, bool, bytes | None]]:
+        """Append events for these instances (not yet durable: see :meth:`durable`).
+
+        Returns (event id, new, body or None) per item. All events are built and checked
+        before anything is written, so an invalid item raises and appends nothing.
+        """
+        out: list[tuple[str, bool, bytes | None]] = []
+        records: list[bytes] = []
+        batch: dict[str, tuple[str, str]] = {}
+        with self._lock:
+            for info, blob in items:
+                sop = check_uid(info.sop_instance_uid, "SOP Instance UID")
+                seen = batch.get(sop) or self._journaled.get(sop)
+                if seen is not None and seen[0] == blob.hash:
+                    out.append((seen[1], False, None))
+                    continue
+                if seen is None:
+                    live = self.catalog.instance(sop)
+                    if live is not None and live.blob == blob.hash:
+                        out.append((live.event_id, False, None))
+                        continue
+                hlc = ev.hlc_tick(self._hlc)
+                event = ev.PutEvent(
+                    origin=self.node_id, hlc=hlc, blob=blob.hash, size=blob.size,
+                    chunks=blob.chunks_root,
+                    sop_class_uid=check_uid(info.sop_class_uid, "SOP Class UID"),
+                    sop_instance_uid=sop,
+                    series_instance_uid=check_uid(info.series_instance_uid,
+                                                  "Series Instance UID"),
+                    study_instance_uid=check_uid(info.study_instance_uid,
+                                                 "Study Instance UID"),
+                    patient_id=info.patient_id, modality=info.modality,
+                    study_date=info.study_date, transfer_syntax_uid=info.transfer_syntax_uid)
+                body = ev.encode(event)
+                ev.decode(body)  # the validation a peer (and the catalog) will apply
+                eid = ev.event_id(body)
+                self._hlc = hlc
+                payload = bytes.fromhex(eid) + body
+                records.append(_HEADER.pack(_MAGIC, len(payload), zlib.crc32(payload))
+                               + payload)
+                batch[sop] = (blob.hash, eid)
+                out.append((eid, True, body))
+            if records:
+                data = b"".join(records)
+                written = 0
+                while written < len(data):
+                    written += os.write(self._fd, data[written:])
+                self._unapplied += len(records)
+                self._journaled.update(batch)
+                self._sop_of.update({eid: sop for sop, (_b, eid) in batch.items()})
+        return out
+
+    def sync_file(self) -> None:
+        """fsync the journal (where syncfs is not available)."""
+        os.fsync(self._fd)
+
+    def durable(self, records: list[tuple[str, bytes]]) -> None:
+        """These journaled events are now durable: hand them to the catalog writer."""
+        if records:
+            with self._lock:
+                self._pending.extend(records)
+                self._lock.notify_all()
+
+    # -- applying (background) ----------------------------------------------------------
+    def _apply_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._pending and not self._closing:
+                    self._lock.wait(1.0)
+                if not self._pending and self._closing:
+                    return
+                batch = self._pending[:APPLY_BATCH]
+                del self._pending[:APPLY_BATCH]
+            try:
+                result = self.catalog.apply(batch, blob_present=self.store.has)
+            except Exception:  # keep the events journaled; retry them shortly
+                log.exception("catalog insert of %d journaled events failed", len(batch))
+                with self._lock:
+                    self._pending[:0] = batch
+                    self._lock.wait(1.0)
+                continue
+            for eid, why in result.rejected.items():
+                log.error("journaled event %s rejected by the catalog: %s", eid, why)
+            with self._lock:
+                self._unapplied -= len(batch)
+                self.applied += len(batch)
+                for eid, _body in batch:
+                    sop = self._sop_of.pop(eid, None)
+                    if sop is not None and self._journaled.get(sop, ("", ""))[1] == eid:
+                        del self._journaled[sop]
+                if self._unapplied == 0:
+                    os.ftruncate(self._fd, 0)  # all in the catalog (a replay would be a no-op)
+                self._lock.notify_all()
+            if self.on_applied is not None:
+                self.on_applied(len(batch))
+
+    def wait_applied(self, timeout: float = 30.0) -> bool:
+        """Block until every durable record is in the catalog (used at shutdown, tests)."""
+        with self._lock:
+            return self._lock.wait_for(lambda: not self._pending and self._unapplied == 0,
+                                       timeout)
+
+    def close(self) -> None:
+        self.wait_applied(60.0)
+        with self._lock:
+            self._closing = True
+            self._lock.notify_all()
+        self._thread.join(30)
+        os.close(self._fd)
+        self.catalog.close()
+
+    # -- recovery -------------------------------------------------------------------------
+    def recover(self) -> int:
+        """Replay the journal left by a previous run (see the module doc). Returns how many
+        events were taken into the catalog."""
+        if not self.path.exists():
+            return 0
+        good: list[tuple[str, bytes]] = []
+        skipped = 0
+        with open(self.path, "rb") as f:
+            while True:
+                head = f.read(_HEADER.size)
+                if len(head) < _HEADER.size:
+                    break
+                magic, length, crc = _HEADER.unpack(head)
+                if magic != _MAGIC or length > _MAX_RECORD:
+                    break
+                payload = f.read(length)
+                if len(payload) < length or zlib.crc32(payload) != crc:
+                    break  # torn tail: never acknowledged
+                eid, body = payload[:32].hex(), payload[32:]
+                try:
+                    event = ev.decode_checked(eid, body)
+                except ev.InvalidEvent:
+                    skipped += 1
+                    continue
+                if not isinstance(event, ev.PutEvent) or self.store.verify(event.blob):
+                    skipped += 1  # blob absent or damaged: this one was not acknowledged
+                    continue
+                good.append((eid, body))
+        inserted = 0
+        for i in range(0, len(good), APPLY_BATCH):
+            inserted += len(self.catalog.apply(good[i:i + APPLY_BATCH],
+                                               blob_present=self.store.has).inserted)
+        if good or skipped:
+            log.info("ingest journal replayed: %d events (%d new), %d skipped", len(good),
+                     inserted, skipped)
+        with open(self.path, "r+b") as f:
+            f.truncate(0)
+            os.fsync(f.fileno())
+        if good:
+            self._hlc = max(self._hlc, int(self.catalog.get_meta("hlc") or 0))
+        return inserted
