@@ -1,0 +1,202 @@
+#!/usr/bin/env python3
+"""Benchmark the DICOM bridge against Orthanc, with real processes on loopback.
+
+1. Ingest throughput: DCMTK ``storescu`` (``TCP_NODELAY=1``) sends the same N files
+   (512 x 512 CT, ~525 KB each) into a ``syncnode run`` node and into a fresh Orthanc,
+   alternating, ``--rounds`` times each; reports files/s (median) and node/Orthanc.
+   Both make instances durable before answering (Orthanc: ``SyncStorageArea``).
+2. Time to available: a study of ``--study`` images is stored into node A by storescu;
+   node A syncs to node B (mutual TLS, ``--sync-interval``), node B exports to Orthanc B.
+   Reported: the raw transfer time (storescu's run) and the time from the last C-STORE
+   answered by node A until Orthanc B holds the whole study.
+
+Usage: python3 tools/bench_dicom.py [--files 300] [--rounds 3] [--study 500] [--json out]
+Every process started here is stopped at the end (also on errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import dicom_testkit as kit
+
+SYNCNODE = [sys.executable, "-m", "syncnode.cli"]
+
+
+class Node:
+    """``syncnode run`` in its own process group."""
+
+    def __init__(self, data: Path, *flags: str) -> None:
+        self.data = data
+        subprocess.run([*SYNCNODE, "init", "--data", str(data)], check=True,
+                       capture_output=True)
+        (data / "ports.json").unlink(missing_ok=True)
+        self.log = open(data / "run.log", "ab")  # noqa: SIM115 - held by the child
+        self.proc = subprocess.Popen(
+            [*SYNCNODE, "run", "--data", str(data), "--peer-host", "127.0.0.1",
+             "--peer-port", "0", "--api-port", "0", "--no-discovery", "--log-level",
+             "warning", *flags],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            env=kit.tool_env({"SYNCNODE_DICOM_HOST": "127.0.0.1"}))
+        self.ports = self._wait_ports()
+
+    def _wait_ports(self, timeout: float = 30) -> dict[str, int]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"syncnode run exited: see {self.data / 'run.log'}")
+            try:
+                ports = json.loads((self.data / "ports.json").read_text())
+                if "dicom" in ports:
+                    return {k: int(v) for k, v in ports.items()}
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        raise TimeoutError("node did not start")
+
+    def node_id(self) -> str:
+        out = subprocess.run([*SYNCNODE, "id", "--data", str(self.data), "--json"],
+                             check=True, capture_output=True, text=True).stdout
+        return str(json.loads(out)["node_id"])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, 15)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+                self.proc.wait(10)
+        self.log.close()
+
+
+def storescu(port: int, aec: str, folder: Path) -> float:
+    t = time.perf_counter()
+    kit.run_tool([kit.dcmtk("storescu"), "-aec", aec, "127.0.0.1", str(port), "+sd",
+                  str(folder)], timeout=1800)
+    return time.perf_counter() - t
+
+
+def bench_ingest(work: Path, files: int, rounds: int) -> dict[str, Any]:
+    src = work / "ingest-files"
+    kit.make_study(src, files, seed="bench-ingest", rows=512, cols=512, series=2)
+    node_rates, orthanc_rates = [], []
+    for r in range(rounds):
+        for target in ("node", "orthanc"):
+            d = work / f"{target}-{r}"
+            if target == "node":
+                node = Node(d, "--dicom-port", "0", "--ae-title", "SYNCNODE")
+                try:
+                    secs = storescu(node.ports["dicom"], "SYNCNODE", src)
+                finally:
+                    node.stop()
+                node_rates.append(files / secs)
+            else:
+                orth = kit.Orthanc(d, aet="ORTHANC")
+                orth.start()
+                try:
+                    secs = storescu(orth.dicom_port, "ORTHANC", src)
+                finally:
+                    orth.stop()
+                orthanc_rates.append(files / secs)
+            print(f"  round {r + 1}: {target:8s} {files / secs:7.1f} files/s", flush=True)
+            shutil.rmtree(d, ignore_errors=True)
+    node_fps, orth_fps = statistics.median(node_rates), statistics.median(orthanc_rates)
+    return {"files": files, "file_bytes": (src / "im00001.dcm").stat().st_size,
+            "rounds": rounds, "node_files_per_s": round(node_fps, 1),
+            "orthanc_files_per_s": round(orth_fps, 1),
+            "ratio": round(node_fps / orth_fps, 3),
+            "node_runs": [round(x, 1) for x in node_rates],
+            "orthanc_runs": [round(x, 1) for x in orthanc_rates]}
+
+
+def bench_available(work: Path, images: int, interval: float) -> dict[str, Any]:
+    src = work / "study-files"
+    study = kit.make_study(src, images, seed="bench-available", rows=512, cols=512, series=2)
+    orth_b = kit.Orthanc(work / "orthanc-b", aet="ORTHANCB")
+    orth_b.start()
+    a = b = None
+    try:
+        a = Node(work / "node-a", "--dicom-port", "0", "--ae-title", "NODEA",
+                 "--sync-interval", str(interval))
+        b = Node(work / "node-b", "--dicom-port", "0", "--ae-title", "NODEB",
+                 "--sync-interval", str(interval), "--export", orth_b.address)
+        for me, other in ((a, b), (b, a)):
+            subprocess.run([*SYNCNODE, "peer", "add", other.node_id(),
+                            f"https://127.0.0.1:{other.ports['peer']}", "--data",
+                            str(me.data)], check=True, capture_output=True)
+        t0 = time.perf_counter()
+        transfer = storescu(a.ports["dicom"], "NODEA", src)
+        t_last = t0 + transfer
+        deadline = time.monotonic() + 600
+        while True:
+            count = int(orth_b.get("/statistics")["CountInstances"])
+            if count >= images:
+                t_done = time.perf_counter()
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Orthanc B has {count} of {images} after 600 s")
+            time.sleep(0.02)
+        assert set(orth_b.sop_uids()) == set(study.sop_uids)
+        return {"images": images, "sync_interval": interval,
+                "transfer_seconds": round(transfer, 2),
+                "available_after_last_store_seconds": round(t_done - t_last, 2),
+                "first_store_to_available_seconds": round(t_done - t0, 2)}
+    finally:
+        for n in (a, b):
+            if n is not None:
+                n.stop()
+        orth_b.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--files", type=int, default=300)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--study", type=int, default=500)
+    ap.add_argument("--sync-interval", type=float, default=0.2)
+    ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--skip-ingest", action="store_true")
+    ap.add_argument("--skip-available", action="store_true")
+    args = ap.parse_args(argv)
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench-dicom-", dir="/var/tmp"))
+    work.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"cpus": os.cpu_count(), "load": os.getloadavg()}
+    try:
+        if not args.skip_ingest:
+            print(f"ingest: storescu of {args.files} files, node vs Orthanc", flush=True)
+            result["ingest"] = bench_ingest(work, args.files, args.rounds)
+            i = result["ingest"]
+            print(f"ingest: node {i['node_files_per_s']} files/s, Orthanc "
+                  f"{i['orthanc_files_per_s']} files/s, ratio {i['ratio']}x", flush=True)
+        if not args.skip_available:
+            print(f"time to available: {args.study} images, node A -> node B -> Orthanc B",
+                  flush=True)
+            result["available"] = bench_available(work, args.study, args.sync_interval)
+            v = result["available"]
+            print(f"available: transfer {v['transfer_seconds']} s; in Orthanc B "
+                  f"{v['available_after_last_store_seconds']} s after the last C-STORE",
+                  flush=True)
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
