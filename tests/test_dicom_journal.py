@@ -123,3 +123,25 @@ def test_replay_is_idempotent(node: LocalNode, tmp_path: Path) -> None:
     j2.close()
     assert j2.recovered == 0
     assert node.catalog.counts()["events"] == 2
+
+
+def test_blob_removed_before_catalog_insert_is_restored(node: LocalNode,
+                                                        tmp_path: Path) -> None:
+    """``syncnode gc`` between the answer and the catalog insert must not lose it."""
+    study = kit.make_study(tmp_path / "s", 2, seed="j5")
+    j = open_journal(node)
+    try:
+        items = [spool(node, f) for f in study.files]
+        results = j.record(items)
+        for _i, b in items:
+            j.keep(b.hash)
+        make_durable(node.store, {b.hash for _i, b in items})
+        assert node.gc() == 2  # nothing references them yet: gc removes both
+        j.durable([(e, b) for e, _n, b in results if b])
+        assert j.wait_applied()
+    finally:
+        j.close()
+    assert sorted(i.sop_instance_uid for i in node.catalog.instances()) == \
+        sorted(study.sop_uids)
+    assert node.verify().ok
+    assert list((node.data / "tmp" / "dicom-keep").iterdir()) == []

@@ -19,6 +19,13 @@ and re-hashes correctly, skips the others, and stops at a torn tail. Replaying a
 catalog already has changes nothing (events are a set). So every acknowledged instance
 ends up in the catalog, and the catalog never points at a missing or damaged blob.
 
+Between the answer and the catalog insert, nothing else references the blob, so a
+concurrent garbage collection (``syncnode gc``, or a delete freeing identical bytes)
+could remove it. Each journaled blob therefore also gets hard links in
+``tmp/dicom-keep/`` (blob and chunk list), made before the flush and removed once the
+event is in the catalog; a blob found missing at insert or replay time is put back
+from them.
+
 Record format: ``b"SNJ1"``, payload length (u32 LE), CRC-32 of the payload (u32 LE),
 payload = 32-byte event id + event body. Events are built exactly as
 :meth:`syncnode.catalog.Catalog.add_local_puts` builds them (this node as origin, the
@@ -51,6 +58,11 @@ _MAX_RECORD = ev.MAX_EVENT_BYTES + 32
 APPLY_BATCH = 512
 
 
+def _blob_of(body: bytes) -> str:
+    event = ev.decode(body)
+    return event.blob if isinstance(event, ev.PutEvent) else ""
+
+
 class IngestJournal:
     """Append-only journal of the SCP's put events, applied to the catalog in background."""
 
@@ -61,6 +73,8 @@ class IngestJournal:
         self.store = store
         self.on_applied = on_applied
         self.catalog = Catalog(catalog_path, node_id=node_id)
+        self.keep_dir = store.tmp_dir / "dicom-keep"
+        self.keep_dir.mkdir(exist_ok=True)
         self._lock = threading.Condition()
         self._hlc = int(self.catalog.get_meta("hlc") or 0)
         self._pending: list[tuple[str, bytes]] = []  # journaled, durable, not yet applied
@@ -151,6 +165,8 @@ class IngestJournal:
                 batch = self._pending[:APPLY_BATCH]
                 del self._pending[:APPLY_BATCH]
             try:
+                for _eid, body in batch:
+                    self._restore(_blob_of(body))
                 result = self.catalog.apply(batch, blob_present=self.store.has)
             except Exception:  # keep the events journaled; retry them shortly
                 log.exception("catalog insert of %d journaled events failed", len(batch))
@@ -163,12 +179,17 @@ class IngestJournal:
             with self._lock:
                 self._unapplied -= len(batch)
                 self.applied += len(batch)
-                for eid, _body in batch:
+                for eid, body in batch:
+                    blob = _blob_of(body)
+                    if blob and eid not in result.rejected:
+                        for name in (blob, f"{blob}.chunks"):
+                            (self.keep_dir / name).unlink(missing_ok=True)
                     sop = self._sop_of.pop(eid, None)
                     if sop is not None and self._journaled.get(sop, ("", ""))[1] == eid:
                         del self._journaled[sop]
                 if self._unapplied == 0:
                     os.ftruncate(self._fd, 0)  # all in the catalog (a replay would be a no-op)
+                    self._release_all()
                 self._lock.notify_all()
             if self.on_applied is not None:
                 self.on_applied(len(batch))
@@ -187,6 +208,38 @@ class IngestJournal:
         self._thread.join(30)
         os.close(self._fd)
         self.catalog.close()
+
+    # -- keeping journaled blobs alive ----------------------------------------------------
+    def keep(self, blob_hash: str) -> None:
+        """Hard-link a blob and its chunk list into the keep folder (before the flush)."""
+        for src, name in ((self.store.chunks_path(blob_hash), f"{blob_hash}.chunks"),
+                          (self.store.path(blob_hash), blob_hash)):
+            try:
+                os.link(src, self.keep_dir / name)
+            except FileExistsError:
+                pass
+
+    def _restore(self, blob_hash: str) -> None:
+        """Put back a journaled blob that was removed before its event reached the catalog."""
+        if not blob_hash or self.store.has(blob_hash):
+            return
+        kept = self.keep_dir / blob_hash
+        if not kept.exists():
+            return
+        final = self.store.path(blob_hash)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        for name, dst in ((f"{blob_hash}.chunks", self.store.chunks_path(blob_hash)),
+                          (blob_hash, final)):
+            try:
+                os.link(self.keep_dir / name, dst)
+            except FileExistsError:
+                pass
+        log.warning("blob %s of a journaled event was removed before it was recorded; "
+                    "restored", blob_hash)
+
+    def _release_all(self) -> None:
+        for f in self.keep_dir.iterdir():
+            f.unlink(missing_ok=True)
 
     # -- recovery -------------------------------------------------------------------------
     def recover(self) -> int:
@@ -213,6 +266,8 @@ class IngestJournal:
                 except ev.InvalidEvent:
                     skipped += 1
                     continue
+                if isinstance(event, ev.PutEvent):
+                    self._restore(event.blob)
                 if not isinstance(event, ev.PutEvent) or self.store.verify(event.blob):
                     skipped += 1  # blob absent or damaged: this one was not acknowledged
                     continue
@@ -227,6 +282,7 @@ class IngestJournal:
         with open(self.path, "r+b") as f:
             f.truncate(0)
             os.fsync(f.fileno())
+        self._release_all()
         if good:
             self._hlc = max(self._hlc, int(self.catalog.get_meta("hlc") or 0))
         return inserted

@@ -366,6 +366,9 @@ class Committer:
     def _commit(self, batch: list[_Pending]) -> None:
         try:
             results = self.journal.record([(p.info, p.blob) for p in batch])
+            for p, (_eid, _new, body) in zip(batch, results, strict=True):
+                if body is not None:
+                    self.journal.keep(p.blob.hash)
             make_durable(self._store, {p.blob.hash for p in batch})
             if not have_syncfs():
                 self.journal.sync_file()
