@@ -98,6 +98,11 @@ CREATE TABLE IF NOT EXISTS peer_state (
     updated REAL NOT NULL,
     state   TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS discovered (
+    node_id   TEXT PRIMARY KEY,
+    url       TEXT NOT NULL,
+    last_seen REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS merkle (
     level  INTEGER NOT NULL,
     idx    INTEGER NOT NULL,
@@ -588,6 +593,21 @@ class Catalog:
         with self._lock:
             rows = self._db.execute("SELECT node_id, updated, state FROM peer_state").fetchall()
         return {r[0]: {**json.loads(r[2]), "updated": r[1]} for r in rows}
+
+    def note_discovered(self, node_id: str, url: str) -> None:
+        """Remember a node seen on the LAN (not a trust decision)."""
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO discovered VALUES (?, ?, ?)",
+                       (node_id, url, time.time()))
+
+    def discovered(self, max_age: float = 600.0) -> list[dict[str, Any]]:
+        """Nodes seen on the LAN recently that are not trusted peers."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT node_id, url, last_seen FROM discovered WHERE last_seen > ? "
+                "AND node_id NOT IN (SELECT node_id FROM peers) ORDER BY node_id",
+                (time.time() - max_age,)).fetchall()
+        return [{"node_id": r[0], "url": r[1], "last_seen": r[2]} for r in rows]
 
     def counts(self) -> dict[str, int]:
         with self._read() as db:

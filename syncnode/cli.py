@@ -236,6 +236,9 @@ def status(data: DataOpt = DEFAULT_DATA, json_out: JsonOpt = False) -> None:
     out.print(f"events      {st['events']} ({st['put_events']} put, "
               f"{st['delete_events']} delete)")
     out.print(f"merkle root {st['merkle_root']}")
+    for d in st.get("discovered", []):
+        out.print(f"discovered  {d['node_id']}  {d['url']}  (not trusted: "
+                  f"syncnode peer accept {d['node_id'][:15]}...)")
     for p in st["peers"]:
         line = f"peer        {p['node_id'][:15]}  {p['url']}  {p.get('state', 'never contacted')}"
         if p.get("blobs_needed"):
@@ -364,6 +367,34 @@ def peer_list(data: DataOpt = DEFAULT_DATA, json_out: JsonOpt = False) -> None:
     for r in rows:
         out.print(f"{r['node_id']}  {r['url']}  {r.get('state', 'never contacted')}"
                   + (f"  last error: {r['last_error']}" if r.get("last_error") else ""))
+
+
+@peer_app.command("accept")
+def peer_accept(node_id_arg: Annotated[str, typer.Argument(metavar="NODE_ID")],
+                data: DataOpt = DEFAULT_DATA) -> None:
+    """Trust a node that `syncnode run --discovery` saw on the LAN (see `status`). Its
+    certificate is fetched from the announced address and pinned only if it matches."""
+    import asyncio
+
+    from .nodeid import InvalidNodeId, NodeId
+    from .tls import NodeTLSError, fetch_peer_certificate
+
+    node = open_node(data)
+    try:
+        peer = NodeId.parse(node_id_arg)
+    except InvalidNodeId as exc:
+        fail(str(exc))
+    seen = {d["node_id"]: d for d in node.catalog.discovered()}
+    if peer.compact not in seen:
+        fail(f"{peer} has not been seen on the LAN recently (is `run --discovery` on?)", 1)
+    url = seen[peer.compact]["url"]
+    try:
+        der = asyncio.run(fetch_peer_certificate(url, node.identity, peer, timeout=5))
+    except NodeTLSError as exc:
+        fail(str(exc), 1)
+    node.trust.pin(der, peer)
+    node.catalog.add_peer(peer.compact, url)
+    out.print(f"Trusted peer {peer} at {url}")
 
 
 @peer_app.command("remove")

@@ -26,6 +26,7 @@ from .config import Settings
 from .discovery import Discovery
 from .local import LocalNode
 from .peer_server import PeerServer
+from .status import discovered_nodes
 from .sync import SyncEngine
 from .tls import server_ssl_context
 
@@ -136,6 +137,7 @@ class RunningNode:
 
     def _on_discovered(self, entry: dict[str, Any]) -> None:
         compact = entry["node_id"].replace("-", "")
+        self.node.catalog.note_discovered(compact, entry["url"])
         states = self.node.catalog.peer_states()
         for p in self.node.catalog.peers():
             # Move a trusted peer to its announced address only when the configured one
@@ -146,15 +148,12 @@ class RunningNode:
                 log.info("trusted peer %s now at %s", compact[:7], entry["url"])
                 self.node.catalog.add_peer(compact, entry["url"], p["push"])
                 self.peers_changed()
-        self.feed.publish("discovered", node_id=entry["node_id"], url=entry["url"])
+        if self.feed is not None:
+            self.feed.publish("discovered", node_id=entry["node_id"], url=entry["url"])
 
     def discovered(self) -> list[dict[str, Any]]:
-        """Nodes seen on the LAN that are not trusted yet."""
-        if self.discovery is None:
-            return []
-        trusted = {p["node_id"] for p in self.node.catalog.peers()}
-        return [e for e in self.discovery.seen.values()
-                if e["node_id"].replace("-", "") not in trusted]
+        """Nodes seen on the LAN that are not trusted yet (also visible to the CLI)."""
+        return discovered_nodes(self.node)
 
     def _on_peer_state(self, state: Any) -> None:
         if self.feed is not None:

@@ -21,10 +21,17 @@ def peer_rows(node: LocalNode) -> list[dict[str, Any]]:
     return rows
 
 
+def discovered_nodes(node: LocalNode) -> list[dict[str, Any]]:
+    """Nodes `syncnode run --discovery` saw on the LAN recently, not trusted yet."""
+    return [{**d, "node_id": str(NodeId.parse(d["node_id"]))}
+            for d in node.catalog.discovered()]
+
+
 def node_status(node: LocalNode) -> dict[str, Any]:
     from .dicom.exporter import outbox_status
 
     root = node.catalog.merkle_root()
     return {"node_id": str(node.node_id), "data": str(node.data),
             "merkle_root": root.digest.hex(), **node.catalog.counts(),
-            "peers": peer_rows(node), "export": outbox_status(node.catalog.path)}
+            "peers": peer_rows(node), "discovered": discovered_nodes(node),
+            "export": outbox_status(node.catalog.path)}

@@ -143,7 +143,6 @@ class AdminAPI:
     async def status(self, request: web.Request) -> web.Response:
         st = await self._run(node_status, self.node)
         st["ports"] = self.running.ports
-        st["discovered"] = len(self.running.discovered())
         st.update(self.running.extra_status())
         return web.json_response(st)
 

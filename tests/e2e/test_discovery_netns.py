@@ -99,13 +99,20 @@ def test_nodes_discover_each_other_and_sync_after_accept(namespaces: tuple[str, 
         assert seen[0][0]["url"] == f"https://{SUBNET}.2:8443"
         assert seen[1][0]["url"] == f"https://{SUBNET}.1:8443"
 
-        # untrusted until accepted: nothing synced yet
-        key_b = (data[1] / "config.toml").read_text().split('"')[1]
+        # untrusted until accepted; the CLI sees the same list
+        st_b = json.loads(subprocess.run(syncnode("status", "--data", str(data[1]), "--json"),
+                                         capture_output=True, text=True, timeout=60).stdout)
+        assert [d["node_id"] for d in st_b["discovered"]] == [ids[0]]
+        assert st_b["peers"] == [] and st_b["instances"] == 0
+        # A accepts B through the admin API, B accepts A with the CLI (run inside B's
+        # namespace, so the certificate is fetched over the veth link)
         key_a = (data[0] / "config.toml").read_text().split('"')[1]
-        for ns, key, other in ((namespaces[1], key_b, ids[0]), (namespaces[0], key_a, ids[1])):
-            r = in_ns(ns, "curl", "-s", "-X", "POST", "-H", f"X-API-Key: {key}",
-                      f"http://127.0.0.1:8080/api/v1/discovered/{other}/accept")
-            assert '"pinned": true' in r.stdout, r.stdout
+        r = in_ns(namespaces[0], "curl", "-s", "-X", "POST", "-H", f"X-API-Key: {key_a}",
+                  f"http://127.0.0.1:8080/api/v1/discovered/{ids[1]}/accept")
+        assert '"pinned": true' in r.stdout, r.stdout
+        r = in_ns(namespaces[1], *syncnode("peer", "accept", "--data", str(data[1]), ids[0]),
+                  timeout=60)
+        assert r.returncode == 0 and f"https://{SUBNET}.1:8443" in r.stdout, r.stdout + r.stderr
         deadline = time.monotonic() + 20
         roots: list[str] = []
         while time.monotonic() < deadline:
