@@ -79,7 +79,8 @@ def stored_datasets(node: LocalNode, sop: str) -> list[bytes]:
 
 
 def tmp_files(node: LocalNode) -> list[str]:
-    return sorted(p.name for p in (node.data / "tmp").iterdir())
+    """Files left in the store's tmp folder (temp files, journal keep links)."""
+    return sorted(p.name for p in (node.data / "tmp").rglob("*") if p.is_file())
 
 
 def test_echo(scp: DicomServer) -> None:

@@ -320,7 +320,8 @@ def test_import_from_orthanc(tmp_path: Path, orthancs: Callable[..., kit.Orthanc
     br.start()
     try:
         deadline = 60
-        asyncio.run(wait_for(lambda: len(node.catalog.instances()) == 7, deadline,
+        asyncio.run(wait_for(lambda: len(node.catalog.instances()) == 7
+                             and br.retriever.sources[0].moved_studies == 1, deadline,
                              "the study to be retrieved"))
         moved = br.retriever.sources[0].moved_studies
         assert moved == 1
