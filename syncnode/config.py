@@ -81,7 +81,7 @@ class Settings(BaseSettings):
     discovery: bool = Field(False, description="advertise and browse on the LAN (mDNS)")
     sync_interval: float = Field(5.0, gt=0, le=3600,
                                  description="seconds between sync rounds per peer")
-    max_pulls: int = Field(4, ge=1, le=64, description="blobs pulled at once per peer")
+    max_pulls: int = Field(8, ge=1, le=64, description="blobs pulled at once per peer")
     log_format: Literal["kv", "json"] = Field("kv", description="log line format")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
 

@@ -160,7 +160,10 @@ class PeerClient:
         With ``sync_dir=False`` the caller must ``store.flush_dirs()`` before recording the
         blob in the catalog.
         """
-        peer_size, digests = await self.chunks(blob)
+        if size <= CHUNK_SIZE:  # one chunk (or none): its list is the blob hash itself
+            peer_size, digests = size, bytes.fromhex(blob) if size else b""
+        else:
+            peer_size, digests = await self.chunks(blob)
         if peer_size != size:
             raise ProtocolError(f"peer says blob {blob} has {peer_size} bytes, the event "
                                 f"says {size}")
@@ -174,7 +177,8 @@ class PeerClient:
                 async with self.session().get(f"{self.base}/blobs/{blob}",
                                               headers=headers) as resp:
                     if resp.status not in (200, 206):
-                        raise ProtocolError(f"GET blob {blob}: HTTP {resp.status}: "
+                        kind = PeerLacksBlob if resp.status == 404 else ProtocolError
+                        raise kind(f"GET blob {blob}: HTTP {resp.status}: "
                                             f"{(await resp.text())[:300]}")
                     if resp.status == 200 and part.offset:
                         raise ProtocolError("peer ignored the Range header")
