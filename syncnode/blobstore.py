@@ -32,6 +32,7 @@ from typing import BinaryIO
 
 import blake3
 
+from .durable import fsync_dir
 from .ids import check_hash
 
 CHUNK_SIZE = 1 << 20
@@ -88,14 +89,6 @@ def chunks_root(chunk_digests: bytes) -> str:
 def chunk_count(size: int) -> int:
     """Number of chunks of a blob of ``size`` bytes (an empty blob has none)."""
     return (size + CHUNK_SIZE - 1) // CHUNK_SIZE
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _ChunkHasher:

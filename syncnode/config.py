@@ -25,6 +25,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from .durable import atomic_write
+
 CONFIG_FILE = "config.toml"
 _AE_RE = re.compile(r"^[\x21-\x5b\x5d-\x7e]([\x20-\x5b\x5d-\x7e]{0,14}[\x21-\x5b\x5d-\x7e])?$")
 _EXPORT_RE = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>\d{1,5})$")
@@ -155,15 +157,8 @@ def read_file(data: Path) -> dict[str, Any]:
 
 def write_file(data: Path, values: dict[str, Any]) -> None:
     """Write the config file atomically (temp file, fsync, rename)."""
-    path = data / CONFIG_FILE
-    tmp = path.with_suffix(".toml.tmp")
     clean = {k: v for k, v in values.items() if k != "data" and v is not None}
-    with open(tmp, "wb") as f:
-        tomli_w.dump(clean, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o600)  # holds the API key
-    os.replace(tmp, path)
+    atomic_write(data / CONFIG_FILE, tomli_w.dumps(clean).encode(), 0o600)  # holds the API key
 
 
 def load(data: Path | str | None = None, **overrides: Any) -> Settings:

@@ -53,7 +53,6 @@ import os
 import re
 import ssl
 import stat
-import tempfile
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -67,6 +66,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from syncnode.durable import atomic_write, fsync_dir
 from syncnode.nodeid import InvalidNodeId, NodeId
 
 __all__ = [
@@ -179,29 +179,6 @@ class UntrustedPeer(NodeTLSError, ssl.SSLCertVerificationError):
 # Small helpers
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory and a rename."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _pem_to_ders(data: bytes) -> list[bytes]:
@@ -409,8 +386,8 @@ def create_ca(ca_dir: str | os.PathLike[str], name: str = DEFAULT_CA_NAME) -> Ce
         is_ca=True,
         validity=CA_VALIDITY,
     )
-    _atomic_write(key_path, _key_pem(key), 0o600)
-    _atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    atomic_write(key_path, _key_pem(key), 0o600)
+    atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return load_ca(directory)
 
 
@@ -497,9 +474,9 @@ def create_identity(
             is_ca=False,
             validity=NODE_VALIDITY,
         )
-        _atomic_write(directory / CA_CERT_FILE, ca.cert_pem, 0o644)
-    _atomic_write(key_path, _key_pem(key), 0o600)
-    _atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        atomic_write(directory / CA_CERT_FILE, ca.cert_pem, 0o644)
+    atomic_write(key_path, _key_pem(key), 0o600)
+    atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     identity = load_identity(directory)
     logger.info("created node identity %s in %s", identity.node_id, directory)
     return identity
@@ -601,7 +578,7 @@ class TrustStore:
         if path.exists() and self._read_pin(path, actual) == der:
             return actual
         self.trust_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        _atomic_write(path, _der_to_pem(der), 0o644)
+        atomic_write(path, _der_to_pem(der), 0o644)
         logger.info("pinned peer certificate %s", actual)
         return actual
 
@@ -611,7 +588,7 @@ class TrustStore:
             self._path(node_id).unlink()
         except FileNotFoundError:
             return False
-        _fsync_dir(self.trust_dir)
+        fsync_dir(self.trust_dir)
         logger.info("removed pinned peer certificate %s", node_id)
         return True
 
