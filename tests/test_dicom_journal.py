@@ -145,3 +145,22 @@ def test_blob_removed_before_catalog_insert_is_restored(node: LocalNode,
         sorted(study.sop_uids)
     assert node.verify().ok
     assert list((node.data / "tmp" / "dicom-keep").iterdir()) == []
+
+
+@pytest.mark.parametrize("size", [0, 1, 1000, (1 << 20) - 1, 1 << 20, (1 << 20) + 1,
+                                  3 * (1 << 20) + 17])
+def test_spool_hasher_matches_the_blob_store(size: int) -> None:
+    import random
+
+    from syncnode.blobstore import _ChunkHasher
+    from syncnode.dicom.ingest import _Hasher
+
+    data = os.urandom(size)
+    mine, theirs = _Hasher(), _ChunkHasher()
+    rng, pos = random.Random(size), 0
+    while pos < size:
+        n = rng.randint(1, 300_000)
+        mine.update(data[pos:pos + n])
+        theirs.update(data[pos:pos + n])
+        pos += n
+    assert mine.finish() == theirs.finish()
