@@ -175,7 +175,7 @@ def test_pydicom_broken_files_refused(scp: DicomServer, node: LocalNode) -> None
 
 def test_unknown_sop_class_not_accepted(scp: DicomServer, node: LocalNode) -> None:
     _cls, sop, ts, data = kit.file_item(Path(pydicom_file("CT_small.dcm")))
-    unknown = "1.2.826.0.1.3680043.10.1432.99.1"
+    unknown = "2.25.1234567890123456789"  # no such SOP class
     # its presentation context is refused, so nothing can be sent under it ...
     assert kit.send_raw("127.0.0.1", scp.port, [(unknown, sop, ts, data)],
                         contexts=[(unknown, ts), (CT, ts)]) == [None]

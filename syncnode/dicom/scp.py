@@ -72,7 +72,8 @@ from .transport import GuardedServer, PduLimits, SyncnodeAE, set_nodelay, start_
 
 log = logging.getLogger("syncnode.dicom")
 
-IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1432.1"
+# 2.25 + a UUID5: globally unique by construction, no registered root needed.
+IMPLEMENTATION_CLASS_UID = "2.25.222123623580638095036409013028739790235"
 IMPLEMENTATION_VERSION = f"SYNCNODE_{__version__}"[:16]
 
 # Every standard transfer syntax whose data set is self-contained (JPIP-referenced and
