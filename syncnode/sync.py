@@ -370,16 +370,22 @@ class PeerSync:
         to_push: list[str] = []
         pulled = lacking = 0
         self._skipped = []
+        wanted: list[str] = []  # gathered across Merkle nodes so pulls run in big batches
         async for theirs, ours in walk_diff(self.node, self.client.merkle):
-            if theirs:
-                await self.pull_events(theirs)
-                pulled += len(theirs)
+            wanted.extend(theirs)
+            if len(wanted) >= EVENT_BATCH:
+                await self.pull_events(wanted)
+                pulled += len(wanted)
+                wanted = []
             lacking += len(ours)
             if st.pushing:
                 to_push.extend(ours)
                 if len(to_push) >= EVENT_BATCH:
                     await self.push_events(to_push)
                     to_push = []
+        if wanted:
+            await self.pull_events(wanted)
+            pulled += len(wanted)
         if to_push:
             await self.push_events(to_push)
         await self._settle_skipped()
