@@ -25,6 +25,7 @@ a counter in the low 16. It never goes backwards and moves past every clock it o
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -36,7 +37,8 @@ from .ids import check_hash, check_uid, is_hash
 EVENT_VERSION = 1
 MAX_EVENT_BYTES = 64 * 1024
 MAX_REMOVES = 10_000
-_ATTR_MAX = 64  # longest allowed patient id / modality / date / TS string
+_ATTR_MAX = 64
+_BAD_CHARS = re.compile("[\x00-\x1f\ud800-\udfff]")  # control characters, lone surrogates  # longest allowed patient id / modality / date / TS string
 
 
 class InvalidEvent(ValueError):
@@ -90,10 +92,11 @@ def _str(obj: dict[str, Any], key: str, *, max_len: int = _ATTR_MAX) -> str:
     value = obj.get(key, "")
     if not isinstance(value, str) or len(value) > max_len:
         raise InvalidEvent(f"field {key!r} must be a string of at most {max_len} characters")
-    if any(ord(c) < 0x20 for c in value):
-        raise InvalidEvent(f"field {key!r} contains control characters")
-    if any(0xD800 <= ord(c) <= 0xDFFF for c in value):  # cannot be stored as UTF-8
-        raise InvalidEvent(f"field {key!r} contains an unpaired surrogate")
+    bad = _BAD_CHARS.search(value)
+    if bad is not None:
+        if ord(bad.group()) < 0x20:
+            raise InvalidEvent(f"field {key!r} contains control characters")
+        raise InvalidEvent(f"field {key!r} contains an unpaired surrogate")  # not UTF-8
     return value
 
 

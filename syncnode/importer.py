@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .blobstore import BlobInfo, StoreFull
+from .blobstore import StagedBlob, StoreFull
 from .dicomfile import InvalidDicom, inspect_file
 from .local import LocalNode
 
@@ -59,15 +59,16 @@ def import_paths(node: LocalNode, paths: Iterable[Path],
                  progress: ProgressFn | None = None) -> ImportReport:
     """Import files; ``progress(path, nbytes)`` is called once per file processed."""
     report = ImportReport()
-    batch: list[tuple[dict[str, str], BlobInfo]] = []
+    batch: list[tuple[dict[str, str], StagedBlob]] = []
     batch_bytes = 0
 
     def flush() -> None:
         nonlocal batch, batch_bytes
         if not batch:
             return
-        node.store.flush_dirs()
-        for _eid, new in node.catalog.add_local_puts(batch, blob_present=node.store.has):
+        blobs = node.store.install_staged([staged for _, staged in batch])
+        items = [(attrs, blob) for (attrs, _), blob in zip(batch, blobs, strict=True)]
+        for _eid, new in node.catalog.add_local_puts(items, blob_present=node.store.has):
             if new:
                 report.imported += 1
             else:
@@ -99,11 +100,11 @@ def import_paths(node: LocalNode, paths: Iterable[Path],
     return report
 
 
-def _ingest_file(node: LocalNode, path: Path) -> tuple[dict[str, str], BlobInfo]:
+def _ingest_file(node: LocalNode, path: Path) -> tuple[dict[str, str], StagedBlob]:
     with open(path, "rb") as src, node.store.writer() as writer:
         while block := src.read(_COPY_BLOCK):
             writer.write(block)
         writer.flush()
         info = inspect_file(writer.tmp_path)
-        blob = writer.commit(sync_dir=False)
-    return info.to_dict(), blob
+        staged = writer.stage()
+    return info.to_dict(), staged
