@@ -54,8 +54,12 @@ _SFR_WRITE = 2  # SYNC_FILE_RANGE_WRITE: start writeback, do not wait
 _EARLY_WRITEBACK = 256 << 10  # start writing back every this many bytes received
 
 
+# SYNCNODE_NO_SYNCFS=1 forces the per-file fsync path (read once, at import).
+_USE_SYNCFS = _syncfs is not None and os.environ.get("SYNCNODE_NO_SYNCFS", "") == ""
+
+
 def have_syncfs() -> bool:
-    return _syncfs is not None and os.environ.get("SYNCNODE_NO_SYNCFS", "") == ""
+    return _USE_SYNCFS
 
 
 class _Hasher:

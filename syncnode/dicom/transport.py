@@ -143,7 +143,7 @@ class GuardedDUL(DULServiceProvider):
 
     def _notify_assoc(self) -> None:
         wake = getattr(self.assoc, "_wake_evt", None)
-        if wake is not None:
+        if wake is not None and not wake.is_set():  # set() costs a lock round trip
             wake.set()
 
     # -- the reactor (pynetdicom's run_reactor, waiting instead of sleeping) -----------
