@@ -398,17 +398,17 @@ class Catalog:
         freed: set[str] = set()
         with self._write() as db:
             for param in params:
-                puts = [r[0].hex() for r in db.execute(
-                    f"SELECT event_id FROM puts WHERE {where} AND removed=0", (param,))]
-                if not puts:
-                    continue
-                event = ev.DeleteEvent(origin=self.node_id, hlc=self._tick(db),
-                                       sop_instance_uid=param, removes=tuple(sorted(puts)))
-                body = ev.encode(event)
-                eid = ev.event_id(body)
-                if self._insert(db, bytes.fromhex(eid), body, event, dirty_leaves,
-                                dirty_sops, freed):
-                    result.inserted.append(eid)
+                puts = sorted(r[0].hex() for r in db.execute(
+                    f"SELECT event_id FROM puts WHERE {where} AND removed=0", (param,)))
+                for i in range(0, len(puts), ev.REMOVES_PER_DELETE):
+                    event = ev.DeleteEvent(origin=self.node_id, hlc=self._tick(db),
+                                           sop_instance_uid=param,
+                                           removes=tuple(puts[i:i + ev.REMOVES_PER_DELETE]))
+                    body = ev.encode(event)
+                    eid = ev.event_id(body)
+                    if self._insert(db, bytes.fromhex(eid), body, event, dirty_leaves,
+                                    dirty_sops, freed):
+                        result.inserted.append(eid)
             result.freed_blobs = self._finish(db, dirty_leaves, dirty_sops, freed)
         return result
 

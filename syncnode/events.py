@@ -37,6 +37,7 @@ from .ids import check_hash, check_uid, is_hash
 EVENT_VERSION = 1
 MAX_EVENT_BYTES = 64 * 1024
 MAX_REMOVES = 10_000
+REMOVES_PER_DELETE = 500  # a local delete naming more versions is split (stays < 64 KiB)
 _ATTR_MAX = 64
 _BAD_CHARS = re.compile("[\x00-\x1f\ud800-\udfff]")  # control characters, lone surrogates  # longest allowed patient id / modality / date / TS string
 
@@ -194,6 +195,12 @@ def hlc_tick(last: int, now_ms: int | None = None) -> int:
     return physical if physical > last else last + 1
 
 
+# Our clock follows observed clocks up to 2**62 (wall time around the year 2200): a peer
+# with a clock beyond that is broken, and following it could exhaust our 63-bit clock.
+MAX_OBSERVED_HLC = 2**62
+
+
 def hlc_observe(last: int, remote: int) -> int:
-    """The clock after seeing a remote timestamp: never behind anything observed."""
-    return max(last, remote)
+    """The clock after seeing a remote timestamp: never behind anything observed (below
+    MAX_OBSERVED_HLC)."""
+    return max(last, min(remote, MAX_OBSERVED_HLC))

@@ -36,3 +36,37 @@ def test_interleaved_writers_keep_the_incremental_root_exact(tmp_path: Path) -> 
     one.apply([put(n + 2)])
     assert one.merkle_root() == two.merkle_root() == one.recompute_merkle()
     assert one.merkle_root().count == n + 3
+
+
+def test_a_far_future_peer_clock_does_not_exhaust_ours(tmp_path: Path) -> None:
+    cat = Catalog(tmp_path / "c.db", node_id="A")
+    e = ev.PutEvent(origin="PEER", hlc=2**63 - 1, blob="ab" * 32, size=1, chunks="cd" * 32,
+                    sop_class_uid="1.2", sop_instance_uid="1.2.3",
+                    series_instance_uid="1.2.4", study_instance_uid="1.2.5")
+    body = ev.encode(e)
+    assert cat.apply([(ev.event_id(body), body)]).inserted  # the event itself is kept
+    assert int(cat.get_meta("hlc") or 0) == ev.MAX_OBSERVED_HLC
+    # local events remain possible, valid for peers, and far from exhaustion
+    [del_id] = cat.delete_instances(["1.2.3"]).inserted
+    [(_, dbody)] = cat.get_events([del_id])
+    assert ev.MAX_OBSERVED_HLC < ev.decode_checked(del_id, dbody).hlc < 2**63 - 1
+    assert cat.instance("1.2.3") is None
+
+
+def test_deleting_many_versions_splits_tombstones(tmp_path: Path) -> None:
+    cat = Catalog(tmp_path / "c.db", node_id="A")
+    versions = []
+    for i in range(1200):
+        e = ev.PutEvent(origin=f"P{i:04d}", hlc=i + 1, blob=os.urandom(32).hex(), size=1,
+                        chunks=os.urandom(32).hex(), sop_class_uid="1.2",
+                        sop_instance_uid="1.2.3", series_instance_uid="1.2.4",
+                        study_instance_uid="1.2.5")
+        body = ev.encode(e)
+        versions.append((ev.event_id(body), body))
+    cat.apply(versions)
+    result = cat.delete_instances(["1.2.3"])
+    assert len(result.inserted) == 3  # 500 + 500 + 200 versions
+    for eid, body in cat.get_events(result.inserted):
+        assert len(body) < ev.MAX_EVENT_BYTES
+        ev.decode_checked(eid, body)
+    assert cat.instance("1.2.3") is None
