@@ -164,3 +164,36 @@ def test_spool_hasher_matches_the_blob_store(size: int) -> None:
         theirs.update(data[pos:pos + n])
         pos += n
     assert mine.finish() == theirs.finish()
+
+
+def test_new_version_wins_over_a_peer_version_with_a_later_clock(node: LocalNode,
+                                                                  tmp_path: Path) -> None:
+    """The journal's clock follows the catalog's, which peers' events move forward."""
+    from syncnode import events as ev
+
+    study = kit.make_study(tmp_path / "s", 1, seed="j6")
+    info, blob = spool(node, study.files[0])
+    make_durable(node.store, {blob.hash})
+    future = (ev.hlc_tick(0) >> 16) + 3_600_000  # a peer whose clock is an hour ahead
+    peer_event = ev.PutEvent(
+        origin="A" * 52, hlc=future << 16, blob=blob.hash, size=blob.size,
+        chunks=blob.chunks_root, sop_class_uid=info.sop_class_uid,
+        sop_instance_uid=info.sop_instance_uid,
+        series_instance_uid=info.series_instance_uid,
+        study_instance_uid=info.study_instance_uid)
+    body = ev.encode(peer_event)
+    assert node.catalog.apply([(ev.event_id(body), body)], blob_present=node.store.has).inserted
+    j = open_journal(node)
+    try:
+        other = tmp_path / "other.dcm"
+        data = bytearray(study.files[0].read_bytes())
+        data[-2] ^= 0x01  # the same instance, other bytes (e.g. re-sent after an edit)
+        other.write_bytes(bytes(data))
+        info2, blob2 = spool(node, other)
+        results = j.record([(info2, blob2)])
+        make_durable(node.store, {blob2.hash})
+        j.durable([(e, b) for e, _n, b in results if b])
+        assert j.wait_applied()
+    finally:
+        j.close()
+    assert node.catalog.instance(info.sop_instance_uid).blob == blob2.hash

@@ -101,6 +101,9 @@ class IngestJournal:
         records: list[bytes] = []
         batch: dict[str, tuple[str, str]] = {}
         with self._lock:
+            # Never behind the catalog's clock (peers' events and local deletes move it), so
+            # a version received now wins over every version already known.
+            self._hlc = max(self._hlc, int(self.catalog.get_meta("hlc") or 0))
             for info, blob in items:
                 sop = check_uid(info.sop_instance_uid, "SOP Instance UID")
                 seen = batch.get(sop) or self._journaled.get(sop)
@@ -192,7 +195,10 @@ class IngestJournal:
                     self._release_all()
                 self._lock.notify_all()
             if self.on_applied is not None:
-                self.on_applied(len(batch))
+                try:
+                    self.on_applied(len(batch))
+                except Exception:  # a listener's failure must not stop the journal
+                    log.exception("on_applied listener failed")
 
     def wait_applied(self, timeout: float = 30.0) -> bool:
         """Block until every durable record is in the catalog (used at shutdown, tests)."""
