@@ -334,3 +334,67 @@ def test_import_from_orthanc(tmp_path: Path, orthancs: Callable[..., kit.Orthanc
         node.close()
     assert sorted(i.sop_instance_uid for i in LocalNode(tmp_path / "n").catalog.instances()) \
         == sorted(study.sop_uids)
+
+
+def test_node_killed_during_storescu_keeps_every_acknowledged_instance(tmp_path: Path
+                                                                       ) -> None:
+    """SIGKILL of ``syncnode run`` in the middle of a C-STORE stream: after a restart, every
+    instance storescu was told "Success" for is in the catalog, intact."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from syncsupport import SYNCNODE
+
+    data = tmp_path / "n"
+    LocalNode.init(data).close()
+    port = kit.free_port()
+    study = kit.make_study(tmp_path / "s", 300, seed="crash", rows=256, cols=256)
+
+    def run_node() -> subprocess.Popen[bytes]:
+        (data / "ports.json").unlink(missing_ok=True)
+        proc = subprocess.Popen(
+            [*SYNCNODE, "run", "--data", str(data), "--dicom-port", str(port),
+             "--peer-host", "127.0.0.1", "--peer-port", "0", "--api-port", "0",
+             "--no-discovery"], env=kit.tool_env({"SYNCNODE_DICOM_HOST": "127.0.0.1"}),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 30
+        while not (data / "ports.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "node did not start"
+            time.sleep(0.05)
+        kit.wait_port(port)
+        return proc
+
+    node = run_node()
+    try:
+        scu = subprocess.Popen([kit.dcmtk("storescu"), "-v", "-aec", "SYNCNODE", "127.0.0.1",
+                                str(port), "+sd", str(tmp_path / "s")], env=kit.tool_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(1.0)
+        os.killpg(node.pid, signal.SIGKILL)
+        node.wait(10)
+        _out, err = scu.communicate(timeout=60)
+    finally:
+        if node.poll() is None:
+            os.killpg(node.pid, signal.SIGKILL)
+            node.wait(10)
+    acknowledged, current = [], None
+    for line in err.splitlines():
+        if "Sending file:" in line:
+            current = line.split("Sending file:", 1)[1].strip()
+        elif "Received Store Response (Success)" in line and current:
+            acknowledged.append(Path(current))
+    assert 0 < len(acknowledged) < 300, "the kill should land in the middle of the stream"
+
+    node = run_node()  # replays the ingest journal
+    try:
+        listed = {r["sop_instance_uid"]: r for r in json.loads(
+            cli("ls", "--json", data=data).stdout)}
+    finally:
+        os.killpg(node.pid, signal.SIGTERM)
+        node.wait(20)
+    by_file = dict(zip(study.files, study.sop_uids, strict=True))
+    missing = [f.name for f in acknowledged if by_file[f] not in listed]
+    assert missing == [], f"acknowledged but lost: {missing[:5]}"
+    assert LocalNode(data).verify().ok
