@@ -210,3 +210,23 @@ def test_dataset_offset(tmp_path: Path) -> None:
     study = kit.make_study(tmp_path / "s", 1, seed="off")
     data = study.files[0].read_bytes()
     assert data[dataset_offset(data[:4096]):] == kit.dataset_bytes(data)
+
+
+def test_deflated_instance_sent_inflated_when_deflate_is_refused(
+        nodes: tuple[LocalNode, LocalNode], pacs: StoreSCP) -> None:
+    """Inflating needs no decoding: a deflated data set inflated is its explicit VR little
+    endian encoding, so that fallback is allowed (and only that one)."""
+    import pydicom.data
+
+    a, b = nodes
+    dfl = Path(pydicom.data.__file__).parent / "test_files" / "image_dfl.dcm"
+    from_peer(a, b, [dfl])
+    pacs.start()  # storescp accepts the uncompressed syntaxes only
+    ex = exporter(b, pacs)
+    try:
+        wait_until(lambda: status_of(b, pacs).get("done") == 1, 30, "the export")
+    finally:
+        ex.stop()
+    got = dcmread(next(pacs.out.iterdir()))
+    assert got.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert got.PixelData == dcmread(dfl).PixelData
