@@ -61,7 +61,8 @@ CREATE TABLE IF NOT EXISTS events (
 -- random-hash inserts and Merkle leaf scans in cache at millions of events.
 CREATE UNIQUE INDEX IF NOT EXISTS events_by_id ON events (id);
 CREATE TABLE IF NOT EXISTS puts (
-    event_id            BLOB NOT NULL UNIQUE,
+    seq                 INTEGER PRIMARY KEY,  -- = events.seq: no index on random ids
+    event_id            BLOB NOT NULL,
     sop_instance_uid    TEXT NOT NULL,
     sop_class_uid       TEXT NOT NULL,
     series_instance_uid TEXT NOT NULL,
@@ -112,6 +113,7 @@ CREATE TABLE IF NOT EXISTS merkle (
 ) WITHOUT ROWID;
 """
 
+_SEQ_OF = "SELECT seq FROM events WHERE id=?"  # a put's row, found through the events index
 PUT_COLUMNS = (
     "sop_instance_uid", "sop_class_uid", "series_instance_uid", "study_instance_uid",
     "patient_id", "modality", "study_date", "transfer_syntax_uid", "blob", "size", "chunks",
@@ -253,18 +255,18 @@ class Catalog:
         dirty_sops.add(event.sop_instance_uid)
         if isinstance(event, ev.PutEvent):
             db.execute(
-                f"INSERT INTO puts (event_id, {', '.join(PUT_COLUMNS)}, removed) "
-                f"SELECT ?1, {', '.join(f'?{i + 2}' for i in range(len(PUT_COLUMNS)))}, "
+                f"INSERT INTO puts (event_id, {', '.join(PUT_COLUMNS)}, seq, removed) "
+                f"SELECT {', '.join(f'?{i + 1}' for i in range(len(PUT_COLUMNS) + 2))}, "
                 "EXISTS (SELECT 1 FROM tombstones WHERE put_id=?1)",
-                (eid, *(getattr(event, c) for c in PUT_COLUMNS)))
+                (eid, *(getattr(event, c) for c in PUT_COLUMNS), cur.lastrowid))
         else:
             for put_hex in event.removes:
                 put_id = bytes.fromhex(put_hex)
                 db.execute("INSERT OR IGNORE INTO tombstones VALUES (?, ?)", (put_id, eid))
-                row = db.execute("SELECT blob, sop_instance_uid, removed FROM puts "
-                                 "WHERE event_id=?", (put_id,)).fetchone()
+                row = db.execute("SELECT blob, sop_instance_uid, removed, seq FROM puts "
+                                 f"WHERE seq=({_SEQ_OF})", (put_id,)).fetchone()
                 if row is not None and not row[2]:
-                    db.execute("UPDATE puts SET removed=1, live=0 WHERE event_id=?", (put_id,))
+                    db.execute("UPDATE puts SET removed=1, live=0 WHERE seq=?", (row[3],))
                     dirty_sops.add(row[1])
                     freed.add(row[0])
         return True
@@ -555,7 +557,7 @@ class Catalog:
     def put_event(self, eid: str) -> Instance | None:
         with self._lock:
             row = self._db.execute(f"SELECT event_id, {', '.join(PUT_COLUMNS)} FROM puts "
-                                   "WHERE event_id=?", (bytes.fromhex(check_hash(eid)),)
+                                   f"WHERE seq=({_SEQ_OF})", (bytes.fromhex(check_hash(eid)),)
                                    ).fetchone()
         return _instance(row) if row else None
 
