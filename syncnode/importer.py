@@ -11,7 +11,9 @@ behind and is reported with its reason; the rest of the import goes on.
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +22,8 @@ from .dicomfile import InvalidDicom, inspect_file
 from .local import LocalNode
 
 BATCH_FILES = 128
+WORKERS = 2
+IN_FLIGHT = 6
 BATCH_BYTES = 256 << 20
 _COPY_BLOCK = 1 << 20
 
@@ -75,11 +79,12 @@ def import_paths(node: LocalNode, paths: Iterable[Path],
                 report.unchanged += 1
         batch, batch_bytes = [], 0
 
-    for path in iter_files(paths):
+    def settle(path: Path, job: Future[tuple[dict[str, str], StagedBlob]]) -> None:
+        nonlocal batch_bytes
         report.files += 1
         size = 0
         try:
-            entry = _ingest_file(node, path)
+            entry = job.result()
         except InvalidDicom as exc:
             report.failed.append((str(path), exc.reason))
         except StoreFull:
@@ -96,6 +101,22 @@ def import_paths(node: LocalNode, paths: Iterable[Path],
                 flush()
         if progress:
             progress(path, size)
+
+    # Copying, hashing and inspecting run in WORKERS threads (file I/O and BLAKE3 release
+    # the GIL); results are settled in file order, at most IN_FLIGHT ahead.
+    in_flight: deque[tuple[Path, Future[tuple[dict[str, str], StagedBlob]]]] = deque()
+    with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="import") as pool:
+        try:
+            for path in iter_files(paths):
+                in_flight.append((path, pool.submit(_ingest_file, node, path)))
+                if len(in_flight) >= IN_FLIGHT:
+                    settle(*in_flight.popleft())
+            while in_flight:
+                settle(*in_flight.popleft())
+        finally:
+            for _, job in in_flight:  # on an error: staged files of unsettled jobs go
+                if not job.cancel() and job.exception() is None:
+                    job.result()[1].tmp.unlink(missing_ok=True)
     flush()
     return report
 
