@@ -165,7 +165,7 @@ class BlobWriter:
     def __init__(self, store: BlobStore) -> None:
         self._store = store
         self.tmp_path = store.tmp_dir / f"blob-{os.getpid()}-{secrets.token_hex(8)}.tmp"
-        self._file: BinaryIO | None = open(self.tmp_path, "xb")
+        self._file: BinaryIO | None = open(self.tmp_path, "xb")  # noqa: SIM115 (held until commit/close)
         self._hasher = _ChunkHasher()
         self._staged = False
 
@@ -301,7 +301,8 @@ class BlobStore:
         raw = self.chunk_digests(blob_hash)
         return [raw[i : i + DIGEST_SIZE].hex() for i in range(0, len(raw), DIGEST_SIZE)]
 
-    def read_verified(self, blob_hash: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+    def read_verified(self, blob_hash: str, start: int = 0,
+                      end: int | None = None) -> Iterator[bytes]:
         """Yield bytes [start, end) of a blob, each covering chunk checked against its digest.
 
         Raises BlobError as soon as a chunk does not match: damaged bytes are never
@@ -505,7 +506,8 @@ class BlobStore:
             return BlobDamage(blob_hash, "chunk list does not match the content")
         return None
 
-    def verify_all(self, hashes: Iterable[str] | None = None) -> Iterator[tuple[str, BlobDamage | None]]:
+    def verify_all(self, hashes: Iterable[str] | None = None
+                   ) -> Iterator[tuple[str, BlobDamage | None]]:
         for h in (self.iter_hashes() if hashes is None else hashes):
             yield h, self.verify(h)
 

@@ -38,8 +38,8 @@ EVENT_VERSION = 1
 MAX_EVENT_BYTES = 64 * 1024
 MAX_REMOVES = 10_000
 REMOVES_PER_DELETE = 500  # a local delete naming more versions is split (stays < 64 KiB)
-_ATTR_MAX = 64
-_BAD_CHARS = re.compile("[\x00-\x1f\ud800-\udfff]")  # control characters, lone surrogates  # longest allowed patient id / modality / date / TS string
+_ATTR_MAX = 64  # longest allowed patient id / modality / date / TS string
+_BAD_CHARS = re.compile("[\x00-\x1f\ud800-\udfff]")  # control characters, lone surrogates
 
 
 class InvalidEvent(ValueError):

@@ -44,7 +44,8 @@ EMPTY_NODE = NodeDigest(EMPTY, 0)
 
 def check_prefix(prefix: str) -> str:
     if len(prefix) > LEAF_LEVEL or any(c not in _HEX for c in prefix):
-        raise ValueError(f"invalid Merkle prefix {prefix!r}: up to {LEAF_LEVEL} lowercase hex digits")
+        raise ValueError(f"invalid Merkle prefix {prefix!r}: up to {LEAF_LEVEL} lowercase hex "
+                         "digits")
     return prefix
 
 

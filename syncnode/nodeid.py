@@ -123,7 +123,8 @@ class NodeId:
                 if _luhn32(block) != check:
                     raise InvalidNodeId(
                         f"{shown!r} is not a valid node id: check character {i + 1} of 4 "
-                        f"(character #{(i + 1) * (_BLOCK + 1)}, dashes not counted) does not match; "
+                        f"(character #{(i + 1) * (_BLOCK + 1)}, dashes not counted) does not "
+                        f"match; "
                         f"the id was probably mistyped - copy it again from the peer"
                     )
                 b32 += block

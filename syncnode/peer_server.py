@@ -25,7 +25,6 @@ from .catalog import Catalog
 from .ids import InvalidHash, check_hash
 from .local import LocalNode
 from .nodeid import NodeId
-from .tls import peer_node_id
 from .transfer import PartialBlob, TransferError
 
 log = logging.getLogger("syncnode.peer_server")

@@ -119,6 +119,6 @@ def parse_range(header: str | None, size: int) -> tuple[int, int]:
         raise ValueError(f"bad range {header!r}")
     start = int(first)
     end = int(last) + 1 if last else size
-    if start >= size and size > 0 or start > end or end > size:
+    if (start >= size and size > 0) or start > end or end > size:
         raise ValueError(f"range {header!r} is outside a blob of {size} bytes")
     return start, end

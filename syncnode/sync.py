@@ -536,7 +536,7 @@ class PeerSync:
         for i in range(0, len(ids), EVENT_BATCH):
             pairs = catalog.get_events(ids[i:i + EVENT_BATCH])
             puts = {}
-            for eid, body in pairs:
+            for _eid, body in pairs:
                 x = ev.decode(body)
                 if isinstance(x, ev.PutEvent) and store.has(x.blob):
                     puts[x.blob] = x
@@ -545,12 +545,8 @@ class PeerSync:
             answer = (await self.client._json("POST", "/push/offer", json={"blobs": offer})
                       if offer else {})
             sem = asyncio.Semaphore(self.engine.max_pulls)
-
-            async def push_one(w: dict[str, Any]) -> None:
-                async with sem:
-                    await self.push_blob(protocol.check_hash_value(w["hash"]), int(w["offset"]))
-
-            results = await asyncio.gather(*(push_one(w) for w in answer.get("want", [])),
+            results = await asyncio.gather(*(self._push_one(w, sem)
+                                             for w in answer.get("want", [])),
                                            return_exceptions=True)
             for r in results:
                 if isinstance(r, BaseException):
@@ -570,6 +566,10 @@ class PeerSync:
                         if not self._tombstoned(e)]
             if rejected:
                 raise ProtocolError(f"peer rejected pushed events: {rejected[:1]}")
+
+    async def _push_one(self, want: dict[str, Any], sem: asyncio.Semaphore) -> None:
+        async with sem:
+            await self.push_blob(protocol.check_hash_value(want["hash"]), int(want["offset"]))
 
     async def push_blob(self, blob: str, offset: int) -> None:
         store = self.node.store

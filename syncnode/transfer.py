@@ -60,7 +60,7 @@ class PartialBlob:
         self._whole = blake3.blake3()  # of the verified prefix: no re-read at the end
         self.offset = self._resume()  # bytes verified on disk
         self.resumed_from = self.offset
-        self._file = open(self.path, "r+b" if self.path.exists() else "w+b")
+        self._file = open(self.path, "r+b" if self.path.exists() else "w+b")  # noqa: SIM115 (held until commit/close)
         self._file.truncate(self.offset)
         self._file.seek(self.offset)
 

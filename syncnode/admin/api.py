@@ -267,7 +267,7 @@ class AdminAPI:
         if "data" in changes:
             return _error(400, "the data folder cannot be changed at run time")
         try:
-            settings, restart = await self._run(cfg.update_file, self.node.data, changes)
+            _settings, restart = await self._run(cfg.update_file, self.node.data, changes)
         except cfg.ConfigError as exc:
             return _error(400, str(exc))
         self.running.apply_settings(changes)

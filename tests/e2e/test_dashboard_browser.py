@@ -21,7 +21,7 @@ from syncnode.local import LocalNode
 from syncnode.node import RunningNode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-from faultproxy import FaultConfig, FaultProxy  # noqa: E402
+from faultproxy import FaultConfig, FaultProxy
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 playwright = pytest.importorskip("playwright.async_api")
