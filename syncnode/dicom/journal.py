@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import struct
 import threading
 import zlib
@@ -72,7 +73,11 @@ class IngestJournal:
         self.node_id = node_id
         self.store = store
         self.on_applied = on_applied
-        self.catalog = Catalog(catalog_path, node_id=node_id)
+        self.catalog = Catalog(catalog_path, node_id=node_id)  # written by the applier only
+        # Look-ups on the ingest path use their own read-only connection: in WAL mode they
+        # never wait for the applier's transactions (and their flushes).
+        self._ro = sqlite3.connect(f"file:{catalog_path}?mode=ro", uri=True, timeout=60.0,
+                                   check_same_thread=False)
         self.keep_dir = store.tmp_dir / "dicom-keep"
         self.keep_dir.mkdir(exist_ok=True)
         self._lock = threading.Condition()
@@ -103,7 +108,8 @@ class IngestJournal:
         with self._lock:
             # Never behind the catalog's clock (peers' events and local deletes move it), so
             # a version received now wins over every version already known.
-            self._hlc = max(self._hlc, int(self.catalog.get_meta("hlc") or 0))
+            row = self._ro.execute("SELECT value FROM meta WHERE key='hlc'").fetchone()
+            self._hlc = max(self._hlc, int(row[0]) if row else 0)
             for info, blob in items:
                 sop = check_uid(info.sop_instance_uid, "SOP Instance UID")
                 seen = batch.get(sop) or self._journaled.get(sop)
@@ -111,9 +117,11 @@ class IngestJournal:
                     out.append((seen[1], False, None))
                     continue
                 if seen is None:
-                    live = self.catalog.instance(sop)
-                    if live is not None and live.blob == blob.hash:
-                        out.append((live.event_id, False, None))
+                    live = self._ro.execute(
+                        "SELECT event_id FROM puts WHERE sop_instance_uid=? AND blob=? "
+                        "AND live=1", (sop, blob.hash)).fetchone()
+                    if live is not None:
+                        out.append((bytes(live[0]).hex(), False, None))
                         continue
                 hlc = ev.hlc_tick(self._hlc)
                 event = ev.PutEvent(
@@ -213,6 +221,7 @@ class IngestJournal:
             self._lock.notify_all()
         self._thread.join(30)
         os.close(self._fd)
+        self._ro.close()
         self.catalog.close()
 
     # -- keeping journaled blobs alive ----------------------------------------------------
