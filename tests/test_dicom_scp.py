@@ -338,3 +338,24 @@ def test_status_for_reason() -> None:
     assert status_for_reason("missing SOP Instance UID") == 0xA900
     assert status_for_reason("SOP Class UID 1.2 does not match Media Storage ...") == 0xA900
     assert status_for_reason("truncated: file ends inside ...") == 0xC000
+
+
+@pytest.mark.parametrize(("status", "comment"), [(0x0000, ""), (0xC000, "truncated: x"),
+                                                 (0xA700, "no space left")])
+def test_store_response_encoding_matches_pynetdicom(status: int, comment: str) -> None:
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+
+    from syncnode.dicom.scp import store_response
+
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = 7
+    rsp.AffectedSOPInstanceUID = "1.2.3.44"
+    rsp.AffectedSOPClassUID = CT
+    rsp.Status = status
+    if comment:
+        rsp.ErrorComment = comment
+    msg = C_STORE_RSP()
+    msg.primitive_to_message(rsp)
+    theirs = next(iter(msg.encode_msg(1, 16384))).presentation_data_value_list[0][1][1:]
+    assert store_response(CT, "1.2.3.44", 7, status, comment) == theirs

@@ -52,6 +52,7 @@ from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AllStoragePresentationContexts, evt
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import _MESSAGE_TYPES, C_STORE_RQ, DIMSEMessage
+from pynetdicom.dimse_primitives import C_CANCEL, C_STORE
 from pynetdicom.dsutils import decode
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import (
@@ -256,18 +257,79 @@ class _StreamingMessage(DIMSEMessage):
         return False
 
 
-class StreamingDIMSE(DIMSEServiceProvider):
-    """DIMSE provider that streams C-STORE data sets into the blob store."""
+StoreFn = Callable[[Any, C_STORE, str], "int | Dataset"]
 
-    def __init__(self, assoc: Any, store: BlobStore) -> None:
+
+class StreamingDIMSE(DIMSEServiceProvider):
+    """DIMSE provider that streams C-STORE data sets into the blob store.
+
+    With ``direct_store``, a complete C-STORE request is also *served* here, in the DUL
+    thread that received it, and its response queued right away: the association thread
+    is not involved, which saves two thread hand-offs per instance. (The peer waits for
+    the response anyway, so the DUL has nothing else to read meanwhile.) Other requests,
+    and C-STOREs on a context that is not accepted, take pynetdicom's usual path.
+    """
+
+    def __init__(self, assoc: Any, store: BlobStore, direct_store: StoreFn | None = None
+                 ) -> None:
         super().__init__(assoc)
         self._store = store
+        self.direct_store = direct_store
         self.spools: list[StoreSpool] = []
 
     def receive_primitive(self, primitive: P_DATA) -> None:
+        # pynetdicom's DIMSEServiceProvider.receive_primitive, plus the direct C-STORE path.
         if self.message is None:
             self.message = _StreamingMessage(self)
-        super().receive_primitive(primitive)
+        msg = self.message
+        if not msg.decode_msg(primitive, self.assoc):
+            return
+        evt.trigger(self.assoc, evt.EVT_DIMSE_RECV, {"message": msg})
+        context_id = cast(int, msg.context_id)
+        try:
+            request = msg.message_to_primitive()
+        except Exception as exc:  # a malformed message: the peer's fault; abort
+            log.warning("invalid DIMSE message received: %s", type(exc).__name__)
+            self.dul.event_queue.put("Evt19")
+            return
+        msg.encoded_command_set = BytesIO()
+        msg.data_set = BytesIO()
+        msg._data_set_file = None
+        msg._data_set_path = None
+        self.message = None
+        if isinstance(request, C_CANCEL):
+            if len(self.cancel_req) < 10:
+                self.cancel_req[cast(int, request.MessageIDBeingRespondedTo)] = request
+            return
+        cx = self.assoc._accepted_cx.get(context_id)
+        if (self.direct_store is not None and isinstance(request, C_STORE)
+                and request.is_valid_request and cx is not None
+                and not self.assoc._sent_release):
+            self._serve_store(request, context_id, str(cx.transfer_syntax[0]))
+            return
+        self.msg_queue.put((context_id, request))
+
+    def _serve_store(self, req: C_STORE, context_id: int, transfer_syntax: str) -> None:
+        assert self.direct_store is not None
+        try:
+            status = self.direct_store(self.assoc, req, transfer_syntax)
+        except Exception:  # never leave the peer without an answer
+            log.exception("C-STORE handling failed")
+            status = STATUS_PROCESSING_FAILURE
+        finally:
+            spool = getattr(req, "_dataset_file", None)
+            if isinstance(spool, StoreSpool):
+                spool.close()
+        if isinstance(status, Dataset):
+            code, comment = int(status.Status), str(status.get("ErrorComment", "") or "")
+        else:
+            code, comment = int(status), ""
+        if self.assoc.is_established:
+            pdata = P_DATA()
+            pdata.presentation_data_value_list.append((context_id, b"\x03" + store_response(
+                str(req.AffectedSOPClassUID or ""), str(req.AffectedSOPInstanceUID or ""),
+                int(req.MessageID or 0), code, comment)))
+            self.dul.send_pdu(pdata)
 
     def new_spool(self, msg: DIMSEMessage, context_id: int) -> StoreSpool:
         cs = msg.command_set
@@ -285,6 +347,26 @@ class StreamingDIMSE(DIMSEServiceProvider):
         for s in self.spools:
             s.close()
         self.spools = []
+
+
+def _implicit(tag: int, value: bytes) -> bytes:
+    return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
+
+
+def store_response(sop_class: str, sop_instance: str, message_id: int, status: int,
+                   comment: str = "") -> bytes:
+    """The command set of a C-STORE-RSP (implicit VR little endian, PS3.7 9.3.1.2),
+    encoded directly: the same bytes pynetdicom would send, without building a data set."""
+    body = b"".join([
+        _implicit(0x00000002, _ui(sop_class)),
+        _implicit(0x00000100, struct.pack("<H", 0x8001)),
+        _implicit(0x00000120, struct.pack("<H", message_id & 0xFFFF)),
+        _implicit(0x00000800, struct.pack("<H", 0x0101)),
+        _implicit(0x00000900, struct.pack("<H", status & 0xFFFF)),
+        *([_implicit(0x00000902, _text(comment[:64]))] if comment else []),
+        _implicit(0x00001000, _ui(sop_instance)),
+    ])
+    return _implicit(0x00000000, struct.pack("<I", len(body))) + body
 
 
 # --------------------------------------------------------------------------------------------
@@ -482,7 +564,8 @@ class DicomServer:
             self._server = start_server(
                 self.ae, (self.host, self.port), ae_title=self.ae_title, evt_handlers=handlers,
                 limits=self.limits,
-                dimse_factory=lambda assoc: StreamingDIMSE(assoc, self.store),
+                dimse_factory=lambda assoc: StreamingDIMSE(assoc, self.store,
+                                                           self.store_request),
                 read_timeout=self.network_timeout)
         except BaseException:
             self.committer.stop()
@@ -539,11 +622,14 @@ class DicomServer:
         assoc.acse.send_reject(0x01, 0x01, 0x03)
 
     def _on_store(self, event: evt.Event) -> int | Dataset:
-        req = event.request
+        return self.store_request(event.assoc, event.request, str(event.context.transfer_syntax))
+
+    def store_request(self, assoc: Any, req: C_STORE, transfer_syntax: str) -> int | Dataset:
+        """Store one C-STORE request's data set; return the status to answer with."""
         sop = str(req.AffectedSOPInstanceUID or "")
         shown_sop = sop if is_uid(sop) else "(invalid UID)"
         try:
-            writer = self._writer_for(event)
+            writer = self._writer_for(req, transfer_syntax)
         except StoreFull:
             self.stats.failed += 1
             log.error("C-STORE %s refused: no space left for the blob store", shown_sop)
@@ -563,7 +649,7 @@ class DicomServer:
             writer.abort()
             self.stats.failed += 1
             log.warning("C-STORE %s from %s refused: %s", shown_sop,
-                        event.assoc.requestor.ae_title, exc.reason)
+                        assoc.requestor.ae_title, exc.reason)
             return _status(status_for_reason(exc.reason), exc.reason)
         except StoreFull:
             writer.abort()
@@ -593,16 +679,13 @@ class DicomServer:
         log.debug("C-STORE %s stored as blob %s", sop, blob.hash)
         return STATUS_SUCCESS
 
-    def _writer_for(self, event: evt.Event) -> SpoolWriter:
-        req = event.request
+    def _writer_for(self, req: C_STORE, transfer_syntax: str) -> SpoolWriter:
         spool = getattr(req, "_dataset_file", None)
         if isinstance(spool, StoreSpool):
             return spool.claim()
         # Not streamed (e.g. a C-STORE arriving on a C-GET association we requested).
-        cx = event.context
         header = file_meta_bytes(str(req.AffectedSOPClassUID or ""),
-                                 str(req.AffectedSOPInstanceUID or ""),
-                                 str(cx.transfer_syntax))
+                                 str(req.AffectedSOPInstanceUID or ""), transfer_syntax)
         writer = SpoolWriter(self.store)
         try:
             writer.write(header)
