@@ -66,6 +66,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     id               INTEGER PRIMARY KEY,
     dest             TEXT NOT NULL,
+    seq              INTEGER NOT NULL,  -- the event's (and its puts row's) seq
     event_id         BLOB NOT NULL,
     sop_instance_uid TEXT NOT NULL,
     state            TEXT NOT NULL DEFAULT 'pending'
@@ -200,15 +201,16 @@ class Destination:
             cursor = row[0] if row else 0
             rows = db.execute(
                 "SELECT e.seq, e.id, e.kind, e.origin, p.sop_instance_uid FROM events e "
-                "LEFT JOIN puts p ON p.event_id = e.id WHERE e.seq > ? ORDER BY e.seq LIMIT ?",
+                "LEFT JOIN puts p ON p.seq = e.seq WHERE e.seq > ? ORDER BY e.seq LIMIT ?",
                 (cursor, SCAN_LIMIT)).fetchall()
             now = time.time()
-            new = [(self.address, eid, sop, now, now) for _seq, eid, kind, origin, sop in rows
+            new = [(self.address, seq, eid, sop, now, now)
+                   for seq, eid, kind, origin, sop in rows
                    if kind == "put" and origin != self.exporter.node_id and sop is not None]
             if new:
                 db.executemany(
-                    "INSERT OR IGNORE INTO outbox (dest, event_id, sop_instance_uid, enqueued, "
-                    "updated) VALUES (?, ?, ?, ?, ?)", new)
+                    "INSERT OR IGNORE INTO outbox (dest, seq, event_id, sop_instance_uid, "
+                    "enqueued, updated) VALUES (?, ?, ?, ?, ?, ?)", new)
             if rows:
                 db.execute("UPDATE outbox_cursor SET seq=? WHERE dest=?",
                            (rows[-1][0], self.address))
@@ -226,7 +228,7 @@ class Destination:
             "SELECT o.id, o.event_id, o.sop_instance_uid, o.attempts, coalesce(p.live, 0), "
             "coalesce(p.blob, ''), coalesce(p.size, 0), coalesce(p.sop_class_uid, ''), "
             "coalesce(p.transfer_syntax_uid, '') FROM outbox o "
-            "LEFT JOIN puts p ON p.event_id = o.event_id "
+            "LEFT JOIN puts p ON p.seq = o.seq "
             "WHERE o.dest=? AND o.state='pending' AND o.next_attempt <= ? "
             "ORDER BY o.id LIMIT ?", (self.address, time.time(), BATCH)).fetchall()
         return [Item(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6], r[7], r[8]) for r in rows]
