@@ -10,7 +10,8 @@ Receiving an instance (C-STORE)
    and nothing else (no sender-specific element: the same data set sent by two AEs is
    the same blob, so re-sending adds nothing). The data set is never decoded
    or re-encoded; memory does not grow with its size; it is hashed while written.
-2. When the request is complete the handler inspects the temp file
+2. When the request is complete, the thread that received it (:class:`StreamingDIMSE`,
+   no hand-off to pynetdicom's association thread) inspects the temp file
    (:func:`syncnode.dicomfile.inspect_file`), renames it into the store
    (:mod:`syncnode.dicom.ingest`), and hands (attributes, blob) to the :class:`Committer`.
 3. The :class:`Committer` (group commit across associations) appends the put events
@@ -18,11 +19,12 @@ Receiving an instance (C-STORE)
    with one flush (:mod:`syncnode.dicom.journal`, :mod:`syncnode.dicom.ingest`); the
    journal's thread inserts the events into the catalog right after (milliseconds) and
    replays them after a crash.
-4. Only then is the status sent: Success 0x0000 means the bytes and the event are
-   durable. Failures store nothing: 0xA700 out of resources (disk full), 0xA900 data set
-   does not match SOP class (identity UIDs missing, invalid or contradicting the
-   request), 0xC000 cannot understand (truncated, corrupt, unsupported encoding; the
-   reason is in the Error Comment), 0x0110 processing failure (unexpected error).
+4. Only then is the response sent (encoded directly, :func:`store_response`): Success
+   0x0000 means the bytes and the event are durable. Failures store nothing: 0xA700
+   out of resources (disk full); 0xA900 data set does not match SOP class (identity
+   UIDs missing, invalid or contradicting the request); 0xC000 cannot understand
+   (truncated, corrupt, unsupported encoding; the reason is in the Error Comment);
+   0x0110 processing failure (unexpected error).
 
 Association policy
 ------------------
