@@ -63,6 +63,7 @@ def import_paths(node: LocalNode, paths: Iterable[Path],
                  progress: ProgressFn | None = None) -> ImportReport:
     """Import files; ``progress(path, nbytes)`` is called once per file processed."""
     report = ImportReport()
+    node.store.clean_tmp()  # what an earlier, killed import left behind
     batch: list[tuple[dict[str, str], StagedBlob]] = []
     batch_bytes = 0
 
