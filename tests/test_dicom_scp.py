@@ -359,3 +359,52 @@ def test_store_response_encoding_matches_pynetdicom(status: int, comment: str) -
     msg.primitive_to_message(rsp)
     theirs = next(iter(msg.encode_msg(1, 16384))).presentation_data_value_list[0][1][1:]
     assert store_response(CT, "1.2.3.44", 7, status, comment) == theirs
+
+
+def _find(port: int, model: str, ident: dict[str, str]) -> list[tuple[int, dict[str, str]]]:
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE
+
+    ae = AE("TESTSCU")
+    ae.add_requested_context(model)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    assoc = ae.associate("127.0.0.1", port, ae_title="SYNCNODE")
+    assert assoc.is_established
+    ds = Dataset()
+    for k, v in ident.items():
+        setattr(ds, k, v)
+    out = []
+    try:
+        for status, found in assoc.send_c_find(ds, model):
+            out.append((int(status.Status), {e.keyword: str(e.value) for e in found}
+                        if found is not None else {}))
+    finally:
+        assoc.release()
+    return out
+
+
+def test_c_find_levels_and_refusals(scp: DicomServer, node: LocalNode, tmp_path: Path) -> None:
+    from syncnode.importer import import_paths
+
+    study_root = "1.2.840.10008.5.1.4.1.2.2.1"
+    patient_root = "1.2.840.10008.5.1.4.1.2.1.1"
+    s = kit.make_study(tmp_path / "s", 4, seed="find", series=2, patient_id="ÄB^12",
+                       study_date="20230304")
+    import_paths(node, s.files)
+    res = _find(scp.port, study_root, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": "",
+                                       "PatientID": "", "PatientName": "",
+                                       "NumberOfStudyRelatedSeries": ""})
+    assert [r[0] for r in res] == [0xFF00, 0x0000]
+    found = res[0][1]
+    assert found["StudyInstanceUID"] == s.study_uid
+    assert found["PatientID"] == "ÄB^12"  # non-ASCII, returned in UTF-8
+    assert found["NumberOfStudyRelatedSeries"] == "2"
+    assert found["PatientName"] == ""  # not indexed: returned empty
+    res = _find(scp.port, patient_root, {"QueryRetrieveLevel": "PATIENT", "PatientID": "Ä*"})
+    assert [r[1].get("PatientID") for r in res if r[0] == 0xFF00] == ["ÄB^12"]
+    # a level the model does not have, and a malformed date range: failure statuses
+    assert _find(scp.port, study_root, {"QueryRetrieveLevel": "PATIENT",
+                                        "PatientID": ""})[-1][0] == 0xA900
+    assert _find(scp.port, study_root, {"QueryRetrieveLevel": "STUDY",
+                                        "StudyDate": "2020-13-01x"})[-1][0] == 0xC000
+    assert kit.echo("127.0.0.1", scp.port) == 0
