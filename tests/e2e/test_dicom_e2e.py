@@ -357,7 +357,7 @@ def test_node_killed_during_storescu_keeps_every_acknowledged_instance(tmp_path:
     data = tmp_path / "n"
     LocalNode.init(data).close()
     port = kit.free_port()
-    study = kit.make_study(tmp_path / "s", 300, seed="crash", rows=256, cols=256)
+    study = kit.make_study(tmp_path / "s", 600, seed="crash", rows=256, cols=256)
 
     def run_node() -> subprocess.Popen[bytes]:
         (data / "ports.json").unlink(missing_ok=True)
@@ -378,21 +378,23 @@ def test_node_killed_during_storescu_keeps_every_acknowledged_instance(tmp_path:
         scu = subprocess.Popen([kit.dcmtk("storescu"), "-v", "-aec", "SYNCNODE", "127.0.0.1",
                                 str(port), "+sd", str(tmp_path / "s")], env=kit.tool_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        time.sleep(1.0)
-        os.killpg(node.pid, signal.SIGKILL)
+        assert scu.stderr is not None
+        acknowledged: list[Path] = []
+        current = None
+        for line in scu.stderr:  # kill the node once 50 instances were acknowledged
+            if "Sending file:" in line:
+                current = line.split("Sending file:", 1)[1].strip()
+            elif "Received Store Response (Success)" in line and current:
+                acknowledged.append(Path(current))
+                if len(acknowledged) == 50 and node.poll() is None:
+                    os.killpg(node.pid, signal.SIGKILL)
+        scu.wait(60)
         node.wait(10)
-        _out, err = scu.communicate(timeout=60)
     finally:
         if node.poll() is None:
             os.killpg(node.pid, signal.SIGKILL)
             node.wait(10)
-    acknowledged, current = [], None
-    for line in err.splitlines():
-        if "Sending file:" in line:
-            current = line.split("Sending file:", 1)[1].strip()
-        elif "Received Store Response (Success)" in line and current:
-            acknowledged.append(Path(current))
-    assert 0 < len(acknowledged) < 300, "the kill should land in the middle of the stream"
+    assert 50 <= len(acknowledged) < 600, "the kill should land in the middle of the stream"
 
     node = run_node()  # replays the ingest journal
     try:
