@@ -40,6 +40,7 @@ import os
 import sqlite3
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -57,6 +58,7 @@ _MAGIC = b"SNJ1"
 _HEADER = struct.Struct("<4sII")
 _MAX_RECORD = ev.MAX_EVENT_BYTES + 32
 APPLY_BATCH = 512
+APPLY_LINGER = 0.05  # seconds the catalog writer waits for more events before a commit
 
 
 def _blob_of(body: bytes) -> str:
@@ -173,6 +175,13 @@ class IngestJournal:
                     self._lock.wait(1.0)
                 if not self._pending and self._closing:
                     return
+                # Let a few more arrive: one catalog commit (and flush) for many events.
+                deadline = time.monotonic() + APPLY_LINGER
+                while len(self._pending) < APPLY_BATCH and not self._closing:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._lock.wait(left)
                 batch = self._pending[:APPLY_BATCH]
                 del self._pending[:APPLY_BATCH]
             try:

@@ -141,9 +141,14 @@ class GuardedDUL(DULServiceProvider):
             except (BlockingIOError, OSError):
                 pass
 
-    def _notify_assoc(self) -> None:
+    def _notify_assoc(self, force: bool = False) -> None:
+        """Wake the association thread if there is something for it: a primitive for the
+        user (release, abort, association answer) or a DIMSE message to serve. Waking it
+        for every PDU would only make it compete for the GIL."""
         wake = getattr(self.assoc, "_wake_evt", None)
-        if wake is not None and not wake.is_set():  # set() costs a lock round trip
+        if wake is None or wake.is_set():
+            return
+        if force or self.to_user_queue.qsize() or self.assoc.dimse.msg_queue.qsize():
             wake.set()
 
     # -- the reactor (pynetdicom's run_reactor, waiting instead of sleeping) -----------
@@ -180,7 +185,7 @@ class GuardedDUL(DULServiceProvider):
                 self._notify_assoc()
                 idle = False
         finally:
-            self._notify_assoc()
+            self._notify_assoc(force=True)
             for s in (self._wake_r, self._wake_w):
                 s.close()
 
