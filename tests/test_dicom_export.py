@@ -7,6 +7,7 @@ itself must never be exported.
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
@@ -230,3 +231,54 @@ def test_deflated_instance_sent_inflated_when_deflate_is_refused(
     got = dcmread(next(pacs.out.iterdir()))
     assert got.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
     assert got.PixelData == dcmread(dfl).PixelData
+
+
+@pytest.mark.parametrize("peer_max", [16384, 4096, 0])
+def test_store_framing_matches_pynetdicom(peer_max: int) -> None:
+    """The exporter frames C-STORE-RQ P-DATA PDUs itself: the bytes must be pynetdicom's."""
+    import io
+
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.pdu import P_DATA_TF
+
+    from syncnode.dicom.exporter import _fragments, _pdv_pdu, store_command
+
+    ct, sop, data = "1.2.840.10008.5.1.4.1.1.2", "1.2.3.45", os.urandom(40_001)
+    req = C_STORE()
+    req.MessageID, req.Priority = 5, 2
+    req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = ct, sop
+    req.DataSet = io.BytesIO(data)
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(req)
+    theirs = []
+    for prim in msg.encode_msg(1, peer_max):
+        pdu = P_DATA_TF()
+        pdu.from_primitive(prim)
+        theirs.append(pdu.encode())
+    size = peer_max - 6 if peer_max else len(data)
+    frags = list(_fragments(io.BytesIO(data), size))
+    mine = [_pdv_pdu(1, 0x03, store_command(ct, sop, 5))] + [
+        _pdv_pdu(1, 0x02 if i == len(frags) - 1 else 0x00, f) for i, f in enumerate(frags)]
+    assert mine == theirs
+
+
+def test_large_instance_streamed_from_the_blob(nodes: tuple[LocalNode, LocalNode],
+                                               pacs: StoreSCP, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from syncnode.dicom import exporter as exp
+
+    monkeypatch.setattr(exp, "IN_MEMORY_LIMIT", 1000)  # every blob takes the file path
+    a, b = nodes
+    study = kit.make_study(tmp_path / "s", 3, seed="big", rows=512, cols=512)
+    from_peer(a, b, study.files)
+    pacs.start()
+    ex = exporter(b, pacs)
+    try:
+        wait_until(lambda: status_of(b, pacs).get("done") == 3, 60, "3 exported")
+    finally:
+        ex.stop()
+    for f in sorted(pacs.out.iterdir()):
+        got = dcmread(f)
+        src = dcmread(study.files[study.sop_uids.index(str(got.SOPInstanceUID))])
+        assert got.PixelData == src.PixelData
