@@ -128,20 +128,35 @@ def _load_libc() -> ctypes.CDLL | None:
 _LIBC = _load_libc()
 
 
-class _ChunkHasher:
-    """Hashes a byte stream both whole and per 1 MiB chunk, whatever the write sizes."""
+class ChunkHasher:
+    """Whole BLAKE3 and the per-1 MiB chunk digests, hashing every byte once.
+
+    While a blob fits in one chunk its single chunk digest *is* the whole digest, so the
+    first chunk is only buffered (at most 1 MiB); it is hashed separately only if the blob
+    grows past it.
+    """
 
     def __init__(self) -> None:
         self.whole = blake3.blake3()
+        self.size = 0
+        self._first: bytearray | None = bytearray()
         self._chunk = blake3.blake3()
         self._in_chunk = 0
         self.digests = bytearray()
-        self.size = 0
 
     def update(self, data: bytes | memoryview) -> None:
-        view = memoryview(data)
+        view = memoryview(data).cast("B")
         self.whole.update(view)
         self.size += len(view)
+        if self._first is not None:
+            room = CHUNK_SIZE - len(self._first)
+            if len(view) <= room:
+                self._first += view
+                return
+            self._first += view[:room]
+            self.digests += blake3.blake3(self._first).digest()
+            self._first = None
+            view = view[room:]
         while view:
             take = min(len(view), CHUNK_SIZE - self._in_chunk)
             self._chunk.update(view[:take])
@@ -153,6 +168,9 @@ class _ChunkHasher:
                 self._in_chunk = 0
 
     def finish(self) -> tuple[str, bytes]:
+        if self._first is not None:  # one chunk (or none, for an empty blob)
+            digest = self.whole.digest()
+            return digest.hex(), (digest if self.size else b"")
         if self._in_chunk:
             self.digests += self._chunk.digest()
             self._in_chunk = 0
@@ -166,7 +184,7 @@ class BlobWriter:
         self._store = store
         self.tmp_path = store.tmp_dir / f"blob-{os.getpid()}-{secrets.token_hex(8)}.tmp"
         self._file: BinaryIO | None = open(self.tmp_path, "xb")  # noqa: SIM115 (held until commit/close)
-        self._hasher = _ChunkHasher()
+        self._hasher = ChunkHasher()
         self._staged = False
 
     @property
@@ -369,7 +387,7 @@ class BlobStore:
         Raises BlobHashMismatch, leaving the file where it is, if it is not ``expected_hash``.
         """
         check_hash(expected_hash, "blob hash")
-        hasher = _ChunkHasher()
+        hasher = ChunkHasher()
         with open(path, "rb") as f:
             os.fsync(f.fileno())
             while block := f.read(_READ_SIZE):
@@ -490,7 +508,7 @@ class BlobStore:
         """Re-hash one blob and its chunk list; None when both are intact."""
         try:
             with self.open(blob_hash) as f:
-                hasher = _ChunkHasher()
+                hasher = ChunkHasher()
                 while block := f.read(_READ_SIZE):
                     hasher.update(block)
         except BlobMissing:

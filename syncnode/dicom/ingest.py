@@ -32,9 +32,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
-import blake3
-
-from ..blobstore import CHUNK_SIZE, BlobInfo, BlobStore, StoreFull, fsync_dir
+from ..blobstore import BlobInfo, BlobStore, ChunkHasher, StoreFull, fsync_dir
 
 _libc: ctypes.CDLL | None
 try:
@@ -62,55 +60,6 @@ def have_syncfs() -> bool:
     return _USE_SYNCFS
 
 
-class _Hasher:
-    """Whole BLAKE3 and the per-1 MiB chunk digests, hashing every byte once.
-
-    While a blob fits in one chunk its single chunk digest *is* the whole digest, so the
-    first chunk is only buffered (at most 1 MiB); it is hashed separately only if the blob
-    grows past it. (The blob store's hasher hashes everything twice.)
-    """
-
-    def __init__(self) -> None:
-        self.whole = blake3.blake3()
-        self.size = 0
-        self._first: bytearray | None = bytearray()
-        self._chunk = blake3.blake3()
-        self._in_chunk = 0
-        self.digests = bytearray()
-
-    def update(self, data: bytes | memoryview) -> None:
-        view = memoryview(data).cast("B")
-        self.whole.update(view)
-        self.size += len(view)
-        if self._first is not None:
-            room = CHUNK_SIZE - len(self._first)
-            if len(view) <= room:
-                self._first += view
-                return
-            self._first += view[:room]
-            self.digests += blake3.blake3(self._first).digest()
-            self._first = None
-            view = view[room:]
-        while view:
-            take = min(len(view), CHUNK_SIZE - self._in_chunk)
-            self._chunk.update(view[:take])
-            self._in_chunk += take
-            view = view[take:]
-            if self._in_chunk == CHUNK_SIZE:
-                self.digests += self._chunk.digest()
-                self._chunk = blake3.blake3()
-                self._in_chunk = 0
-
-    def finish(self) -> tuple[str, bytes]:
-        if self._first is not None:  # one chunk (or none, for an empty blob)
-            digest = self.whole.digest()
-            return digest.hex(), (digest if self.size else b"")
-        if self._in_chunk:
-            self.digests += self._chunk.digest()
-            self._in_chunk = 0
-        return self.whole.hexdigest(), bytes(self.digests)
-
-
 class SpoolWriter:
     """A blob being received: a temp file in the store's tmp folder, hashed while written."""
 
@@ -118,7 +67,7 @@ class SpoolWriter:
         self.store = store
         self.tmp_path = store.tmp_dir / f"blob-{os.getpid()}-{secrets.token_hex(8)}.tmp"
         self._file: BinaryIO | None = open(self.tmp_path, "xb", buffering=0)  # noqa: SIM115
-        self._hasher = _Hasher()
+        self._hasher = ChunkHasher()
         self._unsynced = 0
 
     @property
