@@ -76,13 +76,13 @@ def test_invalid_values_name_the_key_and_reason(tmp_path: Path, key: str, value:
 
 def test_invalid_environment_value(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SYNCNODE_API_PORT", "eighty")
-    with pytest.raises(cfg.ConfigError, match="'api_port'.*valid integer"):
+    with pytest.raises(cfg.ConfigError, match=r"'api_port'.*valid integer"):
         cfg.load(tmp_path)
 
 
 def test_unknown_and_invalid_file_keys(tmp_path: Path) -> None:
     cfg.write_file(tmp_path, {"dicom_prot": 1})
-    with pytest.raises(cfg.ConfigError, match="'dicom_prot'.*unknown setting"):
+    with pytest.raises(cfg.ConfigError, match=r"'dicom_prot'.*unknown setting"):
         cfg.load(tmp_path)
     (tmp_path / cfg.CONFIG_FILE).write_text("dicom_port = [")
     with pytest.raises(cfg.ConfigError, match="not valid TOML"):

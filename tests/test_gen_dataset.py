@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tools import gen_dataset as gd
+from tools import gen_dataset as gd  # noqa: E402 (after the sys.path set-up)
 
 SCALE = 0.005
 UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
@@ -129,7 +129,7 @@ def test_layout_counts_and_manifest(small: tuple[Path, gd.Manifest]) -> None:
     assert {p.name for p in out.iterdir()} == {f"s{i:02d}" for i in range(1, 14)} | {
         gd.MANIFEST_NAME}
     assert not [p for p in out.rglob("*") if p.name.endswith(".partial")]
-    for (spec, counts), st in zip(gd.plan(SCALE), manifest.studies, strict=True):
+    for (_spec, counts), st in zip(gd.plan(SCALE), manifest.studies, strict=True):
         assert [se.images for se in st.series] == counts
         for se in st.series:
             on_disk = sorted((out / se.path).iterdir())
@@ -329,7 +329,8 @@ def test_small_multiframe_is_readable_and_its_length_matches(tmp_path: Path) -> 
     head = pydicom.dcmread(path, stop_before_pixels=True)
     frames = int(head.NumberOfFrames)
     assert frames == st.frames == round(0.01e9 / (512 * 512 * 2))
-    assert head.SOPClassUID == gd.ENHANCED_CT_IMAGE_STORAGE == head.file_meta.MediaStorageSOPClassUID
+    assert (head.SOPClassUID == gd.ENHANCED_CT_IMAGE_STORAGE
+            == head.file_meta.MediaStorageSOPClassUID)
     assert head.file_meta.MediaStorageSOPInstanceUID == head.SOPInstanceUID
     assert len(head.PerFrameFunctionalGroupsSequence) == frames
     z = [float(f.PlanePositionSequence[0].ImagePositionPatient[2])

@@ -309,7 +309,7 @@ def test_load_identity_errors(tmp_path: Path, pki: SimpleNamespace) -> None:
         load_identity(tmp_path / "empty")
     ident = create_identity(tmp_path / "n")
     ident.cert_path.unlink()
-    with pytest.raises(IdentityError, match="node.crt is missing"):
+    with pytest.raises(IdentityError, match=r"node\.crt is missing"):
         load_identity(tmp_path / "n")
     shutil.copy(pki.mallory.cert_path, ident.cert_path)
     with pytest.raises(IdentityError, match="does not belong"):
@@ -601,7 +601,7 @@ async def test_fetch_peer_certificate_unreachable(pki: SimpleNamespace) -> None:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         port = sock.getsockname()[1]
-        with pytest.raises(PeerUnreachable, match="within 0.5s"):
+        with pytest.raises(PeerUnreachable, match=r"within 0\.5s"):
             await fetch_peer_certificate(
                 f"127.0.0.1:{port}", pki.alice, pki.mallory.node_id, timeout=0.5
             )

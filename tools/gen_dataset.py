@@ -242,7 +242,7 @@ def series_counts(spec: StudySpec, scale: float) -> list[int]:
 
 
 def _digest(seed: int, *parts: object) -> bytes:
-    return hashlib.sha256(repr(("syncnode-gen-dataset", seed) + parts).encode()).digest()
+    return hashlib.sha256(repr(("syncnode-gen-dataset", seed, *parts)).encode()).digest()
 
 
 def uid(seed: int, *parts: object) -> str:
@@ -1107,9 +1107,10 @@ def _item(**attributes: object) -> Dataset:
     """A sequence item with the given keyword attributes (numbers given as text are converted
     to float for the binary VRs FD / FL)."""
     item = Dataset()
-    for keyword, value in attributes.items():
+    for keyword, given in attributes.items():
+        value = given
         if dictionary_VR(keyword) in ("FD", "FL"):
-            value = [float(v) for v in value] if isinstance(value, list) else float(value)
+            value = [float(v) for v in given] if isinstance(given, list) else float(given)
         setattr(item, keyword, value)
     return item
 
