@@ -28,6 +28,7 @@ from . import __version__
 from . import config as cfg
 from .ids import InvalidUID
 from .local import LocalNode, NodeNotInitialised
+from .nodeid import InvalidNodeId, NodeId
 from .status import node_status as status_dict
 from .status import peer_rows
 from .tls import IdentityError, create_ca, load_ca
@@ -58,6 +59,13 @@ def open_node(data: Path) -> LocalNode:
     try:
         return LocalNode(data)
     except (NodeNotInitialised, IdentityError) as exc:
+        fail(str(exc))
+
+
+def parse_node_id(text: str) -> NodeId:
+    try:
+        return NodeId.parse(text)
+    except InvalidNodeId as exc:
         fail(str(exc))
 
 
@@ -324,14 +332,10 @@ def peer_add(
     contact)."""
     import asyncio
 
-    from .nodeid import InvalidNodeId, NodeId
     from .tls import NodeTLSError, PeerUnreachable, fetch_peer_certificate
 
     node = open_node(data)
-    try:
-        peer = NodeId.parse(node_id_arg)
-    except InvalidNodeId as exc:
-        fail(str(exc))
+    peer = parse_node_id(node_id_arg)
     if peer == node.node_id:
         fail("that is this node's own id")
     if push not in ("auto", "always", "never"):
@@ -376,14 +380,10 @@ def peer_accept(node_id_arg: Annotated[str, typer.Argument(metavar="NODE_ID")],
     certificate is fetched from the announced address and pinned only if it matches."""
     import asyncio
 
-    from .nodeid import InvalidNodeId, NodeId
     from .tls import NodeTLSError, fetch_peer_certificate
 
     node = open_node(data)
-    try:
-        peer = NodeId.parse(node_id_arg)
-    except InvalidNodeId as exc:
-        fail(str(exc))
+    peer = parse_node_id(node_id_arg)
     seen = {d["node_id"]: d for d in node.catalog.discovered()}
     if peer.compact not in seen:
         fail(f"{peer} has not been seen on the LAN recently (is `run --discovery` on?)", 1)
@@ -401,13 +401,9 @@ def peer_accept(node_id_arg: Annotated[str, typer.Argument(metavar="NODE_ID")],
 def peer_remove(node_id_arg: Annotated[str, typer.Argument(metavar="NODE_ID")],
                 data: DataOpt = DEFAULT_DATA) -> None:
     """Stop trusting a peer: its connections are refused from the next request on."""
-    from .nodeid import InvalidNodeId, NodeId
 
     node = open_node(data)
-    try:
-        peer = NodeId.parse(node_id_arg)
-    except InvalidNodeId as exc:
-        fail(str(exc))
+    peer = parse_node_id(node_id_arg)
     known = node.catalog.remove_peer(peer.compact)
     unpinned = node.trust.remove(peer)
     if not (known or unpinned):
