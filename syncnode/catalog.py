@@ -33,7 +33,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,11 +215,19 @@ class Catalog:
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
+            if self._db.in_transaction:  # nested in a snapshot or a write: share it
+                yield self._db
+                return
             self._db.execute("BEGIN")
             try:
                 yield self._db
             finally:
                 self._db.execute("COMMIT")
+
+    def snapshot(self) -> AbstractContextManager[sqlite3.Connection]:
+        """A consistent view for several reads (one read transaction): e.g. a Merkle node,
+        its children and its ids must agree while another process inserts events."""
+        return self._read()
 
     def get_meta(self, key: str) -> str | None:
         with self._lock:

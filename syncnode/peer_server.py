@@ -128,11 +128,12 @@ class PeerServer:
         prefix = merkle.check_prefix(request.query.get("prefix", ""))
 
         def answer() -> dict[str, Any]:
-            node = self.catalog.merkle_node(prefix)
-            leaf = len(prefix) == merkle.LEAF_LEVEL
-            children = None if leaf else self.catalog.merkle_children(prefix)
-            ids = (self.catalog.ids_under(prefix)
-                   if leaf or node.count <= protocol.INLINE_IDS else None)
+            with self.catalog.snapshot():  # digest, children and ids from one instant
+                node = self.catalog.merkle_node(prefix)
+                leaf = len(prefix) == merkle.LEAF_LEVEL
+                children = None if leaf else self.catalog.merkle_children(prefix)
+                ids = (self.catalog.ids_under(prefix)
+                       if leaf or node.count <= protocol.INLINE_IDS else None)
             return protocol.merkle_response(prefix, node, children, ids)
 
         return web.json_response(await self._run(answer))

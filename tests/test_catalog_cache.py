@@ -70,3 +70,19 @@ def test_deleting_many_versions_splits_tombstones(tmp_path: Path) -> None:
         assert len(body) < ev.MAX_EVENT_BYTES
         ev.decode_checked(eid, body)
     assert cat.instance("1.2.3") is None
+
+
+def test_snapshot_gives_merkle_reads_from_one_instant(tmp_path: Path) -> None:
+    from syncnode import merkle
+
+    reader = Catalog(tmp_path / "c.db", node_id="A")
+    writer = Catalog(tmp_path / "c.db", node_id="A")
+    writer.apply([put(i) for i in range(50)])
+    with reader.snapshot():
+        before = reader.merkle_node("")
+        children = reader.merkle_children("")
+        writer.apply([put(i) for i in range(50, 80)])  # another connection commits meanwhile
+        ids = reader.ids_under("")
+        assert before.count == len(ids) == 50
+        assert merkle.inner_digest(children) == before
+    assert reader.merkle_node("").count == 80
