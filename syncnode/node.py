@@ -31,7 +31,7 @@ from .sync import SyncEngine
 from .tls import server_ssl_context
 
 log = logging.getLogger("syncnode.node")
-PEER_REFRESH_SECONDS = 2.0
+PEER_REFRESH_SECONDS = 0.5  # how soon a change made beside us (CLI, SCP) reaches peers
 
 
 class AlreadyRunning(Exception):
@@ -72,7 +72,8 @@ class RunningNode:
         self.node.store.clean_tmp()
         s = self.settings
         self.peer_server = PeerServer(self.node, on_events=self._on_pushed,
-                                      blob_locks=self.blob_locks, on_seen=self._on_peer_seen)
+                                      blob_locks=self.blob_locks, on_seen=self._on_peer_seen,
+                                      on_notify=self._on_peer_notify)
         runner = web.AppRunner(self.peer_server.app, access_log=None,
                                handler_cancellation=True)
         await runner.setup()
@@ -188,6 +189,10 @@ class RunningNode:
         for fn in self.metric_providers:
             out.update(fn())
         return out
+
+    def _on_peer_notify(self, peer: str) -> None:
+        if self.engine is not None:
+            self.engine.notified(peer)
 
     def _on_peer_seen(self, peer: str) -> None:
         if self.engine is not None:

@@ -42,12 +42,14 @@ class PeerServer:
     def __init__(self, node: LocalNode,
                  on_events: Callable[[list[str]], Awaitable[None]] | None = None,
                  blob_locks: dict[str, asyncio.Lock] | None = None,
-                 on_seen: Callable[[str], None] | None = None) -> None:
+                 on_seen: Callable[[str], None] | None = None,
+                 on_notify: Callable[[str], None] | None = None) -> None:
         self.node = node
         self.catalog: Catalog = node.catalog
         self.last_seen: dict[str, float] = {}  # node id -> last time it was talking to us
         self.on_events = on_events  # called after pushed events were applied
         self.on_seen = on_seen  # called with a peer's compact id on each of its requests
+        self.on_notify = on_notify  # called when a peer says it has something new
         self.stats: dict[str, dict[str, int]] = {}
         # One lock per blob being written, shared with the sync engine's pulls so a pushed
         # and a pulled copy of the same blob never share a .part file.
@@ -67,6 +69,7 @@ class PeerServer:
             web.post(f"{p}/push/offer", self.push_offer),
             web.put(f"{p}/push/blobs/{{hash}}", self.push_blob),
             web.post(f"{p}/push/events", self.push_events),
+            web.post(f"{p}/notify", self.notify),
         ])
 
     def _stat(self, peer: str, key: str, n: int) -> None:
@@ -117,6 +120,13 @@ class PeerServer:
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    async def notify(self, request: web.Request) -> web.Response:
+        """A peer tells us its catalog changed: our loop with it runs now, not at its next
+        interval. Carries no data; what changed is found by the usual diff."""
+        if self.on_notify is not None:
+            self.on_notify(request[PEER_KEY].compact)
+        return web.json_response({"ok": True})
 
     # -- reading -------------------------------------------------------------------------
     async def hello(self, request: web.Request) -> web.Response:

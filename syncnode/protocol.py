@@ -14,6 +14,7 @@ GET      /peer/v1/blobs/H   (Range)          the bytes, each chunk verified befo
 POST     /peer/v1/push/offer ``{blobs}``     ``{want: [{hash, offset}]}``
 PUT      /peer/v1/push/blobs/H?offset=N      ``{offset}`` (bytes verified so far)
 POST     /peer/v1/push/events ``{events}``   ``{applied, rejected}``
+POST     /peer/v1/notify                     ``{ok}``: "my catalog changed, sync now"
 =======  ==================================  ===========================================
 
 ``children`` (16 ``[digest, count]`` pairs) is present below the leaf level; ``ids`` is

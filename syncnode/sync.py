@@ -46,6 +46,7 @@ REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10,
 EVENT_BATCH = 500
 APPLY_BATCH = 64  # pulled blobs made live in one transaction
 APPLY_DELAY = 0.25  # seconds a pulled blob may wait for others before it is made live
+NOTIFY_DELAY = 0.1  # seconds a change waits for others before peers are told
 PUSH_AFTER_SILENCE = 3  # sync intervals without a request from the peer before we push
 
 
@@ -271,6 +272,7 @@ class PeerSync:
         # pulled blobs whose puts wait to be applied together: (pairs, blob size)
         self._ready: list[tuple[list[tuple[str, bytes]], int]] = []
         self._ready_since = 0.0
+        self._notifying: asyncio.Task[None] | None = None
 
     def save_state(self, force: bool = False) -> None:
         now = time.time()
@@ -333,6 +335,22 @@ class PeerSync:
         finally:
             for w in waiters:
                 w.cancel()
+
+    def notify_soon(self) -> None:
+        """Tell the peer we changed (at most one notice in flight; best effort: the peer's
+        own rounds catch up anyway)."""
+        if self._notifying is None or self._notifying.done():
+            self._notifying = asyncio.get_running_loop().create_task(self._notify())
+
+    async def _notify(self) -> None:
+        await asyncio.sleep(NOTIFY_DELAY)  # coalesce a burst of changes into one notice
+        try:
+            async with self.client.session().post(
+                    f"{self.client.base}/notify",
+                    timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                await resp.read()
+        except (aiohttp.ClientError, OSError, TimeoutError, NodeTLSError) as exc:
+            log.debug("could not notify %s: %s", self.peer_id.short, exc)
 
     def should_push(self) -> bool:
         if self.push == "always":
@@ -627,10 +645,18 @@ class SyncEngine:
             ps.wake.set()
 
     def changed(self, exclude: PeerSync | None = None) -> None:
-        """Local catalog changed: let the other peers' loops run now."""
+        """Local catalog changed: let the other peers' loops run now, and tell the peers
+        so that theirs do too (they would otherwise notice at their next round)."""
         for p in self.peers.values():
             if p is not exclude:
                 p.wake.set()
+                p.notify_soon()
+
+    def notified(self, peer: str) -> None:
+        """The peer says it has something new: run our round with it now."""
+        ps = self.peers.get(peer)
+        if ps is not None:
+            ps.wake.set()
 
     def refresh(self) -> None:
         """Start loops for new trusted peers, stop loops of removed ones."""
@@ -651,6 +677,10 @@ class SyncEngine:
         self._stop.set()
         for t in self.tasks.values():
             t.cancel()
+        notices = [p._notifying for p in self.peers.values() if p._notifying is not None]
+        for n in notices:
+            n.cancel()
+        await asyncio.gather(*notices, return_exceptions=True)
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
         for p in self.peers.values():
             await p.client.close()
