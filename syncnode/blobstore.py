@@ -381,22 +381,6 @@ class BlobStore:
             w.write(data)
             return w.commit(sync_dir=sync_dir)
 
-    def adopt(self, path: Path, expected_hash: str, *, sync_dir: bool = True) -> BlobInfo:
-        """Move a complete file (e.g. a finished ``.part``) into the store after hashing it.
-
-        Raises BlobHashMismatch, leaving the file where it is, if it is not ``expected_hash``.
-        """
-        check_hash(expected_hash, "blob hash")
-        hasher = ChunkHasher()
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-            while block := f.read(_READ_SIZE):
-                hasher.update(block)
-        digest, chunk_digests = hasher.finish()
-        if digest != expected_hash:
-            raise BlobHashMismatch(expected_hash, digest)
-        return self._install(path, digest, hasher.size, chunk_digests, sync_dir)
-
     def install_verified(self, path: Path, digest: str, size: int, chunk_digests: bytes,
                          *, sync_dir: bool = True) -> BlobInfo:
         """Move a file whose hash and chunk list the caller computed while writing it (and

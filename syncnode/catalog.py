@@ -234,10 +234,6 @@ class Catalog:
             row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return row[0] if row else None
 
-    def set_meta(self, key: str, value: str) -> None:
-        with self._write() as db:
-            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
-
     def _tick(self, db: sqlite3.Connection) -> int:
         row = db.execute("SELECT value FROM meta WHERE key='hlc'").fetchone()
         hlc = ev.hlc_tick(int(row[0]) if row else 0)
