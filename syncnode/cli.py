@@ -25,7 +25,6 @@ from rich.progress import (
 )
 
 from . import __version__
-from . import config as cfg
 from .ids import InvalidUID
 from .local import LocalNode, NodeNotInitialised
 from .nodeid import InvalidNodeId, NodeId
@@ -444,6 +443,7 @@ def run(
     admin API and discovery where configured). Stops cleanly on Ctrl-C / SIGTERM."""
     import asyncio
 
+    from . import config as cfg
     from .admin.api import UnsafeBinding
     from .logs import setup_logging
     from .node import AlreadyRunning
@@ -488,9 +488,6 @@ def gc(data: DataOpt = DEFAULT_DATA) -> None:
     node = open_node(data)
     out.print(f"{node.gc()} blobs removed")
 
-
-def _config_error_exit(exc: cfg.ConfigError) -> NoReturn:
-    fail(str(exc))
 
 
 if __name__ == "__main__":  # pragma: no cover

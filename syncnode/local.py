@@ -19,11 +19,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from . import config as cfg
 from .blobstore import BlobDamage, BlobStore
 from .catalog import ApplyResult, Catalog
 from .tls import CertificateAuthority, Identity, TrustStore, create_identity, load_identity
+
+if TYPE_CHECKING:
+    from .config import Settings
 
 CATALOG_FILE = "catalog.db"
 
@@ -65,11 +68,15 @@ class LocalNode:
         data = Path(data)
         data.mkdir(parents=True, exist_ok=True, mode=0o700)
         create_identity(data, ca=ca)
+        from . import config as cfg  # imported here: it costs ~0.2 s of start-up
+
         if not (data / cfg.CONFIG_FILE).exists():
             cfg.write_file(data, cfg.initial_values())
         return cls(data)
 
-    def settings(self, **flags: object) -> cfg.Settings:
+    def settings(self, **flags: object) -> Settings:
+        from . import config as cfg
+
         return cfg.load(self.data, **flags)
 
     def close(self) -> None:
