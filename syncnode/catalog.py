@@ -121,6 +121,18 @@ PUT_COLUMNS = (
 )
 
 
+def open_database(path: Path | str, schema: str) -> sqlite3.Connection:
+    """A connection to the catalog file as every writer of it needs one: WAL, durable
+    commits (``synchronous=FULL``), a minute's patience with other writers, explicit
+    transactions; ``schema`` (``CREATE ... IF NOT EXISTS``) applied."""
+    db = sqlite3.connect(path, timeout=60.0, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("PRAGMA busy_timeout=60000")
+    db.executescript(schema)
+    return db
+
+
 class CatalogError(Exception):
     """A catalog operation that cannot be carried out; the message says why."""
 
@@ -168,11 +180,7 @@ class Catalog:
     def __init__(self, path: Path | str, node_id: str | None = None) -> None:
         self.path = Path(path)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None,
-                                   check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=60000")
+        self._db = open_database(self.path, SCHEMA)
         self._db.execute("PRAGMA cache_size=-131072")  # 128 MiB
         # checkpoint the WAL every ~40 MB instead of ~4 MB: fewer rewrites of hot pages
         self._db.execute("PRAGMA wal_autocheckpoint=10000")
@@ -180,7 +188,6 @@ class Catalog:
         # says no other connection committed (see _write); saves a query per inner node.
         self._merkle_cache: dict[tuple[int, int], merkle.NodeDigest] | None = None
         self._merkle_version: int | None = None
-        self._db.executescript(SCHEMA)
         with self._write() as db:
             if node_id is not None:
                 row = db.execute("SELECT value FROM meta WHERE key='node_id'").fetchone()

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
@@ -38,6 +37,7 @@ from .blobstore import CHUNK_SIZE, BlobHashMismatch, BlobStore
 from .local import LocalNode
 from .nodeid import NodeId
 from .protocol import ProtocolError, RemoteNode
+from .retry import backoff
 from .tls import NodeTLSError, client_ssl_context, fetch_peer_certificate
 from .transfer import PartialBlob, TransferError
 
@@ -95,7 +95,7 @@ class Backoff:
 
     def next(self) -> float:
         self.failures += 1
-        return random.uniform(0.5, 1.0) * min(self.cap, self.base * 2 ** (self.failures - 1))
+        return backoff(self.failures, self.base, self.cap)
 
     def reset(self) -> None:
         self.failures = 0

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import io
 import logging
-import random
 import sqlite3
 import struct
 import threading
@@ -59,8 +58,10 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import build_context
 
 from ..blobstore import BlobError, BlobStore
+from ..catalog import open_database
 from ..config import parse_ae_address
 from ..local import CATALOG_FILE, LocalNode
+from ..retry import backoff
 from .transport import PduLimits, SyncnodeAE
 
 log = logging.getLogger("syncnode.dicom.exporter")
@@ -106,19 +107,8 @@ def _transient(status: int) -> bool:
     return (status & 0xFF00) == 0xA700 or status in (0x0110, 0x0211, 0x0213)
 
 
-def backoff(failures: int, base: float, cap: float, rng: random.Random | None = None) -> float:
-    """Capped exponential backoff with jitter: in [d/2, d], d = min(cap, base * 2^(n-1))."""
-    d = min(cap, base * (2 ** max(0, failures - 1)))
-    return d * (0.5 + 0.5 * (rng or random).random())
-
-
 def connect(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(path, timeout=60.0, isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
-    db.execute("PRAGMA busy_timeout=60000")
-    db.executescript(SCHEMA)
-    return db
+    return open_database(path, SCHEMA)
 
 
 def dataset_offset(head: bytes) -> int:

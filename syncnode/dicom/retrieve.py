@@ -32,6 +32,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from ..catalog import open_database
 from ..config import parse_ae_address
 from ..ids import is_uid
 from ..local import CATALOG_FILE, LocalNode
@@ -51,12 +52,7 @@ CREATE TABLE IF NOT EXISTS retrieved (
 
 
 def connect(path: Any) -> sqlite3.Connection:
-    db = sqlite3.connect(path, timeout=60.0, isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
-    db.execute("PRAGMA busy_timeout=60000")
-    db.executescript(SCHEMA)
-    return db
+    return open_database(path, SCHEMA)
 
 
 class Source:
