@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import os
 import platform
@@ -76,7 +75,17 @@ from typing import Any
 
 import blake3
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import (
+    REPO,
+    dicom_files,
+    load_generator,
+    log,
+    remove,
+    run,
+    sync_fs,
+)
+
 MB = 1_000_000
 MIB = 1 << 20
 READ_BLOCK = 1 << 20
@@ -92,25 +101,11 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # -- helpers ------------------------------------------------------------------------------
 
 
-def load_generator() -> ModuleType:
-    """``tools/gen_dataset.py`` as a module (by path: ``tools`` is not a package)."""
-    path = REPO / "tools" / "gen_dataset.py"
-    if not path.is_file():
-        raise SystemExit(f"{path} is missing: the dataset generator is required")
-    spec = importlib.util.spec_from_file_location("syncnode_bench_gen_dataset", path)
-    if spec is None or spec.loader is None:
-        raise SystemExit(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
-    return module
 
 
 def find_syncnode() -> list[str]:
@@ -124,8 +119,6 @@ def find_syncnode() -> list[str]:
     return [found]
 
 
-def dicom_files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*.dcm") if p.is_file())
 
 
 def read_all(files: Sequence[Path]) -> int:
@@ -154,21 +147,10 @@ def blake3_files(files: Sequence[Path]) -> int:
     return total
 
 
-def sync_fs() -> None:
-    subprocess.run(["sync"], check=True)
 
 
-def remove(path: Path) -> None:
-    if path.exists():
-        shutil.rmtree(path)
 
 
-def run(cmd: Sequence[str], **kw: Any) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(list(cmd), check=False, capture_output=True, text=True, **kw)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{shlex.join(cmd)} exited with {proc.returncode}:\n"
-                           f"{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    return proc
 
 
 def children_cpu() -> float:
