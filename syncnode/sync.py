@@ -22,6 +22,7 @@ does not stop the rest, and any other peer that has it can supply it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import time
@@ -33,13 +34,13 @@ import aiohttp
 
 from . import events as ev
 from . import merkle, protocol
-from .blobstore import CHUNK_SIZE, BlobHashMismatch, BlobStore
+from .blobstore import CHUNK_SIZE, BlobHashMismatch, BlobStore, StagedBlob
 from .local import LocalNode
 from .nodeid import NodeId
 from .protocol import ProtocolError, RemoteNode
 from .retry import backoff
 from .tls import NodeTLSError, client_ssl_context, fetch_peer_certificate
-from .transfer import PartialBlob, TransferError
+from .transfer import PartialBlob, TransferError, stage_whole
 
 log = logging.getLogger("syncnode.sync")
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10, sock_read=60)
@@ -109,8 +110,16 @@ class PeerClient:
         self.base = url.rstrip("/") + protocol.PREFIX
         self._session: aiohttp.ClientSession | None = None
         self._trust_version: Any = None
+        self._trust_checked = 0.0
 
     def session(self) -> aiohttp.ClientSession:
+        """The session, renewed when the trust list changed (checked at most once a
+        second: a listdir per request would cost more than the request)."""
+        now = time.monotonic()
+        if self._session is not None and not self._session.closed \
+                and now - self._trust_checked < 1.0:
+            return self._session
+        self._trust_checked = now
         version = self.node.trust.version()
         if self._session is None or version != self._trust_version or self._session.closed:
             if self._session is not None and not self._session.closed:
@@ -151,24 +160,36 @@ class PeerClient:
         return int(obj["size"]), bytes.fromhex(obj["chunks"])
 
     async def fetch_blob(self, store: BlobStore, blob: str, size: int, chunks_root: str,
-                         on_bytes: Callable[[int], None] | None = None, *,
-                         sync_dir: bool = True) -> int:
-        """Pull one blob into the store through a verified, resumable ``.part`` file.
+                         on_bytes: Callable[[int], None] | None = None) -> int:
+        """Pull one blob into the store (verified, resumable, durable before it is there).
+        Returns how many bytes were already held from an earlier attempt."""
+        staged, resumed = await self.fetch_staged(store, blob, size, chunks_root, on_bytes)
+        await asyncio.get_running_loop().run_in_executor(None, store.install_staged, [staged])
+        return resumed
 
-        Returns how many bytes were already held from an earlier attempt. Raises
-        TransferError (a chunk or the whole hash does not match: nothing is stored) or
+    async def fetch_staged(self, store: BlobStore, blob: str, size: int, chunks_root: str,
+                           on_bytes: Callable[[int], None] | None = None
+                           ) -> tuple[StagedBlob, int]:
+        """Pull one blob into its verified ``.part`` file, ready for a group install
+        (:meth:`BlobStore.install_staged`). Returns it and how many bytes were already held
+        from an earlier attempt.
+
+        Raises TransferError (a chunk or the whole hash does not match: nothing is kept) or
         ProtocolError / aiohttp errors (the verified prefix is kept for the next attempt).
-        With ``sync_dir=False`` the caller must ``store.flush_dirs()`` before recording the
-        blob in the catalog.
+        A blob of one chunk comes in one piece and is verified and written in one step.
         """
-        if size <= CHUNK_SIZE:  # one chunk (or none): its list is the blob hash itself
-            peer_size, digests = size, bytes.fromhex(blob) if size else b""
-        else:
-            peer_size, digests = await self.chunks(blob)
+        loop = asyncio.get_running_loop()
+        if size <= CHUNK_SIZE:
+            data = await self._get_whole(blob, size)
+            if on_bytes:
+                on_bytes(size)
+            staged = await loop.run_in_executor(None, stage_whole, store, blob, data,
+                                                chunks_root)
+            return staged, 0
+        peer_size, digests = await self.chunks(blob)
         if peer_size != size:
             raise ProtocolError(f"peer says blob {blob} has {peer_size} bytes, the event "
                                 f"says {size}")
-        loop = asyncio.get_running_loop()
         part = await loop.run_in_executor(
             None, lambda: PartialBlob(store, blob, size, digests, chunks_root))
         resumed = part.offset
@@ -177,19 +198,34 @@ class PeerClient:
                 headers = {"Range": f"bytes={part.offset}-"}
                 async with self.session().get(f"{self.base}/blobs/{blob}",
                                               headers=headers) as resp:
-                    if resp.status not in (200, 206):
-                        kind = PeerLacksBlob if resp.status == 404 else ProtocolError
-                        raise kind(f"GET blob {blob}: HTTP {resp.status}: "
-                                            f"{(await resp.text())[:300]}")
+                    await self._check_blob_response(resp, blob)
                     if resp.status == 200 and part.offset:
                         raise ProtocolError("peer ignored the Range header")
                     await self._receive(resp, part, on_bytes)
-            await loop.run_in_executor(None, lambda: part.finish(sync_dir=sync_dir))
-            log.debug("blob %s from %s stored (%d bytes, %d resumed)", blob,
+            staged = await loop.run_in_executor(None, part.stage)
+            log.debug("blob %s from %s received (%d bytes, %d resumed)", blob,
                       self.peer_id.short, size, resumed)
         finally:
-            part.close()
-        return resumed
+            part.close(durable=False)
+        return staged, resumed
+
+    @staticmethod
+    async def _check_blob_response(resp: aiohttp.ClientResponse, blob: str) -> None:
+        if resp.status not in (200, 206):
+            kind = PeerLacksBlob if resp.status == 404 else ProtocolError
+            raise kind(f"GET blob {blob}: HTTP {resp.status}: {(await resp.text())[:300]}")
+
+    async def _get_whole(self, blob: str, size: int) -> bytes:
+        async with self.session().get(f"{self.base}/blobs/{blob}") as resp:
+            await self._check_blob_response(resp, blob)
+            if resp.content_length != size:
+                raise ProtocolError(f"GET blob {blob}: {resp.content_length} bytes announced, "
+                                    f"the event says {size}")
+            try:
+                return await resp.content.readexactly(size)
+            except asyncio.IncompleteReadError as exc:
+                raise ProtocolError(f"blob {blob} ended early at {len(exc.partial)} "
+                                    "bytes") from exc
 
     @staticmethod
     async def _receive(resp: aiohttp.ClientResponse, part: PartialBlob,
@@ -269,9 +305,6 @@ class PeerSync:
         self.backoff = Backoff()
         self._last_saved = 0.0
         self._skipped: list[tuple[str, bytes]] = []  # puts whose blob the peer lacked
-        # pulled blobs whose puts wait to be applied together: (pairs, blob size)
-        self._ready: list[tuple[list[tuple[str, bytes]], int]] = []
-        self._ready_since = 0.0
         self._notifying: asyncio.Task[None] | None = None
 
     def save_state(self, force: bool = False) -> None:
@@ -461,12 +494,9 @@ class PeerSync:
             st.bytes_needed = sum(v[0][2].size for v in waiting.values())
             self.save_state()
             sem = asyncio.Semaphore(self.engine.max_pulls)
-            try:
-                results = await asyncio.gather(
-                    *(self._pull_and_apply(blob, items, sem) for blob, items in waiting.items()),
-                    return_exceptions=True)
-            finally:
-                await self._flush_ready()
+            results = await asyncio.gather(
+                *(self._pull_and_apply(blob, items, sem) for blob, items in waiting.items()),
+                return_exceptions=True)
             failures = [r for r in results if isinstance(r, BaseException)]
             for r in failures:
                 if not isinstance(r, Exception):
@@ -492,33 +522,27 @@ class PeerSync:
 
     async def _pull_and_apply(self, blob: str, items: list[tuple[str, bytes, ev.PutEvent]],
                               sem: asyncio.Semaphore) -> None:
-        async with sem, self.engine.blob_lock(blob):
-            if not self.node.store.has(blob):
-                try:
-                    await self.pull_blob(items[0][2])
-                except PeerLacksBlob:
-                    # Usually the peer deleted the instance and freed the blob; the tombstone
-                    # comes later in this walk (another Merkle leaf). Settled at its end.
-                    self._skipped.extend((e, b) for e, b, _ in items)
-                    return
-        if not self._ready:
-            self._ready_since = time.monotonic()
-        self._ready.append(([(e, b) for e, b, _ in items], items[0][2].size))
-        if len(self._ready) >= APPLY_BATCH or time.monotonic() - self._ready_since > APPLY_DELAY:
-            await self._flush_ready()
+        """Pull the blob (unless present) and have its puts applied with others'.
 
-    async def _flush_ready(self) -> None:
-        """Make a group of pulled blobs durable (one round of folder fsyncs) and their puts
-        live (one transaction): cheaper than per blob, and never later than APPLY_DELAY
-        after the first of them arrived (unless no other blob completes meanwhile)."""
-        if not self._ready:
-            return
-        ready, self._ready = self._ready, []
-        await asyncio.get_running_loop().run_in_executor(None, self.node.store.flush_dirs)
-        await self._apply([pair for pairs, _ in ready for pair in pairs])
+        The blob's lock is held until it is installed, so another peer's loop never pulls
+        the same bytes again meanwhile; the pull slot (``sem``) only during the transfer."""
+        put = items[0][2]
+        installer = self.engine.installer
+        async with self.engine.blob_lock(blob):
+            staged = None
+            if not self.node.store.has(blob):
+                async with sem, installer.pulling():
+                    try:
+                        staged = await self.pull_blob(put)
+                    except PeerLacksBlob:
+                        # Usually the peer deleted the instance and freed the blob; the
+                        # tombstone comes later in this walk. Settled at its end.
+                        self._skipped.extend((e, b) for e, b, _ in items)
+                        return
+            await installer.submit(self, staged, [(e, b) for e, b, _ in items])
         st = self.state
-        st.blobs_needed = max(0, st.blobs_needed - len(ready))
-        st.bytes_needed = max(0, st.bytes_needed - sum(size for _, size in ready))
+        st.blobs_needed = max(0, st.blobs_needed - 1)
+        st.bytes_needed = max(0, st.bytes_needed - put.size)
         self.save_state()
 
     async def _settle_skipped(self) -> None:
@@ -533,7 +557,7 @@ class PeerSync:
             raise PeerLacksBlob(f"peer lacks the blobs of {len(skipped) - len(removed)} live "
                                 f"put events, e.g. {lost}")
 
-    async def pull_blob(self, put: ev.PutEvent) -> None:
+    async def pull_blob(self, put: ev.PutEvent) -> StagedBlob:
         st = self.state
 
         def received(n: int) -> None:
@@ -541,12 +565,13 @@ class PeerSync:
             self.engine.count_bytes(self.peer_id.compact, "in", n)
 
         try:
-            resumed = await self.client.fetch_blob(self.node.store, put.blob, put.size,
-                                                   put.chunks, received, sync_dir=False)
-        except TransferError:
+            staged, resumed = await self.client.fetch_staged(
+                self.node.store, put.blob, put.size, put.chunks, received)
+        except (TransferError, BlobHashMismatch):
             st.integrity_errors += 1
             raise
         st.bytes_resumed += resumed
+        return staged
 
     # -- pushing -------------------------------------------------------------------------
     async def push_events(self, ids: list[str]) -> None:
@@ -610,6 +635,107 @@ class PeerSync:
 
 
 @dataclass
+class _Arrival:
+    peer: PeerSync
+    staged: StagedBlob | None  # None: the blob was already present
+    pairs: list[tuple[str, bytes]]
+    done: asyncio.Future[None]
+
+
+class Installer:
+    """Makes pulled blobs durable and their puts live in groups, for all peers at once.
+
+    A group costs two filesystem syncs (:meth:`BlobStore.install_staged`: part files on disk
+    before any rename, renames on disk before the catalog names them) and one catalog
+    transaction, instead of several fsyncs and a transaction per blob. A group is installed
+    when APPLY_BATCH blobs wait, when no pull is in flight any more (so the last blob of a
+    round is never held back), or APPLY_DELAY after the first of them arrived.
+    """
+
+    def __init__(self, engine: SyncEngine) -> None:
+        self.engine = engine
+        self.pending: list[_Arrival] = []
+        self.active = 0  # pulls transferring right now
+        self._timer: asyncio.TimerHandle | None = None
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @contextlib.asynccontextmanager
+    async def pulling(self) -> AsyncIterator[None]:
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+            if self.active == 0 and self.pending:
+                self._flush_soon(0)
+
+    async def submit(self, peer: PeerSync, staged: StagedBlob | None,
+                     pairs: list[tuple[str, bytes]]) -> None:
+        """Queue a pulled blob (or, with ``staged=None``, puts whose blob is present) and
+        wait until it is installed and its puts applied. Raises what that raised."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.pending.append(_Arrival(peer, staged, pairs, done))
+        if len(self.pending) >= APPLY_BATCH or self.active == 0:
+            self._flush_soon(0)
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(
+                APPLY_DELAY, self._flush_soon, 0)
+        await done
+
+    def _flush_soon(self, _delay: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        task = asyncio.get_running_loop().create_task(self.flush())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def flush(self) -> None:
+        async with self._lock:
+            batch, self.pending = self.pending, []
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if not batch:
+                return
+            try:
+                await self._install(batch)
+            except Exception as exc:  # each waiting pull reports it in its own peer's state
+                log.warning("installing %d pulled blobs failed: %s: %s", len(batch),
+                            type(exc).__name__, exc)
+                for a in batch:
+                    if not a.done.done():
+                        a.done.set_exception(exc)
+                return
+            for a in batch:
+                if not a.done.done():
+                    a.done.set_result(None)
+
+    async def _install(self, batch: list[_Arrival]) -> None:
+        node = self.engine.node
+        loop = asyncio.get_running_loop()
+        staged = [a.staged for a in batch if a.staged is not None]
+        if staged:
+            await loop.run_in_executor(None, node.store.install_staged, staged)
+        pairs = [pair for a in batch for pair in a.pairs]
+        result = await loop.run_in_executor(
+            None, lambda: node.collect(node.catalog.apply(pairs, blob_present=node.store.has)))
+        for a in batch:
+            bad = [(e, result.rejected[e]) for e, _ in a.pairs if e in result.rejected]
+            if bad and not a.done.done():
+                a.peer.state.integrity_errors += len(bad)
+                a.done.set_exception(ProtocolError(
+                    f"{len(bad)} events rejected, e.g. {bad[0][0]}: {bad[0][1]}"))
+        if result.inserted:
+            self.engine.changed(exclude={a.peer for a in batch})
+
+    async def close(self) -> None:
+        await self.flush()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+@dataclass
 class SyncEngine:
     """All peer loops of one node, sharing blob locks and counters."""
 
@@ -622,8 +748,12 @@ class SyncEngine:
     bytes: dict[str, dict[str, int]] = field(default_factory=dict)
     blob_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    installer: Installer = field(init=False)
     started: float = field(default_factory=time.time)
     on_state: Callable[[PeerState], None] | None = None
+
+    def __post_init__(self) -> None:
+        self.installer = Installer(self)
 
     def blob_lock(self, blob: str) -> asyncio.Lock:
         return self.blob_locks.setdefault(blob, asyncio.Lock())
@@ -644,11 +774,11 @@ class SyncEngine:
             ps.backoff.reset()
             ps.wake.set()
 
-    def changed(self, exclude: PeerSync | None = None) -> None:
+    def changed(self, exclude: PeerSync | set[PeerSync] | None = None) -> None:
         """Local catalog changed: let the other peers' loops run now, and tell the peers
         so that theirs do too (they would otherwise notice at their next round)."""
         for p in self.peers.values():
-            if p is not exclude:
+            if not (p is exclude or (isinstance(exclude, set) and p in exclude)):
                 p.wake.set()
                 p.notify_soon()
 
@@ -682,5 +812,9 @@ class SyncEngine:
             n.cancel()
         await asyncio.gather(*notices, return_exceptions=True)
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        try:  # blobs already received are installed, not received again after a restart
+            await self.installer.close()
+        except Exception:
+            log.exception("installing the last pulled blobs at shutdown failed")
         for p in self.peers.values():
             await p.client.close()

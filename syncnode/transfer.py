@@ -14,6 +14,7 @@ whose bytes do not match is never stored.
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from .blobstore import (
     BlobHashMismatch,
     BlobInfo,
     BlobStore,
+    StagedBlob,
+    StoreFull,
     chunk_count,
     chunks_root,
 )
@@ -125,13 +128,30 @@ class PartialBlob:
                 raise
             del self._buf[:take]
 
-    def close(self) -> None:
-        """Keep the verified prefix for a later attempt; drop unverified bytes."""
+    def close(self, *, durable: bool = True) -> None:
+        """Keep the verified prefix for a later attempt; drop unverified bytes.
+
+        ``durable=False`` skips the fsync: a later attempt re-verifies the prefix chunk by
+        chunk anyway, so an unsynced part file can cost bytes after a power loss, never
+        correctness."""
         if not self._file.closed:
             self._file.flush()
-            os.fsync(self._file.fileno())
+            if durable:
+                os.fsync(self._file.fileno())
             self._file.close()
         self._buf.clear()
+
+    def stage(self) -> StagedBlob:
+        """Check the whole hash and hand the part file over for a group install
+        (:meth:`BlobStore.install_staged`, which makes it durable before the rename)."""
+        if not self.complete:
+            raise TransferError(f"blob {self.blob} incomplete: {self.offset} of {self.size} bytes")
+        self.close(durable=False)
+        digest = self._whole.hexdigest()
+        if digest != self.blob:
+            self.path.unlink(missing_ok=True)
+            raise BlobHashMismatch(self.blob, digest)
+        return StagedBlob(self.path, digest, self.size, self.digests)
 
     def finish(self, *, sync_dir: bool = True) -> BlobInfo:
         """Check the whole hash and move the blob into the store.
@@ -152,3 +172,29 @@ class PartialBlob:
     def discard(self) -> None:
         self.close()
         self.path.unlink(missing_ok=True)
+
+
+def stage_whole(store: BlobStore, blob: str, data: bytes,
+                expected_chunks_root: str | None = None) -> StagedBlob:
+    """Verify a blob of at most one chunk received in one piece and write it to its part
+    file for a group install. One hash: a one-chunk blob's only chunk digest is its hash.
+    Blocking: run it in a worker thread."""
+    if len(data) > CHUNK_SIZE:
+        raise TransferError(f"blob {blob}: {len(data)} bytes is more than one chunk")
+    digests = bytes.fromhex(blob) if data else b""
+    if expected_chunks_root is not None and chunks_root(digests) != expected_chunks_root:
+        raise TransferError(f"chunk list of blob {blob} does not match its put event")
+    if data and blake3.blake3(data).digest() != digests:
+        raise ChunkMismatch(blob, 0)
+    if not data and blake3.blake3(b"").hexdigest() != blob:
+        raise BlobHashMismatch(blob, blake3.blake3(b"").hexdigest())
+    path = store.part_path(blob)
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        if exc.errno == errno.ENOSPC:
+            raise StoreFull("no space left for the blob store") from exc
+        raise
+    return StagedBlob(path, blob, len(data), digests)
