@@ -24,6 +24,7 @@ from .admin.api import AdminAPI, check_binding
 from .admin.feed import EventFeed
 from .config import Settings
 from .discovery import Discovery
+from .listeners import ListenerLimits, start_listener
 from .local import LocalNode
 from .peer_server import PeerServer
 from .status import discovered_nodes
@@ -57,6 +58,8 @@ class RunningNode:
     # Other services add what they report: name -> callable giving a JSON-able value.
     status_providers: dict[str, Callable[[], Any]] = field(default_factory=dict)
     metric_providers: list[Callable[[], dict[str, float]]] = field(default_factory=list)
+    # Time bounds of the peer and admin listeners (request head, idle, TLS handshake).
+    limits: ListenerLimits = field(default_factory=ListenerLimits)
 
     def _take_lock(self) -> None:
         fd = os.open(self.node.data / "run.lock", os.O_CREAT | os.O_RDWR, 0o600)
@@ -74,15 +77,12 @@ class RunningNode:
         self.peer_server = PeerServer(self.node, on_events=self._on_pushed,
                                       blob_locks=self.blob_locks, on_seen=self._on_peer_seen,
                                       on_notify=self._on_peer_notify)
-        runner = web.AppRunner(self.peer_server.app, access_log=None,
-                               handler_cancellation=True)
-        await runner.setup()
-        site = web.TCPSite(runner, s.peer_host, s.peer_port,
-                           ssl_context=server_ssl_context(self.node.identity, self.node.trust),
-                           backlog=128)
-        await site.start()
+        runner, site = await start_listener(
+            self.peer_server.app, s.peer_host, s.peer_port, limits=self.limits,
+            ssl_context=server_ssl_context(self.node.identity, self.node.trust),
+            handler_cancellation=True)
         self._runners.append(runner)
-        self.ports["peer"] = _bound_port(site)
+        self.ports["peer"] = site.port
         self.engine = SyncEngine(self.node, interval=s.sync_interval, max_pulls=s.max_pulls,
                                  blob_locks=self.blob_locks,
                                  last_seen_fn=lambda p: self.peer_server.last_seen.get(p, 0.0)
@@ -108,12 +108,10 @@ class RunningNode:
         check_binding(s.api_host, s.api_key)
         self.feed = EventFeed()
         self.admin = AdminAPI(self)
-        runner = web.AppRunner(self.admin.app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, s.api_host, s.api_port)
-        await site.start()
+        runner, site = await start_listener(self.admin.app, s.api_host, s.api_port,
+                                            limits=self.limits)
         self._runners.append(runner)
-        self.ports["api"] = _bound_port(site)
+        self.ports["api"] = site.port
 
     async def _start_dicom(self) -> None:
         from .dicom.service import DicomBridge
@@ -231,12 +229,6 @@ class RunningNode:
             os.close(self._lock_fd)
             self._lock_fd = None
         self.stopped.set()
-
-
-def _bound_port(site: web.TCPSite) -> int:
-    server = site._server  # aiohttp keeps the asyncio server here
-    assert server is not None and server.sockets
-    return server.sockets[0].getsockname()[1]
 
 
 async def run(node: LocalNode, settings: Settings, duration: float | None = None) -> None:

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 MAX_PAGE = 1000
 MAX_OFFSET = 10**12
 LONG_POLL_MAX = 60.0
+MAX_BODY = 1 << 20  # bytes in a request body (JSON objects of a few fields)
+BODY_READ_TIMEOUT = 10.0  # seconds to receive a whole request body
 
 
 class UnsafeBinding(Exception):
@@ -64,12 +66,14 @@ def _text(value: str | None, what: str) -> str | None:
 
 
 class AdminAPI:
+    body_timeout = BODY_READ_TIMEOUT  # tests shorten it on an instance
+
     def __init__(self, running: RunningNode) -> None:
         self.running = running
         self.node = running.node
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_Metrics(running))
-        self.app = web.Application(middlewares=[self._guard], client_max_size=1 << 20)
+        self.app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY)
         v = "/api/v1"
         self.app.add_routes([
             web.get("/", self.dashboard),
@@ -115,7 +119,13 @@ class AdminAPI:
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
         try:
-            body = await request.json()
+            body = await asyncio.wait_for(request.json(), self.body_timeout)
+        except TimeoutError as exc:
+            late = web.HTTPRequestTimeout(
+                text=json.dumps({"error": "request body not received in time"}),
+                content_type="application/json")
+            late.force_close()  # the rest of the body is not waited for
+            raise late from exc
         except json.JSONDecodeError as exc:
             raise ValueError(f"body is not JSON: {exc.msg}") from exc
         if not isinstance(body, dict):

@@ -1,0 +1,160 @@
+"""The time and size bounds every HTTP listener of a node applies (peer port, admin API).
+
+aiohttp's server reads a request head (request line and headers) for as long as the client
+cares to send it: a client that sends half its headers, or a byte now and then, holds a
+connection (and on the peer port a TLS session) forever. Each listener started here
+
+* closes a connection whose request head is not complete ``head_timeout`` seconds after its
+  first byte arrived (the timer does not restart with each byte: trickling does not help);
+* closes a connection idle between requests (or, newly opened, before its first byte) after
+  ``keepalive_timeout`` seconds: aiohttp's ``keepalive_timeout``. It is longer than the 15 s
+  after which aiohttp's client drops idle pooled connections, so our own peers close first
+  and never reuse a connection the server is just closing;
+* with TLS, aborts a handshake not finished within ``tls_handshake_timeout`` seconds
+  (asyncio's default is 60 s);
+* keeps aiohttp's bounds on the head's size: request line and each header line at most
+  ``MAX_LINE_SIZE`` / ``MAX_FIELD_SIZE`` bytes, at most ``MAX_HEADERS`` headers (400 beyond).
+
+Request bodies are bounded by the applications (``client_max_size`` and timed reads in
+:mod:`syncnode.peer_server` and :mod:`syncnode.admin.api`). Tests shorten the bounds by
+passing a :class:`ListenerLimits` to :class:`syncnode.node.RunningNode`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestHandler
+
+log = logging.getLogger("syncnode.listeners")
+
+HEAD_TIMEOUT = 10.0  # seconds from a request head's first byte to its end
+KEEPALIVE_TIMEOUT = 30.0  # seconds a connection may sit idle between requests
+TLS_HANDSHAKE_TIMEOUT = 10.0  # seconds for the TLS handshake on the peer port
+MAX_LINE_SIZE = 8190  # bytes in the request line (aiohttp's default, stated here)
+MAX_FIELD_SIZE = 8190  # bytes in one header line (aiohttp's default)
+MAX_HEADERS = 128  # headers per request (aiohttp's default)
+
+
+@dataclass(frozen=True)
+class ListenerLimits:
+    head_timeout: float = HEAD_TIMEOUT
+    keepalive_timeout: float = KEEPALIVE_TIMEOUT
+    tls_handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT
+
+    def __post_init__(self) -> None:
+        for name in ("head_timeout", "keepalive_timeout", "tls_handshake_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 (a bound), got {getattr(self, name)!r}")
+
+
+class HeadTimeoutHandler(RequestHandler):
+    """aiohttp's connection handler plus a deadline on reading each request head.
+
+    The deadline starts when a byte arrives while no request body is expected (that byte
+    starts a head) and ends when the parser has the whole head. It relies on two details of
+    aiohttp's ``RequestHandler`` that ``tests/test_listener_limits.py`` pins: the count of
+    parsed messages (``_request_count``) and the queue of parsed messages with their bodies
+    (``_messages``), both updated synchronously by ``data_received``.
+    """
+
+    __slots__ = ("_body", "_head_timeout", "_head_timer")
+
+    def __init__(self, manager: web.Server, *, head_timeout: float, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._head_timeout = head_timeout
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._body: StreamReader | None = None  # body of the last head parsed
+
+    def data_received(self, data: bytes) -> None:
+        parsed = self._request_count
+        in_body = self._body is not None and not self._body.is_eof()  # before the parser ran
+        super().data_received(data)
+        if self._request_count != parsed:  # one or more heads completed
+            self._cancel_head_timer()
+            if self._messages:
+                self._body = self._messages[-1][1]
+            return
+        if (in_body or not data or self._head_timer is not None or self._upgraded
+                or self.transport is None):
+            return  # body bytes, nothing, a head already timed, or not HTTP any more
+        self._head_timer = self._loop.call_later(self._head_timeout, self._head_expired, parsed)
+
+    def _head_expired(self, parsed: int) -> None:
+        self._head_timer = None
+        if self._request_count == parsed and self.transport is not None:
+            log.debug("closing a connection from %s: request head incomplete after %ss",
+                      self.peername, self._head_timeout)
+            self.force_close()
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel_head_timer()
+        self._body = None
+        super().connection_lost(exc)
+
+
+class LimitedTCPSite(web.BaseSite):
+    """A TCP site whose connections are :class:`HeadTimeoutHandler` and whose TLS
+    handshakes are bounded. ``port`` is the bound port once started (useful with port 0)."""
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, *,
+                 limits: ListenerLimits, ssl_context: ssl.SSLContext | None = None,
+                 backlog: int = 128) -> None:
+        super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
+        self.host, self.port, self.limits = host, port, limits
+
+    @property
+    def name(self) -> str:
+        return f"{'https' if self._ssl_context else 'http'}://{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        await super().start()
+        loop = asyncio.get_running_loop()
+        server = self._runner.server
+        assert server is not None
+        # The same arguments aiohttp's own factory (Server.__call__) passes, plus ours.
+        kwargs = dict(server._kwargs)
+        head_timeout = self.limits.head_timeout
+
+        def make_handler() -> HeadTimeoutHandler:
+            return HeadTimeoutHandler(server, loop=loop, head_timeout=head_timeout, **kwargs)
+
+        extra: dict[str, Any] = {}
+        if self._ssl_context is not None:
+            extra["ssl_handshake_timeout"] = self.limits.tls_handshake_timeout
+        self._server = await loop.create_server(
+            make_handler, self.host, self.port, ssl=self._ssl_context, backlog=self._backlog,
+            **extra)
+        if self._server.sockets:
+            self.port = self._server.sockets[0].getsockname()[1]
+
+
+async def start_listener(app: web.Application, host: str, port: int, *,
+                         limits: ListenerLimits, ssl_context: ssl.SSLContext | None = None,
+                         handler_cancellation: bool = False, backlog: int = 128
+                         ) -> tuple[web.AppRunner, LimitedTCPSite]:
+    """Serve ``app`` on ``host:port`` within ``limits``; the caller cleans the runner up."""
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=handler_cancellation,
+                           keepalive_timeout=limits.keepalive_timeout,
+                           max_line_size=MAX_LINE_SIZE, max_field_size=MAX_FIELD_SIZE,
+                           max_headers=MAX_HEADERS)
+    await runner.setup()
+    site = LimitedTCPSite(runner, host, port, limits=limits, ssl_context=ssl_context,
+                          backlog=backlog)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner, site
