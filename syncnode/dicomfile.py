@@ -139,19 +139,18 @@ Decisions for pydicom's bundled broken files (``pydicom/data/test_files``)
 from __future__ import annotations
 
 import datetime
+import functools
+import io
 import os
 import re
 import stat
 import struct
 import zlib
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 from typing import BinaryIO, Final, Protocol
 
-from pydicom.charset import convert_encodings, decode_bytes
-from pydicom.datadict import dictionary_description, dictionary_VR
-from pydicom.uid import UID
-
-__all__ = ["InstanceInfo", "InvalidDicom", "inspect_file", "is_valid_uid"]
+__all__ = ["InstanceInfo", "InvalidDicom", "inspect_bytes", "inspect_file", "is_valid_uid"]
 
 
 class InvalidDicom(ValueError):
@@ -270,6 +269,60 @@ _MAX_DEPTH: Final = 64
 _INFLATE_CHUNK: Final = 64 * 1024  # compressed bytes read, inflated bytes buffered, at a time
 _SKIP_CHUNK: Final = 1024 * 1024  # inflated bytes discarded at a time when skipping a value
 _TEXT_DELIMS: Final = {0x0D, 0x0A, 0x09, 0x0C}
+_ESC: Final = 0x1B
+# Character sets under which pydicom decodes bytes 0x00-0x7F (no ESC) as ASCII.
+_ASCII_CHARSETS: Final = frozenset(
+    {"ISO_IR 6", "ISO_IR 100", "ISO_IR 101", "ISO_IR 109", "ISO_IR 110", "ISO_IR 126"}
+    | {"ISO_IR 127", "ISO_IR 138", "ISO_IR 144", "ISO_IR 148", "ISO_IR 166", "ISO_IR 192"}
+    | {"GB18030", "GBK"}
+)
+
+
+@functools.cache
+def _pydicom() -> SimpleNamespace:
+    """pydicom, imported on first need: importing it costs ~0.3 s (numpy and more), and the
+    common files (explicit VR, a standard transfer syntax, an ASCII Patient ID) need none
+    of it."""
+    from pydicom.charset import convert_encodings, decode_bytes
+    from pydicom.datadict import dictionary_description, dictionary_VR
+    from pydicom.uid import UID
+
+    return SimpleNamespace(convert_encodings=convert_encodings, decode_bytes=decode_bytes,
+                           dictionary_description=dictionary_description,
+                           dictionary_VR=dictionary_VR, UID=UID)
+
+
+# What pydicom says of the most common transfer syntaxes, (little endian, encapsulated),
+# so that they need no pydicom; any other UID is asked of pydicom. Checked by the tests.
+_COMMON_SYNTAXES: Final = {
+    "1.2.840.10008.1.2": (True, False),  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1": (True, False),  # Explicit VR Little Endian
+    "1.2.840.10008.1.2.1.99": (True, False),  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2": (False, False),  # Explicit VR Big Endian
+    "1.2.840.10008.1.2.4.50": (True, True),  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51": (True, True),  # JPEG Extended
+    "1.2.840.10008.1.2.4.57": (True, True),  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70": (True, True),  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80": (True, True),  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81": (True, True),  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90": (True, True),  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91": (True, True),  # JPEG 2000
+    "1.2.840.10008.1.2.4.201": (True, True),  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202": (True, True),  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.4.203": (True, True),  # HTJ2K
+    "1.2.840.10008.1.2.5": (True, True),  # RLE Lossless
+}
+
+
+def _transfer_syntax(ts: str) -> tuple[bool, bool] | None:
+    """(little endian, encapsulated) of a transfer syntax known to pydicom, else None."""
+    known = _COMMON_SYNTAXES.get(ts)
+    if known is not None:
+        return known
+    uid = _pydicom().UID(ts)
+    if not uid.is_transfer_syntax:
+        return None
+    return bool(uid.is_little_endian), bool(uid.is_encapsulated)
 
 
 def _tag_str(tag: int) -> str:
@@ -281,7 +334,7 @@ def _tag_name(tag: int) -> str:
     if tag in _PIXEL_TAGS:
         return _PIXEL_NAMES[tag]
     try:
-        return f"{dictionary_description(tag)} {_tag_str(tag)}"
+        return f"{_pydicom().dictionary_description(tag)} {_tag_str(tag)}"
     except KeyError:  # private or unknown tag
         return f"element {_tag_str(tag)}"
 
@@ -555,7 +608,7 @@ def _is_sequence(tag: int, vr: bytes | None) -> bool:
     if vr is not None:
         return vr == b"SQ"
     try:
-        return dictionary_VR(tag) == "SQ"
+        return _pydicom().dictionary_VR(tag) == "SQ"
     except KeyError:  # private or unknown tag: opaque bytes
         return False
 
@@ -892,7 +945,7 @@ def _check_pixels(top: _TopLevel, enc: _Encoding, sop_class: str | None) -> None
             "(file probably cut before its Pixel Data)"
         )
     if sop_class is not None and is_valid_uid(sop_class):
-        name = UID(sop_class).name
+        name = _pydicom().UID(sop_class).name
         if "Image Storage" in name:
             raise InvalidDicom(
                 f"truncated: no Pixel Data in a {name} instance "
@@ -921,9 +974,12 @@ def _patient_id(top: _TopLevel) -> str:
     charset = _text_value(top, _SPECIFIC_CHARSET, "Specific Character Set") or ""
     terms = [t.strip("\x00 ") for t in charset.split("\\")]
     terms = [t for t in terms if t] or ["ISO_IR 6"]
+    if raw.isascii() and _ESC not in raw and _ASCII_CHARSETS.issuperset(terms):
+        return raw.decode("ascii").strip("\x00 ")  # what pydicom decodes it to, sooner
     try:
-        encodings = convert_encodings(terms)
-        text = decode_bytes(raw, encodings, _TEXT_DELIMS)
+        pydicom = _pydicom()
+        encodings = pydicom.convert_encodings(terms)
+        text = pydicom.decode_bytes(raw, encodings, _TEXT_DELIMS)
     except (LookupError, UnicodeError):
         # Only raised when pydicom's reading_validation_mode is RAISE.  A badly encoded
         # Patient ID is not a reason to refuse an image: index it as Latin-1.
@@ -964,6 +1020,12 @@ def inspect_file(path: str | os.PathLike[str]) -> InstanceInfo:
         raise InvalidDicom(f"cannot read file: {exc.strerror or type(exc).__name__}") from exc
 
 
+def inspect_bytes(data: bytes) -> InstanceInfo:
+    """:func:`inspect_file` for the whole content of a file already read into memory: the
+    same rules, the same reasons."""
+    return _inspect(io.BytesIO(data), len(data))  # a BytesIO of bytes shares, not copies
+
+
 def _inspect(f: BinaryIO, size: int) -> InstanceInfo:
     if size == 0:
         raise InvalidDicom("empty file")
@@ -978,8 +1040,8 @@ def _inspect(f: BinaryIO, size: int) -> InstanceInfo:
         raise InvalidDicom("file meta lacks Transfer Syntax UID (0002,0010)")
     if not is_valid_uid(ts):
         raise InvalidDicom(f"invalid Transfer Syntax UID {_show(ts)}")
-    uid = UID(ts)
-    if not uid.is_transfer_syntax:
+    syntax = _transfer_syntax(ts)
+    if syntax is None:
         raise InvalidDicom(f"unsupported Transfer Syntax UID {_show(ts)} (not a standard one)")
 
     meta_class_raw = meta.values.get(_META_SOP_CLASS)
@@ -990,8 +1052,8 @@ def _inspect(f: BinaryIO, size: int) -> InstanceInfo:
         )
 
     deflated = ts in _DEFLATED_SYNTAXES
-    encapsulated = bool(uid.is_encapsulated)
-    enc = _Encoding.of(implicit=ts == _IMPLICIT_VR_LE, little=bool(uid.is_little_endian))
+    little, encapsulated = syntax
+    enc = _Encoding.of(implicit=ts == _IMPLICIT_VR_LE, little=little)
     src: _FileSource | _InflateSource
     src = _InflateSource(f, meta.end, size) if deflated else _FileSource(f, meta.end, size)
 

@@ -34,7 +34,8 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from syncnode.dicomfile import InstanceInfo, InvalidDicom, inspect_file, is_valid_uid
+from syncnode import dicomfile
+from syncnode.dicomfile import InstanceInfo, InvalidDicom, inspect_bytes, inspect_file, is_valid_uid
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 
@@ -147,6 +148,14 @@ def _outcome(path: Path) -> str:
     return "ok"
 
 
+def _outcome_in_memory(data: bytes) -> str:
+    try:
+        inspect_bytes(data)
+    except InvalidDicom as exc:
+        return exc.reason
+    return "ok"
+
+
 def test_expected_table_covers_every_bundled_file() -> None:
     assert set(EXPECTED) == set(BUNDLED)
     assert len(BUNDLED) >= 85
@@ -183,6 +192,46 @@ def test_bundled_file(name: str) -> None:
 DICOMDIR_TREE = sorted(
     str(p.relative_to(TEST_FILES)) for p in (TEST_FILES / "dicomdirtests").rglob("*") if p.is_file()
 )
+
+
+@pytest.mark.parametrize("rel", BUNDLED + DICOMDIR_TREE)
+def test_in_memory_inspection_is_the_same(rel: str) -> None:
+    """inspect_bytes (the importer reads small files whole) decides as inspect_file does."""
+    path = TEST_FILES / rel
+    data = path.read_bytes()
+    assert _outcome_in_memory(data) == _outcome(path)
+    if _outcome(path) == "ok":
+        assert inspect_bytes(data) == inspect_file(path)
+
+
+@pytest.mark.parametrize("ts", sorted(dicomfile._COMMON_SYNTAXES))
+def test_common_transfer_syntaxes_as_pydicom_has_them(ts: str) -> None:
+    uid = UID(ts)
+    assert uid.is_transfer_syntax
+    assert dicomfile._COMMON_SYNTAXES[ts] == (uid.is_little_endian, uid.is_encapsulated)
+
+
+@pytest.mark.parametrize("charset", sorted(dicomfile._ASCII_CHARSETS))
+def test_ascii_patient_id_decoded_as_pydicom_does(tmp_path: Path, charset: str) -> None:
+    ds = _image()
+    ds.SpecificCharacterSet = charset
+    for value in ("PAT-0042^x", "A B", "~{}|", " 12 "):
+        ds.PatientID = value
+        path = _write(ds, tmp_path / "f.dcm")
+        assert inspect_file(path).patient_id == str(pydicom.dcmread(path).PatientID).strip()
+
+
+def test_common_files_are_inspected_without_importing_pydicom(tmp_path: Path) -> None:
+    """Importing pydicom costs ~0.3 s of every ``syncnode import``: not needed for these."""
+    path = _write(_image(), tmp_path / "f.dcm")
+    code = textwrap.dedent(f"""
+        import sys
+        from syncnode.dicomfile import inspect_file
+        import syncnode.importer
+        inspect_file({str(path)!r})
+        assert "pydicom" not in sys.modules, "pydicom imported"
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @pytest.mark.parametrize("rel", DICOMDIR_TREE)
@@ -780,6 +829,7 @@ def _prefix_outcomes(data: bytes, offsets: Iterable[int], path: Path) -> dict[in
             out[off] = exc.reason
         else:
             out[off] = None
+        assert _outcome_in_memory(data[:off]) == (out[off] or "ok"), off
     return out
 
 
