@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     sync_interval: float = Field(5.0, gt=0, le=3600,
                                  description="seconds between sync rounds per peer")
     max_pulls: int = Field(8, ge=1, le=64, description="blobs pulled at once per peer")
+    compression: Literal["auto", "on", "off"] = Field(
+        "auto", description="zstd on the wire for blob pulls: auto = for peers not on this "
+                            "machine and instances not already compressed")
     log_format: Literal["kv", "json"] = Field("kv", description="log line format")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
 

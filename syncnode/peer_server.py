@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import merkle, protocol
+from . import merkle, protocol, wire
 from .blobstore import CHUNK_SIZE, BlobError, BlobMissing
 from .catalog import Catalog
 from .ids import InvalidHash, check_hash
@@ -51,6 +51,7 @@ class PeerServer:
         self.on_events = on_events  # called after pushed events were applied
         self.on_seen = on_seen  # called with a peer's compact id on each of its requests
         self.on_notify = on_notify  # called when a peer says it has something new
+        self.compression = "auto"  # "off": never compress answers, even when asked
         self.stats: dict[str, dict[str, int]] = {}
         # One lock per blob being written, shared with the sync engine's pulls so a pushed
         # and a pulled copy of the same blob never share a .part file.
@@ -175,23 +176,33 @@ class PeerServer:
             return web.json_response({"error": str(exc)}, status=416,
                                      headers={"Content-Range": f"bytes */{size}"})
         ranged = "Range" in request.headers
+        # zstd, one frame per chunk (see .wire), when asked for and the range starts on a
+        # chunk boundary; ranges always count blob bytes
+        compress = (self.compression != "off" and start % CHUNK_SIZE == 0
+                    and wire.accepts(request.headers.get("Accept-Encoding")))
+        headers = {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes",
+                   "Vary": "Accept-Encoding"}
+        if ranged:
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        if compress:
+            headers["Content-Encoding"] = wire.ENCODING
         if end - start <= SMALL_RESPONSE:  # most instances: one worker job, one write
+            def load() -> bytes:
+                data = b"".join(store.read_verified(h, start, end))
+                return wire.compress_chunk(data) if compress and data else data
+
             try:
-                body = await self._run(lambda: b"".join(store.read_verified(h, start, end)))
+                body = await self._run(load)
             except BlobError as exc:
                 log.error("refusing to serve damaged blob %s: %s", h, exc)
                 return _error(500, f"blob {h} is damaged on this node")
             self._stat(request[PEER_KEY].compact, "bytes_out", len(body))
-            headers = {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes"}
-            if ranged:
-                headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
             return web.Response(status=206 if ranged else 200, body=body, headers=headers)
-        resp = web.StreamResponse(status=206 if ranged else 200, headers={
-            "Content-Type": "application/octet-stream", "Content-Length": str(end - start),
-            "Accept-Ranges": "bytes"})
-        if ranged:
-            resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
-        pieces = store.read_verified(h, start, end)
+        if not compress:
+            headers["Content-Length"] = str(end - start)
+        resp = web.StreamResponse(status=206 if ranged else 200, headers=headers)
+        verified = store.read_verified(h, start, end)
+        pieces = (wire.compress_chunk(p) for p in verified) if compress else verified
         loop = asyncio.get_running_loop()
         first = True
         peer = request[PEER_KEY].compact

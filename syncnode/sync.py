@@ -33,7 +33,7 @@ from typing import Any
 import aiohttp
 
 from . import events as ev
-from . import merkle, protocol
+from . import merkle, protocol, wire
 from .blobstore import CHUNK_SIZE, BlobHashMismatch, BlobStore, StagedBlob
 from .local import LocalNode
 from .nodeid import NodeId
@@ -70,6 +70,7 @@ class PeerState:
     blobs_needed: int = 0
     bytes_needed: int = 0
     bytes_received: int = 0
+    wire_bytes_received: int = 0  # what crossed the wire for them (less when compressed)
     bytes_sent: int = 0
     events_received: int = 0
     events_sent: int = 0
@@ -128,7 +129,7 @@ class PeerClient:
                                                      expected=self.peer_id)
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(ssl=ctx, limit=16, force_close=False),
-                timeout=REQUEST_TIMEOUT, raise_for_status=False)
+                timeout=REQUEST_TIMEOUT, raise_for_status=False, auto_decompress=False)
             self._trust_version = version
         return self._session
 
@@ -160,31 +161,39 @@ class PeerClient:
         return int(obj["size"]), bytes.fromhex(obj["chunks"])
 
     async def fetch_blob(self, store: BlobStore, blob: str, size: int, chunks_root: str,
-                         on_bytes: Callable[[int], None] | None = None) -> int:
+                         on_bytes: Callable[[int], None] | None = None, *,
+                         compress: bool = False) -> int:
         """Pull one blob into the store (verified, resumable, durable before it is there).
         Returns how many bytes were already held from an earlier attempt."""
-        staged, resumed = await self.fetch_staged(store, blob, size, chunks_root, on_bytes)
+        staged, resumed = await self.fetch_staged(store, blob, size, chunks_root, on_bytes,
+                                                  compress=compress)
         await asyncio.get_running_loop().run_in_executor(None, store.install_staged, [staged])
         return resumed
 
     async def fetch_staged(self, store: BlobStore, blob: str, size: int, chunks_root: str,
-                           on_bytes: Callable[[int], None] | None = None
+                           on_bytes: Callable[[int], None] | None = None, *,
+                           compress: bool = False,
+                           on_wire: Callable[[int], None] | None = None
                            ) -> tuple[StagedBlob, int]:
         """Pull one blob into its verified ``.part`` file, ready for a group install
         (:meth:`BlobStore.install_staged`). Returns it and how many bytes were already held
-        from an earlier attempt.
+        from an earlier attempt. ``compress`` asks for zstd on the wire (:mod:`.wire`);
+        ``on_bytes`` counts blob bytes received, ``on_wire`` the bytes that crossed the wire.
 
         Raises TransferError (a chunk or the whole hash does not match: nothing is kept) or
         ProtocolError / aiohttp errors (the verified prefix is kept for the next attempt).
         A blob of one chunk comes in one piece and is verified and written in one step.
         """
         loop = asyncio.get_running_loop()
+        headers = {"Accept-Encoding": wire.ENCODING if compress else "identity"}
         if size <= CHUNK_SIZE:
-            data = await self._get_whole(blob, size)
+            data, encoded = await self._get_whole(blob, size, headers)
+            if on_wire:
+                on_wire(len(data))
             if on_bytes:
                 on_bytes(size)
-            staged = await loop.run_in_executor(None, stage_whole, store, blob, data,
-                                                chunks_root)
+            staged = await loop.run_in_executor(
+                None, _stage_whole, store, blob, size, data, encoded, chunks_root)
             return staged, 0
         peer_size, digests = await self.chunks(blob)
         if peer_size != size:
@@ -195,13 +204,16 @@ class PeerClient:
         resumed = part.offset
         try:
             if not part.complete:
-                headers = {"Range": f"bytes={part.offset}-"}
+                headers["Range"] = f"bytes={part.offset}-"
                 async with self.session().get(f"{self.base}/blobs/{blob}",
                                               headers=headers) as resp:
                     await self._check_blob_response(resp, blob)
                     if resp.status == 200 and part.offset:
                         raise ProtocolError("peer ignored the Range header")
-                    await self._receive(resp, part, on_bytes)
+                    if _encoding(resp) == wire.ENCODING:
+                        await self._receive_compressed(resp, part, on_bytes, on_wire)
+                    else:
+                        await self._receive(resp, part, on_bytes, on_wire)
             staged = await loop.run_in_executor(None, part.stage)
             log.debug("blob %s from %s received (%d bytes, %d resumed)", blob,
                       self.peer_id.short, size, resumed)
@@ -214,22 +226,42 @@ class PeerClient:
         if resp.status not in (200, 206):
             kind = PeerLacksBlob if resp.status == 404 else ProtocolError
             raise kind(f"GET blob {blob}: HTTP {resp.status}: {(await resp.text())[:300]}")
+        if _encoding(resp) not in ("", "identity", wire.ENCODING):
+            raise ProtocolError(f"GET blob {blob}: unexpected Content-Encoding "
+                                f"{resp.headers.get('Content-Encoding')!r}")
 
-    async def _get_whole(self, blob: str, size: int) -> bytes:
-        async with self.session().get(f"{self.base}/blobs/{blob}") as resp:
+    async def _get_whole(self, blob: str, size: int, headers: dict[str, str]
+                         ) -> tuple[bytes, bool]:
+        """The body of a one-chunk blob, and whether it is zstd-encoded (then bounded by
+        what one compressed chunk can take)."""
+        async with self.session().get(f"{self.base}/blobs/{blob}", headers=headers) as resp:
             await self._check_blob_response(resp, blob)
-            if resp.content_length != size:
-                raise ProtocolError(f"GET blob {blob}: {resp.content_length} bytes announced, "
-                                    f"the event says {size}")
-            try:
-                return await resp.content.readexactly(size)
-            except asyncio.IncompleteReadError as exc:
-                raise ProtocolError(f"blob {blob} ended early at {len(exc.partial)} "
-                                    "bytes") from exc
+            encoded = _encoding(resp) == wire.ENCODING
+            if not encoded:
+                if resp.content_length != size:
+                    raise ProtocolError(f"GET blob {blob}: {resp.content_length} bytes "
+                                        f"announced, the event says {size}")
+                try:
+                    return await resp.content.readexactly(size), False
+                except asyncio.IncompleteReadError as exc:
+                    raise ProtocolError(f"blob {blob} ended early at {len(exc.partial)} "
+                                        "bytes") from exc
+            limit = wire.max_frame_size(size)
+            if resp.content_length is not None and resp.content_length > limit:
+                raise ProtocolError(f"GET blob {blob}: compressed body of "
+                                    f"{resp.content_length} bytes for {size}")
+            body = bytearray()
+            while piece := await resp.content.read(limit + 1 - len(body)):
+                body += piece
+                if len(body) > limit:
+                    raise ProtocolError(f"GET blob {blob}: compressed body longer than "
+                                        f"{limit} bytes for {size}")
+            return bytes(body), True
 
     @staticmethod
     async def _receive(resp: aiohttp.ClientResponse, part: PartialBlob,
-                       on_bytes: Callable[[int], None] | None) -> None:
+                       on_bytes: Callable[[int], None] | None,
+                       on_wire: Callable[[int], None] | None = None) -> None:
         """Read whole chunks off the socket while the previous one is verified and written
         in a worker thread: the event loop never hashes or writes, and at most two chunks
         are held in memory."""
@@ -250,6 +282,8 @@ class PeerClient:
                 offset += n
                 if on_bytes:
                     on_bytes(n)
+                if on_wire:
+                    on_wire(n)
             if writing is not None:
                 await writing
                 writing = None
@@ -258,6 +292,70 @@ class PeerClient:
                 # let the worker finish with the file before the caller closes it; its own
                 # error (if any) is secondary to the one already propagating
                 await asyncio.wait([writing])
+
+    @staticmethod
+    async def _receive_compressed(resp: aiohttp.ClientResponse, part: PartialBlob,
+                                  on_bytes: Callable[[int], None] | None,
+                                  on_wire: Callable[[int], None] | None) -> None:
+        """Like :meth:`_receive` for a zstd body: compressed pieces are decoded (each frame
+        checked to carry exactly its chunk), verified and written in a worker thread, one
+        job at a time, while the next piece is read."""
+        loop = asyncio.get_running_loop()
+        frames = wire.ChunkFrames(wire.chunk_sizes(part.offset, part.size, CHUNK_SIZE))
+
+        def consume(data: bytes) -> int:
+            written = 0
+            try:
+                chunks = frames.feed(data)
+            except wire.FrameError as exc:
+                raise TransferError(f"blob {part.blob}: {exc}") from exc
+            for chunk in chunks:
+                part.write_chunk(chunk)
+                written += len(chunk)
+            return written
+
+        writing: asyncio.Future[int] | None = None
+        try:
+            while True:
+                data = await resp.content.read(CHUNK_SIZE)
+                if writing is not None:
+                    n = await writing
+                    writing = None
+                    if on_bytes and n:
+                        on_bytes(n)
+                if not data:
+                    break
+                if on_wire:
+                    on_wire(len(data))
+                writing = loop.run_in_executor(None, consume, data)
+            if not part.complete:
+                raise ProtocolError(f"blob {part.blob} ended early at {part.offset} bytes")
+            try:
+                frames.finish()
+            except wire.FrameError as exc:
+                raise TransferError(f"blob {part.blob}: {exc}") from exc
+        finally:
+            if writing is not None:  # let the worker finish; count what it wrote
+                await asyncio.wait([writing])
+                if not writing.cancelled() and writing.exception() is None and on_bytes:
+                    on_bytes(writing.result())
+
+
+def _encoding(resp: aiohttp.ClientResponse) -> str:
+    return resp.headers.get("Content-Encoding", "").strip().lower()
+
+
+def _stage_whole(store: BlobStore, blob: str, size: int, data: bytes, encoded: bool,
+                 chunks_root: str) -> StagedBlob:
+    if encoded:
+        frames = wire.ChunkFrames(wire.chunk_sizes(0, size, CHUNK_SIZE))
+        try:
+            chunks = frames.feed(data)
+            frames.finish()
+        except wire.FrameError as exc:
+            raise TransferError(f"blob {blob}: {exc}") from exc
+        data = b"".join(chunks)
+    return stage_whole(store, blob, data, chunks_root)
 
 
 async def walk_diff(local: LocalNode, fetch: Callable[[str], Any]
@@ -564,9 +662,15 @@ class PeerSync:
             st.bytes_received += n
             self.engine.count_bytes(self.peer_id.compact, "in", n)
 
+        def crossed(n: int) -> None:
+            st.wire_bytes_received += n
+
+        compress = wire.want_compression(self.engine.compression, self.state.url,
+                                         put.transfer_syntax_uid)
         try:
             staged, resumed = await self.client.fetch_staged(
-                self.node.store, put.blob, put.size, put.chunks, received)
+                self.node.store, put.blob, put.size, put.chunks, received,
+                compress=compress, on_wire=crossed)
         except (TransferError, BlobHashMismatch):
             st.integrity_errors += 1
             raise
@@ -742,6 +846,7 @@ class SyncEngine:
     node: LocalNode
     interval: float = 5.0
     max_pulls: int = 4
+    compression: str = "auto"  # zstd on the wire for pulls: auto, on, off (see .wire)
     last_seen_fn: Callable[[str], float] | None = None
     peers: dict[str, PeerSync] = field(default_factory=dict)
     tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)

@@ -44,9 +44,10 @@ def uid(*parts: int | str) -> str:
 
 
 def make_dicom(path: Path, *, sop: str, study: str, series: str, pixel_bytes: int = 2048,
-               seed: int = 0, patient_id: str = "TEST") -> Path:
+               seed: int = 0, patient_id: str = "TEST", compressible: bool = False) -> Path:
     """Write a valid CT Part-10 file whose Pixel Data holds ``pixel_bytes`` random bytes
-    (rounded up to whole 512x512 16-bit frames above 512 KiB)."""
+    (rounded up to whole 512x512 16-bit frames above 512 KiB). ``compressible``: random
+    6-bit pixel values in 16-bit words instead (zstd shrinks them about 2.5x, like CT)."""
     if pixel_bytes > 512 * 512 * 2:
         rows = cols = 512
         frames = -(-pixel_bytes // (rows * cols * 2))
@@ -83,7 +84,10 @@ def make_dicom(path: Path, *, sop: str, study: str, series: str, pixel_bytes: in
         left = total
         while left:
             n = min(left, 8 << 20)
-            f.write(rng.bytes(n))
+            if compressible:
+                f.write(rng.integers(0, 64, n // 2, dtype="<u2").tobytes())
+            else:
+                f.write(rng.bytes(n))
             left -= n
     os.replace(tmp, path)
     return path
