@@ -77,6 +77,7 @@ class RunningNode:
         self.peer_server = PeerServer(self.node, on_events=self._on_pushed,
                                       blob_locks=self.blob_locks, on_seen=self._on_peer_seen,
                                       on_notify=self._on_peer_notify)
+        self.peer_server.compression = s.compression
         runner, site = await start_listener(
             self.peer_server.app, s.peer_host, s.peer_port, limits=self.limits,
             ssl_context=server_ssl_context(self.node.identity, self.node.trust),
@@ -84,6 +85,7 @@ class RunningNode:
         self._runners.append(runner)
         self.ports["peer"] = site.port
         self.engine = SyncEngine(self.node, interval=s.sync_interval, max_pulls=s.max_pulls,
+                                 compression=s.compression,
                                  blob_locks=self.blob_locks,
                                  last_seen_fn=lambda p: self.peer_server.last_seen.get(p, 0.0)
                                  if self.peer_server else 0.0)
@@ -176,6 +178,9 @@ class RunningNode:
         if self.engine:
             self.engine.interval = self.settings.sync_interval
             self.engine.max_pulls = self.settings.max_pulls
+            self.engine.compression = self.settings.compression
+        if self.peer_server:
+            self.peer_server.compression = self.settings.compression
         if self.feed is not None:
             self.feed.publish("config", keys=sorted(changes))
 
