@@ -49,6 +49,13 @@ write-back before every timed section).
    ``--skip-multiframe``): the generator's Enhanced CT file is synced A -> B exactly as in 1,
    on fresh nodes; peak RSS of each node and the transfer rate are reported.
 
+5. **Over a WAN link, wire compression off and on** (``--skip-wan`` to skip): the first
+   ``--wan-mb`` MB of the data set synced A -> B as in 1, B pulling through
+   ``tools/faultproxy.py`` capped at ``--wan-mbps`` MB/s downstream (all connections
+   together) with ``--wan-latency-ms`` of one-way delay, A not pushing (a push would
+   bypass the link); once with ``SYNCNODE_COMPRESSION=off``, once ``on``. Reports MB/s of
+   instances and the share of their bytes that crossed the link.
+
 Targets (PASS/MISS): syncnode >= 4x the faster Orthanc path (MB/s); syncnode >= 50 % of the
 raw TLS ceiling; peak RSS of every node process < 300 MB (10**6 bytes) in both syncs.
 
@@ -163,7 +170,8 @@ ORTHANC_TUNING: dict[str, Any] = {
 
 DEFAULTS: dict[str, Any] = {
     "scale": 0.25, "seed": 0, "multiframe_gb": 2.0, "sync_interval": 0.5,
-    "orthanc_jobs": 2, "timeout": 1800.0,
+    "orthanc_jobs": 2, "timeout": 1800.0, "wan_mbps": 12.5, "wan_latency_ms": 10.0,
+    "wan_mb": 150.0,
 }
 
 
@@ -209,6 +217,14 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
 
 
 def wait_for(pred: Callable[[], bool], timeout: float, what: str, interval: float = 0.02,
@@ -439,14 +455,15 @@ class Syncnode:
         out = json.loads(self.cli("init", "--data", str(node.data), "--json").stdout)
         node.node_id = out["node_id"]
 
-    def start(self, node: Node, tag: str) -> subprocess.Popen[bytes]:
+    def start(self, node: Node, tag: str, env: dict[str, str] | None = None
+              ) -> subprocess.Popen[bytes]:
         (node.data / "ports.json").unlink(missing_ok=True)
         cmd = [self.exe, "run", "--data", str(node.data), "--peer-host", "127.0.0.1",
                "--peer-port", str(node.peer_port), "--dicom-port", str(node.dicom_port),
                "--api-port", str(node.api_port), "--no-discovery",
                "--sync-interval", str(self.sync_interval)]
         return self.procs.start(f"{tag}-{node.name}", cmd, self.work / f"{tag}-{node.name}.log",
-                                env=self.node_env)
+                                env={**self.node_env, **(env or {})})
 
     def wait_ready(self, node: Node, proc: subprocess.Popen[bytes], tag: str,
                    timeout: float = 60) -> None:
@@ -454,13 +471,32 @@ class Syncnode:
                  f"syncnode {node.name} start", alive=proc,
                  log_path=self.work / f"{tag}-{node.name}.log")
 
-    def peer_add(self, node: Node, peer: Node) -> None:
-        out = self.cli("peer", "add", peer.node_id, peer.url, "--data", str(node.data)).stdout
+    def peer_add(self, node: Node, peer: Node, url: str | None = None,
+                 push: str = "auto") -> None:
+        out = self.cli("peer", "add", peer.node_id, url or peer.url, "--push", push,
+                       "--data", str(node.data)).stdout
         if "not contacted" in out:
             raise RuntimeError(f"peer add on {node.name} did not pin {peer.name}: {out}")
 
-    def sync_pair(self, tag: str, files: Sequence[Path], timeout: float) -> dict[str, Any]:
-        """Import ``files`` into a fresh node A, then time the sync to a fresh node B."""
+    def start_link(self, tag: str, upstream: Node, rate: float, latency_ms: float) -> str:
+        """A ``tools/faultproxy.py`` in front of ``upstream``'s peer port, capped at
+        ``rate`` bytes/s downstream (all connections together) with a one-way delay of
+        ``latency_ms``: a WAN link on loopback. Returns the URL to dial through it."""
+        port = free_port()
+        self.procs.start(f"{tag}-link", [
+            sys.executable, str(REPO / "tools" / "faultproxy.py"),
+            "--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{upstream.peer_port}",
+            "--shared-rate-down", str(int(rate)), "--latency-ms", str(latency_ms)],
+            self.work / f"{tag}-link.log")
+        wait_for(lambda: _port_open(port), 20, "the link proxy to listen")
+        return f"https://127.0.0.1:{port}"
+
+    def sync_pair(self, tag: str, files: Sequence[Path], timeout: float,
+                  link: tuple[float, float] | None = None,
+                  env: dict[str, str] | None = None) -> dict[str, Any]:
+        """Import ``files`` into a fresh node A, then time the sync to a fresh node B.
+        ``link=(bytes_per_s, latency_ms)``: B pulls through a capped, delayed proxy (and A
+        does not push, which would bypass it). ``env``: extra settings for both nodes."""
         from syncnode.catalog import Catalog
 
         a = Node("A", self.work / f"{tag}-nodeA")
@@ -486,14 +522,14 @@ class Syncnode:
         # Trust, both ways, with the real CLI. B runs briefly with no peer so that
         # `peer add` on A can fetch and pin its certificate.
         name_a, name_b = f"{tag}-A", f"{tag}-B"
-        proc_b = self.start(b, tag)
+        proc_b = self.start(b, tag, env)
         self.wait_ready(b, proc_b, tag)
-        self.peer_add(a, b)
+        self.peer_add(a, b, push="never" if link else "auto")
         self.procs.stop(name_b)
-        proc_a = self.start(a, tag)
+        proc_a = self.start(a, tag, env)
         self.sampler.watch(name_a, proc_a.pid)
         self.wait_ready(a, proc_a, tag)
-        self.peer_add(b, a)
+        self.peer_add(b, a, url=self.start_link(tag, a, *link) if link else None)
         sync_fs()
 
         result: dict[str, Any] = {
@@ -506,7 +542,7 @@ class Syncnode:
         cat_b: Catalog | None = None
         try:
             t_start = time.perf_counter()
-            proc_b = self.start(b, tag)
+            proc_b = self.start(b, tag, env)
             self.sampler.watch(name_b, proc_b.pid)
             self.wait_ready(b, proc_b, tag)
             t_ready = time.perf_counter()
@@ -547,6 +583,8 @@ class Syncnode:
                 self.procs.stop(f"{tag}-pyspy-{n}", signal.SIGINT, grace=60)
             self.procs.stop(name_b)
             self.procs.stop(name_a)
+            if link:
+                self.procs.stop(f"{tag}-link")
         cat_a = Catalog(a.data / "catalog.db")
         try:
             states_a = cat_a.peer_states()
@@ -999,6 +1037,38 @@ def environment(work: Path) -> dict[str, Any]:
     }
 
 
+def bench_wan(sn: Syncnode, files: Sequence[Path], args: argparse.Namespace
+              ) -> dict[str, Any]:
+    """The same files over a capped, delayed link (``tools/faultproxy.py``), B pulling from
+    A with wire compression off, then on (``SYNCNODE_COMPRESSION``): what zstd buys where
+    bandwidth, not CPU, is the limit."""
+    subset: list[Path] = []
+    size = 0
+    for f in files:
+        if size >= args.wan_mb * MB:
+            break
+        subset.append(f)
+        size += f.stat().st_size
+    link = (args.wan_mbps * MB, args.wan_latency_ms)
+    out: dict[str, Any] = {"mb_per_s_link": args.wan_mbps, "latency_ms": args.wan_latency_ms,
+                           "files": len(subset), "bytes": size}
+    for mode in ("off", "on"):
+        tag = f"wan-{mode}"
+        log(f"[{tag}] {len(subset)} files, {size / MB:.1f} MB over a {args.wan_mbps} MB/s, "
+            f"{args.wan_latency_ms} ms link, compression {mode}")
+        r = sn.sync_pair(tag, subset, args.timeout, link=link,
+                         env={"SYNCNODE_COMPRESSION": mode})
+        for d in ("nodeA", "nodeB"):
+            remove(sn.work / f"{tag}-{d}")
+        state = r.get("peer_state_on_B", {})
+        out[mode] = {"seconds": r["seconds"], "mb_per_s": r["mb_per_s"],
+                     "completed": r["completed"], "cpu_share": r["cpu_share"],
+                     "bytes_received": state.get("bytes_received", 0),
+                     "wire_bytes_received": state.get("wire_bytes_received", 0)}
+        log(f"[{tag}] {r['seconds']:.2f} s, {r['mb_per_s']:.1f} MB/s of instances")
+    return out
+
+
 def repro_command(args: argparse.Namespace) -> str:
     cmd = [sys.executable, str(Path(__file__).resolve().relative_to(REPO)),
            "--scale", str(args.scale), "--seed", str(args.seed),
@@ -1008,7 +1078,9 @@ def repro_command(args: argparse.Namespace) -> str:
         cmd.append("--no-orthanc-sync-storage")
     for kv in args.node_env:
         cmd += ["--node-env", kv]
-    for flag in ("skip_multiframe", "skip_orthanc", "skip_raw", "profile", "keep"):
+    cmd += ["--wan-mbps", str(args.wan_mbps), "--wan-latency-ms", str(args.wan_latency_ms),
+            "--wan-mb", str(args.wan_mb)]
+    for flag in ("skip_multiframe", "skip_orthanc", "skip_raw", "skip_wan", "profile", "keep"):
         if getattr(args, flag):
             cmd.append("--" + flag.replace("_", "-"))
     if args.workdir is not None:
@@ -1087,6 +1159,21 @@ def render(doc: dict[str, Any]) -> str:
         row(label, sn["seconds"], sn["mb_per_s"], sn["files_per_s"], rss_pair(sn))
         row("  same, timed from starting B's process", sn["seconds_from_process_start"],
             sn["mb_per_s_from_process_start"], sn["instances"] / sn["seconds_from_process_start"])
+    wan = doc.get("wan")
+    if wan:
+        lines.append(f"  (WAN: {wan['files']} files, {wan['bytes'] / MB:.1f} MB through "
+                     f"tools/faultproxy.py at {wan['mb_per_s_link']} MB/s, "
+                     f"{wan['latency_ms']} ms one way)")
+        for mode in ("off", "on"):
+            w = wan[mode]
+            ratio = (w["wire_bytes_received"] / w["bytes_received"]
+                     if w["bytes_received"] else 0.0)
+            row(f"syncnode over the WAN link, zstd {mode}"
+                + ("" if w["completed"] else " NOT DONE"), w["seconds"], w["mb_per_s"],
+                wan["files"] / w["seconds"], f"wire {ratio:.0%}")
+        if wan["on"]["seconds"]:
+            speedup = wan["off"]["seconds"] / wan["on"]["seconds"]
+            lines.append(f"  zstd on the WAN link: {speedup:.2f}x faster than without")
     raw = doc.get("raw_tls")
     if raw:
         lines.append(f"  (raw TLS: {raw['tls_version']} {raw['cipher']}, syncnode's own TLS "
@@ -1184,6 +1271,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-multiframe", action="store_true")
     p.add_argument("--skip-orthanc", action="store_true")
     p.add_argument("--skip-raw", action="store_true")
+    p.add_argument("--skip-wan", action="store_true")
+    p.add_argument("--wan-mbps", type=float, default=DEFAULTS["wan_mbps"],
+                   help="WAN link for the compression comparison, MB/s (default 12.5: "
+                        "100 Mbit/s)")
+    p.add_argument("--wan-latency-ms", type=float, default=DEFAULTS["wan_latency_ms"],
+                   help="one-way delay of that link (default 10 ms)")
+    p.add_argument("--wan-mb", type=float, default=DEFAULTS["wan_mb"],
+                   help="MB of the data set sent over it, each way of compression "
+                        "(default 150)")
     p.add_argument("--sync-interval", type=float, default=DEFAULTS["sync_interval"],
                    help="syncnode run --sync-interval (default 0.5)")
     p.add_argument("--orthanc-jobs", type=int, default=DEFAULTS["orthanc_jobs"],
@@ -1251,6 +1347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         doc["syncnode"] = sn.sync_pair("sync", files, args.timeout)
         if not args.skip_raw:
             doc["raw_tls"] = bench_raw_tls(procs, work, files, total)
+        if not args.skip_wan:
+            doc["wan"] = bench_wan(sn, files, args)
         if not args.skip_orthanc:
             doc["orthanc"] = bench_orthanc(procs, sampler, work, files, total,
                                            args.orthanc_jobs, args.orthanc_sync_storage,
