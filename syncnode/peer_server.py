@@ -169,33 +169,42 @@ class PeerServer:
     async def blob(self, request: web.Request) -> web.StreamResponse:
         h = check_hash(request.match_info["hash"], "blob hash")
         store = self.node.store
-        size = await self._run(store.size, h)
-        try:
-            start, end = protocol.parse_range(request.headers.get("Range"), size)
-        except ValueError as exc:
-            return web.json_response({"error": str(exc)}, status=416,
-                                     headers={"Content-Range": f"bytes */{size}"})
-        ranged = "Range" in request.headers
+        range_header = request.headers.get("Range")
         # zstd, one frame per chunk (see .wire), when asked for and the range starts on a
         # chunk boundary; ranges always count blob bytes
-        compress = (self.compression != "off" and start % CHUNK_SIZE == 0
-                    and wire.accepts(request.headers.get("Accept-Encoding")))
+        accept = self.compression != "off" and wire.accepts(request.headers.get("Accept-Encoding"))
+
+        def prepare() -> tuple[int, int, int, bool, bytes | None]:
+            """Size, range and, for a small answer (most instances), the body itself: one
+            worker job."""
+            size = store.size(h)
+            start, end = protocol.parse_range(range_header, size)
+            compress = accept and start % CHUNK_SIZE == 0
+            body = None
+            if end - start <= SMALL_RESPONSE:
+                body = b"".join(store.read_verified(h, start, end))
+                if compress and body:
+                    body = wire.compress_chunk(body)
+            return size, start, end, compress, body
+
+        try:
+            size, start, end, compress, body = await self._run(prepare)
+        except BlobMissing:
+            raise
+        except BlobError as exc:
+            log.error("refusing to serve damaged blob %s: %s", h, exc)
+            return _error(500, f"blob {h} is damaged on this node")
+        except protocol.RangeError as exc:
+            return web.json_response({"error": str(exc)}, status=416,
+                                     headers={"Content-Range": f"bytes */{exc.size}"})
+        ranged = range_header is not None
         headers = {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes",
                    "Vary": "Accept-Encoding"}
         if ranged:
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
         if compress:
             headers["Content-Encoding"] = wire.ENCODING
-        if end - start <= SMALL_RESPONSE:  # most instances: one worker job, one write
-            def load() -> bytes:
-                data = b"".join(store.read_verified(h, start, end))
-                return wire.compress_chunk(data) if compress and data else data
-
-            try:
-                body = await self._run(load)
-            except BlobError as exc:
-                log.error("refusing to serve damaged blob %s: %s", h, exc)
-                return _error(500, f"blob {h} is damaged on this node")
+        if body is not None:
             self._stat(request[PEER_KEY].compact, "bytes_out", len(body))
             return web.Response(status=206 if ranged else 200, body=body, headers=headers)
         if not compress:

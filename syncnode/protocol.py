@@ -108,18 +108,27 @@ def check_hash_value(value: Any) -> str:
         raise ProtocolError(str(exc)) from exc
 
 
+class RangeError(ValueError):
+    """A Range header this server cannot satisfy (HTTP 416) for a blob of ``size`` bytes."""
+
+    def __init__(self, message: str, size: int) -> None:
+        super().__init__(message)
+        self.size = size
+
+
 def parse_range(header: str | None, size: int) -> tuple[int, int]:
-    """``bytes=a-b`` / ``bytes=a-`` -> [start, end) within a blob of ``size`` bytes."""
+    """``bytes=a-b`` / ``bytes=a-`` -> [start, end) within a blob of ``size`` bytes.
+    Raises RangeError."""
     if not header:
         return 0, size
     unit, _, spec = header.partition("=")
     if unit.strip() != "bytes" or "," in spec:
-        raise ValueError("only a single 'bytes=' range is supported")
+        raise RangeError("only a single 'bytes=' range is supported", size)
     first, _, last = spec.strip().partition("-")
     if not first.isdigit() or (last and not last.isdigit()):
-        raise ValueError(f"bad range {header!r}")
+        raise RangeError(f"bad range {header!r}", size)
     start = int(first)
     end = int(last) + 1 if last else size
     if (start >= size and size > 0) or start > end or end > size:
-        raise ValueError(f"range {header!r} is outside a blob of {size} bytes")
+        raise RangeError(f"range {header!r} is outside a blob of {size} bytes", size)
     return start, end

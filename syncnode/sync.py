@@ -189,7 +189,7 @@ class PeerClient:
         if size <= CHUNK_SIZE:
             data, encoded = await self._get_whole(blob, size, headers)
             if on_wire:
-                on_wire(len(data))
+                on_wire(sum(map(len, data)))
             if on_bytes:
                 on_bytes(size)
             staged = await loop.run_in_executor(
@@ -231,9 +231,10 @@ class PeerClient:
                                 f"{resp.headers.get('Content-Encoding')!r}")
 
     async def _get_whole(self, blob: str, size: int, headers: dict[str, str]
-                         ) -> tuple[bytes, bool]:
-        """The body of a one-chunk blob, and whether it is zstd-encoded (then bounded by
-        what one compressed chunk can take)."""
+                         ) -> tuple[list[bytes], bool]:
+        """The body of a one-chunk blob as it came off the socket (pieces, not joined: one
+        copy fewer), and whether it is zstd-encoded (then bounded by what one compressed
+        chunk can take)."""
         async with self.session().get(f"{self.base}/blobs/{blob}", headers=headers) as resp:
             await self._check_blob_response(resp, blob)
             encoded = _encoding(resp) == wire.ENCODING
@@ -241,11 +242,15 @@ class PeerClient:
                 if resp.content_length != size:
                     raise ProtocolError(f"GET blob {blob}: {resp.content_length} bytes "
                                         f"announced, the event says {size}")
-                try:
-                    return await resp.content.readexactly(size), False
-                except asyncio.IncompleteReadError as exc:
-                    raise ProtocolError(f"blob {blob} ended early at {len(exc.partial)} "
-                                        "bytes") from exc
+                pieces, got = [], 0
+                async for piece in resp.content.iter_any():
+                    got += len(piece)
+                    if got > size:
+                        raise ProtocolError(f"GET blob {blob}: more than {size} bytes")
+                    pieces.append(piece)
+                if got != size:
+                    raise ProtocolError(f"blob {blob} ended early at {got} bytes")
+                return pieces, False
             limit = wire.max_frame_size(size)
             if resp.content_length is not None and resp.content_length > limit:
                 raise ProtocolError(f"GET blob {blob}: compressed body of "
@@ -256,7 +261,7 @@ class PeerClient:
                 if len(body) > limit:
                     raise ProtocolError(f"GET blob {blob}: compressed body longer than "
                                         f"{limit} bytes for {size}")
-            return bytes(body), True
+            return [bytes(body)], True
 
     @staticmethod
     async def _receive(resp: aiohttp.ClientResponse, part: PartialBlob,
@@ -345,16 +350,15 @@ def _encoding(resp: aiohttp.ClientResponse) -> str:
     return resp.headers.get("Content-Encoding", "").strip().lower()
 
 
-def _stage_whole(store: BlobStore, blob: str, size: int, data: bytes, encoded: bool,
+def _stage_whole(store: BlobStore, blob: str, size: int, data: list[bytes], encoded: bool,
                  chunks_root: str) -> StagedBlob:
     if encoded:
         frames = wire.ChunkFrames(wire.chunk_sizes(0, size, CHUNK_SIZE))
         try:
-            chunks = frames.feed(data)
+            data = frames.feed(b"".join(data))
             frames.finish()
         except wire.FrameError as exc:
             raise TransferError(f"blob {blob}: {exc}") from exc
-        data = b"".join(chunks)
     return stage_whole(store, blob, data, chunks_root)
 
 

@@ -174,27 +174,45 @@ class PartialBlob:
         self.path.unlink(missing_ok=True)
 
 
-def stage_whole(store: BlobStore, blob: str, data: bytes,
+def stage_whole(store: BlobStore, blob: str, data: bytes | list[bytes],
                 expected_chunks_root: str | None = None) -> StagedBlob:
-    """Verify a blob of at most one chunk received in one piece and write it to its part
-    file for a group install. One hash: a one-chunk blob's only chunk digest is its hash.
-    Blocking: run it in a worker thread."""
-    if len(data) > CHUNK_SIZE:
-        raise TransferError(f"blob {blob}: {len(data)} bytes is more than one chunk")
-    digests = bytes.fromhex(blob) if data else b""
+    """Verify a blob of at most one chunk received in one piece (or in the pieces it came
+    in) and write it to its part file for a group install. One hash: a one-chunk blob's
+    only chunk digest is its hash. Blocking: run it in a worker thread."""
+    pieces = [data] if isinstance(data, bytes | bytearray | memoryview) else data
+    size = sum(map(len, pieces))
+    if size > CHUNK_SIZE:
+        raise TransferError(f"blob {blob}: {size} bytes is more than one chunk")
+    digests = bytes.fromhex(blob) if size else b""
     if expected_chunks_root is not None and chunks_root(digests) != expected_chunks_root:
         raise TransferError(f"chunk list of blob {blob} does not match its put event")
-    if data and blake3.blake3(data).digest() != digests:
-        raise ChunkMismatch(blob, 0)
-    if not data and blake3.blake3(b"").hexdigest() != blob:
-        raise BlobHashMismatch(blob, blake3.blake3(b"").hexdigest())
+    hasher = blake3.blake3()
+    for p in pieces:
+        hasher.update(p)
+    if hasher.hexdigest() != blob:
+        if size:
+            raise ChunkMismatch(blob, 0)
+        raise BlobHashMismatch(blob, hasher.hexdigest())
     path = store.part_path(blob)
     try:
-        with open(path, "wb") as f:
-            f.write(data)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            left = [memoryview(p) for p in pieces if len(p)]
+            while left:  # writev may write less than asked
+                n = os.writev(fd, left[:_IOV_MAX])
+                while n and left:
+                    if n >= len(left[0]):
+                        n -= len(left.pop(0))
+                    else:
+                        left[0], n = left[0][n:], 0
+        finally:
+            os.close(fd)
     except OSError as exc:
         path.unlink(missing_ok=True)
         if exc.errno == errno.ENOSPC:
             raise StoreFull("no space left for the blob store") from exc
         raise
-    return StagedBlob(path, blob, len(data), digests)
+    return StagedBlob(path, blob, size, digests)
+
+
+_IOV_MAX = 1024
