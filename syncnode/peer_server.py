@@ -29,6 +29,7 @@ from .transfer import PartialBlob, TransferError
 
 log = logging.getLogger("syncnode.peer_server")
 BODY_READ_TIMEOUT = 60.0
+MIN_PUSH_RATE = 64 * 1024  # bytes/s a pushed blob must average (plus BODY_READ_TIMEOUT)
 SMALL_RESPONSE = CHUNK_SIZE  # blob answers up to this size are read whole, then sent
 PEER_KEY: web.RequestKey[NodeId] = web.RequestKey("peer", NodeId)
 
@@ -291,9 +292,17 @@ class PeerServer:
             part.close()
             return _error(409, f"send blob {h} from offset {part.offset}, not {offset}")
         peer = request[PEER_KEY].compact
+        # The whole body, not only each read, is bounded: a trusted peer trickling a byte a
+        # minute would otherwise hold this handler (and the blob's lock) for ever.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + BODY_READ_TIMEOUT + (size - part.offset) / MIN_PUSH_RATE
         try:
             while not part.complete:
-                data = await asyncio.wait_for(request.content.read(CHUNK_SIZE), BODY_READ_TIMEOUT)
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise TimeoutError
+                data = await asyncio.wait_for(request.content.read(CHUNK_SIZE),
+                                              min(left, BODY_READ_TIMEOUT))
                 if not data:
                     break
                 part.feed(data)
@@ -306,6 +315,11 @@ class PeerServer:
         except TransferError as exc:
             log.warning("pushed blob %s from %s failed verification: %s", h, peer, exc)
             return _error(422, str(exc))
+        except TimeoutError:
+            log.warning("push of blob %s from %s too slow: %d of %d bytes by its deadline",
+                        h, peer, part.offset, size)
+            return _error(408, f"push of blob {h} too slow: {part.offset} of {size} bytes "
+                               "verified by the deadline; resume from there")
         finally:
             part.close()
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+import blake3
 import pytest
 
 from syncnode import protocol
@@ -243,5 +244,47 @@ async def test_admin_body_read_is_bounded(node: Node) -> None:
         raw = await asyncio.wait_for(stream[0].readuntil(b"\r\n\r\n"), HEAD + SLACK)
         assert raw.startswith(b"HTTP/1.1 408 ") and b"Connection: close" in raw
         assert time.monotonic() - started >= HEAD * 0.8
+    finally:
+        await close(stream)
+
+
+async def test_a_trickled_push_body_is_cut_at_its_total_deadline(
+        node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each read of a pushed blob arriving in time is not enough: the whole body must
+    arrive by BODY_READ_TIMEOUT + size / MIN_PUSH_RATE, or the push ends with 408 and what
+    was verified so far is kept for a resume."""
+    from syncnode import peer_server
+
+    monkeypatch.setattr(peer_server, "BODY_READ_TIMEOUT", 0.5)
+    monkeypatch.setattr(peer_server, "MIN_PUSH_RATE", 1 << 30)  # deadline ~0.5 s
+    data = bytes(range(256)) * 64  # 16 KiB: one chunk
+    h = blake3.blake3(data).hexdigest()
+    offer = json.dumps({"blobs": [{"hash": h, "size": len(data), "chunks": h}]}).encode()
+    stream = await connect(node.peer, node.client_ctx)
+    try:
+        status, answer = await request(stream, (
+            "POST /peer/v1/push/offer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(offer)}\r\n"), offer)
+        assert status == 200 and json.loads(answer)["want"] == [{"hash": h, "offset": 0}]
+        reader, writer = stream
+        writer.write(f"PUT /peer/v1/push/blobs/{h}?offset=0 HTTP/1.1\r\nHost: x\r\n"
+                     f"Content-Length: {len(data)}\r\n\r\n".encode())
+        started = time.monotonic()
+
+        async def trickle() -> None:  # a byte every 0.1 s: each read is quick, the whole not
+            for i in range(len(data)):
+                writer.write(data[i:i + 1])
+                await writer.drain()
+                await asyncio.sleep(0.1)
+
+        sender = asyncio.create_task(trickle())
+        try:
+            raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        finally:
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+        assert raw.startswith(b"HTTP/1.1 408 "), raw
+        assert time.monotonic() - started < 0.5 + 1.5
+        assert not node.running.node.store.has(h)
     finally:
         await close(stream)
