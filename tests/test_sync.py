@@ -11,10 +11,9 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 import pytest
 from syncsupport import (
@@ -32,7 +31,6 @@ from syncsupport import (
     pin,
     root,
     settled_state,
-    start_node,
     uid,
     url_of,
     wait_for,
@@ -63,35 +61,6 @@ def _load_faultproxy() -> ModuleType:
 fp = _load_faultproxy()
 
 StartNode = Callable[..., Awaitable[RunningNode]]
-
-
-@pytest.fixture
-async def running() -> AsyncIterator[StartNode]:
-    """Start in-process nodes; every one is stopped at the end of the test."""
-    started: list[RunningNode] = []
-
-    async def start(node: LocalNode, **kw: Any) -> RunningNode:
-        r = await start_node(node, **kw)
-        started.append(r)
-        return r
-
-    yield start
-    for r in reversed(started):
-        await r.stop()
-
-
-@pytest.fixture
-def new_node(tmp_path: Path) -> Iterator[Callable[[str], LocalNode]]:
-    opened: list[LocalNode] = []
-
-    def make(name: str) -> LocalNode:
-        node = LocalNode.init(tmp_path / name)
-        opened.append(node)
-        return node
-
-    yield make
-    for n in opened:
-        n.close()
 
 
 def mesh(pairs: list[tuple[LocalNode, RunningNode]]) -> None:

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import random
 import types
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import zstandard
@@ -22,7 +21,6 @@ from syncsupport import (
     make_dicom,
     pin,
     settled_state,
-    start_node,
     uid,
     url_of,
     wait_for,
@@ -139,34 +137,6 @@ def test_accept_encoding_and_the_auto_rule() -> None:
 
 
 # -- real pulls --------------------------------------------------------------------------
-
-@pytest.fixture
-async def running() -> AsyncIterator[StartNode]:
-    started: list[RunningNode] = []
-
-    async def start(node: LocalNode, **kw: Any) -> RunningNode:
-        r = await start_node(node, **kw)
-        started.append(r)
-        return r
-
-    yield start
-    for r in reversed(started):
-        await r.stop()
-
-
-@pytest.fixture
-def new_node(tmp_path: Path) -> Iterator[Callable[[str], LocalNode]]:
-    opened: list[LocalNode] = []
-
-    def make(name: str) -> LocalNode:
-        node = LocalNode.init(tmp_path / name)
-        opened.append(node)
-        return node
-
-    yield make
-    for n in opened:
-        n.close()
-
 
 def _files(tmp_path: Path, tag: int) -> list[Path]:
     """One-chunk and multi-chunk instances, compressible, plus one that is not."""
