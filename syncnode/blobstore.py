@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import os
 import secrets
 import sys
@@ -101,6 +102,8 @@ class StagedBlob:
     digest: str
     size: int
     chunk_digests: bytes
+    chunks_tmp: Path | None = None  # its chunk list, already in a temp file (not synced)
+    read_only: bool = False  # tmp already has the mode of a blob (0o444)
 
 
 def sync_filesystem(path: Path) -> None:
@@ -175,6 +178,81 @@ class ChunkHasher:
             self.digests += self._chunk.digest()
             self._in_chunk = 0
         return self.whole.hexdigest(), bytes(self.digests)
+
+
+def hash_chunks(data: bytes | memoryview) -> tuple[str, bytes]:
+    """Whole BLAKE3 (hex) and the concatenated chunk digests of bytes held in memory: the
+    same result as :class:`ChunkHasher`. A blob of one chunk is hashed once."""
+    view = memoryview(data).cast("B")
+    whole = blake3.blake3(view).digest()
+    if len(view) <= CHUNK_SIZE:
+        return whole.hex(), (whole if len(view) else b"")
+    return whole.hex(), b"".join(blake3.blake3(view[i : i + CHUNK_SIZE]).digest()
+                                 for i in range(0, len(view), CHUNK_SIZE))
+
+
+def _write_new(path: Path, data: bytes | memoryview) -> None:
+    """Create ``path`` (it must not exist) holding ``data``; no fsync. ENOSPC: StoreFull."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise StoreFull("no space left for the blob store") from exc
+        raise
+    try:
+        try:
+            view = memoryview(data).cast("B")
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        if exc.errno == errno.ENOSPC:
+            raise StoreFull("no space left for the blob store") from exc
+        raise
+
+
+_NO_COPY_FILE_RANGE = frozenset(
+    {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
+)
+
+
+def copy_fd(src: int, dst: int, expected: int = 0) -> int:
+    """Copy ``src`` from its offset to its end into ``dst``; return the byte count.
+
+    In the kernel (``copy_file_range``: the bytes do not pass through this process, about
+    40% less CPU than read + write) where the file systems allow it, else by read/write.
+    ``expected``: the size ``fstat`` gave, to tell the end of the file from a file system
+    whose copy_file_range says 0 instead of refusing. Raises StoreFull on ENOSPC.
+    """
+    total = 0
+    in_kernel = hasattr(os, "copy_file_range")
+    try:
+        while True:
+            if in_kernel:
+                try:
+                    n = os.copy_file_range(src, dst, max(expected - total, CHUNK_SIZE))
+                except OSError as exc:
+                    if exc.errno not in _NO_COPY_FILE_RANGE:
+                        raise
+                    in_kernel = False
+                    continue
+                if n == 0 and total < expected:
+                    in_kernel = False
+                    continue
+            else:
+                block = memoryview(os.read(src, _READ_SIZE))
+                n = len(block)
+                while block:
+                    block = block[os.write(dst, block):]
+            if n == 0:
+                return total
+            total += n
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise StoreFull("no space left for the blob store") from exc
+        raise
 
 
 class BlobWriter:
@@ -278,6 +356,9 @@ class BlobStore:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self._dirty_dirs: set[Path] = set()
         self._dirty_lock = threading.Lock()
+        self._folders: set[Path] = set()  # fan-out folders known to exist
+        self._tmp_prefix = secrets.token_hex(4)
+        self._tmp_seq = itertools.count()
 
     # -- paths ---------------------------------------------------------------------------
     def path(self, blob_hash: str) -> Path:
@@ -420,6 +501,53 @@ class BlobStore:
                 os.fsync(f.fileno())
         return tmp
 
+    def new_tmp(self) -> tuple[Path, int]:
+        """A new, empty temp file for a blob (already read-only, as a blob is) and a
+        read-write descriptor of it (the caller closes it, and removes the file unless it
+        stages it)."""
+        tmp = self._tmp_name("blob")
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise StoreFull("no space left for the blob store") from exc
+            raise
+        try:
+            os.fchmod(fd, 0o444)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        return tmp, fd
+
+    def stage_tmp(self, tmp: Path, content: bytes | None = None) -> StagedBlob:
+        """Stage a temp file of :meth:`new_tmp` that the caller has written and closed, for
+        :meth:`install_staged`: hash it (``content``: its whole content, when the caller
+        read it back anyway; else it is read here) and write its chunk list beside it (no
+        fsync), and make sure its fan-out folder exists. Raises StoreFull."""
+        if content is None:
+            hasher = ChunkHasher()
+            with open(tmp, "rb", buffering=0) as f:
+                while block := f.read(_READ_SIZE):
+                    hasher.update(block)
+            digest, chunk_digests, size = *hasher.finish(), hasher.size
+        else:
+            (digest, chunk_digests), size = hash_chunks(content), len(content)
+        ctmp = self._tmp_name("chunks")
+        _write_new(ctmp, chunk_digests)
+        try:
+            self._make_folder(self.path(digest).parent)  # here, not in install_staged's loop
+        except BaseException:
+            ctmp.unlink(missing_ok=True)
+            raise
+        return StagedBlob(tmp, digest, size, chunk_digests, ctmp, read_only=True)
+
+    def _tmp_name(self, kind: str) -> Path:
+        """``<kind>-<pid>-<16 hex>.tmp``, unique: a random prefix per store object and a
+        counter (no system call per name)."""
+        unique = f"{self._tmp_prefix}{next(self._tmp_seq):08x}"
+        return self.tmp_dir / f"{kind}-{os.getpid()}-{unique}.tmp"
+
     def install_staged(self, staged: list[StagedBlob]) -> list[BlobInfo]:
         """Make a group of staged blobs durable and present, at the cost of two filesystem
         syncs for the whole group instead of several fsyncs per blob.
@@ -431,7 +559,8 @@ class BlobStore:
         """
         if not staged:
             return []
-        chunk_tmps = [self._chunks_tmp(s.chunk_digests, fsync=False) for s in staged]
+        chunk_tmps = [s.chunks_tmp or self._chunks_tmp(s.chunk_digests, fsync=False)
+                      for s in staged]
         sync_filesystem(self.tmp_dir)
         infos = []
         for s, ctmp in zip(staged, chunk_tmps, strict=True):
@@ -446,13 +575,25 @@ class BlobStore:
                     os.replace(ctmp, self.chunks_path(s.digest))
                 infos.append(BlobInfo(s.digest, s.size, chunks, created=False))
                 continue
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(ctmp, self.chunks_path(s.digest))
+            self._make_folder(final.parent)
+            try:
+                os.replace(ctmp, self.chunks_path(s.digest))
+            except FileNotFoundError:  # the folder was removed behind our back: again
+                self._folders.discard(final.parent)
+                self._make_folder(final.parent)
+                os.replace(ctmp, self.chunks_path(s.digest))
             os.replace(s.tmp, final)
-            os.chmod(final, 0o444)
+            if not s.read_only:
+                os.chmod(final, 0o444)
             infos.append(BlobInfo(s.digest, s.size, chunks, created=True))
         sync_filesystem(self.root)
         return infos
+
+    def _make_folder(self, folder: Path) -> None:
+        """``mkdir -p`` a fan-out folder, once per store object (folders are never removed)."""
+        if folder not in self._folders:
+            folder.mkdir(parents=True, exist_ok=True)
+            self._folders.add(folder)
 
     def _mark_dirty(self, folder: Path, sync_now: bool) -> None:
         with self._dirty_lock:

@@ -1,31 +1,34 @@
 """``syncnode import``: ingest DICOM files and folders into the node.
 
-Each file is copied into a blob-store temp file while it is hashed, the *copy* is
-inspected (so the bytes checked are the bytes stored), and only then committed. Accepted
-files are recorded in the catalog in batches: the blobs of a batch are made durable
-(folder fsyncs) before the one transaction that inserts their events, so a crash at any
-moment leaves every event pointing at a whole blob. A rejected file leaves nothing
-behind and is reported with its reason; the rest of the import goes on.
+Each file is copied into a blob-store temp file (in the kernel where it can), the *copy*
+is read back, inspected and hashed (so the bytes checked are the bytes stored), and only
+then committed. Accepted files are recorded in the catalog in batches: the temp files of
+a batch are made durable (a filesystem sync) before they are renamed into the store, and
+the renames (another sync) before the one transaction that inserts their events, so a
+crash at any moment leaves every event pointing at a whole blob. A rejected file leaves
+nothing behind and is reported with its reason; the rest of the import goes on.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .blobstore import StagedBlob, StoreFull
-from .dicomfile import InvalidDicom, inspect_file
+from .blobstore import BlobStore, StagedBlob, StoreFull, copy_fd
+from .dicomfile import InvalidDicom, inspect_bytes, inspect_file
 from .local import LocalNode
 
 BATCH_FILES = 128
 WORKERS = 2
-IN_FLIGHT = 6
+IN_FLIGHT = 32
 BATCH_BYTES = 256 << 20
-_COPY_BLOCK = 1 << 20
+WHOLE_FILE_MAX = 16 << 20  # a copy up to this size is read back whole, else streamed
 
 
 @dataclass(slots=True)
@@ -63,22 +66,37 @@ def import_paths(node: LocalNode, paths: Iterable[Path],
                  progress: ProgressFn | None = None) -> ImportReport:
     """Import files; ``progress(path, nbytes)`` is called once per file processed."""
     report = ImportReport()
-    node.store.clean_tmp()  # what an earlier, killed import left behind
+    store = node.store
+    store.clean_tmp()  # what an earlier, killed import left behind
     batch: list[tuple[dict[str, str], StagedBlob]] = []
     batch_bytes = 0
+    committing: Future[list[tuple[str, bool]]] | None = None
 
-    def flush() -> None:
-        nonlocal batch, batch_bytes
-        if not batch:
-            return
-        blobs = node.store.install_staged([staged for _, staged in batch])
-        items = [(attrs, blob) for (attrs, _), blob in zip(batch, blobs, strict=True)]
-        for _eid, new in node.catalog.add_local_puts(items, blob_present=node.store.has):
-            if new:
-                report.imported += 1
-            else:
-                report.unchanged += 1
-        batch, batch_bytes = [], 0
+    def commit(entries: list[tuple[dict[str, str], StagedBlob]]) -> list[tuple[str, bool]]:
+        blobs = store.install_staged([staged for _, staged in entries])
+        items = [(attrs, blob) for (attrs, _), blob in zip(entries, blobs, strict=True)]
+        return node.catalog.add_local_puts(items, blob_present=store.has)
+
+    def committed() -> None:
+        nonlocal committing
+        if committing is not None:
+            job, committing = committing, None
+            for _eid, new in job.result():
+                if new:
+                    report.imported += 1
+                else:
+                    report.unchanged += 1
+
+    def flush(wait: bool) -> None:
+        """Hand the batch to the committer thread (after the previous one: batches are
+        committed one at a time, in order), while the workers go on with the next."""
+        nonlocal batch, batch_bytes, committing
+        committed()
+        if batch:
+            committing = committer.submit(commit, batch)
+            batch, batch_bytes = [], 0
+        if wait:
+            committed()
 
     def settle(path: Path, job: Future[tuple[dict[str, str], StagedBlob]]) -> None:
         nonlocal batch_bytes
@@ -89,7 +107,7 @@ def import_paths(node: LocalNode, paths: Iterable[Path],
         except InvalidDicom as exc:
             report.failed.append((str(path), exc.reason))
         except StoreFull:
-            flush()
+            flush(wait=True)
             raise
         except OSError as exc:
             report.failed.append((str(path), f"cannot read: {exc.strerror or exc}"))
@@ -99,34 +117,74 @@ def import_paths(node: LocalNode, paths: Iterable[Path],
             report.bytes += size
             batch_bytes += size
             if len(batch) >= BATCH_FILES or batch_bytes >= BATCH_BYTES:
-                flush()
+                flush(wait=False)
         if progress:
             progress(path, size)
 
-    # Copying, hashing and inspecting run in WORKERS threads (file I/O and BLAKE3 release
-    # the GIL); results are settled in file order, at most IN_FLIGHT ahead.
+    # Reading, inspecting, hashing and writing a file is one job for one of WORKERS threads
+    # (file I/O and BLAKE3 release the GIL); results are settled in file order, at most
+    # IN_FLIGHT ahead. A full batch is committed (made durable, then recorded) by one more
+    # thread, so the workers do not wait for the filesystem syncs.
     in_flight: deque[tuple[Path, Future[tuple[dict[str, str], StagedBlob]]]] = deque()
-    with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="import") as pool:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="import-commit") as committer, \
+         ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="import") as pool:
         try:
             for path in iter_files(paths):
-                in_flight.append((path, pool.submit(_ingest_file, node, path)))
+                in_flight.append((path, pool.submit(_ingest_file, store, path)))
                 if len(in_flight) >= IN_FLIGHT:
                     settle(*in_flight.popleft())
             while in_flight:
                 settle(*in_flight.popleft())
-        finally:
-            for _, job in in_flight:  # on an error: staged files of unsettled jobs go
+            flush(wait=True)
+        except BaseException:
+            for _, job in in_flight:  # staged files of unsettled jobs go
                 if not job.cancel() and job.exception() is None:
-                    job.result()[1].tmp.unlink(missing_ok=True)
-    flush()
+                    _discard(job.result()[1])
+            for _, staged in batch:  # and those of a batch not handed to the committer
+                _discard(staged)
+            raise
     return report
 
 
-def _ingest_file(node: LocalNode, path: Path) -> tuple[dict[str, str], StagedBlob]:
-    with open(path, "rb") as src, node.store.writer() as writer:
-        while block := src.read(_COPY_BLOCK):
-            writer.write(block)
-        writer.flush()
-        info = inspect_file(writer.tmp_path)
-        staged = writer.stage()
+def _discard(staged: StagedBlob) -> None:
+    staged.tmp.unlink(missing_ok=True)
+    if staged.chunks_tmp is not None:
+        staged.chunks_tmp.unlink(missing_ok=True)
+
+
+def _ingest_file(store: BlobStore, path: Path) -> tuple[dict[str, str], StagedBlob]:
+    # O_NONBLOCK: opening a FIFO must not hang (it is then refused as not a regular file).
+    src = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        st = os.fstat(src)
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidDicom("not a regular file")
+        tmp, dst = store.new_tmp()
+        try:
+            try:
+                size = copy_fd(src, dst, st.st_size)
+                # The copy, read back (from the page cache), is what is inspected and hashed:
+                # the bytes checked are the bytes stored, whatever happens to the source.
+                content = _read_back(dst, size) if size <= WHOLE_FILE_MAX else None
+            finally:
+                os.close(dst)
+            info = inspect_file(tmp) if content is None else inspect_bytes(content)
+            staged = store.stage_tmp(tmp, content)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    finally:
+        os.close(src)
     return info.to_dict(), staged
+
+
+def _read_back(fd: int, size: int) -> bytes:
+    parts: list[bytes] = []
+    done = 0
+    while done < size:
+        block = os.pread(fd, size - done, done)
+        if not block:
+            raise OSError(errno.EIO, "the temp copy is shorter than what was written to it")
+        parts.append(block)
+        done += len(block)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
