@@ -164,10 +164,8 @@ def import_cmd(
                TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err, disable=not show) as progress:
         files_task = progress.add_task("import", total=len(files))
-        byte_total = [0]
 
-        def step(path: Path, nbytes: int) -> None:
-            byte_total[0] += path.stat().st_size if path.exists() else nbytes
+        def step(_path: Path, _nbytes: int) -> None:
             progress.update(files_task, advance=1)
 
         report = import_paths(node, files, progress=step)

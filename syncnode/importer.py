@@ -46,17 +46,34 @@ class ImportReport:
 
 
 def iter_files(paths: Iterable[Path]) -> Iterator[Path]:
-    """Every regular file under the given files and folders, in a stable order."""
+    """Every regular file under the given files and folders, in a stable order: in each
+    folder its files by name, then its subfolders by name (symlinked folders are not
+    followed; symlinked files are). Folders are listed without a stat per file."""
     for p in paths:
         if p.is_dir():
-            for root, dirs, files in os.walk(p):
-                dirs.sort()
-                for name in sorted(files):
-                    f = Path(root) / name
-                    if f.is_file():
-                        yield f
+            yield from _walk(p)
         else:
             yield p
+
+
+def _walk(folder: Path) -> Iterator[Path]:
+    try:
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError:  # an unreadable folder is skipped, as os.walk does
+        return
+    folders = []
+    for entry in entries:
+        try:
+            if entry.is_dir():
+                if not entry.is_symlink():
+                    folders.append(entry)
+            elif entry.is_file():
+                yield Path(entry.path)
+        except OSError:  # vanished meanwhile
+            continue
+    for entry in folders:
+        yield from _walk(Path(entry.path))
 
 
 ProgressFn = Callable[[Path, int], None]
