@@ -146,7 +146,7 @@ import re
 import stat
 import struct
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import BinaryIO, Final, Protocol
 
@@ -180,7 +180,7 @@ class InstanceInfo:
     transfer_syntax_uid: str
 
     def to_dict(self) -> dict[str, str]:
-        return asdict(self)
+        return {name: getattr(self, name) for name in self.__slots__}  # asdict deep-copies
 
 
 _UID_RE: Final = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")
