@@ -3,7 +3,9 @@
 Layout under the data folder::
 
     blobs/ab/cd/<hash>          the bytes, read-only once written
-    blobs/ab/cd/<hash>.chunks   BLAKE3-256 digest of every 1 MiB chunk, concatenated (32 bytes each)
+    blobs/ab/cd/<hash>.chunks   BLAKE3-256 digest of every 1 MiB chunk, concatenated (32 bytes
+                                each); only for blobs of more than one chunk: the chunk list
+                                of a blob of one chunk is its own hash (none for an empty one)
     tmp/                        files being written (``*.tmp``) and partial pulls (``*.part``)
 
 Invariants:
@@ -12,7 +14,8 @@ Invariants:
   into place, then the folder is fsynced. Nothing is ever written in place.
 - A blob's chunk list is renamed into place *before* the blob, so a present blob always
   has its chunk list (a crash can leave a chunk list without a blob; that is harmless
-  and collected).
+  and collected). Most instances fit in one chunk and need no file for it, which saves a
+  file creation per instance on import and on every pull.
 - Identical bytes are stored once: writing a blob that exists discards the temp file.
 - Paths are built only from strings that passed :func:`syncnode.ids.check_hash`.
 - Memory does not grow with the size of a blob: everything streams in chunk-sized
@@ -87,6 +90,17 @@ class BlobDamage:
 
 def chunks_root(chunk_digests: bytes) -> str:
     return blake3.blake3(chunk_digests).hexdigest()
+
+
+def has_chunk_file(chunk_digests: bytes) -> bool:
+    """Whether a blob with this chunk list keeps it in a ``.chunks`` file (more than one
+    chunk); otherwise the list is implied by the blob's hash."""
+    return len(chunk_digests) > DIGEST_SIZE
+
+
+def implied_chunk_list(blob_hash: str, size: int) -> bytes:
+    """The chunk list of a blob of at most one chunk: its own digest, or nothing if empty."""
+    return bytes.fromhex(blob_hash) if size else b""
 
 
 def chunk_count(size: int) -> int:
@@ -394,6 +408,12 @@ class BlobStore:
         try:
             return self.chunks_path(blob_hash).read_bytes()
         except FileNotFoundError as exc:
+            try:
+                size = self.path(blob_hash).stat().st_size
+            except FileNotFoundError:
+                raise BlobMissing(f"blob {blob_hash} is not in the store") from exc
+            if size <= CHUNK_SIZE:  # one chunk (or none): the list is implied
+                return implied_chunk_list(blob_hash, size)
             raise BlobMissing(f"chunk list of blob {blob_hash} is missing") from exc
 
     def chunks(self, blob_hash: str) -> list[str]:
@@ -476,12 +496,13 @@ class BlobStore:
                        for i in range(0, len(chunk_digests), DIGEST_SIZE))
         if final.is_file():
             tmp.unlink(missing_ok=True)
-            if not self.chunks_path(digest).is_file():  # repair a lost chunk list
-                self._write_chunks(digest, chunk_digests)
+            if has_chunk_file(chunk_digests) and not self.chunks_path(digest).is_file():
+                self._write_chunks(digest, chunk_digests)  # repair a lost chunk list
                 self._mark_dirty(final.parent, sync_dir)
             return BlobInfo(digest, size, chunks, created=False)
         final.parent.mkdir(parents=True, exist_ok=True)
-        self._write_chunks(digest, chunk_digests)
+        if has_chunk_file(chunk_digests):
+            self._write_chunks(digest, chunk_digests)
         os.replace(tmp, final)
         os.chmod(final, 0o444)
         self._mark_dirty(final.parent, sync_dir)
@@ -533,12 +554,15 @@ class BlobStore:
             digest, chunk_digests, size = *hasher.finish(), hasher.size
         else:
             (digest, chunk_digests), size = hash_chunks(content), len(content)
-        ctmp = self._tmp_name("chunks")
-        _write_new(ctmp, chunk_digests)
+        ctmp = None
+        if has_chunk_file(chunk_digests):
+            ctmp = self._tmp_name("chunks")
+            _write_new(ctmp, chunk_digests)
         try:
             self._make_folder(self.path(digest).parent)  # here, not in install_staged's loop
         except BaseException:
-            ctmp.unlink(missing_ok=True)
+            if ctmp is not None:
+                ctmp.unlink(missing_ok=True)
             raise
         return StagedBlob(tmp, digest, size, chunk_digests, ctmp, read_only=True)
 
@@ -559,7 +583,8 @@ class BlobStore:
         """
         if not staged:
             return []
-        chunk_tmps = [s.chunks_tmp or self._chunks_tmp(s.chunk_digests, fsync=False)
+        chunk_tmps = [s.chunks_tmp or (self._chunks_tmp(s.chunk_digests, fsync=False)
+                                       if has_chunk_file(s.chunk_digests) else None)
                       for s in staged]
         sync_filesystem(self.tmp_dir)
         infos = []
@@ -569,25 +594,33 @@ class BlobStore:
                            for i in range(0, len(s.chunk_digests), DIGEST_SIZE))
             if final.is_file():
                 s.tmp.unlink(missing_ok=True)
-                if self.chunks_path(s.digest).is_file():
-                    ctmp.unlink(missing_ok=True)
-                else:  # repair a lost chunk list
-                    os.replace(ctmp, self.chunks_path(s.digest))
+                if ctmp is not None:
+                    if self.chunks_path(s.digest).is_file():
+                        ctmp.unlink(missing_ok=True)
+                    else:  # repair a lost chunk list
+                        os.replace(ctmp, self.chunks_path(s.digest))
                 infos.append(BlobInfo(s.digest, s.size, chunks, created=False))
                 continue
             self._make_folder(final.parent)
             try:
-                os.replace(ctmp, self.chunks_path(s.digest))
+                self._place(ctmp, s.tmp, final)
             except FileNotFoundError:  # the folder was removed behind our back: again
+                if final.parent.is_dir():
+                    raise
                 self._folders.discard(final.parent)
                 self._make_folder(final.parent)
-                os.replace(ctmp, self.chunks_path(s.digest))
-            os.replace(s.tmp, final)
+                self._place(ctmp, s.tmp, final)
             if not s.read_only:
                 os.chmod(final, 0o444)
             infos.append(BlobInfo(s.digest, s.size, chunks, created=True))
         sync_filesystem(self.root)
         return infos
+
+    def _place(self, chunks_tmp: Path | None, tmp: Path, final: Path) -> None:
+        """Rename a blob (its chunk list first, if it has one) into place."""
+        if chunks_tmp is not None:
+            os.replace(chunks_tmp, final.with_name(final.name + ".chunks"))
+        os.replace(tmp, final)
 
     def _make_folder(self, folder: Path) -> None:
         """``mkdir -p`` a fan-out folder, once per store object (folders are never removed)."""

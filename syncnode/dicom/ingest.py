@@ -32,7 +32,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
-from ..blobstore import BlobInfo, BlobStore, ChunkHasher, StoreFull, fsync_dir
+from ..blobstore import (
+    BlobInfo,
+    BlobStore,
+    ChunkHasher,
+    StoreFull,
+    fsync_dir,
+    has_chunk_file,
+)
 
 _libc: ctypes.CDLL | None
 try:
@@ -134,13 +141,15 @@ def install(store: BlobStore, tmp: Path, digest: str, size: int, chunk_digests: 
     final = store.path(digest)
     chunks = tuple(chunk_digests[i:i + 32].hex() for i in range(0, len(chunk_digests), 32))
     cpath = store.chunks_path(digest)
+    listed = has_chunk_file(chunk_digests)  # a one-chunk blob's list is its hash
     if final.is_file():
         tmp.unlink(missing_ok=True)
-        if not cpath.is_file():
+        if listed and not cpath.is_file():
             _write_chunks(store, cpath, chunk_digests)
         return BlobInfo(digest, size, chunks, created=False)
     final.parent.mkdir(parents=True, exist_ok=True)
-    _write_chunks(store, cpath, chunk_digests)
+    if listed:
+        _write_chunks(store, cpath, chunk_digests)
     os.replace(tmp, final)
     os.chmod(final, 0o444)
     return BlobInfo(digest, size, chunks, created=True)
@@ -168,6 +177,8 @@ def make_durable(store: BlobStore, blobs: Iterable[str]) -> None:
     for h in blobs:
         final = store.path(h)
         for p in (store.chunks_path(h), final):
+            if p != final and not p.exists():  # one chunk: no list file
+                continue
             fd = os.open(p, os.O_RDONLY)
             try:
                 os.fsync(fd)

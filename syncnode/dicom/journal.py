@@ -46,7 +46,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import events as ev
-from ..blobstore import BlobInfo, BlobStore
+from ..blobstore import CHUNK_SIZE, BlobInfo, BlobStore
 from ..catalog import Catalog
 from ..dicomfile import InstanceInfo
 from ..ids import check_uid
@@ -242,6 +242,13 @@ class IngestJournal:
                 os.link(src, self.keep_dir / name)
             except FileExistsError:
                 pass
+            except FileNotFoundError:
+                if name == blob_hash or not self._one_chunk(self.store.path(blob_hash)):
+                    raise  # (a blob of one chunk has no chunk list file)
+
+    @staticmethod
+    def _one_chunk(blob_path: Path) -> bool:
+        return blob_path.stat().st_size <= CHUNK_SIZE
 
     def _restore(self, blob_hash: str) -> None:
         """Put back a journaled blob that was removed before its event reached the catalog."""
@@ -258,6 +265,9 @@ class IngestJournal:
                 os.link(self.keep_dir / name, dst)
             except FileExistsError:
                 pass
+            except FileNotFoundError:
+                if name == blob_hash or not self._one_chunk(self.keep_dir / blob_hash):
+                    raise  # (a blob of one chunk has no chunk list file)
         log.warning("blob %s of a journaled event was removed before it was recorded; "
                     "restored", blob_hash)
 
