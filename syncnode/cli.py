@@ -30,7 +30,6 @@ from .local import LocalNode, NodeNotInitialised
 from .nodeid import InvalidNodeId, NodeId
 from .status import node_status as status_dict
 from .status import peer_rows
-from .tls import IdentityError, create_ca, load_ca
 
 app = typer.Typer(
     help="syncnode: keep DICOM studies identical across sites, peer to peer, verified.",
@@ -54,11 +53,22 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
-def open_node(data: Path) -> LocalNode:
+def open_node(data: Path, *, identity: bool = True) -> LocalNode:
+    """Open the node, checking its identity (key matches certificate) unless the command
+    never uses it (``identity=False``: no X.509 library loaded, a faster start)."""
     try:
-        return LocalNode(data)
-    except (NodeNotInitialised, IdentityError) as exc:
+        node = LocalNode(data)
+    except NodeNotInitialised as exc:
         fail(str(exc))
+    if identity:
+        from .tls import IdentityError
+
+        try:
+            node.identity  # noqa: B018 (loads and checks it)
+        except IdentityError as exc:
+            node.close()
+            fail(str(exc))
+    return node
 
 
 def parse_node_id(text: str) -> NodeId:
@@ -103,6 +113,8 @@ def init(data: DataOpt = DEFAULT_DATA,
 
     Example: syncnode init --data /srv/syncnode
     """
+    from .tls import IdentityError, load_ca
+
     try:
         authority = load_ca(ca) if ca else None
         node = LocalNode.init(data, ca=authority)
@@ -120,6 +132,8 @@ def init(data: DataOpt = DEFAULT_DATA,
 def ca_init(folder: Annotated[Path, typer.Argument(help="Folder for ca.key and ca.crt.")]
             ) -> None:
     """Create a cluster CA. Keep ca.key offline; give ca.crt to every node (init --ca)."""
+    from .tls import IdentityError, create_ca
+
     try:
         authority = create_ca(folder)
     except IdentityError as exc:
@@ -153,7 +167,7 @@ def import_cmd(
     """
     from .importer import import_paths, iter_files
 
-    node = open_node(data)
+    node = open_node(data, identity=False)
     for p in paths:
         if not p.exists():
             fail(f"{p}: no such file or folder")

@@ -35,7 +35,11 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 from typing import Final
+
+_PEM_CERT_RE: Final = re.compile(
+    rb"-----BEGIN CERTIFICATE-----\s*(.*?)\s*-----END CERTIFICATE-----", re.DOTALL)
 
 __all__ = ["InvalidNodeId", "NodeId"]
 
@@ -99,6 +103,19 @@ class NodeId:
         if not der:
             raise ValueError("empty certificate: cannot derive a node id")
         return cls(hashlib.sha256(der).digest())
+
+    @classmethod
+    def from_certificate_pem(cls, pem: bytes) -> NodeId | None:
+        """The node id of the first PEM certificate in ``pem``, or None if there is none
+        that decodes. Needs no X.509 library: the id is the SHA-256 of the DER bytes."""
+        match = _PEM_CERT_RE.search(pem)
+        if match is None:
+            return None
+        try:
+            der = base64.b64decode(b"".join(match.group(1).split()), validate=True)
+        except binascii.Error:
+            return None
+        return cls.from_certificate_der(der) if der else None
 
     @classmethod
     def parse(cls, text: str) -> NodeId:

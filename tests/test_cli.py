@@ -501,3 +501,30 @@ def test_import_of_a_missing_path(node: Path, tmp_path: Path) -> None:
     proc = run("import", "--data", node, missing, check=2)
     assert str(missing) in one_line(proc.stderr)
     assert "Traceback" not in proc.stderr
+
+
+def test_a_key_that_does_not_match_the_certificate_is_reported_where_the_key_is_needed(
+        tmp_path: Path) -> None:
+    """The node id comes from node.crt alone (no X.509 parsing at start-up); commands that
+    use the key or the trust list still load and check the identity first and refuse a
+    mismatched pair with the reason. Import, which needs neither, still works."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    node_id = run_json("init", "--data", a)["node_id"]  # type: ignore[index]
+    run("init", "--data", b)
+    shutil.copy(b / "node.key", a / "node.key")  # a's certificate, b's key
+    for args in (("id",), ("peer", "list")):
+        proc = run(*args, "--data", a, check=2)
+        assert "does not belong" in one_line(proc.stderr), proc.stderr
+    report = run_json("import", "--data", a, TEST_FILES / "CT_small.dcm")
+    assert report["imported"] == 1  # type: ignore[index]
+    from syncnode.local import LocalNode
+    from syncnode.nodeid import NodeId
+    node = LocalNode(a)
+    try:
+        assert str(node.node_id) == node_id
+        assert NodeId.from_certificate_pem((a / "node.crt").read_bytes()) == node.node_id
+    finally:
+        node.close()
+    assert NodeId.from_certificate_pem(b"no certificate here") is None
+    assert NodeId.from_certificate_pem(
+        b"-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n") is None
