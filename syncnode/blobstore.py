@@ -205,19 +205,29 @@ def hash_chunks(data: bytes | memoryview) -> tuple[str, bytes]:
                                  for i in range(0, len(view), CHUNK_SIZE))
 
 
-def _write_new(path: Path, data: bytes | memoryview) -> None:
-    """Create ``path`` (it must not exist) holding ``data``; no fsync. ENOSPC: StoreFull."""
+def write_file(path: Path, data: bytes | memoryview | list[bytes], *,
+               exclusive: bool = True) -> None:
+    """Write ``data`` (bytes, or the pieces it came in) to ``path``, created (``exclusive``:
+    it must not exist; else truncated); no fsync. On error the file is removed; ENOSPC
+    raises StoreFull."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if exclusive else os.O_TRUNC)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        fd = os.open(path, flags, 0o666)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise StoreFull("no space left for the blob store") from exc
         raise
     try:
         try:
-            view = memoryview(data).cast("B")
-            while view:
-                view = view[os.write(fd, view):]
+            pieces = data if isinstance(data, list) else [data]
+            left = [memoryview(p).cast("B") for p in pieces if len(p)]
+            while left:  # writev may write less than asked
+                n = os.writev(fd, left[:_IOV_MAX])
+                while n and left:
+                    if n >= len(left[0]):
+                        n -= len(left.pop(0))
+                    else:
+                        left[0], n = left[0][n:], 0
         finally:
             os.close(fd)
     except OSError as exc:
@@ -225,6 +235,9 @@ def _write_new(path: Path, data: bytes | memoryview) -> None:
         if exc.errno == errno.ENOSPC:
             raise StoreFull("no space left for the blob store") from exc
         raise
+
+
+_IOV_MAX = 1024
 
 
 _NO_COPY_FILE_RANGE = frozenset(
@@ -557,7 +570,7 @@ class BlobStore:
         ctmp = None
         if has_chunk_file(chunk_digests):
             ctmp = self._tmp_name("chunks")
-            _write_new(ctmp, chunk_digests)
+            write_file(ctmp, chunk_digests)
         try:
             self._make_folder(self.path(digest).parent)  # here, not in install_staged's loop
         except BaseException:

@@ -14,7 +14,6 @@ whose bytes do not match is never stored.
 
 from __future__ import annotations
 
-import errno
 import os
 from pathlib import Path
 
@@ -27,9 +26,9 @@ from .blobstore import (
     BlobInfo,
     BlobStore,
     StagedBlob,
-    StoreFull,
     chunk_count,
     chunks_root,
+    write_file,
 )
 
 
@@ -194,25 +193,5 @@ def stage_whole(store: BlobStore, blob: str, data: bytes | list[bytes],
             raise ChunkMismatch(blob, 0)
         raise BlobHashMismatch(blob, hasher.hexdigest())
     path = store.part_path(blob)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            left = [memoryview(p) for p in pieces if len(p)]
-            while left:  # writev may write less than asked
-                n = os.writev(fd, left[:_IOV_MAX])
-                while n and left:
-                    if n >= len(left[0]):
-                        n -= len(left.pop(0))
-                    else:
-                        left[0], n = left[0][n:], 0
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        path.unlink(missing_ok=True)
-        if exc.errno == errno.ENOSPC:
-            raise StoreFull("no space left for the blob store") from exc
-        raise
+    write_file(path, pieces, exclusive=False)
     return StagedBlob(path, blob, size, digests)
-
-
-_IOV_MAX = 1024
