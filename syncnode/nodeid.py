@@ -81,8 +81,9 @@ def _add_check_chars(b32: str) -> str:
 class NodeId:
     """Identity of a node: SHA-256 of its certificate's DER.  Immutable and hashable."""
 
-    __slots__ = ("_digest",)
+    __slots__ = ("_compact", "_digest")
     _digest: bytes
+    _compact: str
 
     def __init__(self, digest: bytes) -> None:
         if not isinstance(digest, (bytes, bytearray, memoryview)):
@@ -178,8 +179,13 @@ class NodeId:
 
     @property
     def compact(self) -> str:
-        """56 characters with check characters and no dashes (events, file names)."""
-        return _add_check_chars(self._b32())
+        """56 characters with check characters and no dashes (events, file names).
+        Computed once (it keys per-peer counters on every received piece)."""
+        try:
+            return self._compact
+        except AttributeError:
+            object.__setattr__(self, "_compact", _add_check_chars(self._b32()))
+            return self._compact
 
     @property
     def short(self) -> str:

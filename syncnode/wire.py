@@ -20,6 +20,7 @@ there.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import threading
 from urllib.parse import urlsplit
@@ -74,6 +75,7 @@ def accepts(header: str | None) -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=256)
 def is_local_url(url: str) -> bool:
     """A peer URL on this machine (loopback address or ``localhost``)."""
     host = urlsplit(url).hostname or ""
