@@ -58,6 +58,7 @@ class PeerServer:
         # and a pulled copy of the same blob never share a .part file.
         self.blob_locks: dict[str, asyncio.Lock] = {} if blob_locks is None else blob_locks
         self._trusted: dict[bytes, bool] = {}
+        self._ids: dict[bytes, NodeId] = {}
         self._trust_version: object = None
         self._trust_checked = 0.0
         self.app = web.Application(client_max_size=protocol.MAX_JSON_BODY,
@@ -89,7 +90,9 @@ class PeerServer:
         der = ssl_object.getpeercert(binary_form=True)
         if not der or not self._is_trusted(der):
             return _error(403, "peer is not trusted (any more)")
-        peer = NodeId.from_certificate_der(der)
+        peer = self._ids.get(der)
+        if peer is None:  # one per trusted certificate (cleared with the trust cache)
+            peer = self._ids[der] = NodeId.from_certificate_der(der)
         request[PEER_KEY] = peer
         self.last_seen[peer.compact] = time.time()
         if self.on_seen is not None:
@@ -110,6 +113,7 @@ class PeerServer:
             if version != self._trust_version:
                 self._trust_version = version
                 self._trusted.clear()
+                self._ids.clear()
         verdict = self._trusted.get(der)
         if verdict is None:
             verdict = self._trusted[der] = self.node.trust.is_trusted(der)
