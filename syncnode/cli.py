@@ -263,6 +263,11 @@ def status(data: DataOpt = DEFAULT_DATA, json_out: JsonOpt = False) -> None:
         if p.get("blobs_needed"):
             line += (f"  pulling: {p['blobs_needed']} blobs, "
                      f"{human_bytes(p['bytes_needed'])} still needed")
+        got, wire_got = p.get("bytes_received", 0), p.get("wire_bytes_received", 0)
+        if got:
+            line += f"  received {human_bytes(got)}"
+            if 0 < wire_got < got:  # zstd on the wire
+                line += f" ({wire_got / got:.0%} of it on the wire)"
         if p.get("last_error"):
             line += f"  last error: {p['last_error']}"
         out.print(line)

@@ -3,7 +3,9 @@ pulls between two nodes over mutual TLS on loopback — compressed, identical, r
 
 from __future__ import annotations
 
+import asyncio
 import random
+import re
 import types
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -14,6 +16,7 @@ from syncsupport import (
     add_peer,
     assert_blobs_intact,
     blob_set,
+    cli,
     converged,
     describe_nodes,
     import_files,
@@ -174,10 +177,13 @@ async def test_pull_with_and_without_zstd_is_identical(
         assert a.store.path(h).read_bytes() == b.store.path(h).read_bytes()
     assert state["bytes_received"] == total
     wire_bytes = state["wire_bytes_received"]
+    text = (await asyncio.to_thread(cli, "status", data=a.data)).stdout
     if compressed:
         assert wire_bytes < 0.7 * total, (wire_bytes, total)
+        assert re.search(r"received \S+ \S+ \(\d+% of it on the wire\)", text), text
     else:
         assert wire_bytes == total
+        assert "received" in text and "on the wire" not in text, text
     assert state["integrity_errors"] == 0
 
 
