@@ -14,6 +14,7 @@ import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 from syncsupport import (
@@ -365,6 +366,54 @@ async def test_push_of_a_deleted_instance_before_its_tombstone_converges(
                    describe=lambda: describe_nodes([a, b]))
     assert len(live_view(b)) == 3 and b.catalog.event_count() == 3 + 2 * len(deleted)
     assert (await settled_state(a, b))["events_sent"] == b.catalog.event_count()
+
+
+@pytest.mark.timeout(60)
+async def test_a_failed_group_install_is_reported_and_the_next_round_completes(
+        tmp_path: Path, new_node: Callable[[str], LocalNode], running: StartNode) -> None:
+    """Pulled blobs wait in verified part files for a group install. If that fails (here:
+    the disk is full once), no put becomes live, the error is in the peer's state, and the
+    next round installs them from the part files without fetching them again."""
+    from syncnode.blobstore import StoreFull
+
+    a, b = new_node("a"), new_node("b")
+    files = [make_dicom(tmp_path / f"g{i}.dcm", sop=uid(9, i), study=uid(9), series=uid(9, 0),
+                        pixel_bytes=(3 * MiB if i == 0 else 100_000), seed=i)
+             for i in range(4)]
+    import_files(b, *files)
+    total = sum(f.stat().st_size for f in files)
+    real_install = a.store.install_staged
+    failures: list[int] = []
+
+    def full_once(staged: list[Any]) -> Any:
+        if not failures:
+            failures.append(len(staged))
+            raise StoreFull("no space left for the blob store")
+        return real_install(staged)
+
+    a.store.install_staged = full_once  # type: ignore[method-assign]
+    ra, rb = await running(a), await running(b)
+    add_peer(a, b, url_of(rb), push="never")
+    pin(b, a)
+    ra.peers_changed()
+    errors: list[str] = []
+
+    def error_seen() -> bool:
+        if err := peer_state(a, b).get("last_error", ""):
+            errors.append(err)
+        return bool(errors)
+
+    await wait_for(error_seen, 20, "the failed install in A's peer state")
+    assert "StoreFull" in errors[0] and "no space" in errors[0], errors
+    await wait_for(lambda: converged([a, b]), 30, "A to install the blobs in a later round",
+                   describe=lambda: describe_nodes([a, b]))
+    state = await settled_state(a, b)
+    assert failures and failures[0] >= 1
+    assert_blobs_intact(a)
+    assert not list(a.store.tmp_dir.glob("*.part"))
+    # the multi-chunk blob resumed from its complete part file; nothing was lost or doubled
+    assert state["bytes_resumed"] >= 3 * MiB
+    assert total <= state["bytes_received"] <= 2 * total
 
 
 # ----------------------------------------------------------------------------------------
