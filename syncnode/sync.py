@@ -778,7 +778,7 @@ class Installer:
         finally:
             self.active -= 1
             if self.active == 0 and self.pending:
-                self._flush_soon(0)
+                self._flush_soon()
 
     async def submit(self, peer: PeerSync, staged: StagedBlob | None,
                      pairs: list[tuple[str, bytes]]) -> None:
@@ -787,13 +787,12 @@ class Installer:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.pending.append(_Arrival(peer, staged, pairs, done))
         if len(self.pending) >= APPLY_BATCH or self.active == 0:
-            self._flush_soon(0)
+            self._flush_soon()
         elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(
-                APPLY_DELAY, self._flush_soon, 0)
+            self._timer = asyncio.get_running_loop().call_later(APPLY_DELAY, self._flush_soon)
         await done
 
-    def _flush_soon(self, _delay: float) -> None:
+    def _flush_soon(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
