@@ -271,6 +271,8 @@ def status(data: DataOpt = DEFAULT_DATA, json_out: JsonOpt = False) -> None:
         if p.get("last_error"):
             line += f"  last error: {p['last_error']}"
         out.print(line)
+        for study, (instances, nbytes) in (p.get("studies_needed") or {}).items():
+            out.print(f"  study {study}: {instances} instances, {human_bytes(nbytes)} to go")
     for dest, ex in st.get("export", {}).items():
         line = (f"export      {dest}  {ex['pending']} pending, {ex['done']} done, "
                 f"{ex['failed']} failed, {ex['skipped']} skipped")

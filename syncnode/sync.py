@@ -26,7 +26,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -70,6 +70,8 @@ class PeerState:
     events_needed: int = 0
     blobs_needed: int = 0
     bytes_needed: int = 0
+    # per study being pulled: [instances, bytes] still needed (the largest STUDIES_SHOWN)
+    studies_needed: dict[str, list[int]] = field(default_factory=dict)
     bytes_received: int = 0
     wire_bytes_received: int = 0  # what crossed the wire for them (less when compressed)
     bytes_sent: int = 0
@@ -84,6 +86,22 @@ class PeerState:
     pushing: bool = False
     peer_lacks: int = 0  # events we have that the peer had not pulled at the last round
     round_started: float = 0.0
+
+
+STUDIES_SHOWN = 20  # studies listed per peer in its state (the ones with most bytes to go)
+
+
+def _studies_needed(waiting: Iterable[list[tuple[str, bytes, ev.PutEvent]]]
+                    ) -> dict[str, list[int]]:
+    """[instances, bytes] still to pull per study, one blob counted once (by its first
+    put), the STUDIES_SHOWN studies with the most bytes to go."""
+    per: dict[str, list[int]] = {}
+    for items in waiting:
+        put = items[0][2]
+        left = per.setdefault(put.study_instance_uid, [0, 0])
+        left[0] += 1
+        left[1] += put.size
+    return dict(sorted(per.items(), key=lambda kv: -kv[1][1])[:STUDIES_SHOWN])
 
 
 class PeerLacksBlob(ProtocolError):
@@ -560,6 +578,7 @@ class PeerSync:
         st = self.state
         st.state, st.in_sync = "in_sync", True
         st.events_needed = st.blobs_needed = st.bytes_needed = 0
+        st.studies_needed = {}
         st.last_success = time.time()
         st.last_error = ""
         self.save_state(force=True)
@@ -596,6 +615,7 @@ class PeerSync:
                     del waiting[blob]
             st.blobs_needed = len(waiting)
             st.bytes_needed = sum(v[0][2].size for v in waiting.values())
+            st.studies_needed = _studies_needed(waiting.values())
             self.save_state()
             sem = asyncio.Semaphore(self.engine.max_pulls)
             results = await asyncio.gather(
@@ -647,6 +667,12 @@ class PeerSync:
         st = self.state
         st.blobs_needed = max(0, st.blobs_needed - 1)
         st.bytes_needed = max(0, st.bytes_needed - put.size)
+        left = st.studies_needed.get(put.study_instance_uid)
+        if left is not None:
+            left[0] -= 1
+            left[1] -= put.size
+            if left[0] <= 0:
+                del st.studies_needed[put.study_instance_uid]
         self.save_state()
 
     async def _settle_skipped(self) -> None:

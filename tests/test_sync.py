@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import re
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from syncsupport import (
     add_peer,
     assert_blobs_intact,
     blob_set,
+    cli,
     cli_json,
     converged,
     describe_nodes,
@@ -414,6 +416,52 @@ async def test_a_failed_group_install_is_reported_and_the_next_round_completes(
     # the multi-chunk blob resumed from its complete part file; nothing was lost or doubled
     assert state["bytes_resumed"] >= 3 * MiB
     assert total <= state["bytes_received"] <= 2 * total
+
+
+@pytest.mark.timeout(60)
+async def test_status_shows_what_each_study_still_needs_while_pulling(
+        tmp_path: Path, new_node: Callable[[str], LocalNode], running: StartNode) -> None:
+    """Per peer, the studies being pulled with the instances and bytes each still needs
+    (counting down as blobs are installed), in the peer state and in `syncnode status`."""
+    a, b = new_node("a"), new_node("b")
+    studies = {uid(10, 1): 6, uid(10, 2): 3}
+    files = [make_dicom(tmp_path / f"s{k}-{i}.dcm", sop=uid(10, k, 0, i), study=study,
+                        series=uid(10, k, 0), pixel_bytes=100_000, seed=10 * k + i)
+             for k, (study, n) in enumerate(studies.items(), 1) for i in range(n)]
+    import_files(b, *files)
+    size_of = {s: sum(f.stat().st_size for f in files if f.name.startswith(f"s{k}-"))
+               for k, s in enumerate(studies, 1)}
+    ra, rb = await running(a, max_pulls=1), await running(b)  # one blob after another
+    seen: list[dict[str, list[int]]] = []
+    texts: list[str] = []
+    config = fp.FaultConfig(shared_rate_down=150_000)  # ~6 s for the 0.9 MB
+    async with fp.FaultProxy(("127.0.0.1", rb.ports["peer"]), config=config) as proxy:
+        add_peer(a, b, f"https://127.0.0.1:{proxy.port}", push="never")
+        pin(b, a)
+        ra.peers_changed()
+
+        async def watch() -> bool:
+            needed = peer_state(a, b).get("studies_needed") or {}
+            if needed:
+                seen.append({k: list(v) for k, v in needed.items()})
+                if len(texts) < 2:
+                    texts.append((await asyncio.to_thread(cli, "status", data=a.data)).stdout)
+            return converged([a, b])
+
+        await wait_for(watch, 40, "A to pull both studies through the slow link", step=0.2,
+                       describe=lambda: describe_nodes([a, b]))
+        state = await settled_state(a, b)
+    assert state["studies_needed"] == {}
+    assert seen, "no per-study progress was ever recorded"
+    first = seen[0]
+    assert set(first) <= set(studies)
+    for study, (instances, nbytes) in first.items():
+        assert 0 < instances <= studies[study] and 0 < nbytes <= size_of[study]
+    counts = [s.get(uid(10, 1), [0, 0])[0] for s in seen]
+    assert counts == sorted(counts, reverse=True), counts  # only ever counts down
+    assert len(set(counts)) > 1, counts  # and it did count down
+    assert any(re.search(rf"study {re.escape(s)}: \d+ instances, \S+ \S+ to go", t)
+               for t in texts for s in studies), texts
 
 
 # ----------------------------------------------------------------------------------------
