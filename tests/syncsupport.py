@@ -164,6 +164,14 @@ def add_peer(node: LocalNode, other: LocalNode, url: str, push: str = "auto") ->
     node.catalog.add_peer(other.node_id.compact, url, push)
 
 
+def pull_from(node: LocalNode, running: RunningNode, other: LocalNode, url: str) -> None:
+    """``node`` (running as ``running``) pulls from ``other`` at ``url`` and never pushes;
+    ``other`` trusts it. The usual set-up of a one-way transfer test."""
+    add_peer(node, other, url, push="never")
+    pin(other, node)
+    running.peers_changed()
+
+
 # -- in-process nodes --------------------------------------------------------------------
 async def start_node(node: LocalNode, interval: float = 0.5, **flags: Any) -> RunningNode:
     settings = node.settings(peer_host="127.0.0.1", peer_port=0, api_host="127.0.0.1",

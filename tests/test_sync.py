@@ -32,6 +32,7 @@ from syncsupport import (
     make_dicom,
     peer_state,
     pin,
+    pull_from,
     root,
     settled_state,
     uid,
@@ -164,9 +165,7 @@ async def test_resume_through_twenty_five_cuts_retransfers_under_a_chunk_per_cut
     ra, rb = await running(a), await running(b)
     config = fp.FaultConfig(cut_every_bytes=total // (cuts + 1), max_cuts=cuts, seed=7)
     async with fp.FaultProxy(("127.0.0.1", rb.ports["peer"]), config=config) as proxy:
-        add_peer(a, b, f"https://127.0.0.1:{proxy.port}", push="never")  # A pulls from B
-        pin(b, a)
-        ra.peers_changed()
+        pull_from(a, ra, b, f"https://127.0.0.1:{proxy.port}")  # A pulls from B
         await wait_for(lambda: converged([a, b]), 120, "A to pull 210 MB through the cuts",
                        step=0.2, describe=lambda: (describe_nodes([a, b]),
                                                    proxy.stats.snapshot()))
@@ -209,9 +208,7 @@ async def test_bit_flips_on_the_link_never_store_a_damaged_blob_and_heal(
     # A flip every 256 KiB: no 1 MiB chunk can cross the link intact.
     config = fp.FaultConfig(corrupt_every_bytes_down=256 * 1024, seed=3)
     async with fp.FaultProxy(("127.0.0.1", rb.ports["peer"]), config=config) as proxy:
-        add_peer(a, b, f"https://127.0.0.1:{proxy.port}", push="never")
-        pin(b, a)
-        ra.peers_changed()
+        pull_from(a, ra, b, f"https://127.0.0.1:{proxy.port}")
         errors: set[str] = set()
 
         def corruption_reported() -> bool:
@@ -340,9 +337,7 @@ async def test_pull_skips_a_deleted_instance_whose_tombstone_comes_later_in_the_
     deleted = await _put_before_its_tombstone(b, a, side=0, tag=7)
     add_instances(b, [uid(7, 1, i) for i in range(5)], study=uid(7))
     ra, rb = await running(a), await running(b)
-    add_peer(a, b, url_of(rb), push="never")
-    pin(b, a)
-    ra.peers_changed()
+    pull_from(a, ra, b, url_of(rb))
     await wait_for(lambda: converged([a, b]), 20, "A to pull B's catalog with its deletes",
                    describe=lambda: describe_nodes([a, b]))
     assert len(live_view(a)) == 5 and a.catalog.event_count() == 5 + 2 * len(deleted)
@@ -395,9 +390,7 @@ async def test_a_failed_group_install_is_reported_and_the_next_round_completes(
 
     a.store.install_staged = full_once  # type: ignore[method-assign]
     ra, rb = await running(a), await running(b)
-    add_peer(a, b, url_of(rb), push="never")
-    pin(b, a)
-    ra.peers_changed()
+    pull_from(a, ra, b, url_of(rb))
     errors: list[str] = []
 
     def error_seen() -> bool:
@@ -436,9 +429,7 @@ async def test_status_shows_what_each_study_still_needs_while_pulling(
     texts: list[str] = []
     config = fp.FaultConfig(shared_rate_down=150_000)  # ~6 s for the 0.9 MB
     async with fp.FaultProxy(("127.0.0.1", rb.ports["peer"]), config=config) as proxy:
-        add_peer(a, b, f"https://127.0.0.1:{proxy.port}", push="never")
-        pin(b, a)
-        ra.peers_changed()
+        pull_from(a, ra, b, f"https://127.0.0.1:{proxy.port}")
 
         async def watch() -> bool:
             needed = peer_state(a, b).get("studies_needed") or {}

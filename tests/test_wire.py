@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import zstandard
 from syncsupport import (
-    add_peer,
     assert_blobs_intact,
     blob_set,
     cli,
@@ -22,7 +21,7 @@ from syncsupport import (
     import_files,
     live_view,
     make_dicom,
-    pin,
+    pull_from,
     settled_state,
     uid,
     url_of,
@@ -164,9 +163,7 @@ async def test_pull_with_and_without_zstd_is_identical(
     total = sum(f.stat().st_size for f in files)
     ra = await running(a, compression=puller)
     rb = await running(b, compression=server)
-    add_peer(a, b, url_of(rb), push="never")
-    pin(b, a)
-    ra.peers_changed()
+    pull_from(a, ra, b, url_of(rb))
     rb.peers_changed()
     await wait_for(lambda: converged([a, b]), 30, "A to pull B's instances",
                    describe=lambda: describe_nodes([a, b]))
@@ -202,9 +199,7 @@ async def test_a_compressed_pull_resumes_after_cuts_without_loss(
     config = fp.FaultConfig(cut_every_bytes=int(total / 2.5) // (cuts + 1), max_cuts=cuts,
                             seed=11)
     async with fp.FaultProxy(("127.0.0.1", rb.ports["peer"]), config=config) as proxy:
-        add_peer(a, b, f"https://127.0.0.1:{proxy.port}", push="never")
-        pin(b, a)
-        ra.peers_changed()
+        pull_from(a, ra, b, f"https://127.0.0.1:{proxy.port}")
         await wait_for(lambda: converged([a, b]), 60, "A to pull through the cuts",
                        step=0.2, describe=lambda: (describe_nodes([a, b]),
                                                    proxy.stats.snapshot()))
