@@ -45,7 +45,6 @@ from .transfer import PartialBlob, TransferError, stage_whole
 log = logging.getLogger("syncnode.sync")
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10, sock_read=60)
 EVENT_BATCH = 500
-READ_BUFSIZE = 4 << 20  # bytes a response may buffer before reading pauses (aiohttp: 64 KiB)
 APPLY_BATCH = 64  # pulled blobs made live in one transaction
 APPLY_DELAY = 0.25  # seconds a pulled blob may wait for others before it is made live
 NOTIFY_DELAY = 0.1  # seconds a change waits for others before peers are told
@@ -148,8 +147,7 @@ class PeerClient:
                                                      expected=self.peer_id)
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(ssl=ctx, limit=16, force_close=False),
-                timeout=REQUEST_TIMEOUT, raise_for_status=False, auto_decompress=False,
-                read_bufsize=READ_BUFSIZE)
+                timeout=REQUEST_TIMEOUT, raise_for_status=False, auto_decompress=False)
             self._trust_version = version
         return self._session
 
