@@ -140,33 +140,23 @@ class PartialBlob:
             self._file.close()
         self._buf.clear()
 
-    def stage(self) -> StagedBlob:
+    def stage(self, *, durable: bool = False) -> StagedBlob:
         """Check the whole hash and hand the part file over for a group install
-        (:meth:`BlobStore.install_staged`, which makes it durable before the rename)."""
+        (:meth:`BlobStore.install_staged`, which makes it durable before the rename).
+        ``durable``: fsync it now, for an install of this one blob (:meth:`finish`)."""
         if not self.complete:
             raise TransferError(f"blob {self.blob} incomplete: {self.offset} of {self.size} bytes")
-        self.close(durable=False)
+        self.close(durable=durable)
         digest = self._whole.hexdigest()
         if digest != self.blob:
             self.path.unlink(missing_ok=True)
             raise BlobHashMismatch(self.blob, digest)
         return StagedBlob(self.path, digest, self.size, self.digests)
 
-    def finish(self, *, sync_dir: bool = True) -> BlobInfo:
-        """Check the whole hash and move the blob into the store.
-
-        With ``sync_dir=False`` the caller makes the rename durable later
-        (``store.flush_dirs()``), before it records the blob in the catalog.
-        """
-        if not self.complete:
-            raise TransferError(f"blob {self.blob} incomplete: {self.offset} of {self.size} bytes")
-        self.close()
-        digest = self._whole.hexdigest()
-        if digest != self.blob:
-            self.path.unlink(missing_ok=True)
-            raise BlobHashMismatch(self.blob, digest)
-        return self.store.install_verified(self.path, digest, self.size, self.digests,
-                                           sync_dir=sync_dir)
+    def finish(self) -> BlobInfo:
+        """Check the whole hash and move the blob into the store, durably, on its own."""
+        s = self.stage(durable=True)
+        return self.store.install_verified(s.tmp, s.digest, s.size, s.chunk_digests)
 
     def discard(self) -> None:
         self.close()
