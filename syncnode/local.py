@@ -110,6 +110,11 @@ class LocalNode:
         self.catalog.close()
 
     # -- deleting ------------------------------------------------------------------------
+    def apply(self, pairs: Iterable[tuple[str, bytes]]) -> ApplyResult:
+        """Apply events received from a peer ((id, body) pairs; a put only if its blob is
+        here or it is already removed) and remove the blobs they freed."""
+        return self.collect(self.catalog.apply(pairs, blob_present=self.store.has))
+
     def collect(self, result: ApplyResult) -> ApplyResult:
         """Remove the blobs a batch of events freed."""
         if result.freed_blobs:

@@ -337,8 +337,7 @@ class PeerServer:
             if not isinstance(item, dict) or not isinstance(item.get("body"), str):
                 return _error(400, "each event is {id, body}")
             pairs.append((check_hash(item.get("id"), "event id"), item["body"].encode()))
-        result = await self._run(lambda: self.node.collect(
-            self.catalog.apply(pairs, blob_present=self.node.store.has)))
+        result = await self._run(self.node.apply, pairs)
         if result.inserted and self.on_events:
             await self.on_events(result.inserted)
         return web.json_response({"applied": result.inserted, "rejected": result.rejected})

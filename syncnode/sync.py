@@ -26,7 +26,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -101,6 +101,12 @@ def _studies_needed(waiting: Iterable[list[tuple[str, bytes, ev.PutEvent]]]
         left[0] += 1
         left[1] += put.size
     return dict(sorted(per.items(), key=lambda kv: -kv[1][1])[:STUDIES_SHOWN])
+
+
+def _rejection(rejected: dict[str, str]) -> ProtocolError:
+    """The error for events the catalog refused (id -> reason)."""
+    eid, why = next(iter(rejected.items()))
+    return ProtocolError(f"{len(rejected)} events rejected, e.g. {eid}: {why}")
 
 
 class PeerLacksBlob(ProtocolError):
@@ -631,16 +637,12 @@ class PeerSync:
         return self.node.catalog.is_tombstoned(eid)
 
     async def _apply(self, pairs: list[tuple[str, bytes]]) -> None:
-        node = self.node
-        result = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: node.collect(node.catalog.apply(pairs, blob_present=node.store.has)))
+        result = await asyncio.get_running_loop().run_in_executor(None, self.node.apply, pairs)
         if result.rejected:
             self.state.integrity_errors += len(result.rejected)
-            first = next(iter(result.rejected.items()))
-            raise ProtocolError(f"{len(result.rejected)} events rejected, e.g. {first[0]}: "
-                                f"{first[1]}")
+            raise _rejection(result.rejected)
         if result.inserted:
-            self.engine.changed(exclude=self)
+            self.engine.changed(exclude={self})
 
     async def _pull_and_apply(self, blob: str, items: list[tuple[str, bytes, ev.PutEvent]],
                               sem: asyncio.Semaphore) -> None:
@@ -851,15 +853,13 @@ class Installer:
         staged = [a.staged for a in batch if a.staged is not None]
         if staged:
             await loop.run_in_executor(None, node.store.install_staged, staged)
-        pairs = [pair for a in batch for pair in a.pairs]
         result = await loop.run_in_executor(
-            None, lambda: node.collect(node.catalog.apply(pairs, blob_present=node.store.has)))
+            None, node.apply, [pair for a in batch for pair in a.pairs])
         for a in batch:
-            bad = [(e, result.rejected[e]) for e, _ in a.pairs if e in result.rejected]
+            bad = {e: result.rejected[e] for e, _ in a.pairs if e in result.rejected}
             if bad and not a.done.done():
                 a.peer.state.integrity_errors += len(bad)
-                a.done.set_exception(ProtocolError(
-                    f"{len(bad)} events rejected, e.g. {bad[0][0]}: {bad[0][1]}"))
+                a.done.set_exception(_rejection(bad))
         if result.inserted:
             self.engine.changed(exclude={a.peer for a in batch})
 
@@ -908,11 +908,11 @@ class SyncEngine:
             ps.backoff.reset()
             ps.wake.set()
 
-    def changed(self, exclude: PeerSync | set[PeerSync] | None = None) -> None:
+    def changed(self, exclude: Collection[PeerSync] = ()) -> None:
         """Local catalog changed: let the other peers' loops run now, and tell the peers
         so that theirs do too (they would otherwise notice at their next round)."""
         for p in self.peers.values():
-            if not (p is exclude or (isinstance(exclude, set) and p in exclude)):
+            if p not in exclude:
                 p.wake.set()
                 p.notify_soon()
 
