@@ -143,6 +143,7 @@ def _load_libc() -> ctypes.CDLL | None:
 
 
 _LIBC = _load_libc()
+HAVE_SYNCFS = _LIBC is not None  # else sync_filesystem syncs every file system
 
 
 class ChunkHasher:

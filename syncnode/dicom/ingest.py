@@ -33,34 +33,32 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..blobstore import (
+    HAVE_SYNCFS,
     BlobInfo,
     BlobStore,
     ChunkHasher,
     StoreFull,
     fsync_dir,
     has_chunk_file,
+    sync_filesystem,
 )
 
 _libc: ctypes.CDLL | None
 try:
     _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-    _syncfs = _libc.syncfs
-    _syncfs.argtypes = [ctypes.c_int]
-    _syncfs.restype = ctypes.c_int
     _sync_file_range = _libc.sync_file_range
     _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong,
                                  ctypes.c_uint]
     _sync_file_range.restype = ctypes.c_int
 except (OSError, AttributeError):
     _libc = None
-    _syncfs = None
     _sync_file_range = None
 _SFR_WRITE = 2  # SYNC_FILE_RANGE_WRITE: start writeback, do not wait
 _EARLY_WRITEBACK = 256 << 10  # start writing back every this many bytes received
 
 
 # SYNCNODE_NO_SYNCFS=1 forces the per-file fsync path (read once, at import).
-_USE_SYNCFS = _syncfs is not None and os.environ.get("SYNCNODE_NO_SYNCFS", "") == ""
+_USE_SYNCFS = HAVE_SYNCFS and os.environ.get("SYNCNODE_NO_SYNCFS", "") == ""
 
 
 def have_syncfs() -> bool:
@@ -165,13 +163,7 @@ def _write_chunks(store: BlobStore, cpath: Path, chunk_digests: bytes) -> None:
 def make_durable(store: BlobStore, blobs: Iterable[str]) -> None:
     """Make the given installed blobs (and their chunk lists and folders) durable."""
     if have_syncfs():
-        fd = os.open(store.root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        try:
-            if _syncfs(fd) != 0:  # type: ignore[misc]
-                err = ctypes.get_errno()
-                raise OSError(err, f"syncfs failed: {os.strerror(err)}")
-        finally:
-            os.close(fd)
+        sync_filesystem(store.root)
         return
     folders: set[Path] = set()
     for h in blobs:
