@@ -288,7 +288,7 @@ class BlobWriter:
 
     def __init__(self, store: BlobStore) -> None:
         self._store = store
-        self.tmp_path = store.tmp_dir / f"blob-{os.getpid()}-{secrets.token_hex(8)}.tmp"
+        self.tmp_path = store.tmp_name("blob")
         self._file: BinaryIO | None = open(self.tmp_path, "xb")  # noqa: SIM115 (held until commit/close)
         self._hasher = ChunkHasher()
         self._staged = False
@@ -528,7 +528,7 @@ class BlobStore:
         os.replace(self._chunks_tmp(chunk_digests, fsync=True), cpath)
 
     def _chunks_tmp(self, chunk_digests: bytes, *, fsync: bool) -> Path:
-        tmp = self.tmp_dir / f"chunks-{os.getpid()}-{secrets.token_hex(8)}.tmp"
+        tmp = self.tmp_name("chunks")
         with open(tmp, "xb") as f:
             f.write(chunk_digests)
             if fsync:
@@ -540,7 +540,7 @@ class BlobStore:
         """A new, empty temp file for a blob (already read-only, as a blob is) and a
         read-write descriptor of it (the caller closes it, and removes the file unless it
         stages it)."""
-        tmp = self._tmp_name("blob")
+        tmp = self.tmp_name("blob")
         try:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         except OSError as exc:
@@ -570,7 +570,7 @@ class BlobStore:
             (digest, chunk_digests), size = hash_chunks(content), len(content)
         ctmp = None
         if has_chunk_file(chunk_digests):
-            ctmp = self._tmp_name("chunks")
+            ctmp = self.tmp_name("chunks")
             write_file(ctmp, chunk_digests)
         try:
             self._make_folder(self.path(digest).parent)  # here, not in install_staged's loop
@@ -580,9 +580,10 @@ class BlobStore:
             raise
         return StagedBlob(tmp, digest, size, chunk_digests, ctmp, read_only=True)
 
-    def _tmp_name(self, kind: str) -> Path:
-        """``<kind>-<pid>-<16 hex>.tmp``, unique: a random prefix per store object and a
-        counter (no system call per name)."""
+    def tmp_name(self, kind: str) -> Path:
+        """A new temp file name, ``<kind>-<pid>-<16 hex>.tmp`` (the form :meth:`clean_tmp`
+        recognises), unique: a random prefix per store object and a counter (no system
+        call per name)."""
         unique = f"{self._tmp_prefix}{next(self._tmp_seq):08x}"
         return self.tmp_dir / f"{kind}-{os.getpid()}-{unique}.tmp"
 

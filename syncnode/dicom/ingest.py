@@ -27,7 +27,6 @@ import ctypes
 import ctypes.util
 import errno
 import os
-import secrets
 from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
@@ -41,6 +40,7 @@ from ..blobstore import (
     fsync_dir,
     has_chunk_file,
     sync_filesystem,
+    write_file,
 )
 
 _libc: ctypes.CDLL | None
@@ -70,7 +70,7 @@ class SpoolWriter:
 
     def __init__(self, store: BlobStore) -> None:
         self.store = store
-        self.tmp_path = store.tmp_dir / f"blob-{os.getpid()}-{secrets.token_hex(8)}.tmp"
+        self.tmp_path = store.tmp_name("blob")
         self._file: BinaryIO | None = open(self.tmp_path, "xb", buffering=0)  # noqa: SIM115
         self._hasher = ChunkHasher()
         self._unsynced = 0
@@ -154,9 +154,8 @@ def install(store: BlobStore, tmp: Path, digest: str, size: int, chunk_digests: 
 
 
 def _write_chunks(store: BlobStore, cpath: Path, chunk_digests: bytes) -> None:
-    tmp = store.tmp_dir / f"chunks-{os.getpid()}-{secrets.token_hex(8)}.tmp"
-    with open(tmp, "xb") as f:
-        f.write(chunk_digests)
+    tmp = store.tmp_name("chunks")
+    write_file(tmp, chunk_digests)
     os.replace(tmp, cpath)
 
 
