@@ -39,6 +39,7 @@ Logs name UIDs, AE titles and statuses; never patient data.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import sqlite3
@@ -476,49 +477,55 @@ def send_store(assoc: Any, context_id: int, msg_id: int, sop_class: str, sop_ins
     sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
     if sock is None:
         return None
-    assoc._reactor_checkpoint.clear()
-    deadline = time.monotonic() + 5
-    while not assoc._is_paused and time.monotonic() < deadline:
-        time.sleep(0.0001)
-    try:
-        out = [_pdv_pdu(context_id, 0x03, store_command(sop_class, sop_instance, msg_id))]
-        pending = len(out[0])
-        fragments = _fragments(payload, size)
-        block = next(fragments, b"")
-        while True:
-            nxt = next(fragments, None)
-            out.append(_pdv_pdu(context_id, 0x00 if nxt is not None else 0x02, block))
-            pending += len(out[-1])
-            if pending >= (1 << 20) or nxt is None:
-                sock.sendall(b"".join(out))
-                out, pending = [], 0
-            if nxt is None:
-                break
-            block = nxt
-        _cx, rsp = assoc.dimse.get_msg(block=True)
-    except OSError as exc:
-        log.warning("sending to the PACS failed: %s", exc)
-        assoc.abort()
-        return None
-    finally:
-        assoc._reactor_checkpoint.set()
-    if rsp is None:
-        assoc._handle_no_response()
-        return None
-    return assoc._check_received_status(rsp)
+    with _reactor_paused(assoc):
+        try:
+            out = [_pdv_pdu(context_id, 0x03, store_command(sop_class, sop_instance, msg_id))]
+            pending = len(out[0])
+            fragments = _fragments(payload, size)
+            block = next(fragments, b"")
+            while True:
+                nxt = next(fragments, None)
+                out.append(_pdv_pdu(context_id, 0x00 if nxt is not None else 0x02, block))
+                pending += len(out[-1])
+                if pending >= (1 << 20) or nxt is None:
+                    sock.sendall(b"".join(out))
+                    out, pending = [], 0
+                if nxt is None:
+                    break
+                block = nxt
+            _cx, rsp = assoc.dimse.get_msg(block=True)
+        except OSError as exc:
+            log.warning("sending to the PACS failed: %s", exc)
+            assoc.abort()
+            return None
+    return _response_status(assoc, rsp)
 
 
 def _exchange(assoc: Any, req: C_STORE, context_id: int) -> Dataset | None:
     """pynetdicom's send_c_store after the data set is prepared: send, wait, check."""
+    with _reactor_paused(assoc):
+        assoc.dimse.send_msg(req, context_id)
+        _cx, rsp = assoc.dimse.get_msg(block=True)
+    return _response_status(assoc, rsp)
+
+
+@contextlib.contextmanager
+def _reactor_paused(assoc: Any) -> Iterator[None]:
+    """Pause the association's reactor (pynetdicom's DUL loop; waited for up to 5 s) while
+    this thread talks on the association itself, as pynetdicom's own send_c_store does."""
     assoc._reactor_checkpoint.clear()
     deadline = time.monotonic() + 5
     while not assoc._is_paused and time.monotonic() < deadline:
         time.sleep(0.0001)
     try:
-        assoc.dimse.send_msg(req, context_id)
-        _cx, rsp = assoc.dimse.get_msg(block=True)
+        yield
     finally:
         assoc._reactor_checkpoint.set()
+
+
+def _response_status(assoc: Any, rsp: Any) -> Dataset | None:
+    """The status data set of a C-STORE response; None (handled as pynetdicom does) if
+    there was no response."""
     if rsp is None:
         assoc._handle_no_response()
         return None
