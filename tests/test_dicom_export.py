@@ -110,6 +110,16 @@ def status_of(node: LocalNode, pacs: StoreSCP) -> dict:
     return outbox_status(node.data / "catalog.db").get(f"PACS@127.0.0.1:{pacs.port}", {})
 
 
+def export_until(node: LocalNode, pacs: StoreSCP, done: int, timeout: float) -> None:
+    """Run an exporter until ``done`` items of its outbox are delivered, then stop it."""
+    ex = exporter(node, pacs)
+    try:
+        wait_until(lambda: status_of(node, pacs).get("done") == done, timeout,
+                   f"{done} exported")
+    finally:
+        ex.stop()
+
+
 def test_exports_peer_instances_only(nodes: tuple[LocalNode, LocalNode], pacs: StoreSCP,
                                      tmp_path: Path) -> None:
     a, b = nodes
@@ -118,11 +128,7 @@ def test_exports_peer_instances_only(nodes: tuple[LocalNode, LocalNode], pacs: S
     from_peer(a, b, peer_study.files)
     import_paths(b, local_study.files)  # came from B's own PACS: never sent back
     pacs.start()
-    ex = exporter(b, pacs)
-    try:
-        wait_until(lambda: status_of(b, pacs).get("done") == 12, 60, "12 exported")
-    finally:
-        ex.stop()
+    export_until(b, pacs, 12, 60)
     assert sorted(pacs.received()) == sorted(peer_study.sop_uids)
     st = status_of(b, pacs)
     assert (st["pending"], st["failed"], st["done"]) == (0, 0, 12)
@@ -154,11 +160,7 @@ def test_pacs_down_then_up_drains_without_duplicates(nodes: tuple[LocalNode, Loc
         ex.stop()
     # restart of the node: a new exporter picks up the persisted outbox
     pacs.start()
-    ex = exporter(b, pacs)
-    try:
-        wait_until(lambda: status_of(b, pacs).get("done") == 14, 60, "14 exported")
-    finally:
-        ex.stop()
+    export_until(b, pacs, 14, 60)
     got = pacs.received()
     assert len(got) == 14 and set(got) == set(first.sop_uids) | set(second.sop_uids)
 
@@ -223,11 +225,7 @@ def test_deflated_instance_sent_inflated_when_deflate_is_refused(
     dfl = Path(pydicom.data.__file__).parent / "test_files" / "image_dfl.dcm"
     from_peer(a, b, [dfl])
     pacs.start()  # storescp accepts the uncompressed syntaxes only
-    ex = exporter(b, pacs)
-    try:
-        wait_until(lambda: status_of(b, pacs).get("done") == 1, 30, "the export")
-    finally:
-        ex.stop()
+    export_until(b, pacs, 1, 30)
     got = dcmread(next(pacs.out.iterdir()))
     assert got.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
     assert got.PixelData == dcmread(dfl).PixelData
@@ -273,11 +271,7 @@ def test_large_instance_streamed_from_the_blob(nodes: tuple[LocalNode, LocalNode
     study = kit.make_study(tmp_path / "s", 3, seed="big", rows=512, cols=512)
     from_peer(a, b, study.files)
     pacs.start()
-    ex = exporter(b, pacs)
-    try:
-        wait_until(lambda: status_of(b, pacs).get("done") == 3, 60, "3 exported")
-    finally:
-        ex.stop()
+    export_until(b, pacs, 3, 60)
     for f in sorted(pacs.out.iterdir()):
         got = dcmread(f)
         src = dcmread(study.files[study.sop_uids.index(str(got.SOPInstanceUID))])
