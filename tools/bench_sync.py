@@ -108,11 +108,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (
     REPO,
+    SCRATCH_FS_HELP,
     dicom_files,
     load_generator,
     log,
     remove,
     run,
+    scratch_fs,
     sync_fs,
 )
 
@@ -600,6 +602,7 @@ class Syncnode:
             "mb_per_s_from_process_start": result["bytes"] / MB / (t_done - t_start),
             "b_counts_at_end": last,
             "cpu_seconds": {n: cpu1[n] - cpu0[n] for n in cpu0},
+            "cpu_seconds_per_gb": sum(cpu1[n] - cpu0[n] for n in cpu0) / (result["bytes"] / 1e9),
             "cpu_share": {n: (cpu1[n] - cpu0[n]) / seconds for n in cpu0},
             "peak_rss_bytes": {"A": self.sampler.peak_bytes(name_a),
                                "B": self.sampler.peak_bytes(name_b)},
@@ -699,7 +702,7 @@ async def _raw_tls_server(identity_dir: Path, port_file: Path, files: list[Path]
 
 
 async def _raw_tls_client(client_dir: Path, server_id: str, port: int, total: int,
-                          n_files: int) -> dict[str, Any]:
+                          n_files: int, server_pid: int) -> dict[str, Any]:
     import aiohttp
 
     from syncnode.nodeid import NodeId
@@ -716,7 +719,10 @@ async def _raw_tls_client(client_dir: Path, server_id: str, port: int, total: in
             await resp.read()
             out["tls_version"], _, out["cipher"] = resp.headers["X-TLS"].partition(" ")
 
-        t = time.perf_counter()
+        def cpu_now() -> float:  # this process (the client) and the server, together
+            return time.process_time() + proc_cpu_seconds(server_pid)
+
+        t, cpu = time.perf_counter(), cpu_now()
         got = 0
         async with session.get(f"{base}/stream", params={"bytes": str(total)}) as resp:
             resp.raise_for_status()
@@ -725,7 +731,9 @@ async def _raw_tls_client(client_dir: Path, server_id: str, port: int, total: in
         dt = time.perf_counter() - t
         if got != total:
             raise RuntimeError(f"raw stream: got {got} of {total} bytes")
-        out["stream"] = {"seconds": dt, "bytes": got, "mb_per_s": got / MB / dt}
+        cpu = cpu_now() - cpu
+        out["stream"] = {"seconds": dt, "bytes": got, "mb_per_s": got / MB / dt,
+                         "cpu_seconds": cpu, "cpu_seconds_per_gb": cpu / (got / 1e9)}
 
         sem = asyncio.Semaphore(RAW_CONCURRENCY)
 
@@ -737,15 +745,16 @@ async def _raw_tls_client(client_dir: Path, server_id: str, port: int, total: in
                     n += len(data)
             return n
 
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), cpu_now()
         sizes = await asyncio.gather(*(fetch(i) for i in range(n_files)))
-        dt = time.perf_counter() - t
+        dt, cpu = time.perf_counter() - t, cpu_now() - cpu
         got = sum(sizes)
         if got != total:
             raise RuntimeError(f"raw per-file: got {got} of {total} bytes")
         out["per_file"] = {"seconds": dt, "bytes": got, "files": n_files,
                            "concurrency": RAW_CONCURRENCY, "mb_per_s": got / MB / dt,
-                           "files_per_s": n_files / dt}
+                           "files_per_s": n_files / dt, "cpu_seconds": cpu,
+                           "cpu_seconds_per_gb": cpu / (got / 1e9)}
     return out
 
 
@@ -773,7 +782,7 @@ def bench_raw_tls(procs: Processes, work: Path, files: Sequence[Path],
         log(f"raw TLS: streaming {total / MB:.1f} MB, then {len(files)} files "
             f"({RAW_CONCURRENCY} at a time)")
         res = asyncio.run(_raw_tls_client(client_dir, str(server.node_id), port, total,
-                                          len(files)))
+                                          len(files), proc.pid))
     finally:
         procs.stop("rawtls-server")
     res["ceiling_mb_per_s"] = max(res["stream"]["mb_per_s"], res["per_file"]["mb_per_s"])
@@ -942,7 +951,9 @@ def bench_orthanc(procs: Processes, sampler: ProcSampler, work: Path, files: Seq
             for k in counts:
                 name = f"{key}_{k}job{'s' if k > 1 else ''}"
                 sync_fs()
+                cpu0 = proc_cpu_seconds(proc_a.pid) + proc_cpu_seconds(proc_b.pid)
                 dt, infos = run_jobs(rest_a, path, ids, k, timeout)
+                cpu = proc_cpu_seconds(proc_a.pid) + proc_cpu_seconds(proc_b.pid) - cpu0
                 rest_b = OrthancREST(b.http_port)
                 try:
                     stats = rest_b.get("/statistics")
@@ -955,6 +966,7 @@ def bench_orthanc(procs: Processes, sampler: ProcSampler, work: Path, files: Seq
                 run_res = {"label": f"Orthanc {label}, {k} job{'s' if k > 1 else ''}",
                            "seconds": dt, "jobs": k, "instances": got,
                            "mb_per_s": total / MB / dt, "files_per_s": len(ids) / dt,
+                           "cpu_seconds": cpu, "cpu_seconds_per_gb": cpu / (total / 1e9),
                            "b_disk_size_mb": int(stats.get("TotalDiskSizeMB", 0)),
                            "b_peak_rss_bytes_so_far": sampler.peak_bytes(b.tag),
                            "job_types": sorted({i.get("Type", "?") for i in infos})}
@@ -1085,6 +1097,8 @@ def repro_command(args: argparse.Namespace) -> str:
             cmd.append("--" + flag.replace("_", "-"))
     if args.workdir is not None:
         cmd += ["--workdir", str(args.workdir)]
+    if args.scratch_fs is not None:
+        cmd += ["--scratch-fs", f"{args.scratch_fs:g}"]
     if args.json is not None:
         cmd += ["--json", str(args.json)]
     return f"cd {shlex.quote(str(REPO))} && {shlex.join(cmd)}"
@@ -1225,6 +1239,19 @@ def render(doc: dict[str, Any]) -> str:
                      f"B {sn['cpu_share']['B']:.0%} of one core; B started in "
                      f"{sn['startup_seconds']:.2f} s; sync interval {sn['sync_interval']} s"
                      + (f"; node environment {sn['node_env']}" if sn["node_env"] else ""))
+    cpu_rows = []  # CPU seconds of sender and receiver together, per GB moved
+    if sn and "cpu_seconds_per_gb" in sn:
+        cpu_rows.append(f"syncnode {sn['cpu_seconds_per_gb']:.2f}")
+    if raw and "cpu_seconds_per_gb" in raw["stream"]:
+        cpu_rows.append(f"raw TLS per file {raw['per_file']['cpu_seconds_per_gb']:.2f}, "
+                        f"one stream {raw['stream']['cpu_seconds_per_gb']:.2f}")
+    if orth:
+        cpu_rows += [f"{r['label']} {r['cpu_seconds_per_gb']:.2f}"
+                     for r in orth["runs"].values() if "cpu_seconds_per_gb" in r]
+    if cpu_rows:
+        ncpu = len(os.sched_getaffinity(0))
+        lines.append(f"  CPU seconds per GB moved, both ends together ({ncpu} CPUs here: at "
+                     f"X CPU s/GB no transfer can beat {ncpu} / X GB/s): " + "; ".join(cpu_rows))
     if orth:
         tun = orth["tuning"]
         lines.append("  Orthanc and DCMTK ran with TCP_NODELAY=1 in their environment. Orthanc "
@@ -1294,6 +1321,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "(e.g. SYNCNODE_MAX_PULLS=16); repeatable; default: none")
     p.add_argument("--timeout", type=float, default=DEFAULTS["timeout"],
                    help="seconds allowed for each sync or Orthanc transfer (default 1800)")
+    p.add_argument("--scratch-fs", type=float, default=None, metavar="GB",
+                   help=SCRATCH_FS_HELP + "; the work folder goes in it (and --workdir holds "
+                        "its image file); about 6 GB per GB of data set, 12 with the "
+                        "multi-frame part")
     p.add_argument("--workdir", type=Path, default=None,
                    help="work folder (default: a new folder in the system temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the work folder")
@@ -1314,7 +1345,16 @@ def _terminate(signum: int, _frame: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
-    if args.workdir is not None:
+    if args.scratch_fs is None:
+        return run_bench(args, None)
+    with scratch_fs(args.scratch_fs, args.workdir) as mnt:
+        return run_bench(args, mnt)
+
+
+def run_bench(args: argparse.Namespace, scratch: Path | None) -> int:
+    if scratch is not None:
+        work = Path(tempfile.mkdtemp(prefix="bench-sync-", dir=scratch))
+    elif args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)
         if any(args.workdir.iterdir()):
             raise SystemExit(f"--workdir {args.workdir} is not empty")

@@ -73,6 +73,8 @@ def scratch_fs(size_gb: float, parent: Path | None = None) -> Iterator[Path]:
     for tool in ("losetup", "mkfs.ext4", "mount", "umount"):
         if shutil.which(tool) is None:
             raise SystemExit(f"--scratch-fs needs {tool}")
+    if parent is not None:
+        parent.mkdir(parents=True, exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix="syncnode-bench-fs-", dir=parent))
     image, mnt = base / "fs.img", base / "mnt"
     mnt.mkdir()
