@@ -31,7 +31,7 @@ import os
 import secrets
 import sys
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -118,6 +118,12 @@ class StagedBlob:
     chunk_digests: bytes
     chunks_tmp: Path | None = None  # its chunk list, already in a temp file (not synced)
     read_only: bool = False  # tmp already has the mode of a blob (0o444)
+
+    def info(self, created: bool) -> BlobInfo:
+        return BlobInfo(self.digest, self.size,
+                        tuple(self.chunk_digests[i : i + DIGEST_SIZE].hex()
+                              for i in range(0, len(self.chunk_digests), DIGEST_SIZE)),
+                        created)
 
 
 def sync_filesystem(path: Path) -> None:
@@ -587,14 +593,17 @@ class BlobStore:
         unique = f"{self._tmp_prefix}{next(self._tmp_seq):08x}"
         return self.tmp_dir / f"{kind}-{os.getpid()}-{unique}.tmp"
 
-    def install_staged(self, staged: list[StagedBlob]) -> list[BlobInfo]:
+    def install_staged(self, staged: list[StagedBlob], *,
+                       before_final_sync: Callable[[list[BlobInfo]], None] | None = None
+                       ) -> list[BlobInfo]:
         """Make a group of staged blobs durable and present, at the cost of two filesystem
         syncs for the whole group instead of several fsyncs per blob.
 
         Order: every temp file (blob and chunk list) is written, then the filesystem is
         synced, so their bytes are on disk *before* any rename; then the renames, then a
         second sync makes the renames durable. A crash at any point leaves each blob whole
-        or absent.
+        or absent. ``before_final_sync`` is called after the renames with the blobs'
+        infos, for changes that should become durable with them (the SCP's keep links).
         """
         if not staged:
             return []
@@ -605,8 +614,6 @@ class BlobStore:
         infos = []
         for s, ctmp in zip(staged, chunk_tmps, strict=True):
             final = self.path(s.digest)
-            chunks = tuple(s.chunk_digests[i : i + DIGEST_SIZE].hex()
-                           for i in range(0, len(s.chunk_digests), DIGEST_SIZE))
             if final.is_file():
                 s.tmp.unlink(missing_ok=True)
                 if ctmp is not None:
@@ -614,7 +621,7 @@ class BlobStore:
                         ctmp.unlink(missing_ok=True)
                     else:  # repair a lost chunk list
                         os.replace(ctmp, self.chunks_path(s.digest))
-                infos.append(BlobInfo(s.digest, s.size, chunks, created=False))
+                infos.append(s.info(created=False))
                 continue
             self._make_folder(final.parent)
             try:
@@ -627,7 +634,9 @@ class BlobStore:
                 self._place(ctmp, s.tmp, final)
             if not s.read_only:
                 os.chmod(final, 0o444)
-            infos.append(BlobInfo(s.digest, s.size, chunks, created=True))
+            infos.append(s.info(created=True))
+        if before_final_sync is not None:
+            before_final_sync(infos)
         sync_filesystem(self.root)
         return infos
 

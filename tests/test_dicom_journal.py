@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import dicom_testkit as kit
 
-from syncnode.dicom.ingest import SpoolWriter, make_durable
+from syncnode.dicom.ingest import SpoolWriter
 from syncnode.dicom.journal import JOURNAL_FILE, IngestJournal
 from syncnode.dicomfile import inspect_file
 from syncnode.local import CATALOG_FILE, LocalNode
@@ -29,7 +29,7 @@ def spool(node: LocalNode, path: Path) -> tuple:
     w.write(path.read_bytes())
     w.flush()
     info = inspect_file(w.tmp_path)
-    return info, w.install()
+    return info, node.store.install_staged([w.stage()])[0]
 
 
 def open_journal(node: LocalNode) -> IngestJournal:
@@ -43,7 +43,6 @@ def test_record_apply_and_dedup(node: LocalNode, tmp_path: Path) -> None:
         items = [spool(node, f) for f in study.files]
         results = j.record(items)
         assert [new for _e, new, _b in results] == [True, True, True]
-        make_durable(node.store, {b.hash for _i, b in items})
         j.durable([(e, b) for e, _n, b in results if b])
         # the same bytes again, before and after they reach the catalog: no new event
         assert [new for _e, new, _b in j.record(items[:1])] == [False]
@@ -63,7 +62,6 @@ def test_recovery_replays_acknowledged_and_skips_the_rest(node: LocalNode,
     j = open_journal(node)
     items = [spool(node, f) for f in study.files]
     results = j.record(items)
-    make_durable(node.store, {b.hash for _i, b in items})
     # "crash": the events were journaled and flushed but never reached the catalog
     j.catalog.close()
     os.close(j._fd)
@@ -91,7 +89,6 @@ def test_recovery_skips_damaged_blob(node: LocalNode, tmp_path: Path) -> None:
     j = open_journal(node)
     items = [spool(node, f) for f in study.files]
     j.record(items)
-    make_durable(node.store, {b.hash for _i, b in items})
     j.catalog.close()
     os.close(j._fd)
     bad = node.store.path(items[0][1].hash)
@@ -114,7 +111,6 @@ def test_replay_is_idempotent(node: LocalNode, tmp_path: Path) -> None:
     j = open_journal(node)
     items = [spool(node, f) for f in study.files]
     results = j.record(items)
-    make_durable(node.store, {b.hash for _i, b in items})
     saved = (node.data / JOURNAL_FILE).read_bytes()
     j.durable([(e, b) for e, _n, b in results if b])
     j.close()
@@ -135,7 +131,6 @@ def test_blob_removed_before_catalog_insert_is_restored(node: LocalNode,
         results = j.record(items)
         for _i, b in items:
             j.keep(b.hash)
-        make_durable(node.store, {b.hash for _i, b in items})
         assert node.gc() == 2  # nothing references them yet: gc removes both
         j.durable([(e, b) for e, _n, b in results if b])
         assert j.wait_applied()
@@ -175,7 +170,6 @@ def test_new_version_wins_over_a_peer_version_with_a_later_clock(node: LocalNode
 
     study = kit.make_study(tmp_path / "s", 1, seed="j6")
     info, blob = spool(node, study.files[0])
-    make_durable(node.store, {blob.hash})
     future = (ev.hlc_tick(0) >> 16) + 3_600_000  # a peer whose clock is an hour ahead
     peer_event = ev.PutEvent(
         origin="A" * 52, hlc=future << 16, blob=blob.hash, size=blob.size,
@@ -193,7 +187,6 @@ def test_new_version_wins_over_a_peer_version_with_a_later_clock(node: LocalNode
         other.write_bytes(bytes(data))
         info2, blob2 = spool(node, other)
         results = j.record([(info2, blob2)])
-        make_durable(node.store, {blob2.hash})
         j.durable([(e, b) for e, _n, b in results if b])
         assert j.wait_applied()
     finally:

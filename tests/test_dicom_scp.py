@@ -408,3 +408,72 @@ def test_c_find_levels_and_refusals(scp: DicomServer, node: LocalNode, tmp_path:
     assert _find(scp.port, study_root, {"QueryRetrieveLevel": "STUDY",
                                         "StudyDate": "2020-13-01x"})[-1][0] == 0xC000
     assert kit.echo("127.0.0.1", scp.port) == 0
+
+
+def test_blob_bytes_are_durable_before_their_name(node: LocalNode,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file in ``blobs/`` must be whole even after a power loss: the SCP's batch syncs
+    the temp file's bytes before renaming it in, and the rename before answering."""
+    from syncnode import blobstore
+
+    log: list[tuple[str, str]] = []
+    real_sync, real_replace = blobstore.sync_filesystem, os.replace
+
+    def sync(path: Path) -> None:
+        log.append(("sync", ""))
+        real_sync(path)
+
+    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        if "blobs" in Path(dst).parts:
+            log.append(("rename", Path(dst).name))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(blobstore, "sync_filesystem", sync)
+    monkeypatch.setattr(blobstore.os, "replace", replace)
+    server = DicomServer(node, ae_title="SYNCNODE", host="127.0.0.1", port=0)
+    port = server.start()
+    try:
+        item = kit.file_item(Path(pydicom_file("CT_small.dcm")))
+        assert kit.send_raw("127.0.0.1", port, [item]) == [0]
+        answered = list(log)
+        assert server.wait_applied()
+    finally:
+        server.stop()
+    (blob,) = blobs_of(node, item[1])
+    renames = [i for i, (what, name) in enumerate(answered) if what == "rename"]
+    assert [answered[i][1] for i in renames] == [blob]
+    assert ("sync", "") in answered[: renames[0]], answered
+    assert ("sync", "") in answered[renames[-1] + 1 :], answered
+    assert node.verify().ok
+
+
+def test_disk_full_at_install_is_out_of_resources(node: LocalNode,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk filling up while a batch is installed: 0xA700, nothing stored, no temp
+    file left, and the SCP goes on (the next store succeeds)."""
+    from syncnode import blobstore
+
+    real = blobstore.BlobStore.install_staged
+    fail = {"left": 1}
+
+    def install(self: blobstore.BlobStore, staged: list, **kw: object) -> list:
+        if fail["left"]:
+            fail["left"] -= 1
+            raise blobstore.StoreFull("no space left for the blob store")
+        return real(self, staged, **kw)
+
+    monkeypatch.setattr(blobstore.BlobStore, "install_staged", install)
+    server = DicomServer(node, ae_title="SYNCNODE", host="127.0.0.1", port=0)
+    port = server.start()
+    try:
+        first = kit.file_item(Path(pydicom_file("CT_small.dcm")))
+        assert kit.send_raw("127.0.0.1", port, [first]) == [0xA700]
+        assert tmp_files(node) == []
+        assert node.catalog.counts()["events"] == 0
+        assert list(node.store.iter_hashes()) == []
+        assert kit.send_raw("127.0.0.1", port, [first]) == [0]
+        assert server.wait_applied()
+    finally:
+        server.stop()
+    assert blobs_of(node, first[1]) != []
+    assert node.verify().ok

@@ -1,30 +1,30 @@
-"""The SCP's ingest journal: put events made durable with their blobs in one device flush.
+"""The SCP's ingest journal: put events made durable together with their blobs.
 
 A C-STORE may be acknowledged only once its blob and its put event are durable. Doing
-that with the catalog directly costs two flushes in sequence (the blob, then the
-catalog's synchronous commit), because the event must never be durable before its blob.
+that with the catalog directly costs another flush in sequence (the catalog's synchronous
+commit after the blob's), because the event must never be durable before its blob.
 Here the put event (its id and canonical body, exactly what the catalog will hold) is
-appended to ``<data>/dicom-ingest.journal`` *before* the batch's single flush
-(:func:`syncnode.dicom.ingest.make_durable`): after that one ``syncfs`` the blobs, their
-chunk lists, their names and the events are all on disk, and the SCP answers Success.
-A background thread then inserts the journaled events into the catalog (synchronous
-transactions, many events each) and empties the journal once everything in it is in the
-catalog.
+appended to ``<data>/dicom-ingest.journal`` *before* the batch's blobs are installed
+(:meth:`syncnode.blobstore.BlobStore.install_staged`): its first ``syncfs`` takes the
+blobs' bytes and the journal to disk, the second the blobs' names, and only then does
+the SCP answer Success. A background thread then inserts the journaled events into the
+catalog (synchronous transactions, many events each) and empties the journal once
+everything in it is in the catalog.
 
-Crash safety: the flush does not order its writes, so after a crash the journal may hold
-a record whose blob did not reach the disk; such a record was never acknowledged (the
-answer waits for the whole flush). On start, :meth:`IngestJournal.recover` replays every
-intact record (length, CRC-32, and the event id must hash its body) whose blob is present
-and re-hashes correctly, skips the others, and stops at a torn tail. Replaying an event the
-catalog already has changes nothing (events are a set). So every acknowledged instance
-ends up in the catalog, and the catalog never points at a missing or damaged blob.
+Crash safety: after a crash the journal may hold a record whose blob never got its name
+(the crash came between the two syncs); such a record was never acknowledged. On start,
+:meth:`IngestJournal.recover` replays every intact record (length, CRC-32, and the event
+id must hash its body) whose blob is present and re-hashes correctly, skips the others,
+and stops at a torn tail. Replaying an event the catalog already has changes nothing
+(events are a set). So every acknowledged instance ends up in the catalog, and the
+catalog never points at a missing or damaged blob.
 
 Between the answer and the catalog insert, nothing else references the blob, so a
 concurrent garbage collection (``syncnode gc``, or a delete freeing identical bytes)
 could remove it. Each journaled blob therefore also gets hard links in
-``tmp/dicom-keep/`` (blob and chunk list), made before the flush and removed once the
-event is in the catalog; a blob found missing at insert or replay time is put back
-from them.
+``tmp/dicom-keep/`` (blob and chunk list), made right after the renames (durable with
+them) and removed once the event is in the catalog; a blob found missing at insert or
+replay time is put back from them.
 
 Record format: ``b"SNJ1"``, payload length (u32 LE), CRC-32 of the payload (u32 LE),
 payload = 32-byte event id + event body. Events are built exactly as
@@ -86,6 +86,7 @@ class IngestJournal:
         self._hlc = int(self.catalog.get_meta("hlc") or 0)
         self._pending: list[tuple[str, bytes]] = []  # journaled, durable, not yet applied
         self._unapplied = 0  # records in the journal file not yet in the catalog
+        self._batch_start = 0  # journal length before the last record() (see abandon)
         self._journaled: dict[str, tuple[str, str]] = {}  # SOP UID -> (blob, event id)
         self._sop_of: dict[str, str] = {}  # event id -> SOP UID, for journaled events
         self._closing = False
@@ -146,6 +147,7 @@ class IngestJournal:
                                + payload)
                 batch[sop] = (blob.hash, eid)
                 out.append((eid, True, body))
+            self._batch_start = os.lseek(self._fd, 0, os.SEEK_END)
             if records:
                 data = b"".join(records)
                 written = 0
@@ -156,9 +158,20 @@ class IngestJournal:
                 self._sop_of.update({eid: sop for sop, (_b, eid) in batch.items()})
         return out
 
-    def sync_file(self) -> None:
-        """fsync the journal (where syncfs is not available)."""
-        os.fsync(self._fd)
+    def abandon(self, results: list[tuple[str, bool, bytes | None]]) -> None:
+        """The batch just recorded (``results`` of :meth:`record`) was not made durable:
+        take its records back out of the journal, so that the same instance sent again
+        gets a new record instead of being taken for one already on its way."""
+        new = [eid for eid, _new, body in results if body is not None]
+        if not new:
+            return
+        with self._lock:
+            os.ftruncate(self._fd, self._batch_start)
+            self._unapplied -= len(new)
+            for eid in new:
+                sop = self._sop_of.pop(eid, None)
+                if sop is not None and self._journaled.get(sop, ("", ""))[1] == eid:
+                    del self._journaled[sop]
 
     def durable(self, records: list[tuple[str, bytes]]) -> None:
         """These journaled events are now durable: hand them to the catalog writer."""
@@ -235,7 +248,8 @@ class IngestJournal:
 
     # -- keeping journaled blobs alive ----------------------------------------------------
     def keep(self, blob_hash: str) -> None:
-        """Hard-link a blob and its chunk list into the keep folder (before the flush)."""
+        """Hard-link a blob and its chunk list into the keep folder (after its rename,
+        before the sync that makes the rename durable)."""
         for src, name in ((self.store.chunks_path(blob_hash), f"{blob_hash}.chunks"),
                           (self.store.path(blob_hash), blob_hash)):
             try:

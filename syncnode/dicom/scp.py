@@ -12,13 +12,14 @@ Receiving an instance (C-STORE)
    or re-encoded; memory does not grow with its size; it is hashed while written.
 2. When the request is complete, the thread that received it (:class:`StreamingDIMSE`,
    no hand-off to pynetdicom's association thread) inspects the temp file
-   (:func:`syncnode.dicomfile.inspect_file`), renames it into the store
-   (:mod:`syncnode.dicom.ingest`), and hands (attributes, blob) to the :class:`Committer`.
+   (:func:`syncnode.dicomfile.inspect_file`) and hands (attributes, staged temp file) to
+   the :class:`Committer`.
 3. The :class:`Committer` (group commit across associations) appends the put events
-   of everything queued so far to the ingest journal and makes blobs and journal durable
-   with one flush (:mod:`syncnode.dicom.journal`, :mod:`syncnode.dicom.ingest`); the
-   journal's thread inserts the events into the catalog right after (milliseconds) and
-   replays them after a crash.
+   of everything queued so far to the ingest journal, then installs the batch's blobs
+   with :meth:`~syncnode.blobstore.BlobStore.install_staged`: one filesystem sync for the
+   temp files and the journal, the renames, one sync for the renames
+   (:mod:`syncnode.dicom.journal`); the journal's thread inserts the events into the
+   catalog right after (milliseconds) and replays them after a crash.
 4. Only then is the response sent (encoded directly, :func:`store_response`): Success
    0x0000 means the bytes and the event are durable. Failures store nothing: 0xA700
    out of resources (disk full); 0xA900 data set does not match SOP class (identity
@@ -64,12 +65,12 @@ from pynetdicom.sop_class import (
 )
 
 from .. import __version__
-from ..blobstore import BlobInfo, BlobStore, StoreFull
+from ..blobstore import BlobInfo, BlobStore, StagedBlob, StoreFull
 from ..dicomfile import InstanceInfo, InvalidDicom, inspect_file
 from ..ids import is_uid
 from ..local import CATALOG_FILE, LocalNode
 from . import query
-from .ingest import SpoolWriter, have_syncfs, make_durable
+from .ingest import SpoolWriter
 from .journal import IngestJournal
 from .transport import GuardedServer, PduLimits, SyncnodeAE, set_nodelay, start_server
 
@@ -378,7 +379,8 @@ def store_response(sop_class: str, sop_instance: str, message_id: int, status: i
 @dataclass
 class _Pending:
     info: InstanceInfo
-    blob: BlobInfo
+    staged: StagedBlob
+    blob: BlobInfo | None = None  # once installed
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
     new: bool = False
@@ -393,10 +395,10 @@ class Committer:
     and the next leader takes them all in one batch. A single association therefore pays
     no thread hand-off, and concurrent associations share device flushes. Per batch: the
     put events are appended to the ingest journal (:mod:`syncnode.dicom.journal`), then
-    one flush makes the blobs and the journal durable together
-    (:func:`syncnode.dicom.ingest.make_durable`); the journal's thread then inserts the
-    events into the catalog. A batch that fails is retried item by item so one bad item
-    cannot fail the others.
+    the blobs are installed as a group (:meth:`BlobStore.install_staged`: their bytes and
+    the journal are synced before any rename, the renames and the journal's keep links
+    after); the journal's thread then inserts the events into the catalog. A batch that
+    fails is retried item by item so one bad item cannot fail the others.
     """
 
     MAX_BATCH = 256
@@ -411,9 +413,10 @@ class Committer:
         self.batches = 0
         self.committed = 0
 
-    def commit(self, info: InstanceInfo, blob: BlobInfo, timeout: float) -> _Pending:
-        """Queue an item; return once it is committed, failed, or ``timeout`` passed."""
-        item = _Pending(info, blob)
+    def commit(self, info: InstanceInfo, staged: StagedBlob, timeout: float) -> _Pending:
+        """Queue an item (its temp file is the committer's from now on); return once it is
+        committed, failed, or ``timeout`` passed."""
+        item = _Pending(info, staged)
         deadline = time.monotonic() + timeout
         with self._cv:
             if self._closed:
@@ -449,20 +452,27 @@ class Committer:
         self.journal.close()
 
     def _commit(self, batch: list[_Pending]) -> None:
+        results: list[tuple[str, bool, bytes | None]] = []
         try:
-            results = self.journal.record([(p.info, p.blob) for p in batch])
-            for p, (_eid, _new, body) in zip(batch, results, strict=True):
-                if body is not None:
-                    self.journal.keep(p.blob.hash)
-            make_durable(self._store, {p.blob.hash for p in batch})
-            if not have_syncfs():
-                self.journal.sync_file()
-            self.journal.durable([(eid, body) for eid, _new, body in results if body])
-            for p, (_eid, new, _body) in zip(batch, results, strict=True):
-                p.new = new
+            results = self.journal.record([(p.info, p.staged.info(created=False))
+                                           for p in batch])
+
+            def keep(_infos: list[BlobInfo]) -> None:
+                for p, (_eid, _new, body) in zip(batch, results, strict=True):
+                    if body is not None:
+                        self.journal.keep(p.staged.digest)
+
+            infos = self._store.install_staged([p.staged for p in batch],
+                                               before_final_sync=keep)
+            recorded, results = results, []  # durable now: nothing to abandon
+            self.journal.durable([(eid, body) for eid, _new, body in recorded if body])
+            for p, info, (_eid, new, _body) in zip(batch, infos, recorded, strict=True):
+                p.blob, p.new = info, new
             self.batches += 1
             self.committed += len(batch)
         except Exception as exc:  # reported per item below
+            if results:
+                self.journal.abandon(results)
             if len(batch) > 1:
                 for p in batch:
                     self._commit([p])
@@ -471,10 +481,14 @@ class Committer:
         for p in batch:
             p.done.set()
 
-    def forget_blob(self, blob: BlobInfo) -> None:
-        """Remove a blob this bridge created if nothing references it (failed commit)."""
-        if blob.created:
-            self.journal.catalog.collect_garbage([blob.hash], self._store.delete)
+    def forget(self, item: _Pending) -> None:
+        """After a failed commit: remove the item's temp file, or the blob this bridge
+        created from it if nothing references it."""
+        item.staged.tmp.unlink(missing_ok=True)
+        if item.staged.chunks_tmp is not None:
+            item.staged.chunks_tmp.unlink(missing_ok=True)
+        if item.blob is not None and item.blob.created:
+            self.journal.catalog.collect_garbage([item.blob.hash], self._store.delete)
 
 
 # --------------------------------------------------------------------------------------------
@@ -646,7 +660,7 @@ class DicomServer:
             if info.sop_instance_uid != sop:  # inspect checks it against the file meta too
                 raise InvalidDicom(f"SOP Instance UID {info.sop_instance_uid} does not match "
                                    "the request's Affected SOP Instance UID")
-            blob = writer.install()
+            staged = writer.stage()
         except InvalidDicom as exc:
             writer.abort()
             self.stats.failed += 1
@@ -665,20 +679,23 @@ class DicomServer:
             return _status(STATUS_OUT_OF_RESOURCES, "cannot write to the blob store")
         committer = self.committer
         if committer is None:
+            staged.tmp.unlink(missing_ok=True)
             return _status(STATUS_PROCESSING_FAILURE, "node is stopping")
-        pending = committer.commit(info, blob, COMMIT_WAIT)
+        pending = committer.commit(info, staged, COMMIT_WAIT)
         if not pending.done.is_set() or pending.error is not None:
             self.stats.failed += 1
             log.error("C-STORE %s: catalog commit failed: %s", sop,
                       type(pending.error).__name__ if pending.error else "timeout")
             if pending.error is not None:
-                committer.forget_blob(blob)
+                committer.forget(pending)
+            if isinstance(pending.error, StoreFull):
+                return _status(STATUS_OUT_OF_RESOURCES, "no space left on the receiving node")
             return _status(STATUS_PROCESSING_FAILURE, "could not record the instance")
         if pending.new:
             self.stats.stored += 1
         else:
             self.stats.duplicates += 1
-        log.debug("C-STORE %s stored as blob %s", sop, blob.hash)
+        log.debug("C-STORE %s stored as blob %s", sop, staged.digest)
         return STATUS_SUCCESS
 
     def _writer_for(self, req: C_STORE, transfer_syntax: str) -> SpoolWriter:
