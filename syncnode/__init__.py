@@ -15,4 +15,12 @@ Every node keeps the same studies, intact, with no central server. The vocabular
 - **node id**: the SHA-256 of a node's TLS certificate, formatted for humans.
 """
 
+import os as _os
+
 __version__ = "0.1.0"
+
+# syncnode does no linear algebra: numpy arrives only with pydicom. Left alone, its
+# OpenBLAS starts a thread per CPU at import, and those threads spin for a while (about
+# 0.1 s of CPU per import, and around 1% of a receiving node's CPU during a sync here).
+# An operator's own setting wins.
+_os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")

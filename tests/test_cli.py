@@ -528,3 +528,22 @@ def test_a_key_that_does_not_match_the_certificate_is_reported_where_the_key_is_
     assert NodeId.from_certificate_pem(b"no certificate here") is None
     assert NodeId.from_certificate_pem(
         b"-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n") is None
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_no_idle_blas_threads_once_pydicom_loads_numpy() -> None:
+    """numpy comes with pydicom; syncnode keeps OpenBLAS from starting its thread pool
+    (threads that spin after import in a node that does no linear algebra)."""
+    pytest.importorskip("numpy")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    code = ("import os, syncnode, pydicom, numpy; "
+            "print(len(os.listdir('/proc/self/task')))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "1"
+    # and an operator's own setting is kept
+    env["OPENBLAS_NUM_THREADS"] = "2"
+    code = "import os, syncnode; print(os.environ['OPENBLAS_NUM_THREADS'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "2"
