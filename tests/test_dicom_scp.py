@@ -78,6 +78,11 @@ def stored_datasets(node: LocalNode, sop: str) -> list[bytes]:
     return [kit.dataset_bytes(node.store.path(b).read_bytes()) for b in blobs_of(node, sop)]
 
 
+def ct_small() -> tuple:
+    """(SOP class, SOP instance, transfer syntax, data set bytes) of pydicom's CT_small."""
+    return kit.file_item(Path(pydicom_file("CT_small.dcm")))
+
+
 def tmp_files(node: LocalNode) -> list[str]:
     """Files left in the store's tmp folder (temp files, journal keep links)."""
     return sorted(p.name for p in (node.data / "tmp").rglob("*") if p.is_file())
@@ -113,7 +118,7 @@ def test_pydicom_files_stored_byte_for_byte(scp: DicomServer, node: LocalNode) -
 
 
 def test_duplicate_store_is_success_and_adds_nothing(scp: DicomServer, node: LocalNode) -> None:
-    item = kit.file_item(Path(pydicom_file("CT_small.dcm")))
+    item = ct_small()
     assert kit.send_raw("127.0.0.1", scp.port, [item, item]) == [0, 0]
     assert scp.wait_applied()
     assert node.catalog.counts()["put_events"] == 1
@@ -128,7 +133,7 @@ def _truncated(data: bytes, keep: int) -> bytes:
                                   "sop_mismatch", "garbage"])
 def test_broken_input_refused_and_nothing_stored(scp: DicomServer, node: LocalNode,
                                                   case: str) -> None:
-    cls, sop, ts, data = kit.file_item(Path(pydicom_file("CT_small.dcm")))
+    cls, sop, ts, data = ct_small()
     expect: set[int]
     if case == "truncated_pixels":
         payload, expect = data[:-100], {0xC000}
@@ -174,7 +179,7 @@ def test_pydicom_broken_files_refused(scp: DicomServer, node: LocalNode) -> None
 
 
 def test_unknown_sop_class_not_accepted(scp: DicomServer, node: LocalNode) -> None:
-    _cls, sop, ts, data = kit.file_item(Path(pydicom_file("CT_small.dcm")))
+    _cls, sop, ts, data = ct_small()
     unknown = "2.25.1234567890123456789"  # no such SOP class
     # its presentation context is refused, so nothing can be sent under it ...
     assert kit.send_raw("127.0.0.1", scp.port, [(unknown, sop, ts, data)],
@@ -255,7 +260,8 @@ def test_concurrent_associations_group_commit(scp: DicomServer, node: LocalNode,
         assert stored_datasets(node, item[1]) == [item[3]]
 
 
-def test_store_refused_when_disk_full(node: LocalNode, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_store_refused_when_disk_full(scp: DicomServer, node: LocalNode,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
     from syncnode.dicom import ingest
@@ -272,16 +278,10 @@ def test_store_refused_when_disk_full(node: LocalNode, monkeypatch: pytest.Monke
         real_write(self, data)
 
     monkeypatch.setattr(ingest.SpoolWriter, "write", full)
-    server = DicomServer(node, ae_title="SYNCNODE", host="127.0.0.1", port=0)
-    port = server.start()
-    try:
-        item = kit.file_item(Path(pydicom_file("CT_small.dcm")))
-        assert kit.send_raw("127.0.0.1", port, [item]) == [0xA700]
-        assert node.catalog.counts()["events"] == 0
-        assert tmp_files(node) == []
-        assert kit.echo("127.0.0.1", port) == 0
-    finally:
-        server.stop()
+    assert kit.send_raw("127.0.0.1", scp.port, [ct_small()]) == [0xA700]
+    assert node.catalog.counts()["events"] == 0
+    assert tmp_files(node) == []
+    assert kit.echo("127.0.0.1", scp.port) == 0
 
 
 def test_aborted_transfer_leaves_nothing(scp: DicomServer, node: LocalNode) -> None:
@@ -290,7 +290,7 @@ def test_aborted_transfer_leaves_nothing(scp: DicomServer, node: LocalNode) -> N
     from pynetdicom.dimse_primitives import C_STORE
     from pynetdicom.presentation import build_context
 
-    cls, sop, ts, data = kit.file_item(Path(pydicom_file("CT_small.dcm")))
+    cls, sop, ts, data = ct_small()
     ae = AE("TESTSCU")
     assoc = ae.associate("127.0.0.1", scp.port, contexts=[build_context(cls, [ts])],
                          ae_title="SYNCNODE", max_pdu=16384)
@@ -410,7 +410,7 @@ def test_c_find_levels_and_refusals(scp: DicomServer, node: LocalNode, tmp_path:
     assert kit.echo("127.0.0.1", scp.port) == 0
 
 
-def test_blob_bytes_are_durable_before_their_name(node: LocalNode,
+def test_blob_bytes_are_durable_before_their_name(scp: DicomServer, node: LocalNode,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """A file in ``blobs/`` must be whole even after a power loss: the SCP's batch syncs
     the temp file's bytes before renaming it in, and the rename before answering."""
@@ -430,15 +430,10 @@ def test_blob_bytes_are_durable_before_their_name(node: LocalNode,
 
     monkeypatch.setattr(blobstore, "sync_filesystem", sync)
     monkeypatch.setattr(blobstore.os, "replace", replace)
-    server = DicomServer(node, ae_title="SYNCNODE", host="127.0.0.1", port=0)
-    port = server.start()
-    try:
-        item = kit.file_item(Path(pydicom_file("CT_small.dcm")))
-        assert kit.send_raw("127.0.0.1", port, [item]) == [0]
-        answered = list(log)
-        assert server.wait_applied()
-    finally:
-        server.stop()
+    item = ct_small()
+    assert kit.send_raw("127.0.0.1", scp.port, [item]) == [0]
+    answered = list(log)
+    assert scp.wait_applied()
     (blob,) = blobs_of(node, item[1])
     renames = [i for i, (what, name) in enumerate(answered) if what == "rename"]
     assert [answered[i][1] for i in renames] == [blob]
@@ -447,7 +442,7 @@ def test_blob_bytes_are_durable_before_their_name(node: LocalNode,
     assert node.verify().ok
 
 
-def test_disk_full_at_install_is_out_of_resources(node: LocalNode,
+def test_disk_full_at_install_is_out_of_resources(scp: DicomServer, node: LocalNode,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """The disk filling up while a batch is installed: 0xA700, nothing stored, no temp
     file left, and the SCP goes on (the next store succeeds)."""
@@ -463,17 +458,12 @@ def test_disk_full_at_install_is_out_of_resources(node: LocalNode,
         return real(self, staged, **kw)
 
     monkeypatch.setattr(blobstore.BlobStore, "install_staged", install)
-    server = DicomServer(node, ae_title="SYNCNODE", host="127.0.0.1", port=0)
-    port = server.start()
-    try:
-        first = kit.file_item(Path(pydicom_file("CT_small.dcm")))
-        assert kit.send_raw("127.0.0.1", port, [first]) == [0xA700]
-        assert tmp_files(node) == []
-        assert node.catalog.counts()["events"] == 0
-        assert list(node.store.iter_hashes()) == []
-        assert kit.send_raw("127.0.0.1", port, [first]) == [0]
-        assert server.wait_applied()
-    finally:
-        server.stop()
-    assert blobs_of(node, first[1]) != []
+    item = ct_small()
+    assert kit.send_raw("127.0.0.1", scp.port, [item]) == [0xA700]
+    assert tmp_files(node) == []
+    assert node.catalog.counts()["events"] == 0
+    assert list(node.store.iter_hashes()) == []
+    assert kit.send_raw("127.0.0.1", scp.port, [item]) == [0]
+    assert scp.wait_applied()
+    assert blobs_of(node, item[1]) != []
     assert node.verify().ok
