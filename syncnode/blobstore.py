@@ -24,6 +24,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import itertools
@@ -65,6 +66,22 @@ class BlobMissing(BlobError, FileNotFoundError):
 
 class StoreFull(BlobError, OSError):
     """The disk holding the data folder is full."""
+
+
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})  # a full disk, or a full quota
+
+
+@contextlib.contextmanager
+def enospc_as_store_full() -> Iterator[None]:
+    """Raise StoreFull for an OSError saying there is no space (ENOSPC, EDQUOT) inside."""
+    try:
+        yield
+    except StoreFull:
+        raise
+    except OSError as exc:
+        if exc.errno in _NO_SPACE:
+            raise StoreFull("no space left for the blob store") from exc
+        raise
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,30 +235,24 @@ def write_file(path: Path, data: bytes | memoryview | list[bytes], *,
     it must not exist; else truncated); no fsync. On error the file is removed; ENOSPC
     raises StoreFull."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if exclusive else os.O_TRUNC)
-    try:
+    with enospc_as_store_full():
         fd = os.open(path, flags, 0o666)
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise StoreFull("no space left for the blob store") from exc
-        raise
-    try:
         try:
-            pieces = data if isinstance(data, list) else [data]
-            left = [memoryview(p).cast("B") for p in pieces if len(p)]
-            while left:  # writev may write less than asked
-                n = os.writev(fd, left[:_IOV_MAX])
-                while n and left:
-                    if n >= len(left[0]):
-                        n -= len(left.pop(0))
-                    else:
-                        left[0], n = left[0][n:], 0
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        path.unlink(missing_ok=True)
-        if exc.errno == errno.ENOSPC:
-            raise StoreFull("no space left for the blob store") from exc
-        raise
+            try:
+                pieces = data if isinstance(data, list) else [data]
+                left = [memoryview(p).cast("B") for p in pieces if len(p)]
+                while left:  # writev may write less than asked
+                    n = os.writev(fd, left[:_IOV_MAX])
+                    while n and left:
+                        if n >= len(left[0]):
+                            n -= len(left.pop(0))
+                        else:
+                            left[0], n = left[0][n:], 0
+            finally:
+                os.close(fd)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
 
 
 _IOV_MAX = 1024
@@ -262,7 +273,7 @@ def copy_fd(src: int, dst: int, expected: int = 0) -> int:
     """
     total = 0
     in_kernel = hasattr(os, "copy_file_range")
-    try:
+    with enospc_as_store_full():
         while True:
             if in_kernel:
                 try:
@@ -283,10 +294,6 @@ def copy_fd(src: int, dst: int, expected: int = 0) -> int:
             if n == 0:
                 return total
             total += n
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise StoreFull("no space left for the blob store") from exc
-        raise
 
 
 class BlobWriter:
@@ -307,11 +314,10 @@ class BlobWriter:
         if self._file is None:
             raise BlobError("write after commit or abort")
         try:
-            self._file.write(data)
-        except OSError as exc:
+            with enospc_as_store_full():
+                self._file.write(data)
+        except OSError:
             self.abort()
-            if exc.errno == errno.ENOSPC:
-                raise StoreFull("no space left for the blob store") from exc
             raise
         self._hasher.update(data)
 
@@ -326,11 +332,10 @@ class BlobWriter:
         if self._file is None:
             raise BlobError("stage after commit or abort")
         try:
-            self._file.close()
-        except OSError as exc:
+            with enospc_as_store_full():
+                self._file.close()
+        except OSError:
             self.abort()
-            if exc.errno == errno.ENOSPC:
-                raise StoreFull("no space left for the blob store") from exc
             raise
         self._file = None
         digest, chunk_digests = self._hasher.finish()
@@ -345,12 +350,11 @@ class BlobWriter:
         if self._file is None:
             raise BlobError("commit after commit or abort")
         try:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-        except OSError as exc:
+            with enospc_as_store_full():
+                self._file.flush()
+                os.fsync(self._file.fileno())
+        except OSError:
             self.abort()
-            if exc.errno == errno.ENOSPC:
-                raise StoreFull("no space left for the blob store") from exc
             raise
         self._file.close()
         self._file = None
@@ -533,6 +537,7 @@ class BlobStore:
         cpath.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self._chunks_tmp(chunk_digests, fsync=True), cpath)
 
+    @enospc_as_store_full()
     def _chunks_tmp(self, chunk_digests: bytes, *, fsync: bool) -> Path:
         tmp = self.tmp_name("chunks")
         with open(tmp, "xb") as f:
@@ -547,12 +552,8 @@ class BlobStore:
         read-write descriptor of it (the caller closes it, and removes the file unless it
         stages it)."""
         tmp = self.tmp_name("blob")
-        try:
+        with enospc_as_store_full():
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise StoreFull("no space left for the blob store") from exc
-            raise
         try:
             os.fchmod(fd, 0o444)
         except BaseException:
@@ -561,6 +562,7 @@ class BlobStore:
             raise
         return tmp, fd
 
+    @enospc_as_store_full()
     def stage_tmp(self, tmp: Path, content: bytes | None = None) -> StagedBlob:
         """Stage a temp file of :meth:`new_tmp` that the caller has written and closed, for
         :meth:`install_staged`: hash it (``content``: its whole content, when the caller
@@ -593,6 +595,7 @@ class BlobStore:
         unique = f"{self._tmp_prefix}{next(self._tmp_seq):08x}"
         return self.tmp_dir / f"{kind}-{os.getpid()}-{unique}.tmp"
 
+    @enospc_as_store_full()
     def install_staged(self, staged: list[StagedBlob], *,
                        before_final_sync: Callable[[list[BlobInfo]], None] | None = None
                        ) -> list[BlobInfo]:

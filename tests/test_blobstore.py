@@ -525,3 +525,45 @@ def test_memory_is_flat_for_a_large_blob(tmp_path: Path) -> None:
     blobs = [p for p in (tmp_path / "data" / "blobs").rglob("*") if p.is_file()
              and not p.name.endswith(".chunks")]
     assert len(blobs) == 1 and blobs[0].stat().st_size == total
+
+
+@pytest.mark.parametrize("err", ["ENOSPC", "EDQUOT"])
+def test_no_space_or_quota_is_store_full(tmp_path: Path, err: str,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk and a full quota are both StoreFull wherever the store writes, and a
+    half-written file is removed."""
+    import errno
+
+    from syncnode import blobstore
+    from syncnode.blobstore import StoreFull, copy_fd, write_file
+
+    code = getattr(errno, err)
+
+    def refuse(*_a: object, **_k: object) -> int:
+        raise OSError(code, os.strerror(code))
+
+    store = blobstore.BlobStore(tmp_path / "data")
+    monkeypatch.setattr(blobstore.os, "writev", refuse)
+    target = tmp_path / "piece"
+    with pytest.raises(StoreFull):
+        write_file(target, [b"abc", b"def"])
+    assert not target.exists()
+
+    src = tmp_path / "src"
+    src.write_bytes(b"x" * 5000)
+    monkeypatch.setattr(blobstore.os, "copy_file_range", refuse)
+    monkeypatch.setattr(blobstore.os, "write", refuse)
+    tmp, fd = store.new_tmp()
+    try:
+        with open(src, "rb") as f, pytest.raises(StoreFull):
+            copy_fd(f.fileno(), fd, 5000)
+    finally:
+        os.close(fd)
+        tmp.unlink()
+
+    with store.writer() as w:
+        w.write(b"y" * 10)
+        monkeypatch.setattr(blobstore.os, "fsync", refuse)
+        with pytest.raises(StoreFull):
+            w.commit()
+    assert not any((tmp_path / "data" / "tmp").iterdir())

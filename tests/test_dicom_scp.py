@@ -264,6 +264,7 @@ def test_store_refused_when_disk_full(scp: DicomServer, node: LocalNode,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
+    from syncnode.blobstore import StoreFull
     from syncnode.dicom import ingest
 
     real_write = ingest.SpoolWriter.write
@@ -273,7 +274,7 @@ def test_store_refused_when_disk_full(scp: DicomServer, node: LocalNode,
         calls["n"] += 1
         if calls["n"] > 1:  # the file meta is written, then the disk "fills up"
             self.abort()
-            raise ingest.StoreFull("no space left for the blob store") from OSError(
+            raise StoreFull("no space left for the blob store") from OSError(
                 errno.ENOSPC, "full")
         real_write(self, data)
 

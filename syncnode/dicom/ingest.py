@@ -17,7 +17,7 @@ import ctypes.util
 import errno
 from typing import BinaryIO
 
-from ..blobstore import BlobStore, ChunkHasher, StagedBlob, StoreFull
+from ..blobstore import BlobStore, ChunkHasher, StagedBlob, enospc_as_store_full
 
 _libc: ctypes.CDLL | None
 try:
@@ -51,14 +51,13 @@ class SpoolWriter:
         if self._file is None:
             raise OSError(errno.EBADF, "write after finish or abort")
         try:
-            view = memoryview(data)
-            while view:
-                n = self._file.write(view)
-                view = view[n:]
-        except OSError as exc:
+            with enospc_as_store_full():
+                view = memoryview(data)
+                while view:
+                    n = self._file.write(view)
+                    view = view[n:]
+        except OSError:
             self.abort()
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StoreFull("no space left for the blob store") from exc
             raise
         self._hasher.update(data)
         self._unsynced += len(data)
@@ -71,11 +70,10 @@ class SpoolWriter:
         """Hand buffered bytes to the OS (so the temp file can be read back)."""
         if self._file is not None:
             try:
-                self._file.flush()
-            except OSError as exc:
+                with enospc_as_store_full():
+                    self._file.flush()
+            except OSError:
                 self.abort()
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise StoreFull("no space left for the blob store") from exc
                 raise
 
     def stage(self) -> StagedBlob:
