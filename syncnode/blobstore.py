@@ -25,12 +25,10 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import itertools
 import os
 import secrets
-import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -39,7 +37,7 @@ from typing import BinaryIO
 
 import blake3
 
-from .durable import fsync_dir
+from .durable import fsync_dir, sync_filesystem
 from .ids import check_hash
 
 CHUNK_SIZE = 1 << 20
@@ -141,32 +139,6 @@ class StagedBlob:
                         tuple(self.chunk_digests[i : i + DIGEST_SIZE].hex()
                               for i in range(0, len(self.chunk_digests), DIGEST_SIZE)),
                         created)
-
-
-def sync_filesystem(path: Path) -> None:
-    """Flush all dirty data and metadata of the filesystem holding ``path`` to disk
-    (Linux ``syncfs``; elsewhere the whole-system ``sync``)."""
-    if _LIBC is not None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            if _LIBC.syncfs(fd) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"syncfs failed: {os.strerror(err)}", str(path))
-        finally:
-            os.close(fd)
-    else:
-        os.sync()
-
-
-def _load_libc() -> ctypes.CDLL | None:
-    if sys.platform != "linux":
-        return None
-    libc = ctypes.CDLL(None, use_errno=True)
-    return libc if hasattr(libc, "syncfs") else None
-
-
-_LIBC = _load_libc()
-HAVE_SYNCFS = _LIBC is not None  # else sync_filesystem syncs every file system
 
 
 class ChunkHasher:

@@ -12,24 +12,12 @@ even after a power loss, and nothing is acknowledged before it is durable.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 from typing import BinaryIO
 
 from ..blobstore import BlobStore, ChunkHasher, StagedBlob, enospc_as_store_full
+from ..durable import start_writeback
 
-_libc: ctypes.CDLL | None
-try:
-    _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-    _sync_file_range = _libc.sync_file_range
-    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong,
-                                 ctypes.c_uint]
-    _sync_file_range.restype = ctypes.c_int
-except (OSError, AttributeError):
-    _libc = None
-    _sync_file_range = None
-_SFR_WRITE = 2  # SYNC_FILE_RANGE_WRITE: start writeback, do not wait
 _EARLY_WRITEBACK = 256 << 10  # start writing back every this many bytes received
 
 
@@ -61,9 +49,8 @@ class SpoolWriter:
             raise
         self._hasher.update(data)
         self._unsynced += len(data)
-        if self._unsynced >= _EARLY_WRITEBACK and _sync_file_range is not None:
-            # Let the disk start on these bytes now; the batch sync then waits less.
-            _sync_file_range(self._file.fileno(), 0, 0, _SFR_WRITE)
+        if self._unsynced >= _EARLY_WRITEBACK:
+            start_writeback(self._file.fileno())  # the batch's sync then waits less
             self._unsynced = 0
 
     def flush(self) -> None:
