@@ -9,6 +9,7 @@ every wait is a bounded poll.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import io
 import json
 import os
@@ -20,6 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -37,6 +39,21 @@ from syncnode.sync import walk_diff
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 UID_ROOT = "1.2.826.0.1.3680043.10.1999"  # test UIDs: digits and dots, well under 64 chars
 SYNCNODE = [sys.executable, "-m", "syncnode.cli"]
+
+
+FAULTPROXY = Path(__file__).resolve().parent.parent / "tools" / "faultproxy.py"
+
+
+def load_faultproxy() -> ModuleType:
+    """``tools/faultproxy.py`` as a module (by path: ``tools`` is not a package), once."""
+    name = "syncnode_tools_faultproxy"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, FAULTPROXY)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look the module up while being defined
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def uid(*parts: int | str) -> str:

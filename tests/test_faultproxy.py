@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import importlib.util
 import json
 import random
 import re
@@ -21,30 +20,14 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
-from types import ModuleType
 
 import aiohttp
 import pytest
 import trustme
 from aiohttp import web
+from syncsupport import FAULTPROXY, load_faultproxy
 
-TOOL = Path(__file__).resolve().parent.parent / "tools" / "faultproxy.py"
-
-
-def _load_tool() -> ModuleType:
-    name = "syncnode_tools_faultproxy"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, TOOL)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look the module up while the class is created
-    spec.loader.exec_module(module)
-    return module
-
-
-fp = _load_tool()
+fp = load_faultproxy()
 FaultConfig = fp.FaultConfig
 FaultProxy = fp.FaultProxy
 ThreadedFaultProxy = fp.ThreadedFaultProxy
@@ -479,7 +462,7 @@ async def test_mutual_tls_end_to_end_through_proxy() -> None:
 
 async def test_cli_forwards_and_prints_stats_on_sigterm(source: Upstream) -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(TOOL), "--listen", f"{LOCAL}:0",
+        sys.executable, str(FAULTPROXY), "--listen", f"{LOCAL}:0",
         "--upstream", f"{source.address[0]}:{source.address[1]}",
         "--latency-ms", "5", "--rate", "50M", "--corrupt-every", "100K", "--seed", "1",
         "--duration", "30",
@@ -507,12 +490,12 @@ async def test_cli_forwards_and_prints_stats_on_sigterm(source: Upstream) -> Non
 
 
 def test_cli_help_and_duration() -> None:
-    help_run = subprocess.run([sys.executable, str(TOOL), "--help"], capture_output=True,
+    help_run = subprocess.run([sys.executable, str(FAULTPROXY), "--help"], capture_output=True,
                               text=True, timeout=IO_TIMEOUT, check=True)
     for option in ("--latency-ms", "--rate", "--cut-every", "--corrupt-every", "--seed"):
         assert option in help_run.stdout
     timed = subprocess.run(
-        [sys.executable, str(TOOL), "--upstream", f"{LOCAL}:9", "--duration", "0.2"],
+        [sys.executable, str(FAULTPROXY), "--upstream", f"{LOCAL}:9", "--duration", "0.2"],
         capture_output=True, text=True, timeout=IO_TIMEOUT, check=False)
     assert timed.returncode == 0, timed.stderr
     assert "faultproxy stats: " in timed.stdout

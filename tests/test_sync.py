@@ -9,12 +9,9 @@ every stored blob re-hashing to its name, and errors visible in the peer state.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import re
-import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -29,6 +26,7 @@ from syncsupport import (
     describe_nodes,
     import_files,
     live_view,
+    load_faultproxy,
     make_dicom,
     peer_state,
     pin,
@@ -47,22 +45,12 @@ from syncnode.local import LocalNode
 from syncnode.node import RunningNode
 from syncnode.sync import PeerSync, SyncEngine
 
-FAULTPROXY = Path(__file__).resolve().parent.parent / "tools" / "faultproxy.py"
 MiB = 1 << 20
 
 
-def _load_faultproxy() -> ModuleType:
-    name = "syncnode_tools_faultproxy"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, FAULTPROXY)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
-fp = _load_faultproxy()
+fp = load_faultproxy()
 
 StartNode = Callable[..., Awaitable[RunningNode]]
 

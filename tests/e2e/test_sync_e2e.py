@@ -13,16 +13,13 @@ Every process runs in its own process group and is killed at the end of its test
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import trustme
@@ -34,6 +31,7 @@ from syncsupport import (
     cli_json,
     import_files,
     live_view,
+    load_faultproxy,
     make_dicom,
     node_processes,
     peer_state,
@@ -51,18 +49,8 @@ CURL = shutil.which("curl")
 OPENSSL = shutil.which("openssl")
 CURL_TLS_ERRORS = (35, 56)  # handshake failed / TLS alert received when reading
 MB = 10**6
-FAULTPROXY = Path(__file__).resolve().parents[2] / "tools" / "faultproxy.py"
 
 
-def _load_faultproxy() -> ModuleType:
-    name = "syncnode_tools_faultproxy"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, FAULTPROXY)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 @pytest.fixture
@@ -189,7 +177,7 @@ def test_peer_port_refuses_untrusted_clients_at_the_tls_layer(
 @pytest.mark.timeout(120)
 def test_receiver_killed_mid_pull_resumes_from_its_part_file(
         tmp_path: Path, procs: list[NodeProcess], closed_port: int) -> None:
-    fp = _load_faultproxy()
+    fp = load_faultproxy()
     a_dir, b_dir = tmp_path / "a", tmp_path / "b"
     a_id, b_id = init(a_dir), init(b_dir)
     big = make_dicom(tmp_path / "big.dcm", sop=uid(5, 1), study=uid(5), series=uid(5, 0),
