@@ -118,6 +118,12 @@ def implied_chunk_list(blob_hash: str, size: int) -> bytes:
     return bytes.fromhex(blob_hash) if size else b""
 
 
+def chunk_hexes(chunk_digests: bytes) -> tuple[str, ...]:
+    """A concatenated chunk list as one hex digest per chunk."""
+    return tuple(chunk_digests[i : i + DIGEST_SIZE].hex()
+                 for i in range(0, len(chunk_digests), DIGEST_SIZE))
+
+
 def chunk_count(size: int) -> int:
     """Number of chunks of a blob of ``size`` bytes (an empty blob has none)."""
     return (size + CHUNK_SIZE - 1) // CHUNK_SIZE
@@ -135,10 +141,7 @@ class StagedBlob:
     read_only: bool = False  # tmp already has the mode of a blob (0o444)
 
     def info(self, created: bool) -> BlobInfo:
-        return BlobInfo(self.digest, self.size,
-                        tuple(self.chunk_digests[i : i + DIGEST_SIZE].hex()
-                              for i in range(0, len(self.chunk_digests), DIGEST_SIZE)),
-                        created)
+        return BlobInfo(self.digest, self.size, chunk_hexes(self.chunk_digests), created)
 
 
 class ChunkHasher:
@@ -413,8 +416,7 @@ class BlobStore:
             raise BlobMissing(f"chunk list of blob {blob_hash} is missing") from exc
 
     def chunks(self, blob_hash: str) -> list[str]:
-        raw = self.chunk_digests(blob_hash)
-        return [raw[i : i + DIGEST_SIZE].hex() for i in range(0, len(raw), DIGEST_SIZE)]
+        return list(chunk_hexes(self.chunk_digests(blob_hash)))
 
     def read_verified(self, blob_hash: str, start: int = 0,
                       end: int | None = None) -> Iterator[bytes]:
@@ -488,8 +490,7 @@ class BlobStore:
     def _install(self, tmp: Path, digest: str, size: int, chunk_digests: bytes,
                  sync_dir: bool) -> BlobInfo:
         final = self.path(digest)
-        chunks = tuple(chunk_digests[i : i + DIGEST_SIZE].hex()
-                       for i in range(0, len(chunk_digests), DIGEST_SIZE))
+        chunks = chunk_hexes(chunk_digests)
         if final.is_file():
             tmp.unlink(missing_ok=True)
             if has_chunk_file(chunk_digests) and not self.chunks_path(digest).is_file():
@@ -548,10 +549,8 @@ class BlobStore:
             digest, chunk_digests, size = *hasher.finish(), hasher.size
         else:
             (digest, chunk_digests), size = hash_chunks(content), len(content)
-        ctmp = None
-        if has_chunk_file(chunk_digests):
-            ctmp = self.tmp_name("chunks")
-            write_file(ctmp, chunk_digests)
+        ctmp = (self._chunks_tmp(chunk_digests, fsync=False)
+                if has_chunk_file(chunk_digests) else None)
         try:
             self._make_folder(self.path(digest).parent)  # here, not in install_staged's loop
         except BaseException:

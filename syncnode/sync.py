@@ -26,7 +26,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Iterable
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -334,10 +334,8 @@ class PeerClient:
 
         def consume(data: bytes) -> int:
             written = 0
-            try:
+            with _frame_errors(part.blob):
                 chunks = frames.feed(data)
-            except wire.FrameError as exc:
-                raise TransferError(f"blob {part.blob}: {exc}") from exc
             for chunk in chunks:
                 part.write_chunk(chunk)
                 written += len(chunk)
@@ -359,10 +357,8 @@ class PeerClient:
                 writing = loop.run_in_executor(None, consume, data)
             if not part.complete:
                 raise ProtocolError(f"blob {part.blob} ended early at {part.offset} bytes")
-            try:
+            with _frame_errors(part.blob):
                 frames.finish()
-            except wire.FrameError as exc:
-                raise TransferError(f"blob {part.blob}: {exc}") from exc
         finally:
             if writing is not None:  # let the worker finish; count what it wrote
                 await asyncio.wait([writing])
@@ -378,12 +374,20 @@ def _stage_whole(store: BlobStore, blob: str, size: int, data: list[bytes], enco
                  chunks_root: str) -> StagedBlob:
     if encoded:
         frames = wire.ChunkFrames(wire.chunk_sizes(0, size, CHUNK_SIZE))
-        try:
+        with _frame_errors(blob):
             data = frames.feed(b"".join(data))
             frames.finish()
-        except wire.FrameError as exc:
-            raise TransferError(f"blob {blob}: {exc}") from exc
     return stage_whole(store, blob, data, chunks_root)
+
+
+@contextlib.contextmanager
+def _frame_errors(blob: str) -> Iterator[None]:
+    """A compressed body that does not decode to the blob's chunks is the sender's fault,
+    like a chunk that does not match its hash: a TransferError."""
+    try:
+        yield
+    except wire.FrameError as exc:
+        raise TransferError(f"blob {blob}: {exc}") from exc
 
 
 async def walk_diff(local: LocalNode, fetch: Callable[[str], Any]

@@ -28,6 +28,7 @@ from .blobstore import (
     StagedBlob,
     chunk_count,
     chunks_root,
+    implied_chunk_list,
     write_file,
 )
 
@@ -172,7 +173,7 @@ def stage_whole(store: BlobStore, blob: str, data: bytes | list[bytes],
     size = sum(map(len, pieces))
     if size > CHUNK_SIZE:
         raise TransferError(f"blob {blob}: {size} bytes is more than one chunk")
-    digests = bytes.fromhex(blob) if size else b""
+    digests = implied_chunk_list(blob, size)
     if expected_chunks_root is not None and chunks_root(digests) != expected_chunks_root:
         raise TransferError(f"chunk list of blob {blob} does not match its put event")
     hasher = blake3.blake3()

@@ -66,8 +66,8 @@ def accepts(header: str | None) -> bool:
     for item in header.split(","):
         name, _, params = item.strip().partition(";")
         if name.strip().lower() == ENCODING:
-            q = params.strip().removeprefix("q=").strip() if params.strip().startswith("q=") \
-                else "1"
+            params = params.strip()
+            q = params[2:].strip() if params.startswith("q=") else "1"
             try:
                 return float(q) > 0
             except ValueError:
@@ -173,8 +173,6 @@ class ChunkFrames:
 def chunk_sizes(start: int, end: int, chunk_size: int) -> list[int]:
     """Sizes of the chunks covering blob bytes [start, end), ``start`` on a boundary."""
     return [min(chunk_size, end - pos) for pos in range(start, end, chunk_size)]
-
-
 
 
 def max_frame_size(size: int) -> int:

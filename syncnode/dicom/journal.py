@@ -169,9 +169,13 @@ class IngestJournal:
             os.ftruncate(self._fd, self._batch_start)
             self._unapplied -= len(new)
             for eid in new:
-                sop = self._sop_of.pop(eid, None)
-                if sop is not None and self._journaled.get(sop, ("", ""))[1] == eid:
-                    del self._journaled[sop]
+                self._forget(eid)
+
+    def _forget(self, eid: str) -> None:
+        """Stop counting a journaled event as on its way (under the lock)."""
+        sop = self._sop_of.pop(eid, None)
+        if sop is not None and self._journaled.get(sop, ("", ""))[1] == eid:
+            del self._journaled[sop]
 
     def durable(self, records: list[tuple[str, bytes]]) -> None:
         """These journaled events are now durable: hand them to the catalog writer."""
@@ -217,9 +221,7 @@ class IngestJournal:
                     if blob and eid not in result.rejected:
                         for name in (blob, f"{blob}.chunks"):
                             (self.keep_dir / name).unlink(missing_ok=True)
-                    sop = self._sop_of.pop(eid, None)
-                    if sop is not None and self._journaled.get(sop, ("", ""))[1] == eid:
-                        del self._journaled[sop]
+                    self._forget(eid)
                 if self._unapplied == 0:
                     os.ftruncate(self._fd, 0)  # all in the catalog (a replay would be a no-op)
                     self._release_all()
