@@ -61,7 +61,7 @@ def open_node(data: Path, *, identity: bool = True) -> LocalNode:
     except NodeNotInitialised as exc:
         fail(str(exc))
     if identity:
-        from .tls import IdentityError
+        from .tls.errors import IdentityError
 
         try:
             node.identity  # noqa: B018 (loads and checks it)
@@ -113,7 +113,8 @@ def init(data: DataOpt = DEFAULT_DATA,
 
     Example: syncnode init --data /srv/syncnode
     """
-    from .tls import IdentityError, load_ca
+    from .tls.errors import IdentityError
+    from .tls.identity import load_ca
 
     try:
         authority = load_ca(ca) if ca else None
@@ -132,7 +133,8 @@ def init(data: DataOpt = DEFAULT_DATA,
 def ca_init(folder: Annotated[Path, typer.Argument(help="Folder for ca.key and ca.crt.")]
             ) -> None:
     """Create a cluster CA. Keep ca.key offline; give ca.crt to every node (init --ca)."""
-    from .tls import IdentityError, create_ca
+    from .tls.errors import IdentityError
+    from .tls.identity import create_ca
 
     try:
         authority = create_ca(folder)
@@ -350,7 +352,8 @@ def peer_add(
     contact)."""
     import asyncio
 
-    from .tls import NodeTLSError, PeerUnreachable, fetch_peer_certificate
+    from .tls.errors import NodeTLSError, PeerUnreachable
+    from .tls.peercert import fetch_peer_certificate
 
     node = open_node(data)
     peer = parse_node_id(node_id_arg)
@@ -398,7 +401,8 @@ def peer_accept(node_id_arg: Annotated[str, typer.Argument(metavar="NODE_ID")],
     certificate is fetched from the announced address and pinned only if it matches."""
     import asyncio
 
-    from .tls import NodeTLSError, fetch_peer_certificate
+    from .tls.errors import NodeTLSError
+    from .tls.peercert import fetch_peer_certificate
 
     node = open_node(data)
     peer = parse_node_id(node_id_arg)

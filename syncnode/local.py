@@ -27,7 +27,8 @@ from .nodeid import NodeId
 
 if TYPE_CHECKING:
     from .config import Settings
-    from .tls import CertificateAuthority, Identity, TrustStore
+    from .tls.identity import CertificateAuthority, Identity
+    from .tls.truststore import TrustStore
 
 CATALOG_FILE = "catalog.db"
 
@@ -72,7 +73,8 @@ class LocalNode:
     @property
     def identity(self) -> Identity:
         if self._identity is None:
-            from .tls import IdentityError, load_identity
+            from .tls.errors import IdentityError
+            from .tls.identity import load_identity
 
             identity = load_identity(self.data)
             if getattr(self, "node_id", identity.node_id) != identity.node_id:
@@ -83,14 +85,14 @@ class LocalNode:
     @property
     def trust(self) -> TrustStore:
         if self._trust is None:
-            from .tls import TrustStore
+            from .tls.truststore import TrustStore
 
             self._trust = TrustStore(self.data)
         return self._trust
 
     @classmethod
     def init(cls, data: Path | str, ca: CertificateAuthority | None = None) -> LocalNode:
-        from .tls import create_identity
+        from .tls.identity import create_identity
 
         data = Path(data)
         data.mkdir(parents=True, exist_ok=True, mode=0o700)

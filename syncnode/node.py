@@ -29,7 +29,7 @@ from .local import LocalNode
 from .peer_server import PeerServer
 from .status import discovered_nodes
 from .sync import SyncEngine
-from .tls import server_ssl_context
+from .tls.contexts import server_ssl_context
 
 log = logging.getLogger("syncnode.node")
 PEER_REFRESH_SECONDS = 0.5  # how soon a change made beside us (CLI, SCP) reaches peers

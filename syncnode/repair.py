@@ -17,7 +17,8 @@ from .local import LocalNode
 from .nodeid import NodeId
 from .protocol import ProtocolError
 from .sync import PeerClient
-from .tls import NodeTLSError, fetch_peer_certificate
+from .tls.errors import NodeTLSError
+from .tls.peercert import fetch_peer_certificate
 from .transfer import TransferError
 
 log = logging.getLogger("syncnode.repair")

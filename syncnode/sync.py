@@ -39,7 +39,9 @@ from .local import LocalNode
 from .nodeid import NodeId
 from .protocol import ProtocolError, RemoteNode
 from .retry import backoff
-from .tls import NodeTLSError, client_ssl_context, fetch_peer_certificate
+from .tls.contexts import client_ssl_context
+from .tls.errors import NodeTLSError
+from .tls.peercert import fetch_peer_certificate
 from .transfer import PartialBlob, TransferError, stage_whole
 
 log = logging.getLogger("syncnode.sync")

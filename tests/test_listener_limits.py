@@ -23,7 +23,7 @@ from syncnode import protocol
 from syncnode.listeners import ListenerLimits
 from syncnode.local import LocalNode
 from syncnode.node import RunningNode
-from syncnode.tls import client_ssl_context
+from syncnode.tls.contexts import client_ssl_context
 
 HEAD = 0.5  # head_timeout in these tests
 IDLE = 2.5  # keepalive_timeout

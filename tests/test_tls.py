@@ -1,4 +1,4 @@
-"""Node identity, trust store and mutual TLS (syncnode.tls).
+"""Node identity, trust store and mutual TLS (the modules of syncnode.tls).
 
 The server side is a real aiohttp server on 127.0.0.1:0 using ``server_ssl_context``; most
 clients are independent implementations (``curl`` and ``openssl s_client`` subprocesses), so the
@@ -29,26 +29,21 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from syncnode import tls
 from syncnode.nodeid import NodeId
-from syncnode.tls import (
+from syncnode.tls import certificates
+from syncnode.tls.contexts import client_ssl_context, peer_node_id, server_ssl_context, verify_peer
+from syncnode.tls.errors import (
     CertificateRejected,
-    Identity,
     IdentityError,
     IdentityExists,
     IdentityNotFound,
+    InvalidPeerAddress,
     PeerUnreachable,
-    TrustStore,
     UntrustedPeer,
-    client_ssl_context,
-    create_ca,
-    create_identity,
-    fetch_peer_certificate,
-    load_identity,
-    peer_node_id,
-    server_ssl_context,
-    verify_peer,
 )
+from syncnode.tls.identity import Identity, create_ca, create_identity, load_identity
+from syncnode.tls.peercert import fetch_peer_certificate
+from syncnode.tls.truststore import TrustStore
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -93,17 +88,17 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     alice_key = serialization.load_pem_private_key(ns.alice.key_path.read_bytes(), None)
     alice_cert = x509.load_der_x509_certificate(ns.alice.cert_der)
     forged_key = ec.generate_private_key(ec.SECP256R1())
-    forged = tls._build_certificate(
+    forged = certificates.build_certificate(
         subject_key=forged_key,
         subject=alice_cert.subject,
         issuer_key=alice_key,  # type: ignore[arg-type]
         issuer_cert=alice_cert,
         is_ca=False,
-        validity=tls.NODE_VALIDITY,
+        validity=certificates.NODE_VALIDITY,
     )
     forged_dir = base / "forged"
     forged_dir.mkdir()
-    (forged_dir / "node.key").write_bytes(tls._key_pem(forged_key))
+    (forged_dir / "node.key").write_bytes(certificates.key_pem(forged_key))
     (forged_dir / "node.crt").write_bytes(forged.public_bytes(serialization.Encoding.PEM))
     ns.forged = (forged_dir / "node.crt", forged_dir / "node.key")
     return ns
@@ -605,5 +600,5 @@ async def test_fetch_peer_certificate_unreachable(pki: SimpleNamespace) -> None:
             await fetch_peer_certificate(
                 f"127.0.0.1:{port}", pki.alice, pki.mallory.node_id, timeout=0.5
             )
-    with pytest.raises(tls.InvalidPeerAddress):
+    with pytest.raises(InvalidPeerAddress):
         await fetch_peer_certificate("http://127.0.0.1:1", pki.alice, pki.mallory.node_id)

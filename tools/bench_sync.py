@@ -647,7 +647,9 @@ def raw_tls_server_main(argv: Sequence[str]) -> int:
 async def _raw_tls_server(identity_dir: Path, port_file: Path, files: list[Path]) -> None:
     from aiohttp import web
 
-    from syncnode.tls import TrustStore, load_identity, server_ssl_context
+    from syncnode.tls.contexts import server_ssl_context
+    from syncnode.tls.identity import load_identity
+    from syncnode.tls.truststore import TrustStore
 
     identity = load_identity(identity_dir)
     ctx = server_ssl_context(identity, TrustStore(identity_dir))
@@ -706,7 +708,9 @@ async def _raw_tls_client(client_dir: Path, server_id: str, port: int, total: in
     import aiohttp
 
     from syncnode.nodeid import NodeId
-    from syncnode.tls import TrustStore, client_ssl_context, load_identity
+    from syncnode.tls.contexts import client_ssl_context
+    from syncnode.tls.identity import load_identity
+    from syncnode.tls.truststore import TrustStore
 
     identity = load_identity(client_dir)
     ctx = client_ssl_context(identity, TrustStore(client_dir), expected=NodeId.parse(server_id))
@@ -760,7 +764,8 @@ async def _raw_tls_client(client_dir: Path, server_id: str, port: int, total: in
 
 def bench_raw_tls(procs: Processes, work: Path, files: Sequence[Path],
                   total: int) -> dict[str, Any]:
-    from syncnode.tls import TrustStore, create_identity
+    from syncnode.tls.identity import create_identity
+    from syncnode.tls.truststore import TrustStore
 
     base = work / "rawtls"
     server_dir, client_dir = base / "server", base / "client"

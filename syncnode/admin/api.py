@@ -26,7 +26,8 @@ from .. import config as cfg
 from ..ids import InvalidUID, check_uid
 from ..nodeid import InvalidNodeId, NodeId
 from ..status import node_status, peer_rows
-from ..tls import NodeTLSError, PeerUnreachable, fetch_peer_certificate
+from ..tls.errors import NodeTLSError, PeerUnreachable
+from ..tls.peercert import fetch_peer_certificate
 from .openapi import OPENAPI
 
 if TYPE_CHECKING:

@@ -1,0 +1,97 @@
+"""Learning a peer's certificate from the network, to pin it for the node id an operator typed.
+
+These connections are the one exception to chain verification: they exist to learn a peer's
+certificate before it is pinned, compare it to the expected node id, and send no application
+data.  TLS 1.3 still proves the peer holds the certificate's key.
+"""
+
+from __future__ import annotations
+
+import ssl
+from urllib.parse import urlsplit
+
+from syncnode.nodeid import NodeId
+from syncnode.tls.contexts import probe_ssl_context
+from syncnode.tls.errors import (
+    InvalidPeerAddress,
+    NoPeerCertificate,
+    PeerUnreachable,
+    UntrustedPeer,
+)
+from syncnode.tls.identity import Identity
+
+__all__ = ["fetch_peer_certificate"]
+
+def _host_port(target: str | tuple[str, int]) -> tuple[str, int]:
+    if isinstance(target, tuple):
+        host, port = target
+        return host, int(port)
+    text = target.strip()
+    parts = urlsplit(text if "://" in text else f"//{text}")
+    if parts.scheme not in ("", "https"):
+        raise InvalidPeerAddress(f"{target!r}: peer URLs must use https://")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise InvalidPeerAddress(f"{target!r}: invalid port ({exc})") from exc
+    if not parts.hostname:
+        raise InvalidPeerAddress(f"{target!r}: no host name; expected https://HOST:PORT")
+    if port is None:
+        if parts.scheme != "https":
+            raise InvalidPeerAddress(f"{target!r}: no port; expected HOST:PORT")
+        port = 443
+    return parts.hostname, port
+
+
+async def fetch_peer_certificate(
+    url_or_host_port: str | tuple[str, int],
+    identity: Identity,
+    expected: NodeId,
+    timeout: float = 10.0,
+) -> bytes:
+    """Connect to a peer, return its certificate (DER) if its node id is ``expected``.
+
+    The handshake presents our certificate and does not verify the server's chain (the point
+    is to learn it); TLS 1.3 still proves the server holds the certificate's key.  The peer
+    need not trust us yet: a TLS 1.3 server sends its certificate before judging ours.  No
+    application data is sent; the connection is aborted right after the handshake.
+
+    Raises :class:`UntrustedPeer` (with both ids) on mismatch, :class:`PeerUnreachable` when no
+    TLS 1.3 handshake completes within ``timeout`` seconds, :class:`InvalidPeerAddress` for a
+    malformed address.
+    """
+    import asyncio  # here: asyncio costs ~17 ms of every command's start-up
+
+    host, port = _host_port(url_or_host_port)
+    ctx = probe_ssl_context(identity)
+    where = f"{host}:{port}"
+    try:
+        async with asyncio.timeout(timeout):
+            _, writer = await asyncio.open_connection(
+                host, port, ssl=ctx, ssl_handshake_timeout=timeout
+            )
+    except TimeoutError as exc:
+        raise PeerUnreachable(f"no TLS 1.3 handshake with {where} within {timeout:g}s") from exc
+    except ssl.SSLError as exc:
+        raise PeerUnreachable(
+            f"TLS 1.3 handshake with {where} failed ({exc.reason or exc}); is it a syncnode "
+            f"peer port?"
+        ) from exc
+    except OSError as exc:
+        raise PeerUnreachable(f"cannot connect to {where}: {exc.strerror or exc}") from exc
+    try:
+        ssl_object = writer.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    finally:
+        writer.transport.abort()
+    if not der:
+        raise NoPeerCertificate(f"{where} completed a TLS handshake without a certificate")
+    actual = NodeId.from_certificate_der(der)
+    if actual != expected:
+        raise UntrustedPeer(
+            f"{where} presented node id {actual}, but {expected} was expected; not trusting "
+            f"it. Check the id and the URL with the peer's operator",
+            expected=expected,
+            actual=actual,
+        )
+    return der
