@@ -7,6 +7,7 @@ damaged blobs found by verify); 2 wrong usage or a node that cannot be opened.
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -127,6 +128,12 @@ def init(data: DataOpt = DEFAULT_DATA,
         out.print(f"Created node in {data}")
         out.print(f"Node id: {node.node_id}")
         out.print("Give this id to the operators of the peers that should trust this node.")
+        out.print("DICOM: the SCP accepts any calling AE title until you list the allowed "
+                  "ones, e.g. in the config file:")
+        out.print(f'  echo \'allowed_aes = ["MODALITY1", "PACS@10.0.0.5"]\' >> '
+                  f'{shlex.quote(str(data / "config.toml"))}', markup=False, highlight=False)
+        out.print("  (or SYNCNODE_ALLOWED_AES='[\"MODALITY1\"]'; AE@HOST also requires that "
+                  "address)", markup=False, highlight=False)
 
 
 @ca_app.command("init")

@@ -33,7 +33,9 @@ _EXPORT_RE = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>\d{1,5})
 
 # Keys that take effect only after `syncnode run` restarts.
 RESTART_KEYS = frozenset({"dicom_port", "ae_title", "peer_host", "peer_port", "api_host",
-                          "api_port", "discovery", "log_format", "max_pdu"})
+                          "api_port", "discovery", "log_format", "max_pdu",
+                          "dicom_host", "allowed_aes", "dicom_artim_timeout",
+                          "dicom_max_pending_per_address", "dicom_max_pending"})
 
 
 class ConfigError(ValueError):
@@ -70,6 +72,15 @@ class Settings(BaseSettings):
                                                "(empty = any)")
     max_pdu: int = Field(262_144, ge=4096, le=16_777_216,
                          description="largest PDU the SCP reads, in bytes")
+    dicom_artim_timeout: float = Field(
+        10.0, gt=0, le=300, description="seconds a DICOM connection may take to send its "
+                                        "A-ASSOCIATE-RQ before it is closed (ARTIM)")
+    dicom_max_pending_per_address: int = Field(
+        8, ge=1, le=1024, description="DICOM connections one address may hold open before "
+                                      "associating; more evict the oldest")
+    dicom_max_pending: int = Field(
+        128, ge=1, le=65536, description="DICOM connections all addresses together may hold "
+                                         "open before associating; more evict the oldest")
     peer_host: str = Field("0.0.0.0", description="address the peer server listens on")
     peer_port: int = Field(8443, ge=0, le=65535, description="peer (mutual TLS) port")
     api_host: str = Field("127.0.0.1", description="admin API address")

@@ -31,8 +31,10 @@ Association policy
 ------------------
 Called AE title must be ours (``require_called_aet``); if ``allowed_aes`` is set, the
 calling AE title (and, for ``AE@HOST`` entries, the peer address) must be on it, else
-A-ASSOCIATE-RJ (calling AE not recognised). PDU reads are capped and sockets have
-TCP_NODELAY (:mod:`syncnode.dicom.transport`).
+A-ASSOCIATE-RJ (calling AE not recognised). PDU reads are capped, sockets have
+TCP_NODELAY, and a connection becomes an association (and counts toward the limit) only
+once its A-ASSOCIATE-RQ arrived within the ARTIM timeout (:mod:`syncnode.dicom.transport`,
+``perimeter``). With ``ssl_context`` the SCP speaks DICOM TLS (PS3.15 B.1).
 
 Logs name UIDs, hashes, AE titles and addresses; never patient names, IDs or dates.
 """
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -72,7 +75,14 @@ from ..local import CATALOG_FILE, LocalNode
 from . import query
 from .ingest import SpoolWriter
 from .journal import IngestJournal
-from .transport import GuardedServer, PduLimits, SyncnodeAE, set_nodelay, start_server
+from .transport import (
+    GuardedServer,
+    PduLimits,
+    Perimeter,
+    SyncnodeAE,
+    set_nodelay,
+    start_server,
+)
 
 log = logging.getLogger("syncnode.dicom")
 
@@ -533,8 +543,12 @@ class DicomServer:
                  port: int = 11112, allowed_aes: list[str] | None = None,
                  max_pdu: int = 262_144, max_associations: int = 16,
                  network_timeout: float = 60.0,
-                 on_stored: Callable[[], None] | None = None) -> None:
+                 on_stored: Callable[[], None] | None = None,
+                 perimeter: Perimeter | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.node = node
+        self.perimeter = perimeter or Perimeter()
+        self.ssl_context = ssl_context
         self.on_stored = on_stored
         self.ae_title = ae_title
         self.host = host
@@ -582,13 +596,15 @@ class DicomServer:
                 limits=self.limits,
                 dimse_factory=lambda assoc: StreamingDIMSE(assoc, self.store,
                                                            self.store_request),
-                read_timeout=self.network_timeout)
+                read_timeout=self.network_timeout, perimeter=self.perimeter,
+                ssl_context=self.ssl_context)
         except BaseException:
             self.committer.stop()
             self.committer = None
             raise
         self.port = int(self._server.server_address[1])
-        log.info("DICOM SCP %s listening on %s:%d", self.ae_title, self.host, self.port)
+        log.info("DICOM SCP %s listening on %s:%d%s", self.ae_title, self.host, self.port,
+                 " (DICOM TLS)" if self.ssl_context else "")
         return self.port
 
     def stop(self) -> None:
@@ -603,6 +619,11 @@ class DicomServer:
         if self.committer is not None:
             self.committer.stop()
             self.committer = None
+
+    def refused_connections(self) -> dict[str, int]:
+        """Connections closed before associating, by reason (see transport.PerimeterStats)."""
+        server = self._server
+        return server.refused.as_dict() if server is not None else {}
 
     def wait_applied(self, timeout: float = 30.0) -> bool:
         """Block until every acknowledged instance is in the catalog (normally ms)."""

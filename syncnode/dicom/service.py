@@ -9,6 +9,7 @@ instead of at the next poll. Everything started here is stopped by :meth:`stop`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,10 @@ from ..local import LocalNode
 from .exporter import Exporter, outbox_status
 from .retrieve import Retriever
 from .scp import DicomServer
+from .transport import Perimeter
+
+log = logging.getLogger("syncnode.dicom")
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 
 class DicomBridge:
@@ -28,7 +33,11 @@ class DicomBridge:
         self.settings = settings
         self.server = DicomServer(node, ae_title=settings.ae_title, host=settings.dicom_host,
                                   port=settings.dicom_port, allowed_aes=settings.allowed_aes,
-                                  max_pdu=settings.max_pdu, on_stored=on_stored)
+                                  max_pdu=settings.max_pdu, on_stored=on_stored,
+                                  perimeter=Perimeter(
+                                      artim_timeout=settings.dicom_artim_timeout,
+                                      per_address=settings.dicom_max_pending_per_address,
+                                      total=settings.dicom_max_pending))
         self.exporter = (Exporter(node, settings.export, ae_title=settings.ae_title,
                                   poll_interval=export_poll, backoff_base=backoff_base,
                                   backoff_cap=backoff_cap, max_pdu=settings.max_pdu)
@@ -40,6 +49,10 @@ class DicomBridge:
 
     def start(self) -> int:
         self.port = self.server.start()
+        if not self.settings.allowed_aes and self.settings.dicom_host not in LOOPBACK_HOSTS:
+            log.warning("DICOM SCP on %s:%d accepts any calling AE title: set allowed_aes "
+                        "(e.g. [\"MODALITY1\", \"PACS@10.0.0.5\"]) in %s/config.toml",
+                        self.settings.dicom_host, self.port, self.settings.data)
         try:
             if self.exporter is not None:
                 self.exporter.start()
@@ -67,6 +80,7 @@ class DicomBridge:
             "ae_title": self.settings.ae_title, "port": self.port,
             "stored": st.stored, "duplicates": st.duplicates, "failed": st.failed,
             "rejected_associations": st.rejected_associations, "finds": st.finds,
+            "refused_connections": self.server.refused_connections(),
             "export": outbox_status(self.node.data / "catalog.db") if self.exporter else {},
             "import_from": {s.address: {"last_error": s.last_error,
                                         "studies_retrieved": s.moved_studies}

@@ -20,6 +20,20 @@ pynetdicom 3.0.4 as shipped has three problems for syncnode (DESIGN.md, "Pitfall
    state-machine action. Idle waits are bounded (``IDLE_WAIT``) so timers (ARTIM,
    idle timeout) still fire.
 
+4. It starts an association (a thread that counts toward ``maximum_associations``) for
+   every TCP connection, before the peer has said anything: 16 idle sockets filled the
+   limit and legitimate associations were refused until pynetdicom's own timers fired.
+   Here a connection is *pending* until its A-ASSOCIATE-RQ has arrived whole.
+   :meth:`GuardedServer.await_association_request` reads the TLS handshake (for DICOM
+   TLS) and that first PDU in the connection's own handler thread under one deadline,
+   the ARTIM timeout (PS3.8 9.1.5; ``artim_timeout``, default 10 s); a connection that
+   does not deliver in time, or sends another PDU first, is closed. Only then is the
+   association created, the PDU handed to its DUL as if just read. Pending connections
+   are bounded (:class:`PendingConnections`): per source address and in total; a new
+   connection over either bound evicts the *oldest* pending one (as a SYN queue drops
+   its oldest half-open entries), so a stranger can hold at most a few slots briefly and
+   never locks out a client that associates at once.
+
 Associations are "upgraded" before they start (:func:`upgrade_association`): the DUL is
 replaced before the socket is attached, and the instance's class becomes
 :class:`FastAssociation`. Acceptor associations are created by
@@ -27,7 +41,10 @@ replaced before the socket is attached, and the instance's class becomes
 ``_create_socket`` hook runs right after pynetdicom creates the association.
 
 Invariants: no PDU body larger than its cap is ever read or buffered; a socket this
-module touches has TCP_NODELAY set; the overridden loops keep pynetdicom's semantics
+module touches has TCP_NODELAY set; no association (thread, limit slot) exists for a
+connection before its A-ASSOCIATE-RQ has arrived, and no connection stays pending longer
+than the ARTIM timeout; at most ``per_address`` connections per source address and
+``total`` connections overall are pending at once; the overridden loops keep pynetdicom's semantics
 (same checks, same order), only the waiting differs.
 """
 
@@ -38,9 +55,11 @@ import os
 import queue
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from copy import deepcopy
 from dataclasses import dataclass
@@ -64,6 +83,9 @@ log = logging.getLogger("syncnode.dicom")
 
 IDLE_WAIT = 0.01  # seconds a reactor sleeps at most when nothing happens
 ASSOCIATION_PDU_CAP = 1 << 20  # A-ASSOCIATE-RQ/AC/RJ: generous for 128 contexts x many TS
+DEFAULT_ARTIM_TIMEOUT = 10.0  # seconds from accept to a whole A-ASSOCIATE-RQ (PS3.8 9.1.5)
+DEFAULT_PENDING_PER_ADDRESS = 8  # connections one address may hold before associating
+DEFAULT_PENDING_TOTAL = 128  # connections all addresses together may hold so
 _FIXED_PDU_LENGTH = {0x05: 4, 0x06: 4, 0x07: 4}
 _PDU_TYPES = (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07)
 
@@ -101,6 +123,8 @@ class GuardedDUL(DULServiceProvider):
         self.limits = limits
         self.oversized_pdus = 0
         self._refused = False
+        # The A-ASSOCIATE-RQ read by the server before this association existed.
+        self.prefetched: bytes | None = None
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -127,6 +151,8 @@ class GuardedDUL(DULServiceProvider):
     def _idle_wait(self) -> None:
         waiting: list[Any] = [self._wake_r]
         sock = self.socket.socket if self.socket is not None else None
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return  # decrypted bytes waiting in the TLS layer: select cannot see them
         if sock is not None and getattr(self.socket, "_is_connected", False):
             waiting.append(sock)
         try:
@@ -201,8 +227,18 @@ class GuardedDUL(DULServiceProvider):
         self._kill_thread = True
 
     # -- reading PDUs ------------------------------------------------------------------
+    def _is_transport_event(self) -> bool:
+        if self.prefetched is not None:
+            self._read_pdu_data()
+            return True
+        return bool(super()._is_transport_event())
+
     def _read_pdu_data(self) -> None:
         """Read one PDU: 6-byte header, length checked against its cap, then the body."""
+        if self.prefetched is not None:  # already read and checked by the server
+            buf, self.prefetched = bytearray(self.prefetched), None
+            self._accept_pdu(buf)
+            return
         sock = cast(AssociationSocket, self.socket)
         raw = sock.socket
         if raw is None:
@@ -240,10 +276,14 @@ class GuardedDUL(DULServiceProvider):
         except (OSError, TimeoutError):
             self.event_queue.put("Evt17")
             return
+        self._accept_pdu(buf)
+
+    def _accept_pdu(self, buf: bytearray) -> None:
+        """Decode a whole PDU and queue it for the state machine."""
         try:
             pdu, event = self._decode_pdu(buf)
         except Exception as exc:  # any decoding failure is an invalid PDU
-            log.warning("DICOM peer sent an undecodable PDU (type 0x%02X): %s", pdu_type,
+            log.warning("DICOM peer sent an undecodable PDU (type 0x%02X): %s", buf[0],
                         type(exc).__name__)
             self.event_queue.put("Evt19")
             return
@@ -347,13 +387,16 @@ DimseFactory = Callable[[Association], DIMSEServiceProvider]
 
 
 def upgrade_association(assoc: Association, limits: PduLimits,
-                        dimse_factory: DimseFactory | None = None) -> None:
+                        dimse_factory: DimseFactory | None = None,
+                        prefetched: bytes | None = None) -> None:
     """Swap in the guarded DUL (and optionally another DIMSE provider) before the
-    association has a socket or has started."""
+    association has a socket or has started. ``prefetched``: the first PDU, already read
+    from the connection (the DUL processes it as if it had just arrived)."""
     if assoc.dul.socket is not None or assoc.dul.is_alive():
         raise RuntimeError("upgrade_association must run before the socket is attached")
     old = assoc.dul
     dul = GuardedDUL(assoc, limits)
+    dul.prefetched = prefetched
     dul._idle_timer = old._idle_timer
     dul.artim_timer = old.artim_timer
     assoc.dul = dul
@@ -363,15 +406,153 @@ def upgrade_association(assoc: Association, limits: PduLimits,
     assoc.__class__ = FastAssociation
 
 
+class NoAssociation(Exception):
+    """A connection closed before it became an association; ``reason`` is for counters."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class PendingConnections:
+    """Connections accepted but not yet associated, bounded per address and in total.
+
+    ``admit`` registers a connection; if that puts its address over ``per_address`` or
+    everyone over ``total``, the oldest pending connection (of that address, or overall)
+    is evicted: its socket is shut down, so the thread reading it sees end-of-file at
+    once. ``release`` forgets a connection (associated, refused or closed).
+    """
+
+    def __init__(self, per_address: int, total: int) -> None:
+        if per_address < 1 or total < 1:
+            raise ValueError("pending connection limits must be at least 1")
+        self.per_address = per_address
+        self.total = total
+        self._lock = threading.Lock()
+        self._all: OrderedDict[int, tuple[str, socket.socket]] = OrderedDict()
+        self._evicted: set[int] = set()
+
+    def admit(self, sock: socket.socket, address: str) -> None:
+        victims: list[socket.socket] = []
+        with self._lock:
+            self._all[id(sock)] = (address, sock)
+            same = [k for k, (a, _s) in self._all.items() if a == address]
+            while len(same) > self.per_address:
+                victims.append(self._all.pop(same.pop(0))[1])
+            while len(self._all) > self.total:
+                victims.append(self._all.popitem(last=False)[1][1])
+            self._evicted.update(id(v) for v in victims)
+        for victim in victims:
+            _shut(victim)
+
+    def was_evicted(self, sock: socket.socket) -> bool:
+        with self._lock:
+            return id(sock) in self._evicted
+
+    def release(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._all.pop(id(sock), None)
+            self._evicted.discard(id(sock))
+
+    def count(self, address: str | None = None) -> int:
+        with self._lock:
+            return sum(1 for a, _s in self._all.values() if address in (None, a))
+
+    def close_all(self) -> None:
+        with self._lock:
+            socks = [s for _a, s in self._all.values()]
+            self._all.clear()
+        for sock in socks:
+            _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    """Shut a socket down under whichever thread is reading it (the plain socket's
+    shutdown: an SSLSocket's own would drop its TLS state under the reader)."""
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed by its reader
+
+
+def _wait_io(sock: socket.socket, deadline: float, write: bool = False) -> None:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise NoAssociation("artim", "no A-ASSOCIATE-RQ within the ARTIM timeout")
+    r, w, _ = select.select([] if write else [sock], [sock] if write else [], [], left)
+    if not r and not w:
+        raise NoAssociation("artim", "no A-ASSOCIATE-RQ within the ARTIM timeout")
+
+
+def _handshake_before(sock: ssl.SSLSocket, deadline: float) -> None:
+    while True:
+        try:
+            sock.do_handshake()
+            return
+        except ssl.SSLWantReadError:
+            _wait_io(sock, deadline)
+        except ssl.SSLWantWriteError:
+            _wait_io(sock, deadline, write=True)
+        except (ssl.SSLError, OSError) as exc:
+            raise NoAssociation("tls", f"TLS handshake failed: {_tls_reason(exc)}") from None
+
+
+def _tls_reason(exc: BaseException) -> str:
+    return str(getattr(exc, "reason", None) or getattr(exc, "strerror", None)
+               or type(exc).__name__)
+
+
+def _read_before(sock: socket.socket, n: int, deadline: float) -> bytes:
+    """Exactly ``n`` bytes from a non-blocking socket, or NoAssociation at the deadline."""
+    data = bytearray()
+    while len(data) < n:
+        if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+            _wait_io(sock, deadline)
+        try:
+            chunk = sock.recv(min(n - len(data), 1 << 16))
+        except (BlockingIOError, ssl.SSLWantReadError):
+            continue
+        except ssl.SSLWantWriteError:
+            _wait_io(sock, deadline, write=True)
+            continue
+        except OSError as exc:
+            raise NoAssociation("closed", f"connection failed: {_tls_reason(exc)}") from None
+        if not chunk:
+            raise NoAssociation("closed", "connection closed before an A-ASSOCIATE-RQ")
+        data += chunk
+    return bytes(data)
+
+
+def _abort_pdu(reason: int) -> bytes:
+    pdu = A_ABORT_RQ()
+    pdu.source = 0x02  # DICOM UL service provider
+    pdu.reason_diagnostic = reason
+    return cast(bytes, pdu.encode())
+
+
 class GuardedRequestHandler(RequestHandler):
-    """Creates acceptor associations with the guarded DUL; sets socket options first."""
+    """Waits (ARTIM) for the A-ASSOCIATE-RQ, then creates an acceptor association with
+    the guarded DUL; sets socket options first."""
 
     server: GuardedServer
 
-    def _create_association(self) -> Association:
+    def handle(self) -> None:
+        client = cast(socket.socket, self.request)
+        set_nodelay(client)
+        try:
+            first = self.server.await_association_request(client, str(self.client_address[0]))
+        except NoAssociation as exc:
+            self.server.note_refusal(exc, str(self.client_address[0]))
+            self.server.shutdown_request(client)
+            return
+        assoc = self._create_association(first)
+        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        assoc.start()
+
+    def _create_association(self, prefetched: bytes | None = None) -> Association:
         # pynetdicom's RequestHandler._create_association, plus the upgrade.
         assoc = Association(self.ae, MODE_ACCEPTOR)
-        upgrade_association(assoc, self.server.limits, self.server.dimse_factory)
+        upgrade_association(assoc, self.server.limits, self.server.dimse_factory, prefetched)
         assoc._server = self.server
         assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
 
@@ -399,6 +580,29 @@ class GuardedRequestHandler(RequestHandler):
         return assoc
 
 
+@dataclass(frozen=True)
+class Perimeter:
+    """How long and how many connections may wait before associating."""
+
+    artim_timeout: float = DEFAULT_ARTIM_TIMEOUT
+    per_address: int = DEFAULT_PENDING_PER_ADDRESS
+    total: int = DEFAULT_PENDING_TOTAL
+
+
+@dataclass
+class PerimeterStats:
+    """Connections closed before they became associations, by reason."""
+
+    artim_expired: int = 0  # said nothing (or too little) within the ARTIM timeout
+    evicted: int = 0  # pushed out by newer pending connections over a limit
+    not_association: int = 0  # sent another PDU, or an oversized A-ASSOCIATE-RQ
+    tls_failed: int = 0  # DICOM TLS handshake failed
+    closed: int = 0  # the peer closed (or reset) before associating
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
 class GuardedServer(ThreadedAssociationServer):
     """A threaded association server whose associations are guarded (see module doc)."""
 
@@ -406,23 +610,112 @@ class GuardedServer(ThreadedAssociationServer):
     dimse_factory: DimseFactory | None
     read_timeout: float
     daemon_threads = True
+    request_queue_size = 128  # a burst of strangers must not overflow the SYN backlog
 
     def __init__(self, *args: Any, limits: PduLimits, dimse_factory: DimseFactory | None,
-                 read_timeout: float, **kwargs: Any) -> None:
+                 read_timeout: float, perimeter: Perimeter | None = None,
+                 **kwargs: Any) -> None:
         self.limits = limits
         self.dimse_factory = dimse_factory
         self.read_timeout = read_timeout
+        self.perimeter = perimeter or Perimeter()
+        self.pending = PendingConnections(self.perimeter.per_address, self.perimeter.total)
+        self.refused = PerimeterStats()
+        self._stats_lock = threading.Lock()
+        self._last_refusal_log = 0.0
+        self._refusals_unlogged = 0
         super().__init__(*args, request_handler=GuardedRequestHandler, **kwargs)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        # pynetdicom wraps TLS here, handshake included, in the accepting thread: one
+        # silent stranger would stall every accept. The handshake runs in the
+        # connection's thread instead, under the ARTIM deadline.
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True,
+                                                  do_handshake_on_connect=False)
+        return client, address
+
+    def await_association_request(self, sock: socket.socket, address: str) -> bytes:
+        """The connection's whole first PDU, an A-ASSOCIATE-RQ, read before the ARTIM
+        deadline; the connection counts as pending (bounded) meanwhile."""
+        deadline = time.monotonic() + self.perimeter.artim_timeout
+        self.pending.admit(sock, address)
+        try:
+            sock.settimeout(0.0)
+            if isinstance(sock, ssl.SSLSocket):
+                _handshake_before(sock, deadline)
+            header = _read_before(sock, 6, deadline)
+            pdu_type, _, length = struct.unpack(">BBL", header)
+            if pdu_type != 0x01:
+                _send_quietly(sock, _abort_pdu(0x02))  # unexpected PDU
+                raise NoAssociation("not_association",
+                                    f"first PDU is type 0x{pdu_type:02X}, not A-ASSOCIATE-RQ")
+            if length > self.limits.max_association:
+                _send_quietly(sock, _abort_pdu(0x06))  # invalid PDU parameter value
+                raise NoAssociation("not_association",
+                                    f"A-ASSOCIATE-RQ of {length} bytes (limit "
+                                    f"{self.limits.max_association})")
+            return header + _read_before(sock, length, deadline)
+        except NoAssociation:
+            if self.pending.was_evicted(sock):
+                raise NoAssociation("evicted", "evicted by newer connections over the "
+                                    "pending-connection limit") from None
+            raise
+        finally:
+            self.pending.release(sock)
+            try:
+                sock.settimeout(self.read_timeout)
+            except OSError:
+                pass  # closed under us (evicted)
+
+    def note_refusal(self, exc: NoAssociation, address: str) -> None:
+        """Count a refused connection; log it, at most one line a minute (a flood of
+        strangers must not flood the log)."""
+        with self._stats_lock:
+            reason = exc.reason
+            if reason == "evicted":
+                self.refused.evicted += 1
+            elif reason == "artim":
+                self.refused.artim_expired += 1
+            elif reason == "tls":
+                self.refused.tls_failed += 1
+            elif reason == "not_association":
+                self.refused.not_association += 1
+            else:
+                self.refused.closed += 1
+            self._refusals_unlogged += 1
+            now = time.monotonic()
+            if now - self._last_refusal_log < 60:
+                return
+            self._last_refusal_log, count = now, self._refusals_unlogged
+            self._refusals_unlogged = 0
+        log.warning("DICOM connection from %s closed before associating: %s "
+                    "(%d such connection(s) since the last report)", address, exc, count)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.pending.close_all()
+
+
+def _send_quietly(sock: socket.socket, data: bytes) -> None:
+    try:
+        sock.send(data)
+    except (OSError, ssl.SSLError):
+        pass  # the peer is gone or not listening; it is being closed anyway
 
 
 def start_server(ae: AE, address: tuple[str, int], *, ae_title: str,
                  evt_handlers: list[Any], limits: PduLimits,
                  dimse_factory: DimseFactory | None = None,
-                 read_timeout: float = 60.0) -> GuardedServer:
+                 read_timeout: float = 60.0, perimeter: Perimeter | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> GuardedServer:
     """Start a non-blocking association server (its own thread) and return it."""
     server = cast(GuardedServer, ae.make_server(
         address, ae_title=ae_title, evt_handlers=evt_handlers, server_class=GuardedServer,
-        limits=limits, dimse_factory=dimse_factory, read_timeout=read_timeout))
+        ssl_context=ssl_context, limits=limits, dimse_factory=dimse_factory,
+        read_timeout=read_timeout, perimeter=perimeter))
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
                               name=f"dicom-server-{server.server_address[1]}", daemon=True)
     thread.start()
