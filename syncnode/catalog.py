@@ -32,7 +32,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,6 +141,29 @@ class BlobNotPresent(CatalogError):
     """A put event whose blob is not in the store cannot be made live."""
 
 
+SameInstance = Callable[[str, str], bool]
+"""(stored blob, new blob) -> whether both hold the same data set (see build_local_puts)."""
+
+
+class InvalidLocalPut(CatalogError, ValueError):
+    """An instance whose attributes cannot make a valid put event (e.g. a UID that is not
+    a UID); the message names the field."""
+
+
+@dataclass(frozen=True, slots=True)
+class LocalPut:
+    """A put event built by :meth:`Catalog.build_local_puts`. ``event``/``body`` are None
+    when the instance already has a version with these bytes: ``event_id`` is that one."""
+
+    event_id: str
+    event: ev.PutEvent | None = None
+    body: bytes | None = None
+
+    @property
+    def new(self) -> bool:
+        return self.body is not None
+
+
 @dataclass(slots=True)
 class ApplyResult:
     """What a batch of events changed."""
@@ -188,6 +211,10 @@ class Catalog:
         # says no other connection committed (see _write); saves a query per inner node.
         self._merkle_cache: dict[tuple[int, int], merkle.NodeDigest] | None = None
         self._merkle_version: int | None = None
+        self._clock = 0  # the greatest timestamp this object issued (see _tick)
+        self._clock_lock = threading.Lock()
+        self._ro: sqlite3.Connection | None = None  # see _reader
+        self._ro_lock = threading.Lock()
         with self._write() as db:
             if node_id is not None:
                 row = db.execute("SELECT value FROM meta WHERE key='node_id'").fetchone()
@@ -201,6 +228,20 @@ class Catalog:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        with self._ro_lock:
+            if self._ro is not None:
+                self._ro.close()
+                self._ro = None
+
+    def _reader(self) -> sqlite3.Connection:
+        """A read-only connection (under ``_ro_lock``) for reads that must not wait for
+        this object's writes: in WAL mode it sees the last commit while a write and its
+        flush are under way. Opened on first use."""
+        if self._ro is None:
+            self._ro = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=60.0,
+                                       isolation_level=None, check_same_thread=False)
+            self._ro.execute("PRAGMA busy_timeout=60000")
+        return self._ro
 
     # -- transactions --------------------------------------------------------------------
     @contextmanager
@@ -241,10 +282,16 @@ class Catalog:
             row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return row[0] if row else None
 
-    def _tick(self, db: sqlite3.Connection) -> int:
+    def _tick(self, db: sqlite3.Connection, *, persist: bool = True) -> int:
+        """The next timestamp of this node's one clock: after the stored clock and after
+        every timestamp this object issued (events built but not yet inserted included).
+        ``persist``: store it in ``meta`` (inside the caller's write transaction)."""
         row = db.execute("SELECT value FROM meta WHERE key='hlc'").fetchone()
-        hlc = ev.hlc_tick(int(row[0]) if row else 0)
-        db.execute("INSERT OR REPLACE INTO meta VALUES ('hlc', ?)", (str(hlc),))
+        with self._clock_lock:
+            hlc = ev.hlc_tick(max(int(row[0]) if row else 0, self._clock))
+            self._clock = hlc
+        if persist:
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('hlc', ?)", (str(hlc),))
         return hlc
 
     def _observe(self, db: sqlite3.Connection, remote: int) -> None:
@@ -340,10 +387,69 @@ class Catalog:
             (level + 1, first, first + merkle.FANOUT))}
         return [found.get(first + i, merkle.EMPTY_NODE) for i in range(merkle.FANOUT)]
 
+    def build_local_puts(self, items: Iterable[tuple[dict[str, str], BlobInfo]],
+                         in_flight: Mapping[str, tuple[str, str]] | None = None,
+                         same_instance: SameInstance | None = None) -> list[LocalPut]:
+        """The put events recording instances stored here, built but not committed (the
+        SCP's ingest journal makes them durable itself, then :meth:`insert_local_puts`).
+
+        ``items``: (attributes, blob) pairs, the attributes those of
+        :class:`syncnode.dicomfile.InstanceInfo`. Every event is validated as a peer will
+        validate it, its indexed attributes cleaned (:func:`_indexed`), its timestamp taken
+        from this catalog's clock. An instance that already has a version with these exact
+        bytes that is not deleted, in the catalog, earlier in ``items`` or ``in_flight``
+        (SOP UID -> (blob, event id) of events built but not inserted yet), gets no new
+        event: its ``body`` is None. So does one whose version in the catalog differs only
+        in its file meta, when ``same_instance(stored blob, new blob)`` says so (the SCP
+        writes its own file meta; ``import`` keeps the file's). An invalid item raises
+        (:class:`~syncnode.ids.InvalidUID` for a UID, :class:`InvalidLocalPut` otherwise)
+        and the whole batch is dropped.
+
+        Look-ups use this catalog's read connection: they never wait for a write of this
+        object (a commit and its flush) to finish.
+        """
+        with self._ro_lock:
+            db = self._reader()
+            db.execute("BEGIN")
+            try:
+                return self._build_puts(db, items, in_flight or {}, same_instance,
+                                        persist_clock=False)
+            finally:
+                db.execute("COMMIT")
+
+    def insert_local_puts(self, built: Iterable[LocalPut],
+                          blob_present: Callable[[str], bool] | None = None) -> ApplyResult:
+        """Insert put events made by :meth:`build_local_puts` (those with a body), without
+        decoding or hashing them again. Idempotent. A put whose blob is not present
+        (``blob_present``) and that no tombstone names is rejected, as in :meth:`apply`."""
+        result = ApplyResult()
+        dirty_leaves: set[int] = set()
+        dirty_sops: set[str] = set()
+        freed: set[str] = set()
+        max_hlc = 0
+        with self._write() as db:
+            for put in built:
+                if put.body is None or put.event is None:
+                    continue
+                raw = bytes.fromhex(put.event_id)
+                if (blob_present is not None and not blob_present(put.event.blob)
+                        and db.execute("SELECT 1 FROM tombstones WHERE put_id=? LIMIT 1",
+                                       (raw,)).fetchone() is None):
+                    result.rejected[put.event_id] = f"blob {put.event.blob} not present"
+                    continue
+                max_hlc = max(max_hlc, put.event.hlc)
+                if self._insert(db, raw, put.body, put.event, dirty_leaves, dirty_sops, freed):
+                    result.inserted.append(put.event_id)
+            self._observe(db, max_hlc)
+            result.freed_blobs = self._finish(db, dirty_leaves, dirty_sops, freed)
+        return result
+
     def add_local_puts(self, items: Iterable[tuple[dict[str, str], BlobInfo]],
                        blob_present: Callable[[str], bool] | None = None,
+                       same_instance: SameInstance | None = None,
                        ) -> list[tuple[str, bool]]:
-        """Record instances stored here. ``items``: (attributes, blob) pairs where the
+        """Record instances stored here (``syncnode import``): :meth:`build_local_puts`
+        and insert in one transaction. ``items``: (attributes, blob) pairs where the
         attributes are those of :class:`syncnode.dicomfile.InstanceInfo`.
 
         Returns (event id, new) per item; an instance that already has a version with these
@@ -353,22 +459,47 @@ class Catalog:
         dirty_leaves: set[int] = set()
         dirty_sops: set[str] = set()
         freed: set[str] = set()
-        batch: dict[str, tuple[str, str]] = {}  # SOP UID -> (blob, event id) added here
+        items = list(items)
         with self._write() as db:
-            for attrs, blob in items:
+            if blob_present is not None:
+                for attrs, blob in items:
+                    if not blob_present(blob.hash):
+                        raise BlobNotPresent(f"blob {blob.hash} of "
+                                             f"{attrs.get('sop_instance_uid')} vanished "
+                                             "before commit")
+            for put in self._build_puts(db, items, {}, same_instance, persist_clock=True):
+                new = put.event is not None and put.body is not None and self._insert(
+                    db, bytes.fromhex(put.event_id), put.body, put.event, dirty_leaves,
+                    dirty_sops, freed)
+                results.append((put.event_id, new))
+            self._finish(db, dirty_leaves, dirty_sops, freed)
+        return results
+
+    def _build_puts(self, db: sqlite3.Connection,
+                    items: Iterable[tuple[dict[str, str], BlobInfo]],
+                    in_flight: Mapping[str, tuple[str, str]],
+                    same_instance: SameInstance | None, *, persist_clock: bool,
+                    ) -> list[LocalPut]:
+        """The one factory of local put events (see :meth:`build_local_puts`)."""
+        out: list[LocalPut] = []
+        batch: dict[str, tuple[str, str]] = {}  # SOP UID -> (blob, event id) built here
+        for attrs, blob in items:
+            try:
                 sop = check_uid(attrs["sop_instance_uid"], "SOP Instance UID")
-                if blob_present is not None and not blob_present(blob.hash):
-                    raise BlobNotPresent(f"blob {blob.hash} of {sop} vanished before commit")
-                if sop in batch and batch[sop][0] == blob.hash:  # a duplicate in this batch
-                    results.append((batch[sop][1], False))
+                seen = batch.get(sop) or in_flight.get(sop)
+                if seen is not None and seen[0] == blob.hash:
+                    out.append(LocalPut(seen[1]))
                     continue
-                row = db.execute("SELECT event_id FROM puts WHERE sop_instance_uid=? "
-                                 "AND blob=? AND removed=0", (sop, blob.hash)).fetchone()
-                if row is not None:
-                    results.append((row[0].hex(), False))
+                held = db.execute("SELECT event_id, blob FROM puts WHERE sop_instance_uid=? "
+                                  "AND removed=0", (sop,)).fetchall()
+                same = next((r for r in held if r[1] == blob.hash), None)
+                if same is None and same_instance is not None:
+                    same = next((r for r in held if same_instance(r[1], blob.hash)), None)
+                if same is not None:
+                    out.append(LocalPut(bytes(same[0]).hex()))
                     continue
-                event = ev.PutEvent(
-                    origin=self.node_id, hlc=self._tick(db), blob=blob.hash, size=blob.size,
+                fields = dict(
+                    origin=self.node_id, blob=blob.hash, size=blob.size,
                     chunks=blob.chunks_root,
                     sop_class_uid=check_uid(attrs["sop_class_uid"], "SOP Class UID"),
                     sop_instance_uid=sop,
@@ -381,15 +512,18 @@ class Catalog:
                     study_date=_indexed(attrs.get("study_date", "")),
                     transfer_syntax_uid=_indexed(attrs.get("transfer_syntax_uid", "")),
                 )
-                body = ev.encode(event)
+            except KeyError as exc:
+                raise InvalidLocalPut(f"instance attributes lack {exc}") from exc
+            event = ev.PutEvent(hlc=self._tick(db, persist=persist_clock), **fields)
+            body = ev.encode(event)
+            try:
                 ev.decode(body)  # the same validation a peer will apply
-                eid = ev.event_id(body)
-                new = self._insert(db, bytes.fromhex(eid), body, event, dirty_leaves,
-                                   dirty_sops, freed)
-                batch[sop] = (blob.hash, eid)
-                results.append((eid, new))
-            self._finish(db, dirty_leaves, dirty_sops, freed)
-        return results
+            except ev.InvalidEvent as exc:
+                raise InvalidLocalPut(f"instance {sop} cannot be recorded: {exc}") from exc
+            eid = ev.event_id(body)
+            batch[sop] = (blob.hash, eid)
+            out.append(LocalPut(eid, event, body))
+        return out
 
     def delete_instances(self, sop_uids: Iterable[str]) -> ApplyResult:
         """Tombstone the current versions of these instances. Unknown UIDs are ignored."""

@@ -150,7 +150,8 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import BinaryIO, Final, Protocol
 
-__all__ = ["InstanceInfo", "InvalidDicom", "inspect_bytes", "inspect_file", "is_valid_uid"]
+__all__ = ["InstanceInfo", "InvalidDicom", "InvalidIdentity", "dataset_offset", "inspect_bytes",
+           "inspect_file", "is_valid_uid", "same_dataset"]
 
 
 class InvalidDicom(ValueError):
@@ -164,6 +165,12 @@ class InvalidDicom(ValueError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class InvalidIdentity(InvalidDicom):
+    """The instance's identity is missing, invalid or contradicts itself: a SOP Class/
+    Instance, Study or Series UID, or the file meta's Media Storage UIDs (a C-STORE answers
+    0xA900 "data set does not match SOP class" for these, 0xC000 for other reasons)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -872,15 +879,15 @@ def _uid_text(raw: bytes) -> str:
 
 def _required_uid(top: _TopLevel, tag: int, name: str) -> str:
     if tag in top.too_long:
-        raise InvalidDicom(f"invalid {name}: value is {top.too_long[tag]} bytes long")
+        raise InvalidIdentity(f"invalid {name}: value is {top.too_long[tag]} bytes long")
     raw = top.values.get(tag)
     if raw is None:
-        raise InvalidDicom(f"missing {name}")
+        raise InvalidIdentity(f"missing {name}")
     value = _uid_text(raw)
     if not value:
-        raise InvalidDicom(f"missing {name} (the element is empty)")
+        raise InvalidIdentity(f"missing {name} (the element is empty)")
     if not is_valid_uid(value):
-        raise InvalidDicom(f"invalid {name} {_show(value)}")
+        raise InvalidIdentity(f"invalid {name} {_show(value)}")
     return value
 
 
@@ -1073,18 +1080,18 @@ def _inspect(f: BinaryIO, size: int) -> InstanceInfo:
 
     meta_class = _uid_text(meta_class_raw) if meta_class_raw is not None else ""
     if not meta_class:
-        raise InvalidDicom("file meta lacks Media Storage SOP Class UID (0002,0002)")
+        raise InvalidIdentity("file meta lacks Media Storage SOP Class UID (0002,0002)")
     if meta_class != sop_class:
-        raise InvalidDicom(
+        raise InvalidIdentity(
             f"SOP Class UID {sop_class} does not match Media Storage SOP Class UID "
             f"{_show(meta_class)} in the file meta"
         )
     meta_inst_raw = meta.values.get(_META_SOP_INSTANCE)
     meta_inst = _uid_text(meta_inst_raw) if meta_inst_raw is not None else ""
     if not meta_inst:
-        raise InvalidDicom("file meta lacks Media Storage SOP Instance UID (0002,0003)")
+        raise InvalidIdentity("file meta lacks Media Storage SOP Instance UID (0002,0003)")
     if meta_inst != sop_instance:
-        raise InvalidDicom(
+        raise InvalidIdentity(
             f"SOP Instance UID {sop_instance} does not match Media Storage SOP Instance UID "
             f"{_show(meta_inst)} in the file meta"
         )
@@ -1100,3 +1107,52 @@ def _inspect(f: BinaryIO, size: int) -> InstanceInfo:
         study_date=_study_date(top),
         transfer_syntax_uid=ts,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# The data set of a Part-10 file
+
+
+def dataset_offset(head: bytes) -> int:
+    """Offset of the data set in a Part-10 file, from its first bytes (group 0002 is
+    explicit VR little endian; ``head`` must cover the file meta)."""
+    if head[128:132] != b"DICM":
+        raise ValueError("not a Part-10 file")
+    pos = 132
+    while pos + 8 <= len(head):
+        group = struct.unpack_from("<H", head, pos)[0]
+        if group != 0x0002:
+            return pos
+        vr = head[pos + 4:pos + 6]
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL",
+                  b"OV"):
+            pos += 12 + struct.unpack_from("<I", head, pos + 8)[0]
+        else:
+            pos += 8 + struct.unpack_from("<H", head, pos + 6)[0]
+    raise ValueError("file meta longer than expected")
+
+
+_HEAD = 65536
+_COMPARE_BLOCK = 1 << 20
+
+
+def same_dataset(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether two Part-10 files hold the same data set bytes, whatever their file meta
+    (the SCP writes its own; an imported file keeps the sender's). False when either
+    cannot be read as a Part-10 file."""
+    try:
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            off_a = dataset_offset(fa.read(_HEAD))
+            off_b = dataset_offset(fb.read(_HEAD))
+            if os.fstat(fa.fileno()).st_size - off_a != os.fstat(fb.fileno()).st_size - off_b:
+                return False
+            fa.seek(off_a)
+            fb.seek(off_b)
+            while True:
+                block = fa.read(_COMPARE_BLOCK)
+                if block != fb.read(_COMPARE_BLOCK):
+                    return False
+                if not block:
+                    return True
+    except (OSError, ValueError, struct.error):
+        return False

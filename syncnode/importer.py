@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .blobstore import BlobStore, StagedBlob, StoreFull, copy_fd
-from .dicomfile import InvalidDicom, inspect_bytes, inspect_file
+from .dicomfile import InvalidDicom, inspect_bytes, inspect_file, same_dataset
 from .local import LocalNode
 
 BATCH_FILES = 128
@@ -92,7 +92,16 @@ def import_paths(node: LocalNode, paths: Iterable[Path],
     def commit(entries: list[tuple[dict[str, str], StagedBlob]]) -> list[tuple[str, bool]]:
         blobs = store.install_staged([staged for _, staged in entries])
         items = [(attrs, blob) for (attrs, _), blob in zip(entries, blobs, strict=True)]
-        return node.catalog.add_local_puts(items, blob_present=store.has)
+        results = node.catalog.add_local_puts(
+            items, blob_present=store.has,
+            same_instance=lambda held, new: same_dataset(store.path(held), store.path(new)))
+        # a file held already under another file meta (e.g. received by C-STORE): the
+        # blob just made for it is referenced by nothing
+        spare = [b.hash for b, (_eid, new) in zip(blobs, results, strict=True)
+                 if b.created and not new]
+        if spare:
+            node.catalog.collect_garbage(spare, store.delete)
+        return results
 
     def committed() -> None:
         nonlocal committing

@@ -26,8 +26,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import dicom_testkit as kit
 
-from syncnode.dicom.scp import DicomServer, file_meta_bytes, status_for_reason
-from syncnode.dicomfile import InvalidDicom, inspect_file
+from syncnode.dicom.scp import DicomServer, file_meta_bytes, status_for
+from syncnode.dicomfile import InvalidDicom, InvalidIdentity, inspect_file
 from syncnode.local import LocalNode
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -335,10 +335,11 @@ def test_file_meta_bytes_parse_back(tmp_path: Path) -> None:
     assert meta.FileMetaInformationGroupLength == len(head) - 132 - 12
 
 
-def test_status_for_reason() -> None:
-    assert status_for_reason("missing SOP Instance UID") == 0xA900
-    assert status_for_reason("SOP Class UID 1.2 does not match Media Storage ...") == 0xA900
-    assert status_for_reason("truncated: file ends inside ...") == 0xC000
+def test_status_for() -> None:
+    assert status_for(InvalidIdentity("missing SOP Instance UID")) == 0xA900
+    assert status_for(InvalidIdentity("SOP Class UID 1.2 does not match Media Storage ...")
+                      ) == 0xA900
+    assert status_for(InvalidDicom("truncated: file ends inside ...")) == 0xC000
 
 
 @pytest.mark.parametrize(("status", "comment"), [(0x0000, ""), (0xC000, "truncated: x"),

@@ -61,6 +61,7 @@ from pynetdicom.presentation import build_context
 from ..blobstore import BlobError, BlobStore
 from ..catalog import open_database
 from ..config import parse_ae_address
+from ..dicomfile import dataset_offset
 from ..local import CATALOG_FILE, LocalNode
 from ..retry import backoff
 from .transport import PduLimits, SyncnodeAE
@@ -110,25 +111,6 @@ def _transient(status: int) -> bool:
 
 def connect(path: Path) -> sqlite3.Connection:
     return open_database(path, SCHEMA)
-
-
-def dataset_offset(head: bytes) -> int:
-    """Offset of the data set in a Part-10 file, from its first bytes (group 0002 is
-    explicit VR little endian; ``head`` must cover the file meta)."""
-    if head[128:132] != b"DICM":
-        raise ValueError("not a Part-10 file")
-    pos = 132
-    while pos + 8 <= len(head):
-        group = struct.unpack_from("<H", head, pos)[0]
-        if group != 0x0002:
-            return pos
-        vr = head[pos + 4:pos + 6]
-        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL",
-                  b"OV"):
-            pos += 12 + struct.unpack_from("<I", head, pos + 8)[0]
-        else:
-            pos += 8 + struct.unpack_from("<H", head, pos + 6)[0]
-    raise ValueError("file meta longer than expected")
 
 
 @dataclass

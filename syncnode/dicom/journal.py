@@ -27,17 +27,18 @@ them) and removed once the event is in the catalog; a blob found missing at inse
 replay time is put back from them.
 
 Record format: ``b"SNJ1"``, payload length (u32 LE), CRC-32 of the payload (u32 LE),
-payload = 32-byte event id + event body. Events are built exactly as
-:meth:`syncnode.catalog.Catalog.add_local_puts` builds them (this node as origin, the
-hybrid logical clock, the same validation); an instance whose live version, or a journaled
-one, already has the same bytes gets no new event.
+payload = 32-byte event id + event body. Events are built by the catalog's one factory,
+:meth:`syncnode.catalog.Catalog.build_local_puts`, which ``import`` uses too (this node as
+origin, the catalog's clock, the same validation and attribute clean-up); an instance
+that has a version with the same bytes that is not deleted, in the catalog or journaled,
+gets no new event. The built events are handed to the catalog as they are (never decoded
+or hashed again); only a replay decodes and checks what it reads back.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import sqlite3
 import struct
 import threading
 import time
@@ -47,9 +48,8 @@ from pathlib import Path
 
 from .. import events as ev
 from ..blobstore import CHUNK_SIZE, BlobInfo, BlobStore
-from ..catalog import Catalog
-from ..dicomfile import InstanceInfo
-from ..ids import check_uid
+from ..catalog import Catalog, LocalPut
+from ..dicomfile import InstanceInfo, same_dataset
 
 log = logging.getLogger("syncnode.dicom")
 
@@ -61,9 +61,12 @@ APPLY_BATCH = 512
 APPLY_LINGER = 0.05  # seconds the catalog writer waits for more events before a commit
 
 
-def _blob_of(body: bytes) -> str:
-    event = ev.decode(body)
-    return event.blob if isinstance(event, ev.PutEvent) else ""
+def _decoded(eid: str, body: bytes) -> LocalPut:
+    """A journaled event this object did not build (a caller's own record): checked."""
+    event = ev.decode_checked(eid, body)
+    if not isinstance(event, ev.PutEvent):
+        raise ev.InvalidEvent(f"journaled event {eid} is not a put")
+    return LocalPut(eid, event, body)
 
 
 class IngestJournal:
@@ -76,19 +79,15 @@ class IngestJournal:
         self.store = store
         self.on_applied = on_applied
         self.catalog = Catalog(catalog_path, node_id=node_id)  # written by the applier only
-        # Look-ups on the ingest path use their own read-only connection: in WAL mode they
-        # never wait for the applier's transactions (and their flushes).
-        self._ro = sqlite3.connect(f"file:{catalog_path}?mode=ro", uri=True, timeout=60.0,
-                                   check_same_thread=False)
         self.keep_dir = store.tmp_dir / "dicom-keep"
         self.keep_dir.mkdir(exist_ok=True)
         self._lock = threading.Condition()
-        self._hlc = int(self.catalog.get_meta("hlc") or 0)
-        self._pending: list[tuple[str, bytes]] = []  # journaled, durable, not yet applied
+        self._pending: list[LocalPut] = []  # journaled, durable, not yet applied
         self._unapplied = 0  # records in the journal file not yet in the catalog
         self._batch_start = 0  # journal length before the last record() (see abandon)
         self._journaled: dict[str, tuple[str, str]] = {}  # SOP UID -> (blob, event id)
         self._sop_of: dict[str, str] = {}  # event id -> SOP UID, for journaled events
+        self._built: dict[str, LocalPut] = {}  # event id -> the event, for journaled ones
         self._closing = False
         self.applied = 0
         self.recovered = self.recover()
@@ -98,55 +97,40 @@ class IngestJournal:
         self._thread.start()
 
     # -- writing (the committer's leader thread) ------------------------------------------
-    def record(self, items: list[tuple[InstanceInfo, BlobInfo]]
-               ) -> list[tuple[str, bool, bytes | None]]:
+    def record(self, items: list[tuple[InstanceInfo, BlobInfo]],
+               staged: dict[str, Path] | None = None) -> list[tuple[str, bool, bytes | None]]:
         """Append events for these instances (not yet durable: see :meth:`durable`).
 
-        Returns (event id, new, body or None) per item. All events are built and checked
-        before anything is written, so an invalid item raises and appends nothing.
+        Returns (event id, new, body or None) per item. The events come from the
+        catalog's one factory (:meth:`syncnode.catalog.Catalog.build_local_puts`: same
+        validation, attribute clean-up, clock and duplicate rule as ``import``); all are
+        built and checked before anything is written, so an invalid item raises
+        :class:`~syncnode.catalog.InvalidLocalPut` and appends nothing. ``staged``: the
+        files of blobs not installed yet (hash -> temp file), for comparing data sets with
+        versions already held (an instance imported, then sent, adds nothing).
         """
+        where = dict(staged or {})
+
+        def same_instance(held: str, new: str) -> bool:
+            return same_dataset(self.store.path(held), where.get(new) or self.store.path(new))
+
         out: list[tuple[str, bool, bytes | None]] = []
         records: list[bytes] = []
-        batch: dict[str, tuple[str, str]] = {}
         with self._lock:
-            # Never behind the catalog's clock (peers' events and local deletes move it), so
-            # a version received now wins over every version already known.
-            row = self._ro.execute("SELECT value FROM meta WHERE key='hlc'").fetchone()
-            self._hlc = max(self._hlc, int(row[0]) if row else 0)
-            for info, blob in items:
-                sop = check_uid(info.sop_instance_uid, "SOP Instance UID")
-                seen = batch.get(sop) or self._journaled.get(sop)
-                if seen is not None and seen[0] == blob.hash:
-                    out.append((seen[1], False, None))
+            built = self.catalog.build_local_puts(
+                [(info.to_dict(), blob) for info, blob in items], self._journaled,
+                same_instance)
+            batch: dict[str, tuple[str, str]] = {}
+            for put in built:
+                if put.body is None or put.event is None:
+                    out.append((put.event_id, False, None))
                     continue
-                if seen is None:
-                    live = self._ro.execute(
-                        "SELECT event_id FROM puts WHERE sop_instance_uid=? AND blob=? "
-                        "AND live=1", (sop, blob.hash)).fetchone()
-                    if live is not None:
-                        out.append((bytes(live[0]).hex(), False, None))
-                        continue
-                hlc = ev.hlc_tick(self._hlc)
-                event = ev.PutEvent(
-                    origin=self.node_id, hlc=hlc, blob=blob.hash, size=blob.size,
-                    chunks=blob.chunks_root,
-                    sop_class_uid=check_uid(info.sop_class_uid, "SOP Class UID"),
-                    sop_instance_uid=sop,
-                    series_instance_uid=check_uid(info.series_instance_uid,
-                                                  "Series Instance UID"),
-                    study_instance_uid=check_uid(info.study_instance_uid,
-                                                 "Study Instance UID"),
-                    patient_id=info.patient_id, modality=info.modality,
-                    study_date=info.study_date, transfer_syntax_uid=info.transfer_syntax_uid)
-                body = ev.encode(event)
-                ev.decode(body)  # the validation a peer (and the catalog) will apply
-                eid = ev.event_id(body)
-                self._hlc = hlc
-                payload = bytes.fromhex(eid) + body
+                payload = bytes.fromhex(put.event_id) + put.body
                 records.append(_HEADER.pack(_MAGIC, len(payload), zlib.crc32(payload))
                                + payload)
-                batch[sop] = (blob.hash, eid)
-                out.append((eid, True, body))
+                batch[put.event.sop_instance_uid] = (put.event.blob, put.event_id)
+                self._built[put.event_id] = put
+                out.append((put.event_id, True, put.body))
             self._batch_start = os.lseek(self._fd, 0, os.SEEK_END)
             if records:
                 data = b"".join(records)
@@ -173,15 +157,18 @@ class IngestJournal:
 
     def _forget(self, eid: str) -> None:
         """Stop counting a journaled event as on its way (under the lock)."""
+        self._built.pop(eid, None)
         sop = self._sop_of.pop(eid, None)
         if sop is not None and self._journaled.get(sop, ("", ""))[1] == eid:
             del self._journaled[sop]
 
     def durable(self, records: list[tuple[str, bytes]]) -> None:
-        """These journaled events are now durable: hand them to the catalog writer."""
+        """These journaled events ((id, body) as :meth:`record` returned them) are now
+        durable: hand them to the catalog writer (as built: not decoded again)."""
         if records:
             with self._lock:
-                self._pending.extend(records)
+                self._pending.extend(self._built.get(eid) or _decoded(eid, body)
+                                     for eid, body in records)
                 self._lock.notify_all()
 
     # -- applying (background) ----------------------------------------------------------
@@ -202,9 +189,9 @@ class IngestJournal:
                 batch = self._pending[:APPLY_BATCH]
                 del self._pending[:APPLY_BATCH]
             try:
-                for _eid, body in batch:
-                    self._restore(_blob_of(body))
-                result = self.catalog.apply(batch, blob_present=self.store.has)
+                for put in batch:
+                    self._restore(put.event.blob if put.event is not None else "")
+                result = self.catalog.insert_local_puts(batch, blob_present=self.store.has)
             except Exception:  # keep the events journaled; retry them shortly
                 log.exception("catalog insert of %d journaled events failed", len(batch))
                 with self._lock:
@@ -216,12 +203,12 @@ class IngestJournal:
             with self._lock:
                 self._unapplied -= len(batch)
                 self.applied += len(batch)
-                for eid, body in batch:
-                    blob = _blob_of(body)
-                    if blob and eid not in result.rejected:
+                for put in batch:
+                    blob = put.event.blob if put.event is not None else ""
+                    if blob and put.event_id not in result.rejected:
                         for name in (blob, f"{blob}.chunks"):
                             (self.keep_dir / name).unlink(missing_ok=True)
-                    self._forget(eid)
+                    self._forget(put.event_id)
                 if self._unapplied == 0:
                     os.ftruncate(self._fd, 0)  # all in the catalog (a replay would be a no-op)
                     self._release_all()
@@ -245,7 +232,6 @@ class IngestJournal:
             self._lock.notify_all()
         self._thread.join(30)
         os.close(self._fd)
-        self._ro.close()
         self.catalog.close()
 
     # -- keeping journaled blobs alive ----------------------------------------------------
@@ -333,6 +319,4 @@ class IngestJournal:
             f.truncate(0)
             os.fsync(f.fileno())
         self._release_all()
-        if good:
-            self._hlc = max(self._hlc, int(self.catalog.get_meta("hlc") or 0))
         return inserted

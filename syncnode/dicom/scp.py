@@ -69,8 +69,9 @@ from pynetdicom.sop_class import (
 
 from .. import __version__
 from ..blobstore import BlobInfo, BlobStore, StagedBlob, StoreFull
-from ..dicomfile import InstanceInfo, InvalidDicom, inspect_file
-from ..ids import is_uid
+from ..catalog import InvalidLocalPut
+from ..dicomfile import InstanceInfo, InvalidDicom, InvalidIdentity, inspect_file
+from ..ids import InvalidUID, is_uid
 from ..local import CATALOG_FILE, LocalNode
 from . import query
 from .ingest import SpoolWriter
@@ -108,16 +109,19 @@ STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_PROCESSING_FAILURE = 0x0110
 COMMIT_WAIT = 300.0  # seconds a handler waits for its group commit before giving up
 
-# InvalidDicom reasons about the instance's identity -> 0xA900; the rest -> 0xC000.
-_IDENTITY_PREFIXES = (
-    "missing SOP", "invalid SOP", "missing Study", "invalid Study", "missing Series",
-    "invalid Series", "SOP Class UID", "SOP Instance UID", "file meta lacks Media Storage",
-)
 
 
-def status_for_reason(reason: str) -> int:
-    return (STATUS_DATASET_MISMATCH if reason.startswith(_IDENTITY_PREFIXES)
-            else STATUS_CANNOT_UNDERSTAND)
+def status_for(exc: Exception) -> int:
+    """The C-STORE failure status for an error, by its type: the instance's identity
+    (:class:`InvalidIdentity`, :class:`InvalidUID`, :class:`InvalidLocalPut`) -> 0xA900;
+    any other unacceptable file -> 0xC000; no space -> 0xA700; anything else -> 0x0110."""
+    if isinstance(exc, InvalidIdentity | InvalidUID | InvalidLocalPut):
+        return STATUS_DATASET_MISMATCH
+    if isinstance(exc, InvalidDicom):
+        return STATUS_CANNOT_UNDERSTAND
+    if isinstance(exc, StoreFull):
+        return STATUS_OUT_OF_RESOURCES
+    return STATUS_PROCESSING_FAILURE
 
 
 # --------------------------------------------------------------------------------------------
@@ -465,7 +469,8 @@ class Committer:
         results: list[tuple[str, bool, bytes | None]] = []
         try:
             results = self.journal.record([(p.info, p.staged.info(created=False))
-                                           for p in batch])
+                                           for p in batch],
+                                          {p.staged.digest: p.staged.tmp for p in batch})
 
             def keep(_infos: list[BlobInfo]) -> None:
                 for p, (_eid, _new, body) in zip(batch, results, strict=True):
@@ -679,15 +684,15 @@ class DicomServer:
             writer.flush()
             info = inspect_file(writer.tmp_path)
             if info.sop_instance_uid != sop:  # inspect checks it against the file meta too
-                raise InvalidDicom(f"SOP Instance UID {info.sop_instance_uid} does not match "
-                                   "the request's Affected SOP Instance UID")
+                raise InvalidIdentity(f"SOP Instance UID {info.sop_instance_uid} does not "
+                                      "match the request's Affected SOP Instance UID")
             staged = writer.stage()
         except InvalidDicom as exc:
             writer.abort()
             self.stats.failed += 1
             log.warning("C-STORE %s from %s refused: %s", shown_sop,
                         assoc.requestor.ae_title, exc.reason)
-            return _status(status_for_reason(exc.reason), exc.reason)
+            return _status(status_for(exc), exc.reason)
         except StoreFull:
             writer.abort()
             self.stats.failed += 1
@@ -711,6 +716,8 @@ class DicomServer:
                 committer.forget(pending)
             if isinstance(pending.error, StoreFull):
                 return _status(STATUS_OUT_OF_RESOURCES, "no space left on the receiving node")
+            if isinstance(pending.error, InvalidUID | InvalidLocalPut):
+                return _status(status_for(pending.error), str(pending.error))
             return _status(STATUS_PROCESSING_FAILURE, "could not record the instance")
         if pending.new:
             self.stats.stored += 1
