@@ -68,32 +68,6 @@ from .transport import PduLimits, SyncnodeAE
 
 log = logging.getLogger("syncnode.dicom.exporter")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS outbox (
-    id               INTEGER PRIMARY KEY,
-    dest             TEXT NOT NULL,
-    seq              INTEGER NOT NULL,  -- the event's (and its puts row's) seq
-    event_id         BLOB NOT NULL,
-    sop_instance_uid TEXT NOT NULL,
-    state            TEXT NOT NULL DEFAULT 'pending'
-                     CHECK (state IN ('pending', 'done', 'failed', 'skipped')),
-    attempts         INTEGER NOT NULL DEFAULT 0,
-    next_attempt     REAL NOT NULL DEFAULT 0,
-    last_error       TEXT NOT NULL DEFAULT '',
-    enqueued         REAL NOT NULL,
-    updated          REAL NOT NULL,
-    UNIQUE (dest, event_id)
-);
-CREATE INDEX IF NOT EXISTS outbox_due ON outbox (dest, state, next_attempt);
-CREATE TABLE IF NOT EXISTS outbox_cursor (
-    dest          TEXT PRIMARY KEY,
-    seq           INTEGER NOT NULL DEFAULT 0,
-    last_error    TEXT NOT NULL DEFAULT '',
-    last_contact  REAL NOT NULL DEFAULT 0,
-    failures      INTEGER NOT NULL DEFAULT 0
-);
-"""
-
 SUCCESS_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 DEFLATED = "1.2.840.10008.1.2.1.99"
@@ -110,7 +84,7 @@ def _transient(status: int) -> bool:
 
 
 def connect(path: Path) -> sqlite3.Connection:
-    return open_database(path, SCHEMA)
+    return open_database(path)
 
 
 @dataclass

@@ -40,19 +40,8 @@ from .transport import PduLimits, SyncnodeAE
 
 log = logging.getLogger("syncnode.dicom.retrieve")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS retrieved (
-    source             TEXT NOT NULL,
-    study_instance_uid TEXT NOT NULL,
-    instances          INTEGER NOT NULL,
-    retrieved          REAL NOT NULL,
-    PRIMARY KEY (source, study_instance_uid)
-) WITHOUT ROWID;
-"""
-
-
 def connect(path: Any) -> sqlite3.Connection:
-    return open_database(path, SCHEMA)
+    return open_database(path)
 
 
 class Source:

@@ -1,6 +1,7 @@
-"""The catalog: SQLite (WAL) holding the event set and everything derived from it.
+"""The catalog's core: the event set and everything derived from it (SQLite, WAL).
 
-Tables (all SQL is in this file):
+Tables (their SQL is here; the schema and its migrations are in
+:mod:`syncnode.catalog.schema`):
 
 - ``events``: the grow-only set. ``id`` (32 raw bytes) = BLAKE3 of ``body``, the
   canonical encoding (see :mod:`syncnode.events`). Never updated, never deleted.
@@ -11,6 +12,8 @@ Tables (all SQL is in this file):
 - ``merkle``: digest and count of every non-empty node of the Merkle index. Derived,
   maintained in the same transaction as the inserts that change it.
 - ``meta``: the node id and the hybrid logical clock.
+- ``peers``, ``peer_state``, ``discovered``: trusted peers, their sync state, nodes seen
+  on the LAN.
 
 Invariants:
 
@@ -38,80 +41,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import events as ev
-from . import merkle
-from .blobstore import BlobInfo
-from .ids import InvalidHash, check_hash, check_uid
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (
-    key   TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS events (
-    seq      INTEGER PRIMARY KEY,
-    id       BLOB NOT NULL,
-    kind     TEXT NOT NULL CHECK (kind IN ('put', 'delete')),
-    hlc      INTEGER NOT NULL,
-    origin   TEXT NOT NULL,
-    body     BLOB NOT NULL,
-    received INTEGER NOT NULL DEFAULT (unixepoch())
-);
--- Rows are appended in arrival order (seq); the id index is small and dense, which keeps
--- random-hash inserts and Merkle leaf scans in cache at millions of events.
-CREATE UNIQUE INDEX IF NOT EXISTS events_by_id ON events (id);
-CREATE TABLE IF NOT EXISTS puts (
-    seq                 INTEGER PRIMARY KEY,  -- = events.seq: no index on random ids
-    event_id            BLOB NOT NULL,
-    sop_instance_uid    TEXT NOT NULL,
-    sop_class_uid       TEXT NOT NULL,
-    series_instance_uid TEXT NOT NULL,
-    study_instance_uid  TEXT NOT NULL,
-    patient_id          TEXT NOT NULL,
-    modality            TEXT NOT NULL,
-    study_date          TEXT NOT NULL,
-    transfer_syntax_uid TEXT NOT NULL,
-    blob                TEXT NOT NULL,
-    size                INTEGER NOT NULL,
-    chunks              TEXT NOT NULL,
-    hlc                 INTEGER NOT NULL,
-    origin              TEXT NOT NULL,
-    removed             INTEGER NOT NULL DEFAULT 0,
-    live                INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS puts_by_sop ON puts (sop_instance_uid, removed);
-CREATE INDEX IF NOT EXISTS puts_by_blob ON puts (blob, removed);
-CREATE INDEX IF NOT EXISTS puts_live_by_study ON puts (study_instance_uid, series_instance_uid)
-    WHERE live = 1;
-CREATE TABLE IF NOT EXISTS tombstones (
-    put_id    BLOB NOT NULL,
-    delete_id BLOB NOT NULL,
-    PRIMARY KEY (put_id, delete_id)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS peers (
-    node_id TEXT PRIMARY KEY,
-    url     TEXT NOT NULL,
-    push    TEXT NOT NULL DEFAULT 'auto' CHECK (push IN ('auto', 'always', 'never')),
-    added   INTEGER NOT NULL DEFAULT (unixepoch())
-);
-CREATE TABLE IF NOT EXISTS peer_state (
-    node_id TEXT PRIMARY KEY,
-    updated REAL NOT NULL,
-    state   TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS discovered (
-    node_id   TEXT PRIMARY KEY,
-    url       TEXT NOT NULL,
-    last_seen REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS merkle (
-    level  INTEGER NOT NULL,
-    idx    INTEGER NOT NULL,
-    digest BLOB NOT NULL,
-    count  INTEGER NOT NULL,
-    PRIMARY KEY (level, idx)
-) WITHOUT ROWID;
-"""
+from .. import events as ev
+from .. import merkle
+from ..blobstore import BlobInfo
+from ..ids import InvalidHash, check_hash, check_uid
+from .schema import CatalogError, open_database
 
 _SEQ_OF = "SELECT seq FROM events WHERE id=?"  # a put's row, found through the events index
 PUT_COLUMNS = (
@@ -119,22 +53,6 @@ PUT_COLUMNS = (
     "patient_id", "modality", "study_date", "transfer_syntax_uid", "blob", "size", "chunks",
     "hlc", "origin",
 )
-
-
-def open_database(path: Path | str, schema: str) -> sqlite3.Connection:
-    """A connection to the catalog file as every writer of it needs one: WAL, durable
-    commits (``synchronous=FULL``), a minute's patience with other writers, explicit
-    transactions; ``schema`` (``CREATE ... IF NOT EXISTS``) applied."""
-    db = sqlite3.connect(path, timeout=60.0, isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
-    db.execute("PRAGMA busy_timeout=60000")
-    db.executescript(schema)
-    return db
-
-
-class CatalogError(Exception):
-    """A catalog operation that cannot be carried out; the message says why."""
 
 
 class BlobNotPresent(CatalogError):
@@ -203,7 +121,7 @@ class Catalog:
     def __init__(self, path: Path | str, node_id: str | None = None) -> None:
         self.path = Path(path)
         self._lock = threading.RLock()
-        self._db = open_database(self.path, SCHEMA)
+        self._db = open_database(self.path)
         self._db.execute("PRAGMA cache_size=-131072")  # 128 MiB
         # checkpoint the WAL every ~40 MB instead of ~4 MB: fewer rewrites of hot pages
         self._db.execute("PRAGMA wal_autocheckpoint=10000")

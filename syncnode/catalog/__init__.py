@@ -1,0 +1,27 @@
+"""The catalog: the one owner of the node's SQLite file (events, live view, Merkle index,
+peers, and the read models the DICOM bridge needs). No other module runs SQL.
+
+- :mod:`.schema`: the tables, ``PRAGMA user_version`` and the forward migrations.
+- :mod:`.core`: :class:`Catalog` — the event set, the one factory of local events and
+  its clock, everything derived from events, peers.
+- :mod:`.outbox`: the DICOM exporter's queue per destination.
+- :mod:`.find`: the C-FIND matching queries.
+- :mod:`.retrieved`: the studies retrieved from each PACS.
+"""
+
+from .core import (
+    PUT_COLUMNS,
+    ApplyResult,
+    BlobNotPresent,
+    Catalog,
+    Instance,
+    InvalidLocalPut,
+    LocalPut,
+    SameInstance,
+)
+from .schema import SCHEMA_VERSION, CatalogError, SchemaTooNew, open_database
+
+__all__ = [
+    "PUT_COLUMNS", "SCHEMA_VERSION", "ApplyResult", "BlobNotPresent", "Catalog", "CatalogError",
+    "Instance", "InvalidLocalPut", "LocalPut", "SameInstance", "SchemaTooNew", "open_database",
+]

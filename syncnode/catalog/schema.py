@@ -1,0 +1,206 @@
+"""The catalog's schema and its forward migrations.
+
+The schema version is SQLite's ``PRAGMA user_version``: the number of migrations applied.
+:data:`MIGRATIONS` is append-only: migration *n* (1-based) takes a catalog from version
+*n - 1* to *n*; released migrations are never edited, a change of schema is a new one.
+:func:`open_database` applies the missing ones in one ``BEGIN IMMEDIATE`` transaction
+(DDL is transactional in SQLite), so a crash mid-migration leaves the old version, and
+two processes opening an old catalog at once migrate it once.
+
+A catalog made before versioning has ``user_version`` 0 and the tables of version 1;
+version 1's statements are ``IF NOT EXISTS`` and adopt it unchanged. A catalog whose
+version is newer than this program knows is refused (:class:`SchemaTooNew`): an older
+syncnode must not write to tables it does not understand.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+
+class CatalogError(Exception):
+    """A catalog operation that cannot be carried out; the message says why."""
+
+
+class SchemaTooNew(CatalogError):
+    """The catalog was written by a newer syncnode."""
+
+
+# Version 1: the events, the derived tables, peers (the schema of the first release).
+V1 = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    seq      INTEGER PRIMARY KEY,
+    id       BLOB NOT NULL,
+    kind     TEXT NOT NULL CHECK (kind IN ('put', 'delete')),
+    hlc      INTEGER NOT NULL,
+    origin   TEXT NOT NULL,
+    body     BLOB NOT NULL,
+    received INTEGER NOT NULL DEFAULT (unixepoch())
+);
+-- Rows are appended in arrival order (seq); the id index is small and dense, which keeps
+-- random-hash inserts and Merkle leaf scans in cache at millions of events.
+CREATE UNIQUE INDEX IF NOT EXISTS events_by_id ON events (id);
+CREATE TABLE IF NOT EXISTS puts (
+    seq                 INTEGER PRIMARY KEY,  -- = events.seq: no index on random ids
+    event_id            BLOB NOT NULL,
+    sop_instance_uid    TEXT NOT NULL,
+    sop_class_uid       TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    study_instance_uid  TEXT NOT NULL,
+    patient_id          TEXT NOT NULL,
+    modality            TEXT NOT NULL,
+    study_date          TEXT NOT NULL,
+    transfer_syntax_uid TEXT NOT NULL,
+    blob                TEXT NOT NULL,
+    size                INTEGER NOT NULL,
+    chunks              TEXT NOT NULL,
+    hlc                 INTEGER NOT NULL,
+    origin              TEXT NOT NULL,
+    removed             INTEGER NOT NULL DEFAULT 0,
+    live                INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS puts_by_sop ON puts (sop_instance_uid, removed);
+CREATE INDEX IF NOT EXISTS puts_by_blob ON puts (blob, removed);
+CREATE INDEX IF NOT EXISTS puts_live_by_study ON puts (study_instance_uid, series_instance_uid)
+    WHERE live = 1;
+CREATE TABLE IF NOT EXISTS tombstones (
+    put_id    BLOB NOT NULL,
+    delete_id BLOB NOT NULL,
+    PRIMARY KEY (put_id, delete_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS peers (
+    node_id TEXT PRIMARY KEY,
+    url     TEXT NOT NULL,
+    push    TEXT NOT NULL DEFAULT 'auto' CHECK (push IN ('auto', 'always', 'never')),
+    added   INTEGER NOT NULL DEFAULT (unixepoch())
+);
+CREATE TABLE IF NOT EXISTS peer_state (
+    node_id TEXT PRIMARY KEY,
+    updated REAL NOT NULL,
+    state   TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS discovered (
+    node_id   TEXT PRIMARY KEY,
+    url       TEXT NOT NULL,
+    last_seen REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS merkle (
+    level  INTEGER NOT NULL,
+    idx    INTEGER NOT NULL,
+    digest BLOB NOT NULL,
+    count  INTEGER NOT NULL,
+    PRIMARY KEY (level, idx)
+) WITHOUT ROWID;
+"""
+
+# Version 2: the DICOM exporter's outbox and the retriever's record of retrieved studies,
+# created until now by those modules themselves (IF NOT EXISTS: a catalog they already
+# wrote keeps its rows).
+V2 = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id               INTEGER PRIMARY KEY,
+    dest             TEXT NOT NULL,
+    seq              INTEGER NOT NULL,  -- the event's (and its puts row's) seq
+    event_id         BLOB NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    state            TEXT NOT NULL DEFAULT 'pending'
+                     CHECK (state IN ('pending', 'done', 'failed', 'skipped')),
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    next_attempt     REAL NOT NULL DEFAULT 0,
+    last_error       TEXT NOT NULL DEFAULT '',
+    enqueued         REAL NOT NULL,
+    updated          REAL NOT NULL,
+    UNIQUE (dest, event_id)
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (dest, state, next_attempt);
+CREATE TABLE IF NOT EXISTS outbox_cursor (
+    dest          TEXT PRIMARY KEY,
+    seq           INTEGER NOT NULL DEFAULT 0,
+    last_error    TEXT NOT NULL DEFAULT '',
+    last_contact  REAL NOT NULL DEFAULT 0,
+    failures      INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS retrieved (
+    source             TEXT NOT NULL,
+    study_instance_uid TEXT NOT NULL,
+    instances          INTEGER NOT NULL,
+    retrieved          REAL NOT NULL,
+    PRIMARY KEY (source, study_instance_uid)
+) WITHOUT ROWID;
+"""
+
+
+def _statements(script: str) -> list[str]:
+    """The statements of a schema script, split where SQLite says one is complete (a ';'
+    in a comment does not end one)."""
+    out: list[str] = []
+    buf = ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            out.append(buf.strip())
+            buf = ""
+    if buf.strip() and not all(x.strip().startswith("--") or not x.strip()
+                               for x in buf.splitlines()):
+        raise ValueError(f"incomplete statement in schema: {buf.strip()[:60]!r}")
+    return out
+
+
+def _run(script: str) -> Callable[[sqlite3.Connection], None]:
+    def migrate(db: sqlite3.Connection) -> None:
+        for statement in _statements(script):
+            db.execute(statement)
+    return migrate
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
+    _run(V1),
+    _run(V2),
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def schema_version(db: sqlite3.Connection) -> int:
+    return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+
+def migrate(db: sqlite3.Connection) -> int:
+    """Bring the catalog to :data:`SCHEMA_VERSION`; return the version it had."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        found = schema_version(db)
+        if found > SCHEMA_VERSION:
+            raise SchemaTooNew(
+                f"the catalog has schema version {found}, this syncnode knows up to "
+                f"{SCHEMA_VERSION}: run the newer syncnode that wrote it")
+        for step in MIGRATIONS[found:]:
+            step(db)
+        if found != SCHEMA_VERSION:
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+    return found
+
+
+def open_database(path: Path | str) -> sqlite3.Connection:
+    """A connection to the catalog file as every writer of it needs one: WAL, durable
+    commits (``synchronous=FULL``), a minute's patience with other writers, explicit
+    transactions; the schema migrated to the current version."""
+    db = sqlite3.connect(path, timeout=60.0, isolation_level=None, check_same_thread=False)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA busy_timeout=60000")
+        migrate(db)
+    except BaseException:
+        db.close()
+        raise
+    return db

@@ -1,0 +1,87 @@
+"""The catalog's schema version and forward migrations.
+
+``tests/data/catalog-75aa76d.db`` was written by the catalog code of the release before
+schema versioning (``tools/make_old_catalog.py``): opening it migrates it to the current
+version and keeps its events, its Merkle root and its live view; a catalog from a newer
+syncnode is refused; a fresh catalog starts at the current version.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from syncnode.catalog import SCHEMA_VERSION, Catalog, SchemaTooNew
+from syncnode.catalog.schema import MIGRATIONS
+
+OLD = Path(__file__).parent / "data" / "catalog-75aa76d.db"
+
+
+def raw(path: Path) -> tuple[int, list[bytes], bytes, list[tuple]]:
+    """(user_version, event ids, Merkle root digest, live puts) read with plain SQL."""
+    db = sqlite3.connect(path)
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        ids = [r[0] for r in db.execute("SELECT id FROM events ORDER BY id")]
+        root = db.execute("SELECT digest FROM merkle WHERE level=0 AND idx=0").fetchone()[0]
+        live = db.execute("SELECT event_id, sop_instance_uid, blob FROM puts WHERE live=1 "
+                          "ORDER BY sop_instance_uid").fetchall()
+    finally:
+        db.close()
+    return version, ids, root, live
+
+
+def test_previous_release_catalog_migrates(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.db"
+    shutil.copy(OLD, path)
+    version, ids, root, live = raw(path)
+    assert version == 0 and len(ids) == 12 and len(live) == 8  # what the fixture holds
+    cat = Catalog(path, node_id="OLDNODE")
+    try:
+        assert sorted(cat.all_event_ids()) == sorted(i.hex() for i in ids)
+        assert cat.merkle_root().digest == root
+        assert cat.recompute_merkle() == cat.merkle_root()
+        assert cat.check_derived() == []
+        assert [(bytes.fromhex(i.event_id), i.sop_instance_uid, i.blob)
+                for i in cat.instances()] == live
+        assert [p["node_id"] for p in cat.peers()] == ["PEERNODE"]
+        # and it goes on working: a new local put, a tombstone still known
+        before = cat.event_count()
+        assert cat.is_tombstoned(
+            __import__("blake3").blake3(b"a put never received").hexdigest())
+        cat.delete_instances([live[0][1]])
+        assert cat.event_count() == before + 1
+    finally:
+        cat.close()
+    assert raw(path)[0] == SCHEMA_VERSION
+    db = sqlite3.connect(path)
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    db.close()
+    assert {"outbox", "outbox_cursor", "retrieved"} <= tables
+
+
+def test_fresh_catalog_is_current(tmp_path: Path) -> None:
+    Catalog(tmp_path / "c.db", node_id="N").close()
+    assert raw_version(tmp_path / "c.db") == SCHEMA_VERSION == len(MIGRATIONS)
+
+
+def raw_version(path: Path) -> int:
+    db = sqlite3.connect(path)
+    try:
+        return int(db.execute("PRAGMA user_version").fetchone()[0])
+    finally:
+        db.close()
+
+
+def test_newer_catalog_is_refused(tmp_path: Path) -> None:
+    Catalog(tmp_path / "c.db", node_id="N").close()
+    db = sqlite3.connect(tmp_path / "c.db")
+    db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    db.commit()
+    db.close()
+    with pytest.raises(SchemaTooNew, match="newer syncnode"):
+        Catalog(tmp_path / "c.db", node_id="N")
+    assert raw_version(tmp_path / "c.db") == SCHEMA_VERSION + 1  # untouched
