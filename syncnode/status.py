@@ -28,10 +28,8 @@ def discovered_nodes(node: LocalNode) -> list[dict[str, Any]]:
 
 
 def node_status(node: LocalNode) -> dict[str, Any]:
-    from .dicom.exporter import outbox_status
-
     root = node.catalog.merkle_root()
     return {"node_id": str(node.node_id), "data": str(node.data),
             "merkle_root": root.digest.hex(), **node.catalog.counts(),
             "peers": peer_rows(node), "discovered": discovered_nodes(node),
-            "export": outbox_status(node.catalog.path)}
+            "export": node.catalog.outbox.status()}

@@ -45,6 +45,9 @@ from .. import events as ev
 from .. import merkle
 from ..blobstore import BlobInfo
 from ..ids import InvalidHash, check_hash, check_uid
+from . import find as find_model
+from .outbox import Outbox
+from .retrieved import Retrieved
 from .schema import CatalogError, open_database
 
 _SEQ_OF = "SELECT seq FROM events WHERE id=?"  # a put's row, found through the events index
@@ -129,10 +132,12 @@ class Catalog:
         # says no other connection committed (see _write); saves a query per inner node.
         self._merkle_cache: dict[tuple[int, int], merkle.NodeDigest] | None = None
         self._merkle_version: int | None = None
-        self._clock = 0  # the greatest timestamp this object issued (see _tick)
-        self._clock_lock = threading.Lock()
+        self._clock = _clock_of(self.path)  # shared by every object on this file (_tick)
         self._ro: sqlite3.Connection | None = None  # see _reader
         self._ro_lock = threading.Lock()
+        self._listeners: list[Callable[[ApplyResult], None]] = []
+        self.outbox = Outbox(self)  # the DICOM exporter's queue
+        self.retrieved = Retrieved(self)  # studies retrieved from each PACS
         with self._write() as db:
             if node_id is not None:
                 row = db.execute("SELECT value FROM meta WHERE key='node_id'").fetchone()
@@ -150,6 +155,17 @@ class Catalog:
             if self._ro is not None:
                 self._ro.close()
                 self._ro = None
+
+    def add_listener(self, listener: Callable[[ApplyResult], None]) -> None:
+        """Call ``listener(result)`` after every commit through this object that inserted
+        events (from the committing thread; it must be quick and must not raise)."""
+        self._listeners.append(listener)
+
+    def _inserted(self, result: ApplyResult) -> ApplyResult:
+        if result.inserted:
+            for listener in list(self._listeners):
+                listener(result)
+        return result
 
     def _reader(self) -> sqlite3.Connection:
         """A read-only connection (under ``_ro_lock``) for reads that must not wait for
@@ -202,12 +218,13 @@ class Catalog:
 
     def _tick(self, db: sqlite3.Connection, *, persist: bool = True) -> int:
         """The next timestamp of this node's one clock: after the stored clock and after
-        every timestamp this object issued (events built but not yet inserted included).
+        every timestamp issued in this process for this catalog file (events built but
+        not yet inserted included, whichever :class:`Catalog` object built them).
         ``persist``: store it in ``meta`` (inside the caller's write transaction)."""
         row = db.execute("SELECT value FROM meta WHERE key='hlc'").fetchone()
-        with self._clock_lock:
-            hlc = ev.hlc_tick(max(int(row[0]) if row else 0, self._clock))
-            self._clock = hlc
+        with self._clock.lock:
+            hlc = ev.hlc_tick(max(int(row[0]) if row else 0, self._clock.issued))
+            self._clock.issued = hlc
         if persist:
             db.execute("INSERT OR REPLACE INTO meta VALUES ('hlc', ?)", (str(hlc),))
         return hlc
@@ -360,7 +377,7 @@ class Catalog:
                     result.inserted.append(put.event_id)
             self._observe(db, max_hlc)
             result.freed_blobs = self._finish(db, dirty_leaves, dirty_sops, freed)
-        return result
+        return self._inserted(result)
 
     def add_local_puts(self, items: Iterable[tuple[dict[str, str], BlobInfo]],
                        blob_present: Callable[[str], bool] | None = None,
@@ -391,6 +408,7 @@ class Catalog:
                     dirty_sops, freed)
                 results.append((put.event_id, new))
             self._finish(db, dirty_leaves, dirty_sops, freed)
+        self._inserted(ApplyResult(inserted=[e for e, new in results if new]))
         return results
 
     def _build_puts(self, db: sqlite3.Connection,
@@ -475,7 +493,7 @@ class Catalog:
                                     dirty_sops, freed):
                         result.inserted.append(eid)
             result.freed_blobs = self._finish(db, dirty_leaves, dirty_sops, freed)
-        return result
+        return self._inserted(result)
 
     def apply(self, received: Iterable[tuple[str, bytes]],
               blob_present: Callable[[str], bool] | None = None) -> ApplyResult:
@@ -508,7 +526,7 @@ class Catalog:
                     result.inserted.append(eid)
             self._observe(db, max_hlc)
             result.freed_blobs = self._finish(db, dirty_leaves, dirty_sops, freed)
-        return result
+        return self._inserted(result)
 
     # -- reading events ------------------------------------------------------------------
     def is_tombstoned(self, put_id: str) -> bool:
@@ -612,6 +630,17 @@ class Catalog:
         with self._lock:
             rows = self._db.execute(sql, params).fetchall()
         return [_instance(r) for r in rows]
+
+    def live_count(self, study_uid: str) -> int:
+        """Live instances of a study."""
+        with self._lock:
+            return int(self._db.execute("SELECT count(*) FROM puts WHERE live=1 AND "
+                                        "study_instance_uid=?", (study_uid,)).fetchone()[0])
+
+    def find(self, q: find_model.FindQuery) -> Iterator[dict[str, Any]]:
+        """C-FIND matches (see :mod:`syncnode.catalog.find`), streamed from a read-only
+        connection of the query's own."""
+        return find_model.find(self.path, q)
 
     def instance(self, sop_uid: str) -> Instance | None:
         found = self.instances(sop=sop_uid)
@@ -730,6 +759,23 @@ class Catalog:
         if self.recompute_merkle() != self.merkle_root():
             problems.append("Merkle index does not match the events")
         return problems
+
+
+@dataclass
+class _Clock:
+    """The greatest timestamp issued in this process for one catalog file."""
+
+    issued: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_CLOCKS: dict[Path, _Clock] = {}
+_CLOCKS_LOCK = threading.Lock()
+
+
+def _clock_of(path: Path) -> _Clock:
+    with _CLOCKS_LOCK:
+        return _CLOCKS.setdefault(path.resolve(), _Clock())
 
 
 def _indexed(value: str) -> str:

@@ -2,7 +2,8 @@
 
 Outbox
 ------
-Tables in the catalog database file, created and used only here:
+Tables in the catalog database file (their SQL is the catalog's outbox read model,
+:mod:`syncnode.catalog.outbox`):
 
 - ``outbox``: one row per (destination, put event): ``state`` is ``pending``, ``done``
   (the PACS answered a success status), ``failed`` (given up, with ``last_error``) or
@@ -11,9 +12,11 @@ Tables in the catalog database file, created and used only here:
 - ``outbox_cursor``: per destination, the last catalog event ``seq`` already scanned,
   plus the destination's last error and last contact.
 
-Each destination (``AE@HOST:PORT``) has one worker thread with its own SQLite
-connection. A round: (1) scan events after the cursor; put events whose origin is not
-this node are enqueued and the cursor advanced, in one transaction (so an event is
+Each destination (``AE@HOST:PORT``) has one worker thread, using the node's catalog.
+It is woken when the catalog takes new events (a catalog listener), and otherwise
+sleeps until the next retry is due or ``poll_interval`` passes (a fallback for events
+written by another process). A round: (1) scan events after the cursor; put events whose
+origin is not this node are enqueued and the cursor advanced, in one transaction (so an event is
 enqueued exactly once per destination; puts from this node came from the local PACS
 and are never sent back); (2) take the due pending items (up to ``BATCH``), open one
 association proposing, for each (SOP class, stored transfer syntax) pair, exactly that
@@ -33,7 +36,7 @@ sending would need transcoding, are retried ``PERMANENT_ATTEMPTS`` times and the
 success and that commit can resend the items of the unrecorded outcomes (at most
 ``OUTCOME_BATCH``; C-STORE of the same instance is idempotent at a PACS).
 
-:func:`outbox_status` reads the counts for ``syncnode status`` (works without ``run``).
+:func:`syncnode.catalog.outbox.outbox_status` reads the counts for ``syncnode status``.
 Logs name UIDs, AE titles and statuses; never patient data.
 """
 
@@ -48,7 +51,6 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +61,11 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import build_context
 
 from ..blobstore import BlobError, BlobStore
-from ..catalog import open_database
+from ..catalog.outbox import OutboxItem, Outcome, OutcomeKind
+from ..catalog.outbox import outbox_status as outbox_status  # re-exported
 from ..config import parse_ae_address
 from ..dicomfile import dataset_offset
-from ..local import CATALOG_FILE, LocalNode
+from ..local import LocalNode
 from ..retry import backoff
 from .transport import PduLimits, SyncnodeAE
 
@@ -83,21 +86,7 @@ def _transient(status: int) -> bool:
     return (status & 0xFF00) == 0xA700 or status in (0x0110, 0x0211, 0x0213)
 
 
-def connect(path: Path) -> sqlite3.Connection:
-    return open_database(path)
-
-
-@dataclass
-class Item:
-    id: int
-    event_id: bytes
-    sop_instance_uid: str
-    attempts: int
-    live: bool
-    blob: str
-    size: int
-    sop_class_uid: str
-    transfer_syntax_uid: str
+Item = OutboxItem
 
 
 class Destination:
@@ -109,84 +98,61 @@ class Destination:
         self.ae_title, self.host, self.port = parse_ae_address(address)
         self.thread = threading.Thread(target=self._run, name=f"dicom-export-{self.ae_title}",
                                        daemon=True)
-        self.db: sqlite3.Connection | None = None
+        self.outbox = exporter.node.catalog.outbox
         self.failures = 0
         self.blocked_until = 0.0
         self.assoc: Any = None
-        self._outcomes: list[tuple[str, tuple[Any, ...]]] = []
+        self._outcomes: list[Outcome] = []
 
     # -- the loop ------------------------------------------------------------------------
     def _run(self) -> None:
         ex = self.exporter
-        self.db = connect(ex.catalog_path)
-        try:
-            self.db.execute("INSERT OR IGNORE INTO outbox_cursor (dest) VALUES (?)",
-                            (self.address,))
-            while not ex.stopping.is_set():
-                try:
-                    while self.enqueue_new() >= SCAN_LIMIT and not ex.stopping.is_set():
-                        pass
-                    worked = False
-                    if time.time() >= self.blocked_until:
-                        try:
-                            worked = self.send_due()
-                        finally:
-                            self.flush_outcomes()
-                except sqlite3.Error as exc:
-                    log.error("export to %s: catalog error: %s", self.address, exc)
-                    worked = False
-                except Exception:  # a bug must not end the worker: log it, retry later
-                    log.exception("export to %s failed", self.address)
-                    self.blocked_until = time.time() + self.exporter.backoff_cap
-                    worked = False
-                if not worked:
-                    ex.wakeup.wait(ex.poll_interval)
-                    ex.wakeup.clear()
-        finally:
-            self.db.close()
+        self.outbox.register(self.address)
+        while not ex.stopping.is_set():
+            try:
+                while self.enqueue_new() >= SCAN_LIMIT and not ex.stopping.is_set():
+                    pass
+                worked = False
+                if time.time() >= self.blocked_until:
+                    try:
+                        worked = self.send_due()
+                    finally:
+                        self.flush_outcomes()
+            except sqlite3.Error as exc:
+                log.error("export to %s: catalog error: %s", self.address, exc)
+                worked = False
+            except Exception:  # a bug must not end the worker: log it, retry later
+                log.exception("export to %s failed", self.address)
+                self.blocked_until = time.time() + self.exporter.backoff_cap
+                worked = False
+            if not worked:
+                # woken when the catalog takes new events (Exporter.wake); the interval
+                # only covers events another process wrote, and retries coming due
+                ex.wakeup.wait(self.idle_wait())
+                ex.wakeup.clear()
+
+    def idle_wait(self) -> float:
+        """How long to sleep with nothing to do: the poll interval, or less if a blocked
+        destination or a retry comes due sooner."""
+        wait = self.exporter.poll_interval
+        now = time.time()
+        if self.blocked_until > now:
+            wait = min(wait, self.blocked_until - now)
+        due = self.outbox.next_attempt(self.address)
+        if due is not None:
+            wait = min(wait, max(0.0, due - now))
+        return max(wait, 0.01)
 
     def enqueue_new(self) -> int:
         """Enqueue put events from peers after the cursor; return how many events scanned."""
-        db = self.db
-        assert db is not None
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            row = db.execute("SELECT seq FROM outbox_cursor WHERE dest=?",
-                             (self.address,)).fetchone()
-            cursor = row[0] if row else 0
-            rows = db.execute(
-                "SELECT e.seq, e.id, e.kind, e.origin, p.sop_instance_uid FROM events e "
-                "LEFT JOIN puts p ON p.seq = e.seq WHERE e.seq > ? ORDER BY e.seq LIMIT ?",
-                (cursor, SCAN_LIMIT)).fetchall()
-            now = time.time()
-            new = [(self.address, seq, eid, sop, now, now)
-                   for seq, eid, kind, origin, sop in rows
-                   if kind == "put" and origin != self.exporter.node_id and sop is not None]
-            if new:
-                db.executemany(
-                    "INSERT OR IGNORE INTO outbox (dest, seq, event_id, sop_instance_uid, "
-                    "enqueued, updated) VALUES (?, ?, ?, ?, ?, ?)", new)
-            if rows:
-                db.execute("UPDATE outbox_cursor SET seq=? WHERE dest=?",
-                           (rows[-1][0], self.address))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        if new:
-            log.info("export to %s: %d instances queued", self.address, len(new))
-        return len(rows)
+        scanned, queued = self.outbox.enqueue_new(self.address, self.exporter.node_id,
+                                                  SCAN_LIMIT)
+        if queued:
+            log.info("export to %s: %d instances queued", self.address, queued)
+        return scanned
 
     def due_items(self) -> list[Item]:
-        assert self.db is not None
-        rows = self.db.execute(
-            "SELECT o.id, o.event_id, o.sop_instance_uid, o.attempts, coalesce(p.live, 0), "
-            "coalesce(p.blob, ''), coalesce(p.size, 0), coalesce(p.sop_class_uid, ''), "
-            "coalesce(p.transfer_syntax_uid, '') FROM outbox o "
-            "LEFT JOIN puts p ON p.seq = o.seq "
-            "WHERE o.dest=? AND o.state='pending' AND o.next_attempt <= ? "
-            "ORDER BY o.id LIMIT ?", (self.address, time.time(), BATCH)).fetchall()
-        return [Item(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6], r[7], r[8]) for r in rows]
+        return self.outbox.due(self.address, BATCH)
 
     def send_due(self) -> bool:
         """Send one batch of due items over one association. True if anything was due."""
@@ -302,63 +268,46 @@ class Destination:
         return (store.path(it.blob), dataset_offset(head))
 
     # -- bookkeeping ---------------------------------------------------------------------
-    def _record(self, sql: str, params: tuple[Any, ...]) -> None:
+    def _record(self, kind: OutcomeKind, params: tuple[Any, ...]) -> None:
         """Queue an outcome; :meth:`flush_outcomes` writes them in one short transaction
         (a synchronous commit per instance would cost a device flush each)."""
-        self._outcomes.append((sql, params))
+        self._outcomes.append((kind, params))
         if len(self._outcomes) >= OUTCOME_BATCH:
             self.flush_outcomes()
 
     def flush_outcomes(self) -> None:
-        if not self._outcomes or self.db is None:
-            return
         outcomes, self._outcomes = self._outcomes, []
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            for sql, params in outcomes:
-                self.db.execute(sql, params)
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
+        self.outbox.record_outcomes(outcomes)
 
     def finish(self, it: Item, state: str, note: str = "") -> None:
-        self._record("UPDATE outbox SET state=?, last_error=?, updated=? WHERE id=?",
-                     (state, note, time.time(), it.id))
+        self._record("finish", (state, note, time.time(), it.id))
         if state == "done":
             log.debug("exported %s to %s", it.sop_instance_uid, self.address)
 
     def item_failed(self, it: Item, reason: str, permanent: bool) -> None:
-        assert self.db is not None
         attempts = it.attempts + 1
         now = time.time()
         if permanent and attempts >= PERMANENT_ATTEMPTS:
-            self._record("UPDATE outbox SET state='failed', attempts=?, last_error=?, "
-                         "updated=? WHERE id=?", (attempts, reason, now, it.id))
+            self._record("fail", (attempts, reason, now, it.id))
             log.warning("export of %s to %s failed for good: %s", it.sop_instance_uid,
                         self.address, reason)
             return
         delay = backoff(attempts, self.exporter.backoff_base, self.exporter.backoff_cap)
-        self._record("UPDATE outbox SET attempts=?, next_attempt=?, last_error=?, updated=? "
-                     "WHERE id=?", (attempts, now + delay, reason, now, it.id))
+        self._record("retry", (attempts, now + delay, reason, now, it.id))
         log.warning("export of %s to %s failed (attempt %d, retry in %.1f s): %s",
                     it.sop_instance_uid, self.address, attempts, delay, reason)
 
     def destination_failed(self, reason: str) -> None:
-        assert self.db is not None
         self.failures += 1
         delay = backoff(self.failures, self.exporter.backoff_base, self.exporter.backoff_cap)
         self.blocked_until = time.time() + delay
-        self.db.execute("UPDATE outbox_cursor SET last_error=?, failures=? WHERE dest=?",
-                        (reason, self.failures, self.address))
+        self.outbox.destination_failed(self.address, reason, self.failures)
         log.warning("export to %s: %s (retry in %.1f s)", self.address, reason, delay)
 
     def db_contact_ok(self) -> None:
-        assert self.db is not None
         self.failures = 0
         self.blocked_until = 0.0
-        self.db.execute("UPDATE outbox_cursor SET last_error='', failures=0, last_contact=? "
-                        "WHERE dest=?", (time.time(), self.address))
+        self.outbox.destination_ok(self.address)
 
 
 def _socket_timeout(event: evt.Event) -> None:
@@ -500,12 +449,11 @@ class Exporter:
     """Runs one :class:`Destination` worker per configured PACS."""
 
     def __init__(self, node: LocalNode, destinations: list[str], *, ae_title: str,
-                 poll_interval: float = 0.25, backoff_base: float = 1.0,
+                 poll_interval: float = 5.0, backoff_base: float = 1.0,
                  backoff_cap: float = 60.0, max_pdu: int = 262_144,
                  dimse_timeout: float = 120.0) -> None:
         self.node = node
         self.node_id = node.node_id.compact
-        self.catalog_path = node.data / CATALOG_FILE
         self.store = BlobStore(node.data)
         self.ae_title = ae_title
         self.poll_interval = poll_interval
@@ -517,7 +465,8 @@ class Exporter:
         self.wakeup = threading.Event()
         self.sent = 0
         self.destinations = [Destination(self, a) for a in dict.fromkeys(destinations)]
-        connect(self.catalog_path).close()  # create the tables before anyone reads them
+        # new events from peers wake the workers at once (the poll is only a fallback)
+        node.catalog.add_listener(lambda _result: self.wake())
 
     def start(self) -> None:
         for d in self.destinations:
@@ -537,40 +486,3 @@ class Exporter:
         for d in self.destinations:
             if d.thread.is_alive():
                 d.thread.join(max(0.1, deadline - time.monotonic()))
-
-
-def outbox_status(catalog_path: Path | str) -> dict[str, Any]:
-    """Per destination: pending / done / failed / skipped counts, due now, last error and
-    the first failed items with their reasons. Empty if nothing was ever exported."""
-    path = Path(catalog_path)
-    if not path.exists():
-        return {}
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0)
-    try:
-        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if "outbox" not in tables or "outbox_cursor" not in tables:
-            return {}
-        out: dict[str, Any] = {}
-        for dest, last_error, last_contact, failures in db.execute(
-                "SELECT dest, last_error, last_contact, failures FROM outbox_cursor "
-                "ORDER BY dest"):
-            out[dest] = {"pending": 0, "done": 0, "failed": 0, "skipped": 0,
-                         "last_error": last_error, "last_contact": last_contact,
-                         "consecutive_failures": failures, "failed_items": []}
-        for dest, state, n in db.execute(
-                "SELECT dest, state, count(*) FROM outbox GROUP BY dest, state"):
-            out.setdefault(dest, {"pending": 0, "done": 0, "failed": 0, "skipped": 0,
-                                  "last_error": "", "last_contact": 0.0,
-                                  "consecutive_failures": 0, "failed_items": []})[state] = n
-        for dest, sop, err in db.execute(
-                "SELECT dest, sop_instance_uid, last_error FROM outbox WHERE state='failed' "
-                "ORDER BY id LIMIT 50"):
-            out[dest]["failed_items"].append({"sop_instance_uid": sop, "reason": err})
-        now = time.time()
-        for dest, n, oldest in db.execute(
-                "SELECT dest, count(*), min(enqueued) FROM outbox WHERE state='pending' "
-                "GROUP BY dest"):
-            out[dest]["oldest_pending_seconds"] = round(now - oldest, 1) if n else 0.0
-        return out
-    finally:
-        db.close()

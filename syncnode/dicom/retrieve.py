@@ -6,8 +6,8 @@ retrieved with C-MOVE to this node's own AE title (so the PACS must list this no
 AE title, host and DICOM port among its known modalities), and the instances arrive
 through the node's SCP like any C-STORE: verified, stored byte for byte, durable.
 
-Table ``retrieved`` (catalog database file, created and used only here) remembers, per
-source, each retrieved Study Instance UID and the instance count the PACS reported.
+Table ``retrieved`` (the catalog's read model :mod:`syncnode.catalog.retrieved`)
+remembers, per source, each retrieved Study Instance UID and the instance count the PACS reported.
 A study is never fetched twice: it is fetched again only if the PACS later reports
 more instances than were recorded (new images added to it). A study whose instances
 the node already holds (e.g. one the exporter delivered to that same PACS) is recorded
@@ -20,7 +20,6 @@ next poll; a study is recorded only after a C-MOVE whose final status is Success
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
 from typing import Any
@@ -32,17 +31,12 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from ..catalog import open_database
 from ..config import parse_ae_address
 from ..ids import is_uid
-from ..local import CATALOG_FILE, LocalNode
+from ..local import LocalNode
 from .transport import PduLimits, SyncnodeAE
 
 log = logging.getLogger("syncnode.dicom.retrieve")
-
-def connect(path: Any) -> sqlite3.Connection:
-    return open_database(path)
-
 
 class Source:
     def __init__(self, retriever: Retriever, address: str) -> None:
@@ -55,21 +49,17 @@ class Source:
         self.moved_studies = 0
 
     def _run(self) -> None:
-        db = connect(self.r.catalog_path)
-        try:
-            while not self.r.stopping.is_set():
-                try:
-                    self.poll(db)
-                    self.last_error = ""
-                except (OSError, RuntimeError, ValueError) as exc:
-                    self.last_error = str(exc)
-                    log.warning("import from %s: %s", self.address, exc)
-                except Exception as exc:  # a bug must not end the worker: log it, go on
-                    self.last_error = f"{type(exc).__name__}: {exc}"
-                    log.exception("import from %s failed", self.address)
-                self.r.stopping.wait(self.r.poll_interval)
-        finally:
-            db.close()
+        while not self.r.stopping.is_set():
+            try:
+                self.poll()
+                self.last_error = ""
+            except (OSError, RuntimeError, ValueError) as exc:
+                self.last_error = str(exc)
+                log.warning("import from %s: %s", self.address, exc)
+            except Exception as exc:  # a bug must not end the worker: log it, go on
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("import from %s failed", self.address)
+            self.r.stopping.wait(self.r.poll_interval)
 
     def _associate(self, contexts: list[Any]) -> Any:
         ae = SyncnodeAE(self.r.ae_title, PduLimits(max_pdata=1 << 20))
@@ -83,21 +73,19 @@ class Source:
             raise RuntimeError(f"association with {self.address} was not accepted")
         return assoc
 
-    def poll(self, db: sqlite3.Connection) -> None:
+    def poll(self) -> None:
         studies = self.find_studies()
-        known = {r[0]: r[1] for r in db.execute(
-            "SELECT study_instance_uid, instances FROM retrieved WHERE source=?",
-            (self.address,))}
+        known = self.r.node.catalog.retrieved.known(self.address)
         todo = [(uid, n) for uid, n in studies.items() if uid not in known or n > known[uid]]
         for uid, count in todo:
             if self.r.stopping.is_set():
                 return
             have = self.r.local_count(uid)
             if count and have >= count:
-                self.record(db, uid, count)  # already here (e.g. exported by us to it)
+                self.record(uid, count)  # already here (e.g. exported by us to it)
                 continue
             if self.move_study(uid):
-                self.record(db, uid, max(count, self.r.local_count(uid)))
+                self.record(uid, max(count, self.r.local_count(uid)))
                 self.moved_studies += 1
 
     def find_studies(self) -> dict[str, int]:
@@ -158,9 +146,8 @@ class Source:
                     "" if final is None else f" ({failed} failed)")
         return False
 
-    def record(self, db: sqlite3.Connection, uid: str, count: int) -> None:
-        db.execute("INSERT OR REPLACE INTO retrieved VALUES (?, ?, ?, ?)",
-                   (self.address, uid, count, time.time()))
+    def record(self, uid: str, count: int) -> None:
+        self.r.node.catalog.retrieved.record(self.address, uid, count)
 
 
 def _cx(model: str) -> Any:
@@ -181,22 +168,14 @@ class Retriever:
     def __init__(self, node: LocalNode, sources: list[str], *, ae_title: str,
                  poll_interval: float = 60.0, move_timeout: float = 600.0) -> None:
         self.node = node
-        self.catalog_path = node.data / CATALOG_FILE
         self.ae_title = ae_title
         self.poll_interval = poll_interval
         self.move_timeout = move_timeout
         self.stopping = threading.Event()
         self.sources = [Source(self, a) for a in dict.fromkeys(sources)]
-        self._read = sqlite3.connect(f"file:{self.catalog_path}?mode=ro", uri=True,
-                                     timeout=30.0, check_same_thread=False)
-        self._lock = threading.Lock()
-        connect(self.catalog_path).close()
 
     def local_count(self, study_uid: str) -> int:
-        with self._lock:
-            row = self._read.execute("SELECT count(*) FROM puts WHERE live=1 AND "
-                                     "study_instance_uid=?", (study_uid,)).fetchone()
-        return int(row[0])
+        return self.node.catalog.live_count(study_uid)
 
     def start(self) -> None:
         for s in self.sources:
@@ -208,5 +187,3 @@ class Retriever:
         for s in self.sources:
             if s.thread.is_alive():
                 s.thread.join(max(0.1, deadline - time.monotonic()))
-        with self._lock:
-            self._read.close()

@@ -752,7 +752,7 @@ class DicomServer:
             yield _status(STATUS_CANNOT_UNDERSTAND, "identifier cannot be decoded"), None
             return
         try:
-            results = query.find(self.catalog_path, model, identifier)
+            results = query.find(self.node.catalog, model, identifier)
             for ds in results:
                 if event.is_cancelled:
                     yield 0xFE00, None

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..config import Settings
 from ..local import LocalNode
-from .exporter import Exporter, outbox_status
+from .exporter import Exporter
 from .retrieve import Retriever
 from .scp import DicomServer
 from .transport import Perimeter
@@ -27,7 +27,7 @@ LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 class DicomBridge:
     def __init__(self, node: LocalNode, settings: Settings,
                  on_stored: Callable[[], None] | None = None, *,
-                 export_poll: float = 0.25, import_poll: float = 60.0,
+                 export_poll: float = 5.0, import_poll: float = 60.0,
                  backoff_base: float = 1.0, backoff_cap: float = 60.0) -> None:
         self.node = node
         self.settings = settings
@@ -81,7 +81,7 @@ class DicomBridge:
             "stored": st.stored, "duplicates": st.duplicates, "failed": st.failed,
             "rejected_associations": st.rejected_associations, "finds": st.finds,
             "refused_connections": self.server.refused_connections(),
-            "export": outbox_status(self.node.data / "catalog.db") if self.exporter else {},
+            "export": self.node.catalog.outbox.status() if self.exporter else {},
             "import_from": {s.address: {"last_error": s.last_error,
                                         "studies_retrieved": s.moved_studies}
                             for s in (self.retriever.sources if self.retriever else [])},
