@@ -192,6 +192,10 @@ def import_cmd(
             progress.update(files_task, advance=1)
 
         report = import_paths(node, files, progress=step)
+    audit_write(data, "import", "failure" if report.failed and not report.imported
+                and not report.unchanged else "success", files=report.files,
+                instances=report.imported, unchanged=report.unchanged,
+                failed=len(report.failed), bytes=report.bytes, studies=report.studies)
     if json_out:
         print_json(report.to_dict())
     else:
@@ -236,9 +240,14 @@ def rm(sop_uids: Annotated[list[str] | None, typer.Argument(
         fail("give SOP Instance UIDs or --study UID")
     node = open_node(data)
     try:
+        studies = {study} if study else {i.study_instance_uid for i in map(
+            node.catalog.instance, sop_uids or []) if i is not None}
         result = node.delete_study(study) if study else node.delete_instances(sop_uids or [])
     except InvalidUID as exc:
         fail(str(exc))
+    if result.inserted:
+        audit_write(data, "deleted", instances=len(result.inserted), studies=studies,
+                    sops=None if study else sop_uids)
     if json_out:
         print_json({"tombstones": result.inserted, "freed_blobs": sorted(result.freed_blobs)})
     else:
@@ -385,6 +394,7 @@ def peer_add(
     except OSError as exc:
         fail(f"cannot read {cert}: {exc.strerror or exc}")
     node.catalog.add_peer(peer.compact, url, push)
+    audit_write(data, "trust-add", subject=peer.compact, url=url[:300])
     out.print(f"Trusted peer {peer} at {url}" + ("" if pinned else " (not contacted yet)"))
 
 
@@ -423,6 +433,7 @@ def peer_accept(node_id_arg: Annotated[str, typer.Argument(metavar="NODE_ID")],
         fail(str(exc), 1)
     node.trust.pin(der, peer)
     node.catalog.add_peer(peer.compact, url)
+    audit_write(data, "trust-accept", subject=peer.compact, url=url[:300])
     out.print(f"Trusted peer {peer} at {url}")
 
 
@@ -437,6 +448,7 @@ def peer_remove(node_id_arg: Annotated[str, typer.Argument(metavar="NODE_ID")],
     unpinned = node.trust.remove(peer)
     if not (known or unpinned):
         fail(f"{peer} is not a trusted peer", 1)
+    audit_write(data, "trust-remove", subject=peer.compact)
     out.print(f"Removed peer {peer}")
 
 
@@ -518,6 +530,86 @@ def gc(data: DataOpt = DEFAULT_DATA) -> None:
     node = open_node(data)
     out.print(f"{node.gc()} blobs removed")
 
+
+
+# -- audit trail ------------------------------------------------------------------------------
+audit_app = typer.Typer(help="Read and check the audit trail (who did what, hash-chained).",
+                        invoke_without_command=True)
+app.add_typer(audit_app, name="audit")
+
+
+def audit_write(data: Path, action: str, outcome: str = "success", **details: Any) -> None:
+    """Record a CLI action (actor cli:<user>); the action is done already, so a trail that
+    cannot be written is an error the operator must see (exit 1)."""
+    from .audit import AuditError, AuditLog, cli_actor
+
+    trail = AuditLog.for_node(data)
+    try:
+        trail.write(action, cli_actor(), outcome, **details)
+    except (AuditError, OSError) as exc:
+        err.print(f"error: done, but not recorded in the audit trail: {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    finally:
+        trail.close()
+
+
+@audit_app.callback()
+def audit_list(ctx: typer.Context, data: DataOpt = DEFAULT_DATA,
+               since: Annotated[str | None, typer.Option(
+                   help="From this entry number, or this ISO time (UTC if no zone).")]
+               = None,
+               action: Annotated[str | None, typer.Option(help="Only this action.")] = None,
+               json_out: JsonOpt = False) -> None:
+    """List audit entries (oldest first). `syncnode audit verify` checks the chain.
+
+    Example: syncnode audit --since 2026-12-06T08:00 --action deleted
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from .audit import AUDIT_DIR, AuditError, read_entries
+
+    if not (data / "node.crt").is_file():
+        fail(f"no node in {data}: run `syncnode init --data {data}` first")
+    try:
+        entries = list(read_entries(data / AUDIT_DIR, since, action))
+    except AuditError as exc:
+        fail(str(exc))
+    if json_out:
+        print_json(entries)
+        return
+    skip = {"seq", "time", "action", "actor", "outcome", "prev", "hash"}
+    for e in entries:
+        extra = " ".join(f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
+                         for k, v in sorted(e.items()) if k not in skip)
+        out.print(f"{e['seq']:>6} {e['time']} {e['action']:<18} {e['outcome']:<7} "
+                  f"{e['actor']}  {extra}".rstrip())
+
+
+@audit_app.command("verify")
+def audit_verify(data: DataOpt = DEFAULT_DATA, json_out: JsonOpt = False) -> None:
+    """Check the hash chain of the whole trail. Exit 0 intact, 1 broken (names the entry)."""
+    from .audit import AUDIT_DIR, AuditError, verify
+
+    if not (data / "node.crt").is_file():
+        fail(f"no node in {data}: run `syncnode init --data {data}` first")
+    try:
+        report = verify(data / AUDIT_DIR)
+    except (AuditError, OSError) as exc:
+        fail(str(exc))
+    if json_out:
+        print_json(report.to_dict())
+    elif report.ok:
+        out.print(f"OK: {report.entries} entries in {len(report.files)} file(s), chain intact, "
+                  f"last entry {report.last_seq} {report.last_hash}")
+        for seq in report.recoveries:
+            out.print(f"  note: entry {seq} records a recovery of the trail (see `syncnode "
+                      f"audit --since {seq} --action audit-recovered`)")
+    else:
+        where = (f" ({report.broken_file} line {report.broken_line})"
+                 if report.broken_file else "")
+        out.print(f"BROKEN at entry {report.broken_seq}{where}: {report.reason}")
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

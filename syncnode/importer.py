@@ -38,6 +38,7 @@ class ImportReport:
     unchanged: int = 0  # the node already had these exact bytes for this instance
     bytes: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    studies: set[str] = field(default_factory=set)  # Study Instance UIDs of accepted files
 
     def to_dict(self) -> dict[str, object]:
         return {"files": self.files, "imported": self.imported, "unchanged": self.unchanged,
@@ -139,6 +140,7 @@ def import_paths(node: LocalNode, paths: Iterable[Path],
             report.failed.append((str(path), f"cannot read: {exc.strerror or exc}"))
         else:
             batch.append(entry)
+            report.studies.add(entry[0]["study_instance_uid"])
             size = entry[1].size
             report.bytes += size
             batch_bytes += size
