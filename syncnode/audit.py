@@ -344,6 +344,80 @@ def read_entries(folder: Path, since: str | None = None,
                     yield entry
 
 
+
+class Follower:
+    """Reads the entries after a given ``seq`` as they are appended, across rotations,
+    without re-reading the whole trail each time (used by the syslog forwarder)."""
+
+    def __init__(self, folder: Path, after_seq: int) -> None:
+        self.folder = Path(folder)
+        self.last_seq = after_seq
+        self._file: Path | None = None
+        self._ino: int | None = None
+        self._offset = 0
+
+    def last_written(self) -> int:
+        """The ``seq`` of the last entry in the trail now (0 if none)."""
+        head = read_head(self.folder)
+        if head is not None and head[0] > 0:
+            return head[0]
+        last = 0
+        for e in read_entries(self.folder):
+            last = e["seq"]
+        return last
+
+    def seek(self, after_seq: int) -> None:
+        """Read on from the entry after ``after_seq``."""
+        self.last_seq, self._file = after_seq, None
+
+    def _locate(self) -> None:
+        """Choose the file holding ``last_seq + 1``: the last whose first entry is not after
+        it."""
+        files = log_files(self.folder)
+        chosen = files[0] if files else None
+        for p in files:
+            with open(p, "rb") as f:
+                first = _parse_line(f.readline().rstrip(b"\n"))
+            if first is not None and first.get("seq", 0) <= self.last_seq + 1:
+                chosen = p
+        self._file, self._offset = chosen, 0
+        self._ino = chosen.stat().st_ino if chosen is not None else None
+
+    def read(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Up to ``limit`` complete entries after ``last_seq`` (advances ``last_seq``)."""
+        out: list[dict[str, Any]] = []
+        for _ in range(4):  # a rotation or two between calls
+            current = self.folder / LOG_NAME
+            if self._file is None:
+                self._locate()
+                if self._file is None:
+                    return out
+            try:
+                st = self._file.stat()
+                same = st.st_ino == self._ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # renamed by a rotation: find the entry again by its seq
+                self._locate()
+                continue
+            with open(self._file, "rb") as f:
+                f.seek(self._offset)
+                while len(out) < limit:
+                    raw = f.readline()
+                    if not raw.endswith(b"\n"):
+                        break
+                    self._offset += len(raw)
+                    entry = _parse_line(raw[:-1])
+                    if entry is None or entry.get("seq", 0) <= self.last_seq:
+                        continue
+                    out.append(entry)
+                    self.last_seq = entry["seq"]
+            if len(out) >= limit or self._file == current:
+                return out
+            # the end of a rotated file: go on in the next one
+            self._file = None
+        return out
+
 # -- writing ----------------------------------------------------------------------------------
 def _last_line(fd: int, size: int) -> tuple[bytes | None, int]:
     """The last complete line of a file and the offset where complete lines end."""

@@ -35,7 +35,8 @@ _EXPORT_RE = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>\d{1,5})
 RESTART_KEYS = frozenset({"dicom_port", "ae_title", "peer_host", "peer_port", "api_host",
                           "api_port", "discovery", "log_format", "max_pdu",
                           "dicom_host", "allowed_aes", "dicom_artim_timeout",
-                          "dicom_max_pending_per_address", "dicom_max_pending"})
+                          "dicom_max_pending_per_address", "dicom_max_pending",
+                          "audit_syslog", "audit_syslog_ca", "audit_site"})
 
 
 class ConfigError(ValueError):
@@ -98,6 +99,13 @@ class Settings(BaseSettings):
     compression: Literal["auto", "on", "off"] = Field(
         "auto", description="zstd on the wire for blob pulls: auto = for peers not on this "
                             "machine and instances not already compressed")
+    audit_syslog: str = Field("", description="IHE ATNA collector, HOST:PORT: every audit "
+                                              "entry is also sent there as a DICOM audit "
+                                              "message over syslog/TLS (empty = off)")
+    audit_syslog_ca: str = Field("", description="PEM file of the CA the collector's "
+                                                 "certificate must chain to (empty = the "
+                                                 "system's CAs)")
+    audit_site: str = Field("", description="AuditEnterpriseSiteID in audit messages")
     log_format: Literal["kv", "json"] = Field("kv", description="log line format")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
 
@@ -123,6 +131,29 @@ class Settings(BaseSettings):
     def _addresses(cls, v: list[str]) -> list[str]:
         for a in v:
             parse_ae_address(a)
+        return v
+
+    @field_validator("audit_syslog")
+    @classmethod
+    def _syslog(cls, v: str) -> str:
+        if v:
+            from .atna import parse_target
+
+            parse_target(v)
+        return v.strip()
+
+    @field_validator("audit_syslog_ca")
+    @classmethod
+    def _syslog_ca(cls, v: str) -> str:
+        if v and not Path(v).is_file():
+            raise ValueError(f"{v}: no such CA file (PEM)")
+        return v
+
+    @field_validator("audit_site")
+    @classmethod
+    def _site(cls, v: str) -> str:
+        if not re.fullmatch(r"[\x21-\x7e]{0,64}", v):
+            raise ValueError("up to 64 printable ASCII characters, no spaces")
         return v
 
     @field_validator("api_key")

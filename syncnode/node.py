@@ -22,6 +22,7 @@ from aiohttp import web
 
 from .admin.api import AdminAPI, check_binding
 from .admin.feed import EventFeed
+from .audit import AuditLog
 from .config import Settings
 from .discovery import Discovery
 from .listeners import ListenerLimits, start_listener
@@ -60,6 +61,9 @@ class RunningNode:
     metric_providers: list[Callable[[], dict[str, float]]] = field(default_factory=list)
     # Time bounds of the peer and admin listeners (request head, idle, TLS handshake).
     limits: ListenerLimits = field(default_factory=ListenerLimits)
+    # The audit trail: services call self.audit.record(...) (queued, never blocks the loop).
+    audit: AuditLog | None = None
+    syslog: Any = None  # syncnode.atna.SyslogForwarder when audit_syslog is set
 
     def _take_lock(self) -> None:
         fd = os.open(self.node.data / "run.lock", os.O_CREAT | os.O_RDWR, 0o600)
@@ -74,6 +78,7 @@ class RunningNode:
         self._take_lock()
         self.node.store.clean_tmp()
         s = self.settings
+        self._start_audit()
         self.peer_server = PeerServer(self.node, on_events=self._on_pushed,
                                       blob_locks=self.blob_locks, on_seen=self._on_peer_seen,
                                       on_notify=self._on_peer_notify)
@@ -95,9 +100,44 @@ class RunningNode:
         await self._start_admin()
         if s.discovery:
             await self._start_discovery()
+        assert self.audit is not None
+        self.audit.record("node-start", "node")
         log.info("node %s running: ports %s", self.node.node_id.short,
                  " ".join(f"{k}={v}" for k, v in sorted(self.ports.items())))
         self.write_ports()
+
+    def _start_audit(self) -> None:
+        self.audit = AuditLog.for_node(self.node.data)
+        self.metric_providers.append(lambda: {
+            "audit_entries_written": float(self.audit.written if self.audit else 0),
+            "audit_entries_dropped": float(self.audit.dropped if self.audit else 0)})
+        s = self.settings
+        if not s.audit_syslog:
+            return
+        import socket
+        from pathlib import Path
+
+        from .atna import Source, SyslogForwarder
+
+        self.syslog = SyslogForwarder(
+            self.audit.folder, s.audit_syslog,
+            Source(self.node.node_id.compact, socket.gethostname(), s.ae_title,
+                   s.audit_site or None),
+            ca_file=Path(s.audit_syslog_ca) if s.audit_syslog_ca else None,
+            cert_file=self.node.data / "node.crt", key_file=self.node.data / "node.key")
+        self.syslog.start()
+        self.audit.sinks.append(self.syslog.wake)
+        self.status_providers["audit_syslog"] = self.syslog.status
+        self.metric_providers.append(self.syslog.metrics)
+
+    async def _stop_audit(self) -> None:
+        trail, self.audit = self.audit, None
+        if trail is not None:
+            trail.record("node-stop", "node")
+            await asyncio.to_thread(trail.close)
+        forwarder, self.syslog = self.syslog, None
+        if forwarder is not None:
+            await asyncio.to_thread(forwarder.stop)
 
     def write_ports(self) -> None:
         """Record the bound ports (useful when they were chosen by the OS: port 0)."""
@@ -230,6 +270,7 @@ class RunningNode:
             await self.engine.stop()
         for r in self._runners:
             await r.cleanup()
+        await self._stop_audit()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
