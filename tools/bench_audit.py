@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from syncnode.audit import AuditLog, verify  # noqa: E402
+from syncnode.audit import AuditLog, verify
 
 STUDY = "1.2.826.0.1.3680043.8.498.1234567890"
 WRITER = """
