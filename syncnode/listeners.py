@@ -15,6 +15,14 @@ connection (and on the peer port a TLS session) forever. Each listener started h
 * keeps aiohttp's bounds on the head's size: request line and each header line at most
   ``MAX_LINE_SIZE`` / ``MAX_FIELD_SIZE`` bytes, at most ``MAX_HEADERS`` headers (400 beyond).
 
+A TLS listener may serve some server names (SNI) with their own context
+(``sni_contexts``): it then reads the ClientHello without consuming it (``MSG_PEEK``), picks
+the context, and only then starts TLS. This is how the peer port serves introductions
+(:mod:`syncnode.introduction`) without asking for a client certificate while every other
+handshake still requires one: whether a certificate is requested is fixed when the TLS
+connection object is created, before any ``sni_callback`` runs. A refused handshake is logged
+with the client's address.
+
 Request bodies are bounded by the applications (``client_max_size`` and timed reads in
 :mod:`syncnode.peer_server` and :mod:`syncnode.admin.api`). Tests shorten the bounds by
 passing a :class:`ListenerLimits` to :class:`syncnode.node.RunningNode`.
@@ -24,7 +32,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,15 +114,138 @@ class HeadTimeoutHandler(RequestHandler):
         super().connection_lost(exc)
 
 
+MAX_CLIENT_HELLO = 16 * 1024 + 5  # one TLS record: the ClientHello must fit in it
+_PEEK_STEP = 0.005  # seconds between peeks while a ClientHello arrives in pieces
+
+
+def server_name(hello: bytes) -> str | None:
+    """The server name (SNI) of a TLS ClientHello record, or None (absent, not a ClientHello,
+    or incomplete). Pure: parses, never raises."""
+    try:
+        if len(hello) < 9 or hello[0] != 0x16 or hello[5] != 0x01:  # handshake, ClientHello
+            return None
+        end = min(len(hello), 5 + int.from_bytes(hello[3:5], "big"))
+        i = 9 + 2 + 32  # record and handshake headers, legacy version, random
+        i += 1 + hello[i]  # session id
+        i += 2 + int.from_bytes(hello[i:i + 2], "big")  # cipher suites
+        i += 1 + hello[i]  # compression methods
+        ext_end = min(end, i + 2 + int.from_bytes(hello[i:i + 2], "big"))
+        i += 2
+        while i + 4 <= ext_end:
+            kind, size = int.from_bytes(hello[i:i + 2], "big"), int.from_bytes(hello[i + 2:i + 4],
+                                                                              "big")
+            i += 4
+            if kind == 0 and i + 5 <= ext_end:  # server_name: list length, type 0, name
+                size_name = int.from_bytes(hello[i + 3:i + 5], "big")
+                if hello[i + 2] == 0 and i + 5 + size_name <= ext_end:
+                    return hello[i + 5:i + 5 + size_name].decode("ascii").lower()
+                return None
+            i += size
+    except (IndexError, UnicodeDecodeError):
+        return None
+    return None
+
+
+def _record_complete(data: bytes) -> bool:
+    return len(data) >= 5 and len(data) >= 5 + int.from_bytes(data[3:5], "big")
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+async def _peek_client_hello(fd: int, timeout: float) -> bytes:
+    """The first TLS record the client sent on ``fd``, left unread in the socket (as much as
+    arrived within ``timeout`` seconds; b"" if nothing did)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    with socket.socket(fileno=socket.dup(fd)) as sock:  # a duplicate: the transport owns fd
+        sock.setblocking(False)
+        while True:
+            try:
+                data = sock.recv(MAX_CLIENT_HELLO, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                data = None
+            if data is not None and (not data or _record_complete(data)
+                                     or len(data) >= MAX_CLIENT_HELLO):
+                return data
+            left = deadline - loop.time()
+            if left <= 0:
+                return data or b""
+            if data:  # part of the record: peeking again at once would spin
+                await asyncio.sleep(min(_PEEK_STEP, left))
+                continue
+            readable: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(sock.fileno(), _settle, readable)
+            try:
+                await asyncio.wait_for(readable, left)
+            except TimeoutError:
+                pass
+            finally:
+                loop.remove_reader(sock.fileno())
+
+
+class _SniRouter(asyncio.Protocol):
+    """Holds a new connection unread until its ClientHello is in, then starts TLS on it with
+    the context for its server name and hands it to the HTTP handler."""
+
+    def __init__(self, site: LimitedTCPSite, handler: HeadTimeoutHandler) -> None:
+        self.site, self.handler = site, handler
+        self.task: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.pause_reading()  # before the loop reads a byte: TLS must see them all
+        self.task = asyncio.get_running_loop().create_task(self._start_tls(transport))
+        self.site._routing.add(self.task)
+        self.task.add_done_callback(self.site._routing.discard)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+    async def _start_tls(self, transport: asyncio.Transport) -> None:
+        loop = asyncio.get_running_loop()
+        limits, where = self.site.limits, transport.get_extra_info("peername")
+        address = f"{where[0]}:{where[1]}" if isinstance(where, tuple) else "?"
+        try:
+            sock = transport.get_extra_info("socket")
+            hello = await _peek_client_hello(sock.fileno(), limits.tls_handshake_timeout)
+            name = server_name(hello)
+            ctx = self.site.sni_contexts.get(name or "", self.site.ssl_context)
+            tls = await loop.start_tls(transport, self.handler, ctx, server_side=True,
+                                       ssl_handshake_timeout=limits.tls_handshake_timeout)
+        except ssl.SSLError as exc:
+            reason = getattr(exc, "verify_message", None) or exc.reason or str(exc)
+            log.info("refused a TLS peer from %s during the handshake: %s", address, reason)
+            transport.abort()
+            return
+        except (OSError, TimeoutError, ConnectionError) as exc:
+            log.debug("TLS connection from %s ended before its handshake: %r", address, exc)
+            transport.abort()
+            return
+        except asyncio.CancelledError:
+            transport.abort()
+            raise
+        self.handler.connection_made(tls)
+
+
 class LimitedTCPSite(web.BaseSite):
     """A TCP site whose connections are :class:`HeadTimeoutHandler` and whose TLS
     handshakes are bounded. ``port`` is the bound port once started (useful with port 0)."""
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, *,
                  limits: ListenerLimits, ssl_context: ssl.SSLContext | None = None,
+                 sni_contexts: Mapping[str, ssl.SSLContext] | None = None,
                  backlog: int = 128) -> None:
         super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
         self.host, self.port, self.limits = host, port, limits
+        if sni_contexts and ssl_context is None:
+            raise ValueError("sni_contexts need an ssl_context for the other server names")
+        self.ssl_context = ssl_context
+        self.sni_contexts = {k.lower(): v for k, v in (sni_contexts or {}).items()}
+        self._routing: set[asyncio.Task[None]] = set()  # connections waiting for TLS
 
     @property
     def name(self) -> str:
@@ -130,28 +263,43 @@ class LimitedTCPSite(web.BaseSite):
         def make_handler() -> HeadTimeoutHandler:
             return HeadTimeoutHandler(server, loop=loop, head_timeout=head_timeout, **kwargs)
 
-        extra: dict[str, Any] = {}
-        if self._ssl_context is not None:
-            extra["ssl_handshake_timeout"] = self.limits.tls_handshake_timeout
-        self._server = await loop.create_server(
-            make_handler, self.host, self.port, ssl=self._ssl_context, backlog=self._backlog,
-            **extra)
+        if self.sni_contexts:
+            def make_router() -> _SniRouter:
+                return _SniRouter(self, make_handler())
+
+            self._server = await loop.create_server(make_router, self.host, self.port,
+                                                    backlog=self._backlog)
+        else:
+            extra: dict[str, Any] = {}
+            if self._ssl_context is not None:
+                extra["ssl_handshake_timeout"] = self.limits.tls_handshake_timeout
+            self._server = await loop.create_server(
+                make_handler, self.host, self.port, ssl=self._ssl_context,
+                backlog=self._backlog, **extra)
         if self._server.sockets:
             self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        for task in list(self._routing):  # connections still before their TLS handshake
+            task.cancel()
+        await asyncio.gather(*self._routing, return_exceptions=True)
+        await super().stop()
 
 
 async def start_listener(app: web.Application, host: str, port: int, *,
                          limits: ListenerLimits, ssl_context: ssl.SSLContext | None = None,
+                         sni_contexts: Mapping[str, ssl.SSLContext] | None = None,
                          handler_cancellation: bool = False, backlog: int = 128
                          ) -> tuple[web.AppRunner, LimitedTCPSite]:
-    """Serve ``app`` on ``host:port`` within ``limits``; the caller cleans the runner up."""
+    """Serve ``app`` on ``host:port`` within ``limits``; the caller cleans the runner up.
+    ``sni_contexts``: TLS contexts for particular server names (else ``ssl_context``)."""
     runner = web.AppRunner(app, access_log=None, handler_cancellation=handler_cancellation,
                            keepalive_timeout=limits.keepalive_timeout,
                            max_line_size=MAX_LINE_SIZE, max_field_size=MAX_FIELD_SIZE,
                            max_headers=MAX_HEADERS)
     await runner.setup()
     site = LimitedTCPSite(runner, host, port, limits=limits, ssl_context=ssl_context,
-                          backlog=backlog)
+                          sni_contexts=sni_contexts, backlog=backlog)
     try:
         await site.start()
     except BaseException:

@@ -30,7 +30,7 @@ from .local import LocalNode
 from .peer_server import PeerServer
 from .status import discovered_nodes
 from .sync import SyncEngine
-from .tls.contexts import server_ssl_context
+from .tls.contexts import INTRODUCTION_NAME, introduction_ssl_context, server_ssl_context
 
 log = logging.getLogger("syncnode.node")
 PEER_REFRESH_SECONDS = 0.5  # how soon a change made beside us (CLI, SCP) reaches peers
@@ -86,6 +86,7 @@ class RunningNode:
         runner, site = await start_listener(
             self.peer_server.app, s.peer_host, s.peer_port, limits=self.limits,
             ssl_context=server_ssl_context(self.node.identity, self.node.trust),
+            sni_contexts={INTRODUCTION_NAME: introduction_ssl_context(self.node.identity)},
             handler_cancellation=True)
         self._runners.append(runner)
         self.ports["peer"] = site.port

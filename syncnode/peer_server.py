@@ -2,7 +2,9 @@
 
 Only trusted peers reach a handler: the TLS layer refuses the rest during the handshake,
 and every request re-checks the presented certificate against the current trust list (a
-peer removed while its connection stays open is refused from its next request on).
+peer removed while its connection stays open is refused from its next request on). A
+connection without a client certificate (an introduction, see :mod:`syncnode.introduction`)
+reaches no handler: the guard answers only the introduction and closes it on anything else.
 Blob bytes are served chunk by chunk, each chunk checked against its digest first, so a
 blob damaged on this disk is never handed to a peer. Bodies are size-bounded and read with
 a timeout.
@@ -23,6 +25,7 @@ from . import merkle, protocol, wire
 from .blobstore import CHUNK_SIZE, BlobError, BlobMissing
 from .catalog import Catalog
 from .ids import InvalidHash, check_hash
+from .introduction import serve_introduction
 from .local import LocalNode
 from .nodeid import NodeId
 from .transfer import PartialBlob, TransferError
@@ -88,7 +91,10 @@ class PeerServer:
         if ssl_object is None:
             return _error(403, "mutual TLS required")
         der = ssl_object.getpeercert(binary_form=True)
-        if not der or not self._is_trusted(der):
+        if not der:  # only an introduction connects without a certificate: nothing else
+            return await serve_introduction(
+                request, self.node.trust, lambda: {p["node_id"] for p in self.catalog.peers()})
+        if not self._is_trusted(der):
             return _error(403, "peer is not trusted (any more)")
         peer = self._ids.get(der)
         if peer is None:  # one per trusted certificate (cleared with the trust cache)

@@ -35,6 +35,7 @@ import aiohttp
 from . import events as ev
 from . import merkle, protocol, wire
 from .blobstore import CHUNK_SIZE, BlobHashMismatch, BlobStore, StagedBlob
+from .introduction import introduce, refused_our_certificate
 from .local import LocalNode
 from .nodeid import NodeId
 from .protocol import ProtocolError, RemoteNode
@@ -535,11 +536,23 @@ class PeerSync:
         trust.pin(der, self.peer_id)
         log.info("pinned certificate of peer %s", self.peer_id.short)
 
+    async def hello(self) -> dict[str, Any]:
+        """The peer's hello; if it refused our certificate (it trusts our id but has not
+        pinned it: it cannot dial us), introduce ourselves and ask once more."""
+        try:
+            return await self.client.hello()
+        except aiohttp.ClientError as exc:
+            if not refused_our_certificate(exc):
+                raise
+        await introduce(self.client.base.removesuffix(protocol.PREFIX), self.node.identity,
+                        self.peer_id)
+        return await self.client.hello()
+
     async def sync_once(self) -> None:
         st = self.state
         st.state, st.round_started = "connecting", time.time()
         await self.ensure_pinned()
-        hello = await self.client.hello()
+        hello = await self.hello()
         if hello.get("version") != protocol.VERSION:
             raise ProtocolError(f"peer speaks protocol {hello.get('version')!r}")
         mine = self.node.catalog.merkle_root()

@@ -4,7 +4,12 @@ Invariants
 ----------
 * TLS 1.3 only, both directions; mutual authentication is mandatory (``CERT_REQUIRED``).  A
   client without a certificate, with an unknown one, or with one from another CA fails the
-  handshake: the server never reads or writes a byte of application data for it.
+  handshake: the server never reads or writes a byte of application data for it.  The one
+  exception is a handshake for the server name :data:`INTRODUCTION_NAME`, which the listener
+  serves with :func:`introduction_ssl_context` (no client certificate asked): the peer
+  server answers such a connection only with the outcome of an introduction
+  (:mod:`syncnode.introduction`) - a pin of a certificate whose SHA-256 is a node id this node
+  trusts - and closes it without a byte on anything else.
 * Non-self-signed pins work too (the contexts set ``VERIFY_X509_PARTIAL_CHAIN``);
   certificates are checked with ``VERIFY_X509_STRICT``.
 * Trust changes apply to the next handshake without restarting: the server context's
@@ -35,7 +40,9 @@ from syncnode.tls.identity import Identity
 from syncnode.tls.truststore import TrustStore, TrustVersion
 
 __all__ = [
+    "INTRODUCTION_NAME",
     "client_ssl_context",
+    "introduction_ssl_context",
     "peer_node_id",
     "probe_ssl_context",
     "server_ssl_context",
@@ -43,6 +50,12 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# The TLS server name (SNI) a client sends to introduce itself (see syncnode.introduction).
+# The listener picks introduction_ssl_context() for it before the handshake starts: whether a
+# client certificate is requested is fixed when the TLS connection object is created, so the
+# sni_callback (which swaps only the trust store) cannot decide it.
+INTRODUCTION_NAME: Final = "introduce.syncnode"
 
 _VERIFY_FLAGS: Final = ssl.VERIFY_X509_PARTIAL_CHAIN | ssl.VERIFY_X509_STRICT
 
@@ -79,8 +92,10 @@ def _load_trust(ctx: ssl.SSLContext, trust: TrustStore) -> None:
     if bundle:
         ctx.load_verify_locations(cadata=bundle)
     else:
-        logger.warning(
-            "trust list in %s is empty and no cluster CA is configured: every peer is refused",
+        logger.info(
+            "no peer certificate is pinned in %s and no cluster CA is configured: a peer is "
+            "admitted once its certificate is pinned (peer add, or its introduction with a "
+            "node id this node trusts)",
             trust.data_dir,
         )
 
@@ -142,7 +157,7 @@ class _AlertFlushingSSLObject(ssl.SSLObject):
         except ssl.SSLError as exc:
             self._failed = exc
             reason = getattr(exc, "verify_message", None) or exc.reason or str(exc)
-            logger.info("refused a TLS peer during the handshake: %s", reason)
+            logger.debug("TLS handshake failed: %s", reason)
             raise ssl.SSLWantReadError("TLS handshake failed; flushing the alert") from exc
 
 
@@ -159,6 +174,16 @@ def server_ssl_context(identity: Identity, trust: TrustStore) -> ssl.SSLContext:
     base.sni_callback = contexts.sni_callback
     base.sslobject_class = _AlertFlushingSSLObject
     return base
+
+
+def introduction_ssl_context(identity: Identity) -> ssl.SSLContext:
+    """Server context for an introduction (server name :data:`INTRODUCTION_NAME`): our
+    certificate, TLS 1.3, and no client certificate requested.  A connection made with it
+    carries nothing but the introduction (see :mod:`syncnode.introduction`)."""
+    ctx = _new_context(identity, server=True)
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.sslobject_class = _AlertFlushingSSLObject
+    return ctx
 
 
 class _NodeIdCheckingSSLObject(ssl.SSLObject):

@@ -20,9 +20,11 @@ from syncnode.tls.errors import (
 )
 from syncnode.tls.identity import Identity
 
-__all__ = ["fetch_peer_certificate"]
+__all__ = ["fetch_peer_certificate", "host_port"]
 
-def _host_port(target: str | tuple[str, int]) -> tuple[str, int]:
+
+def host_port(target: str | tuple[str, int]) -> tuple[str, int]:
+    """``(host, port)`` of a peer URL (``https://HOST:PORT``), ``HOST:PORT`` or pair."""
     if isinstance(target, tuple):
         host, port = target
         return host, int(port)
@@ -44,7 +46,7 @@ def _host_port(target: str | tuple[str, int]) -> tuple[str, int]:
 
 
 async def fetch_peer_certificate(
-    url_or_host_port: str | tuple[str, int],
+    url_orhost_port: str | tuple[str, int],
     identity: Identity,
     expected: NodeId,
     timeout: float = 10.0,
@@ -62,7 +64,7 @@ async def fetch_peer_certificate(
     """
     import asyncio  # here: asyncio costs ~17 ms of every command's start-up
 
-    host, port = _host_port(url_or_host_port)
+    host, port = host_port(url_orhost_port)
     ctx = probe_ssl_context(identity)
     where = f"{host}:{port}"
     try:

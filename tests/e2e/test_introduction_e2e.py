@@ -1,0 +1,134 @@
+"""Sites that know each other by node id alone, end to end: `syncnode run` processes, the CLI.
+
+Chain A - B - C, no certificate file copied between sites (no ``peer add --cert``):
+
+- B trusts A by node id only, and A's URL at B is a closed port (A is behind NAT: B can never
+  dial it); A trusts B by id with B's URL. B and C trust each other by id with URLs.
+- A fourth node D trusts B and dials it, but B has never heard of D.
+
+A, B and C must converge to one Merkle root holding everything the three had; B pins A's
+certificate when A introduces itself; D is refused (no event in either direction, no peer
+data in its state) and B's log names D's node id and address. Every process runs in its own
+process group and is killed at the end of the test.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from syncsupport import (
+    NodeProcess,
+    add_instances,
+    cli,
+    cli_json,
+    node_processes,
+    peer_state,
+    root,
+    uid,
+)
+
+from syncnode.local import LocalNode
+from syncnode.nodeid import NodeId
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def procs() -> Iterator[list[NodeProcess]]:
+    with node_processes() as started:
+        yield started
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A loopback port that refuses connections: bound (so nobody else gets it), never
+    listening."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    try:
+        yield s.getsockname()[1]
+    finally:
+        s.close()
+
+
+def start(procs: list[NodeProcess], data: Path) -> int:
+    p = NodeProcess(data, data.parent / f"{data.name}.log", interval=0.5)
+    procs.append(p)
+    return p.wait_ready()
+
+
+def poll(check: object, timeout: float, what: str, describe: object = None) -> None:
+    assert callable(check)
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            detail = f": {describe()}" if callable(describe) else ""
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}{detail}")
+        time.sleep(0.2)
+
+
+def peer_add(data: Path, node_id: str, url: str) -> subprocess.CompletedProcess[str]:
+    res = cli("peer", "add", node_id, url, data=data)
+    assert "--cert" not in " ".join(map(str, res.args))
+    return res
+
+
+@pytest.mark.timeout(150)
+def test_chain_converges_by_node_ids_alone_and_a_stranger_learns_nothing(
+        tmp_path: Path, procs: list[NodeProcess], closed_port: int) -> None:
+    dirs = {n: tmp_path / n for n in "abcd"}
+    ids = {n: cli_json("init", data=d)["node_id"] for n, d in dirs.items()}
+    nodes = {n: LocalNode(d) for n, d in dirs.items()}
+    for i, n in enumerate("abcd"):
+        add_instances(nodes[n], [uid(9, i, k) for k in range(3)], study=uid(9, i))
+    d_root = root(nodes["d"])
+    d_events = nodes["d"].catalog.event_count()
+
+    # B trusts A by id alone; A's address is a closed port, so B can never fetch A's cert.
+    res = peer_add(dirs["b"], ids["a"], f"https://127.0.0.1:{closed_port}")
+    assert "pinned on first contact" in " ".join(res.stderr.split()), res.stderr
+    b_port = start(procs, dirs["b"])
+    c_port = start(procs, dirs["c"])
+    peer_add(dirs["b"], ids["c"], f"https://127.0.0.1:{c_port}")  # fetches C's certificate
+    peer_add(dirs["c"], ids["b"], f"https://127.0.0.1:{b_port}")
+    peer_add(dirs["a"], ids["b"], f"https://127.0.0.1:{b_port}")
+    peer_add(dirs["d"], ids["b"], f"https://127.0.0.1:{b_port}")  # B knows nothing of D
+    start(procs, dirs["a"])
+    start(procs, dirs["d"])
+
+    abc = [nodes[n] for n in "abc"]
+
+    def describe() -> object:
+        return {n: {"root": root(nodes[n])[:12], "events": nodes[n].catalog.event_count(),
+                    "peers": {k[:7]: (v.get("state"), v.get("last_error", "")[:120])
+                              for k, v in nodes[n].catalog.peer_states().items()}}
+                for n in "abcd"}
+
+    poll(lambda: len({root(n) for n in abc}) == 1 and nodes["b"].catalog.event_count() == 9,
+         90, "A, B and C to converge", describe)
+    assert all(n.catalog.event_count() == 9 for n in abc)
+    a_id = NodeId.parse(ids["a"])
+    assert nodes["b"].trust.certificate(a_id) == nodes["a"].identity.cert_der
+    b_log = (tmp_path / "b.log").read_text(errors="replace")
+    assert "introduced from 127.0.0.1" in b_log, b_log[-3000:]
+
+    # D: refused. It holds only its own events and learned nothing of B's catalog; nothing
+    # of D reached A, B or C; B named D's id and address in its log.
+    d_id = NodeId.parse(ids["d"])
+    poll(lambda: f"refused node {d_id} from 127.0.0.1" in
+         (tmp_path / "b.log").read_text(errors="replace"), 30, "B to log D's refusal")
+    assert root(nodes["d"]) == d_root and nodes["d"].catalog.event_count() == d_events
+    d_view = peer_state(nodes["d"], nodes["b"])
+    assert d_view["remote_root"] == "" and d_view["last_success"] == 0, d_view
+    assert "does not trust this node" in d_view["last_error"], d_view
+    assert nodes["b"].trust.certificate(d_id) is None
+    assert all(n.catalog.event_count() == 9 for n in abc)
+
+    for n in "abcd":
+        log = (tmp_path / f"{n}.log").read_text(errors="replace")
+        assert "trust list" not in log and "every peer is refused" not in log, log[-2000:]
