@@ -15,6 +15,8 @@ POST     /peer/v1/push/offer ``{blobs}``     ``{want: [{hash, offset}]}``
 PUT      /peer/v1/push/blobs/H?offset=N      ``{offset}`` (bytes verified so far)
 POST     /peer/v1/push/events ``{events}``   ``{applied, rejected}``
 POST     /peer/v1/notify                     ``{ok}``: "my catalog changed, sync now"
+POST     /peer/v1/introduce (a certificate)  ``204``; the only request served without a
+                                             client certificate (:mod:`syncnode.introduction`)
 =======  ==================================  ===========================================
 
 ``children`` (16 ``[digest, count]`` pairs) is present below the leaf level; ``ids`` is
