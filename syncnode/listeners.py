@@ -209,13 +209,18 @@ class _SniRouter(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         limits, where = self.site.limits, transport.get_extra_info("peername")
         address = f"{where[0]}:{where[1]}" if isinstance(where, tuple) else "?"
+        deadline = loop.time() + limits.tls_handshake_timeout  # one bound for peek + handshake
         try:
             sock = transport.get_extra_info("socket")
             hello = await _peek_client_hello(sock.fileno(), limits.tls_handshake_timeout)
-            name = server_name(hello)
-            ctx = self.site.sni_contexts.get(name or "", self.site.ssl_context)
+            if not hello or deadline - loop.time() <= 0:
+                log.debug("closing a connection from %s: no TLS handshake within %ss",
+                          address, limits.tls_handshake_timeout)
+                transport.abort()
+                return
+            ctx = self.site.sni_contexts.get(server_name(hello) or "", self.site.ssl_context)
             tls = await loop.start_tls(transport, self.handler, ctx, server_side=True,
-                                       ssl_handshake_timeout=limits.tls_handshake_timeout)
+                                       ssl_handshake_timeout=deadline - loop.time())
         except ssl.SSLError as exc:
             reason = getattr(exc, "verify_message", None) or exc.reason or str(exc)
             log.info("refused a TLS peer from %s during the handshake: %s", address, reason)

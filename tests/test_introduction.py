@@ -13,6 +13,7 @@ import asyncio
 import logging
 import shutil
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ from syncnode.introduction import (
     introduce,
     refused_our_certificate,
 )
+from syncnode.listeners import ListenerLimits, server_name
 from syncnode.local import LocalNode
 from syncnode.node import RunningNode
 from syncnode.tls.contexts import INTRODUCTION_NAME, client_ssl_context
@@ -223,3 +225,58 @@ async def test_sync_converges_when_the_unreachable_side_trusts_by_id_alone(
     assert b.trust.certificate(a.node_id) == a.identity.cert_der  # pinned by introduction
     assert a.trust.certificate(b.node_id) == b.identity.cert_der  # pinned when A dialled B
     assert peer_state(a, b)["last_error"] == ""
+
+
+# ----------------------------------------------------------------------------------------
+# Choosing the TLS context by the ClientHello's server name
+
+
+def client_hello(server_hostname: str | None) -> bytes:
+    """The first TLS record a real client (Python's ssl, OpenSSL) sends."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=server_hostname)
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return outgoing.read()
+
+
+def test_server_name_is_read_from_a_real_client_hello() -> None:
+    hello = client_hello(INTRODUCTION_NAME)
+    assert server_name(hello) == INTRODUCTION_NAME
+    assert server_name(client_hello("Peer.Example")) == "peer.example"
+    assert server_name(client_hello(None)) is None  # no SNI extension
+    for cut in (0, 5, 9, 43, 60, len(hello) // 2, len(hello) - 1):
+        assert server_name(hello[:cut]) in (None, INTRODUCTION_NAME)  # never raises
+    assert server_name(b"GET / HTTP/1.1\r\n\r\n") is None
+    assert server_name(bytes(range(256)) * 4) is None
+    assert server_name(b"\x16\x03\x01\x00\x05\x01\xff\xff\xff") is None
+
+
+@pytest.mark.parametrize("sent", ["nothing", "part of a ClientHello"])
+async def test_a_client_hello_that_never_completes_is_dropped_at_the_handshake_bound(
+        new_node: Callable[[str], LocalNode], sent: str) -> None:
+    b = new_node("b")
+    settings = b.settings(peer_host="127.0.0.1", peer_port=0, api_port=0, dicom_port=0,
+                          discovery=False)
+    rb = RunningNode(b, settings, limits=ListenerLimits(tls_handshake_timeout=0.5))
+    await rb.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(rb))
+        try:
+            if sent != "nothing":
+                writer.write(client_hello(INTRODUCTION_NAME)[:20])
+                await writer.drain()
+            start = time.monotonic()
+            try:
+                data = await asyncio.wait_for(reader.read(), 5)
+            except ConnectionResetError:
+                data = b""
+            took = time.monotonic() - start
+            assert data == b"" and 0.4 <= took < 1.3, (data[:100], took)
+        finally:
+            writer.close()
+    finally:
+        await rb.stop()
