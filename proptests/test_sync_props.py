@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from syncnode import events as ev
-from syncnode import merkle, protocol
+from syncnode import protocol
 from syncnode.catalog import Catalog
 from syncnode.local import LocalNode
 from syncnode.protocol import RemoteNode
@@ -43,11 +43,8 @@ node_index = st.integers(0, NODES - 1)
 
 def merkle_answer(catalog: Catalog, prefix: str) -> RemoteNode:
     """``GET /peer/v1/merkle?prefix=P`` from ``catalog``, through the wire format."""
-    node = catalog.merkle_node(prefix)
-    leaf = len(prefix) == merkle.LEAF_LEVEL
-    children = None if leaf else catalog.merkle_children(prefix)
-    ids = catalog.ids_under(prefix) if leaf or node.count <= protocol.INLINE_IDS else None
-    return protocol.parse_merkle(protocol.merkle_response(prefix, node, children, ids), prefix)
+    answer = protocol.read_merkle(catalog, prefix)  # what the server answers
+    return protocol.parse_merkle(protocol.merkle_response(prefix, answer), prefix)
 
 
 async def pull(dst: LocalNode, src: LocalNode) -> int:

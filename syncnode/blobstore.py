@@ -31,7 +31,7 @@ import os
 import secrets
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -49,6 +49,11 @@ class BlobError(Exception):
     """Base class for blob store errors."""
 
 
+class LocalStoreError(Exception):
+    """This node's own storage failed (disk full, I/O error, catalog unusable): nothing a
+    peer did, and not the network. Sync pauses with the peer and retries with backoff."""
+
+
 class BlobHashMismatch(BlobError):
     """Bytes received for a blob do not hash to the name they were promised under."""
 
@@ -62,8 +67,11 @@ class BlobMissing(BlobError, FileNotFoundError):
     """The blob is not in the store."""
 
 
-class StoreFull(BlobError, OSError):
-    """The disk holding the data folder is full."""
+class StoreFull(BlobError, LocalStoreError):
+    """The disk holding the data folder is full (or its quota is used up).
+
+    Deliberately not an OSError: callers that treat OSError as "the network failed"
+    would show a full local disk as an unreachable peer."""
 
 
 _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})  # a full disk, or a full quota
@@ -90,11 +98,14 @@ class BlobInfo:
     size: int
     chunks: tuple[str, ...]
     created: bool  # False when identical bytes were already stored
+    # the same list as raw concatenated digests, when the store has it at hand
+    chunk_digests: bytes | None = field(default=None, compare=False, repr=False)
 
     @property
     def chunks_root(self) -> str:
         """BLAKE3 of the concatenated chunk digests: binds the chunk list to an event."""
-        return chunks_root(bytes.fromhex("".join(self.chunks)))
+        raw = self.chunk_digests
+        return chunks_root(bytes.fromhex("".join(self.chunks)) if raw is None else raw)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +152,8 @@ class StagedBlob:
     read_only: bool = False  # tmp already has the mode of a blob (0o444)
 
     def info(self, created: bool) -> BlobInfo:
-        return BlobInfo(self.digest, self.size, chunk_hexes(self.chunk_digests), created)
+        return BlobInfo(self.digest, self.size, chunk_hexes(self.chunk_digests), created,
+                        self.chunk_digests)
 
 
 class ChunkHasher:
@@ -496,14 +508,14 @@ class BlobStore:
             if has_chunk_file(chunk_digests) and not self.chunks_path(digest).is_file():
                 self._write_chunks(digest, chunk_digests)  # repair a lost chunk list
                 self._mark_dirty(final.parent, sync_dir)
-            return BlobInfo(digest, size, chunks, created=False)
+            return BlobInfo(digest, size, chunks, False, chunk_digests)
         final.parent.mkdir(parents=True, exist_ok=True)
         if has_chunk_file(chunk_digests):
             self._write_chunks(digest, chunk_digests)
         os.replace(tmp, final)
         os.chmod(final, 0o444)
         self._mark_dirty(final.parent, sync_dir)
-        return BlobInfo(digest, size, chunks, created=True)
+        return BlobInfo(digest, size, chunks, True, chunk_digests)
 
     def _write_chunks(self, digest: str, chunk_digests: bytes) -> None:
         cpath = self.chunks_path(digest)

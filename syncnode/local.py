@@ -12,16 +12,26 @@ Layout of ``<data>``::
 Operations that touch both the store and the catalog live here, so that every command
 and service keeps the same invariant: a catalog row that is not removed points at a whole
 blob, and blobs nothing refers to are collected.
+
+The blocking boundary: asyncio code (peer server, sync engine) never calls the catalog
+(SQLite), fsync or hashing on its event loop. It goes through :func:`offload`, which runs
+the call in a worker thread and turns the local storage's failures into
+:class:`LocalStoreError` (a full disk stays :class:`StoreFull`), so that a broken disk is
+never mistaken for a broken network or a misbehaving peer.
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import functools
+import sqlite3
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
-from .blobstore import BlobDamage, BlobStore
+from .blobstore import BlobDamage, BlobError, BlobStore, LocalStoreError, StoreFull
 from .catalog import ApplyResult, Catalog
 from .nodeid import NodeId
 
@@ -31,6 +41,37 @@ if TYPE_CHECKING:
     from .tls.truststore import TrustStore
 
 CATALOG_FILE = "catalog.db"
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def local_errors(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """Call ``fn`` and name what its failures are: an OSError (other than a missing blob)
+    or an SQLite error from this node's storage becomes LocalStoreError, 'no space'
+    becomes StoreFull. Typed blob errors pass through unchanged."""
+    try:
+        return fn(*args, **kwargs)
+    except (BlobError, LocalStoreError):
+        raise
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StoreFull("no space left for the blob store") from exc
+        raise LocalStoreError(f"local storage failed: {type(exc).__name__}: {exc}") from exc
+    except sqlite3.OperationalError as exc:
+        if "full" in str(exc):  # SQLITE_FULL: the catalog's disk is full
+            raise StoreFull(f"no space left for the catalog: {exc}") from exc
+        raise LocalStoreError(f"catalog failed: {exc}") from exc
+    except sqlite3.Error as exc:
+        raise LocalStoreError(f"catalog failed: {exc}") from exc
+
+
+async def offload(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """Run a blocking call on this node's storage (catalog, blob store, fsync, hashing) in
+    a worker thread: the one way asyncio code reaches them. Errors as in
+    :func:`local_errors`."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(
+        None, functools.partial(local_errors, fn, *args, **kwargs))
 
 
 class NodeNotInitialised(Exception):

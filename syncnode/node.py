@@ -26,14 +26,14 @@ from .audit import AuditLog
 from .config import Settings
 from .discovery import Discovery
 from .listeners import ListenerLimits, start_listener
-from .local import LocalNode
+from .local import LocalNode, offload
 from .peer_server import PeerServer
 from .status import discovered_nodes
 from .sync import SyncEngine
 from .tls.contexts import INTRODUCTION_NAME, introduction_ssl_context, server_ssl_context
 
 log = logging.getLogger("syncnode.node")
-PEER_REFRESH_SECONDS = 0.5  # how soon a change made beside us (CLI, SCP) reaches peers
+PEER_REFRESH_SECONDS = 0.5  # how soon a change made beside us (CLI import) reaches peers
 
 
 class AlreadyRunning(Exception):
@@ -64,6 +64,8 @@ class RunningNode:
     # The audit trail: services call self.audit.record(...) (queued, never blocks the loop).
     audit: AuditLog | None = None
     syslog: Any = None  # syncnode.atna.SyslogForwarder when audit_syslog is set
+    # set by local_change(): the root watch looks now instead of at its next tick
+    _look_now: asyncio.Event = field(default_factory=asyncio.Event)
 
     def _take_lock(self) -> None:
         fd = os.open(self.node.data / "run.lock", os.O_CREAT | os.O_RDWR, 0o600)
@@ -162,6 +164,7 @@ class RunningNode:
         loop = asyncio.get_running_loop()
         bridge = DicomBridge(self.node, self.settings,
                              on_stored=lambda: loop.call_soon_threadsafe(self.local_change))
+        # (stored instances reach peers through the root watch, woken at once)
         try:
             self.ports["dicom"] = await asyncio.to_thread(bridge.start)
         except OSError as exc:  # e.g. the port is taken: the node still syncs; say so loudly
@@ -178,18 +181,36 @@ class RunningNode:
         await self.discovery.start()
 
     def _on_discovered(self, entry: dict[str, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(self._note_discovered(entry))
+        self._tasks.append(task)
+        task.add_done_callback(self._tasks_done)
+
+    def _tasks_done(self, task: asyncio.Task[Any]) -> None:
+        if task in self._tasks:
+            self._tasks.remove(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("recording a discovered node failed: %s", task.exception())
+
+    async def _note_discovered(self, entry: dict[str, Any]) -> None:
         compact = entry["node_id"].replace("-", "")
-        self.node.catalog.note_discovered(compact, entry["url"])
-        states = self.node.catalog.peer_states()
-        for p in self.node.catalog.peers():
-            # Move a trusted peer to its announced address only when the configured one
-            # does not work: an operator's explicit URL wins while it is reachable.
-            unreachable = states.get(compact, {}).get("state") == "unreachable"
-            if p["node_id"] == compact and unreachable \
-                    and p["url"].rstrip("/") != entry["url"]:
-                log.info("trusted peer %s now at %s", compact[:7], entry["url"])
-                self.node.catalog.add_peer(compact, entry["url"], p["push"])
-                self.peers_changed()
+        catalog = self.node.catalog
+
+        def note() -> bool:
+            catalog.note_discovered(compact, entry["url"])
+            states = catalog.peer_states()
+            for p in catalog.peers():
+                # Move a trusted peer to its announced address only when the configured
+                # one does not work: an operator's explicit URL wins while it is reachable.
+                unreachable = states.get(compact, {}).get("state") == "unreachable"
+                if p["node_id"] == compact and unreachable \
+                        and p["url"].rstrip("/") != entry["url"]:
+                    log.info("trusted peer %s now at %s", compact[:7], entry["url"])
+                    catalog.add_peer(compact, entry["url"], p["push"])
+                    return True
+            return False
+
+        if await offload(note):
+            self.peers_changed()
         if self.feed is not None:
             self.feed.publish("discovered", node_id=entry["node_id"], url=entry["url"])
 
@@ -204,14 +225,15 @@ class RunningNode:
                               blobs_needed=state.blobs_needed)
 
     def peers_changed(self) -> None:
-        if self.engine:
-            self.engine.refresh()
+        """The trust list changed: the root watch reads it (off the loop) now."""
+        self._look_now.set()
         if self.feed is not None:
             self.feed.publish("peers")
 
     def local_change(self) -> None:
-        if self.engine:
-            self.engine.changed()
+        """The catalog changed here (SCP, API, CLI beside us): the root watch looks now and
+        tells the peers once, whichever way the change came."""
+        self._look_now.set()
 
     def apply_settings(self, changes: dict[str, Any]) -> None:
         """Take changed settings that need no restart into effect now."""
@@ -247,17 +269,32 @@ class RunningNode:
             self.engine.changed()
 
     async def _refresh_peers(self) -> None:
+        """The one watch of local changes: every PEER_REFRESH_SECONDS (or at once when
+        :meth:`local_change` asks) read the trust list and the Merkle root off the loop;
+        a new root wakes the peers' loops and tells the peers. Never ends on an error."""
         assert self.engine is not None
+        catalog = self.node.catalog
         last_root = None
         while True:
-            self.engine.refresh()
-            root = self.node.catalog.merkle_root().digest
-            if last_root is not None and root != last_root:
-                self.engine.changed()  # e.g. an import by the CLI beside us
-                if self.feed is not None:
-                    self.feed.publish("catalog", merkle_root=root.hex())
-            last_root = root
-            await asyncio.sleep(PEER_REFRESH_SECONDS)
+            self._look_now.clear()
+            try:
+                peers, root_node = await offload(lambda: (catalog.peers(),
+                                                          catalog.merkle_root()))
+            except Exception as exc:  # e.g. the catalog's disk failing: say so, look again
+                log.error("reading the catalog for the peer refresh failed: %s: %s",
+                          type(exc).__name__, exc)
+            else:
+                self.engine.refresh(peers)
+                root = root_node.digest
+                if last_root is not None and root != last_root:
+                    self.engine.changed()
+                    if self.feed is not None:
+                        self.feed.publish("catalog", merkle_root=root.hex())
+                last_root = root
+            try:
+                await asyncio.wait_for(self._look_now.wait(), PEER_REFRESH_SECONDS)
+            except TimeoutError:
+                pass
 
     async def stop(self) -> None:
         for t in self._tasks:

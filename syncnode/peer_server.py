@@ -8,6 +8,12 @@ reaches no handler: the guard answers only the introduction and closes it on any
 Blob bytes are served chunk by chunk, each chunk checked against its digest first, so a
 blob damaged on this disk is never handed to a peer. Bodies are size-bounded and read with
 a timeout.
+
+Handlers never block the event loop: catalog reads and writes, hashing and fsync run
+through :func:`syncnode.local.offload`. Errors by type: a request that breaks the protocol
+(:class:`~syncnode.protocol.BadRequest`, an invalid hash or prefix) is 400; a blob we do
+not hold is 404; a full disk is 507; anything else is our fault, 500, logged with its
+traceback.
 """
 
 from __future__ import annotations
@@ -22,12 +28,13 @@ from typing import Any
 from aiohttp import web
 
 from . import merkle, protocol, wire
-from .blobstore import CHUNK_SIZE, BlobError, BlobMissing
+from .blobstore import CHUNK_SIZE, BlobError, BlobMissing, StoreFull
 from .catalog import Catalog
 from .ids import InvalidHash, check_hash
 from .introduction import serve_introduction
-from .local import LocalNode
+from .local import LocalNode, offload
 from .nodeid import NodeId
+from .protocol import BadRequest
 from .transfer import PartialBlob, TransferError
 
 log = logging.getLogger("syncnode.peer_server")
@@ -105,10 +112,18 @@ class PeerServer:
             self.on_seen(peer.compact)
         try:
             return await handler(request)
-        except (InvalidHash, ValueError) as exc:
+        except (InvalidHash, BadRequest) as exc:
             return _error(400, str(exc))
         except BlobMissing as exc:
             return _error(404, str(exc))
+        except StoreFull as exc:
+            log.error("peer %s: %s %s: %s", peer.short, request.method, request.path, exc)
+            return _error(507, f"this node's disk is full: {exc}")
+        except web.HTTPException:
+            raise
+        except Exception:
+            log.exception("peer %s: %s %s failed", peer.short, request.method, request.path)
+            return _error(500, "internal error on this node (see its log)")
 
     def _is_trusted(self, der: bytes) -> bool:
         """The trust list's verdict, cached until the list changes (checked once a second)."""
@@ -128,11 +143,11 @@ class PeerServer:
     async def _json(self, request: web.Request) -> Any:
         try:
             return await asyncio.wait_for(request.json(), BODY_READ_TIMEOUT)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"body is not JSON: {exc}") from exc
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"body is not JSON: {exc}") from exc
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        return await offload(fn, *args)
 
     async def notify(self, request: web.Request) -> web.Response:
         """A peer tells us its catalog changed: our loop with it runs now, not at its next
@@ -142,33 +157,30 @@ class PeerServer:
         return web.json_response({"ok": True})
 
     # -- reading -------------------------------------------------------------------------
+    def _merkle_answer(self, prefix: str) -> dict[str, Any]:
+        with self.catalog.snapshot():  # digest, children and ids from one instant
+            node = protocol.read_merkle(self.catalog, prefix)
+        return protocol.merkle_response(prefix, node)
+
     async def hello(self, request: web.Request) -> web.Response:
-        root = await self._run(self.catalog.merkle_root)
+        """Who we are, and the root's Merkle answer: a peer whose root differs starts its
+        walk from it (one request fewer per round)."""
+        root = await self._run(self._merkle_answer, "")
         return web.json_response({"node_id": str(self.node.node_id), "version": protocol.VERSION,
-                                  "root": root.digest.hex(), "count": root.count})
+                                  "root": root["digest"], "count": root["count"],
+                                  "merkle": root})
 
     async def merkle(self, request: web.Request) -> web.Response:
-        prefix = merkle.check_prefix(request.query.get("prefix", ""))
-
-        def answer() -> dict[str, Any]:
-            with self.catalog.snapshot():  # digest, children and ids from one instant
-                node = self.catalog.merkle_node(prefix)
-                leaf = len(prefix) == merkle.LEAF_LEVEL
-                children = None if leaf else self.catalog.merkle_children(prefix)
-                ids = (self.catalog.ids_under(prefix)
-                       if leaf or node.count <= protocol.INLINE_IDS else None)
-            return protocol.merkle_response(prefix, node, children, ids)
-
-        return web.json_response(await self._run(answer))
+        try:
+            prefix = merkle.check_prefix(request.query.get("prefix", ""))
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from exc
+        return web.json_response(await self._run(self._merkle_answer, prefix))
 
     async def events(self, request: web.Request) -> web.Response:
-        body = await self._json(request)
-        ids = body.get("ids") if isinstance(body, dict) else None
-        if not isinstance(ids, list) or len(ids) > protocol.MAX_IDS:
-            return _error(400, f"'ids' must be a list of at most {protocol.MAX_IDS} event ids")
-        ids = [check_hash(i, "event id") for i in ids]
+        ids = protocol.parse_events_request(await self._json(request))
         found = await self._run(self.catalog.get_events, ids)
-        return web.json_response({"events": [{"id": i, "body": b.decode()} for i, b in found]})
+        return web.json_response(protocol.events_response(found))
 
     async def chunks(self, request: web.Request) -> web.Response:
         h = check_hash(request.match_info["hash"], "blob hash")
@@ -253,27 +265,51 @@ class PeerServer:
         offered = body.get("blobs") if isinstance(body, dict) else None
         if not isinstance(offered, list) or len(offered) > protocol.MAX_OFFER:
             return _error(400, f"'blobs' must be a list of at most {protocol.MAX_OFFER}")
-        want, busy = [], []
+        items: list[tuple[str, int, bytes]] = []
         for item in offered:
+            if not isinstance(item, dict):
+                raise BadRequest("each offered blob is {hash, size, chunks}")
             h = check_hash(item.get("hash"), "blob hash")
             size, chunks = item.get("size"), item.get("chunks")
-            if not isinstance(size, int) or size < 0 or not isinstance(chunks, str):
-                return _error(400, f"offer of {h} needs 'size' and 'chunks'")
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0 \
+                    or not isinstance(chunks, str):
+                raise BadRequest(f"offer of {h} needs 'size' and 'chunks'")
+            try:
+                digests = bytes.fromhex(chunks)
+            except ValueError as exc:
+                raise BadRequest(f"offer of {h}: 'chunks' is not hex") from exc
+            items.append((h, size, digests))
+        busy = [h for h, _, _ in items
+                if (lock := self.blob_locks.get(h)) is not None and lock.locked()]
+        # being pulled or pushed right now: asked again later
+        todo = [i for i in items if i[0] not in set(busy)]
+        try:
+            want = await self._run(self._accept_offers, todo)
+        except TransferError as exc:
+            raise BadRequest(str(exc)) from exc
+        return web.json_response({"want": want, "busy": busy})
+
+    def _accept_offers(self, items: list[tuple[str, int, bytes]]) -> list[dict[str, Any]]:
+        """Record each offer and say from which offset to send (a part file may hold a
+        verified prefix already). Blocking: reads and hashes part files."""
+        want = []
+        for h, size, digests in items:
             if self.node.store.has(h):
                 continue
-            lock = self.blob_locks.get(h)
-            if lock is not None and lock.locked():  # being pulled or pushed right now
-                busy.append(h)
-                continue
-            digests = bytes.fromhex(chunks)
-            self._write_offer(h, size, digests)
             part = PartialBlob(self.node.store, h, size, digests)
+            self._write_offer(h, size, digests)
             want.append({"hash": h, "offset": part.offset})
-            part.close()
-        return web.json_response({"want": want, "busy": busy})
+            part.close(durable=False)
+        return want
 
     def _offer_path(self, h: str) -> Any:
         return self.node.store.tmp_dir / f"{h}.offer"
+
+    def _read_offer(self, h: str) -> bytes | None:
+        try:
+            return self._offer_path(h).read_bytes()
+        except FileNotFoundError:
+            return None
 
     def _write_offer(self, h: str, size: int, digests: bytes) -> None:
         self._offer_path(h).write_bytes(size.to_bytes(8, "big") + digests)
@@ -286,20 +322,23 @@ class PeerServer:
 
     async def _receive_push(self, request: web.Request, h: str) -> web.Response:
         store = self.node.store
-        if store.has(h):
-            return web.json_response({"offset": store.size(h), "complete": True})
-        try:
-            raw = self._offer_path(h).read_bytes()
-        except FileNotFoundError:
+        if await self._run(store.has, h):
+            return web.json_response({"offset": await self._run(store.size, h),
+                                      "complete": True})
+        raw = await self._run(self._read_offer, h)
+        if raw is None:
             return _error(409, f"blob {h} was not offered first")
         size, digests = int.from_bytes(raw[:8], "big"), raw[8:]
         try:
-            part = PartialBlob(store, h, size, digests)
+            part = await self._run(PartialBlob, store, h, size, digests)
         except TransferError as exc:
             return _error(400, str(exc))
-        offset = int(request.query.get("offset", "-1"))
+        try:
+            offset = int(request.query.get("offset", "-1"))
+        except ValueError:
+            offset = -1
         if offset != part.offset:
-            part.close()
+            await self._run(part.close)
             return _error(409, f"send blob {h} from offset {part.offset}, not {offset}")
         peer = request[PEER_KEY].compact
         # The whole body, not only each read, is bounded: a trusted peer trickling a byte a
@@ -315,11 +354,11 @@ class PeerServer:
                                               min(left, BODY_READ_TIMEOUT))
                 if not data:
                     break
-                part.feed(data)
+                await self._run(part.feed, data)
                 self._stat(peer, "bytes_in", len(data))
             if part.complete:
                 await self._run(part.finish)
-                self._offer_path(h).unlink(missing_ok=True)
+                await self._run(self._offer_path(h).unlink, True)
                 return web.json_response({"offset": size, "complete": True})
             return web.json_response({"offset": part.offset, "complete": False})
         except TransferError as exc:
@@ -331,18 +370,14 @@ class PeerServer:
             return _error(408, f"push of blob {h} too slow: {part.offset} of {size} bytes "
                                "verified by the deadline; resume from there")
         finally:
-            part.close()
+            await self._run(part.close)
 
     async def push_events(self, request: web.Request) -> web.Response:
         body = await self._json(request)
-        items = body.get("events") if isinstance(body, dict) else None
-        if not isinstance(items, list) or len(items) > protocol.MAX_IDS:
-            return _error(400, f"'events' must be a list of at most {protocol.MAX_IDS}")
-        pairs = []
-        for item in items:
-            if not isinstance(item, dict) or not isinstance(item.get("body"), str):
-                return _error(400, "each event is {id, body}")
-            pairs.append((check_hash(item.get("id"), "event id"), item["body"].encode()))
+        try:
+            pairs = protocol.parse_events(body)
+        except protocol.ProtocolError as exc:
+            raise BadRequest(str(exc)) from exc
         result = await self._run(self.node.apply, pairs)
         if result.inserted and self.on_events:
             await self.on_events(result.inserted)

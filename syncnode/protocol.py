@@ -21,13 +21,26 @@ POST     /peer/v1/introduce (a certificate)  ``204``; the only request served wi
 
 ``children`` (16 ``[digest, count]`` pairs) is present below the leaf level; ``ids`` is
 present when the node holds at most ``INLINE_IDS`` events, so a diff stops descending as
-soon as the lists are short.
+soon as the lists are short. ``hello`` also carries the root's Merkle answer
+(``merkle``), so a round that finds the roots differ starts its walk without asking for
+the root again.
+
+This module is sans-IO (in h11's manner): the Merkle answer a node gives
+(:func:`read_merkle`), the decision of one step of the diff walk (:class:`DiffWalk`) and
+the batching of event ids are pure functions of their inputs, shared by the peer server,
+the sync client and the tests. Sockets, threads and SQLite live in the callers.
+
+Errors by type: :class:`BadRequest` is a request that breaks this protocol (the server
+answers 400); :class:`ProtocolError` is a peer answer that breaks it (the client backs
+off from that peer). Both are :class:`PeerError`: the peer's fault, not our disk's and
+not the network's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from . import merkle
 from .ids import check_hash, is_hash
@@ -40,8 +53,18 @@ MAX_OFFER = 1000  # blobs per /push/offer
 MAX_JSON_BODY = 4 << 20
 
 
-class ProtocolError(Exception):
+class PeerError(Exception):
+    """What a peer did wrong (as opposed to our own disk, or the network between us)."""
+
+
+class ProtocolError(PeerError):
     """A peer answered something that breaks the protocol."""
+
+
+class BadRequest(PeerError):
+    """A request that breaks the protocol: the server answers 400 with this message.
+    Only this type (and invalid hashes/prefixes) is a client's fault; anything else that
+    goes wrong while serving is the server's (500, logged with its traceback)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,14 +76,132 @@ class RemoteNode:
     ids: list[str] | None
 
 
-def merkle_response(prefix: str, node: merkle.NodeDigest,
-                    children: list[merkle.NodeDigest] | None,
-                    ids: list[str] | None) -> dict[str, Any]:
+class MerkleSource(Protocol):
+    """What a Merkle answer is read from (the catalog, inside one snapshot)."""
+
+    def merkle_node(self, prefix: str = "") -> merkle.NodeDigest: ...
+    def merkle_children(self, prefix: str) -> list[merkle.NodeDigest]: ...
+    def ids_under(self, prefix: str, limit: int | None = None) -> list[str]: ...
+
+
+def read_merkle(source: MerkleSource, prefix: str) -> RemoteNode:
+    """The answer a node gives for ``prefix``: its digest and count, the 16 children below
+    the leaf level, the ids when it is a leaf or holds at most INLINE_IDS events. The one
+    rule for what an answer holds, used by the server for its peers and by the walk for
+    this node's own side. Reads only (blocking: call it off the event loop)."""
+    node = source.merkle_node(prefix)
+    leaf = len(prefix) == merkle.LEAF_LEVEL
+    children = None if leaf else source.merkle_children(prefix)
+    ids = source.ids_under(prefix) if leaf or node.count <= INLINE_IDS else None
+    return RemoteNode(prefix, node.digest, node.count, children, ids)
+
+
+def merkle_response(prefix: str, node: merkle.NodeDigest | RemoteNode,
+                    children: list[merkle.NodeDigest] | None = None,
+                    ids: list[str] | None = None) -> dict[str, Any]:
+    """The JSON of a Merkle answer (a :class:`RemoteNode`, or its parts)."""
+    if isinstance(node, RemoteNode):
+        children, ids = node.children, node.ids
     out: dict[str, Any] = {"prefix": prefix, "digest": node.digest.hex(), "count": node.count}
     if children is not None:
         out["children"] = [[c.digest.hex(), c.count] for c in children]
     if ids is not None:
         out["ids"] = ids
+    return out
+
+
+@dataclass(slots=True)
+class DiffStep:
+    """What one compared Merkle node tells: ids only the peer has (``theirs``), ids only
+    we have (``ours``), and prefixes under which only we hold events (``ours_under``:
+    the caller lists our ids there)."""
+
+    theirs: list[str] = field(default_factory=list)
+    ours: list[str] = field(default_factory=list)
+    ours_under: list[str] = field(default_factory=list)
+
+
+class DiffWalk:
+    """The Merkle diff walk as a state machine: no I/O, no clock.
+
+    Ask :meth:`next_prefix` which node to compare, read both sides' answers for it (the
+    peer's over the network, ours from the catalog: both built by :func:`read_merkle`),
+    and :meth:`feed` them; repeat until ``next_prefix`` is None. Descends only where the
+    digests differ, depth first, children in ascending order; memory stays bounded by
+    one node's id list and the stack of pending prefixes. Prefixes only we hold are
+    listed in descending order, as the stack pops the others.
+    """
+
+    def __init__(self) -> None:
+        self._stack = [""]
+
+    def next_prefix(self) -> str | None:
+        return self._stack[-1] if self._stack else None
+
+    def feed(self, remote: RemoteNode, mine: RemoteNode) -> DiffStep:
+        """Compare the two answers for the current prefix. Raises ProtocolError when the
+        peer's answer cannot be walked (no children where the digests differ)."""
+        prefix = self._stack.pop()
+        if remote.prefix != prefix or mine.prefix != prefix:
+            raise ProtocolError(f"Merkle answers for {remote.prefix!r}/{mine.prefix!r}, "
+                                f"expected {prefix!r}")
+        step = DiffStep()
+        if remote.digest == mine.digest:
+            return step
+        if remote.ids is not None and mine.ids is not None:
+            theirs, ours = set(remote.ids), set(mine.ids)
+            step.theirs, step.ours = sorted(theirs - ours), sorted(ours - theirs)
+            return step
+        if remote.children is None or mine.children is None:
+            raise ProtocolError(f"peer gave no children for differing prefix {prefix!r}")
+        for i in reversed(range(merkle.FANOUT)):
+            r, m = remote.children[i], mine.children[i]
+            if r.digest == m.digest:
+                continue
+            child = prefix + format(i, "x")
+            if r.count == 0:  # only we have events there
+                step.ours_under.append(child)
+            else:
+                self._stack.append(child)
+        return step
+
+
+def batched(ids: Sequence[str], size: int) -> Iterator[list[str]]:
+    """``ids`` in lists of at most ``size``, in order (one request each)."""
+    for i in range(0, len(ids), size):
+        yield list(ids[i:i + size])
+
+
+def events_request(ids: Sequence[str]) -> dict[str, Any]:
+    if len(ids) > MAX_IDS:
+        raise ValueError(f"at most {MAX_IDS} event ids per request")
+    return {"ids": list(ids)}
+
+
+def parse_events_request(obj: Any) -> list[str]:
+    """The ids of a ``POST /events`` body. Raises BadRequest."""
+    ids = obj.get("ids") if isinstance(obj, dict) else None
+    if not isinstance(ids, list) or len(ids) > MAX_IDS:
+        raise BadRequest(f"'ids' must be a list of at most {MAX_IDS} event ids")
+    return [check_hash(i, "event id") for i in ids]
+
+
+def events_response(found: Sequence[tuple[str, bytes]]) -> dict[str, Any]:
+    return {"events": [{"id": i, "body": b.decode()} for i, b in found]}
+
+
+def parse_events(obj: Any, key: str = "events") -> list[tuple[str, bytes]]:
+    """``[{id, body}]`` under ``key`` -> (id, body bytes) pairs. Shapes only: whether a
+    body hashes to its id is the catalog's check. Raises ProtocolError."""
+    items = obj.get(key) if isinstance(obj, dict) else None
+    if not isinstance(items, list) or len(items) > MAX_IDS:
+        raise ProtocolError(f"'{key}' must be a list of at most {MAX_IDS} events")
+    out = []
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("body"), str) \
+                or not is_hash(item.get("id")):
+            raise ProtocolError("each event is {id, body}")
+        out.append((item["id"], item["body"].encode()))
     return out
 
 
@@ -110,7 +251,7 @@ def check_hash_value(value: Any) -> str:
         raise ProtocolError(str(exc)) from exc
 
 
-class RangeError(ValueError):
+class RangeError(BadRequest):
     """A Range header this server cannot satisfy (HTTP 416) for a blob of ``size`` bytes."""
 
     def __init__(self, message: str, size: int) -> None:

@@ -16,29 +16,49 @@ Per round with a peer:
 
 Failures (unreachable, refused, a chunk that does not verify) are recorded in the peer's
 state and retried with capped exponential backoff with jitter; one bad blob from a peer
-does not stop the rest, and any other peer that has it can supply it.
+does not stop the rest, and any other peer that has it can supply it. A failure is named
+by its kind (``error_kind``): ``network`` (the peer could not be reached: state
+``unreachable``), ``peer`` (it answered something that breaks the protocol or does not
+verify: ``error``), ``local`` (this node's own disk or catalog failed: ``store_full`` or
+``local_error``) or ``internal`` (a bug, logged with its traceback).
+
+Threads: the loop never touches SQLite, fsync or hashing itself; those calls go through
+:func:`syncnode.local.offload` (worker threads), and peer states are written by one
+writer thread, newest state last. The diff walk's decisions are
+:class:`syncnode.protocol.DiffWalk`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import ssl
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import aiohttp
 
 from . import events as ev
-from . import merkle, protocol, wire
-from .blobstore import CHUNK_SIZE, BlobHashMismatch, BlobStore, StagedBlob
+from . import protocol, wire
+from .blobstore import (
+    CHUNK_SIZE,
+    BlobHashMismatch,
+    BlobStore,
+    LocalStoreError,
+    StagedBlob,
+    StoreFull,
+)
+from .catalog import Catalog
 from .introduction import introduce, refused_our_certificate
-from .local import LocalNode
+from .local import LocalNode, local_errors, offload
 from .nodeid import NodeId
-from .protocol import ProtocolError, RemoteNode
+from .protocol import PeerError, ProtocolError, RemoteNode
 from .retry import backoff
 from .tls.contexts import client_ssl_context
 from .tls.errors import NodeTLSError
@@ -52,6 +72,10 @@ APPLY_BATCH = 64  # pulled blobs made live in one transaction
 APPLY_DELAY = 0.25  # seconds a pulled blob may wait for others before it is made live
 NOTIFY_DELAY = 0.1  # seconds a change waits for others before peers are told
 PUSH_AFTER_SILENCE = 3  # sync intervals without a request from the peer before we push
+MAX_ANSWER = 64 << 20  # bytes of one JSON answer from a peer (an /events batch at most)
+MAX_HELLO = 1 << 20  # bytes of a /hello answer (with the root's Merkle answer)
+ERROR_BODY = 300  # bytes of a peer's error answer kept for the message
+OFFLOAD_JSON = 256 << 10  # answers larger than this are parsed in a worker thread
 
 
 @dataclass
@@ -65,7 +89,9 @@ class PeerState:
 
     node_id: str
     url: str
-    state: str = "idle"  # idle, connecting, syncing, in_sync, unreachable, error
+    # idle, connecting, syncing, in_sync, unreachable, error, store_full, local_error
+    state: str = "idle"
+    error_kind: str = ""  # of last_error: network, peer, local, internal (see module doc)
     in_sync: bool = False
     remote_root: str = ""
     local_root: str = ""
@@ -164,28 +190,46 @@ class PeerClient:
         if self._session is not None:
             await self._session.close()
 
-    async def _json(self, method: str, path: str, **kw: Any) -> Any:
+    async def _json(self, method: str, path: str, *, limit: int = MAX_ANSWER,
+                    **kw: Any) -> Any:
+        """A JSON answer, read with a size cap (a peer cannot make us hold more than
+        ``limit`` bytes). Raises ProtocolError (or PeerLacksBlob for a 404 blob)."""
         async with self.session().request(method, self.base + path, **kw) as resp:
             if resp.status >= 400:
                 kind = PeerLacksBlob if resp.status == 404 and path.startswith("/blobs/") \
                     else ProtocolError
-                raise kind(f"{method} {path}: HTTP {resp.status}: {(await resp.text())[:300]}")
-            return await resp.json()
+                raise kind(f"{method} {path}: HTTP {resp.status}: {await _error_text(resp)}")
+            body = await read_capped(resp, limit, f"{method} {path}")
+        try:
+            if len(body) > OFFLOAD_JSON:
+                return await asyncio.get_running_loop().run_in_executor(None, json.loads, body)
+            return json.loads(body)
+        except ValueError as exc:
+            raise ProtocolError(f"{method} {path}: answer is not JSON: {exc}") from exc
 
     async def hello(self) -> dict[str, Any]:
-        return await self._json("GET", "/hello")
+        obj = await self._json("GET", "/hello", limit=MAX_HELLO)
+        if not isinstance(obj, dict):
+            raise ProtocolError("/hello answer is not an object")
+        return obj
 
     async def merkle(self, prefix: str) -> RemoteNode:
         return protocol.parse_merkle(
             await self._json("GET", "/merkle", params={"prefix": prefix}), prefix)
 
     async def events(self, ids: list[str]) -> list[tuple[str, bytes]]:
-        obj = await self._json("POST", "/events", json={"ids": ids})
-        return [(e["id"], e["body"].encode()) for e in obj.get("events", [])]
+        obj = await self._json("POST", "/events", json=protocol.events_request(ids))
+        return protocol.parse_events(obj)
 
     async def chunks(self, blob: str) -> tuple[int, bytes]:
         obj = await self._json("GET", f"/blobs/{blob}/chunks")
-        return int(obj["size"]), bytes.fromhex(obj["chunks"])
+        try:
+            size, digests = obj["size"], bytes.fromhex(obj["chunks"])
+        except (TypeError, KeyError, ValueError) as exc:
+            raise ProtocolError(f"bad chunk list answer for blob {blob}") from exc
+        if not isinstance(size, int) or size < 0:
+            raise ProtocolError(f"bad size in the chunk list answer for blob {blob}")
+        return size, digests
 
     async def fetch_blob(self, store: BlobStore, blob: str, size: int, chunks_root: str,
                          on_bytes: Callable[[int], None] | None = None, *,
@@ -194,7 +238,7 @@ class PeerClient:
         Returns how many bytes were already held from an earlier attempt."""
         staged, resumed = await self.fetch_staged(store, blob, size, chunks_root, on_bytes,
                                                   compress=compress)
-        await asyncio.get_running_loop().run_in_executor(None, store.install_staged, [staged])
+        await offload(store.install_staged, [staged])
         return resumed
 
     async def fetch_staged(self, store: BlobStore, blob: str, size: int, chunks_root: str,
@@ -211,7 +255,6 @@ class PeerClient:
         ProtocolError / aiohttp errors (the verified prefix is kept for the next attempt).
         A blob of one chunk comes in one piece and is verified and written in one step.
         """
-        loop = asyncio.get_running_loop()
         headers = {"Accept-Encoding": wire.ENCODING if compress else "identity"}
         if size <= CHUNK_SIZE:
             data, encoded = await self._get_whole(blob, size, headers)
@@ -219,15 +262,15 @@ class PeerClient:
                 on_wire(sum(map(len, data)))
             if on_bytes:
                 on_bytes(size)
-            staged = await loop.run_in_executor(
-                None, _stage_whole, store, blob, size, data, encoded, chunks_root)
+            staged = await offload(
+                _stage_whole, store, blob, size, data, encoded, chunks_root)
             return staged, 0
         peer_size, digests = await self.chunks(blob)
         if peer_size != size:
             raise ProtocolError(f"peer says blob {blob} has {peer_size} bytes, the event "
                                 f"says {size}")
-        part = await loop.run_in_executor(
-            None, lambda: PartialBlob(store, blob, size, digests, chunks_root))
+        part = await offload(
+            lambda: PartialBlob(store, blob, size, digests, chunks_root))
         resumed = part.offset
         try:
             if not part.complete:
@@ -241,7 +284,7 @@ class PeerClient:
                         await self._receive_compressed(resp, part, on_bytes, on_wire)
                     else:
                         await self._receive(resp, part, on_bytes, on_wire)
-            staged = await loop.run_in_executor(None, part.stage)
+            staged = await offload(part.stage)
             log.debug("blob %s from %s received (%d bytes, %d resumed)", blob,
                       self.peer_id.short, size, resumed)
         finally:
@@ -252,7 +295,7 @@ class PeerClient:
     async def _check_blob_response(resp: aiohttp.ClientResponse, blob: str) -> None:
         if resp.status not in (200, 206):
             kind = PeerLacksBlob if resp.status == 404 else ProtocolError
-            raise kind(f"GET blob {blob}: HTTP {resp.status}: {(await resp.text())[:300]}")
+            raise kind(f"GET blob {blob}: HTTP {resp.status}: {await _error_text(resp)}")
         if _encoding(resp) not in ("", "identity", wire.ENCODING):
             raise ProtocolError(f"GET blob {blob}: unexpected Content-Encoding "
                                 f"{resp.headers.get('Content-Encoding')!r}")
@@ -310,7 +353,7 @@ class PeerClient:
                                         f"{offset + len(exc.partial)} bytes") from exc
                 if writing is not None:
                     await writing
-                writing = loop.run_in_executor(None, part.write_chunk, data)
+                writing = loop.run_in_executor(None, local_errors, part.write_chunk, data)
                 offset += n
                 if on_bytes:
                     on_bytes(n)
@@ -357,7 +400,7 @@ class PeerClient:
                     break
                 if on_wire:
                     on_wire(len(data))
-                writing = loop.run_in_executor(None, consume, data)
+                writing = loop.run_in_executor(None, local_errors, consume, data)
             if not part.complete:
                 raise ProtocolError(f"blob {part.blob} ended early at {part.offset} bytes")
             with _frame_errors(part.blob):
@@ -371,6 +414,29 @@ class PeerClient:
 
 def _encoding(resp: aiohttp.ClientResponse) -> str:
     return resp.headers.get("Content-Encoding", "").strip().lower()
+
+
+async def read_capped(resp: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
+    """The whole body, refused (ProtocolError) as soon as it is longer than ``limit``:
+    memory never holds more than ``limit`` plus one read of a peer's answer."""
+    if resp.content_length is not None and resp.content_length > limit:
+        raise ProtocolError(f"{what}: answer of {resp.content_length} bytes, more than "
+                            f"the {limit} allowed")
+    body = bytearray()
+    while piece := await resp.content.read(min(1 << 16, limit + 1 - len(body))):
+        body += piece
+        if len(body) > limit:
+            raise ProtocolError(f"{what}: answer longer than the {limit} bytes allowed")
+    return bytes(body)
+
+
+async def _error_text(resp: aiohttp.ClientResponse) -> str:
+    """The start of a peer's error answer, for a message (never the whole body)."""
+    try:
+        head = await resp.content.read(ERROR_BODY)
+    except (aiohttp.ClientError, OSError, TimeoutError):
+        return "(no readable body)"
+    return head.decode("utf-8", "replace")
 
 
 def _stage_whole(store: BlobStore, blob: str, size: int, data: list[bytes], encoded: bool,
@@ -393,35 +459,32 @@ def _frame_errors(blob: str) -> Iterator[None]:
         raise TransferError(f"blob {blob}: {exc}") from exc
 
 
-async def walk_diff(local: LocalNode, fetch: Callable[[str], Any]
+def _read_merkle(catalog: Catalog, prefix: str) -> RemoteNode:
+    with catalog.snapshot():  # digest, children and ids from one instant
+        return protocol.read_merkle(catalog, prefix)
+
+
+async def walk_diff(local: LocalNode, fetch: Callable[[str], Any],
+                    first: RemoteNode | None = None
                     ) -> AsyncIterator[tuple[list[str], list[str]]]:
-    """Yield (ids only the peer has, ids only we have), a Merkle node at a time."""
+    """Yield (ids only the peer has, ids only we have), a Merkle node at a time.
+
+    The decisions are :class:`protocol.DiffWalk`'s; this drives it with the peer's answers
+    (``fetch``; ``first``: the root's answer when it came with ``hello``) and ours, read
+    in a worker thread with the server's own :func:`protocol.read_merkle`."""
     catalog = local.catalog
-    stack = [""]
-    while stack:
-        prefix = stack.pop()
-        remote: RemoteNode = await fetch(prefix)
-        mine = catalog.merkle_node(prefix)
-        if remote.digest == mine.digest:
-            continue
-        if remote.ids is not None and (mine.count <= protocol.INLINE_IDS
-                                       or len(prefix) == merkle.LEAF_LEVEL):
-            theirs = set(remote.ids)
-            ours = set(catalog.ids_under(prefix))
-            yield sorted(theirs - ours), sorted(ours - theirs)
-            continue
-        if remote.children is None:
-            raise ProtocolError(f"peer gave no children for differing prefix {prefix!r}")
-        mine_children = catalog.merkle_children(prefix)
-        for i in reversed(range(merkle.FANOUT)):
-            r, m = remote.children[i], mine_children[i]
-            if r.digest == m.digest:
-                continue
-            child = prefix + format(i, "x")
-            if r.count == 0:  # only we have events there
-                yield [], catalog.ids_under(child)
-            else:
-                stack.append(child)
+    walk = protocol.DiffWalk()
+    while (prefix := walk.next_prefix()) is not None:
+        if prefix == "" and first is not None:
+            remote = first
+        else:
+            remote = await fetch(prefix)
+        mine = await offload(_read_merkle, catalog, prefix)
+        step = walk.feed(remote, mine)
+        if step.theirs or step.ours:
+            yield step.theirs, step.ours
+        for child in step.ours_under:
+            yield [], await offload(catalog.ids_under, child)
 
 
 class PeerSync:
@@ -441,16 +504,22 @@ class PeerSync:
         self._notifying: asyncio.Task[None] | None = None
 
     def save_state(self, force: bool = False) -> None:
+        """Record the state (at most every 0.5 s unless ``force``) through the engine's
+        state writer thread. Never raises: a state that cannot be written is logged."""
         now = time.time()
         if force or now - self._last_saved > 0.5:
             self._last_saved = now
-            self.node.catalog.set_peer_state(self.peer_id.compact, asdict(self.state))
+            self.engine.states.write(self.peer_id.compact, asdict(self.state))
             if self.engine.on_state is not None:
-                self.engine.on_state(self.state)
+                try:
+                    self.engine.on_state(self.state)
+                except Exception:
+                    log.exception("publishing the state of peer %s failed", self.peer_id.short)
 
-    def error(self, exc: BaseException, state: str = "error") -> None:
+    def error(self, exc: BaseException, state: str = "error", kind: str = "peer") -> None:
         log.warning("sync with %s: %s: %s", self.peer_id.short, type(exc).__name__, exc)
         self.state.state = state
+        self.state.error_kind = kind
         self.state.in_sync = False
         self.state.last_error = f"{type(exc).__name__}: {exc}"[:500]
         self.state.last_error_at = time.time()
@@ -476,16 +545,23 @@ class PeerSync:
                 await self.sync_once()
                 self.backoff.reset()
                 delay = self.engine.interval
-            except (aiohttp.ClientConnectionError, OSError, TimeoutError) as exc:
-                self.error(exc, "unreachable")
+            except StoreFull as exc:
+                self.error(exc, "store_full", "local")
                 delay = self._retry_delay(before)
-            except (ProtocolError, TransferError, BlobHashMismatch, NodeTLSError,
-                    aiohttp.ClientError, ValueError) as exc:
-                self.error(exc)
+            except LocalStoreError as exc:
+                self.error(exc, "local_error", "local")
+                delay = self._retry_delay(before)
+            except (PeerError, TransferError, BlobHashMismatch, NodeTLSError) as exc:
+                self.error(exc, "error", "peer")
+                delay = self._retry_delay(before)
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                # everything on our disk goes through offload (LocalStoreError): an OSError
+                # here is the socket's
+                self.error(exc, "unreachable", "network")
                 delay = self._retry_delay(before)
             except Exception as exc:  # a bug must not end this peer's loop: log it loudly
                 log.exception("sync with %s failed unexpectedly", self.peer_id.short)
-                self.error(exc)
+                self.error(exc, "error", "internal")
                 delay = self._retry_delay(before)
             self.state.next_attempt = time.time() + delay
             self.save_state(force=True)
@@ -529,11 +605,12 @@ class PeerSync:
     async def ensure_pinned(self) -> None:
         """Pin the peer's certificate on first contact if the operator gave only its id."""
         trust = self.node.trust
-        if trust.certificate(self.peer_id) is not None or trust.ca_certificate() is not None:
+        if await offload(lambda: trust.certificate(self.peer_id) is not None
+                         or trust.ca_certificate() is not None):
             return
         host_port = self.client.base.removesuffix(protocol.PREFIX)
         der = await fetch_peer_certificate(host_port, self.node.identity, self.peer_id)
-        trust.pin(der, self.peer_id)
+        await offload(trust.pin, der, self.peer_id)
         log.info("pinned certificate of peer %s", self.peer_id.short)
 
     async def hello(self) -> dict[str, Any]:
@@ -555,8 +632,8 @@ class PeerSync:
         hello = await self.hello()
         if hello.get("version") != protocol.VERSION:
             raise ProtocolError(f"peer speaks protocol {hello.get('version')!r}")
-        mine = self.node.catalog.merkle_root()
-        st.remote_root, st.local_root = hello.get("root", ""), mine.digest.hex()
+        mine = await offload(self.node.catalog.merkle_root)
+        st.remote_root, st.local_root = str(hello.get("root", "")), mine.digest.hex()
         if st.remote_root == st.local_root:
             self._in_sync()
             return
@@ -567,7 +644,9 @@ class PeerSync:
         pulled = lacking = 0
         self._skipped = []
         wanted: list[str] = []  # gathered across Merkle nodes so pulls run in big batches
-        async for theirs, ours in walk_diff(self.node, self.client.merkle):
+        # the root's answer came with hello (older peers: asked for by the walk)
+        first = (protocol.parse_merkle(hello["merkle"], "") if "merkle" in hello else None)
+        async for theirs, ours in walk_diff(self.node, self.client.merkle, first):
             wanted.extend(theirs)
             if len(wanted) >= EVENT_BATCH:
                 await self.pull_events(wanted)
@@ -588,7 +667,7 @@ class PeerSync:
         # We now hold everything the peer held when the walk passed it: up to date with it.
         # What it lacks from us is its own loop's job (or was pushed just now).
         st.peer_lacks = 0 if st.pushing else lacking
-        st.local_root = self.node.catalog.merkle_root().digest.hex()
+        st.local_root = (await offload(self.node.catalog.merkle_root)).digest.hex()
         self._in_sync()
         if pulled or (st.pushing and lacking):
             log.info("sync round with %s: %d events pulled, %d pushed, root %s",
@@ -603,39 +682,28 @@ class PeerSync:
         st.events_needed = st.blobs_needed = st.bytes_needed = 0
         st.studies_needed = {}
         st.last_success = time.time()
-        st.last_error = ""
+        st.last_error = st.error_kind = ""
         self.save_state(force=True)
 
     # -- pulling -------------------------------------------------------------------------
     async def pull_events(self, ids: list[str]) -> None:
         st = self.state
-        catalog, store = self.node.catalog, self.node.store
-        for i in range(0, len(ids), EVENT_BATCH):
-            batch = ids[i:i + EVENT_BATCH]
-            st.events_needed = len(ids) - i
+        done = 0
+        for batch in protocol.batched(ids, EVENT_BATCH):
+            st.events_needed = len(ids) - done
+            done += len(batch)
             received = await self.client.events(batch)
-            decoded: list[tuple[str, bytes, ev.Event]] = []
-            for eid, body in received:
-                try:
-                    decoded.append((eid, body, ev.decode_checked(eid, body)))
-                except ev.InvalidEvent as exc:
-                    st.integrity_errors += 1
-                    self.error(ProtocolError(f"peer sent invalid event {eid}: {exc}"))
-            ready = [(e, b) for e, b, x in decoded
-                     if not isinstance(x, ev.PutEvent) or store.has(x.blob)]
-            waiting: dict[str, list[tuple[str, bytes, ev.PutEvent]]] = {}
-            for e, b, x in decoded:
-                if isinstance(x, ev.PutEvent) and not store.has(x.blob):
-                    waiting.setdefault(x.blob, []).append((e, b, x))
-            if ready:
-                await self._apply(ready)
+            plan = await offload(_plan_pull, self.node, received)
+            for eid, why in plan.invalid:
+                st.integrity_errors += 1
+                self.error(ProtocolError(f"peer sent invalid event {eid}: {why}"))
+            if plan.ready:
+                await self._apply(plan.ready)
+            waiting = plan.waiting
             # puts whose tombstone we now hold need no blob
-            for blob in list(waiting):
-                dead = [(e, b) for e, b, _ in waiting[blob]
-                        if not catalog.missing_events([e]) or self._tombstoned(e)]
-                if len(dead) == len(waiting[blob]):
-                    await self._apply(dead)
-                    del waiting[blob]
+            dead_blobs = await offload(_dead_blobs, self.node.catalog, waiting)
+            for blob in dead_blobs:
+                await self._apply([(e, b) for e, b, _ in waiting.pop(blob)])
             st.blobs_needed = len(waiting)
             st.bytes_needed = sum(v[0][2].size for v in waiting.values())
             st.studies_needed = _studies_needed(waiting.values())
@@ -652,11 +720,8 @@ class PeerSync:
                 raise failures[0]
             st.events_received += len(received)
 
-    def _tombstoned(self, eid: str) -> bool:
-        return self.node.catalog.is_tombstoned(eid)
-
     async def _apply(self, pairs: list[tuple[str, bytes]]) -> None:
-        result = await asyncio.get_running_loop().run_in_executor(None, self.node.apply, pairs)
+        result = await offload(self.node.apply, pairs)
         if result.rejected:
             self.state.integrity_errors += len(result.rejected)
             raise _rejection(result.rejected)
@@ -673,7 +738,7 @@ class PeerSync:
         installer = self.engine.installer
         async with self.engine.blob_lock(blob):
             staged = None
-            if not self.node.store.has(blob):
+            if not await offload(self.node.store.has, blob):
                 async with sem, installer.pulling():
                     try:
                         staged = await self.pull_blob(put)
@@ -698,11 +763,13 @@ class PeerSync:
         """Apply the skipped puts that a tombstone received since has removed (they need no
         blob); any other is a live put the peer cannot serve: an error of this round."""
         skipped, self._skipped = self._skipped, []
-        removed = [(e, b) for e, b in skipped if self._tombstoned(e)]
+        catalog = self.node.catalog
+        gone = await offload(lambda: {e for e, _ in skipped if catalog.is_tombstoned(e)})
+        removed = [(e, b) for e, b in skipped if e in gone]
         if removed:
             await self._apply(removed)
         if len(removed) < len(skipped):
-            lost = next(e for e, _ in skipped if not self._tombstoned(e))
+            lost = next(e for e, _ in skipped if e not in gone)
             raise PeerLacksBlob(f"peer lacks the blobs of {len(skipped) - len(removed)} live "
                                 f"put events, e.g. {lost}")
 
@@ -730,16 +797,9 @@ class PeerSync:
 
     # -- pushing -------------------------------------------------------------------------
     async def push_events(self, ids: list[str]) -> None:
-        catalog, store = self.node.catalog, self.node.store
-        for i in range(0, len(ids), EVENT_BATCH):
-            pairs = catalog.get_events(ids[i:i + EVENT_BATCH])
-            puts = {}
-            for _eid, body in pairs:
-                x = ev.decode(body)
-                if isinstance(x, ev.PutEvent) and store.has(x.blob):
-                    puts[x.blob] = x
-            offer = [{"hash": h, "size": p.size, "chunks": store.chunk_digests(h).hex()}
-                     for h, p in puts.items()]
+        catalog = self.node.catalog
+        for batch in protocol.batched(ids, EVENT_BATCH):
+            pairs, offer, blob_of = await offload(_plan_push, self.node, batch)
             answer = (await self.client._json("POST", "/push/offer", json={"blobs": offer})
                       if offer else {})
             sem = asyncio.Semaphore(self.engine.max_pulls)
@@ -751,17 +811,17 @@ class PeerSync:
                     raise r
             # blobs the peer is fetching itself right now: their puts go in a later round
             busy = set(answer.get("busy", []))
-            pairs = [(e, b) for e, b in pairs
-                     if not (isinstance(x := ev.decode(b), ev.PutEvent) and x.blob in busy)]
+            pairs = [(e, b) for e, b in pairs if blob_of.get(e) not in busy]
             if not pairs:
                 continue
-            result = await self.client._json("POST", "/push/events", json={
-                "events": [{"id": e, "body": b.decode()} for e, b in pairs]})
+            result = await self.client._json("POST", "/push/events",
+                                             json=protocol.events_response(pairs))
             self.state.events_sent += len(result.get("applied", []))
             # A put we hold only as removed (no blob to send) is refused until the peer holds
             # its tombstone, which may be in a later batch: it goes again next round.
-            rejected = [(e, r) for e, r in (result.get("rejected") or {}).items()
-                        if not self._tombstoned(e)]
+            refused = list((result.get("rejected") or {}).items())
+            rejected = await offload(lambda r=refused: [(e, why) for e, why in r
+                                                        if not catalog.is_tombstoned(e)])
             if rejected:
                 raise ProtocolError(f"peer rejected pushed events: {rejected[:1]}")
 
@@ -771,12 +831,11 @@ class PeerSync:
 
     async def push_blob(self, blob: str, offset: int) -> None:
         store = self.node.store
-        size = store.size(blob)
-        pieces = store.read_verified(blob, offset, size)
-        loop = asyncio.get_running_loop()
+        size = await offload(store.size, blob)
+        pieces = store.read_verified(blob, offset, size)  # a generator: reads in next()
 
         async def body() -> AsyncIterator[bytes]:
-            while (piece := await loop.run_in_executor(None, next, pieces, None)) is not None:
+            while (piece := await offload(next, pieces, None)) is not None:
                 self.state.bytes_sent += len(piece)
                 self.engine.count_bytes(self.peer_id.compact, "out", len(piece))
                 yield piece
@@ -786,7 +845,96 @@ class PeerSync:
                 data=body(), headers={"Content-Length": str(size - offset)}) as resp:
             if resp.status >= 400:
                 raise ProtocolError(f"push of blob {blob}: HTTP {resp.status}: "
-                                    f"{(await resp.text())[:300]}")
+                                    f"{await _error_text(resp)}")
+
+
+@dataclass
+class _PullPlan:
+    """One batch of received events sorted: applicable now, waiting for their blob
+    (by blob), and invalid ((id, reason))."""
+
+    ready: list[tuple[str, bytes]] = field(default_factory=list)
+    waiting: dict[str, list[tuple[str, bytes, ev.PutEvent]]] = field(default_factory=dict)
+    invalid: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _plan_pull(node: LocalNode, received: list[tuple[str, bytes]]) -> _PullPlan:
+    """Check each body against its id and sort the events (blocking: hashing, stat)."""
+    plan = _PullPlan()
+    for eid, body in received:
+        try:
+            x = ev.decode_checked(eid, body)
+        except ev.InvalidEvent as exc:
+            plan.invalid.append((eid, str(exc)))
+            continue
+        if isinstance(x, ev.PutEvent) and not node.store.has(x.blob):
+            plan.waiting.setdefault(x.blob, []).append((eid, body, x))
+        else:
+            plan.ready.append((eid, body))
+    return plan
+
+
+def _dead_blobs(catalog: Catalog,
+                waiting: dict[str, list[tuple[str, bytes, ev.PutEvent]]]) -> list[str]:
+    """Blobs all of whose waiting puts are already held or tombstoned: no pull needed."""
+    return [blob for blob, items in waiting.items()
+            if all(not catalog.missing_events([e]) or catalog.is_tombstoned(e)
+                   for e, _, _ in items)]
+
+
+def _plan_push(node: LocalNode, ids: list[str]
+               ) -> tuple[list[tuple[str, bytes]], list[dict[str, Any]], dict[str, str]]:
+    """The events to push, the offer of their blobs we hold, and each put's blob."""
+    store = node.store
+    pairs = node.catalog.get_events(ids)
+    puts: dict[str, ev.PutEvent] = {}
+    blob_of: dict[str, str] = {}
+    for eid, body in pairs:
+        x = ev.decode(body)
+        if isinstance(x, ev.PutEvent):
+            blob_of[eid] = x.blob
+            if store.has(x.blob):
+                puts[x.blob] = x
+    offer = [{"hash": h, "size": p.size, "chunks": store.chunk_digests(h).hex()}
+             for h, p in puts.items()]
+    return pairs, offer, blob_of
+
+
+class StateWriter:
+    """Writes peer states to the catalog from one thread, off the event loop. States of a
+    peer are written in order and coalesced (only the newest one waiting is written). A
+    write that fails is logged, never raised: recording an error must not be able to end
+    the loop that records it (e.g. on a full disk)."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self._pending: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peer-state")
+        self._scheduled = False
+
+    def write(self, peer: str, state: dict[str, Any]) -> None:
+        with self._lock:
+            self._pending[peer] = state
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self._pool.submit(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+            self._scheduled = False
+        for peer, state in pending.items():
+            try:
+                self.catalog.set_peer_state(peer, state)
+            except Exception as exc:  # the catalog's disk is full or failing: say so, go on
+                log.error("could not record the state of peer %s: %s: %s", peer[:7],
+                          type(exc).__name__, exc)
+
+    def close(self) -> None:
+        """Write what waits, then stop the thread."""
+        self._pool.shutdown(wait=True)
 
 
 @dataclass
@@ -868,12 +1016,10 @@ class Installer:
 
     async def _install(self, batch: list[_Arrival]) -> None:
         node = self.engine.node
-        loop = asyncio.get_running_loop()
         staged = [a.staged for a in batch if a.staged is not None]
         if staged:
-            await loop.run_in_executor(None, node.store.install_staged, staged)
-        result = await loop.run_in_executor(
-            None, node.apply, [pair for a in batch for pair in a.pairs])
+            await offload(node.store.install_staged, staged)
+        result = await offload(node.apply, [pair for a in batch for pair in a.pairs])
         for a in batch:
             bad = {e: result.rejected[e] for e, _ in a.pairs if e in result.rejected}
             if bad and not a.done.done():
@@ -902,11 +1048,13 @@ class SyncEngine:
     blob_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     installer: Installer = field(init=False)
+    states: StateWriter = field(init=False)
     started: float = field(default_factory=time.time)
     on_state: Callable[[PeerState], None] | None = None
 
     def __post_init__(self) -> None:
         self.installer = Installer(self)
+        self.states = StateWriter(self.node.catalog)
 
     def blob_lock(self, blob: str) -> asyncio.Lock:
         return self.blob_locks.setdefault(blob, asyncio.Lock())
@@ -941,9 +1089,11 @@ class SyncEngine:
         if ps is not None:
             ps.wake.set()
 
-    def refresh(self) -> None:
-        """Start loops for new trusted peers, stop loops of removed ones."""
-        wanted = {p["node_id"]: p for p in self.node.catalog.peers()}
+    def refresh(self, peers: list[dict[str, Any]] | None = None) -> None:
+        """Start loops for new trusted peers, stop loops of removed ones. ``peers``: the
+        trust list as read (off the loop) by the caller; read here when not given."""
+        wanted = {p["node_id"]: p for p in
+                  (self.node.catalog.peers() if peers is None else peers)}
         for nid in list(self.peers):
             if nid not in wanted or self.peers[nid].client.base.removesuffix(protocol.PREFIX) \
                     != wanted[nid]["url"].rstrip("/"):
@@ -971,3 +1121,4 @@ class SyncEngine:
             log.exception("installing the last pulled blobs at shutdown failed")
         for p in self.peers.values():
             await p.client.close()
+        await asyncio.get_running_loop().run_in_executor(None, self.states.close)

@@ -29,7 +29,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from syncnode import merkle, protocol
+from syncnode import protocol
 from syncnode.catalog import Catalog
 from syncnode.local import LocalNode
 from syncnode.node import RunningNode
@@ -331,16 +331,14 @@ def add_instances(node: LocalNode, sops: list[str], study: str | None = None) ->
 
 
 def catalog_fetch(catalog: Catalog) -> Callable[[str], Awaitable[RemoteNode]]:
-    """What ``GET /peer/v1/merkle?prefix=P`` would answer from ``catalog`` (as
-    :meth:`syncnode.peer_server.PeerServer.merkle` builds it), without a network."""
+    """What ``GET /peer/v1/merkle?prefix=P`` would answer from ``catalog`` (the server's
+    own :func:`syncnode.protocol.read_merkle`, through the wire format), without a
+    network."""
 
     async def fetch(prefix: str) -> RemoteNode:
-        node = catalog.merkle_node(prefix)
-        leaf = len(prefix) == merkle.LEAF_LEVEL
-        children = None if leaf else catalog.merkle_children(prefix)
-        ids = catalog.ids_under(prefix) if leaf or node.count <= protocol.INLINE_IDS else None
-        return protocol.parse_merkle(protocol.merkle_response(prefix, node, children, ids),
-                                     prefix)
+        with catalog.snapshot():
+            answer = protocol.read_merkle(catalog, prefix)
+        return protocol.parse_merkle(protocol.merkle_response(prefix, answer), prefix)
 
     return fetch
 
