@@ -27,6 +27,7 @@ import errno
 import functools
 import sqlite3
 from collections.abc import Callable, Iterable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ParamSpec, TypeVar
@@ -72,6 +73,15 @@ async def offload(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(
         None, functools.partial(local_errors, fn, *args, **kwargs))
+
+
+async def offload_to(pool: Executor, fn: Callable[P, T], *args: P.args,
+                     **kwargs: P.kwargs) -> T:
+    """:func:`offload` on a given pool (a service that must not crowd the others, or the
+    event loop's share of the GIL, with its own small pool)."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(
+        pool, functools.partial(local_errors, fn, *args, **kwargs))
 
 
 class NodeNotInitialised(Exception):

@@ -308,6 +308,8 @@ class RunningNode:
             await self.engine.stop()
         for r in self._runners:
             await r.cleanup()
+        if self.peer_server is not None:
+            self.peer_server.close()
         await self._stop_audit()
         if self._lock_fd is not None:
             os.close(self._lock_fd)

@@ -23,6 +23,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiohttp import web
@@ -32,7 +33,7 @@ from .blobstore import CHUNK_SIZE, BlobError, BlobMissing, StoreFull
 from .catalog import Catalog
 from .ids import InvalidHash, check_hash
 from .introduction import serve_introduction
-from .local import LocalNode, offload
+from .local import LocalNode, offload_to
 from .nodeid import NodeId
 from .protocol import BadRequest
 from .transfer import PartialBlob, TransferError
@@ -41,6 +42,8 @@ log = logging.getLogger("syncnode.peer_server")
 BODY_READ_TIMEOUT = 60.0
 MIN_PUSH_RATE = 64 * 1024  # bytes/s a pushed blob must average (plus BODY_READ_TIMEOUT)
 SMALL_RESPONSE = CHUNK_SIZE  # blob answers up to this size are read whole, then sent
+MAX_BLOB_SIZE = 1 << 40  # default bound on one pushed blob (see the max_blob_size setting)
+SERVER_THREADS = 2  # worker threads for the handlers' blocking calls
 PEER_KEY: web.RequestKey[NodeId] = web.RequestKey("peer", NodeId)
 
 
@@ -63,6 +66,7 @@ class PeerServer:
         self.on_seen = on_seen  # called with a peer's compact id on each of its requests
         self.on_notify = on_notify  # called when a peer says it has something new
         self.compression = "auto"  # "off": never compress answers, even when asked
+        self.max_blob_size = MAX_BLOB_SIZE  # bytes of one blob a peer may push
         self.stats: dict[str, dict[str, int]] = {}
         # One lock per blob being written, shared with the sync engine's pulls so a pushed
         # and a pulled copy of the same blob never share a .part file.
@@ -71,6 +75,8 @@ class PeerServer:
         self._ids: dict[bytes, NodeId] = {}
         self._trust_version: object = None
         self._trust_checked = 0.0
+        self._pool = ThreadPoolExecutor(max_workers=SERVER_THREADS,
+                                        thread_name_prefix="peer-server")
         self.app = web.Application(client_max_size=protocol.MAX_JSON_BODY,
                                    middlewares=[self._guard])
         p = protocol.PREFIX
@@ -141,13 +147,23 @@ class PeerServer:
         return verdict
 
     async def _json(self, request: web.Request) -> Any:
-        try:
-            return await asyncio.wait_for(request.json(), BODY_READ_TIMEOUT)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BadRequest(f"body is not JSON: {exc}") from exc
+        """The request's JSON body: read (bounded in size and time) on the loop, parsed in
+        a worker thread."""
+        raw = await asyncio.wait_for(request.read(), BODY_READ_TIMEOUT)
+        return await self._run(_loads, raw)
+
+    async def _answer(self, fn: Callable[..., Any], *args: Any) -> web.Response:
+        """``fn(*args)`` computed and encoded as JSON in a worker thread."""
+        body = await self._run(lambda: json.dumps(fn(*args)).encode())
+        return web.Response(body=body, content_type="application/json")
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await offload(fn, *args)
+        """A blocking call (catalog, part files, hashing) on the server's own few threads:
+        a flood of requests queues there instead of crowding the event loop."""
+        return await offload_to(self._pool, fn, *args)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def notify(self, request: web.Request) -> web.Response:
         """A peer tells us its catalog changed: our loop with it runs now, not at its next
@@ -165,22 +181,24 @@ class PeerServer:
     async def hello(self, request: web.Request) -> web.Response:
         """Who we are, and the root's Merkle answer: a peer whose root differs starts its
         walk from it (one request fewer per round)."""
-        root = await self._run(self._merkle_answer, "")
-        return web.json_response({"node_id": str(self.node.node_id), "version": protocol.VERSION,
-                                  "root": root["digest"], "count": root["count"],
-                                  "merkle": root})
+        def answer() -> dict[str, Any]:
+            root = self._merkle_answer("")
+            return {"node_id": str(self.node.node_id), "version": protocol.VERSION,
+                    "root": root["digest"], "count": root["count"], "merkle": root}
+
+        return await self._answer(answer)
 
     async def merkle(self, request: web.Request) -> web.Response:
         try:
             prefix = merkle.check_prefix(request.query.get("prefix", ""))
         except ValueError as exc:
             raise BadRequest(str(exc)) from exc
-        return web.json_response(await self._run(self._merkle_answer, prefix))
+        return await self._answer(self._merkle_answer, prefix)
 
     async def events(self, request: web.Request) -> web.Response:
-        ids = protocol.parse_events_request(await self._json(request))
-        found = await self._run(self.catalog.get_events, ids)
-        return web.json_response(protocol.events_response(found))
+        body = await self._json(request)
+        return await self._answer(lambda: protocol.events_response(
+            self.catalog.get_events(protocol.parse_events_request(body))))
 
     async def chunks(self, request: web.Request) -> web.Response:
         h = check_hash(request.match_info["hash"], "blob hash")
@@ -262,43 +280,27 @@ class PeerServer:
     # -- receiving pushes (for peers that can reach us when we cannot reach them) ----------
     async def push_offer(self, request: web.Request) -> web.Response:
         body = await self._json(request)
-        offered = body.get("blobs") if isinstance(body, dict) else None
-        if not isinstance(offered, list) or len(offered) > protocol.MAX_OFFER:
-            return _error(400, f"'blobs' must be a list of at most {protocol.MAX_OFFER}")
-        items: list[tuple[str, int, bytes]] = []
-        for item in offered:
-            if not isinstance(item, dict):
-                raise BadRequest("each offered blob is {hash, size, chunks}")
-            h = check_hash(item.get("hash"), "blob hash")
-            size, chunks = item.get("size"), item.get("chunks")
-            if not isinstance(size, int) or isinstance(size, bool) or size < 0 \
-                    or not isinstance(chunks, str):
-                raise BadRequest(f"offer of {h} needs 'size' and 'chunks'")
-            try:
-                digests = bytes.fromhex(chunks)
-            except ValueError as exc:
-                raise BadRequest(f"offer of {h}: 'chunks' is not hex") from exc
-            items.append((h, size, digests))
-        busy = [h for h, _, _ in items
-                if (lock := self.blob_locks.get(h)) is not None and lock.locked()]
-        # being pulled or pushed right now: asked again later
-        todo = [i for i in items if i[0] not in set(busy)]
+        offers = await self._run(protocol.parse_offer, body, self.max_blob_size)
+        # blobs being pulled or pushed right now: offered again later
+        busy = {o.hash for o in offers
+                if (lock := self.blob_locks.get(o.hash)) is not None and lock.locked()}
         try:
-            want = await self._run(self._accept_offers, todo)
+            want = await self._run(self._accept_offers,
+                                   [o for o in offers if o.hash not in busy])
         except TransferError as exc:
             raise BadRequest(str(exc)) from exc
-        return web.json_response({"want": want, "busy": busy})
+        return await self._answer(lambda: {"want": want, "busy": sorted(busy)})
 
-    def _accept_offers(self, items: list[tuple[str, int, bytes]]) -> list[dict[str, Any]]:
+    def _accept_offers(self, offers: list[protocol.Offer]) -> list[dict[str, Any]]:
         """Record each offer and say from which offset to send (a part file may hold a
         verified prefix already). Blocking: reads and hashes part files."""
         want = []
-        for h, size, digests in items:
-            if self.node.store.has(h):
+        for o in offers:
+            if self.node.store.has(o.hash):
                 continue
-            part = PartialBlob(self.node.store, h, size, digests)
-            self._write_offer(h, size, digests)
-            want.append({"hash": h, "offset": part.offset})
+            part = PartialBlob(self.node.store, o.hash, o.size, o.digests)
+            self._write_offer(o.hash, o.size, o.digests)
+            want.append({"hash": o.hash, "offset": part.offset})
             part.close(durable=False)
         return want
 
@@ -382,6 +384,13 @@ class PeerServer:
         if result.inserted and self.on_events:
             await self.on_events(result.inserted)
         return web.json_response({"applied": result.inserted, "rejected": result.rejected})
+
+
+def _loads(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"body is not JSON: {exc}") from exc
 
 
 __all__ = ["PeerServer"]

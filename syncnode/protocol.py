@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from . import merkle
+from .blobstore import CHUNK_SIZE
 from .ids import check_hash, is_hash
 
 PREFIX = "/peer/v1"
@@ -242,6 +243,45 @@ def parse_merkle(obj: Any, prefix: str) -> RemoteNode:
     if children is None and ids is None:
         raise ProtocolError("Merkle answer has neither children nor ids")
     return node
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """One blob offered by a pushing peer: its hash, size and chunk list (raw digests)."""
+
+    hash: str
+    size: int
+    digests: bytes
+
+
+def parse_offer(obj: Any, max_size: int) -> list[Offer]:
+    """The blobs of a ``POST /push/offer`` body, checked before anything is written:
+    hashes, sizes (at most ``max_size``), chunk lists of exactly one digest per chunk.
+    Raises BadRequest."""
+    offered = obj.get("blobs") if isinstance(obj, dict) else None
+    if not isinstance(offered, list) or len(offered) > MAX_OFFER:
+        raise BadRequest(f"'blobs' must be a list of at most {MAX_OFFER}")
+    out = []
+    for item in offered:
+        if not isinstance(item, dict):
+            raise BadRequest("each offered blob is {hash, size, chunks}")
+        h = check_hash(item.get("hash"), "blob hash")
+        size, chunks = item.get("size"), item.get("chunks")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0 \
+                or not isinstance(chunks, str):
+            raise BadRequest(f"offer of {h} needs 'size' and 'chunks'")
+        if size > max_size:
+            raise BadRequest(f"offer of {h}: {size} bytes is more than the {max_size} bytes "
+                             "this node accepts for one blob")
+        if len(chunks) != 64 * -(-size // CHUNK_SIZE):
+            raise BadRequest(f"offer of {h}: a blob of {size} bytes has "
+                             f"{-(-size // CHUNK_SIZE)} chunk digests")
+        try:
+            digests = bytes.fromhex(chunks)
+        except ValueError as exc:
+            raise BadRequest(f"offer of {h}: 'chunks' is not hex") from exc
+        out.append(Offer(h, size, digests))
+    return out
 
 
 def check_hash_value(value: Any) -> str:
