@@ -443,6 +443,38 @@ async def test_status_shows_what_each_study_still_needs_while_pulling(
                for t in texts for s in studies), texts
 
 
+@pytest.mark.timeout(60)
+async def test_a_full_local_disk_reads_as_store_full_not_as_an_unreachable_peer(
+        new_node: Callable[[str], LocalNode], running: StartNode) -> None:
+    """The peer is fine; our disk is full. The state says so (``store_full``, kind
+    ``local``), and the loop goes on: once space returns, the sync completes by itself."""
+    from syncnode.blobstore import StoreFull
+
+    a, b = new_node("a"), new_node("b")
+    add_instances(b, [uid(12, i) for i in range(5)], study=uid(12))
+    real_install = a.store.install_staged
+    full = [True]
+
+    def install(staged: list[Any]) -> Any:
+        if full[0]:
+            raise StoreFull("no space left for the blob store")
+        return real_install(staged)
+
+    a.store.install_staged = install  # type: ignore[method-assign]
+    ra, rb = await running(a), await running(b)
+    pull_from(a, ra, b, url_of(rb))
+    await wait_for(lambda: peer_state(a, b).get("state") == "store_full", 20,
+                   "A's peer state to say store_full", describe=lambda: peer_state(a, b))
+    state = peer_state(a, b)
+    assert state["error_kind"] == "local" and "StoreFull" in state["last_error"], state
+    assert not state["in_sync"]
+    full[0] = False
+    await wait_for(lambda: converged([a, b]), 30, "A to finish once the disk has room",
+                   describe=lambda: describe_nodes([a, b]))
+    state = await settled_state(a, b)
+    assert state["state"] == "in_sync" and state["error_kind"] == ""
+
+
 # ----------------------------------------------------------------------------------------
 # Retry policy
 

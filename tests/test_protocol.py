@@ -1,0 +1,142 @@
+"""The sans-IO peer-protocol core (syncnode.protocol): the Merkle answer, the diff walk
+and the request shapes, driven without a network or a catalog.
+
+The walk runs between two in-memory reference trees (:class:`syncnode.merkle.MemoryMerkle`)
+answering through :func:`protocol.read_merkle`, the function the peer server uses.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from syncnode import merkle, protocol
+from syncnode.blobstore import CHUNK_SIZE
+from syncnode.protocol import BadRequest, DiffWalk, ProtocolError, RemoteNode
+
+
+class MemorySource:
+    """A :class:`protocol.MerkleSource` over a plain set of ids."""
+
+    def __init__(self, ids: set[str]) -> None:
+        self.tree = merkle.MemoryMerkle(bytes.fromhex(i) for i in ids)
+        self._nodes: dict[str, merkle.NodeDigest] = {}  # the reference tree recomputes
+
+    def merkle_node(self, prefix: str = "") -> merkle.NodeDigest:
+        if prefix not in self._nodes:
+            self._nodes[prefix] = self.tree.node(*merkle.index_of(prefix))
+        return self._nodes[prefix]
+
+    def merkle_children(self, prefix: str) -> list[merkle.NodeDigest]:
+        return [self.merkle_node(prefix + c) for c in "0123456789abcdef"]
+
+    def ids_under(self, prefix: str, limit: int | None = None) -> list[str]:
+        return [e.hex() for e in self.tree.ids_under(*merkle.index_of(prefix))][:limit]
+
+
+def ids(rng: random.Random, n: int) -> set[str]:
+    return {rng.randbytes(32).hex() for _ in range(n)}
+
+
+def walk(theirs: MemorySource, ours: MemorySource) -> tuple[list[str], list[str], int]:
+    """Run the walk to its end: (ids only they have, ids only we have, nodes compared)."""
+    w = DiffWalk()
+    only_theirs: list[str] = []
+    only_ours: list[str] = []
+    steps = 0
+    while (prefix := w.next_prefix()) is not None:
+        # the peer's answer goes through the wire format, as over the network
+        remote = protocol.parse_merkle(protocol.merkle_response(
+            prefix, protocol.read_merkle(theirs, prefix)), prefix)
+        step = w.feed(remote, protocol.read_merkle(ours, prefix))
+        steps += 1
+        only_theirs += step.theirs
+        only_ours += step.ours
+        for p in step.ours_under:
+            only_ours += ours.ids_under(p)
+    return only_theirs, only_ours, steps
+
+
+@pytest.mark.parametrize("inline", [protocol.INLINE_IDS, 1])
+def test_the_walk_finds_exactly_the_differences(monkeypatch: pytest.MonkeyPatch,
+                                                inline: int) -> None:
+    monkeypatch.setattr(protocol, "INLINE_IDS", inline)
+    rng = random.Random(7)
+    common, a_only, b_only = ids(rng, 600), ids(rng, 40), ids(rng, 25)
+    a, b = MemorySource(common | a_only), MemorySource(common | b_only)
+    theirs, ours, steps = walk(a, b)
+    assert sorted(theirs) == sorted(a_only) and len(theirs) == len(set(theirs))
+    assert sorted(ours) == sorted(b_only) and len(ours) == len(set(ours))
+    # about k·LEAF_LEVEL nodes, not N: 65 differences, 665 events
+    assert steps <= 65 * (merkle.LEAF_LEVEL + 1), steps
+
+
+def test_equal_trees_take_one_step_and_a_one_sided_subtree_needs_no_request() -> None:
+    rng = random.Random(8)
+    same = ids(rng, 200)
+    assert walk(MemorySource(same), MemorySource(same)) == ([], [], 1)
+    extra = {"f" + i[1:] for i in ids(rng, 100)}
+    theirs, ours, steps = walk(MemorySource(set()), MemorySource(extra))
+    assert theirs == [] and sorted(ours) == sorted(extra)
+    assert steps == 1  # the empty side's children say "nothing here": no descent
+
+
+def test_a_peer_answer_without_children_where_digests_differ_is_refused() -> None:
+    rng = random.Random(9)
+    mine = protocol.read_merkle(MemorySource(ids(rng, 100)), "")
+    bad = RemoteNode("", bytes(range(32)), 100, None, None)
+    with pytest.raises(ProtocolError, match="no children"):
+        DiffWalk().feed(bad, mine)
+    with pytest.raises(ProtocolError, match="neither children nor ids"):
+        protocol.parse_merkle({"prefix": "", "digest": "00" * 32, "count": 3}, "")
+
+
+def test_answers_hold_ids_only_when_short_or_at_a_leaf() -> None:
+    rng = random.Random(10)
+    source = MemorySource(ids(rng, protocol.INLINE_IDS + 1))
+    root = protocol.read_merkle(source, "")
+    assert root.ids is None and root.children is not None and root.count == \
+        protocol.INLINE_IDS + 1
+    child = protocol.read_merkle(source, "a")
+    assert child.ids is not None and len(child.ids) == child.count
+    leaf = protocol.read_merkle(source, "abcd")
+    assert leaf.children is None and leaf.ids is not None
+
+
+@pytest.mark.parametrize("body", [
+    {"blobs": ["x"]},
+    {"blobs": [{"hash": "ab" * 32, "size": 2**62, "chunks": "00"}]},
+    {"blobs": [{"hash": "ab" * 32, "size": 2**70, "chunks": "00"}]},
+    {"blobs": [{"hash": "ab" * 32, "size": 10, "chunks": "zz" * 32}]},
+    {"blobs": [{"hash": "ab" * 32, "size": -1, "chunks": ""}]},
+    {"blobs": [{"hash": "ab" * 32, "size": True, "chunks": "00" * 32}]},
+    {"blobs": [{"hash": "AB" * 32, "size": 10, "chunks": "00" * 32}]},
+    {"blobs": [{"hash": "ab" * 32, "size": 3 * CHUNK_SIZE, "chunks": "00" * 64}]},
+    {"blobs": {}},
+    [],
+])
+def test_malformed_offers_are_bad_requests(body: object) -> None:
+    with pytest.raises((BadRequest, ValueError)) as info:
+        protocol.parse_offer(body, max_size=1 << 40)
+    assert isinstance(info.value, BadRequest) or type(info.value).__name__ == "InvalidHash"
+
+
+def test_an_offer_over_the_per_blob_maximum_is_refused_before_anything_else() -> None:
+    offer = {"blobs": [{"hash": "ab" * 32, "size": 2 * CHUNK_SIZE, "chunks": "00" * 64}]}
+    (o,) = protocol.parse_offer(offer, max_size=2 * CHUNK_SIZE)
+    assert o.size == 2 * CHUNK_SIZE and o.digests == bytes(64)
+    with pytest.raises(BadRequest, match="more than"):
+        protocol.parse_offer(offer, max_size=CHUNK_SIZE)
+
+
+def test_event_shapes_round_trip_and_reject_garbage() -> None:
+    pairs = [("ab" * 32, b'{"kind":"put"}'), ("cd" * 32, b"{}")]
+    assert protocol.parse_events(protocol.events_response(pairs)) == pairs
+    for bad in [{"events": [{"id": "x", "body": ""}]}, {"events": "x"}, None,
+                {"events": [{"id": "ab" * 32, "body": 3}]}]:
+        with pytest.raises(ProtocolError):
+            protocol.parse_events(bad)
+    with pytest.raises(BadRequest):
+        protocol.parse_events_request({"ids": ["ab" * 32] * (protocol.MAX_IDS + 1)})
+    assert list(protocol.batched(list("abcde"), 2)) == [["a", "b"], ["c", "d"], ["e"]]
