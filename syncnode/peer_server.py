@@ -33,7 +33,7 @@ from .blobstore import CHUNK_SIZE, BlobError, BlobMissing, StoreFull
 from .catalog import Catalog
 from .ids import InvalidHash, check_hash
 from .introduction import serve_introduction
-from .local import LocalNode, offload_to
+from .local import LocalNode, offload, offload_to
 from .nodeid import NodeId
 from .protocol import BadRequest
 from .transfer import PartialBlob, TransferError
@@ -203,8 +203,7 @@ class PeerServer:
     async def chunks(self, request: web.Request) -> web.Response:
         h = check_hash(request.match_info["hash"], "blob hash")
         store = self.node.store
-        digests = await self._run(store.chunk_digests, h)
-        size = await self._run(store.size, h)
+        digests, size = await self._run(lambda: (store.chunk_digests(h), store.size(h)))
         return web.json_response({"size": size, "chunks": digests.hex()})
 
     async def blob(self, request: web.Request) -> web.StreamResponse:
@@ -229,7 +228,8 @@ class PeerServer:
             return size, start, end, compress, body
 
         try:
-            size, start, end, compress, body = await self._run(prepare)
+            # blob bytes: hashing and reads release the GIL; the shared pool, as pulls do
+            size, start, end, compress, body = await offload(prepare)
         except BlobMissing:
             raise
         except BlobError as exc:
