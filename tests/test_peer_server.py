@@ -19,7 +19,7 @@ from syncnode import protocol
 from syncnode.blobstore import CHUNK_SIZE, StoreFull
 from syncnode.local import LocalNode
 from syncnode.node import RunningNode
-from syncnode.tls import client_ssl_context
+from syncnode.tls.contexts import client_ssl_context
 
 
 @dataclass

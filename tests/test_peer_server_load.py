@@ -24,7 +24,7 @@ from syncsupport import NodeProcess, add_instances, node_processes, pin, uid
 from syncnode import protocol
 from syncnode.blobstore import CHUNK_SIZE
 from syncnode.local import LocalNode
-from syncnode.tls import client_ssl_context
+from syncnode.tls.contexts import client_ssl_context
 
 FLOOD_SECONDS = 6.0
 WORKERS = 8
