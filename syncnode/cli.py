@@ -1,7 +1,15 @@
 """The ``syncnode`` command line: parse, call, print. Every reading command has ``--json``.
 
-Exit codes: 0 success; 1 the command ran but found problems (files rejected by import,
-damaged blobs found by verify); 2 wrong usage or a node that cannot be opened.
+The operations themselves live in :mod:`syncnode.service`, shared with the admin API.
+Exit codes, the same for every command:
+
+====  =====================================================================================
+0     done
+1     the command ran but found problems or nothing matched: files rejected by import,
+      damage found by verify, no live instance / no trusted or discovered peer with that id
+2     it could not run as given: wrong usage, a malformed id, UID or URL, a bad setting,
+      no node in the folder, a peer presenting another certificate than the id names
+====  =====================================================================================
 """
 
 from __future__ import annotations
@@ -28,9 +36,7 @@ from rich.progress import (
 from . import __version__
 from .ids import InvalidUID
 from .local import LocalNode, NodeNotInitialised
-from .nodeid import InvalidNodeId, NodeId
-from .status import node_status as status_dict
-from .status import peer_rows
+from .service import Conflict, NodeService, NotFound, ServiceError, UsageError
 
 app = typer.Typer(
     help="syncnode: keep DICOM studies identical across sites, peer to peer, verified.",
@@ -49,9 +55,18 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON out
 DEFAULT_DATA = Path("syncnode-data")
 
 
-def fail(message: str, code: int = 2) -> NoReturn:
+EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
+_EXIT = {UsageError: EXIT_USAGE, NotFound: EXIT_PROBLEMS, Conflict: EXIT_USAGE}
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     err.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     raise typer.Exit(code)
+
+
+def refused(exc: ServiceError) -> NoReturn:
+    """Print a refused operation and exit with its code from the table above."""
+    fail(str(exc), _EXIT.get(type(exc), EXIT_USAGE))
 
 
 def open_node(data: Path, *, identity: bool = True) -> LocalNode:
@@ -72,11 +87,8 @@ def open_node(data: Path, *, identity: bool = True) -> LocalNode:
     return node
 
 
-def parse_node_id(text: str) -> NodeId:
-    try:
-        return NodeId.parse(text)
-    except InvalidNodeId as exc:
-        fail(str(exc))
+def open_service(data: Path, *, identity: bool = True) -> NodeService:
+    return NodeService(open_node(data, identity=identity))
 
 
 def print_json(obj: Any) -> None:
@@ -174,9 +186,9 @@ def import_cmd(
 
     Example: syncnode import --data /srv/syncnode /media/cdrom/DICOM
     """
-    from .importer import import_paths, iter_files
+    from .importer import iter_files
 
-    node = open_node(data, identity=False)
+    service = open_service(data, identity=False)
     for p in paths:
         if not p.exists():
             fail(f"{p}: no such file or folder")
@@ -191,7 +203,7 @@ def import_cmd(
         def step(_path: Path, _nbytes: int) -> None:
             progress.update(files_task, advance=1)
 
-        report = import_paths(node, files, progress=step)
+        report = service.import_paths(files, progress=step)
     audit_write(data, "import", "failure" if report.failed and not report.imported
                 and not report.unchanged else "success", files=report.files,
                 instances=report.imported, unchanged=report.unchanged,
@@ -205,7 +217,7 @@ def import_cmd(
         for path, reason in report.failed:
             out.print(f"  FAILED {path}: {reason}")
     if report.failed:
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_PROBLEMS)
 
 
 @app.command("ls")
@@ -215,11 +227,10 @@ def ls(data: DataOpt = DEFAULT_DATA,
        = None,
        json_out: JsonOpt = False) -> None:
     """List live instances (one line each), optionally of one study or series."""
-    node = open_node(data)
     try:
-        rows = node.catalog.instances(study=study, series=series)
-    except InvalidUID as exc:
-        fail(str(exc))
+        rows = open_service(data).instances(study=study, series=series)
+    except ServiceError as exc:
+        refused(exc)
     if json_out:
         print_json([r.to_dict() for r in rows])
         return
@@ -238,31 +249,34 @@ def rm(sop_uids: Annotated[list[str] | None, typer.Argument(
     """Delete instances: writes a tombstone that syncs to every peer; frees the blobs."""
     if not sop_uids and not study:
         fail("give SOP Instance UIDs or --study UID")
-    node = open_node(data)
+    service = open_service(data)
     try:
         studies = {study} if study else {i.study_instance_uid for i in map(
-            node.catalog.instance, sop_uids or []) if i is not None}
-        result = node.delete_study(study) if study else node.delete_instances(sop_uids or [])
-    except InvalidUID as exc:
+            service.node.catalog.instance, sop_uids or []) if i is not None}
+        result = service.delete(sop_uids or [], study=study)
+    except NotFound as exc:
+        if json_out:
+            print_json({"tombstones": [], "freed_blobs": []})
+        else:
+            out.print("0 tombstones written, 0 blobs freed")
+        refused(exc)
+    except ServiceError as exc:
+        refused(exc)
+    except InvalidUID as exc:  # named by the audit's look-up before the service checked it
         fail(str(exc))
-    if result.inserted:
-        audit_write(data, "deleted", instances=len(result.inserted), studies=studies,
-                    sops=None if study else sop_uids)
+    audit_write(data, "deleted", instances=len(result.inserted), studies=studies,
+                sops=None if study else sop_uids)
     if json_out:
         print_json({"tombstones": result.inserted, "freed_blobs": sorted(result.freed_blobs)})
     else:
         out.print(f"{len(result.inserted)} tombstones written, "
                   f"{len(result.freed_blobs)} blobs freed")
-    if not result.inserted:
-        err.print("nothing matched: no live instance with that UID")
-        raise typer.Exit(1)
 
 
 @app.command()
 def status(data: DataOpt = DEFAULT_DATA, json_out: JsonOpt = False) -> None:
     """Counts, bytes, the Merkle root (equal roots = same catalog)."""
-    node = open_node(data)
-    st = status_dict(node)
+    st = open_service(data).status()
     if json_out:
         print_json(st)
         return
@@ -344,7 +358,7 @@ def verify(data: DataOpt = DEFAULT_DATA, json_out: JsonOpt = False,
             out.print(f"  REPAIR {b}: {how}")
         out.print("OK" if report.ok else "PROBLEMS FOUND")
     if not report.ok:
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_PROBLEMS)
 
 
 peer_app = typer.Typer(help="Manage the trusted peers.", no_args_is_help=True)
@@ -365,44 +379,30 @@ def peer_add(
 ) -> None:
     """Trust a peer and sync with it. Its certificate is fetched from URL (or read from
     --cert) and pinned only if its SHA-256 is NODE_ID (if it is offline now, on first
-    contact)."""
+    contact). URL is https://HOST:PORT (or HOST:PORT); http:// is refused: peers speak only
+    mutual TLS."""
     import asyncio
 
-    from .tls.errors import NodeTLSError, PeerUnreachable
-    from .tls.peercert import fetch_peer_certificate
-
-    node = open_node(data)
-    peer = parse_node_id(node_id_arg)
-    if peer == node.node_id:
-        fail("that is this node's own id")
-    if push not in ("auto", "always", "never"):
-        fail("--push is auto, always or never")
-    if not url.startswith("https://"):
-        url = "https://" + url
+    service = open_service(data)
     try:
-        if cert is not None:
-            der = cert.read_bytes()
-        else:
-            der = asyncio.run(fetch_peer_certificate(url, node.identity, peer, timeout=5))
-        node.trust.pin(der, peer)
-        pinned = True
-    except PeerUnreachable as exc:  # (a ConnectionError: before OSError)
-        err.print(f"warning: {exc}; its certificate will be pinned on first contact")
-        pinned = False
-    except NodeTLSError as exc:
-        fail(str(exc))
+        der = cert.read_bytes() if cert is not None else None
     except OSError as exc:
         fail(f"cannot read {cert}: {exc.strerror or exc}")
-    node.catalog.add_peer(peer.compact, url, push)
-    audit_write(data, "trust-add", subject=peer.compact, url=url[:300])
-    out.print(f"Trusted peer {peer} at {url}" + ("" if pinned else " (not contacted yet)"))
+    try:
+        added = asyncio.run(service.add_peer(node_id_arg, url, push, certificate=der))
+    except ServiceError as exc:
+        refused(exc)
+    audit_write(data, "trust-add", subject=added.node_id.compact, url=added.url[:300])
+    if added.note:
+        err.print(f"warning: {added.note}; its certificate will be pinned on first contact")
+    out.print(f"Trusted peer {added.node_id} at {added.url}"
+              + ("" if added.pinned else " (not contacted yet)"))
 
 
 @peer_app.command("list")
 def peer_list(data: DataOpt = DEFAULT_DATA, json_out: JsonOpt = False) -> None:
     """List trusted peers with their sync state."""
-    node = open_node(data)
-    rows = peer_rows(node)
+    rows = open_service(data).peers()
     if json_out:
         print_json(rows)
         return
@@ -418,36 +418,23 @@ def peer_accept(node_id_arg: Annotated[str, typer.Argument(metavar="NODE_ID")],
     certificate is fetched from the announced address and pinned only if it matches."""
     import asyncio
 
-    from .tls.errors import NodeTLSError
-    from .tls.peercert import fetch_peer_certificate
-
-    node = open_node(data)
-    peer = parse_node_id(node_id_arg)
-    seen = {d["node_id"]: d for d in node.catalog.discovered()}
-    if peer.compact not in seen:
-        fail(f"{peer} has not been seen on the LAN recently (is `run --discovery` on?)", 1)
-    url = seen[peer.compact]["url"]
+    service = open_service(data)
     try:
-        der = asyncio.run(fetch_peer_certificate(url, node.identity, peer, timeout=5))
-    except NodeTLSError as exc:
-        fail(str(exc), 1)
-    node.trust.pin(der, peer)
-    node.catalog.add_peer(peer.compact, url)
-    audit_write(data, "trust-accept", subject=peer.compact, url=url[:300])
-    out.print(f"Trusted peer {peer} at {url}")
+        added = asyncio.run(service.accept_peer(node_id_arg))
+    except ServiceError as exc:
+        refused(exc)
+    audit_write(data, "trust-accept", subject=added.node_id.compact, url=added.url[:300])
+    out.print(f"Trusted peer {added.node_id} at {added.url}")
 
 
 @peer_app.command("remove")
 def peer_remove(node_id_arg: Annotated[str, typer.Argument(metavar="NODE_ID")],
                 data: DataOpt = DEFAULT_DATA) -> None:
     """Stop trusting a peer: its connections are refused from the next request on."""
-
-    node = open_node(data)
-    peer = parse_node_id(node_id_arg)
-    known = node.catalog.remove_peer(peer.compact)
-    unpinned = node.trust.remove(peer)
-    if not (known or unpinned):
-        fail(f"{peer} is not a trusted peer", 1)
+    try:
+        peer = open_service(data).remove_peer(node_id_arg)
+    except ServiceError as exc:
+        refused(exc)
     audit_write(data, "trust-remove", subject=peer.compact)
     out.print(f"Removed peer {peer}")
 
@@ -521,7 +508,7 @@ def demo(duration: Annotated[float | None, typer.Option(
     from .demo import run_demo
 
     if not run_demo(duration, keep):
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_PROBLEMS)
 
 
 @app.command()

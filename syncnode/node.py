@@ -28,7 +28,7 @@ from .discovery import Discovery
 from .listeners import ListenerLimits, start_listener
 from .local import LocalNode, offload
 from .peer_server import PeerServer
-from .status import discovered_nodes
+from .service import NodeService
 from .sync import SyncEngine
 from .tls.contexts import INTRODUCTION_NAME, introduction_ssl_context, server_ssl_context
 
@@ -44,12 +44,13 @@ class AlreadyRunning(Exception):
 class RunningNode:
     node: LocalNode
     settings: Settings
-    engine: SyncEngine | None = None
+    engine: SyncEngine | None = None  # RunningNode is the service's NodeRuntime
     peer_server: PeerServer | None = None
     ports: dict[str, int] = field(default_factory=dict)
     _runners: list[web.AppRunner] = field(default_factory=list)
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     _lock_fd: int | None = None
+    _loop: asyncio.AbstractEventLoop | None = None
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
     feed: EventFeed | None = None
     blob_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
@@ -77,6 +78,7 @@ class RunningNode:
         self._lock_fd = fd
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._take_lock()
         self.node.store.clean_tmp()
         s = self.settings
@@ -152,7 +154,7 @@ class RunningNode:
         s = self.settings
         check_binding(s.api_host, s.api_key)
         self.feed = EventFeed()
-        self.admin = AdminAPI(self)
+        self.admin = AdminAPI(self.service, self.feed)
         runner, site = await start_listener(self.admin.app, s.api_host, s.api_port,
                                             limits=self.limits)
         self._runners.append(runner)
@@ -214,9 +216,14 @@ class RunningNode:
         if self.feed is not None:
             self.feed.publish("discovered", node_id=entry["node_id"], url=entry["url"])
 
-    def discovered(self) -> list[dict[str, Any]]:
-        """Nodes seen on the LAN that are not trusted yet (also visible to the CLI)."""
-        return discovered_nodes(self.node)
+    @property
+    def service(self) -> NodeService:
+        """The operations of the admin API and the CLI, taking effect in this process."""
+        return NodeService(self.node, self)
+
+    def served_bytes(self) -> dict[str, dict[str, int]]:
+        """Per peer (compact id): blob bytes the peer server sent and received."""
+        return self.peer_server.stats if self.peer_server else {}
 
     def _on_peer_state(self, state: Any) -> None:
         if self.feed is not None:
@@ -224,8 +231,22 @@ class RunningNode:
                               in_sync=state.in_sync, bytes_needed=state.bytes_needed,
                               blobs_needed=state.blobs_needed)
 
+    def _on_loop(self, fn: Callable[[], None]) -> bool:
+        """True if called on the node's loop; otherwise schedule ``fn`` there (the service
+        calls these hooks from executor threads) and return False."""
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if self._loop is None or here is self._loop:
+            return True
+        self._loop.call_soon_threadsafe(fn)
+        return False
+
     def peers_changed(self) -> None:
         """The trust list changed: the root watch reads it (off the loop) now."""
+        if not self._on_loop(self.peers_changed):
+            return
         self._look_now.set()
         if self.feed is not None:
             self.feed.publish("peers")
@@ -233,10 +254,14 @@ class RunningNode:
     def local_change(self) -> None:
         """The catalog changed here (SCP, API, CLI beside us): the root watch looks now and
         tells the peers once, whichever way the change came."""
+        if not self._on_loop(self.local_change):
+            return
         self._look_now.set()
 
     def apply_settings(self, changes: dict[str, Any]) -> None:
         """Take changed settings that need no restart into effect now."""
+        if not self._on_loop(lambda: self.apply_settings(changes)):
+            return
         self.settings = self.settings.model_copy(update=changes)
         if self.engine:
             self.engine.interval = self.settings.sync_interval

@@ -38,9 +38,11 @@ not the network's.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from . import merkle
 from .blobstore import CHUNK_SIZE
@@ -66,6 +68,77 @@ class BadRequest(PeerError):
     """A request that breaks the protocol: the server answers 400 with this message.
     Only this type (and invalid hashes/prefixes) is a client's fault; anything else that
     goes wrong while serving is the server's (500, logged with its traceback)."""
+
+
+class InvalidPeerURL(ValueError):
+    """An operator gave a peer address that is not ``https://HOST:PORT``."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerURL:
+    """A peer's address, validated: ``url`` is the one normal form stored and dialled."""
+
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"https://{host}:{self.port}"
+
+    def __str__(self) -> str:
+        return self.url
+
+
+def parse_peer_url(text: str, *, allow_path: bool = False) -> PeerURL:
+    """The one check of a peer address, for the CLI, the admin API and the TLS layer.
+
+    Accepted: ``https://HOST:PORT`` (a trailing ``/`` is fine) and ``HOST:PORT``; an IPv6
+    host in brackets. Refused with a message saying what to type: any other scheme
+    (``http://`` included: peers speak only mutual TLS), user info, a path, query or
+    fragment, a missing host, and a missing or out-of-range port (the peer port is 8443 by
+    default, so nothing is guessed). ``allow_path`` lets a path through for callers that
+    only dial HOST:PORT (fetching a certificate); a stored peer URL never has one.
+    """
+    if not isinstance(text, str):
+        raise InvalidPeerURL(f"a peer URL is text, got {type(text).__name__}")
+    raw = text.strip()
+    shown = raw if len(raw) <= 100 else raw[:97] + "..."
+    expected = "expected https://HOST:PORT, e.g. https://pacs-gw.example.org:8443"
+    if not raw or any(c.isspace() or ord(c) < 0x20 for c in raw):
+        raise InvalidPeerURL(f"{shown!r} is not a peer URL; {expected}")
+    scheme, sep, rest = raw.partition("://")
+    if not sep:
+        scheme, rest = "", raw
+    if scheme.lower() not in ("", "https"):
+        raise InvalidPeerURL(f"{shown!r}: peers speak only mutual TLS, so the URL must start "
+                             f"with https:// (not {scheme}://); {expected}")
+    parts = urlsplit(f"//{rest}")
+    if parts.username is not None or parts.password is not None:
+        raise InvalidPeerURL(f"{shown!r}: a peer URL has no user name or password; {expected}")
+    if (parts.path not in ("", "/") and not allow_path) or parts.query or parts.fragment \
+            or "://" in rest:
+        raise InvalidPeerURL(f"{shown!r}: a peer URL is only scheme, host and port; {expected}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise InvalidPeerURL(f"{shown!r}: the port must be a number 1-65535; {expected}"
+                             ) from None
+    host = parts.hostname
+    if not host:
+        raise InvalidPeerURL(f"{shown!r}: no host name; {expected}")
+    if port is None or port == 0:
+        raise InvalidPeerURL(f"{shown!r}: no port; {expected} (the peer port, 8443 unless "
+                             f"its operator changed it)")
+    if "[" in parts.netloc:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise InvalidPeerURL(f"{shown!r}: {host!r} in brackets is not an IPv6 address"
+                                 ) from None
+    elif not all(c.isalnum() or c in "-._" for c in host):
+        raise InvalidPeerURL(f"{shown!r}: {host!r} is not a host name or address; {expected}")
+    return PeerURL(host, port)
 
 
 @dataclass(frozen=True, slots=True)

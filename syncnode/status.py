@@ -1,5 +1,7 @@
-"""What a node reports about itself: counts, Merkle root, peers. Shared by the CLI
-(`syncnode status`), the admin API and the dashboard, so they always agree."""
+"""What a node reports about itself: counts, Merkle root, peers. Read through
+:class:`syncnode.service.NodeService` by the CLI (`syncnode status`), the admin API and the
+dashboard, so they always agree. Core: knows nothing of the DICOM bridge (the export
+outbox is a read model of the catalog)."""
 
 from __future__ import annotations
 

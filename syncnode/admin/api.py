@@ -16,28 +16,23 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from .. import config as cfg
-from ..ids import InvalidUID, check_uid
-from ..nodeid import InvalidNodeId, NodeId
-from ..status import node_status, peer_rows
-from ..tls.errors import NodeTLSError, PeerUnreachable
-from ..tls.peercert import fetch_peer_certificate
+from ..ids import check_uid
+from ..service import Conflict, NodeService, NotFound, ServiceError, UsageError
+from .feed import EventFeed
 from .openapi import OPENAPI
-
-if TYPE_CHECKING:
-    from ..node import RunningNode
 
 MAX_PAGE = 1000
 MAX_OFFSET = 10**12
 LONG_POLL_MAX = 60.0
 MAX_BODY = 1 << 20  # bytes in a request body (JSON objects of a few fields)
 BODY_READ_TIMEOUT = 10.0  # seconds to receive a whole request body
+_STATUS = {UsageError: 400, NotFound: 404, Conflict: 409}
 
 
 class UnsafeBinding(Exception):
@@ -62,18 +57,31 @@ def _text(value: str | None, what: str) -> str | None:
     if value is None or value == "":
         return None
     if len(value) > 64 or any(ord(c) < 0x20 for c in value):
-        raise ValueError(f"invalid {what}")
+        raise UsageError(f"invalid {what}")
     return value
 
 
+def _int(query: Any, name: str, default: int) -> int:
+    try:
+        return int(query.get(name, str(default)))
+    except ValueError as exc:
+        raise UsageError(f"{name}: {exc}") from None
+
+
 class AdminAPI:
+    """The HTTP front end of :class:`NodeService` (plus the event feed and metrics). It
+    decides nothing the service decides: it parses, calls and renders."""
+
     body_timeout = BODY_READ_TIMEOUT  # tests shorten it on an instance
 
-    def __init__(self, running: RunningNode) -> None:
-        self.running = running
-        self.node = running.node
+    def __init__(self, service: NodeService, feed: EventFeed) -> None:
+        if service.runtime is None:
+            raise TypeError("the admin API serves a running node: give the service a runtime")
+        self.service = service
+        self.runtime = service.runtime
+        self.feed = feed
         self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(_Metrics(running))
+        self.registry.register(_Metrics(service))
         self.app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY)
         v = "/api/v1"
         self.app.add_routes([
@@ -102,7 +110,7 @@ class AdminAPI:
                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                      ) -> web.StreamResponse:
         if request.method not in ("GET", "HEAD", "OPTIONS"):
-            key = self.running.settings.api_key
+            key = self.runtime.settings.api_key
             given = request.headers.get("X-API-Key", "")
             if not key:
                 return _error(403, "changes are disabled: this node has no API key")
@@ -112,8 +120,8 @@ class AdminAPI:
                 return _error(403, "wrong API key")
         try:
             return await handler(request)
-        except (InvalidUID, InvalidNodeId, ValueError) as exc:
-            return _error(400, str(exc))
+        except ServiceError as exc:
+            return _error(_STATUS.get(type(exc), 400), str(exc))
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
@@ -128,9 +136,11 @@ class AdminAPI:
             late.force_close()  # the rest of the body is not waited for
             raise late from exc
         except json.JSONDecodeError as exc:
-            raise ValueError(f"body is not JSON: {exc.msg}") from exc
+            raise UsageError(f"body is not JSON: {exc.msg}") from exc
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"body is not UTF-8 text: {exc.reason}") from exc
         if not isinstance(body, dict):
-            raise ValueError("body must be a JSON object")
+            raise UsageError("body must be a JSON object")
         return body
 
     # -- pages ---------------------------------------------------------------------------
@@ -140,7 +150,7 @@ class AdminAPI:
                             headers={"Cache-Control": "no-store"})
 
     async def healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"ok": True, "node_id": str(self.node.node_id)})
+        return web.json_response({"ok": True, "node_id": str(self.service.node_id)})
 
     async def metrics(self, request: web.Request) -> web.Response:
         body = await self._run(generate_latest, self.registry)
@@ -152,65 +162,27 @@ class AdminAPI:
 
     # -- resources -----------------------------------------------------------------------
     async def status(self, request: web.Request) -> web.Response:
-        st = await self._run(node_status, self.node)
-        st["ports"] = self.running.ports
-        st.update(self.running.extra_status())
-        return web.json_response(st)
+        return web.json_response(await self._run(self.service.status))
 
     async def nodes(self, request: web.Request) -> web.Response:
-        return web.json_response(await self._run(peer_rows, self.node))
+        return web.json_response(await self._run(self.service.peers))
 
     async def add_node(self, request: web.Request) -> web.Response:
         body = await self._body(request)
-        peer = NodeId.parse(str(body.get("node_id", "")))
-        url = str(body.get("url", ""))
-        push = str(body.get("push", "auto"))
-        if push not in ("auto", "always", "never"):
-            return _error(400, "push is auto, always or never")
-        if peer == self.node.node_id:
-            return _error(400, "that is this node's own id")
-        if not url.startswith("https://"):
-            return _error(400, "url must be https://HOST:PORT")
-        pinned = False
-        try:
-            der = await fetch_peer_certificate(url, self.node.identity, peer, timeout=5)
-            self.node.trust.pin(der, peer)
-            pinned = True
-        except PeerUnreachable:
-            pinned = False  # pinned on first contact by the sync loop
-        except NodeTLSError as exc:
-            return _error(409, str(exc))
-        await self._run(self.node.catalog.add_peer, peer.compact, url, push)
-        self.running.peers_changed()
-        return web.json_response({"node_id": str(peer), "url": url, "pinned": pinned},
-                                 status=201)
+        added = await self.service.add_peer(body.get("node_id", ""), body.get("url", ""),
+                                            body.get("push", "auto"))
+        return web.json_response(added.to_dict(), status=201)
 
     async def remove_node(self, request: web.Request) -> web.Response:
-        peer = NodeId.parse(request.match_info["node_id"])
-        known = await self._run(self.node.catalog.remove_peer, peer.compact)
-        unpinned = self.node.trust.remove(peer)
-        if not (known or unpinned):
-            return _error(404, f"{peer} is not a trusted peer")
-        self.running.peers_changed()
+        peer = await self._run(self.service.remove_peer, request.match_info["node_id"])
         return web.json_response({"removed": str(peer)})
 
     async def discovered(self, request: web.Request) -> web.Response:
-        return web.json_response(self.running.discovered())
+        return web.json_response(await self._run(self.service.discovered))
 
     async def accept_node(self, request: web.Request) -> web.Response:
-        peer = NodeId.parse(request.match_info["node_id"])
-        seen = {d["node_id"]: d for d in self.running.discovered()}
-        if str(peer) not in seen:
-            return _error(404, f"{peer} has not been seen on the LAN")
-        url = seen[str(peer)]["url"]
-        try:
-            der = await fetch_peer_certificate(url, self.node.identity, peer, timeout=5)
-        except NodeTLSError as exc:
-            return _error(409, str(exc))
-        self.node.trust.pin(der, peer)
-        await self._run(self.node.catalog.add_peer, peer.compact, url, "auto")
-        self.running.peers_changed()
-        return web.json_response({"node_id": str(peer), "url": url, "pinned": True}, status=201)
+        added = await self.service.accept_peer(request.match_info["node_id"])
+        return web.json_response(added.to_dict(), status=201)
 
     async def instances(self, request: web.Request) -> web.Response:
         q = request.query
@@ -219,44 +191,43 @@ class AdminAPI:
         unknown = set(q) - known
         if unknown:
             return _error(400, f"unknown filter(s) {sorted(unknown)}; known: {sorted(known)}")
-        limit = int(q.get("limit", "100"))
-        offset = int(q.get("offset", "0"))
+        limit = _int(q, "limit", 100)
+        offset = _int(q, "offset", 0)
         if not 0 < limit <= MAX_PAGE or not 0 <= offset <= MAX_OFFSET:
             return _error(400, f"limit is 1..{MAX_PAGE}, offset 0..{MAX_OFFSET}")
         for d in ("date_from", "date_to"):
             if q.get(d) and not (len(q[d]) == 8 and q[d].isdigit()):
                 return _error(400, f"{d} must be YYYYMMDD")
-        kwargs = {
-            "study": check_uid(q["study"], "study") if q.get("study") else None,
-            "series": check_uid(q["series"], "series") if q.get("series") else None,
+        try:
+            filters = {
+                "study": check_uid(q["study"], "study") if q.get("study") else None,
+                "series": check_uid(q["series"], "series") if q.get("series") else None,
+            }
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        filters.update({
             "patient_id": _text(q.get("patient_id"), "patient_id"),
             "modality": _text(q.get("modality"), "modality"),
             "date_from": q.get("date_from") or None, "date_to": q.get("date_to") or None,
-        }
-        rows = await self._run(lambda: self.node.catalog.instances(
-            **kwargs, limit=limit + 1, offset=offset))
+        })
+        rows = await self._run(lambda: self.service.instances(
+            **filters, limit=limit + 1, offset=offset))
         return web.json_response({"instances": [r.to_dict() for r in rows[:limit]],
                                   "offset": offset, "limit": limit,
                                   "more": len(rows) > limit})
 
     async def delete_instance(self, request: web.Request) -> web.Response:
-        sop = check_uid(request.match_info["sop_uid"], "SOP Instance UID")
-        result = await self._run(self.node.delete_instances, [sop])
-        if not result.inserted:
-            return _error(404, f"no live instance {sop}")
-        self.running.local_change()
+        result = await self._run(self.service.delete, [request.match_info["sop_uid"]])
         return web.json_response({"tombstones": result.inserted,
                                   "freed_blobs": sorted(result.freed_blobs)})
 
     async def instance_file(self, request: web.Request) -> web.StreamResponse:
-        sop = check_uid(request.match_info["sop_uid"], "SOP Instance UID")
-        inst = await self._run(self.node.catalog.instance, sop)
-        if inst is None:
-            return _error(404, f"no live instance {sop}")
+        inst = await self._run(self.service.instance, request.match_info["sop_uid"])
+        sop = inst.sop_instance_uid
         resp = web.StreamResponse(headers={
             "Content-Type": "application/dicom", "Content-Length": str(inst.size),
             "Content-Disposition": f'attachment; filename="{sop}.dcm"', "ETag": inst.blob})
-        pieces = self.node.store.read_verified(inst.blob)
+        pieces = self.service.read_file(inst)
         loop = asyncio.get_running_loop()
         await resp.prepare(request)
         while (piece := await loop.run_in_executor(None, next, pieces, None)) is not None:
@@ -265,54 +236,47 @@ class AdminAPI:
         return resp
 
     async def studies(self, request: web.Request) -> web.Response:
-        return web.json_response(await self._run(self.node.catalog.studies))
+        return web.json_response(await self._run(self.service.studies))
 
     async def get_config(self, request: web.Request) -> web.Response:
-        values = self.running.settings.model_dump(mode="json")
-        values["api_key"] = "***" if values.get("api_key") else ""
-        values["data"] = str(self.node.data)
-        return web.json_response({"config": values, "restart_keys": sorted(cfg.RESTART_KEYS)})
+        return web.json_response(self.service.config())
 
     async def patch_config(self, request: web.Request) -> web.Response:
         changes = await self._body(request)
-        if "data" in changes:
-            return _error(400, "the data folder cannot be changed at run time")
-        try:
-            _settings, restart = await self._run(cfg.update_file, self.node.data, changes)
-        except cfg.ConfigError as exc:
-            return _error(400, str(exc))
-        self.running.apply_settings(changes)
-        return web.json_response({"changed": sorted(changes), "restart_required": restart})
+        return web.json_response(await self._run(self.service.patch_config, changes))
 
     async def events(self, request: web.Request) -> web.Response:
-        since = int(request.query.get("since", "0"))
-        timeout = float(request.query.get("timeout", "0"))
+        since = _int(request.query, "since", 0)
+        try:
+            timeout = float(request.query.get("timeout", "0"))
+        except ValueError as exc:
+            raise UsageError(f"timeout: {exc}") from None
         if since < 0 or not 0 <= timeout <= LONG_POLL_MAX:
             return _error(400, f"since >= 0, timeout 0..{LONG_POLL_MAX:g}")
-        items, reset = await self.running.feed.wait(since, timeout)
-        return web.json_response({"events": items, "last_id": self.running.feed.last_id,
+        items, reset = await self.feed.wait(since, timeout)
+        return web.json_response({"events": items, "last_id": self.feed.last_id,
                                   "reset": reset})
 
 
 class _Metrics:
     """Prometheus collector reading the node's state at scrape time."""
 
-    def __init__(self, running: RunningNode) -> None:
-        self.running = running
+    def __init__(self, service: NodeService) -> None:
+        self.service = service
 
     def describe(self) -> list[Any]:
         return []
 
     def collect(self) -> Any:
-        node = self.running.node
-        counts = node.catalog.counts()
+        counts = self.service.node.catalog.counts()
         for key, help_text in (("instances", "live instances"), ("studies", "live studies"),
                                ("events", "catalog events"), ("blobs", "stored blobs"),
                                ("blob_bytes", "bytes of stored blobs")):
             g = GaugeMetricFamily(f"syncnode_{key}", help_text)
             g.add_metric([], counts[key])
             yield g
-        peers = peer_rows(node)
+        peers = self.service.peers()
+        runtime = self.service.runtime
         labels = ["peer"]
         b_in = CounterMetricFamily("syncnode_peer_bytes_received", "blob bytes pulled or "
                                    "received from a peer", labels=labels)
@@ -328,7 +292,7 @@ class _Metrics:
         lag_s = GaugeMetricFamily("syncnode_peer_seconds_since_sync", "seconds since the "
                                   "last round that ended in sync", labels=labels)
         now = time.time()
-        served = self.running.peer_server.stats if self.running.peer_server else {}
+        served = runtime.served_bytes() if runtime is not None else {}
         for p in peers:
             lab = [p["node_id"]]
             compact = p["node_id"].replace("-", "")
@@ -342,7 +306,7 @@ class _Metrics:
             last = p.get("last_success") or 0
             lag_s.add_metric(lab, now - last if last else float("inf"))
         yield from (b_in, b_out, errs, in_sync, lag_b, lag_s)
-        for name, value in self.running.extra_metrics().items():
+        for name, value in (runtime.extra_metrics() if runtime is not None else {}).items():
             g = GaugeMetricFamily(f"syncnode_{name}", name.replace("_", " "))
             g.add_metric([], value)
             yield g

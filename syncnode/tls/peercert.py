@@ -8,9 +8,9 @@ data.  TLS 1.3 still proves the peer holds the certificate's key.
 from __future__ import annotations
 
 import ssl
-from urllib.parse import urlsplit
 
 from syncnode.nodeid import NodeId
+from syncnode.protocol import InvalidPeerURL, parse_peer_url
 from syncnode.tls.contexts import probe_ssl_context
 from syncnode.tls.errors import (
     InvalidPeerAddress,
@@ -28,21 +28,11 @@ def host_port(target: str | tuple[str, int]) -> tuple[str, int]:
     if isinstance(target, tuple):
         host, port = target
         return host, int(port)
-    text = target.strip()
-    parts = urlsplit(text if "://" in text else f"//{text}")
-    if parts.scheme not in ("", "https"):
-        raise InvalidPeerAddress(f"{target!r}: peer URLs must use https://")
     try:
-        port = parts.port
-    except ValueError as exc:
-        raise InvalidPeerAddress(f"{target!r}: invalid port ({exc})") from exc
-    if not parts.hostname:
-        raise InvalidPeerAddress(f"{target!r}: no host name; expected https://HOST:PORT")
-    if port is None:
-        if parts.scheme != "https":
-            raise InvalidPeerAddress(f"{target!r}: no port; expected HOST:PORT")
-        port = 443
-    return parts.hostname, port
+        address = parse_peer_url(target, allow_path=True)
+    except InvalidPeerURL as exc:
+        raise InvalidPeerAddress(str(exc)) from exc
+    return address.host, address.port
 
 
 async def fetch_peer_certificate(
