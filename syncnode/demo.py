@@ -9,13 +9,17 @@ chunk. LAN discovery stays off.
 from __future__ import annotations
 
 import asyncio
+import math
+import random
 import shutil
 import signal
+import sys
 import tempfile
 import time
+from array import array
+from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian
@@ -29,20 +33,58 @@ from .node import RunningNode
 NAMES = ("hospital", "clinic", "cloud")
 
 
+def _phantom_rows(size: int, z: float, rng: random.Random, noisy: dict[int, list[array]]
+                  ) -> Iterator[array]:
+    """Rows of one CT slice (stored values, Hounsfield + 1024): air, an elliptic body and
+    an organ in it, with noise. Built from row segments cut out of pre-drawn noisy rows,
+    so a 256x256 slice costs a few hundred slices of arrays, not 65,536 random draws."""
+    b = 0.6 - 0.1 * z * z
+    for r in range(size):
+        y = -1 + 2 * r / max(size - 1, 1)
+        spans = []  # (value, x from, x to) inside the body, the organ on top
+        if abs(y) < b:
+            half = 0.8 * math.sqrt(1 - (y / b) ** 2)
+            spans.append((40, -half, half))
+            oy = (y + 0.1 * z) / 0.2
+            if abs(oy) < 1:
+                ohalf = 0.25 * math.sqrt(1 - oy * oy)
+                spans.append((100, max(0.2 - ohalf, -half), min(0.2 + ohalf, half)))
+        values = [-1000] * size
+        for value, x0, x1 in spans:
+            c0 = max(0, math.ceil((x0 + 1) * (size - 1) / 2))
+            c1 = min(size, math.floor((x1 + 1) * (size - 1) / 2) + 1)
+            values[c0:c1] = [value] * max(0, c1 - c0)
+        row = array("H")
+        start = 0
+        while start < size:  # runs of one value, each from a random noisy row
+            end = start
+            while end < size and values[end] == values[start]:
+                end += 1
+            row.extend(rng.choice(noisy[values[start]])[start:end])
+            start = end
+        yield row
+
+
 def make_study(folder: Path, images: int = 40, size: int = 256, seed: int = 7) -> int:
-    """Write a synthetic CT series (a body-like phantom with noise); return bytes written."""
-    rng = np.random.default_rng(seed)
-    root = f"2.25.{int(rng.integers(1, 2**62))}"
+    """Write a synthetic CT series (a body-like phantom with noise); return bytes written.
+    Pure Python (no numpy): the demo needs nothing beyond syncnode's own dependencies."""
+    rng = random.Random(seed)
+    root = f"2.25.{rng.randrange(1, 2**62)}"
     study, series = f"{root}.1", f"{root}.2"
-    y, x = np.mgrid[-1:1:size * 1j, -1:1:size * 1j]
+    def noisy_row(value: int) -> array:
+        return array("H", [min(65535, max(0, round(value + 1024 + rng.gauss(0, 12))))
+                           for _ in range(size)])
+
+    noisy = {v: [noisy_row(v) for _ in range(32)] for v in (-1000, 40, 100)}
     total = 0
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(images):
         z = i / max(images - 1, 1) - 0.5
-        body = (x / 0.8) ** 2 + (y / (0.6 - 0.1 * z * z)) ** 2 < 1
-        organ = ((x - 0.2) / 0.25) ** 2 + ((y + 0.1 * z) / 0.2) ** 2 < 1
-        px = np.where(body, 40, -1000) + np.where(organ, 60, 0)
-        px = (px + rng.normal(0, 12, px.shape)).astype(np.int16) + 1024
+        pixels = array("H")
+        for row in _phantom_rows(size, z, rng, noisy):
+            pixels.extend(row)
+        if sys.byteorder != "little":
+            pixels.byteswap()
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = CTImageStorage
         meta.MediaStorageSOPInstanceUID = f"{root}.3.{i + 1}"
@@ -58,7 +100,7 @@ def make_study(folder: Path, images: int = 40, size: int = 256, seed: int = 7) -
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
         ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
-        ds.PixelData = px.astype(np.uint16).tobytes()
+        ds.PixelData = pixels.tobytes()
         path = folder / f"im{i + 1:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         total += path.stat().st_size

@@ -113,7 +113,10 @@ def parse_peer_url(text: str, *, allow_path: bool = False) -> PeerURL:
     if scheme.lower() not in ("", "https"):
         raise InvalidPeerURL(f"{shown!r}: peers speak only mutual TLS, so the URL must start "
                              f"with https:// (not {scheme}://); {expected}")
-    parts = urlsplit(f"//{rest}")
+    try:
+        parts = urlsplit(f"//{rest}")
+    except ValueError as exc:  # e.g. brackets around something that is not IPv6
+        raise InvalidPeerURL(f"{shown!r}: {exc}; {expected}") from None
     if parts.username is not None or parts.password is not None:
         raise InvalidPeerURL(f"{shown!r}: a peer URL has no user name or password; {expected}")
     if (parts.path not in ("", "/") and not allow_path) or parts.query or parts.fragment \
