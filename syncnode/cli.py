@@ -439,6 +439,54 @@ def peer_remove(node_id_arg: Annotated[str, typer.Argument(metavar="NODE_ID")],
     out.print(f"Removed peer {peer}")
 
 
+config_app = typer.Typer(help="Read and change the node's settings (config.toml).",
+                         no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show")
+def config_show(data: DataOpt = DEFAULT_DATA, json_out: JsonOpt = False) -> None:
+    """The effective settings (file, environment, defaults; the API key masked)."""
+    from .config import ConfigError
+
+    try:
+        shown = open_service(data, identity=False).config()
+    except ConfigError as exc:
+        fail(str(exc))
+    if json_out:
+        print_json(shown)
+        return
+    for key, value in sorted(shown["config"].items()):
+        later = "  (takes effect at restart)" if key in shown["restart_keys"] else ""
+        out.print(f"{key} = {json.dumps(value)}{later}")
+
+
+@config_app.command("set")
+def config_set(key: Annotated[str, typer.Argument(help="Setting name, e.g. sync_interval.")],
+               value: Annotated[str, typer.Argument(
+                   help="A TOML value: 2.5, true, \"text\", [\"A@h:104\"]; bare text is "
+                        "taken as a string.")],
+               data: DataOpt = DEFAULT_DATA) -> None:
+    """Change one setting in config.toml (validated first; the same check as PATCH
+    /api/v1/config). A running node picks up keys that need no restart through the API
+    only; here the change is written for its next start.
+
+    Example: syncnode config set --data /srv/syncnode sync_interval 2.5
+    """
+    import tomllib
+
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    try:
+        result = open_service(data, identity=False).patch_config({key: parsed})
+    except ServiceError as exc:
+        refused(exc)
+    out.print(f"{key} = {json.dumps(parsed)}"
+              + ("  (takes effect at restart)" if result["restart_required"] else ""))
+
+
 @app.command()
 def run(
     data: DataOpt = DEFAULT_DATA,

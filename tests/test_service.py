@@ -223,3 +223,20 @@ def test_a_node_service_without_runtime_reads_the_config_file(tmp_path: Path) ->
     shown = svc.config()["config"]
     assert shown["sync_interval"] == 7.5 and shown["api_key"] == "***"
     a.close()
+
+
+@needs_script
+async def test_a_bad_setting_is_refused_by_cli_and_api_alike(new_node, running) -> None:
+    a = new_node("a")
+    proc = cli("config", "set", "--data", a.data, "ae_title", "X" * 20)
+    assert proc.returncode == 2
+    ra = await running(a)
+    url = f"http://127.0.0.1:{ra.ports['api']}/api/v1/config"
+    async with aiohttp.ClientSession() as s, s.patch(
+            url, json={"ae_title": "X" * 20}, headers={"X-API-Key": ra.settings.api_key}) as r:
+        status, body = r.status, await r.json()
+    assert status == 400 and " ".join(proc.stderr.split()) == f"error: {body['error']}"
+    proc = cli("config", "set", "--data", a.data, "sync_interval", "2.5")
+    assert proc.returncode == 0
+    shown = json.loads(cli("config", "show", "--data", a.data, "--json").stdout)
+    assert shown["config"]["sync_interval"] == 2.5 and shown["config"]["api_key"] == "***"
