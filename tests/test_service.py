@@ -22,7 +22,8 @@ from syncnode.local import LocalNode
 from syncnode.nodeid import NodeId
 from syncnode.protocol import InvalidPeerURL, parse_peer_url
 from syncnode.service import Conflict, NodeService, NotFound, UsageError
-from syncnode.tls import InvalidPeerAddress, fetch_peer_certificate
+from syncnode.tls.errors import InvalidPeerAddress
+from syncnode.tls.peercert import fetch_peer_certificate
 
 SYNCNODE = shutil.which("syncnode")
 needs_script = pytest.mark.skipif(SYNCNODE is None, reason="the syncnode script is not installed")
