@@ -165,7 +165,8 @@ class RunningNode:
 
         loop = asyncio.get_running_loop()
         bridge = DicomBridge(self.node, self.settings,
-                             on_stored=lambda: loop.call_soon_threadsafe(self.local_change))
+                             on_stored=lambda: loop.call_soon_threadsafe(self.local_change),
+                             audit=self.audit)
         # (stored instances reach peers through the root watch, woken at once)
         try:
             self.ports["dicom"] = await asyncio.to_thread(bridge.start)

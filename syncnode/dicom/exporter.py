@@ -60,6 +60,7 @@ from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import build_context
 
+from ..audit import AuditLog
 from ..blobstore import BlobError, BlobStore
 from ..catalog.outbox import OutboxItem, Outcome, OutcomeKind
 from ..catalog.outbox import outbox_status as outbox_status  # re-exported
@@ -206,6 +207,8 @@ class Destination:
                                     if not assoc.is_rejected else f"{why} {self.address}")
             return
         self.assoc = assoc
+        delivered: list[Item] = []
+        tried = 0
         try:
             for n, it in enumerate(batch):
                 if ex.stopping.is_set():
@@ -213,14 +216,34 @@ class Destination:
                 if not assoc.is_established:
                     self.destination_failed("association lost during the batch")
                     return
-                self.send_one(assoc, it, n + 1)
+                tried += 1
+                if self.send_one(assoc, it, n + 1):
+                    delivered.append(it)
         finally:
             self.assoc = None
             if assoc.is_established:
                 assoc.release()
+            self.audit_batch(delivered, tried - len(delivered))
         self.db_contact_ok()
 
-    def send_one(self, assoc: Any, it: Item, msg_id: int) -> None:
+    def audit_batch(self, delivered: list[Item], not_delivered: int) -> None:
+        """One ``exported`` entry per association: what reached the PACS, by study."""
+        trail = self.exporter.audit
+        if trail is None or not (delivered or not_delivered):
+            return
+        catalog = self.exporter.node.catalog
+        studies = set()
+        for it in delivered:
+            inst = catalog.instance(it.sop_instance_uid)
+            if inst is not None:
+                studies.add(inst.study_instance_uid)
+        trail.record("exported", "node", "success" if delivered else "failure",
+                     destination=self.address, instances=len(delivered),
+                     failed=not_delivered, bytes=sum(it.size for it in delivered),
+                     studies=studies)
+
+    def send_one(self, assoc: Any, it: Item, msg_id: int) -> bool:
+        """Send one instance; True if the PACS took it."""
         ex = self.exporter
         ts = it.transfer_syntax_uid
         cx = _accepted(assoc, it.sop_class_uid, ts)
@@ -232,26 +255,27 @@ class Destination:
             reason = (f"{self.ae_title} did not accept {UID(it.sop_class_uid).name} in "
                       f"{UID(ts).name}; sending it otherwise would need transcoding")
             self.item_failed(it, reason, permanent=True)
-            return
+            return False
         try:
             payload = self.payload(it, inflate)
         except (BlobError, OSError, ValueError, zlib.error) as exc:
             self.item_failed(it, f"stored blob cannot be read: {exc}", permanent=True)
-            return
+            return False
         status_ds = send_store(assoc, cx.context_id, msg_id, it.sop_class_uid,
                                it.sop_instance_uid, payload)
         if status_ds is None:
             self.item_failed(it, "no response from the PACS (timeout or association lost)",
                              permanent=False)
-            return
+            return False
         status = int(status_ds.get("Status", 0xC000))
         if status in SUCCESS_STATUSES:
             self.finish(it, "done", "" if status == 0 else f"warning 0x{status:04X}")
             ex.sent += 1
-            return
+            return True
         comment = str(status_ds.get("ErrorComment", "") or "")[:200]
         reason = f"status 0x{status:04X}" + (f": {comment}" if comment else "")
         self.item_failed(it, reason, permanent=not _transient(status))
+        return False
 
     def payload(self, it: Item, inflate: bool) -> io.BytesIO | tuple[Path, int]:
         """The data set bytes to send, checked against the blob's chunk hashes."""
@@ -451,8 +475,9 @@ class Exporter:
     def __init__(self, node: LocalNode, destinations: list[str], *, ae_title: str,
                  poll_interval: float = 5.0, backoff_base: float = 1.0,
                  backoff_cap: float = 60.0, max_pdu: int = 262_144,
-                 dimse_timeout: float = 120.0) -> None:
+                 dimse_timeout: float = 120.0, audit: AuditLog | None = None) -> None:
         self.node = node
+        self.audit = audit
         self.node_id = node.node_id.compact
         self.store = BlobStore(node.data)
         self.ae_title = ae_title

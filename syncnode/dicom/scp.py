@@ -68,6 +68,7 @@ from pynetdicom.sop_class import (
 )
 
 from .. import __version__
+from ..audit import AuditLog, dicom_actor
 from ..blobstore import BlobInfo, BlobStore, StagedBlob, StoreFull
 from ..catalog import InvalidLocalPut
 from ..dicomfile import InstanceInfo, InvalidDicom, InvalidIdentity, inspect_file
@@ -541,8 +542,45 @@ class ScpStats:
     finds: int = 0
 
 
+@dataclass(slots=True)
+class _Received:
+    """What one association stored: recorded as one ``received`` audit entry at its end."""
+
+    actor: str
+    studies: set[str] = field(default_factory=set)
+    new: int = 0
+    unchanged: int = 0
+    failed: int = 0
+    nbytes: int = 0
+
+
+def _requestor_actor(assoc: Any) -> str:
+    primitive = assoc.requestor.primitive
+    calling = str(primitive.calling_ae_title or "") if primitive else ""
+    return dicom_actor(calling or str(assoc.requestor.ae_title or ""),
+                       str(assoc.requestor.address))
+
+
+def _matching_keys(identifier: Dataset) -> list[str]:
+    """The keywords of the attributes a query matches on (those given a value); the values
+    themselves are never recorded."""
+    keys = []
+    for elem in identifier:
+        if elem.keyword in ("QueryRetrieveLevel", "SpecificCharacterSet"):
+            continue
+        if elem.VR == "SQ" or elem.value in (None, "", b"") or elem.is_empty:
+            continue
+        keys.append(elem.keyword or f"x{int(elem.tag):08X}")
+    return keys
+
+
 class DicomServer:
-    """The node's DICOM SCP. ``start()`` binds and serves in background threads."""
+    """The node's DICOM SCP. ``start()`` binds and serves in background threads.
+
+    With an ``audit`` trail, each association that stored instances is one ``received``
+    entry (counts and studies, actor ``dicom:<calling AE>@<IP>``), each C-FIND one
+    ``query`` entry (matching keys by name), each refused calling AE one
+    ``connection-refused`` entry."""
 
     def __init__(self, node: LocalNode, *, ae_title: str, host: str = "0.0.0.0",
                  port: int = 11112, allowed_aes: list[str] | None = None,
@@ -550,8 +588,12 @@ class DicomServer:
                  network_timeout: float = 60.0,
                  on_stored: Callable[[], None] | None = None,
                  perimeter: Perimeter | None = None,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None,
+                 audit: AuditLog | None = None) -> None:
         self.node = node
+        self.audit = audit
+        self._received: dict[int, _Received] = {}  # id(association) -> its tally
+        self._received_lock = threading.Lock()
         self.perimeter = perimeter or Perimeter()
         self.ssl_context = ssl_context
         self.on_stored = on_stored
@@ -624,6 +666,10 @@ class DicomServer:
         if self.committer is not None:
             self.committer.stop()
             self.committer = None
+        with self._received_lock:
+            left, self._received = list(self._received.values()), {}
+        for tally in left:
+            self._record_received(tally)
 
     def refused_connections(self) -> dict[str, int]:
         """Connections closed before associating, by reason (see transport.PerimeterStats)."""
@@ -646,6 +692,25 @@ class DicomServer:
         dimse = event.assoc.dimse
         if isinstance(dimse, StreamingDIMSE):
             dimse.discard()
+        with self._received_lock:
+            tally = self._received.pop(id(event.assoc), None)
+        if tally is not None:
+            self._record_received(tally)
+
+    def _tally(self, assoc: Any) -> _Received:
+        with self._received_lock:
+            tally = self._received.get(id(assoc))
+            if tally is None:
+                tally = self._received[id(assoc)] = _Received(_requestor_actor(assoc))
+            return tally
+
+    def _record_received(self, t: _Received) -> None:
+        if self.audit is None or not (t.new or t.unchanged or t.failed):
+            return
+        self.audit.record("received", t.actor,
+                          "failure" if t.failed and not (t.new or t.unchanged) else "success",
+                          instances=t.new, unchanged=t.unchanged, failed=t.failed,
+                          bytes=t.nbytes, studies=t.studies)
 
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
@@ -661,6 +726,9 @@ class DicomServer:
         self.stats.rejected_associations += 1
         log.warning("DICOM association refused: calling AE %r from %s is not allowed",
                     calling, address)
+        if self.audit is not None:
+            self.audit.record("connection-refused", dicom_actor(calling, address), "failure",
+                              reason="calling AE title not allowed")
         assoc.acse.send_reject(0x01, 0x01, 0x03)
 
     def _on_store(self, event: evt.Event) -> int | Dataset:
@@ -668,6 +736,13 @@ class DicomServer:
 
     def store_request(self, assoc: Any, req: C_STORE, transfer_syntax: str) -> int | Dataset:
         """Store one C-STORE request's data set; return the status to answer with."""
+        status = self._store_request(assoc, req, transfer_syntax)
+        if self.audit is not None and status != STATUS_SUCCESS:
+            self._tally(assoc).failed += 1
+        return status
+
+    def _store_request(self, assoc: Any, req: C_STORE, transfer_syntax: str
+                       ) -> int | Dataset:
         sop = str(req.AffectedSOPInstanceUID or "")
         shown_sop = sop if is_uid(sop) else "(invalid UID)"
         try:
@@ -723,6 +798,14 @@ class DicomServer:
             self.stats.stored += 1
         else:
             self.stats.duplicates += 1
+        if self.audit is not None:
+            tally = self._tally(assoc)
+            tally.studies.add(info.study_instance_uid)
+            tally.nbytes += staged.size
+            if pending.new:
+                tally.new += 1
+            else:
+                tally.unchanged += 1
         log.debug("C-STORE %s stored as blob %s", sop, staged.digest)
         return STATUS_SUCCESS
 
@@ -751,17 +834,35 @@ class DicomServer:
             log.warning("C-FIND identifier cannot be decoded: %s", type(exc).__name__)
             yield _status(STATUS_CANNOT_UNDERSTAND, "identifier cannot be decoded"), None
             return
+        matches = 0
+        outcome, reason = "success", None
         try:
             results = query.find(self.node.catalog, model, identifier)
             for ds in results:
                 if event.is_cancelled:
+                    reason = "cancelled by the requestor"
                     yield 0xFE00, None
                     return
+                matches += 1
                 yield 0xFF00, ds
         except query.QueryError as exc:
+            # (its message may quote a matching value: the status only, never the text)
+            outcome, reason = "failure", f"refused with status 0x{exc.status:04X}"
             yield _status(exc.status, str(exc)), None
             return
+        finally:
+            if self.audit is not None:
+                self._record_query(event, model, identifier, matches, outcome, reason)
         yield STATUS_SUCCESS, None
+
+    def _record_query(self, event: evt.Event, model: str, identifier: Dataset, matches: int,
+                      outcome: str, reason: str | None) -> None:
+        assert self.audit is not None
+        level = str(identifier.get("QueryRetrieveLevel", "") or "")
+        self.audit.record("query", _requestor_actor(event.assoc), outcome,
+                          keys=_matching_keys(identifier), count=matches,
+                          level=level if level.isalpha() else None,
+                          sop_class=model if is_uid(model) else None, reason=reason)
 
 
 def _prefer_requestor_order(assoc: Any) -> None:

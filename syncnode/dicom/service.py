@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from ..audit import AuditLog
 from ..config import Settings
 from ..local import LocalNode
 from .exporter import Exporter
@@ -28,7 +29,8 @@ class DicomBridge:
     def __init__(self, node: LocalNode, settings: Settings,
                  on_stored: Callable[[], None] | None = None, *,
                  export_poll: float = 5.0, import_poll: float = 60.0,
-                 backoff_base: float = 1.0, backoff_cap: float = 60.0) -> None:
+                 backoff_base: float = 1.0, backoff_cap: float = 60.0,
+                 audit: AuditLog | None = None) -> None:
         self.node = node
         self.settings = settings
         self.server = DicomServer(node, ae_title=settings.ae_title, host=settings.dicom_host,
@@ -37,10 +39,12 @@ class DicomBridge:
                                   perimeter=Perimeter(
                                       artim_timeout=settings.dicom_artim_timeout,
                                       per_address=settings.dicom_max_pending_per_address,
-                                      total=settings.dicom_max_pending))
+                                      total=settings.dicom_max_pending),
+                                  audit=audit)
         self.exporter = (Exporter(node, settings.export, ae_title=settings.ae_title,
                                   poll_interval=export_poll, backoff_base=backoff_base,
-                                  backoff_cap=backoff_cap, max_pdu=settings.max_pdu)
+                                  backoff_cap=backoff_cap, max_pdu=settings.max_pdu,
+                                  audit=audit)
                          if settings.export else None)
         self.retriever = (Retriever(node, settings.import_from, ae_title=settings.ae_title,
                                     poll_interval=import_poll)
