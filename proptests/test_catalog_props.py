@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,12 +24,20 @@ from hypothesis import strategies as st
 
 from syncnode import events as ev
 from syncnode import merkle
+from syncnode.authority import Policy
 from syncnode.blobstore import BlobInfo
 from syncnode.catalog import Catalog
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from originkit import origins
+
 SETTINGS = settings(max_examples=60, deadline=None)
-LOCAL = "LOCALNODE"
+SIGNERS = origins("LOCALNODE", "NODEA", "NODEB", "NODEZ")  # ids ordered as the names
+LOCAL = SIGNERS["LOCALNODE"].id
 ORIGINS = ["NODEA", "NODEB", "NODEZ"]
+# The live-view rule alone: any authentic delete counts, clocks unbounded (the admission
+# rules have their own properties in test_hostile_props.py).
+LIVE_RULE = Policy(local_node=LOCAL, delete_authority="any", max_clock_skew_ms=None)
 SOPS = [f"1.2.40.{i}" for i in range(3)]
 CT = "1.2.840.10008.5.1.4.1.1.2"
 # few distinct clock values so that ties on hlc (and on hlc and origin) happen often
@@ -51,24 +60,25 @@ def attrs(sop: str) -> dict[str, str]:
 
 def foreign_put(origin: str, hlc: int, sop: str, b: int) -> tuple[str, bytes]:
     info = blob(b)
-    body = ev.encode(ev.PutEvent(origin=origin, hlc=hlc, blob=info.hash, size=info.size,
-                                 chunks=info.chunks_root, sop_class_uid=CT,
-                                 sop_instance_uid=sop, series_instance_uid="1.2.40.0",
-                                 study_instance_uid="1.2.40"))
-    return ev.event_id(body), body
+    signer = SIGNERS[origin]
+    return signer.sign(ev.PutEvent(origin=signer.id, hlc=hlc, blob=info.hash, size=info.size,
+                                   chunks=info.chunks_root, sop_class_uid=CT,
+                                   sop_instance_uid=sop, series_instance_uid="1.2.40.0",
+                                   study_instance_uid="1.2.40"))
 
 
 def foreign_delete(origin: str, hlc: int, sop: str, removes: list[str]) -> tuple[str, bytes]:
-    body = ev.encode(ev.DeleteEvent(origin=origin, hlc=hlc, sop_instance_uid=sop,
-                                    removes=tuple(removes)))
-    return ev.event_id(body), body
+    return SIGNERS[origin].delete(hlc, sop, removes)
 
 
 @contextmanager
 def catalogs(n: int) -> Iterator[list[Catalog]]:
     base = "/dev/shm" if os.path.isdir("/dev/shm") else None  # fsyncs are free there
     with tempfile.TemporaryDirectory(dir=base) as tmp:
-        cats = [Catalog(Path(tmp) / f"c{i}.db", node_id=LOCAL) for i in range(n)]
+        cats = [Catalog(Path(tmp) / f"c{i}.db", node_id=LOCAL, policy=LIVE_RULE,
+                        signer=lambda: SIGNERS["LOCALNODE"].signer) for i in range(n)]
+        for c in cats:
+            c.offer_certificates(s.cert_der for s in SIGNERS.values())
         try:
             yield cats
         finally:

@@ -29,6 +29,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from syncnode import events as ev
 from syncnode import protocol
+from syncnode.authority import Policy
 from syncnode.catalog import Catalog
 from syncnode.local import LocalNode
 from syncnode.protocol import RemoteNode
@@ -63,13 +64,15 @@ async def pull(dst: LocalNode, src: LocalNode) -> int:
     async for theirs, _ours in walk_diff(dst, fetch):
         received = src.catalog.get_events(theirs)
         assert [e for e, _ in received] == theirs
+        # the origins' certificates travel with the events, as in POST /peer/v1/events
+        dst.catalog.offer_certificates(src.catalog.certificates_for(theirs))
         decoded = [(e, b, ev.decode_checked(e, b)) for e, b in received]
         apply([(e, b) for e, b, x in decoded
                if not isinstance(x, ev.PutEvent) or dst.store.has(x.blob)])
         for e, b, x in decoded:
             if not isinstance(x, ev.PutEvent) or dst.catalog.has_event(e):
                 continue
-            if not dst.catalog.is_tombstoned(e) and not dst.store.has(x.blob):
+            if not dst.catalog.is_tombstoned(e, x.origin) and not dst.store.has(x.blob):
                 if not src.store.has(x.blob):
                     skipped.append((e, b))  # src deleted it; the tombstone comes later
                     continue
@@ -78,7 +81,8 @@ async def pull(dst: LocalNode, src: LocalNode) -> int:
             apply([(e, b)])
         new += len(theirs)
     for e, b in skipped:
-        assert dst.catalog.is_tombstoned(e), f"src lacks the blob of its live put {e}"
+        assert dst.catalog.is_tombstoned(e, ev.decode(b).origin), \
+            f"src lacks the blob of its live put {e}"
         apply([(e, b)])
     return new
 
@@ -89,6 +93,10 @@ class ThreeNodes(RuleBasedStateMachine):
         base = "/dev/shm" if os.path.isdir("/dev/shm") else None  # fsyncs are free there
         self.tmp = Path(tempfile.mkdtemp(prefix="syncprops-", dir=base))
         self.nodes = [LocalNode.init(self.tmp / f"n{i}") for i in range(NODES)]
+        ids = {n.node_id.compact for n in self.nodes}
+        for n in self.nodes:  # each site lets the others delete what it made
+            me = n.node_id.compact
+            n.catalog.policy = Policy(local_node=me, may_delete=frozenset(ids - {me}))
         self.loop = asyncio.new_event_loop()
         self.created: set[str] = set()  # every event any node ever made
         self.inline_ids = protocol.INLINE_IDS

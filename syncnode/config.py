@@ -106,6 +106,25 @@ class Settings(BaseSettings):
                                                  "certificate must chain to (empty = the "
                                                  "system's CAs)")
     audit_site: str = Field("", description="AuditEnterpriseSiteID in audit messages")
+    # Rules for received events (syncnode.authority): safe unless the operator widens them.
+    may_delete: list[str] = Field(default_factory=list,
+                                  description="node ids whose deletes remove instances "
+                                              "that other nodes made (beside each put's "
+                                              "own origin and this node)")
+    delete_authority: Literal["origin", "any"] = Field(
+        "origin", description="origin = a delete removes a put only if made by the put's "
+                              "origin, this node or a may_delete node; any = by any node")
+    accept_unsigned_events: bool = Field(
+        False, description="take unsigned events from peers (made before event signing); "
+                           "only while a cluster upgrades")
+    max_clock_skew: float = Field(86_400.0, gt=0, le=365 * 86_400.0,
+                                  description="seconds an event's clock may be ahead of "
+                                              "this node's clock")
+    max_unknown_tombstones: int = Field(10_000, ge=0, le=10_000_000,
+                                        description="names of not-yet-received events that "
+                                                    "one origin's deletes may keep waiting")
+    unknown_tombstone_ttl: float = Field(7 * 86_400.0, gt=0,
+                                         description="seconds such a name waits at most")
     log_format: Literal["kv", "json"] = Field("kv", description="log line format")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
 
@@ -125,6 +144,13 @@ class Settings(BaseSettings):
                 raise ValueError(f"{a!r}: AE@HOST needs a host after '@'")
             out.append(check_ae_title(ae) + (f"@{host.strip()}" if "@" in a else ""))
         return out
+
+    @field_validator("may_delete")
+    @classmethod
+    def _node_ids(cls, v: list[str]) -> list[str]:
+        from .nodeid import NodeId
+
+        return [NodeId.parse(n).compact for n in v]
 
     @field_validator("export", "import_from")
     @classmethod

@@ -7,6 +7,17 @@ An event is an immutable fact named by the BLAKE3-256 hash of its canonical enco
   is sent), the instance's UIDs and a few indexed attributes.
 - ``delete``: a tombstone naming the put events it removes.
 
+Authenticity: every event made since format version 2 carries ``sig``, the ECDSA P-256
+signature by its origin's key (the node whose certificate's SHA-256 is ``origin``, see
+:mod:`syncnode.nodeid`) over :func:`signing_payload`: a fixed prefix and the canonical
+encoding of every other field. ``sig`` is the 64-byte ``r || s`` in hex, with ``s`` in
+its low half (``s <= n/2``), so a valid signature has exactly one encoding and a relay
+cannot make a second id for the same signed content. The event id (the hash of the whole
+body) covers the signature. Checking it needs the origin's public key and lives in
+:mod:`syncnode.signing`; this module only fixes the format. Version 1 bodies (no ``sig``)
+are the unsigned events of catalogs made before signing; they still decode, and the
+catalog decides whether to take them (see :mod:`syncnode.authority`).
+
 Canonical encoding: UTF-8 JSON, keys sorted, no insignificant whitespace, non-ASCII
 escaped, integers only. Decoding re-encodes and refuses anything that is not already
 canonical, so an event id is a function of the event's content alone.
@@ -34,7 +45,12 @@ import blake3
 
 from .ids import check_hash, check_uid, is_hash
 
-EVENT_VERSION = 1
+EVENT_VERSION = 2  # signed events; version 1 is the unsigned legacy form
+LEGACY_VERSION = 1
+SIGNING_PREFIX = b"syncnode event signature v2\n"  # domain separation for the node key
+# Order of the P-256 group: a canonical signature has 0 < r < n and 0 < s <= n // 2.
+P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+SIG_HEX_LEN = 128
 MAX_EVENT_BYTES = 64 * 1024
 MAX_REMOVES = 10_000
 REMOVES_PER_DELETE = 500  # a local delete naming more versions is split (stays < 64 KiB)
@@ -61,6 +77,7 @@ class PutEvent:
     modality: str = ""
     study_date: str = ""
     transfer_syntax_uid: str = ""
+    sig: str = ""  # hex r || s by the origin's key; "" only for legacy (version 1) events
     kind: Literal["put"] = field(default="put")
 
 
@@ -70,19 +87,57 @@ class DeleteEvent:
     hlc: int
     sop_instance_uid: str
     removes: tuple[str, ...]
+    sig: str = ""
     kind: Literal["delete"] = field(default="delete")
 
 
 Event = PutEvent | DeleteEvent
 
 
-def encode(event: Event) -> bytes:
-    """The canonical bytes of an event."""
+def _canonical(event: Event, *, with_sig: bool, version: int) -> bytes:
     obj: dict[str, Any] = {k: getattr(event, k) for k in event.__slots__}
+    if not with_sig:
+        del obj["sig"]
     if isinstance(event, DeleteEvent):
         obj["removes"] = sorted(set(event.removes))
-    obj["v"] = EVENT_VERSION
+    obj["v"] = version
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def encode(event: Event) -> bytes:
+    """The canonical bytes of an event: version 2 with ``sig`` when it is signed, the
+    legacy version 1 form (no ``sig``) when it is not."""
+    if event.sig:
+        return _canonical(event, with_sig=True, version=EVENT_VERSION)
+    return _canonical(event, with_sig=False, version=LEGACY_VERSION)
+
+
+def signing_payload(event: Event) -> bytes:
+    """The bytes an origin signs: a fixed prefix, then the canonical version-2 encoding of
+    every field but ``sig``."""
+    return SIGNING_PREFIX + _canonical(event, with_sig=False, version=EVENT_VERSION)
+
+
+def is_signed(event: Event) -> bool:
+    return bool(event.sig)
+
+
+def split_sig(sig: str) -> tuple[int, int]:
+    """``(r, s)`` of a signature in the canonical form; raises InvalidEvent otherwise."""
+    if (not isinstance(sig, str) or len(sig) != SIG_HEX_LEN
+            or sig.strip("0123456789abcdef")):
+        raise InvalidEvent(f"'sig' must be {SIG_HEX_LEN} lowercase hex characters")
+    r, s = int(sig[:64], 16), int(sig[64:], 16)
+    if not 0 < r < P256_ORDER or not 0 < s <= P256_ORDER // 2:
+        raise InvalidEvent("'sig' is not a canonical (low-s) P-256 signature")
+    return r, s
+
+
+def join_sig(r: int, s: int) -> str:
+    """The canonical hex form of a signature ``(r, s)`` (``s`` folded into its low half)."""
+    if s > P256_ORDER // 2:
+        s = P256_ORDER - s
+    return f"{r:064x}{s:064x}"
 
 
 def event_id(body: bytes) -> str:
@@ -118,8 +173,13 @@ def decode(body: bytes) -> Event:
         raise InvalidEvent(f"event is not JSON: {exc}") from exc
     if not isinstance(obj, dict):
         raise InvalidEvent("event is not a JSON object")
-    if obj.get("v") != EVENT_VERSION:
+    version = obj.get("v")
+    if version not in (EVENT_VERSION, LEGACY_VERSION) or isinstance(version, bool):
         raise InvalidEvent(f"unsupported event version {obj.get('v')!r}")
+    sig = ""
+    if version == EVENT_VERSION:
+        sig = obj.get("sig", "")
+        split_sig(sig)
     kind = obj.get("kind")
     try:
         origin = _str(obj, "origin", max_len=80)
@@ -143,7 +203,7 @@ def decode(body: bytes) -> Event:
                                              "Study Instance UID"),
                 patient_id=_str(obj, "patient_id"), modality=_str(obj, "modality"),
                 study_date=_str(obj, "study_date"),
-                transfer_syntax_uid=_str(obj, "transfer_syntax_uid"),
+                transfer_syntax_uid=_str(obj, "transfer_syntax_uid"), sig=sig,
             )
         elif kind == "delete":
             expected = set(DeleteEvent.__slots__) | {"v"}
@@ -154,7 +214,7 @@ def decode(body: bytes) -> Event:
             event = DeleteEvent(
                 origin=origin, hlc=hlc,
                 sop_instance_uid=check_uid(obj.get("sop_instance_uid"), "SOP Instance UID"),
-                removes=tuple(removes),
+                removes=tuple(removes), sig=sig,
             )
         else:
             raise InvalidEvent(f"unknown event kind {kind!r}")
@@ -162,6 +222,8 @@ def decode(body: bytes) -> Event:
         if isinstance(exc, InvalidEvent):
             raise
         raise InvalidEvent(str(exc)) from exc
+    if version == LEGACY_VERSION:
+        expected.discard("sig")
     if set(obj) != expected:
         raise InvalidEvent(f"unexpected fields {sorted(set(obj) ^ expected)}")
     if encode(event) != body:
@@ -200,7 +262,20 @@ def hlc_tick(last: int, now_ms: int | None = None) -> int:
 MAX_OBSERVED_HLC = 2**62
 
 
-def hlc_observe(last: int, remote: int) -> int:
-    """The clock after seeing a remote timestamp: never behind anything observed (below
-    MAX_OBSERVED_HLC)."""
-    return max(last, min(remote, MAX_OBSERVED_HLC))
+def hlc_now(now_ms: int | None = None) -> int:
+    """The HLC value of a wall-clock instant (counter zero)."""
+    if now_ms is None:
+        now_ms = time.time_ns() // 1_000_000
+    return now_ms << HLC_COUNTER_BITS
+
+
+def hlc_limit(max_skew_ms: int, now_ms: int | None = None) -> int:
+    """The greatest HLC a node accepts or adopts now: ``now + max_skew`` (any counter)."""
+    return min(hlc_now(now_ms) + (max_skew_ms << HLC_COUNTER_BITS)
+               + (1 << HLC_COUNTER_BITS) - 1, MAX_OBSERVED_HLC)
+
+
+def hlc_observe(last: int, remote: int, limit: int = MAX_OBSERVED_HLC) -> int:
+    """The clock after seeing a remote timestamp: never behind anything observed, never
+    beyond ``limit`` (see :func:`hlc_limit`)."""
+    return max(last, min(remote, limit, MAX_OBSERVED_HLC))

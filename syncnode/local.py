@@ -32,12 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
+from .authority import Policy
 from .blobstore import BlobDamage, BlobError, BlobStore, LocalStoreError, StoreFull
 from .catalog import ApplyResult, Catalog
 from .nodeid import NodeId
 
 if TYPE_CHECKING:
     from .config import Settings
+    from .signing import Signer
     from .tls.identity import CertificateAuthority, Identity
     from .tls.truststore import TrustStore
 
@@ -84,6 +86,16 @@ async def offload_to(pool: Executor, fn: Callable[P, T], *args: P.args,
         pool, functools.partial(local_errors, fn, *args, **kwargs))
 
 
+def policy_of(settings: Settings, node_id: str) -> Policy:
+    """The received-event rules a node's settings ask for (see syncnode.authority)."""
+    return Policy(local_node=node_id, may_delete=frozenset(settings.may_delete),
+                  delete_authority=settings.delete_authority,
+                  accept_unsigned=settings.accept_unsigned_events,
+                  max_clock_skew_ms=int(settings.max_clock_skew * 1000),
+                  max_unknown_per_origin=settings.max_unknown_tombstones,
+                  unknown_ttl_s=settings.unknown_tombstone_ttl)
+
+
 class NodeNotInitialised(Exception):
     def __init__(self, data: Path) -> None:
         super().__init__(f"no node in {data}: run `syncnode init --data {data}` first")
@@ -116,10 +128,12 @@ class LocalNode:
         # The identity itself is loaded and checked (key matches certificate) on first use.
         self._identity: Identity | None = None
         self._trust: TrustStore | None = None
+        self._signer: Signer | None = None
         node_id = NodeId.from_certificate_pem(cert.read_bytes())
         self.node_id = node_id if node_id is not None else self.identity.node_id
         self.store = BlobStore(self.data)
-        self.catalog = Catalog(self.data / CATALOG_FILE, node_id=self.node_id.compact)
+        self.catalog = Catalog(self.data / CATALOG_FILE, node_id=self.node_id.compact,
+                               signer=lambda: self.signer)
 
     @property
     def identity(self) -> Identity:
@@ -132,6 +146,20 @@ class LocalNode:
                 raise IdentityError(f"node certificate in {self.data} changed while open")
             self._identity = identity
         return self._identity
+
+    @property
+    def signer(self) -> Signer:
+        """Signs this node's events (the key is loaded on first use)."""
+        if self._signer is None:
+            from .signing import Signer, load_private_key
+
+            identity = self.identity
+            self._signer = Signer(load_private_key(identity.key_path), identity.cert_der)
+        return self._signer
+
+    def configure(self, settings: Settings) -> None:
+        """Take the rules for received events from the settings."""
+        self.catalog.policy = policy_of(settings, self.node_id.compact)
 
     @property
     def trust(self) -> TrustStore:

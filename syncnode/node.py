@@ -83,6 +83,9 @@ class RunningNode:
         self.node.store.clean_tmp()
         s = self.settings
         self._start_audit()
+        self.node.configure(s)  # the rules for received events
+        # our certificate is served with our events (the journal signs without the catalog)
+        self.node.catalog.add_origin_certificate(self.node.identity.cert_der)
         self.peer_server = PeerServer(self.node, on_events=self._on_pushed,
                                       blob_locks=self.blob_locks, on_seen=self._on_peer_seen,
                                       on_notify=self._on_peer_notify)

@@ -197,8 +197,14 @@ class PeerServer:
 
     async def events(self, request: web.Request) -> web.Response:
         body = await self._json(request)
-        return await self._answer(lambda: protocol.events_response(
-            self.catalog.get_events(protocol.parse_events_request(body))))
+        ids = protocol.parse_events_request(body)
+
+        def answer() -> dict[str, Any]:
+            found = self.catalog.get_events(ids)
+            certs = self.catalog.certificates_for([i for i, _ in found])
+            return protocol.events_response(found, certs)  # with the origins' certificates
+
+        return await self._answer(answer)
 
     async def chunks(self, request: web.Request) -> web.Response:
         h = check_hash(request.match_info["hash"], "blob hash")
@@ -380,6 +386,11 @@ class PeerServer:
             pairs = protocol.parse_events(body)
         except protocol.ProtocolError as exc:
             raise BadRequest(str(exc)) from exc
+        try:
+            certs = protocol.parse_certs(body.get("certs"))
+        except protocol.ProtocolError as exc:
+            raise BadRequest(str(exc)) from exc
+        await self._run(self.catalog.offer_certificates, certs)
         result = await self._run(self.node.apply, pairs)
         if result.inserted and self.on_events:
             await self.on_events(result.inserted)

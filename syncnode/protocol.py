@@ -8,16 +8,20 @@ method   path                                answer
 =======  ==================================  ===========================================
 GET      /peer/v1/hello                      ``{node_id, version, root, count}``
 GET      /peer/v1/merkle?prefix=P            ``{prefix, digest, count, children?, ids?}``
-POST     /peer/v1/events  ``{ids: [...]}``   ``{events: [{id, body}]}`` (bodies as text)
+POST     /peer/v1/events  ``{ids: [...]}``   ``{events: [{id, body}], certs: [...]}``
 GET      /peer/v1/blobs/H/chunks             ``{size, chunks}`` (hex of the digests)
 GET      /peer/v1/blobs/H   (Range)          the bytes, each chunk verified before sending
 POST     /peer/v1/push/offer ``{blobs}``     ``{want: [{hash, offset}]}``
 PUT      /peer/v1/push/blobs/H?offset=N      ``{offset}`` (bytes verified so far)
-POST     /peer/v1/push/events ``{events}``   ``{applied, rejected}``
+POST     /peer/v1/push/events ``{events, certs}``  ``{applied, rejected}``
 POST     /peer/v1/notify                     ``{ok}``: "my catalog changed, sync now"
 POST     /peer/v1/introduce (a certificate)  ``204``; the only request served without a
                                              client certificate (:mod:`syncnode.introduction`)
 =======  ==================================  ===========================================
+
+``certs`` (base64 DER) are the certificates of the origins of the events sent, so that
+the receiver can verify their signatures without knowing those origins beforehand (each
+certificate proves the origin id it hashes to; see :mod:`syncnode.signing`).
 
 ``children`` (16 ``[digest, count]`` pairs) is present below the leaf level; ``ids`` is
 present when the node holds at most ``INLINE_IDS`` events, so a diff stops descending as
@@ -38,6 +42,8 @@ not the network's.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +60,7 @@ INLINE_IDS = 256
 MAX_IDS = 1000  # event ids per /events request
 MAX_OFFER = 1000  # blobs per /push/offer
 MAX_JSON_BODY = 4 << 20
+MAX_CERT_BYTES = 16 << 10  # one origin certificate (DER)
 
 
 class PeerError(Exception):
@@ -263,8 +270,11 @@ def parse_events_request(obj: Any) -> list[str]:
     return [check_hash(i, "event id") for i in ids]
 
 
-def events_response(found: Sequence[tuple[str, bytes]]) -> dict[str, Any]:
-    return {"events": [{"id": i, "body": b.decode()} for i, b in found]}
+def events_response(found: Sequence[tuple[str, bytes]],
+                    certs: Sequence[bytes] = ()) -> dict[str, Any]:
+    """Events and the certificates of their origins (see :func:`parse_certs`)."""
+    return {"events": [{"id": i, "body": b.decode()} for i, b in found],
+            "certs": encode_certs(certs)}
 
 
 def parse_events(obj: Any, key: str = "events") -> list[tuple[str, bytes]]:
@@ -357,6 +367,31 @@ def parse_offer(obj: Any, max_size: int) -> list[Offer]:
         except ValueError as exc:
             raise BadRequest(f"offer of {h}: 'chunks' is not hex") from exc
         out.append(Offer(h, size, digests))
+    return out
+
+
+def encode_certs(ders: Sequence[bytes]) -> list[str]:
+    return [base64.b64encode(d).decode("ascii") for d in ders]
+
+
+def parse_certs(value: Any) -> list[bytes]:
+    """The ``certs`` member sent with events: at most ``MAX_IDS`` base64 DER certificates
+    of at most ``MAX_CERT_BYTES`` each (absent: none)."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > MAX_IDS:
+        raise ProtocolError(f"'certs' must be a list of at most {MAX_IDS} certificates")
+    out = []
+    for item in value:
+        if not isinstance(item, str) or len(item) > MAX_CERT_BYTES * 4 // 3 + 4:
+            raise ProtocolError("a certificate in 'certs' is not a base64 string or too long")
+        try:
+            der = base64.b64decode(item, validate=True)
+        except binascii.Error as exc:
+            raise ProtocolError(f"a certificate in 'certs' is not base64: {exc}") from exc
+        if not der:
+            raise ProtocolError("empty certificate in 'certs'")
+        out.append(der)
     return out
 
 

@@ -217,9 +217,12 @@ class PeerClient:
         return protocol.parse_merkle(
             await self._json("GET", "/merkle", params={"prefix": prefix}), prefix)
 
-    async def events(self, ids: list[str]) -> list[tuple[str, bytes]]:
+    async def events(self, ids: list[str]) -> tuple[list[tuple[str, bytes]], list[bytes]]:
+        """The events with these ids that the peer holds, and the certificates of their
+        origins."""
         obj = await self._json("POST", "/events", json=protocol.events_request(ids))
-        return protocol.parse_events(obj)
+        return protocol.parse_events(obj), protocol.parse_certs(
+            obj.get("certs") if isinstance(obj, dict) else None)
 
     async def chunks(self, blob: str) -> tuple[int, bytes]:
         obj = await self._json("GET", f"/blobs/{blob}/chunks")
@@ -692,7 +695,8 @@ class PeerSync:
         for batch in protocol.batched(ids, EVENT_BATCH):
             st.events_needed = len(ids) - done
             done += len(batch)
-            received = await self.client.events(batch)
+            received, certs = await self.client.events(batch)
+            await offload(self.node.catalog.offer_certificates, certs)  # to verify them
             plan = await offload(_plan_pull, self.node, received)
             for eid, why in plan.invalid:
                 st.integrity_errors += 1
@@ -764,7 +768,8 @@ class PeerSync:
         blob); any other is a live put the peer cannot serve: an error of this round."""
         skipped, self._skipped = self._skipped, []
         catalog = self.node.catalog
-        gone = await offload(lambda: {e for e, _ in skipped if catalog.is_tombstoned(e)})
+        gone = await offload(lambda: {e for e, b in skipped
+                                          if catalog.is_tombstoned(e, ev.decode(b).origin)})
         removed = [(e, b) for e, b in skipped if e in gone]
         if removed:
             await self._apply(removed)
@@ -814,8 +819,9 @@ class PeerSync:
             pairs = [(e, b) for e, b in pairs if blob_of.get(e) not in busy]
             if not pairs:
                 continue
+            certs = await offload(catalog.certificates_for, [e for e, _ in pairs])
             result = await self.client._json("POST", "/push/events",
-                                             json=protocol.events_response(pairs))
+                                             json=protocol.events_response(pairs, certs))
             self.state.events_sent += len(result.get("applied", []))
             # A put we hold only as removed (no blob to send) is refused until the peer holds
             # its tombstone, which may be in a later batch: it goes again next round.
@@ -878,8 +884,8 @@ def _dead_blobs(catalog: Catalog,
                 waiting: dict[str, list[tuple[str, bytes, ev.PutEvent]]]) -> list[str]:
     """Blobs all of whose waiting puts are already held or tombstoned: no pull needed."""
     return [blob for blob, items in waiting.items()
-            if all(not catalog.missing_events([e]) or catalog.is_tombstoned(e)
-                   for e, _, _ in items)]
+            if all(not catalog.missing_events([e]) or catalog.is_tombstoned(e, x.origin)
+                   for e, _, x in items)]
 
 
 def _plan_push(node: LocalNode, ids: list[str]

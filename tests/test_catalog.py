@@ -15,10 +15,18 @@ import pytest
 
 from syncnode import events as ev
 from syncnode import merkle
+from syncnode.authority import Policy
 from syncnode.blobstore import BlobInfo
 from syncnode.catalog import BlobNotPresent, Catalog
 from syncnode.ids import InvalidUID
 from syncnode.local import LocalNode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from originkit import origins
+
+# Signed origins, ids ordered as their names; LOCALNODE is the catalog's own node.
+ORIGINS = origins("LOCALNODE", "NODE0", "NODE1", "NODE2", "NODEA", "NODEB", "NODEC", "NODEZ")
+LOCAL = ORIGINS["LOCALNODE"].id
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 STUDY = "1.2.826.0.1.1"
@@ -44,22 +52,29 @@ def attrs(sop: str, study: str = STUDY, series: str = SERIES, **extra: str) -> d
 def foreign_put(origin: str, hlc: int, sop: str, blob: str | None = None, *,
                 study: str = STUDY, series: str = SERIES, size: int = 1000
                 ) -> tuple[str, bytes]:
-    body = ev.encode(ev.PutEvent(
-        origin=origin, hlc=hlc, blob=blob or h(f"blob:{origin}:{hlc}:{sop}"), size=size,
-        chunks=h("chunks"), sop_class_uid=CT, sop_instance_uid=sop,
-        series_instance_uid=series, study_instance_uid=study, patient_id="P1", modality="CT"))
-    return ev.event_id(body), body
+    """A put signed by the named origin."""
+    return ORIGINS[origin].put(hlc, sop, blob or h(f"blob:{origin}:{hlc}:{sop}"), size=size,
+                         study=study, series=series, chunks=h("chunks"))
 
 
 def foreign_delete(origin: str, hlc: int, sop: str, removes: list[str]) -> tuple[str, bytes]:
-    body = ev.encode(ev.DeleteEvent(origin=origin, hlc=hlc, sop_instance_uid=sop,
-                                    removes=tuple(removes)))
-    return ev.event_id(body), body
+    return ORIGINS[origin].delete(hlc, sop, removes)
+
+
+# The live-view rule alone: any authentic delete counts (delete authority is tested in
+# test_authority.py), clocks unbounded (test_authority.py too).
+LIVE_RULE = Policy(local_node=LOCAL, delete_authority="any", max_clock_skew_ms=None)
+
+
+def new_catalog(path: Path) -> Catalog:
+    c = Catalog(path, node_id=LOCAL, signer=lambda: ORIGINS["LOCALNODE"].signer, policy=LIVE_RULE)
+    c.offer_certificates(o.cert_der for o in ORIGINS.values())
+    return c
 
 
 @pytest.fixture
 def cat(tmp_path: Path) -> Catalog:
-    c = Catalog(tmp_path / "catalog.db", node_id="LOCALNODE")
+    c = new_catalog(tmp_path / "catalog.db")
     yield c
     c.close()
 
@@ -86,14 +101,14 @@ def test_two_origins_greatest_hlc_origin_id_is_live(tmp_path: Path) -> None:
     b = foreign_put("NODEB", 5000, sop)  # same hlc: the greater origin wins
     c_ = foreign_put("NODEA", 4000, sop)  # older
     for order in ([a, b, c_], [c_, b, a], [b, a, c_]):
-        cat = Catalog(tmp_path / f"{order[0][0][:8]}.db", node_id="X")
+        cat = new_catalog(tmp_path / f"{order[0][0][:8]}.db")
         cat.apply(order)
         assert live_event(cat, sop) == b[0]
         assert [i.sop_instance_uid for i in cat.instances()] == [sop]
         assert puts_row(cat, a[0]) == (0, 0) and puts_row(cat, c_[0]) == (0, 0)
         cat.close()
     # higher hlc beats greater origin
-    cat = Catalog(tmp_path / "hlc.db", node_id="X")
+    cat = new_catalog(tmp_path / "hlc.db")
     d = foreign_put("NODEA", 6000, sop)
     cat.apply([a, b, d])
     assert live_event(cat, sop) == d[0]
@@ -325,6 +340,8 @@ def test_oversized_indexed_attributes_do_not_break_a_batch(cat: Catalog) -> None
 @pytest.fixture
 def node(tmp_path: Path) -> LocalNode:
     n = LocalNode.init(tmp_path / "node")
+    n.catalog.policy = Policy(local_node=n.node_id.compact, delete_authority="any")
+    n.catalog.offer_certificates(o.cert_der for o in ORIGINS.values())
     yield n
     n.close()
 
@@ -496,12 +513,14 @@ WORKER = textwrap.dedent("""
     import json, sys
     import blake3
     from syncnode import events as ev
+    from syncnode.authority import PERMISSIVE
     from syncnode.blobstore import BlobInfo
-    from syncnode.catalog import Catalog
+    from syncnode.local import LocalNode
 
     path, wid, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     h = lambda s: blake3.blake3(s.encode()).hexdigest()
-    cat = Catalog(path, node_id="LOCALNODE")
+    cat = LocalNode(path).catalog
+    cat.policy = PERMISSIVE  # (unsigned foreign events: this test is about concurrency)
     made, sops, deleted = [], [], []
     for i in range(n):
         sop = f"1.2.99.{wid}.{i}"
@@ -526,10 +545,12 @@ WORKER = textwrap.dedent("""
 
 @pytest.mark.timeout(120)
 def test_two_processes_writing_one_catalog_lose_nothing(tmp_path: Path) -> None:
-    db = tmp_path / "shared.db"
-    Catalog(db, node_id="LOCALNODE").close()
+    data = tmp_path / "node"
+    LocalNode.init(data).close()
+    db = data / "catalog.db"
+    local_id = LocalNode(data).node_id.compact
     n = 150
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(db), str(w), str(n)],
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(data), str(w), str(n)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for w in range(3)]
     outputs = []
@@ -546,13 +567,14 @@ def test_two_processes_writing_one_catalog_lose_nothing(tmp_path: Path) -> None:
     made = [e for o in outputs for e in o["made"]]
     expected_live = {s for o in outputs for s in o["live"]}
     assert len(made) == len(set(made)) == 3 * (n + n // 10 + n // 25)
-    cat = Catalog(db, node_id="LOCALNODE")
+    cat = Catalog(db, node_id=local_id)
     try:
         assert set(cat.all_event_ids()) == set(made)
         assert {i.sop_instance_uid for i in cat.instances()} == expected_live
         check_merkle(cat)
         # the clock was shared through the catalog: no two local events have the same hlc
-        local = cat._db.execute("SELECT hlc FROM events WHERE origin='LOCALNODE'").fetchall()
+        local = cat._db.execute("SELECT hlc FROM events WHERE origin=?",
+                                (local_id,)).fetchall()
         assert len(local) == len({r[0] for r in local}) == 3 * (n + n // 25)
     finally:
         cat.close()
@@ -571,5 +593,5 @@ def test_instance_dict_roundtrip(cat: Catalog) -> None:
     [(eid, _)] = cat.add_local_puts([(attrs("1.2.11.1"), fake_blob("d", 55))])
     d: dict[str, Any] = cat.instance("1.2.11.1").to_dict()
     assert d["event_id"] == eid and d["blob"] == fake_blob("d").hash and d["size"] == 55
-    assert d["origin"] == "LOCALNODE" and d["study_instance_uid"] == STUDY
+    assert d["origin"] == LOCAL and d["study_instance_uid"] == STUDY
     assert cat.put_event(eid).to_dict() == d

@@ -3,24 +3,35 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from syncnode import events as ev
+from syncnode.authority import Policy
 from syncnode.catalog import Catalog
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from originkit import FakeOrigin
 
-def put(i: int, origin: str = "PEER") -> tuple[str, bytes]:
-    e = ev.PutEvent(origin=origin, hlc=i + 1, blob=os.urandom(32).hex(), size=10,
-                    chunks=os.urandom(32).hex(), sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-                    sop_instance_uid=f"1.2.3.{i}", series_instance_uid="1.2.3",
-                    study_instance_uid="1.2")
-    body = ev.encode(e)
-    return ev.event_id(body), body
+LOCAL, PEER = FakeOrigin("local"), FakeOrigin("peer")
+
+
+def catalog(path: Path, policy: Policy | None = None) -> Catalog:
+    c = Catalog(path, node_id=LOCAL.id, signer=lambda: LOCAL.signer, policy=policy)
+    c.offer_certificates([PEER.cert_der])
+    return c
+
+
+def put(i: int, origin: FakeOrigin = PEER) -> tuple[str, bytes]:
+    return origin.sign(ev.PutEvent(
+        origin=origin.id, hlc=i + 1, blob=os.urandom(32).hex(), size=10,
+        chunks=os.urandom(32).hex(), sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        sop_instance_uid=f"1.2.3.{i}", series_instance_uid="1.2.3", study_instance_uid="1.2"))
 
 
 def test_interleaved_writers_keep_the_incremental_root_exact(tmp_path: Path) -> None:
-    one = Catalog(tmp_path / "c.db", node_id="A")
-    two = Catalog(tmp_path / "c.db", node_id="A")
+    one = catalog(tmp_path / "c.db")
+    two = catalog(tmp_path / "c.db")
     n = 0
     for round_ in range(30):
         writer = one if round_ % 3 else two
@@ -39,12 +50,13 @@ def test_interleaved_writers_keep_the_incremental_root_exact(tmp_path: Path) -> 
 
 
 def test_a_far_future_peer_clock_does_not_exhaust_ours(tmp_path: Path) -> None:
-    cat = Catalog(tmp_path / "c.db", node_id="A")
-    e = ev.PutEvent(origin="PEER", hlc=2**63 - 1, blob="ab" * 32, size=1, chunks="cd" * 32,
+    """With clocks unbounded (max_clock_skew None; the default refuses such an event, see
+    test_authority.py), our clock still stops at MAX_OBSERVED_HLC."""
+    cat = catalog(tmp_path / "c.db", Policy(local_node=LOCAL.id, max_clock_skew_ms=None))
+    e = ev.PutEvent(origin=PEER.id, hlc=2**63 - 1, blob="ab" * 32, size=1, chunks="cd" * 32,
                     sop_class_uid="1.2", sop_instance_uid="1.2.3",
                     series_instance_uid="1.2.4", study_instance_uid="1.2.5")
-    body = ev.encode(e)
-    assert cat.apply([(ev.event_id(body), body)]).inserted  # the event itself is kept
+    assert cat.apply([PEER.sign(e)]).inserted  # the event itself is kept
     assert int(cat.get_meta("hlc") or 0) == ev.MAX_OBSERVED_HLC
     # local events remain possible, valid for peers, and far from exhaustion
     [del_id] = cat.delete_instances(["1.2.3"]).inserted
@@ -54,16 +66,15 @@ def test_a_far_future_peer_clock_does_not_exhaust_ours(tmp_path: Path) -> None:
 
 
 def test_deleting_many_versions_splits_tombstones(tmp_path: Path) -> None:
-    cat = Catalog(tmp_path / "c.db", node_id="A")
+    cat = catalog(tmp_path / "c.db")
     versions = []
     for i in range(1200):
-        e = ev.PutEvent(origin=f"P{i:04d}", hlc=i + 1, blob=os.urandom(32).hex(), size=1,
+        e = ev.PutEvent(origin=PEER.id, hlc=i + 1, blob=os.urandom(32).hex(), size=1,
                         chunks=os.urandom(32).hex(), sop_class_uid="1.2",
                         sop_instance_uid="1.2.3", series_instance_uid="1.2.4",
                         study_instance_uid="1.2.5")
-        body = ev.encode(e)
-        versions.append((ev.event_id(body), body))
-    cat.apply(versions)
+        versions.append(PEER.sign(e))
+    assert len(cat.apply(versions).inserted) == 1200
     result = cat.delete_instances(["1.2.3"])
     assert len(result.inserted) == 3  # 500 + 500 + 200 versions
     for eid, body in cat.get_events(result.inserted):
@@ -75,8 +86,8 @@ def test_deleting_many_versions_splits_tombstones(tmp_path: Path) -> None:
 def test_snapshot_gives_merkle_reads_from_one_instant(tmp_path: Path) -> None:
     from syncnode import merkle
 
-    reader = Catalog(tmp_path / "c.db", node_id="A")
-    writer = Catalog(tmp_path / "c.db", node_id="A")
+    reader = catalog(tmp_path / "c.db")
+    writer = catalog(tmp_path / "c.db")
     writer.apply([put(i) for i in range(50)])
     with reader.snapshot():
         before = reader.merkle_node("")

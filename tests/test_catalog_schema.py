@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+import sys
 from pathlib import Path
 
 import pytest
 
-from syncnode.catalog import SCHEMA_VERSION, Catalog, SchemaTooNew
+from syncnode import events as ev
+from syncnode.catalog import SCHEMA_VERSION, Catalog, NoSigner, SchemaTooNew
 from syncnode.catalog.schema import MIGRATIONS
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from originkit import FakeOrigin
 
 OLD = Path(__file__).parent / "data" / "catalog-75aa76d.db"
 
@@ -48,19 +53,30 @@ def test_previous_release_catalog_migrates(tmp_path: Path) -> None:
         assert [(bytes.fromhex(i.event_id), i.sop_instance_uid, i.blob)
                 for i in cat.instances()] == live
         assert [p["node_id"] for p in cat.peers()] == ["PEERNODE"]
-        # and it goes on working: a new local put, a tombstone still known
+        # and it goes on working: a tombstone of a put never received still waits for it
+        # (in the bounded table since signing), its unsigned events stay (grandfathered)
         before = cat.event_count()
         assert cat.is_tombstoned(
             __import__("blake3").blake3(b"a put never received").hexdigest())
-        cat.delete_instances([live[0][1]])
-        assert cat.event_count() == before + 1
+        assert cat.unknown_tombstone_count() == 1
+        assert not any(ev.is_signed(ev.decode(b)) for _, b in cat.get_events(
+            cat.all_event_ids()))
+        # new events of its own need the node's key (LocalNode gives it: test_authority.py)
+        with pytest.raises(NoSigner):
+            cat.delete_instances([live[0][1]])
+        # a peer's signed events are taken under the new rules
+        peer = FakeOrigin("peer")
+        cat.offer_certificates([peer.cert_der])
+        res = cat.apply([peer.put(ev.hlc_tick(0), "1.2.826.0.1.99")],
+                        blob_present=lambda _: True)
+        assert res.rejected == {} and cat.event_count() == before + 1
     finally:
         cat.close()
     assert raw(path)[0] == SCHEMA_VERSION
     db = sqlite3.connect(path)
     tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     db.close()
-    assert {"outbox", "outbox_cursor", "retrieved"} <= tables
+    assert {"outbox", "outbox_cursor", "retrieved", "origins", "unknown_tombstones"} <= tables
 
 
 def test_fresh_catalog_is_current(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import dicom_testkit as kit
+from originkit import FakeOrigin
 
 from syncnode.dicom.ingest import SpoolWriter
 from syncnode.dicom.journal import JOURNAL_FILE, IngestJournal
@@ -33,7 +34,8 @@ def spool(node: LocalNode, path: Path) -> tuple:
 
 
 def open_journal(node: LocalNode) -> IngestJournal:
-    return IngestJournal(node.data, node.data / CATALOG_FILE, node.node_id.compact, node.store)
+    return IngestJournal(node.data, node.data / CATALOG_FILE, node.node_id.compact, node.store,
+                         signer=node.signer)
 
 
 def test_record_apply_and_dedup(node: LocalNode, tmp_path: Path) -> None:
@@ -171,14 +173,15 @@ def test_new_version_wins_over_a_peer_version_with_a_later_clock(node: LocalNode
     study = kit.make_study(tmp_path / "s", 1, seed="j6")
     info, blob = spool(node, study.files[0])
     future = (ev.hlc_tick(0) >> 16) + 3_600_000  # a peer whose clock is an hour ahead
+    peer = FakeOrigin("peer")
     peer_event = ev.PutEvent(
-        origin="A" * 52, hlc=future << 16, blob=blob.hash, size=blob.size,
+        origin=peer.id, hlc=future << 16, blob=blob.hash, size=blob.size,
         chunks=blob.chunks_root, sop_class_uid=info.sop_class_uid,
         sop_instance_uid=info.sop_instance_uid,
         series_instance_uid=info.series_instance_uid,
         study_instance_uid=info.study_instance_uid)
-    body = ev.encode(peer_event)
-    assert node.catalog.apply([(ev.event_id(body), body)], blob_present=node.store.has).inserted
+    node.catalog.offer_certificates([peer.cert_der])
+    assert node.catalog.apply([peer.sign(peer_event)], blob_present=node.store.has).inserted
     j = open_journal(node)
     try:
         other = tmp_path / "other.dcm"

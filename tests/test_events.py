@@ -65,7 +65,7 @@ def test_put_roundtrip() -> None:
     assert ev.event_id(body) == blake3.blake3(body).hexdigest()
     assert ev.decode_checked(ev.event_id(body), body) == e
     obj = json.loads(body)
-    assert obj["kind"] == "put" and obj["v"] == ev.EVENT_VERSION
+    assert obj["kind"] == "put" and obj["v"] == ev.LEGACY_VERSION  # unsigned: the legacy form
     assert body == canon(obj)
 
 

@@ -95,7 +95,11 @@ async def test_three_nodes_converge_with_deletes_and_two_versions_of_one_uid(
     assert a.delete_instances([sops["a3"]]).inserted
     assert c.delete_instances([sops["c2"]]).inserted
 
-    ra, rb, rc = await running(a), await running(b), await running(c)
+    # Each site lets the others delete what it made (the default lets only a put's origin).
+    def colleagues(n: LocalNode) -> list[str]:
+        return [o.node_id.compact for o in (a, b, c) if o is not n]
+
+    ra, rb, rc = [await running(n, may_delete=colleagues(n)) for n in (a, b, c)]
     nodes = [a, b, c]
     mesh([(a, ra), (b, rb), (c, rc)])
     await wait_for(lambda: converged(nodes), 40, "three nodes to converge",

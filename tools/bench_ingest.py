@@ -24,7 +24,9 @@ What it measures, and how
 
 2. **Catalog insert rate with Merkle maintenance.** ``--events`` (default 1,000,000)
    synthetic put events (a study/series/instance hierarchy of random ``2.25.`` UIDs, random
-   blob and chunk hashes, three origins) are generated and encoded *before* the clock
+   blob and chunk hashes, three origins, each event signed by its origin's key as real
+   nodes sign theirs; ``--unsigned`` for the unsigned legacy form, taken without
+   verification, as a baseline) are generated, signed and encoded *before* the clock
    starts; they are then applied with ``Catalog.apply`` in batches of ``--batch`` (default
    2,000; one transaction each, as a peer sync would) into a fresh catalog, timing only the
    ``apply`` calls. The rate is reported per ``--window`` (default 100,000) events; the rate
@@ -368,8 +370,10 @@ SOP_CLASSES = {"CT": "1.2.840.10008.5.1.4.1.1.2", "MR": "1.2.840.10008.5.1.4.1.1
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 
 
-def make_events(n: int, seed: int) -> list[tuple[str, bytes]]:
-    """``n`` put events as (hex id, body): studies of 1-6 series of 10-400 instances."""
+def make_events(n: int, seed: int, signers: list[Any] | None = None
+                ) -> list[tuple[str, bytes]]:
+    """``n`` put events as (hex id, body): studies of 1-6 series of 10-400 instances,
+    signed by ``signers`` (``originkit.FakeOrigin``), or unsigned without them."""
     from syncnode import events as ev
 
     rng = random.Random(seed)
@@ -377,7 +381,9 @@ def make_events(n: int, seed: int) -> list[tuple[str, bytes]]:
     def uid() -> str:
         return f"2.25.{rng.getrandbits(125)}"
 
-    origins = [f"bench-peer-{k}-{rng.randbytes(8).hex()}" for k in range(3)]
+    by_origin = {s.id: s for s in signers or []}
+    origins = (list(by_origin) if signers
+               else [f"bench-peer-{k}-{rng.randbytes(8).hex()}" for k in range(3)])
     hlc0 = 1_760_000_000_000 << ev.HLC_COUNTER_BITS
     out: list[tuple[str, bytes]] = []
     while len(out) < n:
@@ -397,17 +403,25 @@ def make_events(n: int, seed: int) -> list[tuple[str, bytes]]:
                     sop_instance_uid=uid(), series_instance_uid=series,
                     study_instance_uid=study, patient_id=patient, modality=modality,
                     study_date=date, transfer_syntax_uid=EXPLICIT_LE)
-                body = ev.encode(event)
-                out.append((ev.event_id(body), body))
+                if signers:
+                    out.append(by_origin[event.origin].sign(event))
+                else:
+                    body = ev.encode(event)
+                    out.append((ev.event_id(body), body))
     return out
 
 
-def bench_events(work: Path, n: int, batch: int, window: int, seed: int) -> dict[str, Any]:
+def bench_events(work: Path, n: int, batch: int, window: int, seed: int,
+                 unsigned: bool = False) -> dict[str, Any]:
+    from originkit import FakeOrigin
+
+    from syncnode.authority import PERMISSIVE
     from syncnode.catalog import Catalog
 
-    log(f"generating {n:,} put events (not timed)")
+    signers = None if unsigned else [FakeOrigin(f"bench-{k}") for k in range(3)]
+    log(f"generating {n:,} {'unsigned' if unsigned else 'signed'} put events (not timed)")
     t0 = time.perf_counter()
-    events = make_events(n, seed)
+    events = make_events(n, seed, signers)
     gen_s = time.perf_counter() - t0
     log(f"generated in {gen_s:.1f} s")
     gc.collect()
@@ -415,7 +429,9 @@ def bench_events(work: Path, n: int, batch: int, window: int, seed: int) -> dict
 
     db_path = work / "events" / "catalog.db"
     db_path.parent.mkdir(parents=True)
-    catalog = Catalog(db_path, node_id="bench-ingest-node")
+    catalog = Catalog(db_path, node_id="bench-ingest-node",
+                      policy=PERMISSIVE if unsigned else None)
+    catalog.offer_certificates(s.cert_der for s in signers or [])
     windows: list[dict[str, Any]] = []
     applied = 0
     w_start, w_time, w_cpu, total_time = 0, 0.0, 0.0, 0.0
@@ -713,6 +729,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="write all figures to this file")
     p.add_argument("--skip-import", action="store_true")
     p.add_argument("--skip-events", action="store_true")
+    p.add_argument("--unsigned", action="store_true",
+                   help="catalog insert rate of unsigned events, not verified (baseline)")
     p.add_argument("--skip-memory", action="store_true")
     args = p.parse_args(argv)
     if args.repeat < 1 or args.events < 1 or args.batch < 1 or args.window < 1:
@@ -763,7 +781,8 @@ def run_bench(args: argparse.Namespace, scratch: Path | None) -> int:
             doc["import"] = import_summary(res)
             remove(work / "gen")
         if not args.skip_events:
-            doc["events"] = bench_events(work, args.events, args.batch, args.window, args.seed)
+            doc["events"] = bench_events(work, args.events, args.batch, args.window, args.seed,
+                                         args.unsigned)
             remove(work / "events")
         if not args.skip_memory:
             assert gen is not None

@@ -17,11 +17,13 @@ from .core import (
     Instance,
     InvalidLocalPut,
     LocalPut,
+    NoSigner,
     SameInstance,
 )
 from .schema import SCHEMA_VERSION, CatalogError, SchemaTooNew, open_database
 
 __all__ = [
     "PUT_COLUMNS", "SCHEMA_VERSION", "ApplyResult", "BlobNotPresent", "Catalog", "CatalogError",
-    "Instance", "InvalidLocalPut", "LocalPut", "SameInstance", "SchemaTooNew", "open_database",
+    "Instance", "InvalidLocalPut", "LocalPut", "NoSigner", "SameInstance", "SchemaTooNew",
+    "open_database",
 ]

@@ -7,8 +7,14 @@ Tables (their SQL is here; the schema and its migrations are in
   canonical encoding (see :mod:`syncnode.events`). Never updated, never deleted.
 - ``puts``: one row per put event, with the indexed attributes, ``removed`` (a delete
   names it) and ``live`` (it is the live version of its SOP Instance UID). Derived.
-- ``tombstones``: (put id, delete id) for every put a delete names, including puts not
-  received yet, so that a put arriving after its tombstone is born removed. Derived.
+- ``tombstones``: (put id, delete id) for every known put a delete removes (the delete
+  has authority over it, see :mod:`syncnode.authority`). Derived.
+- ``unknown_tombstones``: (put id, delete id, delete origin, received) for names of puts
+  not received yet, so that a put arriving after its tombstone is born removed when the
+  delete has authority over it. Bounded per origin and in all, and by age.
+- ``origins``: the certificate of every origin whose signed events this node took, by
+  node id (the SHA-256 of the certificate: the id authenticates it). Served with events
+  so that any receiver can verify them.
 - ``merkle``: digest and count of every non-empty node of the Merkle index. Derived,
   maintained in the same transaction as the inserts that change it.
 - ``meta``: the node id and the hybrid logical clock.
@@ -25,6 +31,9 @@ Invariants:
   :mod:`syncnode.events`).
 - A put event that is not removed is inserted only when its blob is in the store; the
   caller checks this inside the same write transaction (``blob_present``).
+- Every received event passes the admission step of :meth:`Catalog.apply` (signature,
+  clock bound, unknown-tombstone bounds; :mod:`syncnode.authority`) before it is
+  stored; this node's own events are signed when made.
 - Commits are synchronous (``synchronous=FULL``): once a method returns, its events
   survive a crash or power loss.
 """
@@ -39,10 +48,11 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import events as ev
 from .. import merkle
+from ..authority import Policy
 from ..blobstore import BlobInfo
 from ..ids import InvalidHash, check_hash, check_uid
 from . import find as find_model
@@ -50,12 +60,19 @@ from .outbox import Outbox
 from .retrieved import Retrieved
 from .schema import CatalogError, open_database
 
+if TYPE_CHECKING:  # cryptography costs ~80 ms to import: only commands that sign load it
+    from ..signing import OriginKeys, Signer
+
 _SEQ_OF = "SELECT seq FROM events WHERE id=?"  # a put's row, found through the events index
 PUT_COLUMNS = (
     "sop_instance_uid", "sop_class_uid", "series_instance_uid", "study_instance_uid",
     "patient_id", "modality", "study_date", "transfer_syntax_uid", "blob", "size", "chunks",
     "hlc", "origin",
 )
+
+
+class NoSigner(CatalogError):
+    """This catalog was opened without the node's key and cannot make events."""
 
 
 class BlobNotPresent(CatalogError):
@@ -121,7 +138,12 @@ class Catalog:
     """One node's catalog. Thread-safe (one connection behind a lock); many processes may
     open the same file at once."""
 
-    def __init__(self, path: Path | str, node_id: str | None = None) -> None:
+    def __init__(self, path: Path | str, node_id: str | None = None, *,
+                 policy: Policy | None = None,
+                 signer: Callable[[], Signer] | None = None) -> None:
+        """``policy``: the rules for received events (default: the safe defaults of
+        :class:`syncnode.authority.Policy` for this node). ``signer``: gives the signer
+        of this node's events, called the first time one is made."""
         self.path = Path(path)
         self._lock = threading.RLock()
         self._db = open_database(self.path)
@@ -147,6 +169,11 @@ class Catalog:
                     raise CatalogError(
                         f"catalog {self.path} belongs to node {row[0]}, not {node_id}")
         self.node_id = node_id or self.get_meta("node_id") or ""
+        self.policy = policy if policy is not None else Policy(local_node=self.node_id)
+        self._signer_of = signer
+        self._signer: Signer | None = None
+        self._keys: OriginKeys | None = None  # parsed origin keys, made on first use
+        self._offered: dict[str, bytes] = {}  # origin -> certificate a peer sent
 
     def close(self) -> None:
         with self._lock:
@@ -229,12 +256,165 @@ class Catalog:
             db.execute("INSERT OR REPLACE INTO meta VALUES ('hlc', ?)", (str(hlc),))
         return hlc
 
-    def _observe(self, db: sqlite3.Connection, remote: int) -> None:
+    def _observe(self, db: sqlite3.Connection, remote: int,
+                 limit: int = ev.MAX_OBSERVED_HLC) -> None:
         row = db.execute("SELECT value FROM meta WHERE key='hlc'").fetchone()
         last = int(row[0]) if row else 0
         if remote > last:
             db.execute("INSERT OR REPLACE INTO meta VALUES ('hlc', ?)",
-                       (str(ev.hlc_observe(last, remote)),))
+                       (str(ev.hlc_observe(last, remote, limit)),))
+
+    # -- authenticity and authority (the admission step; rules in syncnode.authority) ----
+    def _sign(self, event: ev.Event) -> ev.Event:
+        """This node's event, signed (every event made here is; :meth:`_insert` puts the
+        node's certificate into ``origins``, to be sent along with its events)."""
+        if self._signer is None:
+            if self._signer_of is None:
+                raise NoSigner(f"catalog {self.path} was opened without the node key; "
+                               "open the node's data folder to make events")
+            signer = self._signer_of()
+            if signer.origin != self.node_id:
+                raise NoSigner(f"the key given to catalog {self.path} is that of node "
+                               f"{signer.origin}, not {self.node_id}")
+            self._signer = signer
+        return self._signer.sign(event)
+
+    def _origin_key(self, db: sqlite3.Connection, origin: str) -> Any:
+        """The public key of ``origin``: cached, from ``origins``, or from a certificate
+        a peer offered (then remembered in ``origins``). None if unknown."""
+        from ..signing import OriginCertificateError, OriginKeys
+
+        if self._keys is None:
+            self._keys = OriginKeys()
+        key = self._keys.get(origin)
+        if key is not None:
+            return key
+        row = db.execute("SELECT cert FROM origins WHERE node_id=?", (origin,)).fetchone()
+        der = bytes(row[0]) if row else self._offered.get(origin)
+        if der is None:
+            return None
+        try:
+            key = self._keys.add(origin, der)
+        except OriginCertificateError:
+            return None
+        if row is None:
+            db.execute("INSERT OR IGNORE INTO origins (node_id, cert) VALUES (?, ?)",
+                       (origin, der))
+        return key
+
+    def _admit(self, db: sqlite3.Connection, eid: bytes, event: ev.Event,
+               limit: int) -> str | None:
+        """Why a received event is refused, or None if it may be stored."""
+        from ..signing import verify
+
+        policy = self.policy
+        if not ev.is_signed(event):
+            refusal = policy.unsigned_refusal(event.origin)
+            if refusal is not None:
+                return refusal
+        else:
+            key = self._origin_key(db, event.origin)
+            if key is None:
+                return (f"no certificate for origin {event.origin[:80]}: the peer must send "
+                        "it with the events")
+            if not verify(event, key):
+                return f"signature does not verify against the certificate of {event.origin}"
+        refusal = policy.clock_refusal(event.hlc, limit)
+        if refusal is not None:
+            return refusal
+        if isinstance(event, ev.DeleteEvent):
+            return self._unknown_tombstone_refusal(db, eid, event)
+        return None
+
+    def _unknown_tombstone_refusal(self, db: sqlite3.Connection, eid: bytes,
+                                   event: ev.DeleteEvent) -> str | None:
+        """Why a delete naming puts not received yet cannot wait for them (bounds)."""
+        unknown = sum(1 for p in set(event.removes) if db.execute(
+            "SELECT 1 FROM events WHERE id=?", (bytes.fromhex(p),)).fetchone() is None)
+        if not unknown:
+            return None
+        policy = self.policy
+        if policy.unknown_ttl_s != float("inf"):
+            db.execute("DELETE FROM unknown_tombstones WHERE received < ?",
+                       (int(time.time() - policy.unknown_ttl_s),))
+        mine = db.execute("SELECT count(*) FROM unknown_tombstones WHERE origin=?",
+                          (event.origin,)).fetchone()[0]
+        if mine + unknown > policy.max_unknown_per_origin:
+            return (f"delete names {unknown} events not received here and origin "
+                    f"{event.origin} already has {mine} such names waiting (limit "
+                    f"{policy.max_unknown_per_origin}); retried once those events arrive")
+        total = db.execute("SELECT count(*) FROM unknown_tombstones").fetchone()[0]
+        if total + unknown > policy.max_unknown_total:
+            return (f"delete names {unknown} events not received here and {total} such "
+                    f"names are waiting (limit {policy.max_unknown_total}); retried later")
+        return None
+
+    def _removed_on_arrival(self, db: sqlite3.Connection, put_id: bytes,
+                            put_origin: str) -> bool:
+        """Whether a put not stored yet would be born removed: a stored delete that has
+        authority over it names it."""
+        if db.execute("SELECT 1 FROM tombstones WHERE put_id=? LIMIT 1",
+                      (put_id,)).fetchone() is not None:
+            return True
+        return any(self.policy.may_remove(r[0], put_origin) for r in db.execute(
+            "SELECT origin FROM unknown_tombstones WHERE put_id=?", (put_id,)))
+
+    def _take_unknown_tombstones(self, db: sqlite3.Connection, put_id: bytes,
+                                 put_origin: str) -> None:
+        """A put arrived: the deletes that waited for it and have authority over it
+        become its tombstones; the others are dropped."""
+        rows = db.execute("SELECT delete_id, origin FROM unknown_tombstones WHERE put_id=?",
+                          (put_id,)).fetchall()
+        if not rows:
+            return
+        db.executemany("INSERT OR IGNORE INTO tombstones VALUES (?, ?)",
+                       ((put_id, r[0]) for r in rows
+                        if self.policy.may_remove(r[1], put_origin)))
+        db.execute("DELETE FROM unknown_tombstones WHERE put_id=?", (put_id,))
+
+    def offer_certificates(self, ders: Iterable[bytes]) -> None:
+        """Certificates a peer sent with events, kept in memory by the origin id each one
+        proves (the SHA-256 of its DER); one is stored in ``origins`` only once an event
+        of that origin verified against it."""
+        from ..signing import certificate_origin
+
+        with self._lock:
+            for der in ders:
+                if len(self._offered) >= 4096:
+                    self._offered.clear()
+                self._offered[certificate_origin(der)] = der
+
+    def add_origin_certificate(self, der: bytes) -> str:
+        """Remember a certificate (e.g. this node's own) under the id it proves."""
+        from ..signing import certificate_origin
+
+        origin = certificate_origin(der)
+        with self._lock:
+            if self._db.execute("SELECT 1 FROM origins WHERE node_id=?",
+                                (origin,)).fetchone() is not None:
+                return origin
+        with self._write() as db:
+            db.execute("INSERT OR IGNORE INTO origins (node_id, cert) VALUES (?, ?)",
+                       (origin, der))
+        return origin
+
+    def certificates_for(self, eids: Iterable[str]) -> list[bytes]:
+        """The certificates of the origins of these events (those this node holds), to
+        send along with them."""
+        raw = [bytes.fromhex(check_hash(e, "event id")) for e in eids]
+        out: dict[str, bytes] = {}
+        with self._read() as db:
+            for i in range(0, len(raw), 500):
+                part = raw[i:i + 500]
+                out.update((r[0], bytes(r[1])) for r in db.execute(
+                    "SELECT o.node_id, o.cert FROM origins o WHERE o.node_id IN "
+                    "(SELECT DISTINCT origin FROM events WHERE id IN "
+                    f"({', '.join('?' * len(part))}))", part))
+        return list(out.values())
+
+    def unknown_tombstone_count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT count(*) FROM unknown_tombstones").fetchone()[0]
 
     # -- inserting events ----------------------------------------------------------------
     def _insert(self, db: sqlite3.Connection, eid: bytes, body: bytes, event: ev.Event,
@@ -244,21 +424,33 @@ class Catalog:
             (eid, event.kind, event.hlc, event.origin, body))
         if cur.rowcount == 0:
             return False
+        if self._signer is not None and event.origin == self._signer.origin:
+            # an event of ours: our certificate is served with it
+            db.execute("INSERT OR IGNORE INTO origins (node_id, cert) VALUES (?, ?)",
+                       (self._signer.origin, self._signer.cert_der))
         dirty_leaves.add(merkle.leaf_index(eid))
         dirty_sops.add(event.sop_instance_uid)
         if isinstance(event, ev.PutEvent):
+            self._take_unknown_tombstones(db, eid, event.origin)
             db.execute(
                 f"INSERT INTO puts (event_id, {', '.join(PUT_COLUMNS)}, seq, removed) "
                 f"SELECT {', '.join(f'?{i + 1}' for i in range(len(PUT_COLUMNS) + 2))}, "
                 "EXISTS (SELECT 1 FROM tombstones WHERE put_id=?1)",
                 (eid, *(getattr(event, c) for c in PUT_COLUMNS), cur.lastrowid))
         else:
+            now = int(time.time())
             for put_hex in event.removes:
                 put_id = bytes.fromhex(put_hex)
-                db.execute("INSERT OR IGNORE INTO tombstones VALUES (?, ?)", (put_id, eid))
-                row = db.execute("SELECT blob, sop_instance_uid, removed, seq FROM puts "
+                row = db.execute("SELECT blob, sop_instance_uid, removed, seq, origin FROM puts "
                                  f"WHERE seq=({_SEQ_OF})", (put_id,)).fetchone()
-                if row is not None and not row[2]:
+                if row is None:  # not received yet: wait for it (bounded, see _admit)
+                    db.execute("INSERT OR IGNORE INTO unknown_tombstones VALUES (?, ?, ?, ?)",
+                               (put_id, eid, event.origin, now))
+                    continue
+                if not self.policy.may_remove(event.origin, row[4]):
+                    continue  # no authority over this put: stored, relayed, no effect here
+                db.execute("INSERT OR IGNORE INTO tombstones VALUES (?, ?)", (put_id, eid))
+                if not row[2]:
                     db.execute("UPDATE puts SET removed=1, live=0 WHERE seq=?", (row[3],))
                     dirty_sops.add(row[1])
                     freed.add(row[0])
@@ -450,7 +642,8 @@ class Catalog:
                 )
             except KeyError as exc:
                 raise InvalidLocalPut(f"instance attributes lack {exc}") from exc
-            event = ev.PutEvent(hlc=self._tick(db, persist=persist_clock), **fields)
+            event = self._sign(ev.PutEvent(hlc=self._tick(db, persist=persist_clock),
+                                           **fields))
             body = ev.encode(event)
             try:
                 ev.decode(body)  # the same validation a peer will apply
@@ -487,7 +680,7 @@ class Catalog:
                     event = ev.DeleteEvent(origin=self.node_id, hlc=self._tick(db),
                                            sop_instance_uid=param,
                                            removes=tuple(puts[i:i + ev.REMOVES_PER_DELETE]))
-                    body = ev.encode(event)
+                    body = ev.encode(event := self._sign(event))
                     eid = ev.event_id(body)
                     if self._insert(db, bytes.fromhex(eid), body, event, dirty_leaves,
                                     dirty_sops, freed):
@@ -496,17 +689,22 @@ class Catalog:
         return self._inserted(result)
 
     def apply(self, received: Iterable[tuple[str, bytes]],
-              blob_present: Callable[[str], bool] | None = None) -> ApplyResult:
+              blob_present: Callable[[str], bool] | None = None, *,
+              local: bool = False) -> ApplyResult:
         """Apply events received from a peer: (hex id, body) pairs. Idempotent.
 
-        Each body must hash to its id and decode; a put that is not already removed needs
-        its blob present (``blob_present``), otherwise it is rejected, not inserted.
+        Each body must hash to its id and decode, and pass the admission step
+        (:meth:`_admit`: signature, clock bound, bounds on tombstones of unknown puts)
+        unless ``local`` (events this node made itself, e.g. replayed from its ingest
+        journal); a put that is not already removed needs its blob present
+        (``blob_present``), otherwise it is rejected, not inserted.
         """
         result = ApplyResult()
         dirty_leaves: set[int] = set()
         dirty_sops: set[str] = set()
         freed: set[str] = set()
         max_hlc = 0
+        limit = ev.hlc_limit(self.policy.max_clock_skew_ms or 0)
         with self._write() as db:
             for eid, body in received:
                 try:
@@ -515,25 +713,39 @@ class Catalog:
                     result.rejected[eid] = str(exc)
                     continue
                 raw = bytes.fromhex(eid)
+                if not local:
+                    refusal = self._admit(db, raw, event, limit)
+                    if refusal is not None:
+                        result.rejected[eid] = refusal
+                        continue
                 if (isinstance(event, ev.PutEvent) and blob_present is not None
                         and not blob_present(event.blob)
-                        and db.execute("SELECT 1 FROM tombstones WHERE put_id=? LIMIT 1",
-                                       (raw,)).fetchone() is None):
+                        and not self._removed_on_arrival(db, raw, event.origin)):
                     result.rejected[eid] = f"blob {event.blob} not present"
                     continue
                 max_hlc = max(max_hlc, event.hlc)
                 if self._insert(db, raw, body, event, dirty_leaves, dirty_sops, freed):
                     result.inserted.append(eid)
-            self._observe(db, max_hlc)
+            self._observe(db, max_hlc, limit if self.policy.max_clock_skew_ms is not None
+                          else ev.MAX_OBSERVED_HLC)
             result.freed_blobs = self._finish(db, dirty_leaves, dirty_sops, freed)
         return self._inserted(result)
 
     # -- reading events ------------------------------------------------------------------
-    def is_tombstoned(self, put_id: str) -> bool:
-        with self._lock:
-            return self._db.execute("SELECT 1 FROM tombstones WHERE put_id=? LIMIT 1",
-                                    (bytes.fromhex(check_hash(put_id, "event id")),)
-                                    ).fetchone() is not None
+    def is_tombstoned(self, put_id: str, put_origin: str | None = None) -> bool:
+        """Whether a delete with authority over the put removes it. For a put not stored
+        yet, pass its origin: a waiting delete counts if it has authority over it;
+        without the origin, any waiting delete naming it counts."""
+        raw = bytes.fromhex(check_hash(put_id, "event id"))
+        with self._read() as db:
+            if db.execute("SELECT 1 FROM tombstones WHERE put_id=? LIMIT 1",
+                          (raw,)).fetchone() is not None:
+                return True
+            origins = [r[0] for r in db.execute(
+                "SELECT origin FROM unknown_tombstones WHERE put_id=?", (raw,))]
+        if put_origin is None:
+            return bool(origins)
+        return any(self.policy.may_remove(o, put_origin) for o in origins)
 
     def has_event(self, eid: str) -> bool:
         with self._lock:

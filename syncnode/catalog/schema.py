@@ -136,6 +136,39 @@ CREATE TABLE IF NOT EXISTS retrieved (
 """
 
 
+# Version 3: signed events (syncnode.signing, syncnode.authority). The certificates of
+# the origins whose events this node took, and the tombstones of puts not received yet,
+# bounded and aging. Events already in the catalog stay as they are (grandfathered: taken
+# under the old rules, they keep their effect); their names of puts never received move
+# from ``tombstones`` (now only effective tombstones of known puts) to the bounded table,
+# where they age out from the migration on. ``meta.signing_since``: the last event seq
+# before signing (every event after it that a peer sent was admitted by the new rules).
+V3 = """
+CREATE TABLE IF NOT EXISTS origins (
+    node_id TEXT PRIMARY KEY,
+    cert    BLOB NOT NULL,
+    added   INTEGER NOT NULL DEFAULT (unixepoch())
+);
+CREATE TABLE IF NOT EXISTS unknown_tombstones (
+    put_id    BLOB NOT NULL,
+    delete_id BLOB NOT NULL,
+    origin    TEXT NOT NULL,
+    received  INTEGER NOT NULL,
+    PRIMARY KEY (put_id, delete_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS unknown_tombstones_by_origin ON unknown_tombstones (origin);
+CREATE INDEX IF NOT EXISTS unknown_tombstones_by_age ON unknown_tombstones (received);
+INSERT OR IGNORE INTO unknown_tombstones (put_id, delete_id, origin, received)
+    SELECT t.put_id, t.delete_id, e.origin, unixepoch() FROM tombstones t
+    JOIN events e ON e.id = t.delete_id
+    WHERE NOT EXISTS (SELECT 1 FROM events p WHERE p.id = t.put_id);
+DELETE FROM tombstones
+    WHERE NOT EXISTS (SELECT 1 FROM events p WHERE p.id = tombstones.put_id);
+INSERT OR REPLACE INTO meta (key, value)
+    SELECT 'signing_since', CAST(coalesce(max(seq), 0) AS TEXT) FROM events;
+"""
+
+
 def _statements(script: str) -> list[str]:
     """The statements of a schema script, split where SQLite says one is complete (a ';'
     in a comment does not end one)."""
@@ -162,6 +195,7 @@ def _run(script: str) -> Callable[[sqlite3.Connection], None]:
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _run(V1),
     _run(V2),
+    _run(V3),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -26,6 +26,9 @@ could remove it. Each journaled blob therefore also gets hard links in
 them) and removed once the event is in the catalog; a blob found missing at insert or
 replay time is put back from them.
 
+The events are this node's own, signed when recorded; the catalog takes them as local
+(no admission step), so that records left by a version that did not sign yet replay too.
+
 Record format: ``b"SNJ1"``, payload length (u32 LE), CRC-32 of the payload (u32 LE),
 payload = 32-byte event id + event body. Events are built by the catalog's one factory,
 :meth:`syncnode.catalog.Catalog.build_local_puts`, which ``import`` uses too (this node as
@@ -50,6 +53,7 @@ from .. import events as ev
 from ..blobstore import CHUNK_SIZE, BlobInfo, BlobStore
 from ..catalog import Catalog, LocalPut
 from ..dicomfile import InstanceInfo, same_dataset
+from ..signing import Signer
 
 log = logging.getLogger("syncnode.dicom")
 
@@ -73,12 +77,15 @@ class IngestJournal:
     """Append-only journal of the SCP's put events, applied to the catalog in background."""
 
     def __init__(self, data_dir: Path, catalog_path: Path, node_id: str, store: BlobStore,
-                 on_applied: Callable[[int], None] | None = None) -> None:
+                 on_applied: Callable[[int], None] | None = None, *,
+                 signer: Signer) -> None:
         self.path = Path(data_dir) / JOURNAL_FILE
         self.node_id = node_id
+        self.signer = signer  # every event this node makes is signed (syncnode.signing)
         self.store = store
         self.on_applied = on_applied
-        self.catalog = Catalog(catalog_path, node_id=node_id)  # written by the applier only
+        # written by the applier only; it signs the events this journal builds
+        self.catalog = Catalog(catalog_path, node_id=node_id, signer=lambda: signer)
         self.keep_dir = store.tmp_dir / "dicom-keep"
         self.keep_dir.mkdir(exist_ok=True)
         self._lock = threading.Condition()
@@ -311,7 +318,8 @@ class IngestJournal:
         inserted = 0
         for i in range(0, len(good), APPLY_BATCH):
             inserted += len(self.catalog.apply(good[i:i + APPLY_BATCH],
-                                               blob_present=self.store.has).inserted)
+                                               blob_present=self.store.has,
+                                               local=True).inserted)
         if good or skipped:
             log.info("ingest journal replayed: %d events (%d new), %d skipped", len(good),
                      inserted, skipped)

@@ -628,7 +628,8 @@ class DicomServer:
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> int:
         journal = IngestJournal(self.node.data, self.catalog_path, self.node.node_id.compact,
-                                self.store, on_applied=self._applied)
+                                self.store, on_applied=self._applied,
+                                signer=self.node.signer)
         self.committer = Committer(journal, self.store)
         handlers = [
             (evt.EVT_C_ECHO, self._on_echo),
