@@ -713,6 +713,8 @@ class Catalog:
                     result.rejected[eid] = str(exc)
                     continue
                 raw = bytes.fromhex(eid)
+                if db.execute("SELECT 1 FROM events WHERE id=?", (raw,)).fetchone():
+                    continue  # already here (a replay): nothing to check or insert
                 if not local:
                     refusal = self._admit(db, raw, event, limit)
                     if refusal is not None:
