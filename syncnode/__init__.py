@@ -8,6 +8,10 @@ Every node keeps the same studies, intact, with no central server. The vocabular
 - **event**: an immutable catalog record named by the BLAKE3 hash of its canonical
   encoding: ``put`` (a blob entered the catalog as an instance) or ``delete`` (a
   tombstone naming the put events it removes). Events form a grow-only set.
+- **origin**: the node that made an event; it signs the event with its key, and its node
+  id is the SHA-256 of the certificate that verifies the signature.
+- **delete authority**: who may remove whose puts (the put's origin, nodes listed in
+  ``may_delete``); a node enforces it on the deletes it receives.
 - **catalog**: the SQLite database holding events and what is derived from them: the
   live instances, the Merkle index, peers, the outbox.
 - **Merkle index**: a fixed-shape 16-ary tree over event ids that lets two nodes find
