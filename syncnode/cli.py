@@ -188,7 +188,7 @@ def import_cmd(
     """
     from .importer import iter_files
 
-    service = open_service(data, identity=False)
+    service = open_service(data)  # the key signs the put events: checked first
     for p in paths:
         if not p.exists():
             fail(f"{p}: no such file or folder")
