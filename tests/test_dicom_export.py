@@ -86,6 +86,8 @@ def from_peer(src: LocalNode, dst: LocalNode, files: list[Path]) -> list[str]:
         inst = src.catalog.put_event(eid)
         assert inst is not None
         dst.store.put_file(src.store.path(inst.blob))
+    # the origin's certificate travels with its events, as in the peer protocol
+    dst.catalog.offer_certificates(src.catalog.certificates_for(new))
     result = dst.catalog.apply(events, blob_present=dst.store.has)
     assert not result.rejected
     return new
