@@ -39,6 +39,7 @@ from typing import Final
 from aiohttp import web
 
 from . import protocol
+from .audit import AuditLog, peer_actor
 from .nodeid import NodeId
 from .tls.certificates import coerce_der
 from .tls.contexts import INTRODUCTION_NAME, probe_ssl_context, verify_peer
@@ -157,9 +158,16 @@ def _address(request: web.Request) -> str:
     return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "?"
 
 
-def _refuse(request: web.Request, who: str, why: str) -> web.StreamResponse:
-    """Close the connection without sending a byte; log who was refused, from where, why."""
-    log.warning("refused %s from %s: %s", who, _address(request), why)
+def _refuse(request: web.Request, audit: AuditLog | None, node_id: NodeId | None,
+            why: str, reason: str) -> web.StreamResponse:
+    """Close the connection without sending a byte; log and audit who was refused, from
+    where, and why (``reason``: the short form for the audit trail)."""
+    address = _address(request)
+    who = f"node {node_id}" if node_id else "a client without a certificate"
+    log.warning("refused %s from %s: %s", who, address, why)
+    if audit is not None:
+        audit.record("connection-refused", peer_actor(node_id.compact if node_id else "?"),
+                     "failure", remote=address, reason=f"introduction: {reason}")
     request.protocol.force_close()  # the response below is never written
     return web.Response(status=403)
 
@@ -177,39 +185,45 @@ def _admit(trust: TrustStore, trusted_ids: Callable[[], Collection[str]], der: b
 
 
 async def serve_introduction(request: web.Request, trust: TrustStore,
-                             trusted_ids: Callable[[], Collection[str]]) -> web.StreamResponse:
+                             trusted_ids: Callable[[], Collection[str]],
+                             audit: AuditLog | None = None) -> web.StreamResponse:
     """Answer a request that arrived on a connection without a client certificate.
 
     ``trusted_ids()`` gives the compact node ids the operator trusts (blocking; it is called
     in a worker thread).  Only an introduction whose certificate hashes to one of them is
     answered (``204``, after pinning); everything else is a silent close (see the module doc).
+    Pins and refusals are logged and, with ``audit``, written to the audit trail.
     """
-    anonymous = "a client without a certificate"
     if request.method != "POST" or request.path != INTRODUCTION_PATH:
-        return _refuse(request, anonymous, f"{request.method} {request.path[:80]} needs mutual "
-                                           "TLS with a trusted certificate")
+        return _refuse(request, audit, None, f"{request.method} {request.path[:80]} needs "
+                       "mutual TLS with a trusted certificate", "not an introduction")
     length = request.content_length
     if length is None or not 0 < length <= MAX_CERTIFICATE_BYTES:
-        return _refuse(request, anonymous, f"an introduction must carry one certificate of at "
-                                           f"most {MAX_CERTIFICATE_BYTES} bytes")
+        return _refuse(request, audit, None, f"an introduction must carry one certificate of "
+                       f"at most {MAX_CERTIFICATE_BYTES} bytes", "no certificate-sized body")
     try:
         body = await asyncio.wait_for(request.content.readexactly(length), BODY_TIMEOUT)
         der = coerce_der(body)
     except (TimeoutError, asyncio.IncompleteReadError):
-        return _refuse(request, anonymous, "its introduction did not arrive in time")
+        return _refuse(request, audit, None, "its introduction did not arrive in time",
+                       "body not received in time")
     except CertificateRejected as exc:
-        return _refuse(request, anonymous, f"its introduction is not a certificate: {exc}")
+        return _refuse(request, audit, None, f"its introduction is not a certificate: {exc}",
+                       "not a certificate")
     node_id = NodeId.from_certificate_der(der)
-    who = f"node {node_id}"
     try:
         outcome = await asyncio.get_running_loop().run_in_executor(
             None, _admit, trust, trusted_ids, der, node_id)
     except NodeTLSError as exc:  # e.g. a CA or an expired certificate for a trusted id
-        return _refuse(request, who, f"its certificate cannot be pinned: {exc}")
+        return _refuse(request, audit, node_id, f"its certificate cannot be pinned: {exc}",
+                       "certificate cannot be pinned")
     if outcome is None:
-        return _refuse(request, who, f"its node id is not trusted here. To trust it: "
-                                     f"syncnode peer add {node_id} URL")
+        return _refuse(request, audit, node_id, f"its node id is not trusted here. To trust "
+                       f"it: syncnode peer add {node_id} URL", "node id not trusted")
     if outcome == "pinned":
-        log.info("pinned the certificate of peer %s, introduced from %s", node_id,
-                 _address(request))
+        address = _address(request)
+        log.info("pinned the certificate of peer %s, introduced from %s", node_id, address)
+        if audit is not None:
+            audit.record("trust-add", "node", subject=node_id.compact, remote=address,
+                         reason="introduction: its certificate hashes to a trusted node id")
     return web.Response(status=204, headers={"Connection": "close"})

@@ -34,13 +34,15 @@ import asyncio
 import logging
 import socket
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
+
+from .tls.contexts import handshake_refused
 
 log = logging.getLogger("syncnode.listeners")
 
@@ -210,6 +212,14 @@ class _SniRouter(asyncio.Protocol):
         limits, where = self.site.limits, transport.get_extra_info("peername")
         address = f"{where[0]}:{where[1]}" if isinstance(where, tuple) else "?"
         deadline = loop.time() + limits.tls_handshake_timeout  # one bound for peek + handshake
+        refused: list[str] = []
+
+        def report(reason: str) -> None:
+            refused.append(reason)
+            log.info("refused a TLS peer from %s during the handshake: %s", address, reason)
+            if self.site.on_refused is not None:
+                self.site.on_refused(address, reason)
+
         try:
             sock = transport.get_extra_info("socket")
             hello = await _peek_client_hello(sock.fileno(), limits.tls_handshake_timeout)
@@ -219,15 +229,21 @@ class _SniRouter(asyncio.Protocol):
                 transport.abort()
                 return
             ctx = self.site.sni_contexts.get(server_name(hello) or "", self.site.ssl_context)
+            # Reported from inside the handshake, when it fails: afterwards the client may
+            # close first, and asyncio then reports only a lost connection. This task's
+            # context, so this connection only.
+            handshake_refused.set(report)
             tls = await loop.start_tls(transport, self.handler, ctx, server_side=True,
                                        ssl_handshake_timeout=deadline - loop.time())
-        except ssl.SSLError as exc:
-            reason = getattr(exc, "verify_message", None) or exc.reason or str(exc)
-            log.info("refused a TLS peer from %s during the handshake: %s", address, reason)
-            transport.abort()
-            return
-        except (OSError, TimeoutError, ConnectionError) as exc:
-            log.debug("TLS connection from %s ended before its handshake: %r", address, exc)
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError included
+            if refused:
+                pass
+            elif isinstance(exc, ssl.SSLError):
+                report(str(getattr(exc, "verify_message", None)
+                           or getattr(exc, "reason", None) or exc))
+            else:
+                log.debug("TLS connection from %s ended before its handshake: %r", address,
+                          exc)
             transport.abort()
             return
         except asyncio.CancelledError:
@@ -243,6 +259,7 @@ class LimitedTCPSite(web.BaseSite):
     def __init__(self, runner: web.BaseRunner, host: str, port: int, *,
                  limits: ListenerLimits, ssl_context: ssl.SSLContext | None = None,
                  sni_contexts: Mapping[str, ssl.SSLContext] | None = None,
+                 on_refused: Callable[[str, str], None] | None = None,
                  backlog: int = 128) -> None:
         super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
         self.host, self.port, self.limits = host, port, limits
@@ -251,6 +268,8 @@ class LimitedTCPSite(web.BaseSite):
         self.ssl_context = ssl_context
         self.sni_contexts = {k.lower(): v for k, v in (sni_contexts or {}).items()}
         self._routing: set[asyncio.Task[None]] = set()  # connections waiting for TLS
+        # Called with (address, reason) when a handshake is refused (routed listeners only).
+        self.on_refused = on_refused
 
     @property
     def name(self) -> str:
@@ -294,17 +313,19 @@ class LimitedTCPSite(web.BaseSite):
 async def start_listener(app: web.Application, host: str, port: int, *,
                          limits: ListenerLimits, ssl_context: ssl.SSLContext | None = None,
                          sni_contexts: Mapping[str, ssl.SSLContext] | None = None,
+                         on_refused: Callable[[str, str], None] | None = None,
                          handler_cancellation: bool = False, backlog: int = 128
                          ) -> tuple[web.AppRunner, LimitedTCPSite]:
     """Serve ``app`` on ``host:port`` within ``limits``; the caller cleans the runner up.
-    ``sni_contexts``: TLS contexts for particular server names (else ``ssl_context``)."""
+    ``sni_contexts``: TLS contexts for particular server names (else ``ssl_context``);
+    ``on_refused(address, reason)`` is told of every refused handshake (with them only)."""
     runner = web.AppRunner(app, access_log=None, handler_cancellation=handler_cancellation,
                            keepalive_timeout=limits.keepalive_timeout,
                            max_line_size=MAX_LINE_SIZE, max_field_size=MAX_FIELD_SIZE,
                            max_headers=MAX_HEADERS)
     await runner.setup()
     site = LimitedTCPSite(runner, host, port, limits=limits, ssl_context=ssl_context,
-                          sni_contexts=sni_contexts, backlog=backlog)
+                          sni_contexts=sni_contexts, on_refused=on_refused, backlog=backlog)
     try:
         await site.start()
     except BaseException:

@@ -90,11 +90,12 @@ class RunningNode:
                                       blob_locks=self.blob_locks, on_seen=self._on_peer_seen,
                                       on_notify=self._on_peer_notify)
         self.peer_server.compression = s.compression
+        self.peer_server.audit = self.audit
         runner, site = await start_listener(
             self.peer_server.app, s.peer_host, s.peer_port, limits=self.limits,
             ssl_context=server_ssl_context(self.node.identity, self.node.trust),
             sni_contexts={INTRODUCTION_NAME: introduction_ssl_context(self.node.identity)},
-            handler_cancellation=True)
+            on_refused=self._on_tls_refused, handler_cancellation=True)
         self._runners.append(runner)
         self.ports["peer"] = site.port
         self.engine = SyncEngine(self.node, interval=s.sync_interval, max_pulls=s.max_pulls,
@@ -113,6 +114,13 @@ class RunningNode:
         log.info("node %s running: ports %s", self.node.node_id.short,
                  " ".join(f"{k}={v}" for k, v in sorted(self.ports.items())))
         self.write_ports()
+
+    def _on_tls_refused(self, address: str, reason: str) -> None:
+        """A peer-port handshake was refused (unknown, expired or no certificate): on record.
+        The node id is unknown at this point; a syncnode peer's introduction names it."""
+        if self.audit is not None:
+            self.audit.record("connection-refused", "peer:?", "failure", remote=address,
+                              reason=f"TLS handshake: {reason}"[:300])
 
     def _start_audit(self) -> None:
         self.audit = AuditLog.for_node(self.node.data)

@@ -29,6 +29,7 @@ from typing import Any
 from aiohttp import web
 
 from . import merkle, protocol, wire
+from .audit import AuditLog
 from .blobstore import CHUNK_SIZE, BlobError, BlobMissing, StoreFull
 from .catalog import Catalog
 from .ids import InvalidHash, check_hash
@@ -67,6 +68,7 @@ class PeerServer:
         self.on_notify = on_notify  # called when a peer says it has something new
         self.compression = "auto"  # "off": never compress answers, even when asked
         self.max_blob_size = MAX_BLOB_SIZE  # bytes of one blob a peer may push
+        self.audit: AuditLog | None = None  # where introductions (trust changes) are recorded
         self.stats: dict[str, dict[str, int]] = {}
         # One lock per blob being written, shared with the sync engine's pulls so a pushed
         # and a pulled copy of the same blob never share a .part file.
@@ -106,7 +108,8 @@ class PeerServer:
         der = ssl_object.getpeercert(binary_form=True)
         if not der:  # only an introduction connects without a certificate: nothing else
             return await serve_introduction(
-                request, self.node.trust, lambda: {p["node_id"] for p in self.catalog.peers()})
+                request, self.node.trust, lambda: {p["node_id"] for p in self.catalog.peers()},
+                self.audit)
         if not self._is_trusted(der):
             return _error(403, "peer is not trusted (any more)")
         peer = self._ids.get(der)

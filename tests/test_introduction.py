@@ -31,6 +31,7 @@ from syncsupport import (
 )
 
 from syncnode import protocol
+from syncnode.audit import AUDIT_DIR, read_entries
 from syncnode.introduction import (
     INTRODUCTION_PATH,
     IntroductionRefused,
@@ -158,6 +159,20 @@ async def test_id_trusted_peer_introduces_itself_and_strangers_get_nothing(
     res = await curl_hello(rb, d)
     assert res.rc in CURL_TLS_ERRORS and res.out == "", res
     assert b.trust.list() == [a.node_id]
+
+    # Each refusal and the pin are on B's audit trail, with who and from where.
+    assert rb.audit is not None and rb.audit.flush()
+    entries = list(read_entries(b.data / AUDIT_DIR))
+    refused = [(e["actor"], e["reason"]) for e in entries if e["action"] == "connection-refused"]
+    assert (f"peer:{d.node_id.compact}", "introduction: node id not trusted") in refused
+    assert refused.count(("peer:?", "introduction: not an introduction")) == 3, refused
+    assert ("peer:?", "introduction: not a certificate") in refused
+    tls_refusals = [who for who, why in refused if why == "TLS handshake: self-signed certificate"]
+    assert tls_refusals == ["peer:?", "peer:?"], refused  # A before its introduction, D
+    pins = [e for e in entries if e["action"] == "trust-add"]
+    assert [(p["actor"], p["subject"]) for p in pins] == [("node", a.node_id.compact)]
+    assert all(str(e.get("remote", "")).startswith("127.0.0.1:")
+               for e in entries if e["action"] in ("connection-refused", "trust-add"))
 
 
 # ----------------------------------------------------------------------------------------

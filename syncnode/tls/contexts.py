@@ -32,6 +32,8 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
+from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any, Final
 
 from syncnode.nodeid import NodeId
@@ -42,6 +44,7 @@ from syncnode.tls.truststore import TrustStore, TrustVersion
 __all__ = [
     "INTRODUCTION_NAME",
     "client_ssl_context",
+    "handshake_refused",
     "introduction_ssl_context",
     "peer_node_id",
     "probe_ssl_context",
@@ -56,6 +59,13 @@ logger = logging.getLogger(__name__)
 # client certificate is requested is fixed when the TLS connection object is created, so the
 # sni_callback (which swaps only the trust store) cannot decide it.
 INTRODUCTION_NAME: Final = "introduce.syncnode"
+
+# Who to tell when a server handshake is refused, set by the listener for each connection
+# before it starts TLS: asyncio runs the handshake's callbacks in the context they were
+# scheduled from, so the refusal is reported with that connection's address.  Unset, the
+# refusal is logged without one.
+handshake_refused: ContextVar[Callable[[str], None] | None] = ContextVar(
+    "handshake_refused", default=None)
 
 _VERIFY_FLAGS: Final = ssl.VERIFY_X509_PARTIAL_CHAIN | ssl.VERIFY_X509_STRICT
 
@@ -156,8 +166,12 @@ class _AlertFlushingSSLObject(ssl.SSLObject):
             raise
         except ssl.SSLError as exc:
             self._failed = exc
-            reason = getattr(exc, "verify_message", None) or exc.reason or str(exc)
-            logger.debug("TLS handshake failed: %s", reason)
+            reason = str(getattr(exc, "verify_message", None) or exc.reason or exc)
+            report = handshake_refused.get()
+            if report is not None:
+                report(reason)
+            else:
+                logger.info("refused a TLS peer during the handshake: %s", reason)
             raise ssl.SSLWantReadError("TLS handshake failed; flushing the alert") from exc
 
 

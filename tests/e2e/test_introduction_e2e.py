@@ -132,3 +132,20 @@ def test_chain_converges_by_node_ids_alone_and_a_stranger_learns_nothing(
     for n in "abcd":
         log = (tmp_path / f"{n}.log").read_text(errors="replace")
         assert "trust list" not in log and "every peer is refused" not in log, log[-2000:]
+
+    # B's audit trail: A's pin by introduction (one entry), D's refusals, an intact chain.
+    def trail(action: str) -> list[dict[str, object]]:
+        return list(cli_json("audit", "--action", action, data=dirs["b"]))
+
+    pins = [e for e in trail("trust-add") if e["actor"] == "node"]
+    assert len(pins) == 1, pins
+    assert pins[0]["subject"] == a_id.compact and str(pins[0]["remote"]).startswith(
+        "127.0.0.1:") and "introduction" in str(pins[0]["reason"]), pins
+    refused = trail("connection-refused")
+    assert any(e["actor"] == f"peer:{d_id.compact}" and e["outcome"] == "failure"
+               and "not trusted" in str(e["reason"]) for e in refused), refused
+    assert any(e["actor"] == "peer:?" and "TLS handshake" in str(e["reason"])
+               for e in refused), refused
+    friends = {f"peer:{NodeId.parse(ids[n]).compact}" for n in "ac"}
+    assert not any(e["actor"] in friends for e in refused), refused  # nobody trusted refused
+    assert cli("audit", "verify", data=dirs["b"]).returncode == 0
