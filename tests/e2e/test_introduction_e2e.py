@@ -123,6 +123,8 @@ def test_chain_converges_by_node_ids_alone_and_a_stranger_learns_nothing(
     poll(lambda: f"refused node {d_id} from 127.0.0.1" in
          (tmp_path / "b.log").read_text(errors="replace"), 30, "B to log D's refusal")
     assert root(nodes["d"]) == d_root and nodes["d"].catalog.event_count() == d_events
+    poll(lambda: "does not trust this node" in peer_state(nodes["d"], nodes["b"]).get(
+        "last_error", ""), 30, "D to record B's refusal", describe)
     d_view = peer_state(nodes["d"], nodes["b"])
     assert d_view["remote_root"] == "" and d_view["last_success"] == 0, d_view
     assert "does not trust this node" in d_view["last_error"], d_view
