@@ -6,16 +6,20 @@ dial the peer, it fetches and pins the peer's certificate itself
 its URL points nowhere), the peer's first mutual-TLS connection would be refused: its
 certificate is not pinned.  So the dialling peer, when refused, *introduces* itself:
 
-1. It opens a TLS 1.3 connection with the server name :data:`INTRODUCTION_NAME`.  For that
-   name the server asks for no client certificate (Python's ``ssl`` cannot let an unknown
-   certificate through a handshake that requests one: a failed verification always aborts
-   it).  The client checks that the server's certificate has the node id it dialled.
+1. It opens a TLS 1.3 connection with the server name :data:`INTRODUCTION_NAME`.  The peer
+   port's listener reads the ClientHello before starting TLS (:mod:`syncnode.listeners`) and,
+   for that name only, uses a context that asks for no client certificate; every other
+   handshake still requires one.  (Python's ``ssl`` cannot let an unknown certificate through
+   a handshake that requests one - a failed verification always aborts it - and whether one
+   is requested is fixed before any ``sni_callback`` runs.)  The client checks that the
+   server's certificate has the node id it dialled before it sends anything.
 2. It sends ``POST /peer/v1/introduce`` with its own certificate (PEM), nothing else.
 3. The server computes the SHA-256 of that certificate.  If it is a node id this node trusts
-   and has not pinned yet, the server pins the certificate (exactly what ``peer add --cert``
-   does) and answers ``204``; if it is already pinned, also ``204``.  Anything else - an id
-   nobody trusted, another path, a body that is not one certificate - is answered by closing
-   the connection without a byte, and logged with the refused node id and address.
+   (one the operator added: a peer of the catalog) and has not pinned yet, the server pins
+   the certificate (exactly what ``peer add --cert`` does) and answers ``204``; if it is
+   already pinned, also ``204``.  Anything else - an id nobody trusted, another path, a body
+   that is not one certificate - is answered by closing the connection without a byte.  Pins
+   and refusals are logged with the node id and address and written to the audit trail.
 4. The client dials again with mutual TLS.  The handshake now verifies its certificate, and
    TLS 1.3's CertificateVerify proves it holds the certificate's key before any application
    data flows.
