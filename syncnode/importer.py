@@ -6,13 +6,17 @@ then committed. Accepted files are recorded in the catalog in batches: the temp 
 a batch are made durable (a filesystem sync) before they are renamed into the store, and
 the renames (another sync) before the one transaction that inserts their events, so a
 crash at any moment leaves every event pointing at a whole blob. A rejected file leaves
-nothing behind and is reported with its reason; the rest of the import goes on.
+nothing behind and is reported with its reason; the rest of the import goes on. A full
+disk is such a reason too (per file, and for every file of a batch whose commit found
+the disk or the catalog full): nothing of those files is recorded, and the files that
+fit are imported.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import sqlite3
 import stat
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -29,6 +33,9 @@ WORKERS = 2
 IN_FLIGHT = 32
 BATCH_BYTES = 256 << 20
 WHOLE_FILE_MAX = 16 << 20  # a copy up to this size is read back whole, else streamed
+DISK_FULL = "not imported: no space left on the node's data disk"
+
+Entry = tuple[Path, dict[str, str], StagedBlob]
 
 
 @dataclass(slots=True)
@@ -86,16 +93,22 @@ def import_paths(node: LocalNode, paths: Iterable[Path],
     report = ImportReport()
     store = node.store
     store.clean_tmp()  # what an earlier, killed import left behind
-    batch: list[tuple[dict[str, str], StagedBlob]] = []
+    batch: list[Entry] = []
     batch_bytes = 0
-    committing: Future[list[tuple[str, bool]]] | None = None
+    committing: tuple[list[Entry], Future[list[tuple[str, bool]]]] | None = None
 
-    def commit(entries: list[tuple[dict[str, str], StagedBlob]]) -> list[tuple[str, bool]]:
-        blobs = store.install_staged([staged for _, staged in entries])
-        items = [(attrs, blob) for (attrs, _), blob in zip(entries, blobs, strict=True)]
-        results = node.catalog.add_local_puts(
-            items, blob_present=store.has,
-            same_instance=lambda held, new: same_dataset(store.path(held), store.path(new)))
+    def commit(entries: list[Entry]) -> list[tuple[str, bool]]:
+        try:
+            blobs = store.install_staged([staged for _, _, staged in entries])
+            items = [(attrs, blob) for (_, attrs, _), blob in zip(entries, blobs, strict=True)]
+            results = node.catalog.add_local_puts(
+                items, blob_present=store.has,
+                same_instance=lambda held, new: same_dataset(store.path(held),
+                                                             store.path(new)))
+        except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                raise StoreFull("no space left for the catalog") from exc
+            raise
         # a file held already under another file meta (e.g. received by C-STORE): the
         # blob just made for it is referenced by nothing
         spare = [b.hash for b, (_eid, new) in zip(blobs, results, strict=True)
@@ -107,8 +120,19 @@ def import_paths(node: LocalNode, paths: Iterable[Path],
     def committed() -> None:
         nonlocal committing
         if committing is not None:
-            job, committing = committing, None
-            for _eid, new in job.result():
+            (entries, job), committing = committing, None
+            try:
+                results = job.result()
+            except StoreFull:
+                # Nothing of this batch is recorded (blobs already renamed are unreferenced
+                # and go at the next gc); every file of it is reported.
+                for path, _, staged in entries:
+                    _discard(staged)
+                    report.failed.append((str(path), DISK_FULL))
+                    report.bytes -= staged.size
+                return
+            report.studies.update(attrs["study_instance_uid"] for _, attrs, _ in entries)
+            for _eid, new in results:
                 if new:
                     report.imported += 1
                 else:
@@ -120,7 +144,7 @@ def import_paths(node: LocalNode, paths: Iterable[Path],
         nonlocal batch, batch_bytes, committing
         committed()
         if batch:
-            committing = committer.submit(commit, batch)
+            committing = (batch, committer.submit(commit, batch))
             batch, batch_bytes = [], 0
         if wait:
             committed()
@@ -134,13 +158,11 @@ def import_paths(node: LocalNode, paths: Iterable[Path],
         except InvalidDicom as exc:
             report.failed.append((str(path), exc.reason))
         except StoreFull:
-            flush(wait=True)
-            raise
+            report.failed.append((str(path), DISK_FULL))
         except OSError as exc:
             report.failed.append((str(path), f"cannot read: {exc.strerror or exc}"))
         else:
-            batch.append(entry)
-            report.studies.add(entry[0]["study_instance_uid"])
+            batch.append((path, *entry))
             size = entry[1].size
             report.bytes += size
             batch_bytes += size
@@ -168,7 +190,7 @@ def import_paths(node: LocalNode, paths: Iterable[Path],
             for _, job in in_flight:  # staged files of unsettled jobs go
                 if not job.cancel() and job.exception() is None:
                     _discard(job.result()[1])
-            for _, staged in batch:  # and those of a batch not handed to the committer
+            for _, _, staged in batch:  # and those of a batch not handed to the committer
                 _discard(staged)
             raise
     return report
