@@ -36,6 +36,7 @@ from rich.progress import (
 from . import __version__
 from .ids import InvalidUID
 from .local import LocalNode, NodeNotInitialised
+from .safetext import clean
 from .service import Conflict, NodeService, NotFound, ServiceError, UsageError
 
 app = typer.Typer(
@@ -45,8 +46,19 @@ app = typer.Typer(
 ca_app = typer.Typer(help="Cluster certificate authority (optional).", no_args_is_help=True)
 app.add_typer(ca_app, name="ca")
 
-err = Console(stderr=True, soft_wrap=True)  # never break a path in an error over lines
-out = Console(highlight=False, soft_wrap=True, markup=False)  # paths may contain [...]
+
+class CleanConsole(Console):
+    """A console that escapes control characters in the strings it prints (text from
+    peers, PACS, file names), keeping line breaks: nothing printed can drive the
+    terminal."""
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        super().print(*(clean(o, multiline=True) if isinstance(o, str) else o
+                        for o in objects), **kwargs)
+
+
+err = CleanConsole(stderr=True, soft_wrap=True)  # never break a path in an error over lines
+out = CleanConsole(highlight=False, soft_wrap=True, markup=False)  # paths may contain [...]
 
 DataOpt = Annotated[Path, typer.Option(
     "--data", "-d", envvar="SYNCNODE_DATA", help="Node data folder (env SYNCNODE_DATA).",

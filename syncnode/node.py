@@ -28,6 +28,7 @@ from .discovery import Discovery
 from .listeners import ListenerLimits, start_listener
 from .local import LocalNode, offload
 from .peer_server import PeerServer
+from .safetext import clean_tree
 from .service import NodeService
 from .sync import SyncEngine
 from .tls.contexts import INTRODUCTION_NAME, introduction_ssl_context, server_ssl_context
@@ -285,7 +286,7 @@ class RunningNode:
             self.feed.publish("config", keys=sorted(changes))
 
     def extra_status(self) -> dict[str, Any]:
-        return {name: fn() for name, fn in self.status_providers.items()}
+        return clean_tree({name: fn() for name, fn in self.status_providers.items()})
 
     def extra_metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}

@@ -12,6 +12,8 @@ import time
 from collections import deque
 from typing import Any
 
+from ..safetext import clean_tree
+
 
 class EventFeed:
     """Create inside the event loop that serves readers; publish from any thread."""
@@ -27,7 +29,7 @@ class EventFeed:
         return self._next - 1
 
     def publish(self, kind: str, **fields: Any) -> int:
-        item = {"id": self._next, "time": time.time(), "type": kind, **fields}
+        item = {"id": self._next, "time": time.time(), "type": kind, **clean_tree(fields)}
         self._next += 1
         self._items.append(item)
         self._loop.call_soon_threadsafe(self._notify)
