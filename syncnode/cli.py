@@ -551,7 +551,7 @@ def run(
     setup_logging(settings.log_format, settings.log_level)
     try:
         asyncio.run(run_node(node, settings, duration))
-    except (AlreadyRunning, UnsafeBinding) as exc:
+    except (AlreadyRunning, UnsafeBinding, cfg.ConfigError) as exc:
         fail(str(exc))
     except OSError as exc:
         fail(f"cannot start: {exc}")

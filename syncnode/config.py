@@ -36,7 +36,8 @@ RESTART_KEYS = frozenset({"dicom_port", "ae_title", "peer_host", "peer_port", "a
                           "api_port", "discovery", "log_format", "max_pdu",
                           "dicom_host", "allowed_aes", "dicom_artim_timeout",
                           "dicom_max_pending_per_address", "dicom_max_pending",
-                          "audit_syslog", "audit_syslog_ca", "audit_site"})
+                          "audit_syslog", "audit_syslog_ca", "audit_site",
+                          "dicom_tls", "dicom_tls_clients"})
 
 
 class ConfigError(ValueError):
@@ -82,6 +83,11 @@ class Settings(BaseSettings):
     dicom_max_pending: int = Field(
         128, ge=1, le=65536, description="DICOM connections all addresses together may hold "
                                          "open before associating; more evict the oldest")
+    dicom_tls: bool = Field(False, description="DICOM TLS (PS3.15 B.1) on the SCP port, "
+                                               "with the node's certificate")
+    dicom_tls_clients: str = Field("", description="PEM file of the CA or client "
+                                                   "certificates a DICOM TLS client must "
+                                                   "present one of (empty = none asked)")
     peer_host: str = Field("0.0.0.0", description="address the peer server listens on")
     peer_port: int = Field(8443, ge=0, le=65535, description="peer (mutual TLS) port")
     api_host: str = Field("127.0.0.1", description="admin API address")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ..audit import AuditLog
@@ -19,7 +20,7 @@ from ..local import LocalNode
 from .exporter import Exporter
 from .retrieve import Retriever
 from .scp import DicomServer
-from .transport import Perimeter
+from .transport import Perimeter, dicom_tls_context
 
 log = logging.getLogger("syncnode.dicom")
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
@@ -33,6 +34,12 @@ class DicomBridge:
                  audit: AuditLog | None = None) -> None:
         self.node = node
         self.settings = settings
+        tls = None
+        if settings.dicom_tls:
+            identity = node.identity
+            tls = dicom_tls_context(identity.cert_path, identity.key_path,
+                                    Path(settings.dicom_tls_clients)
+                                    if settings.dicom_tls_clients else None)
         self.server = DicomServer(node, ae_title=settings.ae_title, host=settings.dicom_host,
                                   port=settings.dicom_port, allowed_aes=settings.allowed_aes,
                                   max_pdu=settings.max_pdu, on_stored=on_stored,
@@ -40,7 +47,7 @@ class DicomBridge:
                                       artim_timeout=settings.dicom_artim_timeout,
                                       per_address=settings.dicom_max_pending_per_address,
                                       total=settings.dicom_max_pending),
-                                  audit=audit)
+                                  ssl_context=tls, audit=audit)
         self.exporter = (Exporter(node, settings.export, ae_title=settings.ae_title,
                                   poll_interval=export_poll, backoff_base=backoff_base,
                                   backoff_cap=backoff_cap, max_pdu=settings.max_pdu,
@@ -82,6 +89,7 @@ class DicomBridge:
         st = self.server.stats
         return {
             "ae_title": self.settings.ae_title, "port": self.port,
+            "tls": self.server.ssl_context is not None,
             "stored": st.stored, "duplicates": st.duplicates, "failed": st.failed,
             "rejected_associations": st.rejected_associations, "finds": st.finds,
             "refused_connections": self.server.refused_connections(),

@@ -64,6 +64,7 @@ from collections.abc import Callable
 from copy import deepcopy
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any, cast
 
 from pynetdicom import AE, evt
@@ -78,6 +79,8 @@ from pynetdicom.transport import (
     RequestHandler,
     ThreadedAssociationServer,
 )
+
+from ..config import ConfigError
 
 log = logging.getLogger("syncnode.dicom")
 
@@ -704,6 +707,38 @@ def _send_quietly(sock: socket.socket, data: bytes) -> None:
         sock.send(data)
     except (OSError, ssl.SSLError):
         pass  # the peer is gone or not listening; it is being closed anyway
+
+
+class DicomTLSError(ConfigError):
+    """DICOM TLS cannot be set up with the given key, certificate or client CA file."""
+
+
+def dicom_tls_context(cert_path: Path, key_path: Path, client_cas: Path | None = None
+                      ) -> ssl.SSLContext:
+    """Server context for DICOM TLS (PS3.15 B.1, with the BCP 195 profile DCMTK uses):
+    TLS 1.2 or newer, the node's own key and certificate. With ``client_cas`` (a PEM
+    file of CA or client certificates) a client must present a certificate that
+    verifies against it; without, none is asked for (the calling-AE allow-list still
+    applies)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    ctx.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:!aNULL:!eNULL")
+    try:
+        ctx.load_cert_chain(cert_path, key_path)
+    except (OSError, ssl.SSLError) as exc:
+        raise DicomTLSError(f"DICOM TLS: cannot load the node key/certificate "
+                            f"({cert_path}): {exc}") from exc
+    if client_cas is None:
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    try:
+        ctx.load_verify_locations(cafile=str(client_cas))
+    except (OSError, ssl.SSLError) as exc:
+        raise DicomTLSError(f"DICOM TLS: cannot read dicom_tls_clients {client_cas}: "
+                            f"{exc}") from exc
+    return ctx
 
 
 def start_server(ae: AE, address: tuple[str, int], *, ae_title: str,
