@@ -98,6 +98,10 @@ def test_plain_and_untrusted_clients_are_refused(tls_scp: tuple[DicomServer, Pat
     assert echo(scp.port)[0] != 0  # plain DICOM on the TLS port
     _ca, other_key, other_crt = client_files(tmp_path, "stranger")
     assert echo(scp.port, *tls_args(node, other_key, other_crt))[0] != 0
+    # (the client may give up before the server's thread has counted its refusal)
+    deadline = time.monotonic() + 5
+    while scp.refused_connections()["tls_failed"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert scp.refused_connections()["tls_failed"] == 2
     assert node.catalog.counts()["instances"] == 0
 
