@@ -72,7 +72,16 @@ _EXIT = {UsageError: EXIT_USAGE, NotFound: EXIT_PROBLEMS, Conflict: EXIT_USAGE}
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
-    err.print(f"[red]error:[/red] {escape(message)}", highlight=False)
+    import logging
+
+    from .logs import configured
+
+    if configured():
+        # `run` has set up its log format: a supervisor reading stderr as JSON lines
+        # gets this as one record too.
+        logging.getLogger("syncnode").critical("%s", message)
+    else:
+        err.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 

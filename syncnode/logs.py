@@ -39,6 +39,12 @@ def _clean_fields(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str
     return event
 
 
+def configured() -> bool:
+    """Whether :func:`setup_logging` ran in this process (errors should then be logged)."""
+    return any(isinstance(h.formatter, structlog.stdlib.ProcessorFormatter)
+               for h in logging.getLogger().handlers)
+
+
 def setup_logging(fmt: str = "kv", level: str = "info") -> None:
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer() if fmt == "json"

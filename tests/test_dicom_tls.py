@@ -134,3 +134,23 @@ def test_settings_reach_the_scp(node: LocalNode, tmp_path: Path) -> None:
     missing = cfg.load(node.data, dicom_tls=True, dicom_tls_clients=str(tmp_path / "nope.pem"))
     with pytest.raises(DicomTLSError, match="dicom_tls_clients"):
         DicomBridge(node, missing)
+
+
+def test_run_refuses_a_bad_client_ca_file_in_its_log_format(node: LocalNode,
+                                                             tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCNODE_")}
+    env.update(SYNCNODE_DICOM_TLS="true", SYNCNODE_DICOM_TLS_CLIENTS=str(tmp_path / "no.pem"))
+    node.close()
+    proc = subprocess.run(
+        [sys.executable, "-m", "syncnode.cli", "run", "--data", str(node.data),
+         "--dicom-port", "0", "--peer-port", "0", "--peer-host", "127.0.0.1",
+         "--api-port", "0", "--no-discovery", "--log-format", "json", "--duration", "20"],
+        capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 2
+    records = [json.loads(line) for line in proc.stderr.splitlines()]  # JSON lines only
+    fatal = [r for r in records if r["level"] == "critical"]
+    assert len(fatal) == 1 and "dicom_tls_clients" in fatal[0]["event"], records
