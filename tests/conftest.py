@@ -45,3 +45,29 @@ def new_node(tmp_path: Path) -> Iterator[Callable[[str], LocalNode]]:
     yield make
     for n in opened:
         n.close()
+
+
+# -- the fault matrix's counts, shown in the terminal summary (also under -q) -------------
+_FAULT_MATRIX = pytest.StashKey[list[str]]()
+
+
+@pytest.fixture
+def fault_matrix_summary(request: pytest.FixtureRequest) -> Callable[[str], None]:
+    """``report(line)``: a line for the "fault matrix" section of the terminal summary, shown
+    even with ``-q`` and without ``-s`` (it is also printed for ``-s`` runs)."""
+    lines = request.config.stash.setdefault(_FAULT_MATRIX, [])
+
+    def report(line: str) -> None:
+        print(f"fault matrix: {line}")
+        lines.append(line)
+
+    return report
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int,
+                            config: pytest.Config) -> None:
+    lines = config.stash.get(_FAULT_MATRIX, [])
+    if lines:
+        terminalreporter.write_sep("-", "fault matrix counts")
+        for line in lines:
+            terminalreporter.write_line(line)
