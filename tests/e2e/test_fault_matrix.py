@@ -131,7 +131,7 @@ class Matrix:
 
     def wait_converged(self, name: str, timeout: float, what: str,
                        describe: Callable[[], object] | None = None) -> float:
-        """Poll (bounded) until ``name`` has every SOP of the data set and A's root."""
+        """Poll (bounded) until ``name`` shows A's Merkle root; return the seconds waited."""
         start = time.monotonic()
         a_root = cli_json("status", data=self.dirs["a"])["merkle_root"]
         node = LocalNode(self.dirs[name])
@@ -186,7 +186,8 @@ def test_fault_matrix(tmp_path: Path, fault_matrix_summary: Callable[[str], None
                       record_property: Callable[[str, object], None]) -> None:
     fp = load_faultproxy()
     t_all = time.monotonic()
-    with node_processes() as procs, tmpfs(tmp_path / "dfs", TMPFS_SMALL) as dfs:
+    # Nodes are killed (inner block) before the tmpfs under D is unmounted (outer block).
+    with tmpfs(tmp_path / "dfs", TMPFS_SMALL) as dfs, node_processes() as procs:
         m = Matrix(tmp_path, procs, fault_matrix_summary, record_property)
         m.report(f"seed {SEED} (repeat with SYNCNODE_FAULT_SEED={SEED})")
 
