@@ -143,7 +143,9 @@ def init(data: DataOpt = DEFAULT_DATA,
              help="Folder of a cluster CA (from `syncnode ca init`) to sign this node's "
                   "certificate: nodes signed by one CA trust each other.")] = None,
          json_out: JsonOpt = False) -> None:
-    """Create a node: data folder, key and certificate, config file. Prints the node id.
+    """Create a node: data folder, key and certificate, config file, API keys. Prints the
+    node id and the two admin API keys (read-only and admin): they are shown only now,
+    only their hashes are kept; `syncnode apikey rotate` makes new ones.
 
     Example: syncnode init --data /srv/syncnode
     """
@@ -156,11 +158,17 @@ def init(data: DataOpt = DEFAULT_DATA,
     except IdentityError as exc:
         fail(str(exc))
     if json_out:
-        print_json({"node_id": str(node.node_id), "data": str(data.resolve())})
+        print_json({"node_id": str(node.node_id), "data": str(data.resolve()),
+                    "api_keys": node.new_api_keys})
     else:
         out.print(f"Created node in {data}")
         out.print(f"Node id: {node.node_id}")
         out.print("Give this id to the operators of the peers that should trust this node.")
+        for role, key in node.new_api_keys.items():
+            out.print(f"Admin API {role} key: {key}")
+        if node.new_api_keys:
+            out.print("Keep the API keys now: only their hashes are stored "
+                      "(`syncnode apikey rotate` makes new ones).")
         out.print("DICOM: the SCP accepts any calling AE title until you list the allowed "
                   "ones, e.g. in the config file:")
         out.print(f'  echo \'allowed_aes = ["MODALITY1", "PACS@10.0.0.5"]\' >> '
@@ -458,6 +466,59 @@ def peer_remove(node_id_arg: Annotated[str, typer.Argument(metavar="NODE_ID")],
         refused(exc)
     audit_write(data, "trust-remove", subject=peer.compact)
     out.print(f"Removed peer {peer}")
+
+
+apikey_app = typer.Typer(help="The admin API keys: a read-only one and an admin one.",
+                         no_args_is_help=True)
+app.add_typer(apikey_app, name="apikey")
+
+
+@apikey_app.command("show")
+def apikey_show(data: DataOpt = DEFAULT_DATA, json_out: JsonOpt = False) -> None:
+    """Which keys exist (role, fingerprint, creation time). The keys themselves cannot be
+    shown: only their hashes are stored."""
+    from .apikeys import ApiKeyError, KeyStore
+
+    open_node(data, identity=False).close()
+    try:
+        keys = KeyStore(data).info()
+    except ApiKeyError as exc:
+        fail(str(exc))
+    if json_out:
+        print_json([k.to_dict() for k in keys])
+        return
+    import time as _time
+
+    for k in keys:
+        when = _time.strftime("%Y-%m-%d %H:%M:%S UTC", _time.gmtime(k.created))
+        out.print(f"{k.role:6} fingerprint {k.fingerprint}  created {when}")
+    if not keys:
+        out.print("no API keys: `syncnode apikey rotate read` / `... rotate admin` create them")
+
+
+@apikey_app.command("rotate")
+def apikey_rotate(role: Annotated[str, typer.Argument(help="read or admin.")],
+                  data: DataOpt = DEFAULT_DATA, json_out: JsonOpt = False) -> None:
+    """Make a new key for ROLE and print it (the only time it is shown). The previous key
+    of that role, and the dashboard sessions opened with it, stop working at once, also in
+    a running node.
+
+    Example: syncnode apikey rotate --data /srv/syncnode read
+    """
+    from .apikeys import ROLES, ApiKeyError, KeyStore, adopt_config_key
+
+    if role not in ROLES:
+        fail(f"the role is {' or '.join(ROLES)}, not {role!r}")
+    open_node(data, identity=False).close()
+    try:
+        adopt_config_key(data)  # an older node's clear key must not outlive a rotation
+        key = KeyStore(data).rotate(role)
+    except ApiKeyError as exc:
+        fail(str(exc))
+    if json_out:
+        print_json({"role": role, "key": key})
+    else:
+        out.print(key)
 
 
 config_app = typer.Typer(help="Read and change the node's settings (config.toml).",

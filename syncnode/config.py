@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
@@ -33,10 +32,10 @@ _EXPORT_RE = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>\d{1,5})
 
 # Keys that take effect only after `syncnode run` restarts.
 RESTART_KEYS = frozenset({"dicom_port", "ae_title", "peer_host", "peer_port", "api_host",
-                          "api_port", "discovery", "log_format", "max_pdu",
-                          "dicom_host", "allowed_aes", "dicom_artim_timeout",
-                          "dicom_max_pending_per_address", "dicom_max_pending",
-                          "audit_syslog", "audit_syslog_ca", "audit_site",
+                          "api_port", "api_tls", "api_tls_cert", "api_tls_key", "discovery",
+                          "log_format", "max_pdu", "dicom_host", "allowed_aes",
+                          "dicom_artim_timeout", "dicom_max_pending_per_address",
+                          "dicom_max_pending", "audit_syslog", "audit_syslog_ca", "audit_site",
                           "dicom_tls", "dicom_tls_clients"})
 
 
@@ -92,7 +91,17 @@ class Settings(BaseSettings):
     peer_port: int = Field(8443, ge=0, le=65535, description="peer (mutual TLS) port")
     api_host: str = Field("127.0.0.1", description="admin API address")
     api_port: int = Field(8080, ge=0, le=65535, description="admin API port")
-    api_key: str = Field("", description="key required for admin API changes (X-API-Key)")
+    api_key: str = Field("", description="an extra admin key given in clear (environment); "
+                                         "prefer the hashed keys of `syncnode apikey`")
+    api_tls: Literal["auto", "on", "off"] = Field(
+        "auto", description="HTTPS for the admin API: auto = on unless bound to loopback; "
+                            "off is refused off loopback")
+    api_tls_cert: str = Field("", description="certificate (PEM) for the admin API "
+                                              "(default: the node's own node.crt)")
+    api_tls_key: str = Field("", description="its private key (PEM; default: node.key)")
+    api_names: list[str] = Field(default_factory=list,
+                                 description="host names the admin API is reached by, beyond "
+                                             "localhost and the addresses it listens on")
     export: list[str] = Field(default_factory=list,
                               description="local PACS to deliver to, AE@HOST:PORT")
     import_from: list[str] = Field(default_factory=list,
@@ -188,6 +197,21 @@ class Settings(BaseSettings):
             raise ValueError("up to 64 printable ASCII characters, no spaces")
         return v
 
+    @field_validator("api_names")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not name or len(name) > 253 or not all(c.isalnum() or c in "-.:[]" for c in name):
+                raise ValueError(f"{name!r} is not a host name or address")
+        return [n.lower() for n in v]
+
+    @field_validator("api_tls_cert", "api_tls_key")
+    @classmethod
+    def _pem_path(cls, v: str) -> str:
+        if v and not Path(v).is_file():
+            raise ValueError(f"{v}: no such file")
+        return v
+
     @field_validator("api_key")
     @classmethod
     def _key(cls, v: str) -> str:
@@ -266,8 +290,9 @@ def _describe(exc: ValidationError) -> str:
 
 
 def initial_values() -> dict[str, Any]:
-    """What ``syncnode init`` writes to a new config file."""
-    return {"api_key": secrets.token_urlsafe(24)}
+    """What ``syncnode init`` writes to a new config file (the API keys are not in it:
+    they are stored hashed, see syncnode.apikeys)."""
+    return {}
 
 
 def update_file(data: Path, changes: dict[str, Any]) -> tuple[Settings, list[str]]:

@@ -5,7 +5,8 @@ Layout of ``<data>``::
     node.key, node.crt   the identity (the node id is the SHA-256 of node.crt)
     ca.crt               the cluster CA this node trusts, if any
     trust/               pinned peer certificates
-    config.toml          settings (see syncnode.config), including the admin API key
+    config.toml          settings (see syncnode.config)
+    api-keys.json        the hashes of the admin API keys (see syncnode.apikeys)
     catalog.db           the catalog (SQLite, WAL)
     blobs/, tmp/         the blob store
 
@@ -127,6 +128,7 @@ class LocalNode:
         # start-up) for commands that never use the key or the trust list, such as import.
         # The identity itself is loaded and checked (key matches certificate) on first use.
         self._identity: Identity | None = None
+        self.new_api_keys: dict[str, str] = {}  # role -> key, when just created by init
         self._trust: TrustStore | None = None
         self._signer: Signer | None = None
         node_id = NodeId.from_certificate_pem(cert.read_bytes())
@@ -180,7 +182,12 @@ class LocalNode:
 
         if not (data / cfg.CONFIG_FILE).exists():
             cfg.write_file(data, cfg.initial_values())
-        return cls(data)
+        from .apikeys import KeyStore
+
+        keys = KeyStore(data).create_missing()
+        node = cls(data)
+        node.new_api_keys = keys  # shown once by `init`; only their hashes are on disk
+        return node
 
     def settings(self, **flags: object) -> Settings:
         from . import config as cfg

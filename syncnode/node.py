@@ -14,14 +14,18 @@ import json
 import logging
 import os
 import signal
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from .admin.api import AdminAPI, check_binding
+from .admin.api import AdminAPI, UnsafeBinding, check_binding
+from .admin.auth import TLSSetupError, https_context, is_loopback
 from .admin.feed import EventFeed
+from .apikeys import KEYS_FILE, KeyStore, adopt_config_key
 from .audit import AuditLog
 from .config import Settings
 from .discovery import Discovery
@@ -31,6 +35,7 @@ from .peer_server import PeerServer
 from .safetext import clean_tree
 from .service import NodeService
 from .sync import SyncEngine
+from .tls.certificates import NODE_SAN
 from .tls.contexts import INTRODUCTION_NAME, introduction_ssl_context, server_ssl_context
 
 log = logging.getLogger("syncnode.node")
@@ -81,6 +86,13 @@ class RunningNode:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._take_lock()
+        try:  # refuse an unsafe admin binding before serving anything
+            admin_tls = self._admin_tls()
+        except BaseException:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+            raise
         self.node.store.clean_tmp()
         s = self.settings
         self._start_audit()
@@ -107,7 +119,7 @@ class RunningNode:
         self._tasks.append(asyncio.get_running_loop().create_task(self._refresh_peers()))
         self.engine.on_state = self._on_peer_state
         await self._start_dicom()
-        await self._start_admin()
+        await self._start_admin(*admin_tls)
         if s.discovery:
             await self._start_discovery()
         assert self.audit is not None
@@ -162,13 +174,40 @@ class RunningNode:
         tmp.write_text(json.dumps(self.ports, sort_keys=True))
         os.replace(tmp, self.node.data / "ports.json")
 
-    async def _start_admin(self) -> None:
+    def _admin_tls(self) -> tuple[ssl.SSLContext | None, set[str]]:
+        """Check the admin API's binding before anything starts; its HTTPS context (None
+        for plain HTTP on loopback) and the names its certificate carries."""
         s = self.settings
-        check_binding(s.api_host, s.api_key)
+        if adopt_config_key(self.node.data):
+            log.warning("the api_key kept in clear in config.toml is now the admin key, stored "
+                        "hashed in %s; it was removed from config.toml", KEYS_FILE)
+        tls = s.api_tls == "on" or (s.api_tls == "auto" and not is_loopback(s.api_host))
+        check_binding(s.api_host, tls=tls,
+                      has_keys=KeyStore(self.node.data).has_keys() or bool(s.api_key))
+        if not tls:
+            return None, set()
+        if bool(s.api_tls_cert) != bool(s.api_tls_key):
+            raise UnsafeBinding("give both api_tls_cert and api_tls_key, or neither (then "
+                                "the node's own certificate is used)")
+        names: set[str] = set()
+        if s.api_tls_cert:
+            cert, key = Path(s.api_tls_cert), Path(s.api_tls_key)
+        else:
+            cert, key = self.node.identity.cert_path, self.node.identity.key_path
+            names.add(NODE_SAN)  # the one name in the node's own certificate
+        try:
+            return https_context(cert, key), names
+        except TLSSetupError as exc:
+            raise UnsafeBinding(str(exc)) from exc
+
+    async def _start_admin(self, ssl_context: ssl.SSLContext | None, names: set[str]
+                           ) -> None:
+        s = self.settings
         self.feed = EventFeed()
         self.admin = AdminAPI(self.service, self.feed)
+        self.admin.extra_names = names
         runner, site = await start_listener(self.admin.app, s.api_host, s.api_port,
-                                            limits=self.limits)
+                                            limits=self.limits, ssl_context=ssl_context)
         self._runners.append(runner)
         self.ports["api"] = site.port
 

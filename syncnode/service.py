@@ -278,6 +278,9 @@ class NodeService:
             raise UsageError("changes are an object of setting: value")
         if "data" in changes:
             raise UsageError("the data folder cannot be changed at run time")
+        if "api_key" in changes:
+            raise UsageError("API keys are not settings: create or replace them with "
+                             "`syncnode apikey rotate read|admin` (stored hashed)")
         try:
             _settings, restart = cfg.update_file(self.node.data, changes)
         except cfg.ConfigError as exc:

@@ -14,6 +14,7 @@ import pytest
 
 from syncnode.admin.api import UnsafeBinding, check_binding
 from syncnode.admin.openapi import OPENAPI
+from syncnode.apikeys import KeyStore
 from syncnode.importer import import_paths
 from syncnode.local import LocalNode
 from syncnode.node import RunningNode
@@ -26,12 +27,13 @@ class Api:
     def __init__(self, running: RunningNode, session: aiohttp.ClientSession) -> None:
         self.running, self.session = running, session
         self.base = f"http://127.0.0.1:{running.ports['api']}"
-        self.key = running.settings.api_key
+        self.key = KeyStore(running.node.data).rotate("admin")
 
     def url(self, path: str) -> str:
         return self.base + path
 
     async def get(self, path: str, **kw: object) -> tuple[int, object]:
+        kw.setdefault("headers", {"X-API-Key": self.key})
         async with self.session.get(self.url(path), **kw) as r:
             return r.status, await (r.json() if "json" in r.content_type else r.read())
 
@@ -80,7 +82,11 @@ async def test_dashboard_is_served(api: Api) -> None:
     async with api.session.get(api.url("/")) as r:
         assert r.status == 200 and r.content_type == "text/html"
         html = await r.text()
-    assert "/api/v1/status" in html and "/api/v1/events" in html
+    async with api.session.get(api.url("/dashboard.js")) as r:
+        assert r.status == 200 and r.content_type == "text/javascript"
+        script = await r.text()
+    assert '<script src="/dashboard.js">' in html and "<script>" not in html  # CSP: no inline
+    assert "/api/v1/status" in script and "/api/v1/events" in script
 
 
 async def test_instances_filters_paging_and_file(api: Api) -> None:
@@ -184,7 +190,7 @@ async def test_node_with_another_certificate_is_refused(api: Api, tmp_path: Path
 
 async def test_config_read_and_patch(api: Api) -> None:
     status, body = await api.get("/api/v1/config")
-    assert status == 200 and body["config"]["api_key"] == "***"
+    assert status == 200 and body["config"]["api_key"] == ""  # keys are not settings
     assert "dicom_port" in body["restart_keys"]
     status, body = await api.send("PATCH", "/api/v1/config", json={"sync_interval": 2.5})
     assert status == 200 and body["restart_required"] == []
@@ -223,12 +229,14 @@ async def test_event_feed_long_poll(api: Api) -> None:
     assert status == 400
 
 
-def test_binding_to_network_without_key_is_refused() -> None:
-    with pytest.raises(UnsafeBinding):
-        check_binding("0.0.0.0", "")
-    check_binding("0.0.0.0", "k" * 20)
-    check_binding("127.0.0.1", "")
-    check_binding("::1", "")
+def test_binding_to_network_without_tls_or_key_is_refused() -> None:
+    with pytest.raises(UnsafeBinding, match="plain HTTP.*api_tls"):
+        check_binding("0.0.0.0", tls=False, has_keys=True)
+    with pytest.raises(UnsafeBinding, match="no API key.*apikey rotate"):
+        check_binding("0.0.0.0", tls=True, has_keys=False)
+    check_binding("0.0.0.0", tls=True, has_keys=True)
+    check_binding("127.0.0.1", tls=False, has_keys=False)
+    check_binding("::1", tls=False, has_keys=False)
 
 
 async def test_openapi_matches_routes(api: Api) -> None:
@@ -238,7 +246,7 @@ async def test_openapi_matches_routes(api: Api) -> None:
     for r in api.running.admin.app.router.routes():
         info = r.resource.get_info() if r.resource else {}
         path = info.get("path") or info.get("formatter")
-        if r.method != "HEAD" and path != "/":
+        if r.method != "HEAD":
             routes.add((r.method.lower(), path))
     documented = {(m, p) for p, ops in doc["paths"].items() for m in ops}
     assert routes == documented

@@ -1,4 +1,10 @@
-"""The OpenAPI 3 description of the admin API (kept beside the code it describes)."""
+"""The OpenAPI 3 description of the admin API (kept beside the code it describes).
+
+Each operation's ``x-role`` is the least role that may call it (``public``: anybody who
+reaches the port with a served Host; ``read``: the read-only or the admin key; ``admin``:
+the admin key). The API's guard reads the roles from here; a route not described here is
+refused.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,12 @@ from typing import Any
 
 _ERR = {"description": "error", "content": {"application/json": {"schema": {
     "$ref": "#/components/schemas/Error"}}}}
-_KEY = [{"apiKey": []}]
+_KEY = [{"apiKey": []}, {"session": []}]
+_READ = {"x-role": "read", "security": _KEY}
+_ADMIN = {"x-role": "admin", "security": _KEY}
+_PUBLIC = {"x-role": "public", "security": []}
+_DENIED = {"401": {"description": "no credential"}, "403": {"description": "wrong key, or "
+                                                              "not allowed for its role"}}
 
 
 def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
@@ -21,9 +32,15 @@ _SOP = {"name": "sop_uid", "in": "path", "required": True,
 OPENAPI: dict[str, Any] = {
     "openapi": "3.0.3",
     "info": {"title": "syncnode admin API", "version": "1",
-             "description": "Read freely on the admin port; changes need X-API-Key."},
+             "description": "Every route that reads or changes patient data needs a key in "
+                            "X-API-Key (read-only or admin role) or a dashboard session "
+                            "cookie opened with one (POST /api/v1/session); changes need "
+                            "the admin role. Requests with a Host the node does not serve "
+                            "are refused (421)."},
     "components": {
-        "securitySchemes": {"apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}},
+        "securitySchemes": {"apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+                            "session": {"type": "apiKey", "in": "cookie",
+                                        "name": "syncnode_session"}},
         "schemas": {
             "Error": {"type": "object", "required": ["error"],
                       "properties": {"error": {"type": "string"}}},
@@ -41,6 +58,25 @@ OPENAPI: dict[str, Any] = {
         },
     },
     "paths": {
+        "/": {"get": {"summary": "The dashboard page (asks for a key, then keeps a session)",
+                      "responses": {"200": {"description": "HTML", "content": {
+                          "text/html": {"schema": {"type": "string"}}}}}}},
+        "/dashboard.js": {"get": {"summary": "The dashboard's script", "responses": {
+            "200": {"description": "JavaScript", "content": {
+                "text/javascript": {"schema": {"type": "string"}}}}}}},
+        "/dashboard.css": {"get": {"summary": "The dashboard's style sheet", "responses": {
+            "200": {"description": "CSS", "content": {
+                "text/css": {"schema": {"type": "string"}}}}}}},
+        "/api/v1/session": {
+            "post": {"summary": "Open a dashboard session with the key in X-API-Key: sets an "
+                                "HttpOnly, SameSite=Strict cookie; answers the role and the "
+                                "CSRF token to echo in X-CSRF-Token on changes",
+                     "responses": {"201": _json(_OBJ, "session opened"), "401": _ERR,
+                                   "403": _ERR}},
+            "get": {"summary": "The caller's role (and, for a session, its CSRF token)",
+                    "responses": {"200": _json(_OBJ)}},
+            "delete": {"summary": "Close the dashboard session", "responses": {
+                "200": _json(_OBJ)}}},
         "/healthz": {"get": {"summary": "Liveness", "responses": {"200": _json(_OBJ)}}},
         "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {
             "description": "text exposition format",
@@ -120,3 +156,23 @@ OPENAPI: dict[str, Any] = {
             "responses": {"200": _json(_OBJ), "400": _ERR}}},
     },
 }
+
+
+# The least role of every operation: read by the API's guard (syncnode.admin.auth).
+_ROLES = {
+    ("/", "get"): "public", ("/dashboard.js", "get"): "public",
+    ("/dashboard.css", "get"): "public", ("/healthz", "get"): "public",
+    ("/metrics", "get"): "public", ("/api/v1/openapi.json", "get"): "public",
+    ("/api/v1/session", "post"): "public",  # checks the key it is given itself
+    ("/api/v1/nodes", "post"): "admin", ("/api/v1/nodes/{node_id}", "delete"): "admin",
+    ("/api/v1/discovered/{node_id}/accept", "post"): "admin",
+    ("/api/v1/instances/{sop_uid}", "delete"): "admin", ("/api/v1/config", "patch"): "admin",
+}
+for _path, _ops in OPENAPI["paths"].items():
+    for _method, _op in _ops.items():
+        _role = _ROLES.get((_path, _method), "read")
+        _op.update({"public": _PUBLIC, "read": _READ, "admin": _ADMIN}[_role])
+        if _role != "public":
+            _op["responses"] = {**_DENIED, **_op["responses"]}
+        _op["responses"].setdefault(
+            "421", {"description": "Host is not a name this node serves"})

@@ -1,0 +1,182 @@
+"use strict";
+// The dashboard of a syncnode. It asks for an API key once, opens a session with it
+// (POST /api/v1/session: an HttpOnly cookie it never sees, plus a CSRF token kept in
+// memory) and then sends no key again; the key is never stored by the page.
+const $ = (id) => document.getElementById(id);
+let csrf = "";
+let role = "";
+let following = false;
+
+class SignedOut extends Error {}
+
+async function api(url, options = {}) {
+  const r = await fetch(url, { credentials: "same-origin", ...options });
+  if (r.status === 401) { showLogin(""); throw new SignedOut("signed out"); }
+  return r;
+}
+function showLogin(message) {
+  $("app").hidden = true; $("who").hidden = true; $("login").hidden = false;
+  $("login-msg").textContent = message; $("login-key").focus();
+}
+function showApp() {
+  $("login").hidden = true; $("app").hidden = false; $("who").hidden = false;
+  $("role").textContent = role === "admin" ? "admin" : "read-only";
+  for (const b of document.querySelectorAll("#add-peer button")) b.disabled = role !== "admin";
+}
+async function start() {
+  const r = await fetch("/api/v1/session", { credentials: "same-origin" });
+  if (r.status !== 200) { showLogin(""); return; }
+  const j = await r.json(); csrf = j.csrf || ""; role = j.role;
+  showApp(); refresh();
+  if (!following) { following = true; follow(); }
+}
+$("login-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const key = $("login-key").value.trim();
+  const r = await fetch("/api/v1/session", { method: "POST", credentials: "same-origin",
+                                             headers: { "X-API-Key": key } });
+  $("login-key").value = "";
+  if (r.status !== 201) {
+    const j = await r.json().catch(() => ({}));
+    showLogin(j.error || ("HTTP " + r.status)); return;
+  }
+  start();
+});
+$("logout").addEventListener("click", async () => {
+  await fetch("/api/v1/session", { method: "DELETE", credentials: "same-origin",
+                                   headers: { "X-CSRF-Token": csrf } });
+  csrf = ""; role = ""; showLogin("signed out");
+});
+
+function bytes(n) {
+  const u = ["B", "KB", "MB", "GB", "TB"]; let i = 0;
+  while (n >= 1000 && i < u.length - 1) { n /= 1000; i++; }
+  return (i ? n.toFixed(1) : n) + " " + u[i];
+}
+function ago(t) {
+  if (!t) return "never";
+  const s = Math.max(0, Date.now() / 1000 - t);
+  return s < 90 ? Math.round(s) + " s ago" : s < 5400 ? Math.round(s / 60) + " min ago"
+       : Math.round(s / 3600) + " h ago";
+}
+// Catalog values (study dates, modalities) came from other sites: show control and
+// invisible formatting characters escaped, as syncnode.safetext.clean does server-side.
+function shown(text) {
+  return String(text).replace(/[\p{Cc}\p{Cf}\p{Zl}\p{Zp}]/gu, (c) => {
+    const h = c.codePointAt(0).toString(16);
+    return c.codePointAt(0) < 0x100 ? "\\x" + h.padStart(2, "0") : "\\u" + h.padStart(4, "0");
+  });
+}
+function cell(tr, text, cls) {
+  const td = document.createElement("td"); td.textContent = shown(text);
+  if (cls) td.className = cls; tr.appendChild(td); return td;
+}
+async function change(method, url, body) {
+  const r = await api(url, { method, headers: { "Content-Type": "application/json",
+                                                "X-CSRF-Token": csrf },
+                             body: body ? JSON.stringify(body) : undefined });
+  const j = await r.json().catch(() => ({}));
+  if (!r.ok) throw new Error(j.error || ("HTTP " + r.status));
+  return j;
+}
+
+function renderPeers(peers) {
+  const tb = $("peers").tBodies[0]; tb.replaceChildren();
+  $("no-peers").hidden = peers.length > 0;
+  for (const p of peers) {
+    const tr = document.createElement("tr"); tr.dataset.nodeId = p.node_id;
+    cell(tr, p.node_id.slice(0, 15) + "…", "mono").title = p.node_id;
+    cell(tr, p.url, "mono");
+    const st = cell(tr, ""); const pill = document.createElement("span");
+    const state = p.state || "never contacted";
+    pill.className = "pill " + state; pill.textContent = state.replace("_", " ");
+    st.appendChild(pill);
+    const need = cell(tr, "");
+    if (p.blobs_needed || p.bytes_needed) {
+      const got = p.bytes_received || 0, left = p.bytes_needed || 0;
+      const bar = document.createElement("progress");
+      bar.max = got + left; bar.value = got; need.appendChild(bar);
+      need.appendChild(document.createTextNode(` ${p.blobs_needed} blobs, ${bytes(left)}`));
+      for (const [study, [n, b]] of Object.entries(p.studies_needed || {})) {
+        const line = document.createElement("div"); line.className = "mono study";
+        line.textContent = `study ${study}: ${n} instances, ${bytes(b)}`;
+        need.appendChild(line);
+      }
+    } else if (p.in_sync) {
+      need.textContent = p.peer_lacks ? `nothing (it still lacks ${p.peer_lacks} events of ours)`
+                                      : "nothing";
+    }
+    cell(tr, bytes(p.bytes_received || 0) + " / " + bytes(p.bytes_sent || 0));
+    cell(tr, ago(p.last_success));
+    cell(tr, p.last_error || "", "err");
+    const act = cell(tr, ""); const b = document.createElement("button");
+    b.textContent = "Remove"; b.disabled = role !== "admin";
+    b.onclick = async () => {
+      if (!confirm("Stop trusting " + p.node_id + "?")) return;
+      try { await change("DELETE", "/api/v1/nodes/" + encodeURIComponent(p.node_id)); refresh(); }
+      catch (e) { alert(e.message); }
+    };
+    act.appendChild(b); tb.appendChild(tr);
+  }
+}
+function renderDiscovered(list) {
+  const tb = $("discovered").tBodies[0]; tb.replaceChildren();
+  for (const d of list) {
+    const tr = document.createElement("tr");
+    cell(tr, d.node_id, "mono"); cell(tr, d.url, "mono");
+    const act = cell(tr, ""); const b = document.createElement("button");
+    b.textContent = "Accept"; b.disabled = role !== "admin";
+    b.onclick = async () => {
+      try { await change("POST", "/api/v1/discovered/" + encodeURIComponent(d.node_id) + "/accept");
+            refresh(); } catch (e) { alert(e.message); }
+    };
+    act.appendChild(b); tb.appendChild(tr);
+  }
+}
+function renderStudies(studies) {
+  const tb = $("studies").tBodies[0]; tb.replaceChildren();
+  studies.sort((a, b) => (b.study_date || "").localeCompare(a.study_date || ""));
+  for (const s of studies.slice(0, 50)) {
+    const tr = document.createElement("tr");
+    cell(tr, s.study_instance_uid, "mono"); cell(tr, s.study_date || "–");
+    cell(tr, s.modalities || "–"); cell(tr, s.series); cell(tr, s.instances);
+    cell(tr, bytes(s.bytes || 0)); tb.appendChild(tr);
+  }
+}
+async function refresh() {
+  try {
+    const [st, disc, studies] = await Promise.all([
+      api("/api/v1/status").then(r => r.json()),
+      api("/api/v1/discovered").then(r => r.json()),
+      api("/api/v1/studies").then(r => r.json())]);
+    $("node-id").textContent = st.node_id;
+    $("n-instances").textContent = st.instances; $("n-studies").textContent = st.studies;
+    $("n-bytes").textContent = bytes(st.blob_bytes); $("n-events").textContent = st.events;
+    $("root").textContent = st.merkle_root.slice(0, 16) + "…"; $("root").title = st.merkle_root;
+    renderPeers(st.peers); renderDiscovered(disc); renderStudies(studies);
+    if (st.outbox) { $("outbox-section").hidden = false;
+                     $("outbox").textContent = JSON.stringify(st.outbox, null, 2); }
+    $("updated").textContent = "updated " + new Date().toLocaleTimeString();
+    document.body.dataset.ready = "1";
+  } catch (e) {
+    if (!(e instanceof SignedOut)) $("updated").textContent = "cannot reach the node: " + e.message;
+  }
+}
+$("add-peer").addEventListener("submit", async (ev) => {
+  ev.preventDefault(); const f = new FormData(ev.target);
+  try { await change("POST", "/api/v1/nodes", { node_id: f.get("node_id"), url: f.get("url") });
+        $("add-msg").textContent = "trusted"; ev.target.reset(); refresh(); }
+  catch (e) { $("add-msg").textContent = e.message; }
+});
+// Long-poll the event feed; refresh on any change, and at least every 5 s.
+let since = 0;
+async function follow() {
+  for (;;) {
+    if ($("app").hidden) { await new Promise(res => setTimeout(res, 1000)); continue; }
+    try {
+      const r = await api(`/api/v1/events?since=${since}&timeout=5`);
+      const j = await r.json(); since = j.last_id; refresh();
+    } catch (e) { await new Promise(res => setTimeout(res, 2000)); }
+  }
+}
+start();
