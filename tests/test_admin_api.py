@@ -230,9 +230,9 @@ async def test_event_feed_long_poll(api: Api) -> None:
 
 
 def test_binding_to_network_without_tls_or_key_is_refused() -> None:
-    with pytest.raises(UnsafeBinding, match="plain HTTP.*api_tls"):
+    with pytest.raises(UnsafeBinding, match=r"plain HTTP.*api_tls"):
         check_binding("0.0.0.0", tls=False, has_keys=True)
-    with pytest.raises(UnsafeBinding, match="no API key.*apikey rotate"):
+    with pytest.raises(UnsafeBinding, match=r"no API key.*apikey rotate"):
         check_binding("0.0.0.0", tls=True, has_keys=False)
     check_binding("0.0.0.0", tls=True, has_keys=True)
     check_binding("127.0.0.1", tls=False, has_keys=False)
