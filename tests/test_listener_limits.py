@@ -20,6 +20,7 @@ import blake3
 import pytest
 
 from syncnode import protocol
+from syncnode.apikeys import KeyStore
 from syncnode.listeners import ListenerLimits
 from syncnode.local import LocalNode
 from syncnode.node import RunningNode
@@ -38,6 +39,7 @@ Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 class Node:
     running: RunningNode
     client_ctx: ssl.SSLContext  # a trusted peer's client context
+    admin_key: str
 
     @property
     def api(self) -> int:
@@ -59,7 +61,8 @@ async def node(tmp_path: Path) -> AsyncIterator[Node]:
     running = RunningNode(a, settings, limits=LIMITS)
     await running.start()
     try:
-        yield Node(running, client_ssl_context(b.identity, b.trust, expected=a.node_id))
+        yield Node(running, client_ssl_context(b.identity, b.trust, expected=a.node_id),
+                   KeyStore(a.data).rotate("admin"))
     finally:
         await running.stop()
         b.close()
@@ -115,8 +118,12 @@ async def request(stream: Stream, head: str, body: bytes = b"",
     return status, await asyncio.wait_for(reader.readexactly(length), 5)
 
 
-def get(path: str) -> str:
-    return f"GET {path} HTTP/1.1\r\nHost: x\r\n"
+def get(path: str, node: Node | None = None) -> str:
+    """A request head; to the admin API of ``node``, with a Host it serves and its key."""
+    if node is None:
+        return f"GET {path} HTTP/1.1\r\nHost: x\r\n"
+    return (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{node.api}\r\n"
+            f"X-API-Key: {node.admin_key}\r\n")
 
 
 async def close(stream: Stream) -> None:
@@ -198,7 +205,7 @@ async def test_idle_keepalive_connections_are_closed(node: Node) -> None:
     peer = await connect(node.peer, node.client_ctx)
     fresh = await connect(node.api)  # opened, never used
     try:
-        status, _ = await request(api, get("/healthz"))
+        status, _ = await request(api, get("/healthz", node))
         assert status == 200
         status, _ = await request(peer, get(f"{protocol.PREFIX}/hello"))
         assert status == 200
@@ -218,17 +225,18 @@ async def test_slow_handlers_and_bodies_are_not_head_timeouts(node: Node) -> Non
     stream = await connect(node.api)
     try:
         body = json.dumps({"node_id": "not-an-id"}).encode()
-        head = (f"POST /api/v1/nodes HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                f"X-API-Key: {node.running.settings.api_key}\r\n"
+        head = (f"POST /api/v1/nodes HTTP/1.1\r\nHost: 127.0.0.1:{node.api}\r\n"
+                f"Content-Type: application/json\r\nX-API-Key: {node.admin_key}\r\n"
                 f"Content-Length: {len(body)}\r\n")
         status, answer = await request(stream, head, body, split=HEAD * 0.6)
         assert status == 400, answer
         await asyncio.sleep(HEAD * 1.5)  # idle longer than the head bound
         since = node.running.feed.last_id if node.running.feed else 0
         started = time.monotonic()
-        status, _ = await request(stream, get(f"/api/v1/events?since={since}&timeout={HEAD * 2}"))
+        status, _ = await request(
+            stream, get(f"/api/v1/events?since={since}&timeout={HEAD * 2}", node))
         assert status == 200 and time.monotonic() - started >= HEAD * 1.5
-        status, _ = await request(stream, get("/healthz"))
+        status, _ = await request(stream, get("/healthz", node))
         assert status == 200
     finally:
         await close(stream)
@@ -239,9 +247,9 @@ async def test_admin_body_read_is_bounded(node: Node) -> None:
     node.running.admin.body_timeout = HEAD
     stream = await connect(node.api)
     try:
-        stream[1].write(b"POST /api/v1/nodes HTTP/1.1\r\nHost: x\r\n"
-                        b"Content-Type: application/json\r\n"
-                        + f"X-API-Key: {node.running.settings.api_key}\r\n".encode()
+        stream[1].write(f"POST /api/v1/nodes HTTP/1.1\r\nHost: 127.0.0.1:{node.api}\r\n"
+                        f"Content-Type: application/json\r\n"
+                        f"X-API-Key: {node.admin_key}\r\n".encode()
                         + b"Content-Length: 100\r\n\r\n{\"node_id\": ")
         await stream[1].drain()
         started = time.monotonic()
