@@ -12,9 +12,11 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from syncnode.apikeys import KeyStore
 from syncnode.demo import make_study
 from syncnode.importer import import_paths
 from syncnode.local import LocalNode
@@ -32,6 +34,14 @@ ARTIFACTS = Path(os.environ.get("SYNCNODE_ARTIFACTS",
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
+
+
+async def login(page: Any, key: str) -> None:
+    """Sign in on the dashboard's own form, as an operator would, once."""
+    await page.locator("#login-key").wait_for(timeout=10_000)
+    await page.fill("#login-key", key)
+    await page.click("#login-form button")
+    await page.wait_for_selector("body[data-ready='1']", timeout=10_000)
 
 
 async def start(data: Path) -> RunningNode:
@@ -62,7 +72,7 @@ async def test_dashboard_shows_syncing_then_in_sync(tmp_path: Path) -> None:
             browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             page = await browser.new_page(viewport={"width": 1280, "height": 900})
             await page.goto(f"http://127.0.0.1:{a.ports['api']}/")
-            await page.wait_for_selector("body[data-ready='1']", timeout=10_000)
+            await login(page, KeyStore(a.node.data).rotate("read"))
             a.peers_changed()
             rows = page.locator("#peers tbody tr")
             b_row = page.locator(f"#peers tr[data-node-id='{b.node.node_id}']")

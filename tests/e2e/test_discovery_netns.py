@@ -68,9 +68,11 @@ def test_nodes_discover_each_other_and_sync_after_accept(namespaces: tuple[str, 
     data = [tmp_path / "a", tmp_path / "b"]
     procs: list[subprocess.Popen[bytes]] = []
     try:
+        keys = []  # the read and admin API keys of each node, shown once by init
         for d in data:
-            subprocess.run(syncnode("init", "--data", str(d)), check=True, capture_output=True,
-                           timeout=60)
+            init = subprocess.run(syncnode("init", "--data", str(d), "--json"), check=True,
+                                  capture_output=True, text=True, timeout=60)
+            keys.append(json.loads(init.stdout)["api_keys"])
         src = Path(__import__("pydicom").__file__).parent / "data" / "test_files" / "CT_small.dcm"
         subprocess.run(syncnode("import", "--data", str(data[0]), str(src)), check=True,
                        capture_output=True, timeout=60)
@@ -85,7 +87,8 @@ def test_nodes_discover_each_other_and_sync_after_accept(namespaces: tuple[str, 
                 start_new_session=True))
 
         def discovered(ns: str) -> list[dict[str, object]]:
-            r = in_ns(ns, "curl", "-s", "--max-time", "2",
+            r = in_ns(ns, "curl", "-s", "--max-time", "2", "-H",
+                      f"X-API-Key: {keys[namespaces.index(ns)]['read']}",
                       "http://127.0.0.1:8080/api/v1/discovered")
             return json.loads(r.stdout) if r.returncode == 0 and r.stdout else []
 
@@ -106,8 +109,8 @@ def test_nodes_discover_each_other_and_sync_after_accept(namespaces: tuple[str, 
         assert st_b["peers"] == [] and st_b["instances"] == 0
         # A accepts B through the admin API, B accepts A with the CLI (run inside B's
         # namespace, so the certificate is fetched over the veth link)
-        key_a = (data[0] / "config.toml").read_text().split('"')[1]
-        r = in_ns(namespaces[0], "curl", "-s", "-X", "POST", "-H", f"X-API-Key: {key_a}",
+        r = in_ns(namespaces[0], "curl", "-s", "-X", "POST", "-H",
+                  f"X-API-Key: {keys[0]['admin']}",
                   f"http://127.0.0.1:8080/api/v1/discovered/{ids[1]}/accept")
         assert '"pinned": true' in r.stdout, r.stdout
         r = in_ns(namespaces[1], *syncnode("peer", "accept", "--data", str(data[1]), ids[0]),
@@ -117,8 +120,8 @@ def test_nodes_discover_each_other_and_sync_after_accept(namespaces: tuple[str, 
         roots: list[str] = []
         while time.monotonic() < deadline:
             roots = []
-            for ns in namespaces:
-                r = in_ns(ns, "curl", "-s", "--max-time", "2",
+            for ns, key in zip(namespaces, keys, strict=True):
+                r = in_ns(ns, "curl", "-s", "--max-time", "2", "-H", f"X-API-Key: {key['read']}",
                           "http://127.0.0.1:8080/api/v1/status")
                 roots.append(json.loads(r.stdout)["merkle_root"] if r.stdout else "")
             if roots[0] and roots[0] == roots[1]:
