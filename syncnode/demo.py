@@ -126,7 +126,8 @@ async def _demo(workdir: Path, duration: float | None, console: Console) -> bool
         ra.peers_changed()
     for name, r in zip(NAMES, running, strict=True):
         console.print(f"  {name:9} node {r.node.node_id.short}  dashboard "
-                      f"http://127.0.0.1:{r.ports['api']}/")
+                      f"http://127.0.0.1:{r.ports['api']}/  read key "
+                      f"{r.node.new_api_keys.get('read', '(see syncnode apikey)')}")
     study = workdir / "study"
     size = await asyncio.to_thread(make_study, study)
     report = await asyncio.to_thread(import_paths, nodes[0], [study])
