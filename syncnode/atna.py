@@ -96,6 +96,7 @@ EVENTS: dict[str, tuple[Code, str, Code | None, str | None]] = {
     "trust-add": (SECURITY_ALERT, "E", _dcm("110129", "Security Configuration"), None),
     "trust-remove": (SECURITY_ALERT, "E", _dcm("110129", "Security Configuration"), None),
     "trust-accept": (SECURITY_ALERT, "E", _dcm("110129", "Security Configuration"), None),
+    "config-changed": (SECURITY_ALERT, "E", _dcm("110131", "Software Configuration"), None),
     "connection-refused": (SECURITY_ALERT, "E", _dcm("110126", "Node Authentication"),
                            None),
     "login": (USER_AUTHENTICATION, "E", _dcm("110122", "Login"), None),

@@ -88,6 +88,7 @@ ACTIONS = frozenset({
     "query",                              # C-FIND or QIDO (keys only)
     "deleted",                            # tombstones written (rm, API delete)
     "trust-add", "trust-remove", "trust-accept",  # the trust list changed
+    "config-changed",                     # settings changed (admin API)
     "connection-refused",                 # a peer or DICOM connection refused
     "login",                              # an admin API credential checked
     "audit-recovered", "audit-dropped",   # the trail itself

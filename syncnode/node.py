@@ -204,7 +204,7 @@ class RunningNode:
                            ) -> None:
         s = self.settings
         self.feed = EventFeed()
-        self.admin = AdminAPI(self.service, self.feed)
+        self.admin = AdminAPI(self.service, self.feed, audit=self.audit)
         self.admin.extra_names = names
         runner, site = await start_listener(self.admin.app, s.api_host, s.api_port,
                                             limits=self.limits, ssl_context=ssl_context)

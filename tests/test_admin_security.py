@@ -32,6 +32,7 @@ from syncnode.apikeys import KEYS_FILE, KeyStore
 from syncnode.importer import import_paths
 from syncnode.local import LocalNode
 from syncnode.node import RunningNode
+from syncnode.nodeid import NodeId
 
 CURL = shutil.which("curl")
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
@@ -77,7 +78,7 @@ async def node(tmp_path: Path) -> AsyncIterator[Node]:
 
 def request_for(path: str, method: str, sop: str) -> tuple[str, dict | None]:
     """A concrete URL path and JSON body for an operation of the document."""
-    untrusted = "MFZWI3D-BONSGYC-YLTMRWG-C43ENR5-QXGZDMM-FZWI3DB-ONSGYCY-LTMRWGC"
+    untrusted = str(NodeId(bytes(range(32))))  # a valid id nobody here trusts
     concrete = path.replace("{node_id}", untrusted)
     # DELETE of a UID no instance has: the admin key gets 404, nothing is deleted
     concrete = concrete.replace("{sop_uid}", sop if method == "get" else "1.2.3.4.5.6")
@@ -399,3 +400,41 @@ class _Pinned(aiohttp.abc.AbstractResolver):
 
     async def close(self) -> None:
         await self.inner.close()
+
+
+async def test_api_actions_are_in_the_audit_trail_with_their_actor(node: Node) -> None:
+    from syncnode.audit import AUDIT_DIR, read_entries
+
+    base = {"X-API-Key": node.admin_key}
+    read = {"X-API-Key": node.read_key}
+    assert (await call_aiohttp(node, "post", "/api/v1/session", read, None))[0] == 201
+    assert (await call_aiohttp(node, "post", "/api/v1/session",
+                               {"X-API-Key": WRONG}, None))[0] == 403
+    assert (await call_aiohttp(node, "get", f"/api/v1/instances/{node.sop}/file", read,
+                               None))[0] == 200
+    assert (await call_aiohttp(node, "patch", "/api/v1/config", base,
+                               {"sync_interval": 3.0}))[0] == 200
+    assert (await call_aiohttp(node, "delete", f"/api/v1/instances/{node.sop}", base,
+                               None))[0] == 200
+    stranger = NodeId(bytes(range(32)))
+    assert (await call_aiohttp(node, "delete", f"/api/v1/nodes/{stranger}", base,
+                               None))[0] == 404
+    data = node.running.node.data
+    await node.running.stop()  # flushes the trail's queue
+    entries = [e for e in read_entries(data / AUDIT_DIR, None, None)
+               if e["actor"].startswith("api:")]
+    store = KeyStore(data)
+    read_fp, admin_fp = store.fingerprint(node.read_key), store.fingerprint(node.admin_key)
+    got = [(e["action"], e["outcome"], e["actor"]) for e in entries]
+    assert got == [
+        ("login", "success", f"api:read-key:{read_fp}"),
+        ("login", "failure", f"api:unknown-key:{store.fingerprint(WRONG)}"),
+        ("downloaded", "success", f"api:read-key:{read_fp}"),
+        ("config-changed", "success", f"api:admin-key:{admin_fp}"),
+        ("deleted", "success", f"api:admin-key:{admin_fp}"),
+        ("trust-remove", "failure", f"api:admin-key:{admin_fp}"),
+    ], got
+    assert entries[2]["sops"] == [node.sop] and entries[4]["sops"] == [node.sop]
+    assert entries[3]["subject"] == "sync_interval"
+    trail = b"".join(p.read_bytes() for p in (data / AUDIT_DIR).iterdir() if p.is_file())
+    assert node.patient_id.encode() not in trail and node.read_key.encode() not in trail

@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from ..apikeys import KeyStore
+from ..audit import AuditLog
 from ..ids import check_uid
 from ..service import Conflict, NodeService, NotFound, ServiceError, UsageError
 from . import auth
@@ -91,12 +92,14 @@ class AdminAPI:
 
     body_timeout = BODY_READ_TIMEOUT  # tests shorten it on an instance
 
-    def __init__(self, service: NodeService, feed: EventFeed) -> None:
+    def __init__(self, service: NodeService, feed: EventFeed,
+                 audit: AuditLog | None = None) -> None:
         if service.runtime is None:
             raise TypeError("the admin API serves a running node: give the service a runtime")
         self.service = service
         self.runtime = service.runtime
         self.feed = feed
+        self.audit = audit
         self.keys = KeyStore(service.node.data)
         self.sessions = auth.Sessions()
         self.roles = auth.route_roles(OPENAPI)
@@ -197,8 +200,9 @@ class AdminAPI:
             if given:
                 role = self._key_role(given)
                 if role is None:
-                    self._audit("authenticate", "unknown-key", "failure",
-                                route=f"{request.method} {template}")
+                    self._audit("login", f"unknown-key:{self.keys.fingerprint(given)}",
+                                "failure", reason="wrong key",
+                                subject=f"{request.method} {template}")
                     return _error(403, "wrong API key")
                 request[ACTOR] = f"{role}-key:{self.keys.fingerprint(given)}"
             else:
@@ -222,12 +226,12 @@ class AdminAPI:
         except ServiceError as exc:
             return _error(_STATUS.get(type(exc), 400), str(exc))
 
-    def _audit(self, action: str, actor: str, outcome: str, **fields: Any) -> None:
-        """The one place where the admin API reports what was done by whom, for the audit
-        trail (``syncnode.audit.AuditLog.record`` goes here). UIDs, ids and hashes only:
-        never patient data."""
-        log.info("audit action=%s actor=%s outcome=%s %s", action, actor, outcome,
-                 " ".join(f"{k}={v}" for k, v in sorted(fields.items())))
+    def _audit(self, action: str, actor: str, outcome: str, **details: Any) -> None:
+        """The one place where the admin API reports what was done by whom: an entry of
+        the node's audit trail (queued, never blocks), actor ``api:<role>-<key or
+        session>:<key fingerprint>``. UIDs, ids and hashes only: never patient data."""
+        if self.audit is not None:
+            self.audit.record(action, f"api:{actor}", outcome, **details)
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
@@ -288,7 +292,6 @@ class AdminAPI:
 
     async def close_session(self, request: web.Request) -> web.Response:
         self.sessions.close(request.cookies.get(auth.SESSION_COOKIE))
-        self._audit("logout", request[ACTOR], "success")
         resp = web.json_response({"closed": request.get(SESSION) is not None})
         resp.del_cookie(auth.SESSION_COOKIE, path="/")
         return resp
@@ -317,18 +320,18 @@ class AdminAPI:
             added = await self.service.add_peer(body.get("node_id", ""), body.get("url", ""),
                                                 body.get("push", "auto"))
         except ServiceError as exc:
-            self._audit("trust.add", request[ACTOR], "failure", reason=type(exc).__name__)
+            self._audit("trust-add", request[ACTOR], "failure", reason=type(exc).__name__)
             raise
-        self._audit("trust.add", request[ACTOR], "success", peer=added.node_id.compact)
+        self._audit("trust-add", request[ACTOR], "success", subject=added.node_id.compact)
         return web.json_response(added.to_dict(), status=201)
 
     async def remove_node(self, request: web.Request) -> web.Response:
         try:
             peer = await self._run(self.service.remove_peer, request.match_info["node_id"])
         except ServiceError as exc:
-            self._audit("trust.remove", request[ACTOR], "failure", reason=type(exc).__name__)
+            self._audit("trust-remove", request[ACTOR], "failure", reason=type(exc).__name__)
             raise
-        self._audit("trust.remove", request[ACTOR], "success", peer=peer.compact)
+        self._audit("trust-remove", request[ACTOR], "success", subject=peer.compact)
         return web.json_response({"removed": str(peer)})
 
     async def discovered(self, request: web.Request) -> web.Response:
@@ -338,9 +341,9 @@ class AdminAPI:
         try:
             added = await self.service.accept_peer(request.match_info["node_id"])
         except ServiceError as exc:
-            self._audit("trust.accept", request[ACTOR], "failure", reason=type(exc).__name__)
+            self._audit("trust-accept", request[ACTOR], "failure", reason=type(exc).__name__)
             raise
-        self._audit("trust.accept", request[ACTOR], "success", peer=added.node_id.compact)
+        self._audit("trust-accept", request[ACTOR], "success", subject=added.node_id.compact)
         return web.json_response(added.to_dict(), status=201)
 
     async def instances(self, request: web.Request) -> web.Response:
@@ -379,18 +382,18 @@ class AdminAPI:
         try:
             result = await self._run(self.service.delete, [request.match_info["sop_uid"]])
         except ServiceError as exc:
-            self._audit("delete", request[ACTOR], "failure", reason=type(exc).__name__)
+            self._audit("deleted", request[ACTOR], "failure", reason=type(exc).__name__)
             raise
-        self._audit("delete", request[ACTOR], "success", tombstones=len(result.inserted),
-                    sop_instance_uid=request.match_info["sop_uid"])
+        self._audit("deleted", request[ACTOR], "success", instances=len(result.inserted),
+                    sops=[request.match_info["sop_uid"]])
         return web.json_response({"tombstones": result.inserted,
                                   "freed_blobs": sorted(result.freed_blobs)})
 
     async def instance_file(self, request: web.Request) -> web.StreamResponse:
         inst = await self._run(self.service.instance, request.match_info["sop_uid"])
         sop = inst.sop_instance_uid
-        self._audit("download", request[ACTOR], "success", sop_instance_uid=sop,
-                    blob=inst.blob)
+        self._audit("downloaded", request[ACTOR], "success", sops=[sop], blobs=[inst.blob],
+                    bytes=inst.size)
         resp = web.StreamResponse(headers={
             "Content-Type": "application/dicom", "Content-Length": str(inst.size),
             "Content-Disposition": f'attachment; filename="{sop}.dcm"', "ETag": inst.blob})
@@ -413,9 +416,11 @@ class AdminAPI:
         try:
             result = await self._run(self.service.patch_config, changes)
         except ServiceError:
-            self._audit("config", request[ACTOR], "failure", keys=",".join(sorted(changes)))
+            self._audit("config-changed", request[ACTOR], "failure",
+                        subject=",".join(sorted(map(str, changes)))[:300])
             raise
-        self._audit("config", request[ACTOR], "success", keys=",".join(sorted(changes)))
+        self._audit("config-changed", request[ACTOR], "success",
+                    subject=",".join(sorted(changes))[:300])
         return web.json_response(result)
 
     async def events(self, request: web.Request) -> web.Response:
