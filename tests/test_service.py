@@ -18,6 +18,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from syncnode.apikeys import KeyStore
 from syncnode.local import LocalNode
 from syncnode.nodeid import NodeId
 from syncnode.protocol import InvalidPeerURL, parse_peer_url
@@ -144,10 +145,14 @@ def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
                           env={**env, "NO_COLOR": "1"}, timeout=60, check=False)
 
 
+def admin_key(running_node) -> str:
+    return KeyStore(running_node.node.data).rotate("admin")
+
+
 async def api_post(running_node, path: str, body: dict[str, str]) -> tuple[int, dict]:
     url = f"http://127.0.0.1:{running_node.ports['api']}{path}"
     async with aiohttp.ClientSession() as s, s.post(
-            url, json=body, headers={"X-API-Key": running_node.settings.api_key}) as r:
+            url, json=body, headers={"X-API-Key": admin_key(running_node)}) as r:
         return r.status, await r.json()
 
 
@@ -222,7 +227,9 @@ def test_a_node_service_without_runtime_reads_the_config_file(tmp_path: Path) ->
     assert svc.patch_config({"sync_interval": 7.5}) == {"changed": ["sync_interval"],
                                                         "restart_required": []}
     shown = svc.config()["config"]
-    assert shown["sync_interval"] == 7.5 and shown["api_key"] == "***"
+    assert shown["sync_interval"] == 7.5 and shown["api_key"] == ""  # keys: not settings
+    with pytest.raises(UsageError, match="apikey rotate"):
+        svc.patch_config({"api_key": "k" * 20})
     a.close()
 
 
@@ -234,10 +241,10 @@ async def test_a_bad_setting_is_refused_by_cli_and_api_alike(new_node, running) 
     ra = await running(a)
     url = f"http://127.0.0.1:{ra.ports['api']}/api/v1/config"
     async with aiohttp.ClientSession() as s, s.patch(
-            url, json={"ae_title": "X" * 20}, headers={"X-API-Key": ra.settings.api_key}) as r:
+            url, json={"ae_title": "X" * 20}, headers={"X-API-Key": admin_key(ra)}) as r:
         status, body = r.status, await r.json()
     assert status == 400 and " ".join(proc.stderr.split()) == f"error: {body['error']}"
     proc = cli("config", "set", "--data", a.data, "sync_interval", "2.5")
     assert proc.returncode == 0
     shown = json.loads(cli("config", "show", "--data", a.data, "--json").stdout)
-    assert shown["config"]["sync_interval"] == 2.5 and shown["config"]["api_key"] == "***"
+    assert shown["config"]["sync_interval"] == 2.5 and shown["config"]["api_key"] == ""
