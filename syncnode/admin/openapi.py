@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..service import PUSH_MODES
+
 _ERR = {"description": "error", "content": {"application/json": {"schema": {
     "$ref": "#/components/schemas/Error"}}}}
 _KEY = [{"apiKey": []}, {"session": []}]
@@ -93,8 +95,8 @@ OPENAPI: dict[str, Any] = {
                          "schema": {"type": "object", "required": ["node_id", "url"],
                                     "properties": {"node_id": {"type": "string"},
                                                    "url": {"type": "string"},
-                                                   "push": {"type": "string", "enum": [
-                                                       "auto", "always", "never"]}}}}}},
+                                                   "push": {"type": "string",
+                                                            "enum": list(PUSH_MODES)}}}}}},
                      "responses": {"201": _json(_OBJ, "trusted"), "400": _ERR, "401": _ERR,
                                    "403": _ERR, "409": _ERR}},
         },
