@@ -438,3 +438,35 @@ async def test_api_actions_are_in_the_audit_trail_with_their_actor(node: Node) -
     assert entries[3]["subject"] == "sync_interval"
     trail = b"".join(p.read_bytes() for p in (data / AUDIT_DIR).iterdir() if p.is_file())
     assert node.patient_id.encode() not in trail and node.read_key.encode() not in trail
+
+
+async def test_apikey_command_shows_and_rotates_for_a_running_node(node: Node) -> None:
+    exe = shutil.which("syncnode")
+    assert exe is not None
+    data = str(node.running.node.data)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SYNCNODE_")},
+           "NO_COLOR": "1"}
+
+    async def cli(*args: str) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(exe, *args, "--data", data, env=env,
+                                                    stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        return proc.returncode or 0, (out + err).decode()
+
+    rc, shown = await cli("apikey", "show", "--json")
+    store = KeyStore(data)
+    assert rc == 0 and sorted((k["role"], k["fingerprint"]) for k in json.loads(shown)) == \
+        sorted([("admin", store.fingerprint(node.admin_key)),
+                ("read", store.fingerprint(node.read_key))])
+    assert node.read_key not in shown and node.admin_key not in shown
+    rc, out = await cli("apikey", "rotate", "read", "--json")
+    new = json.loads(out)["key"]
+    assert rc == 0 and new.startswith("snk-read-") and new != node.read_key
+    old_status = (await call_aiohttp(node, "get", "/api/v1/status",
+                                     {"X-API-Key": node.read_key}, None))[0]
+    new_status = (await call_aiohttp(node, "get", "/api/v1/status",
+                                     {"X-API-Key": new}, None))[0]
+    assert (old_status, new_status) == (403, 200)
+    rc, out = await cli("apikey", "rotate", "owner")
+    assert rc == 2 and "read or admin" in out
