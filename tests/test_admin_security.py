@@ -470,3 +470,17 @@ async def test_apikey_command_shows_and_rotates_for_a_running_node(node: Node) -
     assert (old_status, new_status) == (403, 200)
     rc, out = await cli("apikey", "rotate", "owner")
     assert rc == 2 and "read or admin" in out
+
+
+async def test_a_refused_config_change_naming_anything_is_400_and_on_record(node: Node) -> None:
+    from syncnode.audit import AUDIT_DIR, read_entries
+
+    admin = {"X-API-Key": node.admin_key}
+    for body in ({"ë\x1c": 1}, {"sync_interval": -1, "é": 2}):
+        status, data, _ = await call_aiohttp(node, "patch", "/api/v1/config", admin, body)
+        assert status == 400, data  # found by schemathesis: was a 500 from the audit call
+    data_dir = node.running.node.data
+    await node.running.stop()
+    entries = [e for e in read_entries(data_dir / AUDIT_DIR, None, "config-changed")]
+    assert [(e["outcome"], e.get("subject"), e["count"]) for e in entries] == [
+        ("failure", None, 1), ("failure", "sync_interval", 2)]
