@@ -35,6 +35,7 @@ a counter in the low 16. It never goes backwards and moves past every clock it o
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 import time
@@ -43,7 +44,7 @@ from typing import Any, Literal
 
 import blake3
 
-from .ids import check_hash, check_uid, is_hash
+from .ids import check_hash, check_uid, is_hash, is_uid
 
 EVENT_VERSION = 2  # signed events; version 1 is the unsigned legacy form
 LEGACY_VERSION = 1
@@ -56,6 +57,7 @@ MAX_REMOVES = 10_000
 REMOVES_PER_DELETE = 500  # a local delete naming more versions is split (stays < 64 KiB)
 _ATTR_MAX = 64  # longest allowed patient id / modality / date / TS string
 _BAD_CHARS = re.compile("[\x00-\x1f\ud800-\udfff]")  # control characters, lone surrogates
+_DATE = re.compile("[0-9]{8}")
 
 
 class InvalidEvent(ValueError):
@@ -156,6 +158,32 @@ def _str(obj: dict[str, Any], key: str, *, max_len: int = _ATTR_MAX) -> str:
     return value
 
 
+def _study_date(obj: dict[str, Any]) -> str:
+    """``study_date``: empty or a real calendar date as DICOM DA ``YYYYMMDD``."""
+    value = _str(obj, "study_date")
+    if value and not _is_date(value):
+        raise InvalidEvent("field 'study_date' must be empty or a date YYYYMMDD")
+    return value
+
+
+def _is_date(text: str) -> bool:
+    if not _DATE.fullmatch(text):
+        return False
+    try:
+        datetime.date(int(text[:4]), int(text[4:6]), int(text[6:]))
+    except ValueError:
+        return False
+    return True
+
+
+def _transfer_syntax(obj: dict[str, Any]) -> str:
+    """``transfer_syntax_uid``: empty or a UID."""
+    value = _str(obj, "transfer_syntax_uid")
+    if value and not is_uid(value):
+        raise InvalidEvent("field 'transfer_syntax_uid' must be empty or a UID")
+    return value
+
+
 def _int(obj: dict[str, Any], key: str) -> int:
     value = obj.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
@@ -202,8 +230,8 @@ def decode(body: bytes) -> Event:
                 study_instance_uid=check_uid(obj.get("study_instance_uid"),
                                              "Study Instance UID"),
                 patient_id=_str(obj, "patient_id"), modality=_str(obj, "modality"),
-                study_date=_str(obj, "study_date"),
-                transfer_syntax_uid=_str(obj, "transfer_syntax_uid"), sig=sig,
+                study_date=_study_date(obj),
+                transfer_syntax_uid=_transfer_syntax(obj), sig=sig,
             )
         elif kind == "delete":
             expected = set(DeleteEvent.__slots__) | {"v"}

@@ -33,9 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
+from . import events as ev
 from .authority import Policy
 from .blobstore import BlobDamage, BlobError, BlobStore, LocalStoreError, StoreFull
-from .catalog import ApplyResult, Catalog
+from .catalog import ApplyResult, Catalog, put_contradictions
+from .dicomfile import InstanceInfo, InvalidDicom, inspect_file
+from .ids import is_hash
 from .nodeid import NodeId
 
 if TYPE_CHECKING:
@@ -200,8 +203,53 @@ class LocalNode:
     # -- deleting ------------------------------------------------------------------------
     def apply(self, pairs: Iterable[tuple[str, bytes]]) -> ApplyResult:
         """Apply events received from a peer ((id, body) pairs; a put only if its blob is
-        here or it is already removed) and remove the blobs they freed."""
-        return self.collect(self.catalog.apply(pairs, blob_present=self.store.has))
+        here or it is already removed) and remove the blobs they freed.
+
+        Puts must match their bytes (:meth:`refuse_untrue_puts`): one that does not is
+        refused, listed in ``rejected`` and ``refused``, and changes nothing."""
+        pairs = list(pairs)
+        refused = self.refuse_untrue_puts(pairs)
+        if refused:
+            pairs = [(e, b) for e, b in pairs if e not in refused]
+        result = self.collect(self.catalog.apply(pairs, blob_present=self.store.has))
+        result.rejected.update(refused)
+        result.refused.update(refused)
+        return result
+
+    def refuse_untrue_puts(self, pairs: Iterable[tuple[str, bytes]]) -> dict[str, str]:
+        """The peer's put events (new to this node, blob present) whose blob is not the
+        instance they claim: the blob is inspected as ``import`` inspects a file
+        (:func:`syncnode.dicomfile.inspect_file`) and its indexed attributes compared with
+        the event's (:func:`syncnode.catalog.put_contradictions`). Returns id -> reason
+        (field names and UIDs only, never patient data). Events that do not decode are
+        left to the catalog, which rejects them."""
+        refused: dict[str, str] = {}
+        seen: dict[str, InstanceInfo | InvalidDicom] = {}  # blob -> what it holds
+        for eid, body in pairs:
+            try:
+                event = ev.decode(body)
+            except ev.InvalidEvent:
+                continue
+            if (not isinstance(event, ev.PutEvent) or not is_hash(eid)
+                    or not self.store.has(event.blob) or self.catalog.has_event(eid)):
+                continue
+            held = seen.get(event.blob)
+            if held is None:
+                try:
+                    held = inspect_file(self.store.path(event.blob))
+                except InvalidDicom as exc:
+                    held = exc
+                seen[event.blob] = held
+            if isinstance(held, InvalidDicom):
+                refused[eid] = (f"put {event.sop_instance_uid}: blob {event.blob} is not a "
+                                f"DICOM instance ({held.reason})")
+                continue
+            wrong = put_contradictions(event, held.to_dict())
+            if wrong:
+                shown = ", ".join(wrong)
+                refused[eid] = (f"put {event.sop_instance_uid}: blob {event.blob} holds "
+                                f"another instance (differs in {shown})")
+        return refused
 
     def collect(self, result: ApplyResult) -> ApplyResult:
         """Remove the blobs a batch of events freed."""

@@ -54,7 +54,7 @@ from .blobstore import (
     StagedBlob,
     StoreFull,
 )
-from .catalog import Catalog
+from .catalog import Catalog, PutMismatch
 from .introduction import introduce, refused_our_certificate
 from .local import LocalNode, local_errors, offload
 from .nodeid import NodeId
@@ -132,10 +132,14 @@ def _studies_needed(waiting: Iterable[list[tuple[str, bytes, ev.PutEvent]]]
     return dict(sorted(per.items(), key=lambda kv: -kv[1][1])[:STUDIES_SHOWN])
 
 
-def _rejection(rejected: dict[str, str]) -> ProtocolError:
-    """The error for events the catalog refused (id -> reason)."""
-    eid, why = next(iter(rejected.items()))
-    return ProtocolError(f"{len(rejected)} events rejected, e.g. {eid}: {why}")
+def _rejection(rejected: dict[str, str], refused: Collection[str] = ()
+               ) -> ProtocolError | PutMismatch:
+    """The error for events the catalog refused (id -> reason); :class:`PutMismatch` when
+    some are puts their blob contradicts (``refused``: ApplyResult.refused)."""
+    untrue = [e for e in rejected if e in refused]
+    eid = untrue[0] if untrue else next(iter(rejected))
+    message = f"{len(rejected)} events rejected, e.g. {eid}: {rejected[eid]}"
+    return PutMismatch(message) if untrue else ProtocolError(message)
 
 
 class PeerLacksBlob(ProtocolError):
@@ -728,7 +732,7 @@ class PeerSync:
         result = await offload(self.node.apply, pairs)
         if result.rejected:
             self.state.integrity_errors += len(result.rejected)
-            raise _rejection(result.rejected)
+            raise _rejection(result.rejected, result.refused)
         if result.inserted:
             self.engine.changed(exclude={self})
 
@@ -1030,7 +1034,7 @@ class Installer:
             bad = {e: result.rejected[e] for e, _ in a.pairs if e in result.rejected}
             if bad and not a.done.done():
                 a.peer.state.integrity_errors += len(bad)
-                a.done.set_exception(_rejection(bad))
+                a.done.set_exception(_rejection(bad, result.refused))
         if result.inserted:
             self.engine.changed(exclude={a.peer for a in batch})
 

@@ -315,17 +315,47 @@ def node_processes() -> Iterator[list[NodeProcess]]:
 
 
 # -- catalogs without DICOM files (for many events) --------------------------------------
+def _element(tag: int, vr: bytes, value: bytes) -> bytes:
+    if len(value) % 2:
+        value += b"\0" if vr == b"UI" else b" "
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+
+
+def tiny_dicom(sop: str, study: str, series: str, note: str) -> bytes:
+    """A minimal valid Part-10 CT instance (one pixel), encoded by hand: thousands of
+    them cost milliseconds. ``note`` (Image Comments) makes the bytes differ per node."""
+    from syncnode.dicom.scp import file_meta_bytes
+
+    body = b"".join([
+        _element(0x00080016, b"UI", CT_IMAGE_STORAGE.encode()),
+        _element(0x00080018, b"UI", sop.encode()),
+        _element(0x0020000D, b"UI", study.encode()),
+        _element(0x0020000E, b"UI", series.encode()),
+        _element(0x00204000, b"LT", note.encode()),
+        _element(0x00280002, b"US", struct.pack("<H", 1)),  # one 1x1 16-bit pixel
+        _element(0x00280004, b"CS", b"MONOCHROME2"),
+        _element(0x00280010, b"US", struct.pack("<H", 1)),
+        _element(0x00280011, b"US", struct.pack("<H", 1)),
+        _element(0x00280100, b"US", struct.pack("<H", 16)),
+        _element(0x00280101, b"US", struct.pack("<H", 16)),
+        _element(0x00280102, b"US", struct.pack("<H", 15)),
+        _element(0x00280103, b"US", struct.pack("<H", 0)),
+        struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, 2) + b"\0\0",
+    ])
+    return file_meta_bytes(CT_IMAGE_STORAGE, sop, str(ExplicitVRLittleEndian)) + body
+
+
 def add_instances(node: LocalNode, sops: list[str], study: str | None = None) -> list[str]:
-    """Put one small blob per SOP Instance UID (any bytes will do for the catalog); return
-    the put event ids."""
+    """Put one small DICOM instance per SOP Instance UID (:func:`tiny_dicom`); return the
+    put event ids."""
+    from syncnode.dicomfile import inspect_bytes
+
     study = study or uid(99)
     items = []
     for sop in sops:
-        info = node.store.put_bytes(f"instance {sop} of {node.node_id}".encode(),
-                                    sync_dir=False)
-        items.append(({"sop_instance_uid": sop, "sop_class_uid": CT_IMAGE_STORAGE,
-                       "study_instance_uid": study, "series_instance_uid": study + ".1"},
-                      info))
+        data = tiny_dicom(sop, study, study + ".1", f"instance of {node.node_id.compact}")
+        info = node.store.put_bytes(data, sync_dir=False)
+        items.append((inspect_bytes(data).to_dict(), info))
     node.store.flush_dirs()
     return [eid for eid, _new in node.catalog.add_local_puts(items, blob_present=node.store.has)]
 

@@ -10,6 +10,7 @@ peers, and the read models the DICOM bridge needs). No other module runs SQL.
 """
 
 from .core import (
+    INDEXED_FIELDS,
     PUT_COLUMNS,
     ApplyResult,
     BlobNotPresent,
@@ -18,12 +19,16 @@ from .core import (
     InvalidLocalPut,
     LocalPut,
     NoSigner,
+    PutMismatch,
     SameInstance,
+    indexed_attributes,
+    put_contradictions,
 )
 from .schema import SCHEMA_VERSION, CatalogError, SchemaTooNew, open_database
 
 __all__ = [
-    "PUT_COLUMNS", "SCHEMA_VERSION", "ApplyResult", "BlobNotPresent", "Catalog", "CatalogError",
-    "Instance", "InvalidLocalPut", "LocalPut", "NoSigner", "SameInstance", "SchemaTooNew",
-    "open_database",
+    "INDEXED_FIELDS", "PUT_COLUMNS", "SCHEMA_VERSION", "ApplyResult", "BlobNotPresent",
+    "Catalog", "CatalogError", "Instance", "InvalidLocalPut", "LocalPut", "NoSigner",
+    "PutMismatch", "SameInstance", "SchemaTooNew", "indexed_attributes", "open_database",
+    "put_contradictions",
 ]

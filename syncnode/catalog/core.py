@@ -55,6 +55,7 @@ from .. import merkle
 from ..authority import Policy
 from ..blobstore import BlobInfo
 from ..ids import InvalidHash, check_hash, check_uid
+from ..protocol import PeerError
 from . import find as find_model
 from .outbox import Outbox
 from .retrieved import Retrieved
@@ -88,6 +89,12 @@ class InvalidLocalPut(CatalogError, ValueError):
     a UID); the message names the field."""
 
 
+class PutMismatch(CatalogError, PeerError):
+    """A peer's put event whose blob is not the DICOM instance it claims to be (another
+    SOP Instance UID, Patient ID, modality... or not DICOM at all): refused, and the peer
+    that sent it is in error. The message names fields and UIDs, never patient data."""
+
+
 @dataclass(frozen=True, slots=True)
 class LocalPut:
     """A put event built by :meth:`Catalog.build_local_puts`. ``event``/``body`` are None
@@ -109,6 +116,8 @@ class ApplyResult:
     inserted: list[str] = field(default_factory=list)  # hex ids of events new to this node
     freed_blobs: set[str] = field(default_factory=set)  # blobs no put references any more
     rejected: dict[str, str] = field(default_factory=dict)  # id -> reason
+    # puts refused because their blob contradicts them (also in ``rejected``)
+    refused: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -626,20 +635,8 @@ class Catalog:
                 if same is not None:
                     out.append(LocalPut(bytes(same[0]).hex()))
                     continue
-                fields = dict(
-                    origin=self.node_id, blob=blob.hash, size=blob.size,
-                    chunks=blob.chunks_root,
-                    sop_class_uid=check_uid(attrs["sop_class_uid"], "SOP Class UID"),
-                    sop_instance_uid=sop,
-                    series_instance_uid=check_uid(attrs["series_instance_uid"],
-                                                  "Series Instance UID"),
-                    study_instance_uid=check_uid(attrs["study_instance_uid"],
-                                                 "Study Instance UID"),
-                    patient_id=_indexed(attrs.get("patient_id", "")),
-                    modality=_indexed(attrs.get("modality", "")),
-                    study_date=_indexed(attrs.get("study_date", "")),
-                    transfer_syntax_uid=_indexed(attrs.get("transfer_syntax_uid", "")),
-                )
+                fields = dict(origin=self.node_id, blob=blob.hash, size=blob.size,
+                              chunks=blob.chunks_root, **indexed_attributes(attrs))
             except KeyError as exc:
                 raise InvalidLocalPut(f"instance attributes lack {exc}") from exc
             event = self._sign(ev.PutEvent(hlc=self._tick(db, persist=persist_clock),
@@ -973,6 +970,36 @@ class Catalog:
         if self.recompute_merkle() != self.merkle_root():
             problems.append("Merkle index does not match the events")
         return problems
+
+
+INDEXED_FIELDS = (
+    "sop_class_uid", "sop_instance_uid", "series_instance_uid", "study_instance_uid",
+    "patient_id", "modality", "study_date", "transfer_syntax_uid",
+)
+
+
+def indexed_attributes(attrs: Mapping[str, str]) -> dict[str, str]:
+    """The indexed attributes a put event carries for an instance whose inspected
+    attributes (:class:`syncnode.dicomfile.InstanceInfo`) are ``attrs``: UIDs checked,
+    text cleaned (:func:`_indexed`). The one rule for building puts and for checking a
+    peer's puts against their bytes (:func:`put_contradictions`)."""
+    return {
+        "sop_class_uid": check_uid(attrs["sop_class_uid"], "SOP Class UID"),
+        "sop_instance_uid": check_uid(attrs["sop_instance_uid"], "SOP Instance UID"),
+        "series_instance_uid": check_uid(attrs["series_instance_uid"], "Series Instance UID"),
+        "study_instance_uid": check_uid(attrs["study_instance_uid"], "Study Instance UID"),
+        "patient_id": _indexed(attrs.get("patient_id", "")),
+        "modality": _indexed(attrs.get("modality", "")),
+        "study_date": _indexed(attrs.get("study_date", "")),
+        "transfer_syntax_uid": _indexed(attrs.get("transfer_syntax_uid", "")),
+    }
+
+
+def put_contradictions(event: ev.PutEvent, attrs: Mapping[str, str]) -> list[str]:
+    """The indexed fields in which a put event differs from what its blob's bytes give
+    (``attrs``: the blob inspected); empty when the put tells the truth."""
+    derived = indexed_attributes(attrs)
+    return [f for f in INDEXED_FIELDS if getattr(event, f) != derived[f]]
 
 
 @dataclass
