@@ -395,6 +395,10 @@ class PeerServer:
             raise BadRequest(str(exc)) from exc
         await self._run(self.catalog.offer_certificates, certs)
         result = await self._run(self.node.apply, pairs)
+        if result.refused:  # puts their blob contradicts: the pusher is told, and the admin
+            eid, why = next(iter(result.refused.items()))
+            log.warning("refused %d pushed puts from %s that do not match their blobs, "
+                        "e.g. %s: %s", len(result.refused), request[PEER_KEY].short, eid, why)
         if result.inserted and self.on_events:
             await self.on_events(result.inserted)
         return web.json_response({"applied": result.inserted, "rejected": result.rejected})
