@@ -53,11 +53,12 @@ def forged_put(node: LocalNode, blob_bytes: bytes, **claims: str) -> str:
               "series_instance_uid": uid(50, 0, 1), "study_instance_uid": uid(50, 0),
               "patient_id": "", "modality": "", "study_date": "",
               "transfer_syntax_uid": "1.2.840.10008.1.2.1", **claims}
-    body = ev.encode(ev.PutEvent(origin=node.node_id.compact, hlc=ev.hlc_tick(0),
-                                 blob=info.hash, size=info.size, chunks=info.chunks_root,
-                                 **fields))
+    body = ev.encode(node.signer.sign(ev.PutEvent(  # signed with the peer's real key
+        origin=node.node_id.compact, hlc=ev.hlc_tick(0), blob=info.hash, size=info.size,
+        chunks=info.chunks_root, **fields)))
     eid = ev.event_id(body)
-    assert node.catalog.apply([(eid, body)], blob_present=node.store.has).inserted == [eid]
+    assert node.catalog.apply([(eid, body)], blob_present=node.store.has,
+                              local=True).inserted == [eid]
     return eid
 
 
