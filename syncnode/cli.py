@@ -605,7 +605,7 @@ def run(
     from . import config as cfg
     from .admin.api import UnsafeBinding
     from .logs import setup_logging
-    from .node import AlreadyRunning
+    from .node import AlreadyRunning, StartFailed
     from .node import run as run_node
 
     node = open_node(data)
@@ -621,7 +621,7 @@ def run(
     setup_logging(settings.log_format, settings.log_level)
     try:
         asyncio.run(run_node(node, settings, duration))
-    except (AlreadyRunning, UnsafeBinding, cfg.ConfigError) as exc:
+    except (AlreadyRunning, UnsafeBinding, cfg.ConfigError, StartFailed) as exc:
         fail(str(exc))
     except OSError as exc:
         fail(f"cannot start: {exc}")
@@ -629,15 +629,20 @@ def run(
 
 @app.command()
 def demo(duration: Annotated[float | None, typer.Option(
-            help="Stop after this many seconds (default: run until Ctrl-C).")] = None,
+            help="Keep the nodes running this many seconds in all, to watch the dashboards "
+                 "(default: stop as soon as they converge).")] = None,
+         timeout: Annotated[float, typer.Option(
+            help="Give up (exit 1) if the nodes have not converged after this many "
+                 "seconds.")] = 300.0,
          keep: Annotated[Path | None, typer.Option(
             help="Use this folder and keep it afterwards (default: a temp folder, removed).")]
          = None) -> None:
     """Start three nodes on loopback, import a generated study at one, watch the others
-    receive it. Exit 0 once all three hold the same catalog."""
+    receive it. Exit 0 once all three hold the same catalog (exit 1 if they do not within
+    --timeout); Ctrl-C stops earlier."""
     from .demo import run_demo
 
-    if not run_demo(duration, keep):
+    if not run_demo(duration, keep, timeout):
         raise typer.Exit(EXIT_PROBLEMS)
 
 

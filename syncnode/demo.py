@@ -107,7 +107,14 @@ def make_study(folder: Path, images: int = 40, size: int = 256, seed: int = 7) -
     return total
 
 
-async def _demo(workdir: Path, duration: float | None, console: Console) -> bool:
+DEFAULT_TIMEOUT = 300.0  # seconds: a demo that has not converged by then has failed
+STOP_SECONDS = 15.0
+
+
+async def _demo(workdir: Path, duration: float | None, console: Console,
+                timeout: float = DEFAULT_TIMEOUT) -> bool:
+    """Run the three nodes until they converge (or ``timeout`` passes); with ``duration``,
+    keep them running that long in all (to watch the dashboards). True if converged."""
     nodes = [LocalNode.init(workdir / name) for name in NAMES]
     for a in nodes:
         for b in nodes:
@@ -138,7 +145,8 @@ async def _demo(workdir: Path, duration: float | None, console: Console) -> bool
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    deadline = time.monotonic() + duration if duration else None
+    started = time.monotonic()
+    deadline = started + (duration if duration else timeout)
     target = nodes[0].catalog.counts()
     converged = False
     with Progress(TextColumn("  {task.description:9}"), BarColumn(), DownloadColumn(),
@@ -146,7 +154,8 @@ async def _demo(workdir: Path, duration: float | None, console: Console) -> bool
                              + " instances"), console=console) as progress:
         tasks = {n.node_id: progress.add_task(name, total=target["blob_bytes"], instances=0)
                  for name, n in zip(NAMES[1:], nodes[1:], strict=True)}
-        while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
+        while not stop.is_set() and time.monotonic() < deadline \
+                and not (converged and not duration):
             for n in nodes[1:]:
                 c = n.catalog.counts()
                 progress.update(tasks[n.node_id], completed=c["blob_bytes"],
@@ -157,25 +166,31 @@ async def _demo(workdir: Path, duration: float | None, console: Console) -> bool
                 progress.stop()
                 console.print("  all three nodes hold the same catalog (Merkle root "
                               f"{next(iter(roots)).digest.hex()[:16]}…)")
-                if deadline is None:
-                    console.print("  nodes keep running; open a dashboard above. Ctrl-C stops.")
+                if duration:
+                    console.print(f"  nodes keep running until {duration:.0f} s; open a "
+                                  "dashboard above. Ctrl-C stops.")
+                continue
             try:
                 await asyncio.wait_for(stop.wait(), 0.2)
             except TimeoutError:
                 pass
-    for r in running:
-        await r.stop()
+    for r in running:  # bounded: the demo ends even if a node is slow to stop
+        try:
+            await asyncio.wait_for(r.stop(), STOP_SECONDS)
+        except TimeoutError:
+            console.print(f"  node {r.node.node_id.short} did not stop within {STOP_SECONDS:.0f} s")
     for n in nodes:
         n.close()
     return converged
 
 
-def run_demo(duration: float | None = None, keep: Path | None = None) -> bool:
+def run_demo(duration: float | None = None, keep: Path | None = None,
+             timeout: float = DEFAULT_TIMEOUT) -> bool:
     console = Console(highlight=False)
     workdir = Path(tempfile.mkdtemp(prefix="syncnode-demo-")) if keep is None else keep
     console.print(f"syncnode demo: three nodes on loopback in {workdir}")
     try:
-        ok = asyncio.run(_demo(workdir, duration, console))
+        ok = asyncio.run(_demo(workdir, duration, console, timeout))
     finally:
         if keep is None:
             shutil.rmtree(workdir, ignore_errors=True)

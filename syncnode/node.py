@@ -46,6 +46,11 @@ class AlreadyRunning(Exception):
     pass
 
 
+class StartFailed(Exception):
+    """A service the settings ask for could not start (e.g. its port is taken): ``run``
+    stops what it started and exits 2 rather than run half a node."""
+
+
 @dataclass
 class RunningNode:
     node: LocalNode
@@ -221,12 +226,12 @@ class RunningNode:
         # (stored instances reach peers through the root watch, woken at once)
         try:
             self.ports["dicom"] = await asyncio.to_thread(bridge.start)
-        except OSError as exc:  # e.g. the port is taken: the node still syncs; say so loudly
-            msg = f"DICOM SCP not started on {self.settings.dicom_host}:" \
-                  f"{self.settings.dicom_port}: {exc.strerror or exc}"
-            log.error("%s", msg)
-            self.status_providers["dicom"] = lambda: {"error": msg}
-            return
+        except OSError as exc:  # e.g. the port is taken: a node without its SCP is refused
+            raise StartFailed(
+                f"DICOM SCP cannot listen on {self.settings.dicom_host}:"
+                f"{self.settings.dicom_port}: {exc.strerror or exc} (another program uses "
+                "the port? choose another with --dicom-port or dicom_port in config.toml)"
+            ) from exc
         self.dicom = bridge
         self.status_providers["dicom"] = bridge.status
 
@@ -396,7 +401,11 @@ class RunningNode:
 
 async def run(node: LocalNode, settings: Settings, duration: float | None = None) -> None:
     running = RunningNode(node, settings)
-    await running.start()
+    try:
+        await running.start()
+    except BaseException:
+        await running.stop()  # what did start (listeners, lock, audit) is closed again
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

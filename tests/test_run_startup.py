@@ -1,0 +1,72 @@
+"""``syncnode run`` refuses to run half a node, and ``syncnode demo`` ends by itself.
+
+A DICOM port already taken by another program makes ``run`` exit 2 with a message naming
+the port and the setting (it used to log and keep running without its SCP); the demo
+exits 0 as soon as its three nodes hold the same catalog, with no ``--duration``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+def cli(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCNODE_")}
+    env["NO_COLOR"] = "1"
+    return subprocess.run([sys.executable, "-m", "syncnode.cli", *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=timeout,
+                          check=False)
+
+
+def test_taken_dicom_port_exits_2(tmp_path: Path) -> None:
+    data = tmp_path / "node"
+    assert cli("init", "--data", data).returncode == 0
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        proc = cli("run", "--data", data, "--dicom-port", str(port), "--peer-port", "0",
+                   "--peer-host", "127.0.0.1", "--api-port", "0", "--no-discovery",
+                   "--duration", "30")
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert time.monotonic() - started < 25  # it stopped at once, not at --duration
+    text = " ".join((proc.stdout + proc.stderr).split())
+    assert "DICOM SCP cannot listen on" in text and f":{port}: " in text, text
+    assert "--dicom-port" in text
+    # what had started was stopped: the data folder can be run again at once
+    again = cli("run", "--data", data, "--dicom-port", "0", "--peer-port", "0",
+                "--peer-host", "127.0.0.1", "--api-port", "0", "--no-discovery",
+                "--duration", "1")
+    assert again.returncode == 0, (again.stdout, again.stderr)
+
+
+@pytest.mark.e2e
+def test_demo_exits_0_by_itself_once_converged() -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "syncnode.cli", "demo", "--timeout", "120"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=150)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    assert proc.returncode == 0, out
+    assert "all three nodes hold the same catalog" in out
+    assert "demo finished: converged" in out
+    assert "Ctrl-C stops" not in out  # it did not wait for an operator
+
+
+def test_demo_gives_up_with_exit_1_at_its_timeout() -> None:
+    proc = cli("demo", "--timeout", "0.5", timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "demo finished: did NOT converge" in proc.stdout
