@@ -653,6 +653,53 @@ def gc(data: DataOpt = DEFAULT_DATA) -> None:
     out.print(f"{node.gc()} blobs removed")
 
 
+# -- service ----------------------------------------------------------------------------------
+service_app = typer.Typer(help="Run the node as a systemd service.", no_args_is_help=True)
+app.add_typer(service_app, name="service")
+
+
+@service_app.command("install")
+def service_install(
+    user: Annotated[str, typer.Option(help="The service's own user (create it first).")]
+    = "syncnode",
+    data: Annotated[Path, typer.Option("--data", "-d", help="Node data folder.")]
+    = Path("/var/lib/syncnode"),
+    unit_dir: Annotated[Path, typer.Option(help="Where systemd reads unit files.")]
+    = Path("/etc/systemd/system"),
+    executable: Annotated[str | None, typer.Option(
+        help="The syncnode executable [the one running this command].")] = None,
+    print_only: Annotated[bool, typer.Option(
+        "--print", help="Print the unit instead of writing it.")] = False,
+) -> None:
+    """Write the hardened systemd unit (syncnode.service) for this data folder, then print
+    the commands that create the user and start the service."""
+    import shutil
+    import sys
+
+    from .unitfile import UnitError, render
+
+    exe = executable or shutil.which("syncnode") or str(Path(sys.argv[0]).resolve())
+    try:
+        text = render(str(Path(exe).absolute()), user, str(data.absolute()))
+    except UnitError as exc:
+        fail(str(exc))
+    if print_only:
+        out.print(text, end="")
+        return
+    target = unit_dir / "syncnode.service"
+    try:
+        unit_dir.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+    except OSError as exc:
+        fail(f"cannot write {target}: {exc.strerror or exc} (run as root, or --print)")
+    d = data.absolute()
+    out.print(f"wrote {target}. Then, as root:\n"
+              f"  useradd --system --home-dir {d} --shell /usr/sbin/nologin {user}\n"
+              f"  install -d -o {user} -g {user} -m 0700 {d}\n"
+              f"  sudo -u {user} {exe} init --data {d}\n"
+              f"  systemctl daemon-reload && systemctl enable --now syncnode\n"
+              f"  journalctl -u syncnode -f")
+
 
 # -- audit trail ------------------------------------------------------------------------------
 audit_app = typer.Typer(help="Read and check the audit trail (who did what, hash-chained).",

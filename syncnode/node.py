@@ -22,6 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
+from . import sdnotify
 from .admin.api import AdminAPI, UnsafeBinding, check_binding
 from .admin.auth import TLSSetupError, https_context, is_loopback
 from .admin.feed import EventFeed
@@ -410,6 +411,12 @@ async def run(node: LocalNode, settings: Settings, duration: float | None = None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    sdnotify.notify(f"READY=1\nSTATUS=node {node.node_id.short}: ports "
+                    + " ".join(f"{k}={v}" for k, v in sorted(running.ports.items())))
+    watchdog = None
+    interval = sdnotify.watchdog_interval()
+    if interval is not None:
+        watchdog = loop.create_task(_watchdog(interval))
     try:
         if duration:
             try:
@@ -420,4 +427,14 @@ async def run(node: LocalNode, settings: Settings, duration: float | None = None
             await stop.wait()
     finally:
         log.info("stopping")
+        sdnotify.notify("STOPPING=1")
+        if watchdog is not None:
+            watchdog.cancel()
         await running.stop()
+
+
+async def _watchdog(interval: float) -> None:
+    """Ping systemd's watchdog while the event loop turns (a hung loop stops the pings)."""
+    while True:
+        sdnotify.notify("WATCHDOG=1")
+        await asyncio.sleep(interval)
