@@ -653,6 +653,62 @@ def gc(data: DataOpt = DEFAULT_DATA) -> None:
     out.print(f"{node.gc()} blobs removed")
 
 
+# -- backup -----------------------------------------------------------------------------------
+@app.command("backup")
+def backup_cmd(
+    dest: Annotated[Path, typer.Argument(help="New (or empty) folder for the backup.")],
+    data: DataOpt = DEFAULT_DATA,
+    copy: Annotated[bool, typer.Option(
+        "--copy", help="Copy blobs even on the same filesystem (default: hard links).")]
+    = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Take a consistent copy of the node while it runs: a catalog snapshot, every blob it
+    references, keys, config, trust pins and the audit trail; backup.json records the
+    Merkle root. Example: syncnode backup --data /srv/syncnode /backup/syncnode-2026-12-06
+    """
+    from .backup import BackupError, backup
+
+    try:
+        manifest = backup(data, dest, copy=copy)
+    except NodeNotInitialised as exc:
+        fail(str(exc))
+    except BackupError as exc:
+        fail(str(exc), EXIT_PROBLEMS)
+    if json_out:
+        print_json(manifest.to_dict())
+        return
+    out.print(f"backup of node {manifest.node_id} in {dest}: {manifest.instances} instances, "
+              f"{manifest.blobs} blobs ({manifest.blob_bytes / 1e6:.1f} MB, "
+              f"{manifest.linked} hard-linked), Merkle root {manifest.merkle_root[:16]}…")
+
+
+@app.command("restore")
+def restore_cmd(
+    backup_dir: Annotated[Path, typer.Argument(help="A folder made by `syncnode backup`.")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="New (or empty) data folder.")],
+    copy: Annotated[bool, typer.Option(
+        "--copy", help="Copy blobs even on the same filesystem (default: hard links).")]
+    = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Make a new data folder from a backup and check its Merkle root against the
+    manifest. The node then catches up from its peers when it runs. Example:
+    syncnode restore /backup/syncnode-2026-12-06 --data /srv/syncnode"""
+    from .backup import BackupError, restore
+
+    try:
+        manifest = restore(backup_dir, data, copy=copy)
+    except BackupError as exc:
+        fail(str(exc), EXIT_PROBLEMS)
+    if json_out:
+        print_json(manifest.to_dict())
+        return
+    out.print(f"restored node {manifest.node_id} into {data}: {manifest.instances} "
+              f"instances, Merkle root {manifest.merkle_root[:16]}… as in the backup of "
+              f"{manifest.created}. Check with: syncnode verify --data {data}")
+
+
 # -- service ----------------------------------------------------------------------------------
 service_app = typer.Typer(help="Run the node as a systemd service.", no_args_is_help=True)
 app.add_typer(service_app, name="service")
