@@ -21,7 +21,7 @@ Every node keeps the same studies, intact, with no central server. The vocabular
 
 import os as _os
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # syncnode does no linear algebra: numpy arrives only with pydicom. Left alone, its
 # OpenBLAS starts a thread per CPU at import, and those threads spin for a while (about

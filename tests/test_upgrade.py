@@ -62,3 +62,13 @@ def test_previous_release_data_folder_status_ls_verify(tmp_path: Path) -> None:
     restore(tmp_path / "backup", tmp_path / "restored")
     again = cli("status", "--data", tmp_path / "restored", "--json")
     assert json.loads(again.stdout)["merkle_root"] == OLD_ROOT
+
+
+def test_version_matches_the_package_and_the_changelog() -> None:
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    version = tomllib.loads((root / "pyproject.toml").read_text())["project"]["version"]
+    shown = cli("--version")
+    assert shown.returncode == 0 and shown.stdout.strip() == f"syncnode {version}"
+    assert f"\n## {version} " in (root / "CHANGELOG.md").read_text()
