@@ -5,7 +5,7 @@ A backup is a folder that is itself a data folder, plus ``backup.json`` (the man
     backup.json          written last: its presence means the backup is complete
     catalog.db           a snapshot of the catalog (SQLite online backup API)
     blobs/               every blob (and chunk list) the snapshot references
-    node.key, node.crt, ca.crt, config.toml, trust/, audit/
+    node.key, node.crt, ca.crt, config.toml, api-keys.json, trust/, audit/
 
 Invariants:
 
@@ -49,7 +49,7 @@ MANIFEST = "backup.json"
 FORMAT = 1
 ATTEMPTS = 5  # snapshots taken at most when blobs keep vanishing under a busy node
 # Small files and folders of the data folder a backup carries (audit: head before logs).
-FILES = ("node.key", "node.crt", "ca.crt", "config.toml")
+FILES = ("node.key", "node.crt", "ca.crt", "config.toml", "api-keys.json")
 FOLDERS = ("trust",)
 
 

@@ -115,6 +115,9 @@ def test_backup_under_load_restores_to_the_manifest_root(tmp_path: Path) -> None
         assert str(node2.node_id) == manifest["node_id"]
     finally:
         node2.close()
+    for name in ("node.key", "node.crt", "config.toml", "api-keys.json"):
+        assert (tmp_path / "restored" / name).read_bytes() == (data / name).read_bytes(), name
+    assert (tmp_path / "restored" / "node.key").stat().st_mode & 0o077 == 0
     checked = cli("verify", "--data", tmp_path / "restored")
     assert checked.returncode == 0, checked.stdout + checked.stderr
     # the copy (not links) works too, and also restores to the same root
