@@ -30,6 +30,7 @@ import itertools
 import os
 import secrets
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,9 @@ from .durable import fsync_dir, sync_filesystem
 from .ids import check_hash
 
 CHUNK_SIZE = 1 << 20
+TRANSFER_SUFFIXES = (".part", ".offer")
+FREE_RESERVE = 8 << 20  # bytes a transfer must leave free (catalog commits, logs)
+LOW_SPACE_TRANSFER_AGE = 600.0  # seconds unwritten before a transfer file goes when short
 DIGEST_SIZE = 32
 _READ_SIZE = CHUNK_SIZE
 
@@ -661,8 +665,10 @@ class BlobStore:
         return existed
 
     # -- housekeeping --------------------------------------------------------------------
-    def clean_tmp(self) -> int:
-        """Remove temp files left by processes that no longer run. Keeps ``.part`` files."""
+    def clean_tmp(self, transfers_older_than: float | None = None) -> int:
+        """Remove temp files left by processes that no longer run, and, with
+        ``transfers_older_than`` (seconds), the ``.part``/``.offer`` files of transfers
+        not written to for that long (abandoned: a live transfer writes every chunk)."""
         removed = 0
         for f in self.tmp_dir.glob("*.tmp"):
             parts = f.name.split("-")
@@ -670,7 +676,48 @@ class BlobStore:
                 continue
             f.unlink(missing_ok=True)
             removed += 1
+        if transfers_older_than is not None:
+            removed += self.clean_transfers(transfers_older_than)[0]
         return removed
+
+    def transfers(self) -> Iterator[tuple[Path, os.stat_result]]:
+        """The files of unfinished transfers: ``<hash>.part`` (a verified prefix) and
+        ``<hash>.offer`` (what a pushing peer announced)."""
+        for f in self.tmp_dir.iterdir():
+            if f.suffix in TRANSFER_SUFFIXES:
+                try:
+                    yield f, f.stat()
+                except FileNotFoundError:
+                    continue  # finished or cleaned meanwhile
+
+    def clean_transfers(self, older_than: float) -> tuple[int, int]:
+        """Remove transfer files not modified for ``older_than`` seconds; (files, bytes)."""
+        cutoff = time.time() - older_than
+        files = size = 0
+        for f, st in list(self.transfers()):
+            if st.st_mtime < cutoff:
+                f.unlink(missing_ok=True)
+                files += 1
+                size += st.st_size
+        return files, size
+
+    def free_bytes(self) -> int:
+        """Space left on the filesystem of the data folder for this process."""
+        st = os.statvfs(self.tmp_dir)
+        return st.f_bavail * st.f_frsize
+
+    def ensure_room(self, size: int, reserve: int = FREE_RESERVE,
+                    stale_after: float = LOW_SPACE_TRANSFER_AGE) -> None:
+        """Raise StoreFull unless ``size`` more bytes fit and ``reserve`` stays free (for
+        the catalog and everything else). When short, transfers abandoned for
+        ``stale_after`` seconds are removed first."""
+        if self.free_bytes() - size >= reserve:
+            return
+        self.clean_transfers(stale_after)
+        free = self.free_bytes()
+        if free - size < reserve:
+            raise StoreFull(f"no space for {size} more bytes: {free} free, {reserve} kept "
+                            "in reserve")
 
     def verify(self, blob_hash: str) -> BlobDamage | None:
         """Re-hash one blob and its chunk list; None when both are intact."""

@@ -374,7 +374,9 @@ def verify(data: DataOpt = DEFAULT_DATA, json_out: JsonOpt = False,
                     "repair": repaired,
                     "bytes_checked": report.bytes_checked,
                     "damaged": [{"blob": d.hash, "reason": d.reason} for d in report.damaged],
-                    "missing": report.missing, "catalog_problems": report.catalog_problems})
+                    "missing": report.missing, "catalog_problems": report.catalog_problems,
+                    "transfer_files": report.transfer_files,
+                    "transfer_bytes": report.transfer_bytes})
     else:
         out.print(f"checked {report.blobs_checked} blobs ({human_bytes(report.bytes_checked)})")
         for d in report.damaged:
@@ -385,6 +387,10 @@ def verify(data: DataOpt = DEFAULT_DATA, json_out: JsonOpt = False,
             out.print(f"  CATALOG {p}")
         for b, how in repaired.items():
             out.print(f"  REPAIR {b}: {how}")
+        if report.transfer_files:
+            out.print(f"  unfinished transfers in tmp/: {report.transfer_files} files "
+                      f"({human_bytes(report.transfer_bytes)}); `syncnode gc` removes "
+                      "abandoned ones")
         out.print("OK" if report.ok else "PROBLEMS FOUND")
     if not report.ok:
         raise typer.Exit(EXIT_PROBLEMS)

@@ -111,6 +111,14 @@ class Settings(BaseSettings):
     sync_interval: float = Field(5.0, gt=0, le=3600,
                                  description="seconds between sync rounds per peer")
     max_pulls: int = Field(8, ge=1, le=64, description="blobs pulled at once per peer")
+    max_blob_size: int = Field(64 << 30, ge=1 << 20,
+                               description="bytes: a peer announcing a larger blob (event or "
+                                           "push offer) is refused before anything is "
+                                           "written")
+    min_pull_rate: int = Field(64 * 1024, ge=1,
+                               description="bytes/s a pull must average: past 60 s plus the "
+                                           "blob's size at this rate it is dropped and the "
+                                           "blob can come from another peer")
     compression: Literal["auto", "on", "off"] = Field(
         "auto", description="zstd on the wire for blob pulls: auto = for peers not on this "
                             "machine and instances not already compressed")

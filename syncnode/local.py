@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import functools
+import os
 import sqlite3
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
@@ -48,6 +50,8 @@ if TYPE_CHECKING:
     from .tls.truststore import TrustStore
 
 CATALOG_FILE = "catalog.db"
+RUN_LOCK = "run.lock"  # held (flock) by `syncnode run` while it uses the folder
+TRANSFER_MAX_AGE = 3600.0  # seconds unwritten before a transfer counts as abandoned
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -113,6 +117,9 @@ class VerifyReport:
     missing: list[str] = field(default_factory=list)  # referenced by the catalog, absent
     catalog_problems: list[str] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)
+    # unfinished transfers in tmp/ (.part, .offer): not damage, but disk a gc can free
+    transfer_files: int = 0
+    transfer_bytes: int = 0
 
     @property
     def ok(self) -> bool:
@@ -264,11 +271,27 @@ class LocalNode:
         return self.collect(self.catalog.delete_study(study_uid))
 
     def gc(self) -> int:
-        """Remove every stored blob no event keeps alive, and stale temp files."""
-        self.store.clean_tmp()
+        """Remove every stored blob no event keeps alive, and stale temp files: the files
+        of unfinished transfers too, all of them when no ``run`` uses this folder, else
+        those not written to for TRANSFER_MAX_AGE."""
+        self.store.clean_tmp(transfers_older_than=TRANSFER_MAX_AGE if self.running() else 0)
         keep = self.catalog.referenced_blobs()
         unreferenced = [h for h in self.store.iter_hashes() if h not in keep]
         return self.catalog.collect_garbage(unreferenced, self.store.delete)
+
+    def running(self) -> bool:
+        """Whether a ``syncnode run`` holds this data folder (its lock on ``run.lock``)."""
+        try:
+            fd = os.open(self.data / RUN_LOCK, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
 
     # -- checking ------------------------------------------------------------------------
     def verify(self, progress: Callable[[str, int], None] | None = None) -> VerifyReport:
@@ -286,5 +309,8 @@ class LocalNode:
                 progress(h, size)
         present = set(self.store.iter_hashes())
         report.missing = sorted(referenced - present)
+        for _f, st in self.store.transfers():
+            report.transfer_files += 1
+            report.transfer_bytes += st.st_size
         report.catalog_problems = self.catalog.check_derived()
         return report

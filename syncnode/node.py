@@ -31,7 +31,7 @@ from .audit import AuditLog
 from .config import Settings
 from .discovery import Discovery
 from .listeners import ListenerLimits, start_listener
-from .local import LocalNode, offload
+from .local import RUN_LOCK, TRANSFER_MAX_AGE, LocalNode, offload
 from .peer_server import PeerServer
 from .safetext import clean_tree
 from .service import NodeService
@@ -81,7 +81,7 @@ class RunningNode:
     _look_now: asyncio.Event = field(default_factory=asyncio.Event)
 
     def _take_lock(self) -> None:
-        fd = os.open(self.node.data / "run.lock", os.O_CREAT | os.O_RDWR, 0o600)
+        fd = os.open(self.node.data / RUN_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
@@ -99,7 +99,8 @@ class RunningNode:
                 os.close(self._lock_fd)
                 self._lock_fd = None
             raise
-        self.node.store.clean_tmp()
+        # abandoned transfers go; recent ones stay, to resume where they stopped
+        self.node.store.clean_tmp(transfers_older_than=TRANSFER_MAX_AGE)
         s = self.settings
         self._start_audit()
         self.node.configure(s)  # the rules for received events
@@ -110,6 +111,7 @@ class RunningNode:
                                       on_notify=self._on_peer_notify)
         self.peer_server.compression = s.compression
         self.peer_server.audit = self.audit
+        self.peer_server.max_blob_size = s.max_blob_size
         runner, site = await start_listener(
             self.peer_server.app, s.peer_host, s.peer_port, limits=self.limits,
             ssl_context=server_ssl_context(self.node.identity, self.node.trust),
@@ -119,6 +121,8 @@ class RunningNode:
         self.ports["peer"] = site.port
         self.engine = SyncEngine(self.node, interval=s.sync_interval, max_pulls=s.max_pulls,
                                  compression=s.compression,
+                                 max_blob_size=s.max_blob_size,
+                                 min_pull_rate=s.min_pull_rate,
                                  blob_locks=self.blob_locks,
                                  last_seen_fn=lambda p: self.peer_server.last_seen.get(p, 0.0)
                                  if self.peer_server else 0.0)
@@ -325,8 +329,11 @@ class RunningNode:
             self.engine.interval = self.settings.sync_interval
             self.engine.max_pulls = self.settings.max_pulls
             self.engine.compression = self.settings.compression
+            self.engine.max_blob_size = self.settings.max_blob_size
+            self.engine.min_pull_rate = self.settings.min_pull_rate
         if self.peer_server:
             self.peer_server.compression = self.settings.compression
+            self.peer_server.max_blob_size = self.settings.max_blob_size
         if self.feed is not None:
             self.feed.publish("config", keys=sorted(changes))
 

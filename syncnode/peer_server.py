@@ -30,7 +30,7 @@ from aiohttp import web
 
 from . import merkle, protocol, wire
 from .audit import AuditLog
-from .blobstore import CHUNK_SIZE, BlobError, BlobMissing, StoreFull
+from .blobstore import CHUNK_SIZE, BlobError, BlobHashMismatch, BlobMissing, StoreFull
 from .catalog import Catalog
 from .ids import InvalidHash, check_hash
 from .introduction import serve_introduction
@@ -44,6 +44,8 @@ BODY_READ_TIMEOUT = 60.0
 MIN_PUSH_RATE = 64 * 1024  # bytes/s a pushed blob must average (plus BODY_READ_TIMEOUT)
 SMALL_RESPONSE = CHUNK_SIZE  # blob answers up to this size are read whole, then sent
 MAX_BLOB_SIZE = 1 << 40  # default bound on one pushed blob (see the max_blob_size setting)
+MAX_PENDING_OFFERS = 2 * protocol.MAX_OFFER  # offered blobs not yet pushed, per peer
+OFFER_TTL = 3600.0  # seconds an offer stays pending (its files: see BlobStore.clean_tmp)
 SERVER_THREADS = 2  # worker threads for the handlers' blocking calls
 PEER_KEY: web.RequestKey[NodeId] = web.RequestKey("peer", NodeId)
 
@@ -69,6 +71,8 @@ class PeerServer:
         self.compression = "auto"  # "off": never compress answers, even when asked
         self.max_blob_size = MAX_BLOB_SIZE  # bytes of one blob a peer may push
         self.audit: AuditLog | None = None  # where introductions (trust changes) are recorded
+        self.max_pending_offers = MAX_PENDING_OFFERS  # per peer
+        self._offers: dict[str, dict[str, float]] = {}  # peer -> offered hash -> when
         self.stats: dict[str, dict[str, int]] = {}
         # One lock per blob being written, shared with the sync engine's pulls so a pushed
         # and a pulled copy of the same blob never share a .part file.
@@ -288,8 +292,17 @@ class PeerServer:
 
     # -- receiving pushes (for peers that can reach us when we cannot reach them) ----------
     async def push_offer(self, request: web.Request) -> web.Response:
+        """A peer offers blobs it will push. Checked before anything is written: shapes,
+        sizes (``max_blob_size``), the peer's quota of pending offers (429) and the free
+        space for all of them (507)."""
         body = await self._json(request)
         offers = await self._run(protocol.parse_offer, body, self.max_blob_size)
+        peer = request[PEER_KEY].compact
+        pending = self._pending_offers(peer)
+        new = {o.hash for o in offers} - pending.keys()
+        if len(pending) + len(new) > self.max_pending_offers:
+            return _error(429, f"{len(pending)} offers of yours are pending; at most "
+                               f"{self.max_pending_offers}: push those first")
         # blobs being pulled or pushed right now: offered again later
         busy = {o.hash for o in offers
                 if (lock := self.blob_locks.get(o.hash)) is not None and lock.locked()}
@@ -298,20 +311,39 @@ class PeerServer:
                                    [o for o in offers if o.hash not in busy])
         except TransferError as exc:
             raise BadRequest(str(exc)) from exc
+        now = time.monotonic()
+        for w in want:
+            pending[w["hash"]] = now
         return await self._answer(lambda: {"want": want, "busy": sorted(busy)})
+
+    def _pending_offers(self, peer: str) -> dict[str, float]:
+        """The peer's offers not yet pushed (hash -> when), those older than OFFER_TTL
+        forgotten."""
+        pending = self._offers.setdefault(peer, {})
+        cutoff = time.monotonic() - OFFER_TTL
+        for h in [h for h, t in pending.items() if t < cutoff]:
+            del pending[h]
+        return pending
 
     def _accept_offers(self, offers: list[protocol.Offer]) -> list[dict[str, Any]]:
         """Record each offer and say from which offset to send (a part file may hold a
-        verified prefix already). Blocking: reads and hashes part files."""
+        verified prefix already). Raises StoreFull, before writing anything, when the
+        bytes still to come do not fit. Blocking: reads and hashes part files."""
+        store = self.node.store
         want = []
         for o in offers:
-            if self.node.store.has(o.hash):
+            if store.has(o.hash):
                 continue
-            part = PartialBlob(self.node.store, o.hash, o.size, o.digests)
+            offset = 0
+            if store.part_path(o.hash).exists():
+                part = PartialBlob(store, o.hash, o.size, o.digests)
+                offset = part.offset
+                part.close(durable=False)
+            want.append((o, offset))
+        store.ensure_room(sum(o.size - offset for o, offset in want))
+        for o, _ in want:
             self._write_offer(o.hash, o.size, o.digests)
-            want.append({"hash": o.hash, "offset": part.offset})
-            part.close(durable=False)
-        return want
+        return [{"hash": o.hash, "offset": offset} for o, offset in want]
 
     def _offer_path(self, h: str) -> Any:
         return self.node.store.tmp_dir / f"{h}.offer"
@@ -370,9 +402,10 @@ class PeerServer:
             if part.complete:
                 await self._run(part.finish)
                 await self._run(self._offer_path(h).unlink, True)
+                self._offers.get(peer, {}).pop(h, None)
                 return web.json_response({"offset": size, "complete": True})
             return web.json_response({"offset": part.offset, "complete": False})
-        except TransferError as exc:
+        except (TransferError, BlobHashMismatch) as exc:
             log.warning("pushed blob %s from %s failed verification: %s", h, peer, exc)
             return _error(422, str(exc))
         except TimeoutError:

@@ -72,6 +72,11 @@ APPLY_BATCH = 64  # pulled blobs made live in one transaction
 APPLY_DELAY = 0.25  # seconds a pulled blob may wait for others before it is made live
 NOTIFY_DELAY = 0.1  # seconds a change waits for others before peers are told
 PUSH_AFTER_SILENCE = 3  # sync intervals without a request from the peer before we push
+PULL_BASE_DEADLINE = 60.0  # seconds a pull may take beyond its size at the minimum rate
+MIN_PULL_RATE = 64 * 1024  # bytes/s a pull must average (see PullTooSlow)
+MAX_BLOB_SIZE = 64 << 30  # default bound on one blob (the max_blob_size setting)
+STORE_FULL_RETRY = 10.0  # seconds between retries while our disk is full
+JSON_DEADLINE = 120.0  # seconds for a whole JSON request and its answer
 MAX_ANSWER = 64 << 20  # bytes of one JSON answer from a peer (an /events batch at most)
 MAX_HELLO = 1 << 20  # bytes of a /hello answer (with the root's Merkle answer)
 ERROR_BODY = 300  # bytes of a peer's error answer kept for the message
@@ -106,6 +111,7 @@ class PeerState:
     events_received: int = 0
     events_sent: int = 0
     bytes_resumed: int = 0  # bytes already held in .part files when a pull (re)started
+    bytes_discarded: int = 0  # received for blobs that then failed verification: no progress
     integrity_errors: int = 0
     last_error: str = ""
     last_error_at: float = 0.0
@@ -142,6 +148,19 @@ def _rejection(rejected: dict[str, str], refused: Collection[str] = ()
     return PutMismatch(message) if untrue else ProtocolError(message)
 
 
+class PullTooSlow(ProtocolError):
+    """A pull did not finish by its deadline (a base time plus the blob's size at the
+    minimum rate): the blob's lock is released so another peer can serve it."""
+
+
+class BlobTooLarge(ProtocolError):
+    """An event announces a blob larger than this node accepts (``max_blob_size``)."""
+
+
+class WithheldEvents(ProtocolError):
+    """The peer listed events in its Merkle tree and then did not serve them."""
+
+
 class PeerLacksBlob(ProtocolError):
     """The peer answered 404 for a blob: it does not hold it (any more)."""
 
@@ -169,6 +188,13 @@ class PeerClient:
         self._session: aiohttp.ClientSession | None = None
         self._trust_version: Any = None
         self._trust_checked = 0.0
+        self.min_rate = MIN_PULL_RATE
+        self.base_deadline = PULL_BASE_DEADLINE
+        self.json_deadline = JSON_DEADLINE
+
+    def pull_deadline(self, size: int) -> float:
+        """Seconds one pull of ``size`` bytes may take in all."""
+        return self.base_deadline + size / self.min_rate
 
     def session(self) -> aiohttp.ClientSession:
         """The session, renewed when the trust list changed (checked at most once a
@@ -197,13 +223,23 @@ class PeerClient:
     async def _json(self, method: str, path: str, *, limit: int = MAX_ANSWER,
                     **kw: Any) -> Any:
         """A JSON answer, read with a size cap (a peer cannot make us hold more than
-        ``limit`` bytes). Raises ProtocolError (or PeerLacksBlob for a 404 blob)."""
-        async with self.session().request(method, self.base + path, **kw) as resp:
-            if resp.status >= 400:
-                kind = PeerLacksBlob if resp.status == 404 and path.startswith("/blobs/") \
-                    else ProtocolError
-                raise kind(f"{method} {path}: HTTP {resp.status}: {await _error_text(resp)}")
-            body = await read_capped(resp, limit, f"{method} {path}")
+        ``limit`` bytes) by a deadline. Raises ProtocolError (or PeerLacksBlob for a 404
+        blob)."""
+        deadline = asyncio.timeout(self.json_deadline)
+        try:
+            async with deadline, self.session().request(method, self.base + path,
+                                                         **kw) as resp:
+                if resp.status >= 400:
+                    kind = PeerLacksBlob if resp.status == 404 \
+                        and path.startswith("/blobs/") else ProtocolError
+                    raise kind(f"{method} {path}: HTTP {resp.status}: "
+                               f"{await _error_text(resp)}")
+                body = await read_capped(resp, limit, f"{method} {path}")
+        except TimeoutError as exc:
+            if not deadline.expired():
+                raise  # another timeout (connecting, a read): the network's
+            raise PullTooSlow(f"{method} {path}: no whole answer within "
+                              f"{self.json_deadline:.0f} s") from exc
         try:
             if len(body) > OFFLOAD_JSON:
                 return await asyncio.get_running_loop().run_in_executor(None, json.loads, body)
@@ -261,7 +297,24 @@ class PeerClient:
         Raises TransferError (a chunk or the whole hash does not match: nothing is kept) or
         ProtocolError / aiohttp errors (the verified prefix is kept for the next attempt).
         A blob of one chunk comes in one piece and is verified and written in one step.
+        The whole pull has a deadline (:meth:`pull_deadline`): past it, PullTooSlow.
         """
+        seconds = self.pull_deadline(size)
+        deadline = asyncio.timeout(seconds)
+        try:
+            async with deadline:
+                return await self._fetch_staged(store, blob, size, chunks_root, on_bytes,
+                                                compress, on_wire)
+        except TimeoutError as exc:
+            if not deadline.expired():
+                raise
+            raise PullTooSlow(f"blob {blob} ({size} bytes) not received within "
+                              f"{seconds:.0f} s (at least {self.min_rate} bytes/s)") from exc
+
+    async def _fetch_staged(self, store: BlobStore, blob: str, size: int, chunks_root: str,
+                            on_bytes: Callable[[int], None] | None, compress: bool,
+                            on_wire: Callable[[int], None] | None
+                            ) -> tuple[StagedBlob, int]:
         headers = {"Accept-Encoding": wire.ENCODING if compress else "identity"}
         if size <= CHUNK_SIZE:
             data, encoded = await self._get_whole(blob, size, headers)
@@ -282,8 +335,7 @@ class PeerClient:
         try:
             if not part.complete:
                 headers["Range"] = f"bytes={part.offset}-"
-                async with self.session().get(f"{self.base}/blobs/{blob}",
-                                              headers=headers) as resp:
+                async with self._get_blob(blob, headers) as resp:
                     await self._check_blob_response(resp, blob)
                     if resp.status == 200 and part.offset:
                         raise ProtocolError("peer ignored the Range header")
@@ -297,6 +349,18 @@ class PeerClient:
         finally:
             part.close(durable=False)
         return staged, resumed
+
+    @contextlib.asynccontextmanager
+    async def _get_blob(self, blob: str, headers: dict[str, str]
+                        ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """``GET /blobs/H``; an answer abandoned part-way (bad bytes, too slow, too long)
+        hangs up the connection instead of draining it."""
+        async with self.session().get(f"{self.base}/blobs/{blob}", headers=headers) as resp:
+            try:
+                yield resp
+            except BaseException:
+                _hang_up(resp)
+                raise
 
     @staticmethod
     async def _check_blob_response(resp: aiohttp.ClientResponse, blob: str) -> None:
@@ -312,7 +376,7 @@ class PeerClient:
         """The body of a one-chunk blob as it came off the socket (pieces, not joined: one
         copy fewer), and whether it is zstd-encoded (then bounded by what one compressed
         chunk can take)."""
-        async with self.session().get(f"{self.base}/blobs/{blob}", headers=headers) as resp:
+        async with self._get_blob(blob, headers) as resp:
             await self._check_blob_response(resp, blob)
             encoded = _encoding(resp) == wire.ENCODING
             if not encoded:
@@ -425,14 +489,17 @@ def _encoding(resp: aiohttp.ClientResponse) -> str:
 
 async def read_capped(resp: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
     """The whole body, refused (ProtocolError) as soon as it is longer than ``limit``:
-    memory never holds more than ``limit`` plus one read of a peer's answer."""
+    memory never holds more than ``limit`` plus one read of a peer's answer. A refused
+    answer closes the connection (the rest is never read, not even to reuse it)."""
     if resp.content_length is not None and resp.content_length > limit:
+        _hang_up(resp)
         raise ProtocolError(f"{what}: answer of {resp.content_length} bytes, more than "
                             f"the {limit} allowed")
     body = bytearray()
     while piece := await resp.content.read(min(1 << 16, limit + 1 - len(body))):
         body += piece
         if len(body) > limit:
+            _hang_up(resp)
             raise ProtocolError(f"{what}: answer longer than the {limit} bytes allowed")
     return bytes(body)
 
@@ -443,7 +510,19 @@ async def _error_text(resp: aiohttp.ClientResponse) -> str:
         head = await resp.content.read(ERROR_BODY)
     except (aiohttp.ClientError, OSError, TimeoutError):
         return "(no readable body)"
+    finally:
+        _hang_up(resp)  # the rest of an error answer is never read
     return head.decode("utf-8", "replace")
+
+
+def _hang_up(resp: aiohttp.ClientResponse) -> None:
+    """Drop the connection of an answer we stop reading, at once. A plain close would
+    start a TLS shutdown, during which the rest of the answer is still received (and
+    discarded) for up to 30 s: a peer could push a gigabyte through it."""
+    conn = resp.connection
+    if conn is not None and conn.transport is not None:
+        conn.transport.abort()
+    resp.close()
 
 
 def _stage_whole(store: BlobStore, blob: str, size: int, data: list[bytes], encoded: bool,
@@ -533,8 +612,11 @@ class PeerSync:
         self.save_state(force=True)
 
     def _progress(self) -> tuple[int, int, int, int]:
+        """What counts as progress: bytes kept (not those of blobs that failed their
+        check), events applied, and what we sent."""
         st = self.state
-        return st.bytes_received, st.bytes_sent, st.events_received, st.events_sent
+        return (st.bytes_received - st.bytes_discarded, st.bytes_sent, st.events_received,
+                st.events_sent)
 
     def _retry_delay(self, before: tuple[int, int, int, int]) -> float:
         """A round that moved data before it failed (a link drop mid-transfer) retries at
@@ -545,37 +627,49 @@ class PeerSync:
         return self.backoff.next()
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Rounds until ``stop``. No exception ends the loop: each round's failure is
+        recorded (which itself cannot raise) and retried after a backoff."""
         while not stop.is_set():
-            before = self._progress()
-            self.wake.clear()  # a wake-up during the round (e.g. "look again") is kept
             try:
-                await self.sync_once()
-                self.backoff.reset()
-                delay = self.engine.interval
-            except StoreFull as exc:
-                self.error(exc, "store_full", "local")
-                delay = self._retry_delay(before)
-            except LocalStoreError as exc:
-                self.error(exc, "local_error", "local")
-                delay = self._retry_delay(before)
-            except (PeerError, TransferError, BlobHashMismatch, NodeTLSError) as exc:
-                self.error(exc, "error", "peer")
-                delay = self._retry_delay(before)
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                # everything on our disk goes through offload (LocalStoreError): an OSError
-                # here is the socket's
-                self.error(exc, "unreachable", "network")
-                delay = self._retry_delay(before)
-            except Exception as exc:  # a bug must not end this peer's loop: log it loudly
-                log.exception("sync with %s failed unexpectedly", self.peer_id.short)
-                self.error(exc, "error", "internal")
-                delay = self._retry_delay(before)
-            self.state.next_attempt = time.time() + delay
-            self.save_state(force=True)
+                delay = await self._round()
+            except Exception:  # the loop's last line of defence: log it, go on
+                log.exception("sync loop with %s: unexpected failure", self.peer_id.short)
+                delay = self.backoff.next()
             try:
                 await asyncio.wait_for(self._wait(stop), delay)
             except TimeoutError:
                 pass
+
+    async def _round(self) -> float:
+        """One round and its outcome in the state; returns the delay before the next."""
+        before = self._progress()
+        self.wake.clear()  # a wake-up during the round (e.g. "look again") is kept
+        delay = self.engine.interval
+        try:
+            await self.sync_once()
+            self.backoff.reset()
+        except StoreFull as exc:
+            # our disk: retried soon, so that pulls resume shortly after space returns
+            self.error(exc, "store_full", "local")
+            delay = min(self._retry_delay(before), STORE_FULL_RETRY)
+        except LocalStoreError as exc:
+            self.error(exc, "local_error", "local")
+            delay = self._retry_delay(before)
+        except (PeerError, TransferError, BlobHashMismatch, NodeTLSError) as exc:
+            self.error(exc, "error", "peer")
+            delay = self._retry_delay(before)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            # everything on our disk goes through offload (LocalStoreError): an OSError
+            # here is the socket's
+            self.error(exc, "unreachable", "network")
+            delay = self._retry_delay(before)
+        except Exception as exc:  # a bug must not end this peer's loop: log it loudly
+            log.exception("sync with %s failed unexpectedly", self.peer_id.short)
+            self.error(exc, "error", "internal")
+            delay = self._retry_delay(before)
+        self.state.next_attempt = time.time() + delay
+        self.save_state(force=True)
+        return delay
 
     async def _wait(self, stop: asyncio.Event) -> None:
         waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.wake.wait())]
@@ -597,8 +691,9 @@ class PeerSync:
             async with self.client.session().post(
                     f"{self.client.base}/notify",
                     timeout=aiohttp.ClientTimeout(total=5)) as resp:
-                await resp.read()
-        except (aiohttp.ClientError, OSError, TimeoutError, NodeTLSError) as exc:
+                await read_capped(resp, ERROR_BODY, "POST /notify")
+        except (aiohttp.ClientError, OSError, TimeoutError, NodeTLSError,
+                ProtocolError) as exc:
             log.debug("could not notify %s: %s", self.peer_id.short, exc)
 
     def should_push(self) -> bool:
@@ -702,9 +797,8 @@ class PeerSync:
             received, certs = await self.client.events(batch)
             await offload(self.node.catalog.offer_certificates, certs)  # to verify them
             plan = await offload(_plan_pull, self.node, received)
-            for eid, why in plan.invalid:
-                st.integrity_errors += 1
-                self.error(ProtocolError(f"peer sent invalid event {eid}: {why}"))
+            if plan.invalid:
+                st.integrity_errors += len(plan.invalid)
             if plan.ready:
                 await self._apply(plan.ready)
             waiting = plan.waiting
@@ -726,7 +820,19 @@ class PeerSync:
                     raise r
             if failures:
                 raise failures[0]
-            st.events_received += len(received)
+            st.events_received += len(received) - len(plan.invalid)
+            # Checked after applying what was good: a peer that lists events and then
+            # withholds them, or serves invalid ones, fails the round (backoff), never
+            # ends it "in sync" to be asked again at once.
+            if plan.invalid:
+                eid, why = plan.invalid[0]
+                raise ProtocolError(f"peer sent {len(plan.invalid)} invalid events, e.g. "
+                                    f"{eid}: {why}")
+            served = {e for e, _ in received}
+            withheld = [e for e in batch if e not in served]
+            if withheld:
+                raise WithheldEvents(f"peer listed {len(withheld)} events it did not serve, "
+                                     f"e.g. {withheld[0]}")
 
     async def _apply(self, pairs: list[tuple[str, bytes]]) -> None:
         result = await offload(self.node.apply, pairs)
@@ -783,9 +889,21 @@ class PeerSync:
                                 f"put events, e.g. {lost}")
 
     async def pull_blob(self, put: ev.PutEvent) -> StagedBlob:
+        """Pull the blob of ``put``, after checking its announced size against
+        ``max_blob_size`` (BlobTooLarge) and the free space (StoreFull) before anything
+        is written."""
         st = self.state
+        if put.size > self.engine.max_blob_size:
+            st.integrity_errors += 1
+            raise BlobTooLarge(f"blob {put.blob} announced at {put.size} bytes, more than "
+                               f"the {self.engine.max_blob_size} this node accepts")
+        store = self.node.store
+        await offload(lambda: store.ensure_room(put.size - _held(store, put.blob)))
+        got = 0
 
         def received(n: int) -> None:
+            nonlocal got
+            got += n
             st.bytes_received += n
             self.engine.count_bytes(self.peer_id.compact, "in", n)
 
@@ -794,12 +912,15 @@ class PeerSync:
 
         compress = wire.want_compression(self.engine.compression, self.state.url,
                                          put.transfer_syntax_uid)
+        self.client.min_rate = self.engine.min_pull_rate
+        self.client.base_deadline = self.engine.pull_base_deadline
         try:
             staged, resumed = await self.client.fetch_staged(
                 self.node.store, put.blob, put.size, put.chunks, received,
                 compress=compress, on_wire=crossed)
         except (TransferError, BlobHashMismatch):
             st.integrity_errors += 1
+            st.bytes_discarded += got  # this attempt's bytes did not verify: no progress
             raise
         st.bytes_resumed += resumed
         return staged
@@ -866,6 +987,14 @@ class _PullPlan:
     ready: list[tuple[str, bytes]] = field(default_factory=list)
     waiting: dict[str, list[tuple[str, bytes, ev.PutEvent]]] = field(default_factory=dict)
     invalid: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _held(store: BlobStore, blob: str) -> int:
+    """Bytes of the blob already in its part file (not needed again)."""
+    try:
+        return store.part_path(blob).stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _plan_pull(node: LocalNode, received: list[tuple[str, bytes]]) -> _PullPlan:
@@ -1050,6 +1179,9 @@ class SyncEngine:
     node: LocalNode
     interval: float = 5.0
     max_pulls: int = 4
+    max_blob_size: int = MAX_BLOB_SIZE  # bytes: larger announced blobs are refused
+    min_pull_rate: int = MIN_PULL_RATE  # bytes/s a pull must average (PullTooSlow)
+    pull_base_deadline: float = PULL_BASE_DEADLINE  # seconds on top of size / rate
     compression: str = "auto"  # zstd on the wire for pulls: auto, on, off (see .wire)
     last_seen_fn: Callable[[str], float] | None = None
     peers: dict[str, PeerSync] = field(default_factory=dict)
