@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import secrets
 import sys
 import time
@@ -67,14 +68,14 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
+OFFERED = [secrets.token_hex(32) for _ in range(1000)]  # within the pending-offer quota
+
+
 def _offer() -> dict[str, object]:
-    """An offer of 20 multi-chunk blobs nobody has (each: a part file, an offer file)."""
-    blobs = []
-    for _ in range(20):
-        size = 8 * CHUNK_SIZE
-        blobs.append({"hash": secrets.token_hex(32), "size": size,
-                      "chunks": secrets.token_hex(32 * 8)})
-    return {"blobs": blobs}
+    """An offer of 20 multi-chunk blobs nobody has (each an offer file written), drawn
+    from a pool a peer may keep pending."""
+    return {"blobs": [{"hash": h, "size": 8 * CHUNK_SIZE, "chunks": secrets.token_hex(32 * 8)}
+                      for h in random.sample(OFFERED, 20)]}
 
 
 @pytest.mark.timeout(240)
