@@ -2,27 +2,32 @@
 peers, and the read models the DICOM bridge needs). No other module runs SQL.
 
 - :mod:`.schema`: the tables, ``PRAGMA user_version`` and the forward migrations.
-- :mod:`.core`: :class:`Catalog` — the event set, the one factory of local events and
-  its clock, everything derived from events, peers.
+- :mod:`.core`: :class:`Catalog` — the connection, transactions, the one clock, the
+  insert path and the event set; composed of one mixin per part:
+- :mod:`.admission`: signing local events; admission and application of received ones.
+- :mod:`.local_puts`: the one factory of local put events and its attribute rule.
+- :mod:`.deletes`: local deletes and the garbage collection of unreferenced blobs.
+- :mod:`.merkle_index`: the Merkle index, maintained in the insert transactions.
+- :mod:`.live_view`: the live view and the read models on it (C-FIND, status counts).
+- :mod:`.peers`: trusted peers, their sync state, nodes seen on the LAN.
+- :mod:`.model`: the records and errors the catalog's methods return and raise.
 - :mod:`.outbox`: the DICOM exporter's queue per destination.
 - :mod:`.find`: the C-FIND matching queries.
 - :mod:`.retrieved`: the studies retrieved from each PACS.
 """
 
-from .core import (
-    INDEXED_FIELDS,
+from .core import Catalog
+from .local_puts import INDEXED_FIELDS, indexed_attributes, put_contradictions
+from .model import (
     PUT_COLUMNS,
     ApplyResult,
     BlobNotPresent,
-    Catalog,
     Instance,
     InvalidLocalPut,
     LocalPut,
     NoSigner,
     PutMismatch,
     SameInstance,
-    indexed_attributes,
-    put_contradictions,
 )
 from .schema import SCHEMA_VERSION, CatalogError, SchemaTooNew, open_database
 

@@ -1,0 +1,131 @@
+"""The live view and the read models built on it: instances (live versions), C-FIND
+(:mod:`syncnode.catalog.find`), blobs referenced, counts and studies for status.
+
+Invariants: read-only (never writes); every query here runs on the catalog's own
+connection under its lock, or on a read-only connection of its own (C-FIND).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from ..ids import check_hash, check_uid
+from . import find as find_model
+from .model import (
+    _SEQ_OF,
+    PUT_COLUMNS,
+    Instance,
+)
+
+
+class LiveView:
+    """Queries of the live view, blob references and status counts.
+
+    Mixed into :class:`~syncnode.catalog.core.Catalog`; runs on its connection, lock and
+    transactions (``_write``, ``_read``, ``_lock``, ``_db``).
+    """
+
+    def instances(self, *, study: str | None = None, series: str | None = None,
+                  sop: str | None = None, patient_id: str | None = None,
+                  modality: str | None = None, date_from: str | None = None,
+                  date_to: str | None = None, limit: int | None = None,
+                  offset: int = 0) -> list[Instance]:
+        where: list[str] = ["live=1"]
+        params: list[Any] = []
+        for col, val, is_uid in (("study_instance_uid", study, True),
+                                 ("series_instance_uid", series, True),
+                                 ("sop_instance_uid", sop, True),
+                                 ("patient_id", patient_id, False),
+                                 ("modality", modality, False)):
+            if val is not None:
+                where.append(f"{col}=?")
+                params.append(check_uid(val, col) if is_uid else val)
+        if date_from:
+            where.append("study_date >= ?")
+            params.append(date_from)
+        if date_to:
+            where.append("study_date <= ?")
+            params.append(date_to)
+        sql = (f"SELECT event_id, {', '.join(PUT_COLUMNS)} FROM puts WHERE {' AND '.join(where)}"
+               " ORDER BY study_instance_uid, series_instance_uid, sop_instance_uid")
+        if limit is not None:
+            if not (0 <= limit < 2**63 and 0 <= offset < 2**63):
+                raise ValueError("limit and offset must be between 0 and 2**63 - 1")
+            sql += " LIMIT ? OFFSET ?"
+            params += [limit, offset]
+        with self._lock:
+            rows = self._db.execute(sql, params).fetchall()
+        return [_instance(r) for r in rows]
+
+    def live_count(self, study_uid: str) -> int:
+        """Live instances of a study."""
+        with self._lock:
+            return int(self._db.execute("SELECT count(*) FROM puts WHERE live=1 AND "
+                                        "study_instance_uid=?", (study_uid,)).fetchone()[0])
+
+    def find(self, q: find_model.FindQuery) -> Iterator[dict[str, Any]]:
+        """C-FIND matches (see :mod:`syncnode.catalog.find`), streamed from a read-only
+        connection of the query's own."""
+        return find_model.find(self.path, q)
+
+    def instance(self, sop_uid: str) -> Instance | None:
+        found = self.instances(sop=sop_uid)
+        return found[0] if found else None
+
+    def put_event(self, eid: str) -> Instance | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT event_id, {', '.join(PUT_COLUMNS)} FROM puts "
+                                   f"WHERE seq=({_SEQ_OF})", (bytes.fromhex(check_hash(eid)),)
+                                   ).fetchone()
+        return _instance(row) if row else None
+
+    def put_for_blob(self, blob_hash: str) -> Instance | None:
+        """A put event (not removed) whose blob this is: its size and chunk-list hash."""
+        with self._lock:
+            row = self._db.execute(f"SELECT event_id, {', '.join(PUT_COLUMNS)} FROM puts "
+                                   "WHERE blob=? AND removed=0 LIMIT 1",
+                                   (check_hash(blob_hash, "blob hash"),)).fetchone()
+        return _instance(row) if row else None
+
+    def referenced_blobs(self) -> set[str]:
+        """Blobs some put that is not removed refers to: the blobs this node must hold."""
+        with self._lock:
+            return {r[0] for r in self._db.execute(
+                "SELECT DISTINCT blob FROM puts WHERE removed=0")}
+
+    def blob_referenced(self, blob_hash: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM puts WHERE blob=? AND removed=0 LIMIT 1",
+                                    (blob_hash,)).fetchone() is not None
+
+    def counts(self) -> dict[str, int]:
+        with self._read() as db:
+            events, puts, deletes = db.execute(
+                "SELECT count(*), coalesce(sum(kind='put'), 0), coalesce(sum(kind='delete'), 0) "
+                "FROM events").fetchone()
+            instances, studies, series, live_bytes = db.execute(
+                "SELECT count(*), count(DISTINCT study_instance_uid), "
+                "count(DISTINCT series_instance_uid), coalesce(sum(size), 0) "
+                "FROM puts WHERE live=1").fetchone()
+            blobs, blob_bytes = db.execute(
+                "SELECT count(*), coalesce(sum(size), 0) FROM "
+                "(SELECT blob, max(size) AS size FROM puts WHERE removed=0 GROUP BY blob)"
+            ).fetchone()
+        return {"events": events, "put_events": puts, "delete_events": deletes,
+                "instances": instances, "studies": studies, "series": series,
+                "instance_bytes": live_bytes, "blobs": blobs, "blob_bytes": blob_bytes}
+
+    def studies(self) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT study_instance_uid, min(study_date), group_concat(DISTINCT modality), "
+                "count(*), count(DISTINCT series_instance_uid), sum(size) FROM puts "
+                "WHERE live=1 GROUP BY study_instance_uid ORDER BY study_instance_uid"
+            ).fetchall()
+        return [{"study_instance_uid": r[0], "study_date": r[1], "modalities": r[2] or "",
+                 "instances": r[3], "series": r[4], "bytes": r[5]} for r in rows]
+
+
+def _instance(row: tuple) -> Instance:
+    return Instance(row[0].hex(), *row[1:])
