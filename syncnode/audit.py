@@ -73,6 +73,7 @@ MAX_LIST = 1000  # UIDs listed per entry; the count is always complete
 _TAIL_READ = 1 << 16
 _ARCHIVE_RE = re.compile(r"^audit-(\d{12,})\.log$")
 _KEYWORD_RE = re.compile(r"^[A-Za-z][A-Za-z0-9]{0,63}$")
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _ACTOR_RE = re.compile(r"^(cli|api|peer|dicom|node)(:[\x21-\x7e]{1,200})?$")
 _TEXT_RE = re.compile(r"^[\x20-\x7e]{0,300}$")
 
@@ -101,7 +102,7 @@ DETAIL_KEYS: dict[str, str] = {
     "bytes": "int", "studies_count": "int", "count": "int", "dropped": "int",
     "peer": "text", "remote": "text", "destination": "text", "url": "text",
     "level": "text", "reason": "text", "role": "text", "subject": "text",
-    "keys": "keywords", "sop_class": "uid",
+    "keys": "keywords", "sop_class": "uid", "settings": "names", "route": "text",
 }
 
 
@@ -145,7 +146,8 @@ def _check_detail(key: str, value: Any) -> Any:
         return value
     items = sorted(set(value))
     check = {"uids": is_uid, "hashes": is_hash,
-             "keywords": lambda v: isinstance(v, str) and bool(_KEYWORD_RE.fullmatch(v))}[kind]
+             "keywords": lambda v: isinstance(v, str) and bool(_KEYWORD_RE.fullmatch(v)),
+             "names": lambda v: isinstance(v, str) and bool(_NAME_RE.fullmatch(v))}[kind]
     bad = [v for v in items if not check(v)]
     if bad:
         raise InvalidAuditEntry(f"audit detail {key!r} holds {len(bad)} value(s) that are not "

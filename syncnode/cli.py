@@ -571,6 +571,7 @@ def config_set(key: Annotated[str, typer.Argument(help="Setting name, e.g. sync_
         result = open_service(data, identity=False).patch_config({key: parsed})
     except ServiceError as exc:
         refused(exc)
+    audit_write(data, "config-changed", subject=key, count=1)
     out.print(f"{key} = {json.dumps(parsed)}"
               + ("  (takes effect at restart)" if result["restart_required"] else ""))
 

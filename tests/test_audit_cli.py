@@ -48,17 +48,21 @@ def test_cli_actions_each_write_one_entry(tmp_path: Path) -> None:
     run("rm", sop, "--data", a)
     run("rm", sop, "--data", a, check=1)  # nothing left to delete: nothing recorded
     run("peer", "remove", b_id, "--data", a)
+    run("config", "set", "sync_interval", "2.5", "--data", a)
+    run("config", "set", "sync_interval", "-1", "--data", a, check=2)  # refused: no entry
 
     got = entries(a)
-    assert [e["action"] for e in got] == ["import", "trust-add", "deleted", "trust-remove"]
+    assert [e["action"] for e in got] == ["import", "trust-add", "deleted", "trust-remove",
+                                          "config-change"]
     assert {e["actor"] for e in got} == {actor}
-    imp, add, rm, remove = got
+    imp, add, rm, remove, config = got
+    assert config["settings"] == ["sync_interval"] and "2.5" not in json.dumps(config)
     assert (imp["files"], imp["instances"], imp["failed"], imp["studies"]) == (2, 1, 1, [study])
     assert add["subject"] == compact and add["url"] == "https://127.0.0.1:9"
     assert rm["studies"] == [study] and rm["sops"] == [sop] and rm["instances"] == 1
     assert remove["subject"] == compact
     assert [e["action"] for e in entries(a, "--action", "deleted")] == ["deleted"]
-    assert [e["seq"] for e in entries(a, "--since", "3")] == [3, 4]
+    assert [e["seq"] for e in entries(a, "--since", "3")] == [3, 4, 5]
     text = run("audit", "--data", a).stdout
     assert "trust-remove" in text and actor in text
     # Patient data never reaches the trail (CT_small's patient name and id).
@@ -67,7 +71,7 @@ def test_cli_actions_each_write_one_entry(tmp_path: Path) -> None:
     assert str(ds.PatientName) not in raw and str(ds.PatientID) not in raw
 
     ok = run("audit", "verify", "--data", a)
-    assert ok.stdout.startswith("OK: 4 entries")
+    assert ok.stdout.startswith("OK: 5 entries")
     log = a / "audit" / "audit.log"
     data = bytearray(log.read_bytes())
     second_line = data.index(b"\n") + 1
