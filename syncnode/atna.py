@@ -6,8 +6,10 @@ message (XML): EventIdentification with the DICOM EventID for its action (see
 UserID, NetworkAccessPointID and the Source/Destination RoleIDCodes for transfers;
 AuditSourceIdentification naming this node; and ParticipantObjectIdentification for each
 study (by Study Instance UID), the query (C-FIND keys only, never their values) or the
-peer concerned. The patient participant object names no patient: the trail never holds
-patient IDs, so its ParticipantObjectID is empty.
+peer concerned. The patient participant object names no patient (an empty
+ParticipantObjectID) unless the operator opts in (``audit_patient_ids``): then the patient
+IDs of the entry's studies are looked up in the catalog when the message is built. They
+go to the collector only; the trail file never holds them.
 
 The message travels as an RFC 5424 syslog message (``<85>1 … IHE+RFC-3881 - <xml>``)
 framed by octet counting (RFC 6587/5425) over TLS to the configured collector
@@ -130,8 +132,10 @@ def _actor_parts(actor: str) -> tuple[str, str | None, str | None]:
     return actor, None, None
 
 
-def audit_message(entry: dict[str, Any], source: Source) -> bytes:
-    """The DICOM audit message (XML, one line, UTF-8) for one audit entry."""
+def audit_message(entry: dict[str, Any], source: Source,
+                  patients: dict[str, str] | None = None) -> bytes:
+    """The DICOM audit message (XML, one line, UTF-8) for one audit entry. ``patients``
+    maps Study Instance UIDs to patient IDs when the operator opted in to sending them."""
     event_id, action_code, type_code, direction = EVENTS[entry["action"]]
     root = ET.Element("AuditMessage")
     ev = ET.SubElement(root, "EventIdentification", {
@@ -191,11 +195,14 @@ def audit_message(entry: dict[str, Any], source: Source) -> bytes:
             desc = ET.SubElement(po, "ParticipantObjectDescription")
             ET.SubElement(desc, "SOPClass", {"NumberOfInstances": str(entry["instances"])})
     if studies:
-        # The patient participant object, with no patient id: the trail never holds one.
-        pat = ET.SubElement(root, "ParticipantObjectIdentification", {
-            "ParticipantObjectID": "", "ParticipantObjectTypeCode": "1",
-            "ParticipantObjectTypeCodeRole": "1"})
-        _coded(pat, "ParticipantObjectIDTypeCode", PATIENT_NUMBER)
+        # The patient participant object: without an id unless the operator opted in.
+        known = patients or {}
+        ids = sorted({known[s] for s in studies[:MAX_STUDIES] if known.get(s)}) or [""]
+        for pid in ids:
+            pat = ET.SubElement(root, "ParticipantObjectIdentification", {
+                "ParticipantObjectID": pid, "ParticipantObjectTypeCode": "1",
+                "ParticipantObjectTypeCodeRole": "1"})
+            _coded(pat, "ParticipantObjectIDTypeCode", PATIENT_NUMBER)
     if entry["action"] == "query":
         q = ET.SubElement(root, "ParticipantObjectIdentification", {
             "ParticipantObjectID": entry.get("sop_class") or STUDY_ROOT_FIND,
@@ -247,11 +254,13 @@ class SyslogForwarder:
     def __init__(self, folder: Path, target: str, source: Source, *,
                  ca_file: Path | None = None, cert_file: Path | None = None,
                  key_file: Path | None = None, poll: float = 1.0,
-                 max_backlog: int = 100_000, timeout: float = 10.0) -> None:
+                 max_backlog: int = 100_000, timeout: float = 10.0,
+                 patient_ids: Callable[[list[str]], dict[str, str]] | None = None) -> None:
         self.folder = Path(folder)
         self.host, self.port = parse_target(target)
         self.source = source
         self.poll, self.max_backlog, self.timeout = poll, max_backlog, timeout
+        self.patient_ids = patient_ids  # opt-in: Study UIDs -> patient IDs, for messages only
         self.context = ssl.create_default_context(
             cafile=str(ca_file) if ca_file else None)
         if cert_file and key_file:
@@ -357,8 +366,10 @@ class SyslogForwarder:
             frames = []
             for e in entries:
                 try:
-                    frames.append(syslog_frame(audit_message(e, self.source), e["time"],
-                                               self.source.host, self._procid))
+                    patients = (self.patient_ids(e["studies"][:MAX_STUDIES])
+                                if self.patient_ids and e.get("studies") else None)
+                    frames.append(syslog_frame(audit_message(e, self.source, patients),
+                                               e["time"], self.source.host, self._procid))
                 except (KeyError, ValueError, TypeError) as exc:
                     self.dropped += 1
                     log.error("audit syslog: entry %s not sendable: %s", e.get("seq"), exc)

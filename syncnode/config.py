@@ -36,7 +36,7 @@ RESTART_KEYS = frozenset({"dicom_port", "ae_title", "peer_host", "peer_port", "a
                           "log_format", "max_pdu", "dicom_host", "allowed_aes",
                           "dicom_artim_timeout", "dicom_max_pending_per_address",
                           "dicom_max_pending", "audit_syslog", "audit_syslog_ca", "audit_site",
-                          "dicom_tls", "dicom_tls_clients"})
+                          "dicom_tls", "dicom_tls_clients", "audit_patient_ids"})
 
 
 class ConfigError(ValueError):
@@ -148,6 +148,10 @@ class Settings(BaseSettings):
                                                     "one origin's deletes may keep waiting")
     unknown_tombstone_ttl: float = Field(7 * 86_400.0, gt=0,
                                          description="seconds such a name waits at most")
+    audit_patient_ids: bool = Field(False, description="name the patient (Patient ID) in "
+                                                       "the audit messages sent to the "
+                                                       "collector (the trail file never "
+                                                       "holds it)")
     log_format: Literal["kv", "json"] = Field("kv", description="log line format")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
 

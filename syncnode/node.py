@@ -163,11 +163,22 @@ class RunningNode:
             Source(self.node.node_id.compact, socket.gethostname(), s.ae_title,
                    s.audit_site or None),
             ca_file=Path(s.audit_syslog_ca) if s.audit_syslog_ca else None,
-            cert_file=self.node.data / "node.crt", key_file=self.node.data / "node.key")
+            cert_file=self.node.data / "node.crt", key_file=self.node.data / "node.key",
+            patient_ids=self._patient_ids if s.audit_patient_ids else None)
         self.syslog.start()
         self.audit.sinks.append(self.syslog.wake)
         self.status_providers["audit_syslog"] = self.syslog.status
         self.metric_providers.append(self.syslog.metrics)
+
+    def _patient_ids(self, studies: list[str]) -> dict[str, str]:
+        """Patient IDs of studies, for ATNA messages when the operator opted in (called from
+        the forwarder's thread)."""
+        found = {}
+        for uid in studies:
+            rows = self.node.catalog.instances(study=uid, limit=1)
+            if rows and rows[0].patient_id:
+                found[uid] = rows[0].patient_id
+        return found
 
     async def _stop_audit(self) -> None:
         trail, self.audit = self.audit, None

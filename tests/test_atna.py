@@ -383,3 +383,25 @@ def test_message_is_one_octet_counted_rfc5424_frame() -> None:
     assert header["procid"] == b"42" and header["ts"] == entry["time"].encode()
     check_schema(root)
     assert b"\n" not in msg
+
+
+async def test_patient_ids_only_when_the_operator_opts_in(collector: Collector, new_node,
+                                                          running) -> None:
+    """With audit_patient_ids the messages name the patient of each study (looked up in the
+    catalog when sent); the trail file still never holds it."""
+    node: LocalNode = new_node("n")
+    ds = pydicom.dcmread(CT, stop_before_pixels=True)
+    collector.start()
+    await running(node, audit_syslog=f"127.0.0.1:{collector.port}",
+                  audit_syslog_ca=str(collector.folder / "ca.pem"), audit_patient_ids=True)
+    proc = subprocess.run(["syncnode", "import", "--data", str(node.data), str(CT)],
+                          capture_output=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    await wait_for(lambda: len(collector.messages()) >= 2, 30, "node-start and import")
+    _, root = parse(collector.messages()[1])
+    check_schema(root)
+    patients = [po.attrib["ParticipantObjectID"]
+                for po in root.findall("ParticipantObjectIdentification")
+                if po.attrib.get("ParticipantObjectTypeCodeRole") == "1"]
+    assert patients == [str(ds.PatientID)]
+    assert str(ds.PatientID) not in (node.data / "audit" / "audit.log").read_text()
