@@ -31,6 +31,9 @@ Invariants:
   written within milliseconds of its action and a burst of actions costs one disk flush,
   not one each). The queue is bounded; if it is ever full the overflow is counted and an
   ``audit-dropped`` entry with the count is written as soon as there is room.
+- What strangers can cause at will (refused connections, failed logins) cannot fill the
+  disk: per source at most :data:`THROTTLE_PER_MINUTE` such entries a minute are written;
+  the others are counted in the next one (``suppressed``), or at ``close``.
 - A log that ends in an incomplete line (a crash during a write) or shorter than its head
   is never silently continued: the next append first writes an ``audit-recovered`` entry
   saying what was found (the incomplete bytes are kept in ``audit/discarded-*.bin``), so
@@ -70,6 +73,11 @@ ROTATE_BYTES = 64 << 20
 QUEUE_MAX = 10_000
 BATCH_MAX = 256
 MAX_LIST = 1000  # UIDs listed per entry; the count is always complete
+# Refusals an outsider can cause at will are recorded at most this often per source and
+# minute; the rest are counted in the next entry for that source ("suppressed").
+THROTTLED = frozenset({"connection-refused", "login"})
+THROTTLE_PER_MINUTE = 20
+_THROTTLE_KEYS = 10_000
 _TAIL_READ = 1 << 16
 _ARCHIVE_RE = re.compile(r"^audit-(\d{12,})\.log$")
 _KEYWORD_RE = re.compile(r"^[A-Za-z][A-Za-z0-9]{0,63}$")
@@ -102,7 +110,8 @@ DETAIL_KEYS: dict[str, str] = {
     "bytes": "int", "studies_count": "int", "count": "int", "dropped": "int",
     "peer": "text", "remote": "text", "destination": "text", "url": "text",
     "level": "text", "reason": "text", "role": "text", "subject": "text",
-    "keys": "keywords", "sop_class": "uid", "settings": "names", "route": "text",
+    "keys": "keywords", "sop_class": "uid", "suppressed": "int", "settings": "names",
+    "route": "text",
 }
 
 
@@ -459,6 +468,7 @@ class AuditLog:
         self._thread: threading.Thread | None = None
         self._thread_lock = threading.Lock()
         self._lock_fd: int | None = None
+        self._windows: dict[tuple[str, str], list[Any]] = {}  # throttle: start, n, left out
 
     @classmethod
     def for_node(cls, data: Path | str, rotate_bytes: int = ROTATE_BYTES) -> AuditLog:
@@ -474,6 +484,12 @@ class AuditLog:
                **details: Any) -> None:
         """Queue one entry for the writer thread; never blocks, never does I/O. The entry
         is checked here, so a bad call fails at its call site."""
+        if outcome == "failure" and action in THROTTLED:
+            suppressed = self._throttled(action, actor)
+            if suppressed < 0:
+                return
+            if suppressed:
+                details["suppressed"] = suppressed
         entry = make_entry(action, actor, outcome, **details)
         self._ensure_thread()
         try:
@@ -482,6 +498,25 @@ class AuditLog:
             with self._thread_lock:
                 self.dropped += 1
             log.error("audit queue full: an %s entry was dropped (disk stalled?)", action)
+
+    def _throttled(self, action: str, actor: str) -> int:
+        """-1: do not record (over the rate); else how many were left out before this one."""
+        now = time.monotonic()
+        with self._thread_lock:
+            window = self._windows.get((action, actor))
+            if window is None or now - window[0] >= 60.0:
+                if len(self._windows) >= _THROTTLE_KEYS:
+                    self._windows = {k: w for k, w in self._windows.items()
+                                     if now - w[0] < 60.0 or w[2]}
+                before = window[2] if window else 0
+                self._windows[(action, actor)] = [now, 1, 0]
+                return before
+            if window[1] >= THROTTLE_PER_MINUTE:
+                window[2] += 1
+                return -1
+            window[1] += 1
+            before, window[2] = window[2], 0
+            return before
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything queued so far is written; False on timeout."""
@@ -500,6 +535,12 @@ class AuditLog:
 
     def close(self, timeout: float = 10.0) -> None:
         """Write what is queued, stop the writer thread, release the lock file."""
+        with self._thread_lock:
+            left = [(k, w[2]) for k, w in self._windows.items() if w[2]]
+            self._windows = {}
+        for (action, actor), n in left:
+            self.record(action, actor, "failure", suppressed=n,
+                        reason="refusals left out at the rate limit")
         thread = self._thread
         if thread is not None:
             self.flush(timeout)

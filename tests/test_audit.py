@@ -229,3 +229,23 @@ def test_unwritable_trail_says_so(tmp_path: Path) -> None:
     (tmp_path / audit.LOG_NAME).mkdir()  # something in the way that even root cannot append to
     with pytest.raises(OSError):
         AuditLog(tmp_path).write("import", "cli:x")
+
+
+def test_refusals_from_one_source_cannot_fill_the_disk(tmp_path: Path) -> None:
+    """A flood of refusals from one source writes at most THROTTLE_PER_MINUTE entries a
+    minute; what was left out is counted, and another source is not held back."""
+    trail = AuditLog(tmp_path)
+    for _ in range(500):
+        trail.record("connection-refused", "dicom:FLOOD@10.0.0.9", "failure",
+                     reason="calling AE title not allowed")
+    trail.record("connection-refused", "dicom:OTHER@10.0.0.8", "failure")
+    trail.record("connection-refused", "dicom:FLOOD@10.0.0.9", "success")  # not throttled
+    trail.close()
+    got = list(read_entries(tmp_path))
+    flood = [e for e in got if e["actor"] == "dicom:FLOOD@10.0.0.9" and e["outcome"] ==
+             "failure"]
+    assert len(flood) == audit.THROTTLE_PER_MINUTE + 1
+    assert flood[-1]["suppressed"] == 500 - audit.THROTTLE_PER_MINUTE
+    assert sum(e.get("suppressed", 0) for e in flood) + audit.THROTTLE_PER_MINUTE == 500
+    assert [e["actor"] for e in got].count("dicom:OTHER@10.0.0.8") == 1
+    assert verify(tmp_path).ok
