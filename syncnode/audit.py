@@ -214,6 +214,28 @@ def api_actor(role: str, name: str | None = None) -> str:
     return f"api:{role}" + (f"/{name}" if name else "")
 
 
+@dataclass(slots=True)
+class Tally:
+    """What moved during one span (a sync round, a peer's round against our server): recorded
+    as one entry, not one per instance."""
+
+    instances: int = 0
+    events: int = 0
+    bytes: int = 0
+    studies: set[str] = field(default_factory=set)
+
+    def __bool__(self) -> bool:
+        return bool(self.instances or self.events or self.bytes)
+
+    def record(self, trail: AuditLog | None, action: str, peer: str,
+               outcome: str = "success") -> None:
+        """One entry for a peer (its compact node id), if anything moved."""
+        if trail is not None and self:
+            trail.record(action, peer_actor(peer), outcome, peer=peer,
+                         instances=self.instances, count=self.events, bytes=self.bytes,
+                         studies={u for u in self.studies if is_uid(u)})
+
+
 # -- reading and verifying -------------------------------------------------------------------
 @dataclass(slots=True)
 class VerifyReport:
@@ -485,7 +507,8 @@ class AuditLog:
         """Queue one entry for the writer thread; never blocks, never does I/O. The entry
         is checked here, so a bad call fails at its call site."""
         if outcome == "failure" and action in THROTTLED:
-            suppressed = self._throttled(action, actor)
+            # per source: the actor, and its address where the actor is not known
+            suppressed = self._throttled(action, f"{actor} {details.get('remote') or ''}")
             if suppressed < 0:
                 return
             if suppressed:
@@ -538,8 +561,9 @@ class AuditLog:
         with self._thread_lock:
             left = [(k, w[2]) for k, w in self._windows.items() if w[2]]
             self._windows = {}
-        for (action, actor), n in left:
-            self.record(action, actor, "failure", suppressed=n,
+        for (action, source), n in left:
+            actor, _, remote = source.partition(" ")
+            self.record(action, actor, "failure", suppressed=n, remote=remote or None,
                         reason="refusals left out at the rate limit")
         thread = self._thread
         if thread is not None:

@@ -128,6 +128,7 @@ class RunningNode:
                                  if self.peer_server else 0.0)
         self._tasks.append(asyncio.get_running_loop().create_task(self._refresh_peers()))
         self.engine.on_state = self._on_peer_state
+        self.engine.audit = self.audit
         await self._start_dicom()
         await self._start_admin(*admin_tls)
         if s.discovery:

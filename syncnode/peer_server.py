@@ -28,8 +28,9 @@ from typing import Any
 
 from aiohttp import web
 
+from . import events as ev
 from . import merkle, protocol, wire
-from .audit import AuditLog
+from .audit import AuditLog, Tally
 from .blobstore import CHUNK_SIZE, BlobError, BlobHashMismatch, BlobMissing, StoreFull
 from .catalog import Catalog
 from .ids import InvalidHash, check_hash
@@ -74,6 +75,10 @@ class PeerServer:
         self.max_pending_offers = MAX_PENDING_OFFERS  # per peer
         self._offers: dict[str, dict[str, float]] = {}  # peer -> offered hash -> when
         self.stats: dict[str, dict[str, int]] = {}
+        # What each peer took from us (and pushed to us) since its last round began: one
+        # audit entry each per round, written when its next round starts (hello) or at close.
+        self._served: dict[str, Tally] = {}
+        self._pushed_in: dict[str, Tally] = {}
         # One lock per blob being written, shared with the sync engine's pulls so a pushed
         # and a pulled copy of the same blob never share a .part file.
         self.blob_locks: dict[str, asyncio.Lock] = {} if blob_locks is None else blob_locks
@@ -97,6 +102,20 @@ class PeerServer:
             web.post(f"{p}/push/events", self.push_events),
             web.post(f"{p}/notify", self.notify),
         ])
+
+    def _tally(self, table: dict[str, Tally], peer: str) -> Tally:
+        tally = table.get(peer)
+        if tally is None:
+            tally = table[peer] = Tally()
+        return tally
+
+    def flush_audit(self, peer: str | None = None) -> None:
+        """Record what moved with one peer (or all) since its round began."""
+        for table, action in ((self._served, "peer-sent"), (self._pushed_in, "peer-received")):
+            for p in [peer] if peer is not None else list(table):
+                tally = table.pop(p, None)
+                if tally is not None:
+                    tally.record(self.audit, action, p)
 
     def _stat(self, peer: str, key: str, n: int) -> None:
         s = self.stats.setdefault(peer, {})
@@ -170,6 +189,7 @@ class PeerServer:
         return await offload_to(self._pool, fn, *args)
 
     def close(self) -> None:
+        self.flush_audit()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def notify(self, request: web.Request) -> web.Response:
@@ -188,6 +208,8 @@ class PeerServer:
     async def hello(self, request: web.Request) -> web.Response:
         """Who we are, and the root's Merkle answer: a peer whose root differs starts its
         walk from it (one request fewer per round)."""
+        self.flush_audit(request[PEER_KEY].compact)  # its previous round ended
+
         def answer() -> dict[str, Any]:
             root = self._merkle_answer("")
             return {"node_id": str(self.node.node_id), "version": protocol.VERSION,
@@ -206,12 +228,18 @@ class PeerServer:
         body = await self._json(request)
         ids = protocol.parse_events_request(body)
 
+        served = 0
+
         def answer() -> dict[str, Any]:
+            nonlocal served
             found = self.catalog.get_events(ids)
+            served = len(found)
             certs = self.catalog.certificates_for([i for i, _ in found])
             return protocol.events_response(found, certs)  # with the origins' certificates
 
-        return await self._answer(answer)
+        response = await self._answer(answer)
+        self._tally(self._served, request[PEER_KEY].compact).events += served
+        return response
 
     async def chunks(self, request: web.Request) -> web.Response:
         h = check_hash(request.match_info["hash"], "blob hash")
@@ -227,11 +255,17 @@ class PeerServer:
         # chunk boundary; ranges always count blob bytes
         accept = self.compression != "off" and wire.accepts(request.headers.get("Accept-Encoding"))
 
+        study: str | None = None
+
         def prepare() -> tuple[int, int, int, bool, bytes | None]:
             """Size, range and, for a small answer (most instances), the body itself: one
             worker job."""
+            nonlocal study
             size = store.size(h)
             start, end = protocol.parse_range(range_header, size)
+            if start == 0:  # the study of an instance sent, for the audit trail
+                put = self.catalog.put_for_blob(h)
+                study = put.study_instance_uid if put is not None else None
             compress = accept and start % CHUNK_SIZE == 0
             body = None
             if end - start <= SMALL_RESPONSE:
@@ -251,6 +285,12 @@ class PeerServer:
         except protocol.RangeError as exc:
             return web.json_response({"error": str(exc)}, status=416,
                                      headers={"Content-Range": f"bytes */{exc.size}"})
+        tally = self._tally(self._served, request[PEER_KEY].compact)
+        tally.bytes += end - start
+        if start == 0:  # an instance sent (a resumed range is the same one)
+            tally.instances += 1
+            if study is not None:
+                tally.studies.add(study)
         ranged = range_header is not None
         headers = {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes",
                    "Vary": "Accept-Encoding"}
@@ -432,6 +472,13 @@ class PeerServer:
             eid, why = next(iter(result.refused.items()))
             log.warning("refused %d pushed puts from %s that do not match their blobs, "
                         "e.g. %s: %s", len(result.refused), request[PEER_KEY].short, eid, why)
+        tally = self._tally(self._pushed_in, request[PEER_KEY].compact)
+        tally.events += len(result.inserted)
+        inserted = set(result.inserted)
+        for eid, body in pairs:
+            if eid in inserted and isinstance(put := ev.decode(body), ev.PutEvent):
+                tally.instances += 1
+                tally.studies.add(put.study_instance_uid)
         if result.inserted and self.on_events:
             await self.on_events(result.inserted)
         return web.json_response({"applied": result.inserted, "rejected": result.rejected})

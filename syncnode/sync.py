@@ -46,6 +46,7 @@ import aiohttp
 
 from . import events as ev
 from . import protocol, wire
+from .audit import AuditLog, Tally
 from .blobstore import (
     CHUNK_SIZE,
     BlobHashMismatch,
@@ -587,6 +588,7 @@ class PeerSync:
         self.backoff = Backoff()
         self._last_saved = 0.0
         self._skipped: list[tuple[str, bytes]] = []  # puts whose blob the peer lacked
+        self._pulled, self._pushed = Tally(), Tally()  # this round's, for the audit trail
         self._notifying: asyncio.Task[None] | None = None
 
     def save_state(self, force: bool = False) -> None:
@@ -728,6 +730,22 @@ class PeerSync:
         return await self.client.hello()
 
     async def sync_once(self) -> None:
+        """One round; what it pulled and pushed is one audit entry each (not one per
+        instance)."""
+        self._pulled, self._pushed = Tally(), Tally()
+        bytes_in, bytes_out = self.state.bytes_received, self.state.bytes_sent
+        outcome = "failure"
+        try:
+            await self._sync_once()
+            outcome = "success"
+        finally:
+            self._pulled.bytes = self.state.bytes_received - bytes_in
+            self._pushed.bytes = self.state.bytes_sent - bytes_out
+            peer = self.peer_id.compact
+            self._pulled.record(self.engine.audit, "peer-received", peer, outcome)
+            self._pushed.record(self.engine.audit, "peer-sent", peer, outcome)
+
+    async def _sync_once(self) -> None:
         st = self.state
         st.state, st.round_started = "connecting", time.time()
         await self.ensure_pinned()
@@ -795,6 +813,7 @@ class PeerSync:
             st.events_needed = len(ids) - done
             done += len(batch)
             received, certs = await self.client.events(batch)
+            self._pulled.events += len(received)
             await offload(self.node.catalog.offer_certificates, certs)  # to verify them
             plan = await offload(_plan_pull, self.node, received)
             if plan.invalid:
@@ -862,6 +881,8 @@ class PeerSync:
                         self._skipped.extend((e, b) for e, b, _ in items)
                         return
             await installer.submit(self, staged, [(e, b) for e, b, _ in items])
+        self._pulled.instances += len(items)
+        self._pulled.studies.add(put.study_instance_uid)
         st = self.state
         st.blobs_needed = max(0, st.blobs_needed - 1)
         st.bytes_needed = max(0, st.bytes_needed - put.size)
@@ -947,7 +968,14 @@ class PeerSync:
             certs = await offload(catalog.certificates_for, [e for e, _ in pairs])
             result = await self.client._json("POST", "/push/events",
                                              json=protocol.events_response(pairs, certs))
-            self.state.events_sent += len(result.get("applied", []))
+            applied = result.get("applied", [])
+            self.state.events_sent += len(applied)
+            self._pushed.events += len(applied)
+            took = set(applied)
+            pushed = [ev.decode(b) for e, b in pairs if e in took]
+            puts = [p for p in pushed if isinstance(p, ev.PutEvent)]
+            self._pushed.instances += len(puts)
+            self._pushed.studies.update(p.study_instance_uid for p in puts)
             # A put we hold only as removed (no blob to send) is refused until the peer holds
             # its tombstone, which may be in a later batch: it goes again next round.
             refused = list((result.get("rejected") or {}).items())
@@ -1193,6 +1221,7 @@ class SyncEngine:
     states: StateWriter = field(init=False)
     started: float = field(default_factory=time.time)
     on_state: Callable[[PeerState], None] | None = None
+    audit: AuditLog | None = None  # one entry per round and peer for what moved
 
     def __post_init__(self) -> None:
         self.installer = Installer(self)
