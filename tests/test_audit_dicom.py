@@ -137,3 +137,35 @@ def test_export_is_one_entry_per_association(tmp_path: Path) -> None:
         trail.close()
         a.close()
         b.close()
+
+
+def test_refused_dicom_tls_handshakes_are_recorded(node: LocalNode, trail: AuditLog,
+                                                   tmp_path: Path) -> None:
+    """A client whose certificate the SCP does not accept (DICOM TLS) is one
+    connection-refused entry, with its address."""
+    import trustme
+
+    from syncnode.dicom.transport import Perimeter, dicom_tls_context
+
+    trusted, stranger = trustme.CA(), trustme.CA()
+    trusted.cert_pem.write_to_path(str(tmp_path / "trusted-ca.pem"))
+    cert = stranger.issue_cert("stranger.example")
+    cert.private_key_pem.write_to_path(str(tmp_path / "s.key"))
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "s.crt"))
+    ctx = dicom_tls_context(node.identity.cert_path, node.identity.key_path,
+                            tmp_path / "trusted-ca.pem")
+    server = DicomServer(node, ae_title="SYNCNODE", host="127.0.0.1", port=0,
+                         ssl_context=ctx, perimeter=Perimeter(artim_timeout=5.0), audit=trail)
+    port = server.start()
+    try:
+        proc = kit.run_tool([kit.dcmtk("echoscu"), "-aec", "SYNCNODE", "-to", "5", "-ta", "5",
+                             "+tls", str(tmp_path / "s.key"), str(tmp_path / "s.crt"),
+                             "+cf", str(node.identity.cert_path), "127.0.0.1", str(port)],
+                            timeout=30, check=False)
+        assert proc.returncode != 0
+        got = wait_entries(trail, 1, "connection-refused")
+    finally:
+        server.stop()
+    assert len(got) == 1
+    assert got[0]["actor"] == "dicom:?@127.0.0.1" and got[0]["remote"] == "127.0.0.1"
+    assert got[0]["reason"].startswith("DICOM TLS handshake")

@@ -651,6 +651,8 @@ class DicomServer:
             self.committer = None
             raise
         self.port = int(self._server.server_address[1])
+        if self.audit is not None:
+            self._server.on_tls_refused = self._on_tls_refused
         log.info("DICOM SCP %s listening on %s:%d%s", self.ae_title, self.host, self.port,
                  " (DICOM TLS)" if self.ssl_context else "")
         return self.port
@@ -697,6 +699,12 @@ class DicomServer:
             tally = self._received.pop(id(event.assoc), None)
         if tally is not None:
             self._record_received(tally)
+
+    def _on_tls_refused(self, address: str, reason: str) -> None:
+        assert self.audit is not None
+        self.audit.record("connection-refused", f"dicom:?@{address}"[:200], "failure",
+                          remote=address[:300], reason="DICOM TLS handshake: " + "".join(
+                              c for c in reason if " " <= c <= "~")[:200])
 
     def _tally(self, assoc: Any) -> _Received:
         with self._received_lock:

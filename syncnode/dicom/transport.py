@@ -627,6 +627,8 @@ class GuardedServer(ThreadedAssociationServer):
         self._stats_lock = threading.Lock()
         self._last_refusal_log = 0.0
         self._refusals_unlogged = 0
+        # told of each refused DICOM TLS handshake (address, reason): the audit trail
+        self.on_tls_refused: Callable[[str, str], None] | None = None
         super().__init__(*args, request_handler=GuardedRequestHandler, **kwargs)
 
     def get_request(self) -> tuple[socket.socket, Any]:
@@ -676,6 +678,8 @@ class GuardedServer(ThreadedAssociationServer):
     def note_refusal(self, exc: NoAssociation, address: str) -> None:
         """Count a refused connection; log it, at most one line a minute (a flood of
         strangers must not flood the log)."""
+        if exc.reason == "tls" and self.on_tls_refused is not None:
+            self.on_tls_refused(address, str(exc))
         with self._stats_lock:
             reason = exc.reason
             if reason == "evicted":
