@@ -81,7 +81,6 @@ _THROTTLE_KEYS = 10_000
 _TAIL_READ = 1 << 16
 _ARCHIVE_RE = re.compile(r"^audit-(\d{12,})\.log$")
 _KEYWORD_RE = re.compile(r"^[A-Za-z][A-Za-z0-9]{0,63}$")
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _ACTOR_RE = re.compile(r"^(cli|api|peer|dicom|node)(:[\x21-\x7e]{1,200})?$")
 _TEXT_RE = re.compile(r"^[\x20-\x7e]{0,300}$")
 
@@ -97,7 +96,7 @@ ACTIONS = frozenset({
     "query",                              # C-FIND or QIDO (keys only)
     "deleted",                            # tombstones written (rm, API delete)
     "trust-add", "trust-remove", "trust-accept",  # the trust list changed
-    "config-changed",                     # settings changed (admin API)
+    "config-changed",                     # settings changed (subject: their names)
     "connection-refused",                 # a peer or DICOM connection refused
     "login",                              # an admin API credential checked
     "audit-recovered", "audit-dropped",   # the trail itself
@@ -110,8 +109,7 @@ DETAIL_KEYS: dict[str, str] = {
     "bytes": "int", "studies_count": "int", "count": "int", "dropped": "int",
     "peer": "text", "remote": "text", "destination": "text", "url": "text",
     "level": "text", "reason": "text", "role": "text", "subject": "text",
-    "keys": "keywords", "sop_class": "uid", "suppressed": "int", "settings": "names",
-    "route": "text",
+    "keys": "keywords", "sop_class": "uid", "suppressed": "int",
 }
 
 
@@ -155,8 +153,7 @@ def _check_detail(key: str, value: Any) -> Any:
         return value
     items = sorted(set(value))
     check = {"uids": is_uid, "hashes": is_hash,
-             "keywords": lambda v: isinstance(v, str) and bool(_KEYWORD_RE.fullmatch(v)),
-             "names": lambda v: isinstance(v, str) and bool(_NAME_RE.fullmatch(v))}[kind]
+             "keywords": lambda v: isinstance(v, str) and bool(_KEYWORD_RE.fullmatch(v))}[kind]
     bad = [v for v in items if not check(v)]
     if bad:
         raise InvalidAuditEntry(f"audit detail {key!r} holds {len(bad)} value(s) that are not "

@@ -53,10 +53,10 @@ def test_cli_actions_each_write_one_entry(tmp_path: Path) -> None:
 
     got = entries(a)
     assert [e["action"] for e in got] == ["import", "trust-add", "deleted", "trust-remove",
-                                          "config-change"]
+                                          "config-changed"]
     assert {e["actor"] for e in got} == {actor}
     imp, add, rm, remove, config = got
-    assert config["settings"] == ["sync_interval"] and "2.5" not in json.dumps(config)
+    assert config["subject"] == "sync_interval" and "2.5" not in json.dumps(config)
     assert (imp["files"], imp["instances"], imp["failed"], imp["studies"]) == (2, 1, 1, [study])
     assert add["subject"] == compact and add["url"] == "https://127.0.0.1:9"
     assert rm["studies"] == [study] and rm["sops"] == [sop] and rm["instances"] == 1
