@@ -20,9 +20,11 @@ StudyDate                   >= STUDY    single date, range ``A-B``, ``-B``, ``A-
                                         whole year / month
 ==========================  ==========  =============================================
 
-A key with an empty value (or ``*``) matches everything (universal matching). Keys
-the catalog does not index (PatientName, AccessionNumber, ...) are not matched on and
-are returned empty, as PS3.4 allows for optional keys. Return keys the catalog knows are
+A key with an empty value (or ``*``) matches everything (universal matching). A key
+with a matching value that this node cannot match (not in the table, or below the query
+level) is never ignored, since ignoring it would widen the match: the query is refused
+with status 0xC000 (Unable to process) and an Error Comment naming the key (never its
+value). Return keys the catalog knows are
 filled: the matching keys above plus NumberOfStudyRelatedInstances/Series,
 NumberOfSeriesRelatedInstances, NumberOfPatientRelatedStudies/Series/Instances and
 SOPClassesInStudy. Counts are of the whole study/series/patient, not of the matching
@@ -38,6 +40,7 @@ from typing import Any
 
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag
 
 from ..catalog import Catalog
 from ..catalog.find import FindQuery, InvalidMatch
@@ -56,7 +59,7 @@ class QueryError(Exception):
         self.status = status
 
 
-def _value(identifier: Dataset, keyword: str) -> str | None:
+def _value(identifier: Dataset, keyword: str | BaseTag) -> str | None:
     """The matching value of a key, or None for absent / universal matching."""
     if keyword not in identifier:
         return None
@@ -81,6 +84,7 @@ def find(catalog: Catalog, model: str, identifier: Dataset) -> Iterator[Dataset]
     if level not in LEVELS[model]:
         raise QueryError(f"Query/Retrieve Level {level[:16]!r} is not valid for this model",
                          0xA900)
+    _refuse_unmatchable(identifier, level)
     q = FindQuery(
         level=level, patient_id=_value(identifier, "PatientID"),
         study_uids=_value(identifier, "StudyInstanceUID"),
@@ -95,6 +99,44 @@ def find(catalog: Catalog, model: str, identifier: Dataset) -> Iterator[Dataset]
             yield _response(identifier, level, row)
     except InvalidMatch as exc:
         raise QueryError(str(exc), 0xC000) from exc
+
+
+# The keys this node matches on, per query level (a key of a level above the query's is
+# matched too: the Study Root model puts patient keys at STUDY level).
+_MATCHABLE = {
+    "PATIENT": {"PatientID"},
+    "STUDY": {"PatientID", "StudyInstanceUID", "StudyDate", "ModalitiesInStudy"},
+    "SERIES": {"PatientID", "StudyInstanceUID", "StudyDate", "SeriesInstanceUID",
+               "Modality"},
+    "IMAGE": {"PatientID", "StudyInstanceUID", "StudyDate", "SeriesInstanceUID", "Modality",
+              "SOPInstanceUID", "SOPClassUID"},
+}
+
+
+def _refuse_unmatchable(identifier: Dataset, level: str) -> None:
+    """Refuse (0xC000) a query with a matching value on a key this node cannot match.
+
+    Ignoring such a key would widen the match (``PatientName=NOSUCHNAME*`` answering
+    every study): the requester is told instead, with the key's name (never its value)
+    in the Error Comment. Keys without a value (or ``*``) are return keys and are fine.
+    """
+    allowed = _MATCHABLE[level]
+    for elem in identifier:
+        kw = elem.keyword
+        if kw in ("SpecificCharacterSet", "QueryRetrieveLevel", "TimezoneOffsetFromUTC") \
+                or elem.tag.group == 0x0002:
+            continue
+        if kw in allowed:
+            continue
+        if elem.VR == "SQ":
+            if any(len(item) for item in (elem.value or [])):
+                raise QueryError(f"matching on sequence {kw or elem.tag} is not supported",
+                                 0xC000)
+            continue
+        if _value(identifier, elem.tag) is None:
+            continue
+        raise QueryError(f"matching on {kw or elem.tag} at {level} level is not supported "
+                         "by this node", 0xC000)
 
 
 def _response(ident: Dataset, level: str, known: dict[str, Any]) -> Dataset:

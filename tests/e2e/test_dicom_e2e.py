@@ -313,6 +313,46 @@ def test_findscu_levels(bridge: tuple[LocalNode, DicomBridge], tmp_path: Path) -
     assert br.server.stats.finds > 10
 
 
+def _find_status(port: int, level: str, keys: dict[str, str], out: Path
+                 ) -> tuple[list[dict[str, str]], str]:
+    """The responses of a findscu query and findscu's log (which shows the final status)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.iterdir():
+        old.unlink()
+    args = [kit.dcmtk("findscu"), "-S", "-v", "-aec", "SYNCNODE", "-X", "-od", str(out),
+            "-k", f"QueryRetrieveLevel={level}"]
+    for k, v in keys.items():
+        args += ["-k", f"{k}={v}" if v else k]
+    proc = kit.run_tool([*args, "127.0.0.1", str(port)], check=False)
+    rows = [{e.keyword: str(e.value) for e in dcmread(f) if e.keyword}
+            for f in sorted(out.iterdir())]
+    return rows, proc.stdout + proc.stderr
+
+
+def test_findscu_key_the_node_cannot_match_never_widens(
+        bridge: tuple[LocalNode, DicomBridge], tmp_path: Path) -> None:
+    from syncnode.importer import import_paths
+
+    node, br = bridge
+    s1 = kit.make_study(tmp_path / "s1", 2, seed="widen1", patient_id="PAT-W1")
+    s2 = kit.make_study(tmp_path / "s2", 2, seed="widen2", patient_id="PAT-W2")
+    import_paths(node, [*s1.files, *s2.files])
+    out = tmp_path / "rsp"
+    rows, _ = _find_status(br.port, "STUDY", {"StudyInstanceUID": ""}, out)
+    assert {r["StudyInstanceUID"] for r in rows} == {s1.study_uid, s2.study_uid}
+    # a matching value on a key the node does not match: refused, never every study
+    for keys in ({"ReferencedStudySequence": "", "(0010,1000)": "NOSUCH*"},
+                 {"IssuerOfPatientID": "NOSUCH"},
+                 {"Modality": "CT"}):  # Modality is a SERIES key: not at STUDY level
+        rows, log = _find_status(br.port, "STUDY", {"StudyInstanceUID": "", **keys}, out)
+        assert rows == [], keys
+        assert "Failed: UnableToProcess" in log, log[-600:]
+    # the same key without a value is a return key: answered
+    rows, _ = _find_status(br.port, "STUDY", {"StudyInstanceUID": "", "(0010,1000)": ""},
+                           out)
+    assert {r["StudyInstanceUID"] for r in rows} == {s1.study_uid, s2.study_uid}
+
+
 def test_import_from_orthanc(tmp_path: Path, orthancs: Callable[..., kit.Orthanc]) -> None:
     node = LocalNode.init(tmp_path / "n")
     port = kit.free_port()
