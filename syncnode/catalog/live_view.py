@@ -7,10 +7,12 @@ connection under its lock, or on a read-only connection of its own (C-FIND).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from ..ids import check_hash, check_uid
+from . import attrs as find_attrs
 from . import find as find_model
 from .model import (
     _SEQ_OF,
@@ -63,6 +65,12 @@ class LiveView:
         with self._lock:
             return int(self._db.execute("SELECT count(*) FROM puts WHERE live=1 AND "
                                         "study_instance_uid=?", (study_uid,)).fetchone()[0])
+
+    def index_find_attributes(self, blob_path: Callable[[str], Path],
+                              limit: int | None = None) -> int:
+        """Read the C-FIND attributes of the live blobs not indexed yet (see
+        :mod:`syncnode.catalog.attrs`); return how many blobs were read."""
+        return find_attrs.index_missing(self.path, blob_path, limit)
 
     def find(self, q: find_model.FindQuery) -> Iterator[dict[str, Any]]:
         """C-FIND matches (see :mod:`syncnode.catalog.find`), streamed from a read-only

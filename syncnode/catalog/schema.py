@@ -19,6 +19,8 @@ import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
+from . import attrs
+
 
 class CatalogError(Exception):
     """A catalog operation that cannot be carried out; the message says why."""
@@ -169,6 +171,12 @@ INSERT OR REPLACE INTO meta (key, value)
 """
 
 
+# Version 4: the C-FIND attribute read model (syncnode.catalog.attrs): values read from the
+# stored blobs, local only (never in events). Filled lazily from the blobs before a C-FIND,
+# so the migration itself reads nothing.
+V4 = attrs.SCHEMA
+
+
 def _statements(script: str) -> list[str]:
     """The statements of a schema script, split where SQLite says one is complete (a ';'
     in a comment does not end one)."""
@@ -196,6 +204,7 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _run(V1),
     _run(V2),
     _run(V3),
+    _run(V4),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -35,7 +35,8 @@ their number. Patient IDs are never logged.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from pydicom.dataelem import DataElement
@@ -43,7 +44,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag
 
 from ..catalog import Catalog
-from ..catalog.find import FindQuery, InvalidMatch
+from ..catalog.find import ATTR_LEVEL, FindQuery, InvalidMatch
 
 STUDY_ROOT = "1.2.840.10008.5.1.4.1.2.2.1"
 PATIENT_ROOT = "1.2.840.10008.5.1.4.1.2.1.1"
@@ -76,16 +77,30 @@ def _value(identifier: Dataset, keyword: str | BaseTag) -> str | None:
     return text
 
 
-def find(catalog: Catalog, model: str, identifier: Dataset) -> Iterator[Dataset]:
-    """Matches of a C-FIND identifier under an information model, as response identifiers."""
+def find(catalog: Catalog, model: str, identifier: Dataset,
+         blob_path: Callable[[str], Path] | None = None) -> Iterator[Dataset]:
+    """Matches of a C-FIND identifier under an information model, as response identifiers.
+
+    With ``blob_path`` (blob hash -> file), the blobs not yet in the attribute read model
+    are indexed first, so every stored instance is matched on its stored values."""
     if model not in LEVELS:
         raise QueryError(f"information model {model} is not supported", 0xA900)
     level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
     if level not in LEVELS[model]:
         raise QueryError(f"Query/Retrieve Level {level[:16]!r} is not valid for this model",
                          0xA900)
+    try:
+        identifier.decode()  # text values to Unicode per the query's Specific Character Set
+    except (LookupError, UnicodeError, ValueError) as exc:
+        raise QueryError(f"the identifier's text cannot be decoded ({type(exc).__name__})",
+                         0xC000) from exc
     _refuse_unmatchable(identifier, level)
+    keys = tuple((kw, v) for kw in ATTR_LEVEL
+                 if (v := _value(identifier, kw)) is not None)
+    if blob_path is not None:
+        catalog.index_find_attributes(blob_path)
     q = FindQuery(
+        attrs=keys,
         level=level, patient_id=_value(identifier, "PatientID"),
         study_uids=_value(identifier, "StudyInstanceUID"),
         study_date=_value(identifier, "StudyDate"),
@@ -103,14 +118,17 @@ def find(catalog: Catalog, model: str, identifier: Dataset) -> Iterator[Dataset]
 
 # The keys this node matches on, per query level (a key of a level above the query's is
 # matched too: the Study Root model puts patient keys at STUDY level).
-_MATCHABLE = {
+_OWN = {
     "PATIENT": {"PatientID"},
-    "STUDY": {"PatientID", "StudyInstanceUID", "StudyDate", "ModalitiesInStudy"},
-    "SERIES": {"PatientID", "StudyInstanceUID", "StudyDate", "SeriesInstanceUID",
-               "Modality"},
-    "IMAGE": {"PatientID", "StudyInstanceUID", "StudyDate", "SeriesInstanceUID", "Modality",
-              "SOPInstanceUID", "SOPClassUID"},
+    "STUDY": {"StudyInstanceUID", "StudyDate", "ModalitiesInStudy"},
+    "SERIES": {"SeriesInstanceUID", "Modality"},
+    "IMAGE": {"SOPInstanceUID", "SOPClassUID"},
 }
+for _kw, _lv in ATTR_LEVEL.items():
+    _OWN[_lv].add(_kw)
+_MATCHABLE = {lv: set().union(*(_OWN[x] for x in LEVELS[PATIENT_ROOT]
+                                [:i + 1]))
+              for i, lv in enumerate(LEVELS[PATIENT_ROOT])}
 
 
 def _refuse_unmatchable(identifier: Dataset, level: str) -> None:

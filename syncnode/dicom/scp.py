@@ -846,7 +846,8 @@ class DicomServer:
         matches = 0
         outcome, reason = "success", None
         try:
-            results = query.find(self.node.catalog, model, identifier)
+            results = query.find(self.node.catalog, model, identifier,
+                                 blob_path=self.node.store.path)
             for ds in results:
                 if event.is_cancelled:
                     reason = "cancelled by the requestor"

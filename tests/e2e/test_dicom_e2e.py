@@ -353,6 +353,108 @@ def test_findscu_key_the_node_cannot_match_never_widens(
     assert {r["StudyInstanceUID"] for r in rows} == {s1.study_uid, s2.study_uid}
 
 
+def _restamp(files: list[Path], charset: str, **values: Any) -> None:
+    """Rewrite test files with other attribute values (and their Specific Character Set)."""
+    for f in files:
+        ds = dcmread(f)
+        ds.SpecificCharacterSet = charset
+        for k, v in values.items():
+            setattr(ds, k, v)
+        ds.save_as(f, enforce_file_format=True)
+
+
+def test_findscu_matches_and_answers_the_stored_values(
+        bridge: tuple[LocalNode, DicomBridge], tmp_path: Path) -> None:
+    from syncnode.importer import import_paths
+
+    node, br = bridge
+    a = kit.make_study(tmp_path / "a", 4, seed="vals-a", series=2, patient_id="PA",
+                       study_date="20200115")
+    b = kit.make_study(tmp_path / "b", 2, seed="vals-b", patient_id="PB",
+                       study_date="20230301")
+    c = kit.make_study(tmp_path / "c", 1, seed="vals-c", patient_id="PC",
+                       study_date="20230302")
+    _restamp(a.files, "ISO_IR 100", PatientName="SYNTH^PATIENT08", AccessionNumber="ACC-A1",
+             StudyDescription="CT ABDOMEN 3-PHASE LIVER", SeriesDescription="AXIAL",
+             StudyTime="081500", PatientBirthDate="19600203", ReferringPhysicianName="DOC^A",
+             BodyPartExamined="ABDOMEN")
+    _restamp(b.files, "ISO_IR 100", PatientName="Müller^Jürgen", AccessionNumber="ACC-B1",
+             StudyDescription="MR KNEE", StudyTime="143000", PatientBirthDate="19800707")
+    _restamp(c.files, "ISO_IR 192", PatientName="Ελληνικά^Δοκιμή", AccessionNumber="ACC-C1",
+             StudyDescription="Ünïcödé study", StudyTime="235959")
+    import_paths(node, [*a.files, *b.files, *c.files])
+    out, port = tmp_path / "rsp", br.port
+
+    def studies(keys: dict[str, str]) -> set[str]:
+        rows, log = _find_status(port, "STUDY", {"StudyInstanceUID": "", **keys}, out)
+        assert "Success" in log, log[-600:]
+        return {r["StudyInstanceUID"] for r in rows}
+
+    # the issue's queries: nothing matches, nothing is answered
+    assert studies({"PatientName": "NOSUCHNAME*"}) == set()
+    assert studies({"AccessionNumber": "XYZ"}) == set()
+    # PN: wildcards, case-insensitive (documented choice)
+    assert studies({"PatientName": "SYNTH^*"}) == {a.study_uid}
+    assert studies({"PatientName": "synth^patient0?"}) == {a.study_uid}
+    assert studies({"PatientName": "*"}) == {a.study_uid, b.study_uid, c.study_uid}
+    assert studies({"AccessionNumber": "ACC-B1"}) == {b.study_uid}
+    assert studies({"AccessionNumber": "ACC-A1\\ACC-C1"}) == {a.study_uid, c.study_uid}
+    assert studies({"StudyDescription": "*LIVER"}) == {a.study_uid}
+    assert studies({"StudyDescription": "ct abdomen*"}) == set()  # not PN: case-sensitive
+    assert studies({"StudyDate": "20230301-20231231"}) == {b.study_uid, c.study_uid}
+    assert studies({"StudyTime": "080000-120000"}) == {a.study_uid}
+    assert studies({"StudyTime": "14-"}) == {b.study_uid, c.study_uid}
+    assert studies({"PatientBirthDate": "-19691231"}) == {a.study_uid}
+    assert studies({"ReferringPhysicianName": "doc^a"}) == {a.study_uid}
+
+    # answers carry the stored values and the counts
+    rows, _ = _find_status(port, "STUDY", {
+        "StudyInstanceUID": a.study_uid, "PatientName": "", "PatientID": "",
+        "AccessionNumber": "", "StudyDescription": "", "StudyTime": "",
+        "PatientBirthDate": "", "NumberOfStudyRelatedSeries": "",
+        "NumberOfStudyRelatedInstances": ""}, out)
+    assert len(rows) == 1
+    r = rows[0]
+    assert (r["PatientName"], r["PatientID"], r["AccessionNumber"], r["StudyDescription"],
+            r["PatientBirthDate"]) == ("SYNTH^PATIENT08", "PA", "ACC-A1",
+                                       "CT ABDOMEN 3-PHASE LIVER", "19600203")
+    assert r["StudyTime"].startswith("081500")
+    assert (r["NumberOfStudyRelatedSeries"], r["NumberOfStudyRelatedInstances"]) == ("2", "4")
+
+    series, _ = _find_status(port, "SERIES", {
+        "StudyInstanceUID": a.study_uid, "SeriesInstanceUID": "", "SeriesNumber": "",
+        "SeriesDescription": "", "BodyPartExamined": "",
+        "NumberOfSeriesRelatedInstances": ""}, out)
+    assert sorted((x["SeriesNumber"], x["SeriesDescription"], x["BodyPartExamined"],
+                   x["NumberOfSeriesRelatedInstances"]) for x in series) == \
+        [("1", "AXIAL", "ABDOMEN", "2"), ("2", "AXIAL", "ABDOMEN", "2")]
+    two, _ = _find_status(port, "SERIES", {"StudyInstanceUID": a.study_uid,
+                                           "SeriesInstanceUID": "", "SeriesNumber": "2"}, out)
+    assert [x["SeriesInstanceUID"] for x in two] == [a.series_uids[1]]
+    images, _ = _find_status(port, "IMAGE", {
+        "StudyInstanceUID": a.study_uid, "SeriesInstanceUID": a.series_uids[0],
+        "SOPInstanceUID": "", "InstanceNumber": "3"}, out)
+    assert [x["SOPInstanceUID"] for x in images] == [a.sop_uids[2]]
+
+    # Specific Character Set: stored Latin-1 and UTF-8 values decoded, answered in UTF-8
+    rows, _ = _find_status(port, "STUDY", {"StudyInstanceUID": "", "PatientName": "MÜLLER*",
+                                           "SpecificCharacterSet": "ISO_IR 192",
+                                           "StudyDescription": ""}, out)
+    assert [(x["PatientName"], x["StudyInstanceUID"]) for x in rows] == \
+        [("Müller^Jürgen", b.study_uid)]
+    rows, _ = _find_status(port, "STUDY", {"StudyInstanceUID": "", "PatientName": "Ελλ*",
+                                           "SpecificCharacterSet": "ISO_IR 192",
+                                           "StudyDescription": ""}, out)
+    assert [(x["PatientName"], x["StudyDescription"]) for x in rows] == \
+        [("Ελληνικά^Δοκιμή", "Ünïcödé study")]
+    # PATIENT level (Patient Root): the patient's values and counts
+    pats = _find(port, "PATIENT", {"PatientID": "PA", "PatientName": "",
+                                   "PatientBirthDate": "",
+                                   "NumberOfPatientRelatedStudies": ""}, out, model="-P")
+    assert [(p["PatientName"], p["PatientBirthDate"], p["NumberOfPatientRelatedStudies"])
+            for p in pats] == [("SYNTH^PATIENT08", "19600203", "1")]
+
+
 def test_import_from_orthanc(tmp_path: Path, orthancs: Callable[..., kit.Orthanc]) -> None:
     node = LocalNode.init(tmp_path / "n")
     port = kit.free_port()

@@ -1,0 +1,172 @@
+"""The C-FIND attribute read model: values of the stored instances, indexed locally.
+
+Signed events carry only the identity of an instance (UIDs, Patient ID, Modality, Study
+Date). The other attributes C-FIND matches on and answers with (PS3.4 C.6.1/C.6.2:
+Patient's Name, Accession Number, Study Description, Series Number, ...) are read from the
+stored bytes of each blob into ``find_attrs`` (one row per blob, keyed by its hash). The
+table is a local cache, never sent to peers: it can be dropped and rebuilt from the blobs.
+
+Filling: :func:`index_missing` reads every live blob that has no row yet. The C-FIND SCP
+calls it before each query, so instances that arrived by any path (C-STORE, ``import``,
+sync from a peer) and the blobs stored before this table existed are indexed before they
+are matched (a lazy backfill: the first query after a large arrival pays for reading their
+headers, once). A blob that cannot be read gets a row of empty values: it then matches
+only universal keys on these attributes (narrowing, never widening).
+
+Values are decoded with the instance's Specific Character Set (pydicom's charset handling:
+ISO_IR 100, ISO_IR 192, ISO 2022 ...) and stored as Unicode text, stripped of padding.
+Dates are ``YYYYMMDD`` (``YYYY.MM.DD`` normalised), times ``HHMMSS.FFFFFF`` zero-padded;
+malformed dates or times are stored as ``""``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# keyword -> column
+COLUMNS: dict[str, str] = {
+    "SpecificCharacterSet": "charset",
+    "PatientName": "patient_name",
+    "PatientBirthDate": "patient_birth_date",
+    "PatientSex": "patient_sex",
+    "StudyTime": "study_time",
+    "AccessionNumber": "accession_number",
+    "StudyID": "study_id",
+    "StudyDescription": "study_description",
+    "ReferringPhysicianName": "referring_physician_name",
+    "SeriesNumber": "series_number",
+    "SeriesDescription": "series_description",
+    "BodyPartExamined": "body_part_examined",
+    "InstanceNumber": "instance_number",
+}
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS find_attrs (
+    blob                     TEXT PRIMARY KEY,
+    charset                  TEXT NOT NULL DEFAULT '',
+    patient_name             TEXT NOT NULL DEFAULT '',
+    patient_birth_date       TEXT NOT NULL DEFAULT '',
+    patient_sex              TEXT NOT NULL DEFAULT '',
+    study_time               TEXT NOT NULL DEFAULT '',
+    accession_number         TEXT NOT NULL DEFAULT '',
+    study_id                 TEXT NOT NULL DEFAULT '',
+    study_description        TEXT NOT NULL DEFAULT '',
+    referring_physician_name TEXT NOT NULL DEFAULT '',
+    series_number            TEXT NOT NULL DEFAULT '',
+    series_description       TEXT NOT NULL DEFAULT '',
+    body_part_examined       TEXT NOT NULL DEFAULT '',
+    instance_number          TEXT NOT NULL DEFAULT '',
+    readable                 INTEGER NOT NULL DEFAULT 1
+) WITHOUT ROWID;
+"""
+
+_TAGS = [0x00080005, 0x00100010, 0x00100030, 0x00100040, 0x00080030, 0x00080050,
+         0x00200010, 0x00081030, 0x00080090, 0x00200011, 0x0008103E, 0x00180015,
+         0x00200013]
+_DATE = re.compile(r"\d{8}")
+_TIME = re.compile(r"(\d{2})(\d{2})?(\d{2})?(\.\d{1,6})?")
+
+
+def norm_date(text: str) -> str:
+    text = text.strip().replace(".", "") if re.fullmatch(r"\s*\d{4}\.\d{2}\.\d{2}\s*", text) \
+        else text.strip()
+    return text if _DATE.fullmatch(text) else ""
+
+
+def norm_time(text: str, high: bool = False) -> str:
+    """``HHMMSS.FFFFFF``; missing parts are zero (or, for an upper bound, their maximum)."""
+    m = _TIME.fullmatch(text.strip().replace(":", ""))
+    if not m:
+        return ""
+    hh, mm, ss, frac = m.groups()
+    fill = ("59", "59", "999999") if high else ("00", "00", "000000")
+    frac_digits = fill[2] if frac is None else frac[1:].ljust(6, "9" if high else "0")
+    return f"{hh}{mm or fill[0]}{ss or fill[1]}.{frac_digits}"
+
+
+def norm_int(text: str) -> str:
+    try:
+        return str(int(text.strip()))
+    except ValueError:
+        return text.strip()
+
+
+def read_attributes(path: Path) -> dict[str, str]:
+    """The indexed attributes of the instance in ``path``, decoded to Unicode."""
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_TAGS)
+    ds.decode()
+    out: dict[str, str] = {}
+    for kw, col in COLUMNS.items():
+        value = ds[kw].value if kw in ds else None
+        if value is None:
+            text = ""
+        elif isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+            text = "\\".join(str(v) for v in value)
+        else:
+            text = str(value)
+        out[col] = text.strip("\x00 ")
+    out["patient_birth_date"] = norm_date(out["patient_birth_date"])
+    out["study_time"] = norm_time(out["study_time"])
+    out["series_number"] = norm_int(out["series_number"])
+    out["instance_number"] = norm_int(out["instance_number"])
+    return out
+
+
+def index_missing(catalog_path: Path | str, blob_path: Callable[[str], Path],
+                  limit: int | None = None) -> int:
+    """Index the live blobs without a ``find_attrs`` row; return how many were read.
+
+    Uses a connection of its own (the blobs are read outside any catalog lock); each
+    batch of rows is one short write transaction. Concurrent callers are harmless (a row
+    already written is kept).
+    """
+    db = sqlite3.connect(catalog_path, timeout=60.0, isolation_level=None,
+                         check_same_thread=False)
+    try:
+        db.execute("PRAGMA busy_timeout=60000")
+        return _index(db, blob_path, limit)
+    finally:
+        db.close()
+
+
+def _index(db: sqlite3.Connection, blob_path: Callable[[str], Path], limit: int | None
+           ) -> int:
+    done = 0
+    while limit is None or done < limit:
+        batch = [r[0] for r in db.execute(
+            "SELECT DISTINCT p.blob FROM puts p WHERE p.live = 1 AND NOT EXISTS "
+            "(SELECT 1 FROM find_attrs f WHERE f.blob = p.blob) LIMIT 200")]
+        if not batch:
+            break
+        rows: list[dict[str, Any]] = []
+        for blob in batch:
+            try:
+                attrs: dict[str, Any] = read_attributes(blob_path(blob))
+                attrs["readable"] = 1
+            except Exception as exc:  # any unreadable blob: indexed empty, logged
+                log.warning("C-FIND index: blob %s cannot be read (%s): its attributes "
+                            "match only universal keys", blob, type(exc).__name__)
+                attrs = {"readable": 0}
+            attrs["blob"] = blob
+            rows.append(attrs)
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for attrs in rows:
+                cols = list(attrs)
+                db.execute(f"INSERT OR IGNORE INTO find_attrs ({', '.join(cols)}) "
+                           f"VALUES ({', '.join('?' * len(cols))})", [attrs[c] for c in cols])
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        done += len(batch)
+    return done
