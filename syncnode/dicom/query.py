@@ -4,33 +4,44 @@ Matching (PS3.4 C.2.2.2) is done by the catalog's C-FIND read model
 (:mod:`syncnode.catalog.find`, SQL on the live rows); this module turns identifiers into
 its queries and its rows into response identifiers.
 
-Matching keys (the attributes the catalog indexes):
+Matching keys. Identity keys come from the catalog's puts; the others from the local
+attribute read model (:mod:`syncnode.catalog.attrs`, read from the stored blobs):
 
 ==========================  ==========  =============================================
-attribute                   levels      matching
+attribute                   level       matching
 ==========================  ==========  =============================================
-PatientID                   all         single value, wildcard (``*``, ``?``), universal
-StudyInstanceUID            >= STUDY    UID list (``\\``-separated), universal
-SeriesInstanceUID           >= SERIES   UID list, universal
-SOPInstanceUID, SOPClassUID IMAGE       UID list, universal
-Modality                    >= SERIES   single value, wildcard, list (``CT\\MR``)
+PatientID                   PATIENT     single value, wildcard (``*``, ``?``), list
+PatientName                 PATIENT     same, **case-insensitive** (Unicode case fold)
+PatientBirthDate            PATIENT     date, range ``A-B``, ``-B``, ``A-``
+PatientSex                  PATIENT     single value, wildcard, list
+StudyInstanceUID            STUDY       UID list (``\\``-separated)
+StudyDate                   STUDY       date, range; ``YYYY`` / ``YYYYMM`` bounds are
+                                        widened to the whole year / month
+StudyTime                   STUDY       time, range (``0800-1200``, ``14-``)
+AccessionNumber, StudyID,   STUDY       single value, wildcard, list (case-sensitive)
+StudyDescription
+ReferringPhysicianName      STUDY       as PatientName (case-insensitive)
 ModalitiesInStudy           STUDY       any instance of the study has one of the values
-StudyDate                   >= STUDY    single date, range ``A-B``, ``-B``, ``A-``;
-                                        ``YYYY`` / ``YYYYMM`` bounds are widened to the
-                                        whole year / month
+SeriesInstanceUID           SERIES      UID list
+Modality, SeriesDescription SERIES      single value, wildcard, list
+BodyPartExamined            SERIES      single value, wildcard, list
+SeriesNumber                SERIES      integer value (list)
+SOPInstanceUID, SOPClassUID IMAGE       UID list
+InstanceNumber              IMAGE       integer value (list)
 ==========================  ==========  =============================================
 
-A key with an empty value (or ``*``) matches everything (universal matching). A key
-with a matching value that this node cannot match (not in the table, or below the query
-level) is never ignored, since ignoring it would widen the match: the query is refused
-with status 0xC000 (Unable to process) and an Error Comment naming the key (never its
-value). Return keys the catalog knows are
-filled: the matching keys above plus NumberOfStudyRelatedInstances/Series,
-NumberOfSeriesRelatedInstances, NumberOfPatientRelatedStudies/Series/Instances and
-SOPClassesInStudy. Counts are of the whole study/series/patient, not of the matching
-rows. Responses carry ``SpecificCharacterSet = ISO_IR 192`` (UTF-8), since Patient IDs
-are stored decoded. Results stream from an SQLite cursor: memory does not grow with
-their number. Patient IDs are never logged.
+A key of the query level or a level above it is matched (relational for the levels
+above). A key with an empty value (or ``*``) matches everything (universal matching). A
+key with a matching value that this node cannot match (not in the table, or below the
+query level) is never ignored, since ignoring it would widen the match: the query is
+refused with status 0xC000 (Unable to process) and an Error Comment naming the key
+(never its value). Return keys are filled from the same sources, plus
+NumberOfStudyRelatedInstances/Series, NumberOfSeriesRelatedInstances,
+NumberOfPatientRelatedStudies/Series/Instances and SOPClassesInStudy (counts of the whole
+study/series/patient). The identifier is decoded with its Specific Character Set; stored
+values are decoded with theirs when indexed; responses carry ``SpecificCharacterSet =
+ISO_IR 192`` (UTF-8), which holds any stored value. Results stream from an SQLite cursor:
+memory does not grow with their number. Patient data is never logged.
 """
 
 from __future__ import annotations
