@@ -401,7 +401,7 @@ def test_c_find_levels_and_refusals(scp: DicomServer, node: LocalNode, tmp_path:
     assert found["StudyInstanceUID"] == s.study_uid
     assert found["PatientID"] == "ÄB^12"  # non-ASCII, returned in UTF-8
     assert found["NumberOfStudyRelatedSeries"] == "2"
-    assert found["PatientName"] == ""  # not indexed: returned empty
+    assert found["PatientName"] == "TEST^find"  # the stored value
     res = _find(scp.port, patient_root, {"QueryRetrieveLevel": "PATIENT", "PatientID": "Ä*"})
     assert [r[1].get("PatientID") for r in res if r[0] == 0xFF00] == ["ÄB^12"]
     # a level the model does not have, and a malformed date range: failure statuses
