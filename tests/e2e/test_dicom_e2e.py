@@ -31,6 +31,7 @@ from typing import Any
 import pydicom.data
 import pytest
 from pydicom import dcmread
+from pydicom.data import get_charset_files
 from syncsupport import cli, url_of, wait_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
@@ -353,7 +354,7 @@ def test_findscu_key_the_node_cannot_match_never_widens(
     assert {r["StudyInstanceUID"] for r in rows} == {s1.study_uid, s2.study_uid}
 
 
-def _restamp(files: list[Path], charset: str, **values: Any) -> None:
+def _restamp(files: list[Path], charset: str | list[str], **values: Any) -> None:
     """Rewrite test files with other attribute values (and their Specific Character Set)."""
     for f in files:
         ds = dcmread(f)
@@ -382,7 +383,12 @@ def test_findscu_matches_and_answers_the_stored_values(
              StudyDescription="MR KNEE", StudyTime="143000", PatientBirthDate="19800707")
     _restamp(c.files, "ISO_IR 192", PatientName="Ελληνικά^Δοκιμή", AccessionNumber="ACC-C1",
              StudyDescription="Ünïcödé study", StudyTime="235959")
-    import_paths(node, [*a.files, *b.files, *c.files])
+    # ISO 2022 IR 87 (Japanese), the name of pydicom's chrH31.dcm, encoded by pydicom
+    jap = str(dcmread(get_charset_files("chrH31.dcm")[0]).PatientName)
+    d = kit.make_study(tmp_path / "d", 1, seed="vals-d", patient_id="PD")
+    _restamp(d.files, ["", "ISO 2022 IR 87"], PatientName=jap, StudyTime="060000")
+    assert b"\x1b$B" in d.files[0].read_bytes()  # really stored as ISO 2022
+    import_paths(node, [*a.files, *b.files, *c.files, *d.files])
     out, port = tmp_path / "rsp", br.port
 
     def studies(keys: dict[str, str]) -> set[str]:
@@ -396,7 +402,8 @@ def test_findscu_matches_and_answers_the_stored_values(
     # PN: wildcards, case-insensitive (documented choice)
     assert studies({"PatientName": "SYNTH^*"}) == {a.study_uid}
     assert studies({"PatientName": "synth^patient0?"}) == {a.study_uid}
-    assert studies({"PatientName": "*"}) == {a.study_uid, b.study_uid, c.study_uid}
+    assert studies({"PatientName": "*"}) == {a.study_uid, b.study_uid, c.study_uid,
+                                             d.study_uid}
     assert studies({"AccessionNumber": "ACC-B1"}) == {b.study_uid}
     assert studies({"AccessionNumber": "ACC-A1\\ACC-C1"}) == {a.study_uid, c.study_uid}
     assert studies({"StudyDescription": "*LIVER"}) == {a.study_uid}
@@ -447,6 +454,10 @@ def test_findscu_matches_and_answers_the_stored_values(
                                            "StudyDescription": ""}, out)
     assert [(x["PatientName"], x["StudyDescription"]) for x in rows] == \
         [("Ελληνικά^Δοκιμή", "Ünïcödé study")]
+    rows, _ = _find_status(port, "STUDY", {"StudyInstanceUID": "", "PatientName": "*山田*",
+                                           "SpecificCharacterSet": "ISO_IR 192"}, out)
+    assert [(x["PatientName"], x["StudyInstanceUID"]) for x in rows] == \
+        [("Yamada^Tarou=山田^太郎=やまだ^たろう", d.study_uid)]
     # PATIENT level (Patient Root): the patient's values and counts
     pats = _find(port, "PATIENT", {"PatientID": "PA", "PatientName": "",
                                    "PatientBirthDate": "",
