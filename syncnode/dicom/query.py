@@ -39,9 +39,11 @@ refused with status 0xC000 (Unable to process) and an Error Comment naming the k
 NumberOfStudyRelatedInstances/Series, NumberOfSeriesRelatedInstances,
 NumberOfPatientRelatedStudies/Series/Instances and SOPClassesInStudy (counts of the whole
 study/series/patient). The identifier is decoded with its Specific Character Set; stored
-values are decoded with theirs when indexed; responses carry ``SpecificCharacterSet =
-ISO_IR 192`` (UTF-8), which holds any stored value. Results stream from an SQLite cursor:
-memory does not grow with their number. Patient data is never logged.
+values are decoded with theirs when indexed. Responses are in the query's Specific
+Character Set when it is a single-byte set holding every value of the response (e.g.
+ISO_IR 100), otherwise in ISO_IR 192 (UTF-8), which holds any stored value. Results
+stream from an SQLite cursor: memory does not grow with their number. Patient data is
+never logged.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from pydicom.charset import convert_encodings
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag
@@ -168,10 +171,32 @@ def _refuse_unmatchable(identifier: Dataset, level: str) -> None:
                          "by this node", 0xC000)
 
 
+def _answer_charset(ident: Dataset, answer: Dataset) -> str:
+    """The query's Specific Character Set when it is a single-byte one that holds every
+    text value of the answer (a requester that asked in Latin-1 gets Latin-1), otherwise
+    ISO_IR 192 (UTF-8), which holds any stored value."""
+    asked = ident.get("SpecificCharacterSet")
+    if not isinstance(asked, str) or asked.strip() in ("", "ISO_IR 192"):
+        return "ISO_IR 192"
+    asked = asked.strip()
+    try:
+        (encoding,) = convert_encodings([asked])
+    except (LookupError, ValueError):
+        return "ISO_IR 192"
+    if asked.startswith("ISO 2022"):
+        return "ISO_IR 192"
+    for elem in answer:
+        if elem.VR in ("PN", "LO", "SH", "LT", "ST", "UT", "UC") and elem.value:
+            try:
+                str(elem.value).encode(encoding)
+            except UnicodeError:
+                return "ISO_IR 192"
+    return asked
+
+
 def _response(ident: Dataset, level: str, known: dict[str, Any]) -> Dataset:
     """A response identifier with every requested key: known values filled, others empty."""
     ds = Dataset()
-    ds.SpecificCharacterSet = "ISO_IR 192"
     for elem in ident:
         kw = elem.keyword
         if kw in ("SpecificCharacterSet", "QueryRetrieveLevel") or elem.tag.group == 0x0002:
@@ -187,6 +212,7 @@ def _response(ident: Dataset, level: str, known: dict[str, Any]) -> Dataset:
         else:
             ds.add(DataElement(elem.tag, elem.VR, None))
     ds.QueryRetrieveLevel = level
+    ds.SpecificCharacterSet = _answer_charset(ident, ds)
     # The unique key of the level is always returned (PS3.4 C.4.1.1.3.2).
     unique = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID",
               "SERIES": "SeriesInstanceUID", "IMAGE": "SOPInstanceUID"}[level]

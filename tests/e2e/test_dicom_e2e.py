@@ -454,6 +454,17 @@ def test_findscu_matches_and_answers_the_stored_values(
                                            "StudyDescription": ""}, out)
     assert [(x["PatientName"], x["StudyDescription"]) for x in rows] == \
         [("Ελληνικά^Δοκιμή", "Ünïcödé study")]
+    # a Latin-1 query is answered in Latin-1 when the values fit, else in UTF-8
+    rows, _ = _find_status(port, "STUDY", {"StudyInstanceUID": "", "PatientID": "PB",
+                                           "SpecificCharacterSet": "ISO_IR 100",
+                                           "PatientName": ""}, out)
+    assert [(x["SpecificCharacterSet"], x["PatientName"]) for x in rows] == \
+        [("ISO_IR 100", "Müller^Jürgen")]
+    rows, _ = _find_status(port, "STUDY", {"StudyInstanceUID": "", "PatientID": "PC",
+                                           "SpecificCharacterSet": "ISO_IR 100",
+                                           "PatientName": ""}, out)
+    assert [(x["SpecificCharacterSet"], x["PatientName"]) for x in rows] == \
+        [("ISO_IR 192", "Ελληνικά^Δοκιμή")]
     rows, _ = _find_status(port, "STUDY", {"StudyInstanceUID": "", "PatientName": "*山田*",
                                            "SpecificCharacterSet": "ISO_IR 192"}, out)
     assert [(x["PatientName"], x["StudyInstanceUID"]) for x in rows] == \
