@@ -1,0 +1,106 @@
+"""The C-FIND attribute read model (syncnode.catalog.attrs) and the refusal of keys the
+node cannot match.
+
+Blobs stored before the read model existed (a catalog migrated from schema version 3)
+are read before the next C-FIND answers; a blob that cannot be read matches only
+universal keys (never widening); a matching value on a key the node does not match is
+refused with 0xC000.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+
+from syncnode.catalog import attrs
+from syncnode.dicom import query
+from syncnode.importer import import_paths
+from syncnode.local import LocalNode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import dicom_testkit as kit
+
+
+def _ident(level: str, **keys: str) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for k, v in keys.items():
+        setattr(ds, k, v)
+    return ds
+
+
+def _studies(node: LocalNode, **keys: str) -> set[str]:
+    return {str(r.StudyInstanceUID) for r in query.find(
+        node.catalog, query.STUDY_ROOT, _ident("STUDY", StudyInstanceUID="", **keys),
+        blob_path=node.store.path)}
+
+
+def test_blobs_stored_before_the_read_model_are_indexed_before_the_next_query(
+        tmp_path: Path) -> None:
+    node = LocalNode.init(tmp_path / "n")
+    s = kit.make_study(tmp_path / "s", 3, seed="backfill", patient_id="PX")
+    import_paths(node, s.files)
+    path = node.catalog.path
+    node.close()
+    # what a catalog of schema version 3 looks like: no read model
+    db = sqlite3.connect(path)
+    db.execute("DROP TABLE find_attrs")
+    db.execute("PRAGMA user_version=3")
+    db.commit()
+    db.close()
+    node = LocalNode(tmp_path / "n")
+    try:
+        assert sqlite3.connect(path).execute(
+            "SELECT count(*) FROM find_attrs").fetchone()[0] == 0
+        assert _studies(node, PatientName="test^backfill") == {s.study_uid}
+        assert sqlite3.connect(path).execute(
+            "SELECT count(*) FROM find_attrs").fetchone()[0] == 3
+        assert node.catalog.index_find_attributes(node.store.path) == 0  # done once
+    finally:
+        node.close()
+
+
+def test_an_unreadable_blob_matches_only_universal_keys(tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture
+                                                       ) -> None:
+    node = LocalNode.init(tmp_path / "n")
+    try:
+        s = kit.make_study(tmp_path / "s", 1, seed="unreadable")
+        import_paths(node, s.files)
+        blob = sqlite3.connect(node.catalog.path).execute(
+            "SELECT blob FROM puts WHERE live=1").fetchone()[0]
+        assert node.catalog.index_find_attributes(lambda h: tmp_path / "missing") == 1
+        assert "cannot be read" in caplog.text and blob in caplog.text
+        assert _studies(node, PatientName="*") == {s.study_uid}  # universal: matched
+        assert _studies(node, PatientName="TEST*") == set()  # narrowed, never widened
+        assert _studies(node) == {s.study_uid}
+    finally:
+        node.close()
+
+
+@pytest.mark.parametrize("keys", [{"IssuerOfPatientID": "X"}, {"Modality": "CT"},
+                                  {"InstanceNumber": "1"}, {"PatientComments": "a*"}])
+def test_a_key_the_node_cannot_match_is_refused(tmp_path: Path, keys: dict[str, str]
+                                                ) -> None:
+    node = LocalNode.init(tmp_path / "n")
+    try:
+        with pytest.raises(query.QueryError) as err:
+            _studies(node, **keys)
+        assert err.value.status == 0xC000
+        # names the key, never its value
+        assert str(err.value) == (f"matching on {next(iter(keys))} at STUDY level is not "
+                                  "supported by this node")
+    finally:
+        node.close()
+
+
+def test_time_bounds() -> None:
+    assert attrs.norm_time("0815") == "081500.000000"
+    assert attrs.norm_time("14", high=True) == "145959.999999"
+    assert attrs.norm_time("101500.5") == "101500.500000"
+    assert attrs.norm_time("10:15:00") == "101500.000000"
+    assert attrs.norm_time("25x") == ""
