@@ -36,7 +36,8 @@ RESTART_KEYS = frozenset({"dicom_port", "ae_title", "peer_host", "peer_port", "a
                           "log_format", "max_pdu", "dicom_host", "allowed_aes",
                           "dicom_artim_timeout", "dicom_max_pending_per_address",
                           "dicom_max_pending", "audit_syslog", "audit_syslog_ca", "audit_site",
-                          "dicom_tls", "dicom_tls_clients", "audit_patient_ids"})
+                          "dicom_tls", "dicom_tls_clients", "audit_patient_ids",
+                          "dicom_destinations"})
 
 
 class ConfigError(ValueError):
@@ -106,6 +107,9 @@ class Settings(BaseSettings):
                               description="local PACS to deliver to, AE@HOST:PORT")
     import_from: list[str] = Field(default_factory=list,
                                    description="PACS to poll and retrieve from, AE@HOST:PORT")
+    dicom_destinations: dict[str, str] = Field(
+        default_factory=dict, description="C-MOVE destinations this node sends to, "
+                                          "AE title -> HOST:PORT")
     # Off unless asked for: announcing a node that holds patient data is an operator's choice.
     discovery: bool = Field(False, description="advertise and browse on the LAN (mDNS)")
     sync_interval: float = Field(5.0, gt=0, le=3600,
@@ -185,6 +189,21 @@ class Settings(BaseSettings):
         for a in v:
             parse_ae_address(a)
         return v
+
+    @field_validator("dicom_destinations")
+    @classmethod
+    def _destinations(cls, v: dict[str, str]) -> dict[str, str]:
+        for ae, address in v.items():
+            parse_ae_address(f"{ae}@{address}")
+        return {check_ae_title(ae): address.strip() for ae, address in v.items()}
+
+    def move_destinations(self) -> dict[str, tuple[str, int]]:
+        """``dicom_destinations`` as AE title -> (host, port)."""
+        out = {}
+        for ae, address in self.dicom_destinations.items():
+            _ae, host, port = parse_ae_address(f"{ae}@{address}")
+            out[ae] = (host, port)
+        return out
 
     @field_validator("audit_syslog")
     @classmethod

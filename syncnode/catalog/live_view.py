@@ -7,7 +7,7 @@ connection under its lock, or on a read-only connection of its own (C-FIND).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,36 @@ class LiveView:
         """C-FIND matches (see :mod:`syncnode.catalog.find`), streamed from a read-only
         connection of the query's own."""
         return find_model.find(self.path, q)
+
+    def retrieve_set(self, *, patient_id: str | None = None,
+                     study_uids: Iterable[str] | None = None,
+                     series_uids: Iterable[str] | None = None,
+                     sop_uids: Iterable[str] | None = None) -> list[Instance]:
+        """The live instances a C-MOVE/C-GET identifier names by its unique keys (PS3.4
+        C.4.2.2.1/C.4.3.2.1): each given key must match (a UID list matches any of its
+        UIDs); a key that is None is not constrained. At least one key must be given."""
+        where: list[str] = ["live=1"]
+        params: list[Any] = []
+        if patient_id is not None:
+            where.append("patient_id=?")
+            params.append(patient_id)
+        for col, uids in (("study_instance_uid", study_uids),
+                          ("series_instance_uid", series_uids),
+                          ("sop_instance_uid", sop_uids)):
+            if uids is None:
+                continue
+            listed = [check_uid(u, col) for u in uids]
+            if not listed:
+                return []
+            where.append(f"{col} IN ({', '.join('?' * len(listed))})")
+            params.extend(listed)
+        if len(where) == 1:
+            raise ValueError("a retrieve names at least one unique key")
+        sql = (f"SELECT event_id, {', '.join(PUT_COLUMNS)} FROM puts WHERE {' AND '.join(where)}"
+               " ORDER BY study_instance_uid, series_instance_uid, sop_instance_uid")
+        with self._lock:
+            rows = self._db.execute(sql, params).fetchall()
+        return [_instance(r) for r in rows]
 
     def instance(self, sop_uid: str) -> Instance | None:
         found = self.instances(sop=sop_uid)

@@ -63,7 +63,11 @@ from pynetdicom.dsutils import decode
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
 
@@ -74,7 +78,7 @@ from ..catalog import InvalidLocalPut
 from ..dicomfile import InstanceInfo, InvalidDicom, InvalidIdentity, inspect_file
 from ..ids import InvalidUID, is_uid
 from ..local import CATALOG_FILE, LocalNode
-from . import query
+from . import provider, query
 from .ingest import SpoolWriter
 from .journal import IngestJournal
 from .transport import (
@@ -102,6 +106,10 @@ STORE_TRANSFER_SYNTAXES = [
 ]
 FIND_MODELS = (StudyRootQueryRetrieveInformationModelFind,
                PatientRootQueryRetrieveInformationModelFind)
+RETRIEVE_MODELS = (StudyRootQueryRetrieveInformationModelGet,
+                   PatientRootQueryRetrieveInformationModelGet,
+                   StudyRootQueryRetrieveInformationModelMove,
+                   PatientRootQueryRetrieveInformationModelMove)
 
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
@@ -589,8 +597,10 @@ class DicomServer:
                  on_stored: Callable[[], None] | None = None,
                  perimeter: Perimeter | None = None,
                  ssl_context: ssl.SSLContext | None = None,
-                 audit: AuditLog | None = None) -> None:
+                 audit: AuditLog | None = None,
+                 destinations: dict[str, tuple[str, int]] | None = None) -> None:
         self.node = node
+        self.destinations = dict(destinations or {})
         self.audit = audit
         self._received: dict[int, _Received] = {}  # id(association) -> its tally
         self._received_lock = threading.Lock()
@@ -620,9 +630,13 @@ class DicomServer:
         self.network_timeout = network_timeout
         self.ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
-            self.ae.add_supported_context(cx.abstract_syntax, STORE_TRANSFER_SYNTAXES)
-        for model in FIND_MODELS:
+            # SCP/SCU role selection accepted: a C-GET requester is the storage SCP
+            self.ae.add_supported_context(cx.abstract_syntax, STORE_TRANSFER_SYNTAXES,
+                                          scu_role=True, scp_role=True)
+        for model in FIND_MODELS + RETRIEVE_MODELS:
             self.ae.add_supported_context(model)
+        # C-MOVE sub-associations send stored instances from their blobs
+        self.ae.prepare_requested = provider.install_sender
         self._server: GuardedServer | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -635,6 +649,8 @@ class DicomServer:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_FIND, self._on_find),
+            (evt.EVT_C_GET, self._on_get),
+            (evt.EVT_C_MOVE, self._on_move),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_CONN_CLOSE, self._on_close),
         ]
@@ -864,6 +880,84 @@ class DicomServer:
             if self.audit is not None:
                 self._record_query(event, model, identifier, matches, outcome, reason)
         yield STATUS_SUCCESS, None
+
+    def _retrieve_set(self, event: evt.Event) -> list[Any]:
+        """The instances a C-GET/C-MOVE names; raises provider.RetrieveError."""
+        try:
+            identifier = event.identifier
+        except Exception as exc:  # an undecodable identifier is the peer's error
+            raise provider.RetrieveError("identifier cannot be decoded", 0xC000) from exc
+        found = provider.resolve(self.node.catalog, str(event.request.AffectedSOPClassUID),
+                                 identifier)
+        if len(found) > provider.MAX_SUBOPERATIONS:
+            raise provider.RetrieveError(f"{len(found)} instances match: more than one "
+                                         "retrieve can count (65535)", 0xA701)
+        return found
+
+    def _on_get(self, event: evt.Event) -> Iterator[Any]:
+        """C-GET: sub-operations on the requester's own association (it is the SCP of the
+        storage contexts it proposed with role selection)."""
+        actor = _requestor_actor(event.assoc)
+        try:
+            found = self._retrieve_set(event)
+        except provider.RetrieveError as exc:
+            log.warning("C-GET from %s refused: %s", actor, exc)
+            self._record_retrieve(actor, "C-GET", [], None, f"refused with status "
+                                  f"0x{exc.status:04X}")
+            yield 1  # (with 0 pynetdicom would answer Success at once)
+            yield _status(exc.status, str(exc)), None
+            return
+        provider.install_sender(event.assoc)
+        log.info("C-GET from %s: %d instances", actor, len(found))
+        self._record_retrieve(actor, "C-GET", found, None, None)
+        yield len(found)
+        for ds in provider.stored_instances(found, self.store):
+            if event.is_cancelled:
+                yield 0xFE00, None
+                return
+            yield 0xFF00, ds
+
+    def _on_move(self, event: evt.Event) -> Iterator[Any]:
+        """C-MOVE: sub-operations on a new association to a configured destination."""
+        actor = _requestor_actor(event.assoc)
+        dest = str(event.move_destination or "").strip()
+        address = self.destinations.get(dest)
+        if address is None:
+            log.warning("C-MOVE from %s refused: move destination %r is not configured "
+                        "(dicom_destinations)", actor, dest[:16])
+            self._record_retrieve(actor, "C-MOVE", [], dest,
+                                  "move destination not configured")
+            yield None, None  # pynetdicom answers 0xA801
+            return
+        try:
+            found = self._retrieve_set(event)
+            contexts = provider.move_contexts(found)
+        except provider.RetrieveError as exc:
+            log.warning("C-MOVE from %s refused: %s", actor, exc)
+            self._record_retrieve(actor, "C-MOVE", [], dest,
+                                  f"refused with status 0x{exc.status:04X}")
+            yield address[0], address[1]
+            yield 1  # (with 0 pynetdicom would answer Success at once)
+            yield _status(exc.status, str(exc)), None
+            return
+        log.info("C-MOVE from %s: %d instances to %s", actor, len(found), dest)
+        self._record_retrieve(actor, "C-MOVE", found, dest, None)
+        yield address[0], address[1], {"contexts": contexts or None}
+        yield len(found)
+        for ds in provider.stored_instances(found, self.store):
+            if event.is_cancelled:
+                yield 0xFE00, None
+                return
+            yield 0xFF00, ds
+
+    def _record_retrieve(self, actor: str, service: str, found: list[Any],
+                         destination: str | None, reason: str | None) -> None:
+        if self.audit is None:
+            return
+        self.audit.record("retrieved", actor, "failure" if reason else "success",
+                          count=len(found), studies={i.study_instance_uid for i in found},
+                          destination=f"{service} {destination}" if destination else service,
+                          reason=reason)
 
     def _record_query(self, event: evt.Event, model: str, identifier: Dataset, matches: int,
                       outcome: str, reason: str | None) -> None:

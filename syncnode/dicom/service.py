@@ -47,7 +47,8 @@ class DicomBridge:
                                       artim_timeout=settings.dicom_artim_timeout,
                                       per_address=settings.dicom_max_pending_per_address,
                                       total=settings.dicom_max_pending),
-                                  ssl_context=tls, audit=audit)
+                                  ssl_context=tls, audit=audit,
+                                  destinations=settings.move_destinations())
         self.exporter = (Exporter(node, settings.export, ae_title=settings.ae_title,
                                   poll_interval=export_poll, backoff_base=backoff_base,
                                   backoff_cap=backoff_cap, max_pdu=settings.max_pdu,

@@ -768,10 +768,14 @@ class SyncnodeAE(AE):
     def __init__(self, ae_title: str, limits: PduLimits | None = None) -> None:
         super().__init__(ae_title)
         self.limits = limits or PduLimits(max_pdata=1 << 20)
+        # called with each association this AE requests, before it connects
+        self.prepare_requested: Callable[[Association], None] | None = None
 
     def _create_socket(self, assoc: Association, address: AddressInformation,
                        tls_args: Any) -> AssociationSocket:
         upgrade_association(assoc, self.limits)
+        if self.prepare_requested is not None:
+            self.prepare_requested(assoc)
         sock = super()._create_socket(assoc, address, tls_args)
         set_nodelay(sock.socket)
         return sock

@@ -1,0 +1,259 @@
+"""C-GET and C-MOVE SCP: the node's instances go out to a requester or a destination.
+
+Patient Root and Study Root, levels PATIENT / STUDY / SERIES / IMAGE. The identifier's
+unique keys (PatientID, StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID, each UID key
+a single UID or a ``\\``-separated UID list) name the instances
+(:meth:`syncnode.catalog.Catalog.retrieve_set`); a unique key below the requested level,
+a level not in the model, or a level whose own unique key is missing is refused with
+0xA900 (identifier does not match SOP class). Other keys are ignored, as PS3.4 C.4.2.2.1
+requires.
+
+Sending (pynetdicom drives the pending responses, their remaining/completed/failed/warning
+counts and C-CANCEL; this module chooses what goes on the wire):
+
+- Each instance is a :class:`StoredInstance` naming a blob. When the association has an
+  accepted context for (SOP class, stored transfer syntax), the data set bytes of the blob
+  are sent unchanged (:func:`syncnode.dicom.exporter.send_store`), read through
+  :meth:`~syncnode.blobstore.BlobStore.read_verified` so a damaged blob is never sent.
+- Otherwise, when the stored syntax is lossless (:data:`LOSSLESS`) and the requester
+  accepted an uncompressed syntax for the class, the instance is decoded and sent
+  uncompressed (pydicom and its pixel-data plugins; RLE needs only numpy, JPEG Lossless
+  and JPEG-LS need ``pylibjpeg-libjpeg`` or GDCM, JPEG 2000 ``pylibjpeg-openjpeg``).
+  Nothing is ever transcoded lossily.
+- What cannot be sent is a failed sub-operation; the log says why, by SOP Instance UID.
+
+C-MOVE destinations are the operator's ``dicom_destinations`` (AE title -> host:port); an
+unknown Move Destination is answered 0xA801. The sub-association is opened by the SCP's
+own :class:`~syncnode.dicom.transport.SyncnodeAE` (TCP_NODELAY), proposing for each
+(SOP class, stored syntax) pair that syntax, plus an uncompressed context for classes
+stored compressed. Logs and audit entries name UIDs, counts and AE titles, never patient
+data.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from pynetdicom.presentation import PresentationContext
+
+from ..blobstore import BlobError, BlobStore
+from ..catalog import Catalog, Instance
+from ..dicomfile import dataset_offset
+from .exporter import send_store
+from .query import LEVELS
+
+log = logging.getLogger("syncnode.dicom.retrieve")
+
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian)
+# Stored syntaxes whose decoding gives back exactly the original pixels.
+LOSSLESS = frozenset({
+    DeflatedExplicitVRLittleEndian,
+    "1.2.840.10008.1.2.5",       # RLE Lossless
+    "1.2.840.10008.1.2.4.57",    # JPEG Lossless, Non-Hierarchical (Process 14)
+    "1.2.840.10008.1.2.4.70",    # JPEG Lossless, SV1
+    "1.2.840.10008.1.2.4.80",    # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.90",    # JPEG 2000 (Lossless Only)
+    "1.2.840.10008.1.2.4.201",   # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202",   # HTJ2K Lossless RPCL
+})
+UNIQUE = (("PATIENT", "PatientID"), ("STUDY", "StudyInstanceUID"),
+          ("SERIES", "SeriesInstanceUID"), ("IMAGE", "SOPInstanceUID"))
+MAX_SUBOPERATIONS = 65535  # the counts are US
+
+
+class RetrieveError(Exception):
+    """A C-GET/C-MOVE request that cannot be served; ``status`` is the DIMSE status."""
+
+    def __init__(self, message: str, status: int = 0xA900) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class NotSendable(Exception):
+    """One instance cannot go out on this association (no suitable accepted context,
+    a decoder missing, a damaged blob); the message says why, with UIDs only."""
+
+
+class StoredInstance(Dataset):
+    """What the C-GET/C-MOVE handler yields: an instance of the catalog, by blob. Only the
+    attributes pynetdicom looks at are set; the bytes are read when it is sent."""
+
+    def __init__(self, instance: Instance, store: BlobStore) -> None:
+        super().__init__()
+        self.SOPClassUID = instance.sop_class_uid
+        self.SOPInstanceUID = instance.sop_instance_uid
+        self.instance = instance
+        self.store = store
+
+
+def _uids(identifier: Dataset, keyword: str) -> list[str] | None:
+    if keyword not in identifier:
+        return None
+    raw = identifier[keyword].value
+    if raw is None or raw == "":
+        return None
+    values = raw if isinstance(raw, (list, tuple)) or type(raw).__name__ == "MultiValue" \
+        else str(raw).split("\\")
+    return [str(v).strip().rstrip("\0") for v in values if str(v).strip()]
+
+
+def resolve(catalog: Catalog, model: str, identifier: Dataset) -> list[Instance]:
+    """The instances a C-MOVE/C-GET identifier names under a Q/R information model
+    (given as the FIND model's UID family: Patient Root or Study Root)."""
+    root = next((r for r in LEVELS if model.startswith(r[:-1])), None)
+    if root is None:
+        raise RetrieveError(f"information model {model} is not supported")
+    level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
+    levels = LEVELS[root]
+    if level not in levels:
+        raise RetrieveError(f"Query/Retrieve Level {level[:16]!r} is not valid for this model")
+    depth = [name for name, _kw in UNIQUE].index(level)
+    keys: dict[str, Any] = {}
+    for i, (name, keyword) in enumerate(UNIQUE):
+        if name not in levels:
+            continue
+        if keyword == "PatientID":
+            value = str(identifier.get("PatientID", "") or "").strip() or None
+        else:
+            value = _uids(identifier, keyword)
+        if i > depth and value:
+            raise RetrieveError(f"{keyword} is below the requested level {level}")
+        if i == depth and not value:
+            raise RetrieveError(f"the {level} level needs {keyword}")
+        if i <= depth and value:
+            keys[keyword] = value
+    try:
+        return catalog.retrieve_set(patient_id=keys.get("PatientID"),
+                                    study_uids=keys.get("StudyInstanceUID"),
+                                    series_uids=keys.get("SeriesInstanceUID"),
+                                    sop_uids=keys.get("SOPInstanceUID"))
+    except ValueError as exc:  # an invalid UID
+        raise RetrieveError(str(exc)) from exc
+
+
+def move_contexts(instances: list[Instance]) -> list[PresentationContext]:
+    """Contexts for a C-MOVE sub-association: each (SOP class, stored syntax) pair as
+    stored, plus an uncompressed context per class stored compressed (at most 128)."""
+    pairs = dict.fromkeys((i.sop_class_uid, i.transfer_syntax_uid) for i in instances)
+    out: list[PresentationContext] = []
+    fallback: set[str] = set()
+    for sop_class, ts in pairs:
+        cx = PresentationContext()
+        cx.abstract_syntax = sop_class
+        cx.transfer_syntax = [ts] if ts not in UNCOMPRESSED else list(UNCOMPRESSED)
+        out.append(cx)
+        if ts not in UNCOMPRESSED and ts in LOSSLESS:
+            fallback.add(sop_class)
+    for sop_class in sorted(fallback):
+        cx = PresentationContext()
+        cx.abstract_syntax = sop_class
+        cx.transfer_syntax = list(UNCOMPRESSED)
+        out.append(cx)
+    if len(out) > 128:
+        raise RetrieveError(f"the instances need {len(out)} presentation contexts, more than "
+                            "one association can carry (128)", 0xA702)
+    return out
+
+
+def _context(assoc: Any, sop_class: str, syntaxes: tuple[str, ...]) -> PresentationContext | None:
+    """An accepted context where we are the storage SCU, for the class, in one of the
+    syntaxes (in that order of preference)."""
+    found: dict[str, PresentationContext] = {}
+    for cx in assoc.accepted_contexts:
+        if str(cx.abstract_syntax) != sop_class or not cx.transfer_syntax:
+            continue
+        ts = str(cx.transfer_syntax[0])
+        if assoc.is_requestor and cx.as_scu is False:
+            continue
+        if assoc.is_acceptor and not cx.as_scu:
+            continue
+        found.setdefault(ts, cx)
+    return next((found[ts] for ts in syntaxes if ts in found), None)
+
+
+def _stored_bytes(store: BlobStore, inst: Instance) -> tuple[bytes, int]:
+    """The blob's bytes (verified against its chunk hashes) and its data set offset."""
+    try:
+        data = b"".join(store.read_verified(inst.blob))
+    except (BlobError, OSError) as exc:
+        raise NotSendable(f"blob {inst.blob} cannot be read: {type(exc).__name__}") from exc
+    try:
+        return data, dataset_offset(data[:65536])
+    except ValueError as exc:
+        raise NotSendable(f"blob {inst.blob} is not a Part-10 file") from exc
+
+
+def _decoded(data: bytes, stored_ts: str, target: str) -> bytes:
+    """A losslessly stored data set, decoded and encoded in an uncompressed syntax."""
+    from pydicom.filewriter import dcmwrite
+
+    ds = dcmread(io.BytesIO(data))
+    try:
+        if stored_ts != DeflatedExplicitVRLittleEndian and "PixelData" in ds:
+            ds.decompress(generate_instance_uid=False)  # same instance, same UID
+    except (RuntimeError, NotImplementedError, ValueError, ImportError) as exc:
+        raise NotSendable(f"cannot decode {UID(stored_ts).name} losslessly here: "
+                          f"{type(exc).__name__}: {str(exc)[:160]}") from exc
+    target_uid = UID(target)
+    ds.file_meta.TransferSyntaxUID = target_uid
+    out = io.BytesIO()
+    dcmwrite(out, ds, enforce_file_format=False, little_endian=target_uid.is_little_endian,
+             implicit_vr=target_uid.is_implicit_VR)
+    written = out.getvalue()
+    return written[dataset_offset(written[:65536]):] if written[128:132] == b"DICM" \
+        else written
+
+
+def send_stored(assoc: Any, ds: Dataset, msg_id: int = 1, **_originator: Any) -> Dataset:
+    """``Association.send_c_store`` for :class:`StoredInstance` (other data sets are
+    handed to pynetdicom's own): the status data set of the C-STORE response. Raises
+    :class:`NotSendable` (pynetdicom then counts a failed sub-operation)."""
+    if not isinstance(ds, StoredInstance):
+        return type(assoc).send_c_store(assoc, ds, msg_id=msg_id, **_originator)
+    inst = ds.instance
+    stored = inst.transfer_syntax_uid
+    cx = _context(assoc, inst.sop_class_uid, (stored,))
+    try:
+        if cx is not None:
+            data, offset = _stored_bytes(ds.store, inst)
+            payload = io.BytesIO(memoryview(data)[offset:])
+        else:
+            if stored not in LOSSLESS:
+                raise NotSendable(f"the requester accepts no context for {inst.sop_class_uid} "
+                                  f"in {UID(stored).name}, and it is not stored losslessly")
+            cx = _context(assoc, inst.sop_class_uid, tuple(UNCOMPRESSED))
+            if cx is None:
+                raise NotSendable(f"the requester accepts {inst.sop_class_uid} neither in "
+                                  f"{UID(stored).name} nor uncompressed")
+            data, _offset = _stored_bytes(ds.store, inst)
+            payload = io.BytesIO(_decoded(data, stored, str(cx.transfer_syntax[0])))
+    except NotSendable as exc:
+        log.warning("retrieve: instance %s not sent: %s", inst.sop_instance_uid, exc)
+        raise
+    status = send_store(assoc, int(cx.context_id or 1), msg_id, inst.sop_class_uid,
+                        inst.sop_instance_uid, payload)
+    if status is None:
+        raise NotSendable(f"no C-STORE response for {inst.sop_instance_uid}")
+    return status
+
+
+def install_sender(assoc: Any) -> None:
+    """Make this association send :class:`StoredInstance` data sets from their blobs."""
+    assoc.send_c_store = lambda ds, msg_id=1, **kw: send_stored(assoc, ds, msg_id, **kw)
+
+
+def stored_instances(instances: list[Instance], store: BlobStore) -> Iterator[StoredInstance]:
+    for inst in instances:
+        yield StoredInstance(inst, store)
