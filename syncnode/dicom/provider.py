@@ -35,6 +35,7 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
@@ -51,7 +52,7 @@ from pynetdicom.presentation import PresentationContext
 from ..blobstore import BlobError, BlobStore
 from ..catalog import Catalog, Instance
 from ..dicomfile import dataset_offset
-from .exporter import send_store
+from .exporter import IN_MEMORY_LIMIT, send_store
 from .query import LEVELS
 
 log = logging.getLogger("syncnode.dicom.retrieve")
@@ -195,6 +196,23 @@ def _stored_bytes(store: BlobStore, inst: Instance) -> tuple[bytes, int]:
         raise NotSendable(f"blob {inst.blob} is not a Part-10 file") from exc
 
 
+def _as_stored(store: BlobStore, inst: Instance) -> io.BytesIO | tuple[Path, int]:
+    """The stored data set bytes, checked against the blob's chunk hashes: in memory up
+    to ``IN_MEMORY_LIMIT``, else verified whole and then streamed from the blob file
+    (as the exporter does), so a large multi-frame instance does not fill memory."""
+    if inst.size <= IN_MEMORY_LIMIT:
+        data, offset = _stored_bytes(store, inst)
+        return io.BytesIO(memoryview(data)[offset:])
+    try:
+        for _ in store.read_verified(inst.blob):
+            pass
+        with store.open(inst.blob) as f:
+            head = f.read(65536)
+        return store.path(inst.blob), dataset_offset(head)
+    except (BlobError, OSError, ValueError) as exc:
+        raise NotSendable(f"blob {inst.blob} cannot be read: {type(exc).__name__}") from exc
+
+
 def _decoded(data: bytes, stored_ts: str, target: str) -> bytes:
     """A losslessly stored data set, decoded and encoded in an uncompressed syntax."""
     from pydicom.filewriter import dcmwrite
@@ -227,8 +245,7 @@ def send_stored(assoc: Any, ds: Dataset, msg_id: int = 1, **_originator: Any) ->
     cx = _context(assoc, inst.sop_class_uid, (stored,))
     try:
         if cx is not None:
-            data, offset = _stored_bytes(ds.store, inst)
-            payload = io.BytesIO(memoryview(data)[offset:])
+            payload = _as_stored(ds.store, inst)
         else:
             if stored not in LOSSLESS:
                 raise NotSendable(f"the requester accepts no context for {inst.sop_class_uid} "
