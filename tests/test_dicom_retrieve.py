@@ -6,6 +6,8 @@
 - DCMTK ``movescu`` to a real Orthanc configured in ``dicom_destinations``: Orthanc lists
   the instances and a file downloaded from it carries the stored data set byte for byte.
 - An unknown Move Destination -> 0xA801, nothing sent.
+- Orthanc as the requester (REST ``/modalities/<node>/move`` to itself).
+- A damaged blob is a failed sub-operation, never sent; large blobs are streamed.
 - A requester accepting only Explicit VR Little Endian for an RLE Lossless instance gets
   it decoded (same pixels); a JPEG baseline (lossy) instance is never transcoded: failed.
 - C-CANCEL stops a C-GET; pending responses carry the counts.
@@ -281,3 +283,28 @@ def test_damaged_blob_is_not_sent(node: LocalNode, study: kit.StudyFiles) -> Non
         i.sop_instance_uid for i in insts[1:])
     assert responses[-1].Status == 0xB000
     assert responses[-1].NumberOfFailedSuboperations == 1
+
+
+@pytest.mark.skipif(not kit.have_orthanc(), reason="Orthanc not installed")
+def test_orthanc_as_requester_moves_to_itself(tmp_path: Path, node: LocalNode,
+                                              study: kit.StudyFiles) -> None:
+    port = kit.free_port()
+    orthanc = kit.Orthanc(tmp_path / "orthanc", check_called_aet=False,
+                          modalities={"syncnode": ("SYNCNODE", "127.0.0.1", port)})
+    server = DicomServer(node, ae_title="SYNCNODE", host="127.0.0.1", port=port,
+                         destinations={"ORTHANC": ("127.0.0.1", orthanc.dicom_port)})
+    server.start()
+    try:
+        orthanc.start()
+        try:
+            orthanc.post("/modalities/syncnode/move", {
+                "Level": "Study", "TargetAet": "ORTHANC",
+                "Resources": [{"StudyInstanceUID": study.study_uid}]})
+            uids = orthanc.sop_uids()
+            assert sorted(uids) == sorted(study.sop_uids)
+            sop, oid = sorted(uids.items())[-1]
+            assert kit.dataset_bytes(orthanc.instance_file(oid)) == stored_dataset(node, sop)
+        finally:
+            orthanc.stop()
+    finally:
+        server.stop()
