@@ -9,6 +9,10 @@
    node A syncs to node B (mutual TLS, ``--sync-interval``), node B exports to Orthanc B.
    Reported: the raw transfer time (storescu's run) and the time from the last C-STORE
    answered by node A until Orthanc B holds the whole study.
+3. C-MOVE: a study of ``--study`` images held by a node and by a source Orthanc is moved
+   (DCMTK ``movescu``) to a destination Orthanc, node->Orthanc then Orthanc->Orthanc,
+   ``--rounds`` times each (the destination emptied in between); reports images/s
+   (median) and node/Orthanc.
 
 Usage: python3 tools/bench_dicom.py [--files 300] [--rounds 3] [--study 500] [--json out]
 Every process started here is stopped at the end (also on errors).
@@ -160,6 +164,65 @@ def bench_available(work: Path, images: int, interval: float) -> dict[str, Any]:
         orth_b.stop()
 
 
+def movescu(port: int, aec: str, dest: str, study_uid: str) -> float:
+    t = time.perf_counter()
+    kit.run_tool([kit.dcmtk("movescu"), "-S", "-aec", aec, "-aem", dest,
+                  "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}",
+                  "127.0.0.1", str(port)], timeout=1800)
+    return time.perf_counter() - t
+
+
+def bench_move(work: Path, images: int, rounds: int) -> dict[str, Any]:
+    src = work / "move-files"
+    study = kit.make_study(src, images, seed="bench-move", rows=512, cols=512, series=2)
+    dest = kit.Orthanc(work / "orthanc-dest", aet="DEST")
+    dest.start()
+    source = node = None
+    try:
+        source = kit.Orthanc(work / "orthanc-source", aet="SOURCE",
+                             modalities={"dest": ("DEST", "127.0.0.1", dest.dicom_port)},
+                             check_called_aet=False,
+                             extra_config={"DicomAlwaysAllowMove": True})
+        source.start()
+        storescu(source.dicom_port, "SOURCE", src)
+        d = work / "move-node"
+        subprocess.run([*SYNCNODE, "init", "--data", str(d)], check=True,
+                       capture_output=True)
+        os.environ["SYNCNODE_DICOM_DESTINATIONS"] = json.dumps(
+            {"DEST": f"127.0.0.1:{dest.dicom_port}"})
+        try:
+            node = Node(d, "--dicom-port", "0", "--ae-title", "SYNCNODE")
+        finally:
+            del os.environ["SYNCNODE_DICOM_DESTINATIONS"]
+        storescu(node.ports["dicom"], "SYNCNODE", src)
+        node_rates, orthanc_rates = [], []
+        for r in range(rounds):
+            for target in ("node", "orthanc"):
+                for oid in dest.instance_ids():
+                    dest.request("DELETE", f"/instances/{oid}")
+                port, aec = ((node.ports["dicom"], "SYNCNODE") if target == "node"
+                             else (source.dicom_port, "SOURCE"))
+                secs = movescu(port, aec, "DEST", study.study_uid)
+                held = len(dest.instance_ids())
+                if held != images:
+                    raise RuntimeError(f"{target}: destination holds {held} of {images}")
+                (node_rates if target == "node" else orthanc_rates).append(images / secs)
+                print(f"  round {r + 1}: {target:8s} {images / secs:7.1f} images/s",
+                      flush=True)
+    finally:
+        if node is not None:
+            node.stop()
+        if source is not None:
+            source.stop()
+        dest.stop()
+    node_ips, orth_ips = statistics.median(node_rates), statistics.median(orthanc_rates)
+    return {"images": images, "file_bytes": (src / "im00001.dcm").stat().st_size,
+            "rounds": rounds, "node_images_per_s": round(node_ips, 1),
+            "orthanc_images_per_s": round(orth_ips, 1), "ratio": round(node_ips / orth_ips, 3),
+            "node_runs": [round(x, 1) for x in node_rates],
+            "orthanc_runs": [round(x, 1) for x in orthanc_rates]}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--files", type=int, default=300)
@@ -170,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--skip-ingest", action="store_true")
     ap.add_argument("--skip-available", action="store_true")
+    ap.add_argument("--skip-move", action="store_true")
     args = ap.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-dicom-", dir="/var/tmp"))
     work.mkdir(parents=True, exist_ok=True)
@@ -189,6 +253,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"available: transfer {v['transfer_seconds']} s; in Orthanc B "
                   f"{v['available_after_last_store_seconds']} s after the last C-STORE",
                   flush=True)
+        if not args.skip_move:
+            print(f"C-MOVE: {args.study} images to an Orthanc, node vs Orthanc", flush=True)
+            result["move"] = bench_move(work, args.study, args.rounds)
+            m = result["move"]
+            print(f"move: node {m['node_images_per_s']} images/s, Orthanc "
+                  f"{m['orthanc_images_per_s']} images/s, ratio {m['ratio']}x", flush=True)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
