@@ -186,8 +186,6 @@ def bench_move(work: Path, images: int, rounds: int) -> dict[str, Any]:
         source.start()
         storescu(source.dicom_port, "SOURCE", src)
         d = work / "move-node"
-        subprocess.run([*SYNCNODE, "init", "--data", str(d)], check=True,
-                       capture_output=True)
         os.environ["SYNCNODE_DICOM_DESTINATIONS"] = json.dumps(
             {"DEST": f"127.0.0.1:{dest.dicom_port}"})
         try:
