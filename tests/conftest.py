@@ -33,6 +33,26 @@ async def running() -> AsyncIterator[StartNode]:
 
 
 @pytest.fixture
+def node(tmp_path: Path) -> Iterator[LocalNode]:
+    """One fresh node in the test's folder, closed at the end (test files may define
+    their own ``node``)."""
+    n = LocalNode.init(tmp_path / "node")
+    yield n
+    n.close()
+
+
+@pytest.fixture
+def scp(node: LocalNode) -> Iterator[Any]:
+    """The node's DICOM SCP on a free loopback port (AE title SYNCNODE), stopped at the end."""
+    from syncnode.dicom.scp import DicomServer
+
+    server = DicomServer(node, ae_title="SYNCNODE", host="127.0.0.1", port=0)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def new_node(tmp_path: Path) -> Iterator[Callable[[str], LocalNode]]:
     """Initialise nodes in the test's folder (``new_node("a")``); closed at the end."""
     opened: list[LocalNode] = []

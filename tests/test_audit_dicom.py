@@ -29,13 +29,6 @@ pytestmark = pytest.mark.skipif(not Path("/usr/bin/storescu").exists()
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Iterator[LocalNode]:
-    n = LocalNode.init(tmp_path / "node")
-    yield n
-    n.close()
-
-
-@pytest.fixture
 def trail(node: LocalNode) -> Iterator[AuditLog]:
     t = AuditLog.for_node(node.data)
     yield t

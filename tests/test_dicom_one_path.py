@@ -13,7 +13,6 @@ with the catalog's one factory, so the same file gives the same outcome either w
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,21 +27,6 @@ from syncnode.local import LocalNode
 
 # what differs between two nodes holding the same instance
 NODE_SPECIFIC = {"event_id", "blob", "size", "chunks", "hlc", "origin"}
-
-
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[LocalNode]:
-    n = LocalNode.init(tmp_path / "node")
-    yield n
-    n.close()
-
-
-@pytest.fixture
-def scp(node: LocalNode) -> Iterator[DicomServer]:
-    server = DicomServer(node, ae_title="SYNCNODE", host="127.0.0.1", port=0)
-    server.start()
-    yield server
-    server.stop()
 
 
 def storescu(port: int, *files: Path) -> None:

@@ -22,7 +22,6 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -36,13 +35,6 @@ from syncnode.dicom.transport import Perimeter
 from syncnode.local import LocalNode
 
 ARTIM = 3.0
-
-
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[LocalNode]:
-    n = LocalNode.init(tmp_path / "node")
-    yield n
-    n.close()
 
 
 def make_scp(node: LocalNode, **perimeter: float) -> DicomServer:

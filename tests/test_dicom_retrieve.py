@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -42,13 +41,6 @@ from syncnode.local import LocalNode
 PYDICOM_FILES = Path(pydicom.data.__file__).parent / "test_files"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 RLE = "1.2.840.10008.1.2.5"
-
-
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[LocalNode]:
-    n = LocalNode.init(tmp_path / "node")
-    yield n
-    n.close()
 
 
 def start_scp(node: LocalNode, destinations: dict[str, tuple[str, int]] | None = None,

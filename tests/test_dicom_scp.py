@@ -17,7 +17,6 @@ import sqlite3
 import struct
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom.data
@@ -36,21 +35,6 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
 def pydicom_file(name: str) -> str:
     return str(Path(pydicom.data.__file__).parent / "test_files" / name)
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
-
-
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[LocalNode]:
-    n = LocalNode.init(tmp_path / "node")
-    yield n
-    n.close()
-
-
-@pytest.fixture
-def scp(node: LocalNode) -> Iterator[DicomServer]:
-    server = DicomServer(node, ae_title="SYNCNODE", host="127.0.0.1", port=0)
-    server.start()
-    yield server
-    server.stop()
 
 
 PYDICOM_FILES = Path(pydicom.data.__file__).parent / "test_files"

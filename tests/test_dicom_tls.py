@@ -35,13 +35,6 @@ from syncnode.dicom.transport import DicomTLSError, Perimeter, dicom_tls_context
 from syncnode.local import LocalNode
 
 
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[LocalNode]:
-    n = LocalNode.init(tmp_path / "node")
-    yield n
-    n.close()
-
-
 def client_files(tmp_path: Path, name: str) -> tuple[Path, Path, Path]:
     """A CA of its own and a client certificate from it: (ca.pem, client.key, client.crt)."""
     ca = trustme.CA()
