@@ -910,12 +910,7 @@ class DicomServer:
         provider.install_sender(event.assoc)
         log.info("C-GET from %s: %d instances", actor, len(found))
         self._record_retrieve(actor, "C-GET", found, None, None)
-        yield len(found)
-        for ds in provider.stored_instances(found, self.store):
-            if event.is_cancelled:
-                yield 0xFE00, None
-                return
-            yield 0xFF00, ds
+        yield from self._sub_operations(event, found)
 
     def _on_move(self, event: evt.Event) -> Iterator[Any]:
         """C-MOVE: sub-operations on a new association to a configured destination."""
@@ -943,6 +938,11 @@ class DicomServer:
         log.info("C-MOVE from %s: %d instances to %s", actor, len(found), dest)
         self._record_retrieve(actor, "C-MOVE", found, dest, None)
         yield address[0], address[1], {"contexts": contexts or None}
+        yield from self._sub_operations(event, found)
+
+    def _sub_operations(self, event: evt.Event, found: list[Any]) -> Iterator[Any]:
+        """What C-GET and C-MOVE yield to pynetdicom after the set is known: its size, then
+        each stored data set (Pending), or Cancel once the requester sent C-CANCEL."""
         yield len(found)
         for ds in provider.stored_instances(found, self.store):
             if event.is_cancelled:
