@@ -51,6 +51,7 @@ from syncsupport import (
     pin,
 )
 
+from syncnode.blobstore import FREE_RESERVE
 from syncnode.importer import import_paths
 from syncnode.local import LocalNode
 
@@ -334,7 +335,9 @@ def test_fault_matrix(tmp_path: Path, fault_matrix_summary: Callable[[str], None
 
 
 def wait_disk_full(mount: Path, proc: NodeProcess, timeout: float) -> float:
-    """Seconds until the tmpfs is (nearly) full and stays so for 2 s, the node still up."""
+    """Seconds until the tmpfs is as full as the node lets it get and stays so for 2 s, the
+    node still up. The node keeps ``FREE_RESERVE`` free and refuses a blob that would cut
+    into it, so it stops somewhere below the reserve plus one blob (a few MB)."""
     start = time.monotonic()
     full_since: float | None = None
     while True:
@@ -343,7 +346,7 @@ def wait_disk_full(mount: Path, proc: NodeProcess, timeout: float) -> float:
         st = os.statvfs(mount)
         free = st.f_bavail * st.f_frsize
         now = time.monotonic()
-        if free < 2 * MB:
+        if free < FREE_RESERVE + 4 * MB:
             full_since = full_since or now
             if now - full_since >= 2:
                 return full_since - start
