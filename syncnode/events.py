@@ -39,6 +39,7 @@ import datetime
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -158,11 +159,11 @@ def _str(obj: dict[str, Any], key: str, *, max_len: int = _ATTR_MAX) -> str:
     return value
 
 
-def _study_date(obj: dict[str, Any]) -> str:
-    """``study_date``: empty or a real calendar date as DICOM DA ``YYYYMMDD``."""
-    value = _str(obj, "study_date")
-    if value and not _is_date(value):
-        raise InvalidEvent("field 'study_date' must be empty or a date YYYYMMDD")
+def _optional(obj: dict[str, Any], key: str, valid: Callable[[str], bool], what: str) -> str:
+    """A string field that is empty or passes ``valid`` (``what`` names the form)."""
+    value = _str(obj, key)
+    if value and not valid(value):
+        raise InvalidEvent(f"field {key!r} must be empty or {what}")
     return value
 
 
@@ -174,14 +175,6 @@ def _is_date(text: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _transfer_syntax(obj: dict[str, Any]) -> str:
-    """``transfer_syntax_uid``: empty or a UID."""
-    value = _str(obj, "transfer_syntax_uid")
-    if value and not is_uid(value):
-        raise InvalidEvent("field 'transfer_syntax_uid' must be empty or a UID")
-    return value
 
 
 def _int(obj: dict[str, Any], key: str) -> int:
@@ -230,8 +223,9 @@ def decode(body: bytes) -> Event:
                 study_instance_uid=check_uid(obj.get("study_instance_uid"),
                                              "Study Instance UID"),
                 patient_id=_str(obj, "patient_id"), modality=_str(obj, "modality"),
-                study_date=_study_date(obj),
-                transfer_syntax_uid=_transfer_syntax(obj), sig=sig,
+                study_date=_optional(obj, "study_date", _is_date, "a date YYYYMMDD"),
+                transfer_syntax_uid=_optional(obj, "transfer_syntax_uid", is_uid, "a UID"),
+                sig=sig,
             )
         elif kind == "delete":
             expected = set(DeleteEvent.__slots__) | {"v"}

@@ -1,7 +1,8 @@
-"""Fixtures shared by the tests that run nodes in-process (sync, wire compression)."""
+"""Fixtures shared by the tests: in-process nodes, a DICOM SCP, a refusing port."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,18 @@ from syncnode.local import LocalNode
 from syncnode.node import RunningNode
 
 StartNode = Callable[..., Awaitable[RunningNode]]
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A loopback port that refuses connections: bound (so nobody else gets it), never
+    listening."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    try:
+        yield s.getsockname()[1]
+    finally:
+        s.close()
 
 
 @pytest.fixture

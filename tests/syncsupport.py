@@ -191,12 +191,19 @@ def pull_from(node: LocalNode, running: RunningNode, other: LocalNode, url: str)
 
 # -- in-process nodes --------------------------------------------------------------------
 async def start_node(node: LocalNode, interval: float = 0.5, **flags: Any) -> RunningNode:
-    settings = node.settings(peer_host="127.0.0.1", peer_port=0, api_host="127.0.0.1",
-                             api_port=0, dicom_host="127.0.0.1", dicom_port=0,
-                             sync_interval=interval, discovery=False, **flags)
-    running = RunningNode(node, settings)
+    """Run ``node`` in this process on loopback ports the system picks, no discovery;
+    ``flags`` override any of these settings."""
+    settings: dict[str, Any] = dict(peer_host="127.0.0.1", peer_port=0, api_host="127.0.0.1",
+                                    api_port=0, dicom_host="127.0.0.1", dicom_port=0,
+                                    sync_interval=interval, discovery=False)
+    running = RunningNode(node, node.settings(**{**settings, **flags}))
     await running.start()
     return running
+
+
+async def start_new_node(data: Path, interval: float = 0.5, **flags: Any) -> RunningNode:
+    """``syncnode init`` a node in ``data`` and :func:`start_node` it."""
+    return await start_node(LocalNode.init(data), interval, **flags)
 
 
 def url_of(running: RunningNode) -> str:
@@ -246,6 +253,16 @@ def cli(*args: str | Path, data: Path | None = None, check: bool = True,
     if check and res.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} -> {res.returncode}\n{res.stdout}\n{res.stderr}")
     return res
+
+
+def run_cli(*args: str | Path, timeout: float = 120, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess[str]:
+    """``syncnode ARGS`` as an operator runs it: no ``SYNCNODE_*`` settings inherited from
+    this environment, no colour, a wide terminal; the result is returned unchecked."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SYNCNODE_")}
+    clean.update({"NO_COLOR": "1", "COLUMNS": "300"}, **(env or {}))
+    return subprocess.run([*SYNCNODE, *map(str, args)], capture_output=True, text=True,
+                          env=clean, timeout=timeout, check=False)
 
 
 def cli_json(*args: str | Path, data: Path) -> Any:

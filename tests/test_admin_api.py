@@ -11,6 +11,7 @@ from pathlib import Path
 import aiohttp
 import pydicom
 import pytest
+from syncsupport import start_new_node as start
 
 from syncnode.admin.api import UnsafeBinding, check_binding
 from syncnode.admin.openapi import OPENAPI
@@ -42,14 +43,6 @@ class Api:
         headers = {} if key is None else {"X-API-Key": key or self.key}
         async with self.session.request(method, self.url(path), headers=headers, **kw) as r:
             return r.status, await r.json()
-
-
-async def start(data: Path, **settings: object) -> RunningNode:
-    node = LocalNode.init(data)
-    running = RunningNode(node, node.settings(peer_host="127.0.0.1", peer_port=0, api_port=0,
-                                              dicom_port=0, discovery=False, **settings))
-    await running.start()
-    return running
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from pathlib import Path
 import aiohttp
 import pydicom
 import pytest
+from syncsupport import start_new_node as start
 
 from syncnode import config as cfg
 from syncnode.admin import auth
@@ -55,14 +56,6 @@ class Node:
     @property
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-
-async def start(data: Path, **settings: object) -> RunningNode:
-    node = LocalNode.init(data)
-    running = RunningNode(node, node.settings(peer_host="127.0.0.1", peer_port=0, api_port=0,
-                                              dicom_port=0, discovery=False, **settings))
-    await running.start()
-    return running
 
 
 @pytest.fixture

@@ -31,17 +31,10 @@ from syncsupport import (
     url_of,
     wait_for,
 )
+from syncsupport import run_cli as cli
 
 from syncnode.backup import MANIFEST, BackupError, backup, read_manifest, restore
 from syncnode.local import LocalNode
-
-
-def cli(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCNODE_")}
-    env["NO_COLOR"] = "1"
-    return subprocess.run([sys.executable, "-m", "syncnode.cli", *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=timeout,
-                          check=False)
 
 
 def instances(data: Path) -> int:

@@ -11,22 +11,16 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from syncsupport import run_cli as cli
 
 from syncnode.demo import make_study
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None,
                                 reason="mounting a tmpfs needs root")
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCNODE_")}
-    return subprocess.run([sys.executable, "-m", "syncnode.cli", *args], capture_output=True,
-                          text=True, timeout=120, env={**env, "NO_COLOR": "1", "COLUMNS": "300"})
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from syncsupport import run_cli as cli
 
 from syncnode.unitfile import DEFAULT_BIN, UnitError, render
 
@@ -28,14 +29,6 @@ SHIPPED = ROOT / "packaging" / "syncnode.service"
 ANALYZE = shutil.which("systemd-analyze")
 needs_analyze = pytest.mark.skipif(ANALYZE is None,
                                    reason="systemd-analyze is absent (Debian package systemd)")
-
-
-def cli(*args: str | Path, env: dict[str, str] | None = None, timeout: float = 60
-        ) -> subprocess.CompletedProcess[str]:
-    e = {k: v for k, v in os.environ.items() if not k.startswith("SYNCNODE_")}
-    e.update(env or {})
-    return subprocess.run([sys.executable, "-m", "syncnode.cli", *map(str, args)],
-                          capture_output=True, text=True, env=e, timeout=timeout, check=False)
 
 
 def settings_of(text: str) -> dict[str, list[str]]:

@@ -7,19 +7,10 @@ import asyncio
 import time
 from pathlib import Path
 
+from syncsupport import start_new_node as start
+
 from syncnode.demo import make_study
 from syncnode.importer import import_paths
-from syncnode.local import LocalNode
-from syncnode.node import RunningNode
-
-
-async def start(data: Path) -> RunningNode:
-    node = LocalNode.init(data)
-    running = RunningNode(node, node.settings(peer_host="127.0.0.1", peer_port=0, api_port=0,
-                                              dicom_port=0, discovery=False,
-                                              sync_interval=60))
-    await running.start()
-    return running
 
 
 async def wait_for(predicate, seconds: float) -> bool:  # type: ignore[no-untyped-def]
@@ -32,7 +23,7 @@ async def wait_for(predicate, seconds: float) -> bool:  # type: ignore[no-untype
 
 
 async def test_change_reaches_peer_long_before_its_next_round(tmp_path: Path) -> None:
-    a, b = await start(tmp_path / "a"), await start(tmp_path / "b")
+    a, b = await start(tmp_path / "a", 60), await start(tmp_path / "b", 60)
     try:
         for x, y in ((a, b), (b, a)):
             x.node.trust.pin(y.node.identity.cert_pem, y.node.node_id)

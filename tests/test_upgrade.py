@@ -11,11 +11,10 @@ release's ``status``, ``ls``, ``verify`` and ``backup`` on the same folder must 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
+
+from syncsupport import run_cli as cli
 
 from syncnode.backup import backup, restore
 
@@ -27,13 +26,6 @@ OLD_BLOBS = ["03dc919acd5c38d6d81f49e4e7709ff420447fc446f2003e726e44e1c869d17f",
              "855009f5b7413464e69e035591624fc0727eb39f2be0c3f43f453c716b2b9519",
              "9b268b972af52eb06ccf8f59546ecd16fa901d2f245ce360464cd79b1033f97e"]
 UID = "1.2.826.0.1.3680043.10.1999.42.1."
-
-
-def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCNODE_")}
-    env["NO_COLOR"] = "1"
-    return subprocess.run([sys.executable, "-m", "syncnode.cli", *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=120, check=False)
 
 
 def unpack(tmp_path: Path) -> Path:

@@ -17,11 +17,11 @@ from pathlib import Path
 import pydicom
 import pytest
 from aiohttp import web
+from syncsupport import start_new_node as start
 
 from syncnode.apikeys import KeyStore
 from syncnode.importer import import_paths
 from syncnode.local import LocalNode
-from syncnode.node import RunningNode
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 playwright = pytest.importorskip("playwright.async_api")
@@ -62,14 +62,6 @@ async function attempt(name, url, options) {
   document.body.dataset.done = "1";
 })();
 </script></body></html>"""
-
-
-async def start(data: Path) -> RunningNode:
-    node = LocalNode.init(data)
-    running = RunningNode(node, node.settings(peer_host="127.0.0.1", peer_port=0, api_port=0,
-                                              dicom_port=0, discovery=False))
-    await running.start()
-    return running
 
 
 async def test_another_origin_cannot_read_or_change_and_the_dashboard_works(

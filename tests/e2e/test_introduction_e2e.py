@@ -14,7 +14,6 @@ process group and is killed at the end of the test.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -42,18 +41,6 @@ pytestmark = pytest.mark.e2e
 def procs() -> Iterator[list[NodeProcess]]:
     with node_processes() as started:
         yield started
-
-
-@pytest.fixture
-def closed_port() -> Iterator[int]:
-    """A loopback port that refuses connections: bound (so nobody else gets it), never
-    listening."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    try:
-        yield s.getsockname()[1]
-    finally:
-        s.close()
 
 
 def start(procs: list[NodeProcess], data: Path) -> int:
