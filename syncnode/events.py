@@ -39,13 +39,13 @@ import datetime
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import blake3
 
-from .ids import check_hash, check_uid, is_hash, is_uid
+from .ids import InvalidHash, check_hash, check_uid, is_hash, is_uid
 
 EVENT_VERSION = 2  # signed events; version 1 is the unsigned legacy form
 LEGACY_VERSION = 1
@@ -260,6 +260,36 @@ def decode_checked(eid: str, body: bytes) -> Event:
     if actual != eid:
         raise InvalidEvent(f"event body hashes to {actual}, not {eid}")
     return decode(body)
+
+
+class Checked(NamedTuple):
+    """An event received under ``eid`` whose body hashes to it and decodes to ``event``.
+
+    Made once, where events arrive (:func:`check_all`); every later step (pull planning,
+    the put-truth check, the catalog's admission) reads ``event`` instead of decoding the
+    body again."""
+
+    eid: str
+    body: bytes
+    event: Event
+
+
+def check_all(received: Iterable[tuple[str, bytes] | Checked]
+              ) -> tuple[list[Checked], dict[str, str]]:
+    """Check each (id, body) pair once: the good ones, in order, and id -> reason for the
+    rest. Items already :class:`Checked` pass through unchanged."""
+    good: list[Checked] = []
+    bad: dict[str, str] = {}
+    for item in received:
+        if isinstance(item, Checked):
+            good.append(item)
+            continue
+        eid, body = item
+        try:
+            good.append(Checked(eid, body, decode_checked(eid, body)))
+        except (InvalidEvent, InvalidHash) as exc:
+            bad[eid] = str(exc)
+    return good, bad
 
 
 def live_key(hlc: int, origin: str, eid: str) -> tuple[int, str, str]:

@@ -208,35 +208,33 @@ class LocalNode:
         self.catalog.close()
 
     # -- deleting ------------------------------------------------------------------------
-    def apply(self, pairs: Iterable[tuple[str, bytes]]) -> ApplyResult:
-        """Apply events received from a peer ((id, body) pairs; a put only if its blob is
-        here or it is already removed) and remove the blobs they freed.
+    def apply(self, received: Iterable[tuple[str, bytes] | ev.Checked]) -> ApplyResult:
+        """Apply events received from a peer ((id, body) pairs or events already
+        :class:`~syncnode.events.Checked`; a put only if its blob is here or it is already
+        removed) and remove the blobs they freed. Each body is decoded once, here or where
+        it arrived.
 
         Puts must match their bytes (:meth:`refuse_untrue_puts`): one that does not is
         refused, listed in ``rejected`` and ``refused``, and changes nothing."""
-        pairs = list(pairs)
-        refused = self.refuse_untrue_puts(pairs)
+        checked, invalid = ev.check_all(received)
+        refused = self.refuse_untrue_puts(checked)
         if refused:
-            pairs = [(e, b) for e, b in pairs if e not in refused]
-        result = self.collect(self.catalog.apply(pairs, blob_present=self.store.has))
+            checked = [c for c in checked if c.eid not in refused]
+        result = self.collect(self.catalog.apply(checked, blob_present=self.store.has))
+        result.rejected.update(invalid)
         result.rejected.update(refused)
         result.refused.update(refused)
         return result
 
-    def refuse_untrue_puts(self, pairs: Iterable[tuple[str, bytes]]) -> dict[str, str]:
+    def refuse_untrue_puts(self, checked: Iterable[ev.Checked]) -> dict[str, str]:
         """The peer's put events (new to this node, blob present) whose blob is not the
         instance they claim: the blob is inspected as ``import`` inspects a file
         (:func:`syncnode.dicomfile.inspect_file`) and its indexed attributes compared with
         the event's (:func:`syncnode.catalog.put_contradictions`). Returns id -> reason
-        (field names and UIDs only, never patient data). Events that do not decode are
-        left to the catalog, which rejects them."""
+        (field names and UIDs only, never patient data)."""
         refused: dict[str, str] = {}
         seen: dict[str, InstanceInfo | InvalidDicom] = {}  # blob -> what it holds
-        for eid, body in pairs:
-            try:
-                event = ev.decode(body)
-            except ev.InvalidEvent:
-                continue
+        for eid, _, event in checked:
             if (not isinstance(event, ev.PutEvent) or not is_hash(eid)
                     or not self.store.has(event.blob) or self.catalog.has_event(eid)):
                 continue

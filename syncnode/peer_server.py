@@ -467,7 +467,9 @@ class PeerServer:
         except protocol.ProtocolError as exc:
             raise BadRequest(str(exc)) from exc
         await self._run(self.catalog.offer_certificates, certs)
-        result = await self._run(self.node.apply, pairs)
+        checked, invalid = await self._run(ev.check_all, pairs)
+        result = await self._run(self.node.apply, checked)
+        result.rejected.update(invalid)
         if result.refused:  # puts their blob contradicts: the pusher is told, and the admin
             eid, why = next(iter(result.refused.items()))
             log.warning("refused %d pushed puts from %s that do not match their blobs, "
@@ -475,8 +477,8 @@ class PeerServer:
         tally = self._tally(self._pushed_in, request[PEER_KEY].compact)
         tally.events += len(result.inserted)
         inserted = set(result.inserted)
-        for eid, body in pairs:
-            if eid in inserted and isinstance(put := ev.decode(body), ev.PutEvent):
+        for eid, _, put in checked:
+            if eid in inserted and isinstance(put, ev.PutEvent):
                 tally.instances += 1
                 tally.studies.add(put.study_instance_uid)
         if result.inserted and self.on_events:

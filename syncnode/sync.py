@@ -126,13 +126,19 @@ class PeerState:
 STUDIES_SHOWN = 20  # studies listed per peer in its state (the ones with most bytes to go)
 
 
-def _studies_needed(waiting: Iterable[list[tuple[str, bytes, ev.PutEvent]]]
-                    ) -> dict[str, list[int]]:
+def _put_of(items: list[ev.Checked]) -> ev.PutEvent:
+    """The first put waiting for a blob (only puts wait for blobs)."""
+    put = items[0].event
+    assert isinstance(put, ev.PutEvent), put
+    return put
+
+
+def _studies_needed(waiting: Iterable[list[ev.Checked]]) -> dict[str, list[int]]:
     """[instances, bytes] still to pull per study, one blob counted once (by its first
     put), the STUDIES_SHOWN studies with the most bytes to go."""
     per: dict[str, list[int]] = {}
     for items in waiting:
-        put = items[0][2]
+        put = _put_of(items)
         left = per.setdefault(put.study_instance_uid, [0, 0])
         left[0] += 1
         left[1] += put.size
@@ -587,7 +593,7 @@ class PeerSync:
         self.wake = asyncio.Event()
         self.backoff = Backoff()
         self._last_saved = 0.0
-        self._skipped: list[tuple[str, bytes]] = []  # puts whose blob the peer lacked
+        self._skipped: list[ev.Checked] = []  # puts whose blob the peer lacked
         self._pulled, self._pushed = Tally(), Tally()  # this round's, for the audit trail
         self._notifying: asyncio.Task[None] | None = None
 
@@ -824,9 +830,9 @@ class PeerSync:
             # puts whose tombstone we now hold need no blob
             dead_blobs = await offload(_dead_blobs, self.node.catalog, waiting)
             for blob in dead_blobs:
-                await self._apply([(e, b) for e, b, _ in waiting.pop(blob)])
+                await self._apply(waiting.pop(blob))
             st.blobs_needed = len(waiting)
-            st.bytes_needed = sum(v[0][2].size for v in waiting.values())
+            st.bytes_needed = sum(_put_of(v).size for v in waiting.values())
             st.studies_needed = _studies_needed(waiting.values())
             self.save_state()
             sem = asyncio.Semaphore(self.engine.max_pulls)
@@ -853,21 +859,21 @@ class PeerSync:
                 raise WithheldEvents(f"peer listed {len(withheld)} events it did not serve, "
                                      f"e.g. {withheld[0]}")
 
-    async def _apply(self, pairs: list[tuple[str, bytes]]) -> None:
-        result = await offload(self.node.apply, pairs)
+    async def _apply(self, checked: list[ev.Checked]) -> None:
+        result = await offload(self.node.apply, checked)
         if result.rejected:
             self.state.integrity_errors += len(result.rejected)
             raise _rejection(result.rejected, result.refused)
         if result.inserted:
             self.engine.changed(exclude={self})
 
-    async def _pull_and_apply(self, blob: str, items: list[tuple[str, bytes, ev.PutEvent]],
+    async def _pull_and_apply(self, blob: str, items: list[ev.Checked],
                               sem: asyncio.Semaphore) -> None:
         """Pull the blob (unless present) and have its puts applied with others'.
 
         The blob's lock is held until it is installed, so another peer's loop never pulls
         the same bytes again meanwhile; the pull slot (``sem``) only during the transfer."""
-        put = items[0][2]
+        put = _put_of(items)
         installer = self.engine.installer
         async with self.engine.blob_lock(blob):
             staged = None
@@ -878,9 +884,9 @@ class PeerSync:
                     except PeerLacksBlob:
                         # Usually the peer deleted the instance and freed the blob; the
                         # tombstone comes later in this walk. Settled at its end.
-                        self._skipped.extend((e, b) for e, b, _ in items)
+                        self._skipped.extend(items)
                         return
-            await installer.submit(self, staged, [(e, b) for e, b, _ in items])
+            await installer.submit(self, staged, items)
         self._pulled.instances += len(items)
         self._pulled.studies.add(put.study_instance_uid)
         st = self.state
@@ -899,13 +905,13 @@ class PeerSync:
         blob); any other is a live put the peer cannot serve: an error of this round."""
         skipped, self._skipped = self._skipped, []
         catalog = self.node.catalog
-        gone = await offload(lambda: {e for e, b in skipped
-                                          if catalog.is_tombstoned(e, ev.decode(b).origin)})
-        removed = [(e, b) for e, b in skipped if e in gone]
+        gone = await offload(lambda: {c.eid for c in skipped
+                                          if catalog.is_tombstoned(c.eid, c.event.origin)})
+        removed = [c for c in skipped if c.eid in gone]
         if removed:
             await self._apply(removed)
         if len(removed) < len(skipped):
-            lost = next(e for e, _ in skipped if e not in gone)
+            lost = next(c.eid for c in skipped if c.eid not in gone)
             raise PeerLacksBlob(f"peer lacks the blobs of {len(skipped) - len(removed)} live "
                                 f"put events, e.g. {lost}")
 
@@ -950,7 +956,7 @@ class PeerSync:
     async def push_events(self, ids: list[str]) -> None:
         catalog = self.node.catalog
         for batch in protocol.batched(ids, EVENT_BATCH):
-            pairs, offer, blob_of = await offload(_plan_push, self.node, batch)
+            pairs, offer, put_of = await offload(_plan_push, self.node, batch)
             answer = (await self.client._json("POST", "/push/offer", json={"blobs": offer})
                       if offer else {})
             sem = asyncio.Semaphore(self.engine.max_pulls)
@@ -962,7 +968,7 @@ class PeerSync:
                     raise r
             # blobs the peer is fetching itself right now: their puts go in a later round
             busy = set(answer.get("busy", []))
-            pairs = [(e, b) for e, b in pairs if blob_of.get(e) not in busy]
+            pairs = [(e, b) for e, b in pairs if e not in put_of or put_of[e].blob not in busy]
             if not pairs:
                 continue
             certs = await offload(catalog.certificates_for, [e for e, _ in pairs])
@@ -972,8 +978,7 @@ class PeerSync:
             self.state.events_sent += len(applied)
             self._pushed.events += len(applied)
             took = set(applied)
-            pushed = [ev.decode(b) for e, b in pairs if e in took]
-            puts = [p for p in pushed if isinstance(p, ev.PutEvent)]
+            puts = [put_of[e] for e, _ in pairs if e in took and e in put_of]
             self._pushed.instances += len(puts)
             self._pushed.studies.update(p.study_instance_uid for p in puts)
             # A put we hold only as removed (no blob to send) is refused until the peer holds
@@ -1012,8 +1017,8 @@ class _PullPlan:
     """One batch of received events sorted: applicable now, waiting for their blob
     (by blob), and invalid ((id, reason))."""
 
-    ready: list[tuple[str, bytes]] = field(default_factory=list)
-    waiting: dict[str, list[tuple[str, bytes, ev.PutEvent]]] = field(default_factory=dict)
+    ready: list[ev.Checked] = field(default_factory=list)
+    waiting: dict[str, list[ev.Checked]] = field(default_factory=dict)  # blob -> its puts
     invalid: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -1026,23 +1031,21 @@ def _held(store: BlobStore, blob: str) -> int:
 
 
 def _plan_pull(node: LocalNode, received: list[tuple[str, bytes]]) -> _PullPlan:
-    """Check each body against its id and sort the events (blocking: hashing, stat)."""
+    """Check each body against its id, once, and sort the events (blocking: hashing,
+    stat)."""
     plan = _PullPlan()
-    for eid, body in received:
-        try:
-            x = ev.decode_checked(eid, body)
-        except ev.InvalidEvent as exc:
-            plan.invalid.append((eid, str(exc)))
-            continue
-        if isinstance(x, ev.PutEvent) and not node.store.has(x.blob):
-            plan.waiting.setdefault(x.blob, []).append((eid, body, x))
+    checked, invalid = ev.check_all(received)
+    plan.invalid.extend(invalid.items())
+    for c in checked:
+        if isinstance(c.event, ev.PutEvent) and not node.store.has(c.event.blob):
+            plan.waiting.setdefault(c.event.blob, []).append(c)
         else:
-            plan.ready.append((eid, body))
+            plan.ready.append(c)
     return plan
 
 
 def _dead_blobs(catalog: Catalog,
-                waiting: dict[str, list[tuple[str, bytes, ev.PutEvent]]]) -> list[str]:
+                waiting: dict[str, list[ev.Checked]]) -> list[str]:
     """Blobs all of whose waiting puts are already held or tombstoned: no pull needed."""
     return [blob for blob, items in waiting.items()
             if all(not catalog.missing_events([e]) or catalog.is_tombstoned(e, x.origin)
@@ -1050,21 +1053,22 @@ def _dead_blobs(catalog: Catalog,
 
 
 def _plan_push(node: LocalNode, ids: list[str]
-               ) -> tuple[list[tuple[str, bytes]], list[dict[str, Any]], dict[str, str]]:
-    """The events to push, the offer of their blobs we hold, and each put's blob."""
+               ) -> tuple[list[tuple[str, bytes]], list[dict[str, Any]], dict[str, ev.PutEvent]]:
+    """The events to push, the offer of their blobs we hold, and the put events by id
+    (decoded once, here)."""
     store = node.store
     pairs = node.catalog.get_events(ids)
-    puts: dict[str, ev.PutEvent] = {}
-    blob_of: dict[str, str] = {}
+    held: dict[str, ev.PutEvent] = {}  # blob -> a put of it
+    put_of: dict[str, ev.PutEvent] = {}
     for eid, body in pairs:
         x = ev.decode(body)
         if isinstance(x, ev.PutEvent):
-            blob_of[eid] = x.blob
+            put_of[eid] = x
             if store.has(x.blob):
-                puts[x.blob] = x
+                held[x.blob] = x
     offer = [{"hash": h, "size": p.size, "chunks": store.chunk_digests(h).hex()}
-             for h, p in puts.items()]
-    return pairs, offer, blob_of
+             for h, p in held.items()]
+    return pairs, offer, put_of
 
 
 class StateWriter:
@@ -1108,7 +1112,7 @@ class StateWriter:
 class _Arrival:
     peer: PeerSync
     staged: StagedBlob | None  # None: the blob was already present
-    pairs: list[tuple[str, bytes]]
+    checked: list[ev.Checked]
     done: asyncio.Future[None]
 
 
@@ -1141,11 +1145,11 @@ class Installer:
                 self._flush_soon()
 
     async def submit(self, peer: PeerSync, staged: StagedBlob | None,
-                     pairs: list[tuple[str, bytes]]) -> None:
+                     checked: list[ev.Checked]) -> None:
         """Queue a pulled blob (or, with ``staged=None``, puts whose blob is present) and
         wait until it is installed and its puts applied. Raises what that raised."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.pending.append(_Arrival(peer, staged, pairs, done))
+        self.pending.append(_Arrival(peer, staged, checked, done))
         if len(self.pending) >= APPLY_BATCH or self.active == 0:
             self._flush_soon()
         elif self._timer is None:
@@ -1186,9 +1190,9 @@ class Installer:
         staged = [a.staged for a in batch if a.staged is not None]
         if staged:
             await offload(node.store.install_staged, staged)
-        result = await offload(node.apply, [pair for a in batch for pair in a.pairs])
+        result = await offload(node.apply, [c for a in batch for c in a.checked])
         for a in batch:
-            bad = {e: result.rejected[e] for e, _ in a.pairs if e in result.rejected}
+            bad = {c.eid: result.rejected[c.eid] for c in a.checked if c.eid in result.rejected}
             if bad and not a.done.done():
                 a.peer.state.integrity_errors += len(bad)
                 a.done.set_exception(_rejection(bad, result.refused))

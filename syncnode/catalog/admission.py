@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from .. import events as ev
-from ..ids import InvalidHash, check_hash
+from ..ids import check_hash
 from .model import (
     ApplyResult,
     NoSigner,
@@ -191,12 +191,13 @@ class Admission:
         with self._lock:
             return self._db.execute("SELECT count(*) FROM unknown_tombstones").fetchone()[0]
 
-    def apply(self, received: Iterable[tuple[str, bytes]],
+    def apply(self, received: Iterable[tuple[str, bytes] | ev.Checked],
               blob_present: Callable[[str], bool] | None = None, *,
               local: bool = False) -> ApplyResult:
         """Apply events received from a peer: (hex id, body) pairs. Idempotent.
 
-        Each body must hash to its id and decode, and pass the admission step
+        Each body must hash to its id and decode (checked here unless the item is already
+        :class:`~syncnode.events.Checked`), and pass the admission step
         (:meth:`_admit`: signature, clock bound, bounds on tombstones of unknown puts)
         unless ``local`` (events this node made itself, e.g. replayed from its ingest
         journal); a put that is not already removed needs its blob present
@@ -208,13 +209,9 @@ class Admission:
         freed: set[str] = set()
         max_hlc = 0
         limit = ev.hlc_limit(self.policy.max_clock_skew_ms or 0)
+        checked, result.rejected = ev.check_all(received)
         with self._write() as db:
-            for eid, body in received:
-                try:
-                    event = ev.decode_checked(eid, body)
-                except (ev.InvalidEvent, InvalidHash) as exc:
-                    result.rejected[eid] = str(exc)
-                    continue
+            for eid, body, event in checked:
                 raw = bytes.fromhex(eid)
                 if db.execute("SELECT 1 FROM events WHERE id=?", (raw,)).fetchone():
                     continue  # already here (a replay): nothing to check or insert

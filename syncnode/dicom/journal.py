@@ -290,7 +290,7 @@ class IngestJournal:
         events were taken into the catalog."""
         if not self.path.exists():
             return 0
-        good: list[tuple[str, bytes]] = []
+        good: list[ev.Checked] = []
         skipped = 0
         with open(self.path, "rb") as f:
             while True:
@@ -314,7 +314,7 @@ class IngestJournal:
                 if not isinstance(event, ev.PutEvent) or self.store.verify(event.blob):
                     skipped += 1  # blob absent or damaged: this one was not acknowledged
                     continue
-                good.append((eid, body))
+                good.append(ev.Checked(eid, body, event))
         inserted = 0
         for i in range(0, len(good), APPLY_BATCH):
             inserted += len(self.catalog.apply(good[i:i + APPLY_BATCH],
