@@ -41,7 +41,7 @@ import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import blake3
 
@@ -95,6 +95,7 @@ class DeleteEvent:
 
 
 Event = PutEvent | DeleteEvent
+AnyEvent = TypeVar("AnyEvent", PutEvent, DeleteEvent)  # one kind, kept: e.g. sign(put) is a put
 
 
 def _canonical(event: Event, *, with_sig: bool, version: int) -> bytes:

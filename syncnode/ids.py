@@ -9,6 +9,7 @@ in a component (except the component "0").
 from __future__ import annotations
 
 import re
+from typing import TypeGuard
 
 import blake3
 
@@ -25,7 +26,7 @@ class InvalidUID(ValueError):
     """A string that is not a valid DICOM UID."""
 
 
-def is_hash(value: object) -> bool:
+def is_hash(value: object) -> TypeGuard[str]:
     return isinstance(value, str) and _HASH_RE.fullmatch(value) is not None
 
 
@@ -34,10 +35,10 @@ def check_hash(value: object, what: str = "hash") -> str:
     if not is_hash(value):
         shown = repr(value)[:80]
         raise InvalidHash(f"invalid {what} {shown}: expected 64 lowercase hex characters")
-    return value  # type: ignore[return-value]
+    return value
 
 
-def is_uid(value: object) -> bool:
+def is_uid(value: object) -> TypeGuard[str]:
     return (
         isinstance(value, str)
         and 0 < len(value) <= 64
@@ -50,7 +51,7 @@ def check_uid(value: object, what: str = "UID") -> str:
     if not is_uid(value):
         shown = repr(value)[:80]
         raise InvalidUID(f"invalid {what} {shown}: expected 1-64 digits and dots")
-    return value  # type: ignore[return-value]
+    return value
 
 
 def blake3_hex(data: bytes) -> str:

@@ -53,7 +53,7 @@ class Signer:
         self.cert_der = cert_der  # sent with the events, so receivers can verify them
         self.origin = certificate_origin(cert_der)
 
-    def sign(self, event: ev.Event) -> ev.Event:
+    def sign(self, event: ev.AnyEvent) -> ev.AnyEvent:
         """The event with its ``sig`` set. Refuses events of another origin."""
         if event.origin != self.origin:
             raise ValueError(f"this node ({self.origin}) cannot sign an event of "

@@ -28,19 +28,20 @@ from .model import (
     ApplyResult,
     NoSigner,
 )
+from .part import Part
 
 if TYPE_CHECKING:
     pass
 
 
-class Admission:
+class Admission(Part):
     """Signing of local events, admission and application of received ones.
 
     Mixed into :class:`~syncnode.catalog.core.Catalog`; runs on its connection, lock and
     transactions (``_write``, ``_read``, ``_lock``, ``_db``).
     """
 
-    def _sign(self, event: ev.Event) -> ev.Event:
+    def _sign(self, event: ev.AnyEvent) -> ev.AnyEvent:
         """This node's event, signed (every event made here is; :meth:`_insert` puts the
         node's certificate into ``origins``, to be sent along with its events)."""
         if self._signer is None:

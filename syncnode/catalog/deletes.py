@@ -18,9 +18,10 @@ from ..ids import check_uid
 from .model import (
     ApplyResult,
 )
+from .part import Part
 
 
-class Deletes:
+class Deletes(Part):
     """Deleting instances and studies; collecting unreferenced blobs.
 
     Mixed into :class:`~syncnode.catalog.core.Catalog`; runs on its connection, lock and

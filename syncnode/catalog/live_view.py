@@ -19,9 +19,10 @@ from .model import (
     PUT_COLUMNS,
     Instance,
 )
+from .part import Part
 
 
-class LiveView:
+class LiveView(Part):
     """Queries of the live view, blob references and status counts.
 
     Mixed into :class:`~syncnode.catalog.core.Catalog`; runs on its connection, lock and

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from .. import events as ev
 from ..blobstore import BlobInfo
@@ -26,9 +27,10 @@ from .model import (
     LocalPut,
     SameInstance,
 )
+from .part import Part
 
 
-class LocalPuts:
+class LocalPuts(Part):
     """Building and inserting put events for instances stored on this node.
 
     Mixed into :class:`~syncnode.catalog.core.Catalog`; runs on its connection, lock and
@@ -147,8 +149,9 @@ class LocalPuts:
                 if same is not None:
                     out.append(LocalPut(bytes(same[0]).hex()))
                     continue
-                fields = dict(origin=self.node_id, blob=blob.hash, size=blob.size,
-                              chunks=blob.chunks_root, **indexed_attributes(attrs))
+                fields: dict[str, Any] = dict(
+                    origin=self.node_id, blob=blob.hash, size=blob.size,
+                    chunks=blob.chunks_root, **indexed_attributes(attrs))
             except KeyError as exc:
                 raise InvalidLocalPut(f"instance attributes lack {exc}") from exc
             event = self._sign(ev.PutEvent(hlc=self._tick(db, persist=persist_clock),

@@ -16,9 +16,10 @@ from __future__ import annotations
 import sqlite3
 
 from .. import merkle
+from .part import Part
 
 
-class MerkleIndex:
+class MerkleIndex(Part):
     """The Merkle index: maintenance and queries.
 
     Mixed into :class:`~syncnode.catalog.core.Catalog`; runs on its connection, lock and

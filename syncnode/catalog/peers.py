@@ -11,8 +11,10 @@ import json
 import time
 from typing import Any
 
+from .part import Part
 
-class Peers:
+
+class Peers(Part):
     """Trusted peers, their sync state and discovered nodes.
 
     Mixed into :class:`~syncnode.catalog.core.Catalog`; runs on its connection, lock and
