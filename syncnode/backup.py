@@ -34,7 +34,6 @@ import errno
 import json
 import os
 import shutil
-import sqlite3
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from pathlib import Path
 from . import __version__
 from .blobstore import BlobStore
 from .catalog import Catalog
+from .catalog.files import live_blobs_in, make_self_contained, snapshot_file
 from .durable import fsync_dir
 from .local import CATALOG_FILE, LocalNode
 
@@ -99,27 +99,6 @@ def _empty_target(folder: Path, what: str) -> None:
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
 
 
-def _snapshot_catalog(source: Path, target: Path) -> None:
-    """One read transaction of the live catalog, written to ``target`` (not WAL)."""
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=60.0)
-    try:
-        src.execute("PRAGMA busy_timeout=60000")
-        dst = sqlite3.connect(tmp)
-        try:
-            src.backup(dst)  # pages=-1: the whole database in one step, one snapshot
-            dst.execute("PRAGMA journal_mode=DELETE")
-            dst.commit()
-        finally:
-            dst.close()
-    finally:
-        src.close()
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
-
-
 def _link_or_copy(src: Path, dst: Path, copy: bool) -> bool:
     """Put ``src`` at ``dst``; True if hard-linked. Raises FileNotFoundError if ``src``
     vanished."""
@@ -140,14 +119,6 @@ def _link_or_copy(src: Path, dst: Path, copy: bool) -> bool:
     os.chmod(tmp, 0o444)
     os.replace(tmp, dst)
     return False
-
-
-def _referenced(catalog_file: Path) -> set[str]:
-    db = sqlite3.connect(f"file:{catalog_file}?mode=ro", uri=True)
-    try:
-        return {r[0] for r in db.execute("SELECT DISTINCT blob FROM puts WHERE removed=0")}
-    finally:
-        db.close()
 
 
 def _copy_blobs(src: BlobStore, dst: BlobStore, hashes: set[str], copy: bool
@@ -193,8 +164,8 @@ def backup(data: Path, dest: Path, *, copy: bool = False) -> Manifest:
         wanted: set[str] = set()
         while True:
             snapshots += 1
-            _snapshot_catalog(node.data / CATALOG_FILE, dest / CATALOG_FILE)
-            wanted = _referenced(dest / CATALOG_FILE)
+            snapshot_file(node.data / CATALOG_FILE, dest / CATALOG_FILE)
+            wanted = live_blobs_in(dest / CATALOG_FILE)
             have = {h for h in wanted if dst_store.path(h).exists()}
             n_linked, vanished = _copy_blobs(src_store, dst_store, wanted - have, copy)
             linked += n_linked
@@ -221,7 +192,7 @@ def backup(data: Path, dest: Path, *, copy: bool = False) -> Manifest:
                 linked=linked, snapshots=snapshots)
         finally:
             snap.close()
-        _self_contained(dest / CATALOG_FILE)
+        make_self_contained(dest / CATALOG_FILE)
         _sync_tree(dest)
         tmp = dest / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
@@ -232,17 +203,6 @@ def backup(data: Path, dest: Path, *, copy: bool = False) -> Manifest:
         return manifest
     finally:
         node.close()
-
-
-def _self_contained(catalog_file: Path) -> None:
-    """Fold any write-ahead log into the file and leave rollback-journal mode, so the
-    backup's catalog is the one file ``catalog.db``."""
-    db = sqlite3.connect(catalog_file)
-    try:
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        db.execute("PRAGMA journal_mode=DELETE")
-    finally:
-        db.close()
 
 
 def _sync_tree(folder: Path) -> None:
@@ -256,12 +216,12 @@ def restore(backup_dir: Path, data: Path, *, copy: bool = False) -> Manifest:
     manifest = read_manifest(backup_dir)
     _empty_target(data, "data")
     src_store, dst_store = BlobStore(backup_dir), BlobStore(data)
-    wanted = _referenced(backup_dir / CATALOG_FILE)
+    wanted = live_blobs_in(backup_dir / CATALOG_FILE)
     _, missing = _copy_blobs(src_store, dst_store, wanted, copy)
     if missing:
         raise BackupError(f"the backup in {backup_dir} lacks {len(missing)} blobs its "
                           f"catalog references (e.g. {sorted(missing)[0]}): it is damaged")
-    _snapshot_catalog(backup_dir / CATALOG_FILE, data / CATALOG_FILE)
+    snapshot_file(backup_dir / CATALOG_FILE, data / CATALOG_FILE)
     _copy_small(backup_dir, data)
     os.chmod(data / "node.key", 0o600)
     _sync_tree(data)

@@ -11,7 +11,9 @@ uses it). Rules:
   bridge, CLI);
 - the admin API and the running node do not import each other's way back: the API depends
   on :mod:`syncnode.service`, never on :mod:`syncnode.node`;
-- the core's status report does not import the DICOM bridge.
+- the core's status report does not import the DICOM bridge;
+- only the catalog package opens SQLite databases (it owns the SQL; elsewhere ``sqlite3``
+  may only be named for its errors).
 """
 
 from __future__ import annotations
@@ -137,3 +139,16 @@ def test_admin_api_depends_on_the_service_not_on_the_running_node() -> None:
 def test_core_status_does_not_import_the_dicom_bridge() -> None:
     g = graph()
     assert not any(top(n) == "dicom" for n in g["syncnode.status"])
+
+
+def test_only_the_catalog_opens_sqlite() -> None:
+    outside: list[str] = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if module_name(path).startswith("syncnode.catalog"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "connect"
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "sqlite3"):
+                outside.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+    assert outside == [], f"SQLite opened outside syncnode/catalog: {outside}"

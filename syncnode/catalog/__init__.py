@@ -14,6 +14,8 @@ peers, and the read models the DICOM bridge needs). No other module runs SQL.
 - :mod:`.outbox`: the DICOM exporter's queue per destination.
 - :mod:`.find`: the C-FIND matching queries.
 - :mod:`.retrieved`: the studies retrieved from each PACS.
+- :mod:`.part`: what the mixins declare they use of the core.
+- :mod:`.files`: catalog files as files (online snapshot, referenced blobs) for backups.
 """
 
 from .core import Catalog
