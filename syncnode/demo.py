@@ -171,12 +171,14 @@ async def _demo(workdir: Path, duration: float | None, console: Console,
                                   "dashboard above. Ctrl-C stops.")
                 continue
             try:
-                await asyncio.wait_for(stop.wait(), 0.2)
+                async with asyncio.timeout(0.2):
+                    await stop.wait()
             except TimeoutError:
                 pass
     for r in running:  # bounded: the demo ends even if a node is slow to stop
         try:
-            await asyncio.wait_for(r.stop(), STOP_SECONDS)
+            async with asyncio.timeout(STOP_SECONDS):
+                await r.stop()
         except TimeoutError:
             console.print(f"  node {r.node.node_id.short} did not stop within {STOP_SECONDS:.0f} s")
     for n in nodes:

@@ -206,7 +206,8 @@ async def serve_introduction(request: web.Request, trust: TrustStore,
         return _refuse(request, audit, None, f"an introduction must carry one certificate of "
                        f"at most {MAX_CERTIFICATE_BYTES} bytes", "no certificate-sized body")
     try:
-        body = await asyncio.wait_for(request.content.readexactly(length), BODY_TIMEOUT)
+        async with asyncio.timeout(BODY_TIMEOUT):
+            body = await request.content.readexactly(length)
         der = coerce_der(body)
     except (TimeoutError, asyncio.IncompleteReadError):
         return _refuse(request, audit, None, "its introduction did not arrive in time",

@@ -181,7 +181,8 @@ async def _peek_client_hello(fd: int, timeout: float) -> bytes:
             readable: asyncio.Future[None] = loop.create_future()
             loop.add_reader(sock.fileno(), _settle, readable)
             try:
-                await asyncio.wait_for(readable, left)
+                async with asyncio.timeout(left):
+                    await readable
             except TimeoutError:
                 pass
             finally:

@@ -394,7 +394,8 @@ class RunningNode:
                         self.feed.publish("catalog", merkle_root=root.hex())
                 last_root = root
             try:
-                await asyncio.wait_for(self._look_now.wait(), PEER_REFRESH_SECONDS)
+                async with asyncio.timeout(PEER_REFRESH_SECONDS):
+                    await self._look_now.wait()
             except TimeoutError:
                 pass
 
@@ -439,7 +440,8 @@ async def run(node: LocalNode, settings: Settings, duration: float | None = None
     try:
         if duration:
             try:
-                await asyncio.wait_for(stop.wait(), duration)
+                async with asyncio.timeout(duration):
+                    await stop.wait()
             except TimeoutError:
                 pass
         else:

@@ -175,7 +175,8 @@ class PeerServer:
     async def _json(self, request: web.Request) -> Any:
         """The request's JSON body: read (bounded in size and time) on the loop, parsed in
         a worker thread."""
-        raw = await asyncio.wait_for(request.read(), BODY_READ_TIMEOUT)
+        async with asyncio.timeout(BODY_READ_TIMEOUT):
+            raw = await request.read()
         return await self._run(_loads, raw)
 
     async def _answer(self, fn: Callable[..., Any], *args: Any) -> web.Response:
@@ -433,8 +434,8 @@ class PeerServer:
                 left = deadline - loop.time()
                 if left <= 0:
                     raise TimeoutError
-                data = await asyncio.wait_for(request.content.read(CHUNK_SIZE),
-                                              min(left, BODY_READ_TIMEOUT))
+                async with asyncio.timeout(min(left, BODY_READ_TIMEOUT)):
+                    data = await request.content.read(CHUNK_SIZE)
                 if not data:
                     break
                 await self._run(part.feed, data)

@@ -644,7 +644,8 @@ class PeerSync:
                 log.exception("sync loop with %s: unexpected failure", self.peer_id.short)
                 delay = self.backoff.next()
             try:
-                await asyncio.wait_for(self._wait(stop), delay)
+                async with asyncio.timeout(delay):
+                    await self._wait(stop)
             except TimeoutError:
                 pass
 

@@ -239,7 +239,8 @@ class AdminAPI:
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
         try:
-            body = await asyncio.wait_for(request.json(), self.body_timeout)
+            async with asyncio.timeout(self.body_timeout):
+                body = await request.json()
         except TimeoutError as exc:
             late = web.HTTPRequestTimeout(
                 text=json.dumps({"error": "request body not received in time"}),

@@ -52,9 +52,8 @@ class EventFeed:
         if items or timeout <= 0:
             return items, reset
         try:
-            async with self._cond:
-                await asyncio.wait_for(self._cond.wait_for(lambda: self.last_id > since),
-                                       timeout)
+            async with asyncio.timeout(timeout), self._cond:
+                await self._cond.wait_for(lambda: self.last_id > since)
         except TimeoutError:
             return [], False
         return self.since(since)
