@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     api_names: list[str] = Field(default_factory=list,
                                  description="host names the admin API is reached by, beyond "
                                              "localhost and the addresses it listens on")
+    viewer_dir: str = Field("", description="folder of the web viewer served at /viewer/ "
+                                            "(`syncnode viewer install`; empty = DATA/viewer; "
+                                            "relative = inside DATA)")
     export: list[str] = Field(default_factory=list,
                               description="local PACS to deliver to, AE@HOST:PORT")
     import_from: list[str] = Field(default_factory=list,

@@ -31,9 +31,11 @@ from ..audit import AuditLog
 from ..config import Settings
 from ..ids import check_uid
 from ..service import Conflict, NodeService, NotFound, ServiceError, UsageError
+from ..viewer import folder_of
 from . import auth
 from .feed import EventFeed
 from .openapi import OPENAPI
+from .viewer import VIEWER_CSP, ViewerSite
 
 log = logging.getLogger("syncnode.admin")
 ACTOR = web.RequestKey("actor", str)  # who: role, key or session, key fingerprint
@@ -110,7 +112,11 @@ class AdminAPI:
         self.registry.register(_Metrics(service))
         self.app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY)
         self.app.on_response_prepare.append(self._security_headers)
+        self.viewer = ViewerSite(
+            lambda: folder_of(service.node.data, self.runtime.settings.viewer_dir),
+            f"syncnode {service.node_id}", self._signed_in)
         v = "/api/v1"
+        self.app.add_routes(self.viewer.routes())
         self.app.add_routes([
             web.get("/", self.dashboard),
             web.get("/dashboard.js", self.asset),
@@ -141,6 +147,8 @@ class AdminAPI:
     async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
         for name, value in auth.SECURITY_HEADERS.items():
             response.headers[name] = value
+        if request.get(VIEWER_CSP):  # the viewer's own policy (syncnode.admin.viewer)
+            response.headers["Content-Security-Policy"] = request[VIEWER_CSP]
         if request.path.startswith("/api/"):
             response.headers["Cache-Control"] = "no-store"
         for name in [h for h in response.headers if h.lower().startswith("access-control-")]:
@@ -178,6 +186,11 @@ class AdminAPI:
             self.sessions.close(request.cookies.get(auth.SESSION_COOKIE))
             return None  # its key was rotated: the session ends with it
         return session
+
+    def _signed_in(self, request: web.Request) -> bool:
+        """A read or admin credential: a live session, or a key in the header."""
+        given = request.headers.get(auth.KEY_HEADER, "")
+        return self._session(request) is not None or bool(given and self._key_role(given))
 
     @web.middleware
     async def _guard(self, request: web.Request,

@@ -79,6 +79,22 @@ OPENAPI: dict[str, Any] = {
                     "responses": {"200": _json(_OBJ)}},
             "delete": {"summary": "Close the dashboard session", "responses": {
                 "200": _json(_OBJ)}}},
+        "/viewer": {"get": {"summary": "Redirects to /viewer/", "responses": {
+            "308": {"description": "to /viewer/"}}}},
+        "/viewer/app-config.js": {"get": {
+            "summary": "The web viewer's settings: its data source is this node's DICOMweb",
+            "responses": {"200": {"description": "JavaScript", "content": {
+                "text/javascript": {"schema": {"type": "string"}}}}}}},
+        "/viewer/{path}": {"get": {
+            "summary": "The web viewer (OHIF, installed by `syncnode viewer install`): its "
+                       "files are open; its pages redirect to the dashboard's sign-in "
+                       "without a session, as the data they load needs one",
+            "parameters": [{"name": "path", "in": "path", "required": True,
+                            "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "a file of the viewer", "content": {
+                "text/html": {"schema": {"type": "string"}}}},
+                "303": {"description": "no session: to the dashboard's sign-in"},
+                "404": {"description": "no such file, or the viewer is not installed"}}}},
         "/healthz": {"get": {"summary": "Liveness", "responses": {"200": _json(_OBJ)}}},
         "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {
             "description": "text exposition format",
@@ -165,6 +181,8 @@ _ROLES = {
     ("/", "get"): "public", ("/dashboard.js", "get"): "public",
     ("/dashboard.css", "get"): "public", ("/healthz", "get"): "public",
     ("/metrics", "get"): "public", ("/api/v1/openapi.json", "get"): "public",
+    ("/viewer", "get"): "public", ("/viewer/app-config.js", "get"): "public",
+    ("/viewer/{path}", "get"): "public",
     ("/api/v1/session", "post"): "public",  # checks the key it is given itself
     ("/api/v1/nodes", "post"): "admin", ("/api/v1/nodes/{node_id}", "delete"): "admin",
     ("/api/v1/discovered/{node_id}/accept", "post"): "admin",
