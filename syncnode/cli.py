@@ -527,6 +527,91 @@ def apikey_rotate(role: Annotated[str, typer.Argument(help="read or admin.")],
         out.print(key)
 
 
+viewer_app = typer.Typer(help="The web viewer (OHIF) served at /viewer/ by `syncnode run`.",
+                         no_args_is_help=True)
+app.add_typer(viewer_app, name="viewer")
+
+
+def _viewer_folder(data: Path, folder: Path | None) -> Path:
+    if folder is not None:
+        return folder
+    from .config import ConfigError
+    from .viewer import folder_of
+
+    node = open_node(data, identity=False)
+    try:
+        return folder_of(node.data, node.settings().viewer_dir)
+    except ConfigError as exc:
+        fail(str(exc))
+    finally:
+        node.close()
+
+
+ViewerDirOpt = Annotated[Path | None, typer.Option(
+    "--dir", help="Install into / read this folder instead of the node's viewer_dir "
+                  "(default DATA/viewer).")]
+
+
+@viewer_app.command("install")
+def viewer_install(
+        source: Annotated[Path | None, typer.Option(
+            "--from", help="An npm tarball of @ohif/app (ohif-app-X.Y.Z.tgz), its unpacked "
+                           "folder, or a built dist/ folder. Default: `npm pack` the pinned "
+                           "version (needs npm and the npm registry).")] = None,
+        folder: ViewerDirOpt = None, force: Annotated[bool, typer.Option(
+            "--force", help="Install again even if the pinned version is there.")] = False,
+        data: DataOpt = DEFAULT_DATA, json_out: JsonOpt = False) -> None:
+    """Install the pinned OHIF viewer for /viewer/: unpack, check, swap in atomically.
+    A running node serves the new files at once.
+
+    Example: syncnode viewer install --data /srv/syncnode
+    """
+    import time as _time
+
+    from .viewer import PACKAGE, PINNED_VERSION, ViewerError, current, install
+
+    target = _viewer_folder(data, folder)
+    started = _time.monotonic()
+    info = current(target) if source is None and not force else None
+    fresh = info is None
+    if info is None:
+        if not json_out:
+            what = f"{PACKAGE}@{PINNED_VERSION}" if source is None else str(source)
+            out.print(f"installing {what} into {target} ...")
+        try:
+            info = install(target, source)
+        except ViewerError as exc:
+            fail(str(exc))
+        except OSError as exc:
+            fail(f"cannot write the viewer into {target}: {exc}")
+    elapsed = _time.monotonic() - started
+    if json_out:
+        print_json({**info.to_dict(), "installed_now": fresh, "seconds": round(elapsed, 2)})
+        return
+    what = "installed" if fresh else "already installed"
+    out.print(f"{info.package}@{info.version} {what} in {info.path}: {info.files} files, "
+              f"{human_bytes(info.bytes)} ({elapsed:.1f} s). `syncnode run` serves it at "
+              f"/viewer/ of the admin API.")
+
+
+@viewer_app.command("status")
+def viewer_status(folder: ViewerDirOpt = None, data: DataOpt = DEFAULT_DATA,
+                  json_out: JsonOpt = False) -> None:
+    """Which viewer is installed (exit 1 if none, or damaged)."""
+    from .viewer import ViewerNotInstalled, installed
+
+    target = _viewer_folder(data, folder)
+    try:
+        info = installed(target)
+    except ViewerNotInstalled as exc:
+        fail(str(exc), EXIT_PROBLEMS)
+    if json_out:
+        print_json(info.to_dict())
+    else:
+        out.print(f"{info.package}@{info.version} in {info.path}: {info.files} files, "
+                  f"{human_bytes(info.bytes)}")
+
+
 config_app = typer.Typer(help="Read and change the node's settings (config.toml).",
                          no_args_is_help=True)
 app.add_typer(config_app, name="config")

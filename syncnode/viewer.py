@@ -93,7 +93,7 @@ def installed(folder: Path) -> ViewerInfo:
     try:
         raw = json.loads(manifest.read_text())
         info = ViewerInfo(**{k: raw[k] for k in ViewerInfo.__dataclass_fields__ if k != "path"},
-                          path=str(folder))
+                          path=str(folder.resolve()))
     except (ValueError, KeyError, TypeError) as exc:
         raise ViewerNotInstalled(f"{manifest} is damaged ({exc}): run `syncnode viewer "
                                  "install` again") from None
@@ -128,6 +128,10 @@ def npm_pack(dest: Path, *, npm: str | None = None, version: str = PINNED_VERSIO
         proc = subprocess.run([npm, "pack", f"{PACKAGE}@{version}", "--json", "--silent",
                                "--pack-destination", str(dest)],
                               capture_output=True, text=True, timeout=NPM_TIMEOUT, check=False)
+    except OSError as exc:
+        raise ViewerError(f"cannot run {npm}: {exc}; install npm, or give --from a copy of "
+                          f"{PACKAGE}@{version} (`npm pack {PACKAGE}@{version}` elsewhere)"
+                          ) from None
     except subprocess.TimeoutExpired:
         raise ViewerError(f"`npm pack {PACKAGE}@{version}` took over {NPM_TIMEOUT:g} s: check "
                           "the network or the npm registry setting (npm config get "
@@ -231,7 +235,10 @@ def install(target: Path, source: Path | None = None, *, npm: str | None = None,
         if not (dist / "index.html").is_file():
             raise ViewerError(f"{source} has no dist/index.html: not a built viewer")
         files = stage / "files"
-        shutil.copytree(dist, files)  # a folder source is never changed in place
+        if dist.is_relative_to(stage):
+            dist.rename(files)  # unpacked here: ours to change
+        else:
+            shutil.copytree(dist, files)  # a folder source is never changed in place
         for name_ in DROPPED:
             (files / name_).unlink(missing_ok=True)
         rebase(files, base)

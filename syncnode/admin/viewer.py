@@ -100,7 +100,7 @@ class ViewerSite:
         self._folder = folder
         self.friendly_name = friendly_name
         self.signed_in = signed_in
-        self._index: tuple[float, str, str] | None = None  # mtime, html, policy
+        self._index: tuple[tuple[int, int], str, str] | None = None  # file, html, policy
 
     def routes(self) -> list[web.RouteDef]:
         return [web.get("/viewer", self.bare), web.get(BASE + "app-config.js", self.config),
@@ -127,7 +127,8 @@ class ViewerSite:
     def _page(self) -> tuple[str, str]:
         """index.html and the policy that admits its inline scripts (re-read on change)."""
         index = self._folder() / "index.html"
-        mtime = index.stat().st_mtime
+        st = index.stat()
+        mtime = (st.st_ino, st.st_mtime_ns)
         if self._index is None or self._index[0] != mtime:
             html = index.read_text()
             self._index = (mtime, html, policy(_INLINE_SCRIPT.findall(html)))

@@ -23,10 +23,20 @@ function showApp() {
   $("role").textContent = role === "admin" ? "admin" : "read-only";
   for (const b of document.querySelectorAll("#add-peer button")) b.disabled = role !== "admin";
 }
+// The viewer (/viewer/) sends a visitor without a session here with ?next=/viewer/...;
+// once signed in, go back there. Only a path of the viewer: never another site.
+function viewerNext() {
+  const next = new URLSearchParams(window.location.search).get("next") || "";
+  return /^\/viewer\/[^\\]*$/.test(next) && !next.startsWith("/viewer//") ? next : "";
+}
 async function start() {
   const r = await fetch("/api/v1/session", { credentials: "same-origin" });
-  if (r.status !== 200) { showLogin(""); return; }
+  if (r.status !== 200) {
+    showLogin(viewerNext() ? "sign in to open the viewer" : ""); return;
+  }
   const j = await r.json(); csrf = j.csrf || ""; role = j.role;
+  const next = viewerNext();
+  if (next) { window.location.replace(next); return; }
   showApp(); refresh();
   if (!following) { following = true; follow(); }
 }
