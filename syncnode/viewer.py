@@ -14,8 +14,9 @@ folder. Vocabulary and invariants:
   links and ``window.PUBLIC_URL``, each bundle's webpack public path) and refuses a build
   where they are not found, instead of installing a viewer that loads nothing.
 - **Atomic.** The files are unpacked and rewritten in a staging folder beside the target,
-  checked, and then swapped in by rename: a viewer folder is the old install or the new
-  one, never a mixture. ``syncnode-viewer.json`` in it records the package, version,
+  checked, and then swapped in by two renames: a viewer folder is the old install or the
+  new one, never a mixture (between the renames it is absent for an instant, and a page
+  requested then gets a 404). ``syncnode-viewer.json`` in it records the package, version,
   source digest, file count and size; its presence is what "installed" means.
 - The shipped ``app-config.js`` is not used: the node generates its own at serve time, whose
   data source is the node's DICOMweb on the same origin.
@@ -24,9 +25,9 @@ folder. Vocabulary and invariants:
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -46,6 +47,8 @@ MANIFEST = "syncnode-viewer.json"
 NPM_TIMEOUT = 600.0  # seconds `npm pack` may take (a 50 MB download on a slow link)
 # The build's own config and the files of other hosting services: never served.
 DROPPED = ("app-config.js", "_headers", "_redirects", "serve.json")
+COMPRESSIBLE = frozenset({".js", ".mjs", ".css", ".wasm", ".json", ".svg", ".map", ".html",
+                          ".txt", ".xml"})
 _WEBPACK_BASE = re.compile(rb'__webpack_require__\.p = "/";')
 _HTML_BASE = re.compile(r'((?:src|href)=")/(?!/)')
 _CSS_BASE = re.compile(r"url\(/(?!/)")
@@ -200,6 +203,24 @@ def rebase(dist: Path, base: str = BASE) -> int:
     return changed
 
 
+def precompress(dist: Path, level: int = 6) -> int:
+    """Write ``NAME.gz`` beside every compressible file (scripts, styles, WebAssembly), which
+    the server sends to browsers that accept gzip: the app bundle is 17 MB as built, 4 MB
+    gzipped, which matters on a site-to-site link. Returns the files compressed."""
+    done = 0
+    for path in sorted(dist.rglob("*")):
+        if path.suffix not in COMPRESSIBLE or not path.is_file() or path.name == "index.html":
+            continue
+        data = path.read_bytes()
+        if len(data) < 1024:
+            continue
+        packed = gzip.compress(data, compresslevel=level, mtime=0)
+        if len(packed) < len(data) * 0.9:
+            path.with_name(path.name + ".gz").write_bytes(packed)
+            done += 1
+    return done
+
+
 def install(target: Path, source: Path | None = None, *, npm: str | None = None,
             base: str = BASE) -> ViewerInfo:
     """Install the viewer into ``target`` from ``source`` (a ``.tgz``, a package folder or a
@@ -207,7 +228,6 @@ def install(target: Path, source: Path | None = None, *, npm: str | None = None,
     target = target.resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".viewer-stage-", dir=target.parent))
-    old = target.parent / f".viewer-old-{os.getpid()}"
     try:
         digest = ""
         package_dir: Path | None = None
@@ -242,6 +262,7 @@ def install(target: Path, source: Path | None = None, *, npm: str | None = None,
         for name_ in DROPPED:
             (files / name_).unlink(missing_ok=True)
         rebase(files, base)
+        precompress(files)
         count = size = 0
         for p in files.rglob("*"):
             if p.is_file():
@@ -252,12 +273,11 @@ def install(target: Path, source: Path | None = None, *, npm: str | None = None,
         (files / MANIFEST).write_text(json.dumps(body, indent=2) + "\n")
         installed(files)  # the staged copy must pass the same check as the served one
         if target.exists():
-            target.rename(old)
+            target.rename(stage / "old")  # removed with the stage
         files.rename(target)
         return installed(target)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def current(target: Path) -> ViewerInfo | None:

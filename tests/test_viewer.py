@@ -36,7 +36,8 @@ INDEX = ('<!doctype html><html><head><script>console.time("scriptToView"),'
          '</body></html>')
 FILES = {
     "index.html": INDEX.encode(),
-    "app.bundle.0123456789abcdef.js": b'/* app */\n__webpack_require__.p = "/";\n',
+    "app.bundle.0123456789abcdef.js": b'/* app */\n__webpack_require__.p = "/";\n'
+                                      + b"var x = 1;\n" * 400,
     "app.bundle.css": b"@font-face{src:url(/a34f9d1faa5f3315.woff2)}",
     "a34f9d1faa5f3315.woff2": b"wOF2font",
     "codec.fedcba9876543210.wasm": b"\0asm\1\0\0\0",
@@ -226,13 +227,24 @@ async def test_pages_need_a_session_and_send_the_visitor_to_sign_in(served: Serv
 
 
 async def test_types_caching_and_missing_files(served: Served) -> None:
+    bundle = (served.folder / "app.bundle.0123456789abcdef.js").read_bytes()
+    assert (served.folder / "app.bundle.0123456789abcdef.js.gz").is_file()
     async with aiohttp.ClientSession() as c:
+        async with c.get(f"{served.base}/viewer/app.bundle.0123456789abcdef.js",
+                         headers={"Accept-Encoding": "gzip"}) as r:
+            assert r.headers["Content-Encoding"] == "gzip"
+            assert int(r.headers["Content-Length"]) < len(bundle) // 5
+            assert await r.read() == bundle  # as the browser unpacks it
+            assert r.content_type == "text/javascript"
+        async with c.get(f"{served.base}/viewer/app.bundle.0123456789abcdef.js",
+                         headers={"Accept-Encoding": "identity"}) as r:
+            assert "Content-Encoding" not in r.headers and await r.read() == bundle
         for path, kind, cache in (
                 ("app.bundle.0123456789abcdef.js", "text/javascript", "immutable"),
                 ("codec.fedcba9876543210.wasm", "application/wasm", "immutable"),
                 ("worker.mjs", "text/javascript", "no-cache"),
                 ("app.bundle.css", "text/css", "no-cache"),
-                ("a34f9d1faa5f3315.woff2", "font/woff2", "no-cache")):
+                ("a34f9d1faa5f3315.woff2", "font/woff2", "immutable")):
             async with c.get(f"{served.base}/viewer/{path}") as r:
                 assert r.status == 200, path
                 assert r.content_type == kind, path

@@ -35,7 +35,7 @@ from aiohttp import web
 from ..viewer import BASE, ViewerInfo, ViewerNotInstalled, installed
 
 VIEWER_CSP = web.RequestKey("viewer_csp", str)
-HASHED = re.compile(r"\.[0-9a-f]{16,}\.(?:js|css|wasm)$")
+HASHED = re.compile(r"(?:^|\.)[0-9a-f]{16,}\.[a-z0-9]+$")  # app.bundle.<hash>.js, <hash>.wasm
 TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "application/wasm",
          ".css": "text/css", ".html": "text/html", ".json": "application/json",
          ".map": "application/json", ".svg": "image/svg+xml", ".png": "image/png",
@@ -113,16 +113,8 @@ class ViewerSite:
         raise web.HTTPPermanentRedirect(BASE)
 
     async def config(self, request: web.Request) -> web.Response:
-        request[VIEWER_CSP] = self._page()[1] if self._installed() else ""
         return web.Response(text=app_config(self.friendly_name), content_type="text/javascript",
                             headers={"Cache-Control": REVALIDATE})
-
-    def _installed(self) -> bool:
-        try:
-            self.info()
-        except ViewerNotInstalled:
-            return False
-        return True
 
     def _page(self) -> tuple[str, str]:
         """index.html and the policy that admits its inline scripts (re-read on change)."""
@@ -148,12 +140,13 @@ class ViewerSite:
         path = (root / rel).resolve() if rel else root / "index.html"
         if not path.is_relative_to(root) or path.name.startswith("syncnode-viewer"):
             raise web.HTTPNotFound()
-        if rel and path.is_file() and path.name != "index.html":
+        index = root / "index.html"
+        if rel and path.is_file() and path != index:
             kind = TYPES.get(path.suffix.lower()) or mimetypes.guess_type(path.name)[0]
             return web.FileResponse(path, headers={
                 "Content-Type": kind or "application/octet-stream",
                 "Cache-Control": IMMUTABLE if HASHED.search(path.name) else REVALIDATE})
-        if rel and "." in rel.rsplit("/", 1)[-1] and path.name != "index.html":
+        if rel and "." in rel.rsplit("/", 1)[-1] and path != index:
             raise web.HTTPNotFound()  # a missing asset, not one of the viewer's routes
         if not self.signed_in(request):
             # No session: the dashboard asks for a key and comes back here.
