@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import mimetypes
 import re
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from aiohttp import web
 
 from ..viewer import BASE, ViewerInfo, ViewerNotInstalled, installed
 
+log = logging.getLogger("syncnode.admin")
 VIEWER_CSP = web.RequestKey("viewer_csp", str)
 HASHED = re.compile(r"(?:^|\.)[0-9a-f]{16,}\.[a-z0-9]+$")  # app.bundle.<hash>.js, <hash>.wasm
 TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "application/wasm",
@@ -130,8 +132,10 @@ class ViewerSite:
         folder = self._folder()
         try:
             self.info()
-        except ViewerNotInstalled as exc:
-            return web.Response(status=404, text=f"The web viewer is not installed: {exc}\n",
+        except ViewerNotInstalled as exc:  # the folder's path is for the log, not visitors
+            log.warning("the web viewer cannot be served: %s", exc)
+            return web.Response(status=404, text="The web viewer is not installed on this "
+                                "node: run `syncnode viewer install` there.\n",
                                 content_type="text/plain")
         html, csp = self._page()
         request[VIEWER_CSP] = csp
