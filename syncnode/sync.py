@@ -1080,12 +1080,12 @@ class StateWriter:
     write that fails is logged, never raised: recording an error must not be able to end
     the loop that records it (e.g. on a full disk).
 
-    A state that differs from the last one written only in the times every round moves
-    (:data:`ROUND_TIMES`) is written at most every :data:`STATE_REFRESH` seconds: an idle
-    node in sync with its peers otherwise made two synchronous commits per peer and round,
-    and its write-ahead log grew by ~5 KB/s for nothing."""
+    A state in sync that differs from the last one written only in the round's schedule
+    (:data:`SCHEDULE`) is written at most every :data:`STATE_REFRESH` seconds: an idle
+    node made two synchronous commits per peer and round (the round's end, then its next
+    attempt), now one (its ``last_success``, which status and tests read)."""
 
-    ROUND_TIMES = frozenset({"last_success", "next_attempt", "round_started"})
+    SCHEDULE = frozenset({"next_attempt", "round_started"})
     STATE_REFRESH = 30.0
 
     def __init__(self, catalog: Catalog) -> None:
@@ -1110,11 +1110,12 @@ class StateWriter:
             pending, self._pending = self._pending, {}
             self._scheduled = False
         for peer, state in pending.items():
-            lasting = {k: v for k, v in state.items() if k not in self.ROUND_TIMES}
+            lasting = {k: v for k, v in state.items() if k not in self.SCHEDULE}
             now = time.monotonic()
             last = self._written.get(peer)
-            if last is not None and last[0] == lasting and now - last[1] < self.STATE_REFRESH:
-                continue  # only the round's times moved: written again later
+            if (state.get("state") == "in_sync" and last is not None and last[0] == lasting
+                    and now - last[1] < self.STATE_REFRESH):
+                continue  # in sync, only the schedule moved: written again later
             try:
                 self.catalog.set_peer_state(peer, state)
             except Exception as exc:  # the catalog's disk is full or failing: say so, go on

@@ -6,9 +6,9 @@ that exception left ``PeerSync.run`` and the node never synced with the peer aga
 after space came back. Peer states are now written by ``sync.StateWriter``, which logs a
 failed write instead of raising it.
 
-An idle node in sync writes its peers' states rarely: a state whose only change is the
-round's times is written at most every ``StateWriter.STATE_REFRESH`` seconds (it made two
-synchronous commits per peer and round before, and its write-ahead log grew ~5 KB/s).
+An idle node in sync writes its peers' states once per round (its ``last_success``), not
+twice: a state in sync whose only change is the next round's schedule is written at most
+every ``StateWriter.STATE_REFRESH`` seconds.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ async def test_a_full_disk_that_also_fails_the_state_write_does_not_end_the_loop
 
 
 @pytest.mark.timeout(90)
-async def test_an_idle_node_in_sync_does_not_rewrite_its_peer_states_every_round(
+async def test_an_idle_node_in_sync_writes_its_peer_state_once_a_round(
         tmp_path: Path, new_node: Callable[[str], LocalNode], running: StartNode) -> None:
     a, b = new_node("a"), new_node("b")
     import_files(a, make_dicom(tmp_path / "1.dcm", sop=uid(12, 1, 1), study=uid(12),
@@ -90,6 +90,7 @@ async def test_an_idle_node_in_sync_does_not_rewrite_its_peer_states_every_round
     await asyncio.sleep(3)  # ~30 idle rounds at 0.1 s
     idle_rounds = engine.peers[a.node_id.compact].rounds - rounds
     assert idle_rounds >= 10, idle_rounds
-    assert engine.states.writes - before <= 1, (engine.states.writes - before, idle_rounds)
+    writes = engine.states.writes - before
+    assert writes <= idle_rounds + 1, (writes, idle_rounds)  # twice a round before
     state = b.catalog.peer_states()[a.node_id.compact]
     assert state["state"] == "in_sync" and state["in_sync"]
