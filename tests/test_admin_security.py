@@ -28,6 +28,7 @@ from syncsupport import start_new_node as start
 from syncnode import config as cfg
 from syncnode.admin import auth
 from syncnode.admin.api import UnsafeBinding
+from syncnode.admin.auth import WrongKeyLimiter
 from syncnode.admin.openapi import OPENAPI
 from syncnode.apikeys import KEYS_FILE, KeyStore
 from syncnode.importer import import_paths
@@ -61,6 +62,10 @@ class Node:
 @pytest.fixture
 async def node(tmp_path: Path) -> AsyncIterator[Node]:
     running = await start(tmp_path / "a")
+    # every route is tried with a wrong key from one address: lift the per-address limit
+    # on wrong keys (tests/test_wrong_keys.py shows it)
+    assert running.admin is not None
+    running.admin.wrong_keys = WrongKeyLimiter(per_minute=10**6)
     keys = KeyStore(running.node.data)
     import_paths(running.node, [TEST_FILES / "CT_small.dcm", TEST_FILES / "MR_small.dcm"])
     inst = running.node.catalog.instances()[0]

@@ -105,11 +105,13 @@ class AdminAPI:
         self.audit = audit
         self.keys = KeyStore(service.node.data)
         self.sessions = auth.Sessions()
+        self.wrong_keys = auth.WrongKeyLimiter()
         self.roles = auth.route_roles(OPENAPI)
         self.extra_names: set[str] = set()  # e.g. the certificate's name when serving HTTPS
         self._names: tuple[float, set[str]] = (0.0, set())
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_Metrics(service))
+        self.registry.register(_WrongKeyMetrics(self.wrong_keys))
         self.app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY)
         self.app.on_response_prepare.append(self._security_headers)
         self.viewer = ViewerSite(
@@ -212,12 +214,9 @@ class AdminAPI:
         if needed != "public":
             given = request.headers.get(auth.KEY_HEADER, "")
             if given:
-                role = self._key_role(given)
-                if role is None:
-                    self._audit("login", f"unknown-key:{self.keys.fingerprint(given)}",
-                                "failure", reason="wrong key",
-                                subject=f"{request.method} {template}")
-                    return _error(403, "wrong API key")
+                role = self._checked_key_role(request, given, f"{request.method} {template}")
+                if isinstance(role, web.Response):
+                    return role
                 request[ACTOR] = f"{role}-key:{self.keys.fingerprint(given)}"
             else:
                 session = self._session(request)
@@ -239,6 +238,26 @@ class AdminAPI:
             return await handler(request)
         except ServiceError as exc:
             return _error(_STATUS.get(type(exc), 400), str(exc))
+
+    def _checked_key_role(self, request: web.Request, given: str, subject: str
+                          ) -> str | web.Response:
+        """The role of the key ``given``, or the answer to a wrong one: 403 (audited), or
+        429 without checking once its address sent too many wrong keys (not audited one
+        by one: the count is in /metrics)."""
+        client = request.remote or "unknown"
+        wait = self.wrong_keys.wait_for(client)
+        if wait > 0:
+            resp = _error(429, f"too many wrong API keys from this address: try again in "
+                               f"{wait:.0f} s")
+            resp.headers["Retry-After"] = str(max(1, round(wait)))
+            return resp
+        role = self._key_role(given)
+        if role is None:
+            self.wrong_keys.failed(client)
+            self._audit("login", f"unknown-key:{self.keys.fingerprint(given)}", "failure",
+                        reason="wrong key", subject=subject)
+            return _error(403, "wrong API key")
+        return role
 
     def _audit(self, action: str, actor: str, outcome: str, **details: Any) -> None:
         """The one place where the admin API reports what was done by whom: an entry of
@@ -285,11 +304,10 @@ class AdminAPI:
         if not given:
             self._audit("login", "anonymous", "failure", reason="no key")
             return _error(401, "send the API key in the X-API-Key header to open a session")
-        role = self._key_role(given)
-        actor = f"{role or 'unknown'}-key:{self.keys.fingerprint(given)}"
-        if role is None:
-            self._audit("login", actor, "failure", reason="wrong key")
-            return _error(403, "wrong API key")
+        role = self._checked_key_role(request, given, "open a session")
+        if isinstance(role, web.Response):
+            return role
+        actor = f"{role}-key:{self.keys.fingerprint(given)}"
         fingerprint = (self.keys.fingerprint(given) if self.keys.role_of(given) else "env")
         token, session = self.sessions.open(role, fingerprint)
         self._audit("login", actor, "success")
@@ -451,6 +469,22 @@ class AdminAPI:
         items, reset = await self.feed.wait(since, timeout)
         return web.json_response({"events": items, "last_id": self.feed.last_id,
                                   "reset": reset})
+
+
+class _WrongKeyMetrics:
+    """Prometheus collector: requests refused for too many wrong API keys."""
+
+    def __init__(self, limiter: auth.WrongKeyLimiter) -> None:
+        self.limiter = limiter
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Any:
+        c = CounterMetricFamily("syncnode_api_wrong_key_refusals", "requests answered 429 "
+                                "because their address sent too many wrong API keys")
+        c.add_metric([], self.limiter.refused)
+        yield c
 
 
 class _Metrics:

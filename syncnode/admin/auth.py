@@ -34,6 +34,8 @@ SESSION_COOKIE = "syncnode_session"
 SESSION_TTL = 12 * 3600.0  # seconds a dashboard session lasts at most
 SESSION_IDLE = 3600.0  # ... and without any request
 MAX_SESSIONS = 1000
+WRONG_KEYS_PER_MINUTE = 10  # wrong keys one client address may try before it must wait
+MAX_CLIENTS_TRACKED = 4096
 KEY_HEADER = "X-API-Key"
 CSRF_HEADER = "X-CSRF-Token"
 # Query parameters that look like a credential: refused, never read.
@@ -155,6 +157,40 @@ class Sessions:
     def close(self, token: str | None) -> None:
         if token:
             self._by_token.pop(token, None)
+
+
+class WrongKeyLimiter:
+    """Wrong API keys per client address: at most :data:`WRONG_KEYS_PER_MINUTE` a minute
+    (a token bucket refilled continuously), then the client is told to wait instead of
+    each try being checked and written to the audit trail. Keys are 256-bit random, so
+    this is not what keeps them secret: it keeps a guessing client from filling the audit
+    trail and the disk. Bounded memory: the least recently seen addresses are forgotten.
+    ``clock`` is injectable for tests."""
+
+    def __init__(self, per_minute: int = WRONG_KEYS_PER_MINUTE,
+                 clock: Any = time.monotonic) -> None:
+        self.rate, self.burst, self.clock = per_minute / 60.0, float(per_minute), clock
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # tokens, at
+        self.refused = 0  # tries refused without checking, since start
+
+    def _tokens(self, client: str) -> float:
+        tokens, at = self._buckets.get(client, (self.burst, self.clock()))
+        return min(self.burst, tokens + (self.clock() - at) * self.rate)
+
+    def wait_for(self, client: str) -> float:
+        """Seconds ``client`` must wait before its next key is checked (0: check it)."""
+        tokens = self._tokens(client)
+        if tokens >= 1.0:
+            return 0.0
+        self.refused += 1
+        return (1.0 - tokens) / self.rate
+
+    def failed(self, client: str) -> None:
+        """``client`` sent a wrong key."""
+        self._buckets[client] = (max(0.0, self._tokens(client) - 1.0), self.clock())
+        self._buckets.move_to_end(client)
+        while len(self._buckets) > MAX_CLIENTS_TRACKED:
+            self._buckets.popitem(last=False)
 
 
 class TLSSetupError(Exception):
