@@ -27,6 +27,7 @@ import asyncio
 import errno
 import fcntl
 import functools
+import logging
 import os
 import sqlite3
 from collections.abc import Callable, Iterable
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
 CATALOG_FILE = "catalog.db"
 RUN_LOCK = "run.lock"  # held (flock) by `syncnode run` while it uses the folder
 TRANSFER_MAX_AGE = 3600.0  # seconds unwritten before a transfer counts as abandoned
+log = logging.getLogger("syncnode.local")
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -170,8 +172,17 @@ class LocalNode:
         return self._signer
 
     def configure(self, settings: Settings) -> None:
-        """Take the rules for received events from the settings."""
+        """Take the rules for received events from the settings; if the delete-authority
+        rules changed since the tombstones were made, make them follow the new ones
+        (:meth:`Catalog.reconcile_authority`) and collect the blobs that freed."""
         self.catalog.policy = policy_of(settings, self.node_id.compact)
+        done = self.catalog.reconcile_authority(self.store.has)
+        if done.freed_blobs:
+            self.catalog.collect_garbage(done.freed_blobs, self.store.delete)
+        if done.removed or done.restored or done.kept_removed:
+            log.info("delete authority changed: %d instances removed, %d live again, %d "
+                     "stay removed (their blobs were already collected)", done.removed,
+                     done.restored, done.kept_removed)
 
     @property
     def trust(self) -> TrustStore:

@@ -15,6 +15,7 @@ import pytest
 from syncnode import events as ev
 from syncnode.authority import PERMISSIVE, Policy
 from syncnode.local import LocalNode
+from syncnode.nodeid import NodeId
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from originkit import FakeOrigin, tamper
@@ -207,6 +208,39 @@ def test_a_waiting_delete_without_authority_does_not_remove_the_put(node: LocalN
     assert node.catalog.apply([put], blob_present=lambda _: False).rejected  # blob needed
     assert node.catalog.apply([put], blob_present=lambda _: True).inserted
     assert live(node) == {"1.2.31"} and node.catalog.unknown_tombstone_count() == 0
+
+
+def test_a_change_of_may_delete_applies_to_deletes_already_held(node: LocalNode) -> None:
+    """The tombstones follow the rules in force: B's delete of A's instance, held without
+    effect, removes it once B is in may_delete (and frees its blob); taking B out again
+    cannot bring back an instance whose blob is gone."""
+    blob = node.store.put_bytes(b"bytes of A's instance 1.2.32").hash
+    put = A.put(NOW, "1.2.32", blob)
+    assert node.catalog.apply([put], blob_present=node.store.has).inserted
+    assert node.catalog.apply([B.delete(NOW + 1, "1.2.32", [put[0]])]).inserted
+    assert live(node) == {"1.2.32"}
+    node.configure(node.settings(may_delete=[str(NodeId.parse(B.id))]))
+    assert live(node) == set() and not node.store.has(blob)
+    assert node.catalog.is_tombstoned(put[0])
+    again = node.catalog.reconcile_authority(node.store.has)  # same rules: nothing to do
+    assert (again.removed, again.restored, again.kept_removed) == (0, 0, 0)
+    node.configure(node.settings(may_delete=[]))
+    assert live(node) == set()  # stays removed: nothing could serve it any more
+    assert node.catalog.is_tombstoned(put[0])
+
+
+def test_an_instance_whose_deletes_lost_their_authority_is_live_again(node: LocalNode) -> None:
+    put = A.put(NOW, "1.2.33")
+    assert node.catalog.apply([put], blob_present=lambda _: True).inserted
+    node.catalog.apply([B.delete(NOW + 1, "1.2.33", [put[0]])])
+    node.catalog.policy = Policy(local_node=node.node_id.compact, delete_authority="any")
+    gained = node.catalog.reconcile_authority(lambda _: True)
+    assert gained.removed == 1 and live(node) == set()
+    assert gained.freed_blobs == {ev.decode(put[1]).blob}  # for the caller to collect
+    node.catalog.policy = Policy(local_node=node.node_id.compact)
+    lost = node.catalog.reconcile_authority(lambda _: True)  # the blob is still here
+    assert (lost.removed, lost.restored, lost.kept_removed) == (0, 1, 0)
+    assert live(node) == {"1.2.33"} and not node.catalog.is_tombstoned(put[0])
 
 
 def test_local_deletes_always_take_effect_here(node: LocalNode) -> None:
