@@ -108,24 +108,50 @@ def find(catalog: Catalog, model: str, identifier: Dataset,
     except (LookupError, UnicodeError, ValueError) as exc:
         raise QueryError(f"the identifier's text cannot be decoded ({type(exc).__name__})",
                          0xC000) from exc
-    _refuse_unmatchable(identifier, level)
-    keys = tuple((kw, v) for kw in ATTR_LEVEL
-                 if (v := _value(identifier, kw)) is not None)
+    keys: dict[str, str] = {}
+    for elem in identifier:
+        kw = elem.keyword
+        if kw in ("SpecificCharacterSet", "QueryRetrieveLevel", "TimezoneOffsetFromUTC") \
+                or elem.tag.group == 0x0002:
+            continue
+        if elem.VR == "SQ":
+            if any(len(item) for item in (elem.value or [])):
+                raise QueryError(f"matching on sequence {kw or elem.tag} is not supported",
+                                 0xC000)
+            continue
+        value = _value(identifier, elem.tag)
+        if value is not None:
+            keys[kw or str(elem.tag)] = value
+    for row in match(catalog, level, keys, blob_path):
+        yield _response(identifier, level, row)
+
+
+def match(catalog: Catalog, level: str, keys: dict[str, str],
+          blob_path: Callable[[str], Path] | None = None) -> Iterator[dict[str, Any]]:
+    """The one matching engine of C-FIND and QIDO-RS: the patients, studies, series or
+    instances (``level``: PATIENT, STUDY, SERIES, IMAGE) whose attributes match ``keys``
+    (DICOM keyword -> matching value, universal keys left out), as dicts keyed by DICOM
+    keyword (the catalog's rows, see :mod:`syncnode.catalog.find`).
+
+    A key this node cannot match at that level is refused (0xC000), never ignored. With
+    ``blob_path`` (blob hash -> file), blobs not yet in the attribute read model are
+    indexed first, so every stored instance is matched on its stored values."""
+    _refuse_unmatchable(keys, level)
+    attr_keys = tuple((kw, keys[kw]) for kw in ATTR_LEVEL if kw in keys)
     if blob_path is not None:
         catalog.index_find_attributes(blob_path)
     q = FindQuery(
-        attrs=keys,
-        level=level, patient_id=_value(identifier, "PatientID"),
-        study_uids=_value(identifier, "StudyInstanceUID"),
-        study_date=_value(identifier, "StudyDate"),
-        series_uids=_value(identifier, "SeriesInstanceUID"),
-        modality=_value(identifier, "Modality"),
-        modalities_in_study=_value(identifier, "ModalitiesInStudy"),
-        sop_uids=_value(identifier, "SOPInstanceUID"),
-        sop_class_uids=_value(identifier, "SOPClassUID"))
+        attrs=attr_keys,
+        level=level, patient_id=keys.get("PatientID"),
+        study_uids=keys.get("StudyInstanceUID"),
+        study_date=keys.get("StudyDate"),
+        series_uids=keys.get("SeriesInstanceUID"),
+        modality=keys.get("Modality"),
+        modalities_in_study=keys.get("ModalitiesInStudy"),
+        sop_uids=keys.get("SOPInstanceUID"),
+        sop_class_uids=keys.get("SOPClassUID"))
     try:
-        for row in catalog.find(q):
-            yield _response(identifier, level, row)
+        yield from catalog.find(q)
     except InvalidMatch as exc:
         raise QueryError(str(exc), 0xC000) from exc
 
@@ -145,30 +171,21 @@ _MATCHABLE = {lv: set().union(*(_OWN[x] for x in LEVELS[PATIENT_ROOT]
               for i, lv in enumerate(LEVELS[PATIENT_ROOT])}
 
 
-def _refuse_unmatchable(identifier: Dataset, level: str) -> None:
+def _refuse_unmatchable(keys: dict[str, str], level: str) -> None:
     """Refuse (0xC000) a query with a matching value on a key this node cannot match.
 
     Ignoring such a key would widen the match (``PatientName=NOSUCHNAME*`` answering
     every study): the requester is told instead, with the key's name (never its value)
-    in the Error Comment. Keys without a value (or ``*``) are return keys and are fine.
+    in the Error Comment. Keys without a value (or ``*``) are return keys and are not
+    given here.
     """
+    if level not in _MATCHABLE:
+        raise QueryError(f"Query/Retrieve Level {level[:16]!r} is not valid", 0xA900)
     allowed = _MATCHABLE[level]
-    for elem in identifier:
-        kw = elem.keyword
-        if kw in ("SpecificCharacterSet", "QueryRetrieveLevel", "TimezoneOffsetFromUTC") \
-                or elem.tag.group == 0x0002:
-            continue
-        if kw in allowed:
-            continue
-        if elem.VR == "SQ":
-            if any(len(item) for item in (elem.value or [])):
-                raise QueryError(f"matching on sequence {kw or elem.tag} is not supported",
-                                 0xC000)
-            continue
-        if _value(identifier, elem.tag) is None:
-            continue
-        raise QueryError(f"matching on {kw or elem.tag} at {level} level is not supported "
-                         "by this node", 0xC000)
+    for kw in keys:
+        if kw not in allowed:
+            raise QueryError(f"matching on {kw} at {level} level is not supported "
+                             "by this node", 0xC000)
 
 
 def _answer_charset(ident: Dataset, answer: Dataset) -> str:
