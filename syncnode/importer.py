@@ -98,24 +98,7 @@ def import_paths(node: LocalNode, paths: Iterable[Path],
     committing: tuple[list[Entry], Future[list[tuple[str, bool]]]] | None = None
 
     def commit(entries: list[Entry]) -> list[tuple[str, bool]]:
-        try:
-            blobs = store.install_staged([staged for _, _, staged in entries])
-            items = [(attrs, blob) for (_, attrs, _), blob in zip(entries, blobs, strict=True)]
-            results = node.catalog.add_local_puts(
-                items, blob_present=store.has,
-                same_instance=lambda held, new: same_dataset(store.path(held),
-                                                             store.path(new)))
-        except sqlite3.OperationalError as exc:
-            if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
-                raise StoreFull("no space left for the catalog") from exc
-            raise
-        # a file held already under another file meta (e.g. received by C-STORE): the
-        # blob just made for it is referenced by nothing
-        spare = [b.hash for b, (_eid, new) in zip(blobs, results, strict=True)
-                 if b.created and not new]
-        if spare:
-            node.catalog.collect_garbage(spare, store.delete)
-        return results
+        return commit_staged(node, [(attrs, staged) for _, attrs, staged in entries])
 
     def committed() -> None:
         nonlocal committing
@@ -194,6 +177,45 @@ def import_paths(node: LocalNode, paths: Iterable[Path],
                 _discard(staged)
             raise
     return report
+
+
+def commit_staged(node: LocalNode, entries: list[tuple[dict[str, str], StagedBlob]]
+                  ) -> list[tuple[str, bool]]:
+    """Record inspected, staged files in the catalog: the one commit of ``import`` and
+    STOW-RS. The temp files are made durable, renamed into the store (durable too), then
+    their put events inserted in one transaction; (event id, new?) per entry, in order.
+    Raises StoreFull when the disk or the catalog is full (nothing of the batch recorded)."""
+    store = node.store
+    try:
+        blobs = store.install_staged([staged for _, staged in entries])
+        items = [(attrs, blob) for (attrs, _), blob in zip(entries, blobs, strict=True)]
+        results = node.catalog.add_local_puts(
+            items, blob_present=store.has,
+            same_instance=lambda held, new: same_dataset(store.path(held), store.path(new)))
+    except sqlite3.OperationalError as exc:
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            raise StoreFull("no space left for the catalog") from exc
+        raise
+    # a file held already under another file meta (e.g. received by C-STORE): the blob
+    # just made for it is referenced by nothing
+    spare = [b.hash for b, (_eid, new) in zip(blobs, results, strict=True)
+             if b.created and not new]
+    if spare:
+        node.catalog.collect_garbage(spare, store.delete)
+    return results
+
+
+def inspect_tmp(store: BlobStore, tmp: Path, size: int) -> tuple[dict[str, str], StagedBlob]:
+    """Inspect and stage a temp file of :meth:`BlobStore.new_tmp` that holds a received
+    instance (STOW-RS), with the rules of ``import``. Raises InvalidDicom or StoreFull (the
+    caller then removes the file)."""
+    fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        content = _read_back(fd, size) if size <= WHOLE_FILE_MAX else None
+    finally:
+        os.close(fd)
+    info = inspect_file(tmp) if content is None else inspect_bytes(content)
+    return info.to_dict(), store.stage_tmp(tmp, content)
 
 
 def _discard(staged: StagedBlob) -> None:
