@@ -106,6 +106,16 @@ class Settings(BaseSettings):
     viewer_dir: str = Field("", description="folder of the web viewer served at /viewer/ "
                                             "(`syncnode viewer install`; empty = DATA/viewer; "
                                             "relative = inside DATA)")
+    dicomweb_cors_origins: list[str] = Field(
+        default_factory=list, description="origins (scheme://host[:port]) whose web pages may "
+                                          "call /dicom-web/ (e.g. a viewer served elsewhere); "
+                                          "empty = none")
+    dicomweb_max_request_bytes: int = Field(2 << 30, ge=1 << 20,
+                                            description="bytes: a larger STOW-RS request is "
+                                                        "refused (413), nothing stored")
+    dicomweb_read_timeout: float = Field(30.0, gt=0, le=3600,
+                                         description="seconds a STOW-RS upload may go without "
+                                                     "sending data before it is dropped (408)")
     export: list[str] = Field(default_factory=list,
                               description="local PACS to deliver to, AE@HOST:PORT")
     import_from: list[str] = Field(default_factory=list,
@@ -238,6 +248,15 @@ class Settings(BaseSettings):
             if not name or len(name) > 253 or not all(c.isalnum() or c in "-.:[]" for c in name):
                 raise ValueError(f"{name!r} is not a host name or address")
         return [n.lower() for n in v]
+
+    @field_validator("dicomweb_cors_origins")
+    @classmethod
+    def _origins(cls, v: list[str]) -> list[str]:
+        for origin in v:
+            if not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]{1,260}", origin):
+                raise ValueError(f"{origin[:80]!r} is not an origin: scheme://host[:port], "
+                                 "no path, no trailing slash")
+        return [o.lower() for o in v]
 
     @field_validator("api_tls_cert", "api_tls_key")
     @classmethod

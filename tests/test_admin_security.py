@@ -80,6 +80,11 @@ def request_for(path: str, method: str, sop: str) -> tuple[str, dict | None]:
     concrete = path.replace("{node_id}", untrusted)
     # DELETE of a UID no instance has: the admin key gets 404, nothing is deleted
     concrete = concrete.replace("{sop_uid}", sop if method == "get" else "1.2.3.4.5.6")
+    # DICOMweb: UIDs no instance has (404 for a key that may read), frame 1, pixel data
+    for name, value in (("{study}", "1.2.3.4.5.6"), ("{series}", "1.2.3.4.5.7"),
+                        ("{instance}", "1.2.3.4.5.8"), ("{frames}", "1"),
+                        ("{tag}", "7FE00010")):
+        concrete = concrete.replace(name, value)
     body = {("/api/v1/nodes", "post"): {"node_id": untrusted, "url": "https://127.0.0.1:1"},
             ("/api/v1/config", "patch"): {"sync_interval": 4.0}}.get((path, method))
     return concrete, body

@@ -29,6 +29,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from ..apikeys import KeyStore
 from ..audit import AuditLog
 from ..config import Settings
+from ..dicomweb.routes import ROOT as DICOMWEB_ROOT
+from ..dicomweb.routes import DicomWeb
 from ..ids import check_uid
 from ..service import Conflict, NodeService, NotFound, ServiceError, UsageError
 from ..viewer import folder_of
@@ -41,6 +43,7 @@ log = logging.getLogger("syncnode.admin")
 ACTOR = web.RequestKey("actor", str)  # who: role, key or session, key fingerprint
 ROLE = web.RequestKey("role", str)
 SESSION = web.RequestKey("session", auth.Session)
+_SELF = web.AppKey("admin_api", object)
 
 MAX_PAGE = 1000
 MAX_OFFSET = 10**12
@@ -113,6 +116,7 @@ class AdminAPI:
         self.registry.register(_Metrics(service))
         self.registry.register(_WrongKeyMetrics(self.wrong_keys))
         self.app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY)
+        self.app[_SELF] = self
         self.app.on_response_prepare.append(self._security_headers)
         self.viewer = ViewerSite(
             lambda: folder_of(service.node.data, self.runtime.settings.viewer_dir),
@@ -143,6 +147,9 @@ class AdminAPI:
             web.patch(f"{v}/config", self.patch_config),
             web.get(f"{v}/events", self.events),
         ])
+        self.dicomweb = DicomWeb(service.node, self._audit, lambda r: r[ACTOR],
+                                 self.runtime.local_change, lambda: self.runtime.settings)
+        self.app.add_routes(self.dicomweb.routes())
 
     # -- plumbing ------------------------------------------------------------------------
     @staticmethod
@@ -155,6 +162,37 @@ class AdminAPI:
             response.headers["Cache-Control"] = "no-store"
         for name in [h for h in response.headers if h.lower().startswith("access-control-")]:
             del response.headers[name]
+        origin = AdminAPI._cors_origin(request)
+        if origin is not None:  # an origin the operator listed may read DICOMweb answers
+            response.headers.update({
+                "Access-Control-Allow-Origin": origin, "Vary": "Origin",
+                "Access-Control-Expose-Headers": "Content-Type, Content-Length, Warning",
+                "Cross-Origin-Resource-Policy": "cross-origin"})
+            if request.method == "OPTIONS":
+                response.headers.update({
+                    "Access-Control-Allow-Methods": "GET, HEAD, POST",
+                    "Access-Control-Allow-Headers": "X-API-Key, Accept, Content-Type",
+                    "Access-Control-Max-Age": "600"})
+
+    @staticmethod
+    def _cors_origin(request: web.Request) -> str | None:
+        """The request's Origin when it may read this DICOMweb answer (listed in
+        ``dicomweb_cors_origins``), else None: no CORS header at all."""
+        origin = request.headers.get("Origin")
+        if not origin or not request.path.startswith(DICOMWEB_ROOT + "/"):
+            return None
+        api = request.app.get(_SELF)
+        allowed = api.runtime.settings.dicomweb_cors_origins if api is not None else []
+        return origin if origin.lower() in allowed else None
+
+    @staticmethod
+    def _preflight(request: web.Request) -> web.Response:
+        """A CORS pre-flight for DICOMweb: granted to listed origins only."""
+        origin = AdminAPI._cors_origin(request)
+        if origin is None:
+            return _error(403, "this origin may not call DICOMweb here; the operator lists "
+                               "allowed origins in dicomweb_cors_origins")
+        return web.Response(status=204)  # its headers: _security_headers
 
     def _served_names(self) -> set[str]:
         """Host names this listener answers to; interface addresses re-read every minute."""
@@ -201,6 +239,8 @@ class AdminAPI:
         if not self._host_ok(request):
             return _error(421, "this node does not serve that host name; use the address "
                                "it listens on (or add the name to api_names)")
+        if request.method == "OPTIONS" and request.path.startswith(DICOMWEB_ROOT + "/"):
+            return self._preflight(request)
         if auth.KEY_PARAMS & {k.lower() for k in request.query}:
             return _error(400, "never put a key in a URL: send it in the X-API-Key header")
         route = request.match_info.route

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..dicomweb.routes import OPENAPI_PATHS, STOW_PATHS
 from ..service import PUSH_MODES
 
 _ERR = {"description": "error", "content": {"application/json": {"schema": {
@@ -176,6 +177,8 @@ OPENAPI: dict[str, Any] = {
 }
 
 
+OPENAPI["paths"].update(OPENAPI_PATHS)  # DICOMweb: QIDO-RS, WADO-RS (read), STOW-RS (admin)
+
 # The least role of every operation: read by the API's guard (syncnode.admin.auth).
 _ROLES = {
     ("/", "get"): "public", ("/dashboard.js", "get"): "public",
@@ -187,6 +190,7 @@ _ROLES = {
     ("/api/v1/nodes", "post"): "admin", ("/api/v1/nodes/{node_id}", "delete"): "admin",
     ("/api/v1/discovered/{node_id}/accept", "post"): "admin",
     ("/api/v1/instances/{sop_uid}", "delete"): "admin", ("/api/v1/config", "patch"): "admin",
+    **{(path, "post"): "admin" for path in STOW_PATHS},
 }
 for _path, _ops in OPENAPI["paths"].items():
     for _method, _op in _ops.items():

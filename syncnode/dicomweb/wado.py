@@ -1,0 +1,307 @@
+"""WADO-RS (PS3.18 10.4): what a retrieve sends, decided apart from the HTTP adapter.
+
+- **Instances** leave as their stored Part-10 bytes, unchanged (``transfer-syntax=*``):
+  :func:`instance_pieces` yields them verified against the blob's chunk hashes, a piece at
+  a time, so a whole study streams with bounded memory and a damaged blob is never sent.
+  Asking for another transfer syntax is 406: nothing is transcoded here.
+- **Metadata** is each instance's data set as DICOM JSON, bulk data (pixel data included)
+  by ``BulkDataURI`` pointing at this node's ``.../bulk/{tag}`` route.
+- **Frames**: native pixel data is sliced; encapsulated pixel data gives the frame's
+  fragments in the stored syntax (``image/jpeg``, ``image/jp2``, ``image/jls``,
+  ``image/dicom-rle`` ...). ``application/octet-stream`` with an explicit uncompressed
+  syntax is decoded when the stored syntax is lossless and decodable here, else 406.
+- **Rendered**: one frame, modality LUT and the data set's first window (else the frame's
+  min/max), to PNG (default) or JPEG; RGB and YBR images as colour.
+
+Every function here blocks (disk, hashing, decoding): the adapter runs them in a worker
+thread. Errors are :class:`WadoError` with the HTTP status to answer.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+
+from ..blobstore import BlobError, BlobStore
+from ..catalog import Instance
+from .json import dataset_json
+from .multipart import parse_media
+
+IN_MEMORY = 16 << 20  # an instance up to this size is read (verified) into memory at once
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+# stored syntax -> frame media type (PS3.18 table 8.7.3-2)
+FRAME_MEDIA = {
+    "1.2.840.10008.1.2.4.50": "image/jpeg", "1.2.840.10008.1.2.4.51": "image/jpeg",
+    "1.2.840.10008.1.2.4.57": "image/jpeg", "1.2.840.10008.1.2.4.70": "image/jpeg",
+    "1.2.840.10008.1.2.4.80": "image/jls", "1.2.840.10008.1.2.4.81": "image/jls",
+    "1.2.840.10008.1.2.4.90": "image/jp2", "1.2.840.10008.1.2.4.91": "image/jp2",
+    "1.2.840.10008.1.2.4.201": "image/jphc", "1.2.840.10008.1.2.4.202": "image/jphc",
+    "1.2.840.10008.1.2.4.203": "image/jphc", "1.2.840.10008.1.2.5": "image/dicom-rle",
+}
+LOSSLESS = {"1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80",
+            "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.201",
+            "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.5"}
+OCTET = "application/octet-stream"
+
+
+class WadoError(Exception):
+    """A retrieve that cannot be answered; ``status`` is the HTTP status."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def accept_ranges(header: str | None) -> list[tuple[str, dict[str, str]]]:
+    """The media ranges of an Accept header, in order (q-values ignored), multipart ones
+    as (their ``type``, params). Empty for none or ``*/*``."""
+    out = []
+    for item in _split_top(header or ""):
+        media, params = parse_media(item)
+        if media == "multipart/related":
+            media = params.get("type", "").lower()
+        if media in ("", "*/*", "*"):
+            continue
+        out.append((media, params))
+    return out
+
+
+def _split_top(text: str) -> list[str]:
+    out, cur, quoted = [], [], False
+    for c in text:
+        if c == '"':
+            quoted = not quoted
+        if c == "," and not quoted:
+            out.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+    out.append("".join(cur))
+    return [s for s in (p.strip() for p in out) if s]
+
+
+def check_instance_accept(header: str | None, stored: list[str]) -> None:
+    """Refuse (406) an Accept that no range of stored bytes satisfies: the stored syntax
+    of every instance is sent, never another one."""
+    ranges = accept_ranges(header)
+    if not ranges:
+        return
+    for media, params in ranges:
+        if media not in ("application/dicom", "application/*"):
+            continue
+        ts = params.get("transfer-syntax", "*")
+        if ts == "*" or all(s == ts for s in stored):
+            return
+    raise WadoError("this node sends the stored bytes unchanged: ask for "
+                    "multipart/related; type=\"application/dicom\"; transfer-syntax=*", 406)
+
+
+def instance_pieces(store: BlobStore, inst: Instance) -> Iterator[bytes]:
+    """The stored bytes, each piece checked against its chunk hash as read."""
+    return store.read_verified(inst.blob)
+
+
+def read_whole(store: BlobStore, inst: Instance) -> bytes:
+    """A small instance's stored bytes, verified (the adapter's fast path)."""
+    try:
+        return b"".join(store.read_verified(inst.blob))
+    except (BlobError, OSError) as exc:
+        raise WadoError(f"instance {inst.sop_instance_uid} cannot be read from this node's "
+                        f"store ({type(exc).__name__}); run `syncnode verify --repair`",
+                        500) from exc
+
+
+def load(store: BlobStore, inst: Instance, *, pixels: bool = True) -> Dataset:
+    """The stored data set, read only after its bytes were verified. Large instances are
+    read from the file with their big values deferred (left on disk until used)."""
+    if inst.size <= IN_MEMORY:
+        data = read_whole(store, inst)
+        return dcmread(io.BytesIO(data), stop_before_pixels=not pixels, force=True)
+    try:
+        for _ in store.read_verified(inst.blob):
+            pass
+    except (BlobError, OSError) as exc:
+        raise WadoError(f"instance {inst.sop_instance_uid} cannot be read from this node's "
+                        f"store ({type(exc).__name__}); run `syncnode verify --repair`",
+                        500) from exc
+    return dcmread(store.path(inst.blob), stop_before_pixels=not pixels, defer_size=1 << 16,
+                   force=True)
+
+
+def instance_url(base: str, inst: Instance) -> str:
+    return (f"{base}/studies/{inst.study_instance_uid}/series/{inst.series_instance_uid}"
+            f"/instances/{inst.sop_instance_uid}")
+
+
+def metadata(store: BlobStore, inst: Instance, base: str) -> dict[str, Any]:
+    ds = load(store, inst, pixels=inst.size <= IN_MEMORY)
+    url = instance_url(base, inst)
+    out = dataset_json(ds, lambda tag: f"{url}/bulk/{tag}")
+    if inst.size > IN_MEMORY and "Rows" in ds:  # pixel data not read: known to be there
+        out["7FE00010"] = {"vr": "OW", "BulkDataURI": f"{url}/bulk/7FE00010"}
+    # what the catalog knows for sure, whatever the file meta says
+    out["00020010"] = {"vr": "UI", "Value": [inst.transfer_syntax_uid]}
+    return dict(sorted(out.items()))
+
+
+def bulk(store: BlobStore, inst: Instance, tag: int) -> bytes:
+    """The value of a top-level binary element (pixel data: its stored value, fragments
+    and all)."""
+    ds = load(store, inst)
+    elem = ds.get(tag)
+    if elem is None or not isinstance(elem.value, (bytes, bytearray)):
+        raise WadoError(f"instance {inst.sop_instance_uid} has no bulk data {tag:08X}", 404)
+    return bytes(elem.value)
+
+
+@dataclass
+class Frames:
+    media: str  # of each part
+    transfer_syntax: str
+    parts: list[bytes]
+
+
+def _frame_count(ds: Dataset) -> int:
+    try:
+        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def _choose(accept: str | None, stored_ts: str) -> tuple[str, str, bool]:
+    """(media, transfer syntax, decode?) for frames, or 406."""
+    encapsulated = stored_ts in FRAME_MEDIA
+    stored_media = FRAME_MEDIA.get(stored_ts, OCTET)
+    ranges = accept_ranges(accept) or [("*", {"transfer-syntax": "*"})]
+    for media, params in ranges:
+        ts = params.get("transfer-syntax")
+        if media in ("*", "*/*") or (ts == "*" and media in (OCTET, stored_media)):
+            return stored_media, stored_ts, False
+        if media == stored_media and ts in (None, stored_ts):
+            if not encapsulated and stored_ts != EXPLICIT_LE and ts is None:
+                continue  # native but not Explicit VR LE: the bytes are not the default
+            return stored_media, stored_ts, False
+        if media == OCTET and ts in (None, EXPLICIT_LE) and encapsulated \
+                and stored_ts in LOSSLESS:
+            return OCTET, EXPLICIT_LE, True
+    raise WadoError(f"frames of this instance are stored as {UID(stored_ts).name}: ask for "
+                    f"{stored_media} (or transfer-syntax=*)"
+                    + ("; uncompressed is only given for lossless syntaxes"
+                       if encapsulated else ""), 406)
+
+
+def frames(store: BlobStore, inst: Instance, numbers: list[int],
+           accept: str | None) -> Frames:
+    ds = load(store, inst)
+    if "PixelData" not in ds:
+        raise WadoError(f"instance {inst.sop_instance_uid} has no pixel data", 404)
+    stored_ts = str(ds.file_meta.get("TransferSyntaxUID", inst.transfer_syntax_uid))
+    count = _frame_count(ds)
+    bad = [n for n in numbers if not 1 <= n <= count]
+    if bad:
+        raise WadoError(f"frame {bad[0]} is not in 1..{count}", 404)
+    media, ts, decode = _choose(accept, stored_ts)
+    if decode:
+        return Frames(media, ts, [_decoded_frame(ds, n - 1) for n in numbers])
+    if stored_ts in FRAME_MEDIA:
+        from pydicom.encaps import generate_frames
+
+        wanted = set(numbers)
+        got: dict[int, bytes] = {}
+        for i, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=count), 1):
+            if i in wanted:
+                got[i] = frame
+            if len(got) == len(wanted):
+                break
+        return Frames(media, ts, [got[n] for n in numbers])
+    size = _native_frame_size(ds)
+    data = ds.PixelData
+    if len(data) < size * count:
+        raise WadoError(f"instance {inst.sop_instance_uid} holds less pixel data than its "
+                        "Rows x Columns x frames", 500)
+    return Frames(media, ts, [bytes(data[(n - 1) * size:n * size]) for n in numbers])
+
+
+def _native_frame_size(ds: Dataset) -> int:
+    bits = int(ds.BitsAllocated)
+    if bits % 8:
+        raise WadoError(f"frames of {bits}-bit pixel data are not served", 406)
+    return int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * bits // 8
+
+
+def _decoded_frame(ds: Dataset, index: int) -> bytes:
+    from pydicom.pixels import pixel_array
+
+    try:
+        arr = pixel_array(ds, index=index, as_rgb=False)
+    except (RuntimeError, NotImplementedError, ValueError, ImportError) as exc:
+        raise WadoError(f"cannot decode {UID(str(ds.file_meta.TransferSyntaxUID)).name} "
+                        f"losslessly on this node ({type(exc).__name__})", 406) from exc
+    return arr.astype(arr.dtype.newbyteorder("<")).tobytes()
+
+
+def rendered(store: BlobStore, inst: Instance, frame: int, accept: str | None,
+             thumbnail: bool = False) -> tuple[str, bytes]:
+    """One frame as an 8-bit PNG or JPEG (media type, bytes)."""
+    ranges = [m for m, _ in accept_ranges(accept)]
+    usable = [m for m in ranges if m in ("image/png", "image/jpeg", "image/*")]
+    if ranges and not usable:
+        raise WadoError("rendered images are image/png or image/jpeg", 406)
+    media = "image/jpeg" if usable and usable[0] == "image/jpeg" else "image/png"
+    ds = load(store, inst)
+    if "PixelData" not in ds:
+        raise WadoError(f"instance {inst.sop_instance_uid} has no pixel data", 404)
+    if not 1 <= frame <= _frame_count(ds):
+        raise WadoError(f"frame {frame} is not in 1..{_frame_count(ds)}", 404)
+    import numpy as np
+    from PIL import Image
+    from pydicom.pixels import apply_modality_lut, pixel_array
+
+    try:
+        arr = pixel_array(ds, index=frame - 1)
+    except (RuntimeError, NotImplementedError, ValueError, ImportError, AttributeError) as exc:
+        raise WadoError(f"cannot decode this instance's pixel data here "
+                        f"({type(exc).__name__})", 406) from exc
+    samples = int(ds.get("SamplesPerPixel", 1))
+    if samples == 1:
+        values = apply_modality_lut(arr, ds).astype(np.float64)
+        center, width = _window(ds)
+        if center is None or width is None or width <= 0:
+            lo, hi = float(values.min()), float(values.max())
+        else:
+            lo, hi = center - width / 2.0, center + width / 2.0
+        scaled = np.clip((values - lo) / max(hi - lo, 1e-9), 0.0, 1.0) * 255.0
+        if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+            scaled = 255.0 - scaled
+        image = Image.fromarray(scaled.round().astype(np.uint8), mode="L")
+    elif samples == 3:
+        if arr.dtype != np.uint8:
+            top = float(2 ** int(ds.get("BitsStored", 8)) - 1)
+            arr = np.clip(arr.astype(np.float64) / top * 255.0, 0, 255).round()
+        image = Image.fromarray(arr.astype(np.uint8), mode="RGB")
+    else:
+        raise WadoError(f"{samples} samples per pixel are not rendered", 406)
+    if thumbnail:
+        image.thumbnail((128, 128))
+    out = io.BytesIO()
+    image.save(out, format="JPEG" if media == "image/jpeg" else "PNG")
+    return media, out.getvalue()
+
+
+def _window(ds: Dataset) -> tuple[float | None, float | None]:
+    def first(name: str) -> float | None:
+        value = ds.get(name)
+        if value is None or value == "":
+            return None
+        try:
+            return float(value[0] if isinstance(value, (list, tuple)) or
+                         type(value).__name__ == "MultiValue" else value)
+        except (TypeError, ValueError, IndexError):
+            return None
+    return first("WindowCenter"), first("WindowWidth")

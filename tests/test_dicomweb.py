@@ -1,0 +1,493 @@
+"""DICOMweb of a running node, through an independent client (``dicomweb-client``), DCMTK's
+``findscu`` and ``curl``: QIDO-RS at every level, WADO-RS byte for byte, metadata, frames
+(native, encapsulated, decoded), rendered images, STOW-RS through the ingest path, and the
+refusals (bad UID, unknown study, no key, read key on STOW, oversized and truncated
+bodies, CORS)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+import pydicom
+import pytest
+import requests
+from dicomweb_client.api import DICOMwebClient
+from pydicom.uid import generate_uid
+
+from syncnode.apikeys import KeyStore
+from syncnode.audit import AUDIT_DIR, read_entries
+from syncnode.importer import import_paths
+from syncnode.local import LocalNode
+from syncnode.node import RunningNode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import dicom_testkit as kit
+
+TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
+FILES = ["CT_small.dcm", "MR_small.dcm", "examples_rgb_color.dcm", "SC_rgb_rle_2frame.dcm",
+         "SC_rgb_jpeg_dcmtk.dcm"]
+ORIGIN = "http://viewer.example:3000"
+
+
+class _HostWithPort(requests.adapters.HTTPAdapter):
+    """dicomweb-client sends ``Host`` without the port, which the node rightly refuses
+    (421: a Host must name this listener, port included): put the port back."""
+
+    def send(self, request: requests.PreparedRequest, **kw: object) -> requests.Response:
+        request.headers["Host"] = urlsplit(request.url or "").netloc
+        return super().send(request, **kw)
+
+
+@dataclass
+class Node:
+    running: RunningNode
+    base: str
+    admin: str
+    read: str
+    study: kit.StudyFiles
+
+    def client(self, key: str | None = None) -> DICOMwebClient:
+        session = requests.Session()
+        session.mount("http://", _HostWithPort())
+        return DICOMwebClient(url=f"{self.base}/dicom-web", session=session,
+                              headers={"X-API-Key": key or self.read})
+
+    @property
+    def dicom_port(self) -> int:
+        return self.running.ports["dicom"]
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    """One running node (its own event loop in a thread: the client blocks) holding
+    pydicom's test files and a generated 6-image study in two series."""
+    tmp = tmp_path_factory.mktemp("dicomweb")
+    src = tmp / "src"
+    src.mkdir()
+    for name in FILES:
+        shutil.copy(TEST_FILES / name, src / name)
+    study = kit.make_study(src / "gen", 6, seed="dicomweb", series=2, rows=32, cols=32)
+    local = LocalNode.init(tmp / "node")
+    import_paths(local, [src])
+    settings = local.settings(peer_host="127.0.0.1", peer_port=0, api_host="127.0.0.1",
+                              api_port=0, dicom_host="127.0.0.1", dicom_port=0,
+                              discovery=False, dicomweb_cors_origins=[ORIGIN],
+                              dicomweb_max_request_bytes=2 << 20, dicomweb_read_timeout=2.0)
+    loop = asyncio.new_event_loop()
+    running = RunningNode(local, settings)
+    started = threading.Event()
+    stop: asyncio.Event | None = None
+    failure: list[BaseException] = []
+
+    async def main() -> None:
+        nonlocal stop
+        stop = asyncio.Event()
+        try:
+            await running.start()
+        except BaseException as exc:
+            failure.append(exc)
+            started.set()
+            raise
+        started.set()
+        await stop.wait()
+        await running.stop()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    assert started.wait(60) and not failure, failure
+    keys = KeyStore(local.data)
+    yield Node(running, f"http://127.0.0.1:{running.ports['api']}", keys.rotate("admin"),
+               keys.rotate("read"), study)
+    assert stop is not None
+    loop.call_soon_threadsafe(stop.set)
+    thread.join(60)
+    loop.close()
+    local.close()
+
+
+def curl(*args: str, data: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers, body) of a curl request."""
+    res = subprocess.run(["curl", "-sS", "-i", "--max-time", "30", *args], input=data,
+                         capture_output=True, timeout=60, check=True)
+    head, _, body = res.stdout.partition(b"\r\n\r\n")
+    while head.startswith(b"HTTP/1.1 100"):
+        head, _, body = body.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in
+               (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+def blob_bytes(node: Node, sop: str) -> bytes:
+    inst = node.running.node.catalog.instance(sop)
+    assert inst is not None
+    return node.running.node.store.path(inst.blob).read_bytes()
+
+
+def tag(result: dict, keyword: str) -> list:
+    return result.get(f"{pydicom.datadict.tag_for_keyword(keyword):08X}", {}).get("Value", [])
+
+
+# -- QIDO-RS -------------------------------------------------------------------------------
+def test_qido_all_levels(node: Node) -> None:
+    c = node.client()
+    studies = c.search_for_studies()
+    by_uid = {tag(s, "StudyInstanceUID")[0]: s for s in studies}
+    s = by_uid[node.study.study_uid]
+    assert tag(s, "NumberOfStudyRelatedInstances") == [6]
+    assert tag(s, "NumberOfStudyRelatedSeries") == [2]
+    assert tag(s, "ModalitiesInStudy") == ["CT"]
+    assert tag(s, "PatientName")[0]["Alphabetic"] == "TEST^dicomweb"
+    assert tag(s, "AccessionNumber") == ["ACCcomweb"]
+    assert tag(s, "StudyDate") == ["20200115"] and tag(s, "StudyTime")
+    assert tag(s, "RetrieveURL")[0].endswith(f"/dicom-web/studies/{node.study.study_uid}")
+    # the same matching as C-FIND: PN case-insensitive with wildcards, date ranges
+    assert [tag(x, "StudyInstanceUID") for x in c.search_for_studies(
+        search_filters={"PatientName": "test^DICOM*", "StudyDate": "20200101-20200131"})] \
+        == [[node.study.study_uid]]
+    assert c.search_for_studies(search_filters={"PatientName": "nobody*"}) == []
+    series = c.search_for_series(node.study.study_uid)
+    assert sorted(tag(x, "SeriesNumber")[0] for x in series) == [1, 2]
+    assert all(tag(x, "NumberOfSeriesRelatedInstances") == [3] and tag(x, "Modality") == ["CT"]
+               for x in series)
+    assert len(c.search_for_series(search_filters={"Modality": "CT"})) >= 3
+    instances = c.search_for_instances(node.study.study_uid, node.study.series_uids[0])
+    assert sorted(tag(i, "SOPInstanceUID")[0] for i in instances) == \
+        sorted(node.study.sop_uids[0::2])
+    assert all(tag(i, "Rows") == [32] and tag(i, "Columns") == [32] and tag(i, "SOPClassUID")
+               and tag(i, "InstanceNumber") for i in instances)
+    assert len(c.search_for_instances(node.study.study_uid)) == 6
+    everything = c.search_for_instances()
+    assert len(everything) == 11
+    # limit / offset page through the same order
+    pages = [c.search_for_instances(limit=4, offset=o) for o in (0, 4, 8)]
+    assert [tag(i, "SOPInstanceUID") for p in pages for i in p] == \
+        [tag(i, "SOPInstanceUID") for i in everything]
+    # includefield, fuzzymatching
+    [one] = c.search_for_instances(search_filters={"SOPInstanceUID": node.study.sop_uids[0]},
+                                   fields=["PatientBirthDate", "BitsStored"], fuzzymatching=True)
+    assert tag(one, "BitsStored") == [12]
+    [full] = c.search_for_instances(search_filters={"SOPInstanceUID": node.study.sop_uids[0]},
+                                    fields=["all"])
+    assert tag(full, "HighBit") == [11] and "7FE00010" not in full
+
+
+def test_qido_refusals(node: Node) -> None:
+    url = f"{node.base}/dicom-web/studies"
+    key = ["-H", f"X-API-Key: {node.read}"]
+    # a key this node cannot match is refused, not ignored (never a wider answer)
+    status, _, body = curl(*key, f"{url}?ReferencedStudySequence.StudyInstanceUID=1.2")
+    assert status == 400
+    status, _, body = curl(*key, f"{url}?SeriesDescription=abc")
+    assert status == 400 and b"SeriesDescription" in body and b"abc" not in body
+    assert curl(*key, f"{url}?StudyInstanceUID=1.2.abc")[0] == 400
+    assert curl(*key, f"{url}?limit=0")[0] == 400
+    assert curl(f"{url}")[0] == 401
+
+
+# -- WADO-RS -------------------------------------------------------------------------------
+def test_wado_retrieve_byte_for_byte(node: Node) -> None:
+    c = node.client()
+    st = node.study
+    got = c.retrieve_study(st.study_uid)
+    assert len(got) == 6
+    for ds in got:  # each part is the stored file, unchanged
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        assert ds.SOPInstanceUID in st.sop_uids
+    # byte comparison on the raw parts
+    raw = list(c.iter_study(st.study_uid))
+    assert len(raw) == 6
+    resp = requests.get(f"{node.base}/dicom-web/studies/{st.study_uid}/series/"
+                        f"{st.series_uids[1]}", headers={
+                            "X-API-Key": node.read,
+                            "Accept": 'multipart/related; type="application/dicom"; '
+                                      "transfer-syntax=*"}, timeout=30)
+    assert resp.status_code == 200
+    parts = _parts(resp)
+    assert [p for _, p in parts] == [blob_bytes(node, s) for s in sorted(st.sop_uids[1::2])] \
+        or sorted(p for _, p in parts) == sorted(blob_bytes(node, s) for s in st.sop_uids[1::2])
+    sop = st.sop_uids[0]
+    inst = c.retrieve_instance(st.study_uid, st.series_uids[0], sop)
+    assert inst.SOPInstanceUID == sop
+    resp = requests.get(f"{node.base}/dicom-web/studies/{st.study_uid}/series/"
+                        f"{st.series_uids[0]}/instances/{sop}",
+                        headers={"X-API-Key": node.read}, timeout=30)
+    ts = inst.file_meta.TransferSyntaxUID
+    assert _parts(resp) == [(f"application/dicom; transfer-syntax={ts}", blob_bytes(node, sop))]
+    # another transfer syntax is not made up: 406
+    status, _, _ = curl("-H", f"X-API-Key: {node.read}", "-H",
+                        'Accept: multipart/related; type="application/dicom"; '
+                        "transfer-syntax=1.2.840.10008.1.2.4.50",
+                        f"{node.base}/dicom-web/studies/{st.study_uid}")
+    assert status == 406
+
+
+def _parts(resp: requests.Response) -> list[tuple[str, bytes]]:
+    from syncnode.dicomweb.multipart import (
+        MultipartParser,
+        PartData,
+        PartEnd,
+        PartStart,
+        parse_media,
+    )
+
+    _, params = parse_media(resp.headers["Content-Type"])
+    parser = MultipartParser(params["boundary"])
+    out: list[tuple[str, bytes]] = []
+    cur: list[bytes] = []
+    ctype = ""
+    for ev in parser.feed(resp.content):
+        if isinstance(ev, PartStart):
+            ctype, cur = ev.headers["content-type"], []
+        elif isinstance(ev, PartData):
+            cur.append(ev.data)
+        elif isinstance(ev, PartEnd):
+            out.append((ctype, b"".join(cur)))
+    parser.finish()
+    return out
+
+
+def test_wado_errors(node: Node) -> None:
+    base = f"{node.base}/dicom-web/studies"
+    key = ["-H", f"X-API-Key: {node.read}"]
+    assert curl(*key, f"{base}/1.2.x")[0] == 400
+    assert curl(*key, f"{base}/1.2.3.4.5.6")[0] == 404
+    assert curl(*key, f"{base}/1.2.3.4.5.6/metadata")[0] == 404
+    assert curl(f"{base}/{node.study.study_uid}")[0] == 401
+    assert curl("-H", "X-API-Key: wrong", f"{base}/{node.study.study_uid}")[0] == 403
+
+
+def test_metadata_and_bulk_data(node: Node) -> None:
+    c = node.client()
+    st = node.study
+    meta = c.retrieve_study_metadata(st.study_uid)
+    assert len(meta) == 6
+    m = next(x for x in meta if tag(x, "SOPInstanceUID") == [st.sop_uids[0]])
+    assert tag(m, "Rows") == [32] and tag(m, "PatientID") == [st.patient_id]
+    uri = m["7FE00010"]["BulkDataURI"]
+    assert uri.endswith(f"/instances/{st.sop_uids[0]}/bulk/7FE00010")
+    got = c.retrieve_bulkdata(uri)
+    [pixels] = got
+    assert pixels == pydicom.dcmread(io.BytesIO(blob_bytes(node, st.sop_uids[0]))).PixelData
+    series_meta = c.retrieve_series_metadata(st.study_uid, st.series_uids[0])
+    assert len(series_meta) == 3
+    one = c.retrieve_instance_metadata(st.study_uid, st.series_uids[0], st.sop_uids[0])
+    assert one == m
+
+
+def test_frames_native_encapsulated_and_decoded(node: Node) -> None:
+    c = node.client()
+    ct = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+    [frame] = c.retrieve_instance_frames(ct.StudyInstanceUID, ct.SeriesInstanceUID,
+                                         ct.SOPInstanceUID, [1])
+    assert frame == ct.PixelData
+    rle = pydicom.dcmread(TEST_FILES / "SC_rgb_rle_2frame.dcm")
+    ids = (rle.StudyInstanceUID, rle.SeriesInstanceUID, rle.SOPInstanceUID)
+    stored = list(pydicom.encaps.generate_frames(rle.PixelData, number_of_frames=2))
+    got = c.retrieve_instance_frames(*ids, [2, 1], media_types=(
+        ("image/dicom-rle", "1.2.840.10008.1.2.5"),))
+    assert got == [stored[1], stored[0]]
+    # uncompressed on request: RLE is lossless, so decoded
+    decoded = c.retrieve_instance_frames(*ids, [1], media_types=(
+        ("application/octet-stream", "1.2.840.10008.1.2.1"),))
+    assert decoded[0] == rle.pixel_array[0].tobytes()
+    # a lossy JPEG is never given as uncompressed
+    jpg = pydicom.dcmread(TEST_FILES / "SC_rgb_jpeg_dcmtk.dcm")
+    url = (f"{node.base}/dicom-web/studies/{jpg.StudyInstanceUID}/series/"
+           f"{jpg.SeriesInstanceUID}/instances/{jpg.SOPInstanceUID}/frames/1")
+    status, _, _ = curl("-H", f"X-API-Key: {node.read}", "-H",
+                        "Accept: multipart/related; type=application/octet-stream; "
+                        "transfer-syntax=1.2.840.10008.1.2.1", url)
+    assert status == 406
+    status, headers, _ = curl("-H", f"X-API-Key: {node.read}", "-H",
+                              "Accept: multipart/related; type=application/octet-stream; "
+                              "transfer-syntax=*", url)
+    assert status == 200 and 'type="image/jpeg"' in headers["content-type"]
+    assert curl("-H", f"X-API-Key: {node.read}", url.replace("/frames/1", "/frames/9"))[0] \
+        == 404
+
+
+def test_rendered_grayscale_and_rgb(node: Node) -> None:
+    from PIL import Image
+
+    c = node.client()
+    ct = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+    png = c.retrieve_instance_rendered(ct.StudyInstanceUID, ct.SeriesInstanceUID,
+                                       ct.SOPInstanceUID, media_types=("image/png",))
+    img = Image.open(io.BytesIO(png))
+    assert img.format == "PNG" and img.mode == "L" and img.size == (128, 128)
+    assert len(np.unique(np.asarray(img))) > 20  # an image, not a blank
+    rgb = pydicom.dcmread(TEST_FILES / "examples_rgb_color.dcm")
+    jpg = c.retrieve_instance_rendered(rgb.StudyInstanceUID, rgb.SeriesInstanceUID,
+                                       rgb.SOPInstanceUID, media_types=("image/jpeg",))
+    img = Image.open(io.BytesIO(jpg))
+    assert img.format == "JPEG" and img.mode == "RGB" and img.size == (320, 240)
+    status, _, body = curl(
+        "-H", f"X-API-Key: {node.read}",
+        f"{node.base}/dicom-web/studies/{rgb.StudyInstanceUID}/series/"
+        f"{rgb.SeriesInstanceUID}/instances/{rgb.SOPInstanceUID}/thumbnail")
+    assert status == 200 and max(Image.open(io.BytesIO(body)).size) <= 128
+
+
+# -- STOW-RS -------------------------------------------------------------------------------
+def _new_instance(study: str | None = None) -> pydicom.Dataset:
+    ds = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+    ds.StudyInstanceUID = study or generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    return ds
+
+
+def _findscu_sops(port: int, study: str) -> list[str]:
+    res = kit.run_tool([kit.dcmtk("findscu"), "-S", "-aec", "SYNCNODE", "-k",
+                        "QueryRetrieveLevel=IMAGE", "-k", f"StudyInstanceUID={study}", "-k",
+                        "SOPInstanceUID", "127.0.0.1", str(port)], timeout=60, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return [line.split("[", 1)[1].split("]", 1)[0].rstrip("\0")
+            for line in res.stderr.splitlines() if "(0008,0018)" in line and "[" in line]
+
+
+def test_stow_then_cfind_and_catalog(node: Node) -> None:
+    a, b = _new_instance(), _new_instance()
+    b.StudyInstanceUID = a.StudyInstanceUID
+    c = node.client(node.admin)
+    answer = c.store_instances([a, b])
+    refs = answer.ReferencedSOPSequence
+    assert sorted(r.ReferencedSOPInstanceUID for r in refs) == sorted(
+        [a.SOPInstanceUID, b.SOPInstanceUID])
+    assert all(r.RetrieveURL.endswith(f"/instances/{r.ReferencedSOPInstanceUID}")
+               for r in refs)
+    assert "FailedSOPSequence" not in answer
+    # durable and in the catalog at once, found by C-FIND and QIDO
+    cat = node.running.node.catalog
+    assert {i.sop_instance_uid for i in cat.instances(study=a.StudyInstanceUID)} == \
+        {a.SOPInstanceUID, b.SOPInstanceUID}
+    assert sorted(_findscu_sops(node.dicom_port, a.StudyInstanceUID)) == \
+        sorted([a.SOPInstanceUID, b.SOPInstanceUID])
+    [back] = node.client().retrieve_instance(a.StudyInstanceUID, a.SeriesInstanceUID,
+                                             a.SOPInstanceUID),
+    assert back.SOPInstanceUID == a.SOPInstanceUID
+    # to /studies/{study}: an instance of another study fails with 0xA900, the rest stored;
+    # a part that is not DICOM fails with 0xC000
+    other, same = _new_instance(), _new_instance(a.StudyInstanceUID)
+    boundary = "XbX"
+    body = b"".join(
+        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + p + b"\r\n"
+        for p in (_bytes(other), _bytes(same), b"not dicom at all" * 10)) \
+        + f"--{boundary}--\r\n".encode()
+    status, _, out = curl(
+        "-X", "POST", "-H", f"X-API-Key: {node.admin}", "-H",
+        f'Content-Type: multipart/related; type="application/dicom"; boundary={boundary}',
+        "--data-binary", "@-", f"{node.base}/dicom-web/studies/{a.StudyInstanceUID}",
+        data=body)
+    assert status == 202, out
+    doc = json.loads(out)
+    failed = {(tag(i, "ReferencedSOPInstanceUID") or [None])[0]: tag(i, "FailureReason")[0]
+              for i in doc["00081198"]["Value"]}
+    assert failed == {other.SOPInstanceUID: 0xA900, None: 0xC000}
+    assert [tag(i, "ReferencedSOPInstanceUID") for i in doc["00081199"]["Value"]] == \
+        [[same.SOPInstanceUID]]
+    assert cat.instance(other.SOPInstanceUID) is None
+    assert cat.instance(same.SOPInstanceUID) is not None
+
+
+def _bytes(ds: pydicom.Dataset) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_stow_refusals_store_nothing(node: Node) -> None:
+    url = f"{node.base}/dicom-web/studies"
+    ds = _new_instance()
+    data = _bytes(ds)
+    ctype = 'Content-Type: multipart/related; type="application/dicom"; boundary=B'
+    whole = b"--B\r\nContent-Type: application/dicom\r\n\r\n" + data + b"\r\n--B--\r\n"
+    post = ["-X", "POST", "--data-binary", "@-", "-H", ctype]
+    cat = node.running.node.catalog
+    tmp = node.running.node.store.tmp_dir
+
+    def leftovers() -> list[str]:
+        return [p.name for p in tmp.iterdir() if p.name.startswith("blob-")]
+
+    assert curl(*post, url, data=whole)[0] == 401
+    assert curl(*post, "-H", f"X-API-Key: {node.read}", url, data=whole)[0] == 403
+    admin = ["-H", f"X-API-Key: {node.admin}"]
+    status, _, body = curl(*post, *admin, url, data=whole[:-12])  # no closing boundary
+    assert status == 400 and b"truncated" in body
+    status, _, body = curl(*post, *admin, url, data=whole[: len(whole) // 2])
+    assert status == 400
+    big = b"--B\r\nContent-Type: application/dicom\r\n\r\n" + bytes(3 << 20) + b"\r\n--B--\r\n"
+    assert curl(*post, *admin, url, data=big)[0] == 413
+    assert curl("-X", "POST", "--data-binary", "@-", "-H", "Content-Type: application/json",
+                *admin, url, data=b"{}")[0] == 415
+    assert cat.instance(ds.SOPInstanceUID) is None and leftovers() == []
+    status, _, _ = curl(*post, *admin, url, data=whole)
+    assert status == 200 and cat.instance(ds.SOPInstanceUID) is not None
+    assert leftovers() == []
+
+
+def test_stow_read_timeout(node: Node) -> None:
+    """A client that stops sending mid-body is dropped after dicomweb_read_timeout."""
+    import socket
+
+    port = node.running.ports["api"]
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall((f"POST /dicom-web/studies HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                   f"X-API-Key: {node.admin}\r\nContent-Length: 100000\r\n"
+                   'Content-Type: multipart/related; type="application/dicom"; boundary=B'
+                   "\r\n\r\n--B\r\n").encode())
+        answer = s.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:80]
+
+
+# -- access from other origins -------------------------------------------------------------
+def test_cors_only_for_listed_origins(node: Node) -> None:
+    url = f"{node.base}/dicom-web/studies"
+    pre = ["-X", "OPTIONS", "-H", "Access-Control-Request-Method: GET", "-H",
+           "Access-Control-Request-Headers: x-api-key"]
+    status, headers, _ = curl(*pre, "-H", f"Origin: {ORIGIN}", url)
+    assert status == 204 and headers["access-control-allow-origin"] == ORIGIN
+    assert "x-api-key" in headers["access-control-allow-headers"].lower()
+    status, headers, _ = curl(*pre, "-H", "Origin: http://evil.example", url)
+    assert status == 403 and "access-control-allow-origin" not in headers
+    status, headers, _ = curl("-H", f"Origin: {ORIGIN}", "-H", f"X-API-Key: {node.read}", url)
+    assert status == 200 and headers["access-control-allow-origin"] == ORIGIN
+    status, headers, _ = curl("-H", "Origin: http://evil.example", "-H",
+                              f"X-API-Key: {node.read}", url)
+    assert status == 200 and "access-control-allow-origin" not in headers
+    # the admin API itself never grants CORS
+    status, headers, _ = curl("-H", f"Origin: {ORIGIN}", "-H", f"X-API-Key: {node.read}",
+                              f"{node.base}/api/v1/status")
+    assert "access-control-allow-origin" not in headers
+
+
+def test_audit_entries_name_uids_only(node: Node) -> None:
+    c = node.client()
+    c.search_for_studies(search_filters={"PatientID": node.study.patient_id})
+    c.retrieve_series(node.study.study_uid, node.study.series_uids[0])
+    trail = node.running.audit
+    assert trail is not None and trail.flush()
+    entries = list(read_entries(node.running.node.data / AUDIT_DIR))
+    text = json.dumps(entries)
+    queries = [e for e in entries if e["action"] == "query" and e["actor"].startswith("api:")]
+    assert any(e.get("keys") == ["PatientID"] and e.get("level") == "STUDY" for e in queries)
+    retrieved = [e for e in entries if e["action"] == "retrieved"
+                 and e["actor"].startswith("api:")]
+    assert any(e.get("instances") == 3 and e.get("studies") == [node.study.study_uid]
+               for e in retrieved)
+    received = [e for e in entries if e["action"] == "received" and e["actor"].startswith("api:")]
+    assert received
+    assert node.study.patient_id not in text and "TEST^" not in text
