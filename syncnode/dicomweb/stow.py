@@ -146,7 +146,8 @@ async def receive(request: web.Request, spool: _Spool, boundary: str, *, max_byt
     in_part = False
     while True:
         try:
-            data = await asyncio.wait_for(request.content.readany(), read_timeout)
+            async with asyncio.timeout(read_timeout):
+                data = await request.content.readany()
         except TimeoutError:
             raise StowRefused(408, f"no data for {read_timeout:g} s: request body not "
                                    "received in time") from None
