@@ -137,7 +137,20 @@ class RunningNode:
         self.audit.record("node-start", "node")
         log.info("node %s running: ports %s", self.node.node_id.short,
                  " ".join(f"{k}={v}" for k, v in sorted(self.ports.items())))
+        self._report_viewer()
         self.write_ports()
+
+    def _report_viewer(self) -> None:
+        """Say whether /viewer/ has a viewer to serve (it is installed separately)."""
+        from .viewer import ViewerNotInstalled, folder_of, installed
+
+        try:
+            info = installed(folder_of(self.node.data, self.settings.viewer_dir))
+        except ViewerNotInstalled:
+            log.info("web viewer: not installed (`syncnode viewer install` adds it at "
+                     "/viewer/)")
+            return
+        log.info("web viewer: %s %s at /viewer/ of the admin API", info.package, info.version)
 
     def _on_tls_refused(self, address: str, reason: str) -> None:
         """A peer-port handshake was refused (unknown, expired or no certificate): on record.
