@@ -50,6 +50,13 @@ def test_ci_script_installs_what_the_tests_use(package: str) -> None:
         f"{package} is not in .ci/run's package list"
 
 
+def test_ci_script_installs_the_viewer_the_browser_test_needs() -> None:
+    text = "\n".join(_commands())
+    assert "syncnode.cli viewer install --dir .cache/viewer" in text
+    assert re.search(r"SYNCNODE_TEST_VIEWER=\S*\.cache/viewer", text)
+    assert "SYNCNODE_CI=1" in text  # so the browser test fails instead of skipping
+
+
 def test_forbidden_pattern_catches_the_old_commands() -> None:
     # The two lines the script used to have must be caught by the check above.
     for line in ("systemctl stop orthanc >/dev/null 2>&1 || true",
