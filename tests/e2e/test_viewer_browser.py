@@ -195,13 +195,13 @@ async def test_viewer_lists_opens_and_draws_a_study(tmp_path: Path) -> None:
                 await page.wait_for_url(f"{base}/viewer/**", timeout=15_000)
                 for description, _ in studies.values():  # the study list, from QIDO-RS
                     await page.get_by_text(description, exact=True).first.wait_for(
-                        timeout=20_000)
+                        timeout=30_000)
                 await page.get_by_text(studies[ct][0], exact=True).first.click()
                 await page.get_by_role("button", name="Basic Viewer").click()
                 await page.wait_for_url(f"**/viewer/viewer?StudyInstanceUIDs={ct}*",
                                         timeout=15_000)
                 canvas = page.locator("canvas.cornerstone-canvas").first
-                await canvas.wait_for(timeout=20_000)
+                await canvas.wait_for(timeout=30_000)
                 box = await canvas.bounding_box()
                 assert box is not None and box["width"] > 200 and box["height"] > 200
                 # The middle half of the viewport each way: the image, not its text overlay.
