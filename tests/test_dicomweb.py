@@ -102,6 +102,11 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
         started.set()
         await stop.wait()
         await running.stop()
+        # keep-alive connections of the clients still have handler tasks: end them here
+        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in rest:
+            t.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
 
     thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
     thread.start()
