@@ -10,7 +10,8 @@
 2. WADO-RS retrieval: the whole study (``GET /dicom-web/studies/{uid}``, ``Accept:
    multipart/related; type="application/dicom"; transfer-syntax=*``) read by ``curl`` into
    /dev/null, node and Orthanc alternating, ``--rounds`` times; medians of seconds and
-   MB/s, and node/Orthanc (target >= 1.5).
+   MB/s, and node/Orthanc (target >= 1.5), plus the server's CPU seconds per retrieval
+   (from /proc: on a shared machine wall time also counts waiting for a core).
 
 Usage: python3 tools/bench_dicomweb.py [--images 500] [--rounds 3] [--batch 50] [--json out]
 Every process started here is stopped at the end (also on errors). Nothing here runs in
@@ -89,11 +90,21 @@ def stow(url: str, bodies: list[tuple[Path, str]], headers: list[str]) -> float:
     return time.perf_counter() - t
 
 
-def wado(url: str, headers: list[str], expect: int) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wado(url: str, headers: list[str], expect: int, pid: int) -> tuple[float, float]:
+    """(wall seconds, server CPU seconds) of one whole-study retrieval. The CPU time is
+    the fairer figure on a shared machine: it does not count time spent waiting for a
+    core another process holds."""
+    cpu = cpu_seconds(pid)
     code, size, secs = curl([*headers, "-H", ACCEPT, url])
     if code != 200 or size < expect:
         raise RuntimeError(f"WADO from {url}: {code}, {size} bytes (expected >= {expect})")
-    return secs
+    return secs, cpu_seconds(pid) - cpu
 
 
 def main() -> int:
@@ -129,16 +140,26 @@ def main() -> int:
         print(f"  STOW node    {t_node:6.2f} s  {mb / t_node:7.1f} MB/s", flush=True)
         t_orth = stow(f"{orth_base}/studies", bodies, [])
         print(f"  STOW orthanc {t_orth:6.2f} s  {mb / t_orth:7.1f} MB/s", flush=True)
-        node_runs, orth_runs = [], []
+        node_runs, orth_runs, node_cpu, orth_cpu = [], [], [], []
+        assert node.proc.pid and orth.proc is not None
         for r in range(args.rounds):
-            node_runs.append(wado(f"{node_base}/studies/{study.study_uid}", node_h, total))
-            orth_runs.append(wado(f"{orth_base}/studies/{study.study_uid}", [], total))
+            secs, cpu = wado(f"{node_base}/studies/{study.study_uid}", node_h, total,
+                             node.proc.pid)
+            node_runs.append(secs)
+            node_cpu.append(cpu)
+            secs, cpu = wado(f"{orth_base}/studies/{study.study_uid}", [], total,
+                             orth.proc.pid)
+            orth_runs.append(secs)
+            orth_cpu.append(cpu)
             print(f"  round {r + 1}: WADO node {node_runs[-1]:6.2f} s "
-                  f"({mb / node_runs[-1]:7.1f} MB/s), orthanc {orth_runs[-1]:6.2f} s "
-                  f"({mb / orth_runs[-1]:7.1f} MB/s)", flush=True)
+                  f"({mb / node_runs[-1]:7.1f} MB/s, cpu {node_cpu[-1]:.2f} s), orthanc "
+                  f"{orth_runs[-1]:6.2f} s ({mb / orth_runs[-1]:7.1f} MB/s, cpu "
+                  f"{orth_cpu[-1]:.2f} s)", flush=True)
         wn, wo = statistics.median(node_runs), statistics.median(orth_runs)
+        cn, co = statistics.median(node_cpu), statistics.median(orth_cpu)
         result: dict[str, Any] = {
             "images": args.images, "study_bytes": total, "stow_batch": args.batch,
+            "load_average": os.getloadavg()[0],
             "stow": {"node_seconds": round(t_node, 2), "orthanc_seconds": round(t_orth, 2),
                      "node_mb_s": round(mb / t_node, 1), "orthanc_mb_s": round(mb / t_orth, 1),
                      "node_images_s": round(args.images / t_node, 1),
@@ -147,6 +168,8 @@ def main() -> int:
             "wado": {"rounds": args.rounds, "node_seconds": round(wn, 3),
                      "orthanc_seconds": round(wo, 3), "node_mb_s": round(mb / wn, 1),
                      "orthanc_mb_s": round(mb / wo, 1), "ratio": round(wo / wn, 2),
+                     "node_cpu_seconds": round(cn, 3), "orthanc_cpu_seconds": round(co, 3),
+                     "cpu_ratio": round(co / cn, 2) if cn else None,
                      "node_runs": [round(x, 3) for x in node_runs],
                      "orthanc_runs": [round(x, 3) for x in orth_runs]}}
         print(json.dumps(result, indent=1))

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from itertools import islice
 from typing import Any, Protocol
@@ -32,6 +33,7 @@ from .multipart import PART_END, closing, content_type, new_boundary, part_head
 log = logging.getLogger("syncnode.dicomweb")
 ROOT = "/dicom-web"
 DICOM_JSON = "application/dicom+json"
+READ_AHEAD = 6  # small instances read and verified ahead of the one being sent
 _S = "{study}"
 _SE = "{series}"
 _I = "{instance}"
@@ -185,29 +187,41 @@ class DicomWeb:
         except wado.WadoError as exc:
             return _error(exc.status, str(exc))
         boundary = new_boundary()
+        heads = [part_head(boundary, f"application/dicom; transfer-syntax="
+                                     f"{i.transfer_syntax_uid}", i.size) for i in instances]
+        end = closing(boundary)
         resp = web.StreamResponse(headers={
             "Content-Type": content_type("application/dicom", boundary)})
+        # every size is known: a Content-Length, no chunked framing around each write
+        resp.content_length = sum(len(h) + i.size + len(PART_END)
+                                  for h, i in zip(heads, instances, strict=True)) + len(end)
         sent = 0
         outcome = "failure"
         store = self.node.store
         loop = asyncio.get_running_loop()
+        window: deque[asyncio.Future[bytes] | None] = deque()
+        ahead = iter(instances)
 
-        def fetch(inst: Instance) -> asyncio.Future[bytes] | None:
-            if inst.size > wado.IN_MEMORY:
-                return None
-            return loop.run_in_executor(None, wado.read_whole, store, inst)
+        def refill() -> None:
+            """Keep up to READ_AHEAD small instances being read and verified in worker
+            threads while earlier ones are written (large ones are read when their turn
+            comes, a piece at a time)."""
+            while len(window) < READ_AHEAD:
+                inst = next(ahead, None)
+                if inst is None:
+                    return
+                window.append(None if inst.size > wado.IN_MEMORY else
+                              loop.run_in_executor(None, wado.read_whole, store, inst))
 
         try:
-            nxt = fetch(instances[0])
-            if nxt is not None:
-                await asyncio.shield(nxt)  # a damaged first instance: a clean 500
+            refill()
+            if window[0] is not None:
+                await asyncio.shield(window[0])  # a damaged first instance: a clean 500
             await resp.prepare(request)
-            for i, inst in enumerate(instances):
-                current = nxt
-                nxt = fetch(instances[i + 1]) if i + 1 < len(instances) else None
-                ts = inst.transfer_syntax_uid
-                await resp.write(part_head(boundary, f"application/dicom; transfer-syntax={ts}",
-                                           inst.size))
+            for head, inst in zip(heads, instances, strict=True):
+                current = window.popleft()
+                refill()
+                await resp.write(head)
                 if current is not None:
                     await resp.write(await current)
                 else:
@@ -217,7 +231,7 @@ class DicomWeb:
                         await resp.write(piece)
                 await resp.write(PART_END)
                 sent += inst.size
-            await resp.write(closing(boundary))
+            await resp.write(end)
             await resp.write_eof()
             outcome = "success"
         except wado.WadoError as exc:
@@ -225,6 +239,9 @@ class DicomWeb:
                 return _error(exc.status, str(exc))
             raise
         finally:
+            for job in window:  # a dropped connection: the reads ahead are not awaited
+                if job is not None:
+                    job.cancel()
             self.audit("retrieved", actor, outcome,
                        studies=sorted({i.study_instance_uid for i in instances}),
                        sops=[i.sop_instance_uid for i in instances],
