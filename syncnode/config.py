@@ -127,7 +127,13 @@ class Settings(BaseSettings):
     discovery: bool = Field(False, description="advertise and browse on the LAN (mDNS)")
     sync_interval: float = Field(5.0, gt=0, le=3600,
                                  description="seconds between sync rounds per peer")
-    max_pulls: int = Field(8, ge=1, le=64, description="blobs pulled at once per peer")
+    max_pulls: int = Field(8, ge=1, le=64,
+                           description="blobs pulled (or pushed) at once per peer at the "
+                                       "start: the adaptive window grows or shrinks from "
+                                       "there with the measured throughput")
+    max_window: int = Field(32, ge=1, le=256,
+                            description="the most blobs pulled (or pushed) at once per "
+                                        "peer: the adaptive window's ceiling")
     max_blob_size: int = Field(64 << 30, ge=1 << 20,
                                description="bytes: a peer announcing a larger blob (event or "
                                            "push offer) is refused before anything is "

@@ -120,6 +120,7 @@ class RunningNode:
         self._runners.append(runner)
         self.ports["peer"] = site.port
         self.engine = SyncEngine(self.node, interval=s.sync_interval, max_pulls=s.max_pulls,
+                                 max_window=s.max_window,
                                  compression=s.compression,
                                  max_blob_size=s.max_blob_size,
                                  min_pull_rate=s.min_pull_rate,
@@ -353,6 +354,8 @@ class RunningNode:
         if self.engine:
             self.engine.interval = self.settings.sync_interval
             self.engine.max_pulls = self.settings.max_pulls
+            self.engine.max_window = self.settings.max_window
+            self.engine.configure_windows()
             self.engine.compression = self.settings.compression
             self.engine.max_blob_size = self.settings.max_blob_size
             self.engine.min_pull_rate = self.settings.min_pull_rate

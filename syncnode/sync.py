@@ -56,11 +56,13 @@ from .blobstore import (
     StoreFull,
 )
 from .catalog import Catalog, PutMismatch
+from .flow import FlowGate, Ticket
 from .introduction import introduce, refused_our_certificate
 from .local import LocalNode, local_errors, offload
 from .nodeid import NodeId
 from .protocol import PeerError, ProtocolError, RemoteNode
 from .retry import backoff
+from .sources import Claim, Sources
 from .tls.contexts import client_ssl_context
 from .tls.errors import NodeTLSError
 from .tls.peercert import fetch_peer_certificate
@@ -82,6 +84,8 @@ MAX_ANSWER = 64 << 20  # bytes of one JSON answer from a peer (an /events batch 
 MAX_HELLO = 1 << 20  # bytes of a /hello answer (with the root's Merkle answer)
 ERROR_BODY = 300  # bytes of a peer's error answer kept for the message
 OFFLOAD_JSON = 256 << 10  # answers larger than this are parsed in a worker thread
+MAX_WINDOW = 32  # default ceiling of the adaptive window (the max_window setting)
+SCHEDULE_TICK = 0.5  # seconds between looks at other peers' claims while waiting
 
 
 @dataclass
@@ -198,6 +202,7 @@ class PeerClient:
         self.min_rate = MIN_PULL_RATE
         self.base_deadline = PULL_BASE_DEADLINE
         self.json_deadline = JSON_DEADLINE
+        self.connections = 16  # at least the window's ceiling (set by the sync engine)
 
     def pull_deadline(self, size: int) -> float:
         """Seconds one pull of ``size`` bytes may take in all."""
@@ -218,7 +223,8 @@ class PeerClient:
             ctx: ssl.SSLContext = client_ssl_context(self.node.identity, self.node.trust,
                                                      expected=self.peer_id)
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=ctx, limit=16, force_close=False),
+                connector=aiohttp.TCPConnector(ssl=ctx, limit=self.connections,
+                                               force_close=False),
                 timeout=REQUEST_TIMEOUT, raise_for_status=False, auto_decompress=False)
             self._trust_version = version
         return self._session
@@ -597,6 +603,15 @@ class PeerSync:
         self._skipped: list[ev.Checked] = []  # puts whose blob the peer lacked
         self._pulled, self._pushed = Tally(), Tally()  # this round's, for the audit trail
         self._notifying: asyncio.Task[None] | None = None
+        # adaptive windows (syncnode.flow): max_pulls is where they start, max_window caps
+        self.pull_gate = FlowGate(engine.max_pulls, engine.max_window)
+        self.push_gate = FlowGate(engine.max_pulls, engine.max_window)
+        self.client.connections = max(16, engine.max_window)
+
+    def configure_window(self) -> None:
+        """Take new max_pulls / max_window settings."""
+        for gate in (self.pull_gate, self.push_gate):
+            gate.configure(self.engine.max_pulls, self.engine.max_window)
 
     def save_state(self, force: bool = False) -> None:
         """Record the state (at most every 0.5 s unless ``force``) through the engine's
@@ -838,14 +853,7 @@ class PeerSync:
             st.bytes_needed = sum(_put_of(v).size for v in waiting.values())
             st.studies_needed = _studies_needed(waiting.values())
             self.save_state()
-            sem = asyncio.Semaphore(self.engine.max_pulls)
-            results = await asyncio.gather(
-                *(self._pull_and_apply(blob, items, sem) for blob, items in waiting.items()),
-                return_exceptions=True)
-            failures = [r for r in results if isinstance(r, BaseException)]
-            for r in failures:
-                if not isinstance(r, Exception):
-                    raise r
+            failures = await self._pull_waiting(waiting)
             if failures:
                 raise failures[0]
             st.events_received += len(received) - len(plan.invalid)
@@ -870,26 +878,109 @@ class PeerSync:
         if result.inserted:
             self.engine.changed(exclude={self})
 
-    async def _pull_and_apply(self, blob: str, items: list[ev.Checked],
-                              sem: asyncio.Semaphore) -> None:
-        """Pull the blob (unless present) and have its puts applied with others'.
+    async def _pull_waiting(self, waiting: dict[str, list[ev.Checked]]
+                            ) -> list[Exception]:
+        """Pull the waiting blobs, as many at once as this peer's window allows, each
+        claimed first (:mod:`syncnode.sources`): a blob another peer's loop is pulling is
+        left to it (its puts are applied once it is installed) unless that pull is stuck,
+        when it is taken over. Returns the failures; one does not stop the others."""
+        sources, gate = self.engine.sources, self.pull_gate
+        todo = dict(waiting)
+        running: dict[asyncio.Task[bool],
+                      tuple[Claim, Ticket, list[ev.Checked]]] = {}
+        failures: list[Exception] = []
+        sources.subscribe(gate.wake)
+        try:
+            while todo or running:
+                gate.wake.clear()
+                while todo:
+                    if not gate.has_room(_put_of(todo[next(iter(todo))]).size):
+                        break
+                    w = gate.window
+                    rate = w.best_rate
+                    claim = sources.pick(self.peer_id.compact,
+                                         ((b, _put_of(v).size) for b, v in todo.items()),
+                                         rate, rate / max(1, w.limit))
+                    if claim is None:
+                        break
+                    items = todo.pop(claim.blob)
+                    ticket = gate.ticket(claim.size)
+                    task = asyncio.get_running_loop().create_task(
+                        self._pull_and_apply(claim.blob, items, claim, ticket))
+                    task.add_done_callback(lambda _t: gate.wake.set())
+                    running[task] = (claim, ticket, items)
+                done = [t for t in running if t.done()]
+                if not done:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(SCHEDULE_TICK):
+                            await gate.wake.wait()
+                    continue
+                for task in done:
+                    claim, _ticket, items = running.pop(task)
+                    if task.cancelled():
+                        raise asyncio.CancelledError
+                    exc = task.exception()
+                    if exc is not None:
+                        if not isinstance(exc, Exception):
+                            raise exc
+                        failures.append(exc)
+                    elif not task.result():  # taken over by another peer: its puts wait
+                        todo[claim.blob] = items
+        finally:
+            sources.unsubscribe(gate.wake)
+            for task in running:
+                task.cancel()
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
+            for claim, ticket, _items in running.values():  # a task cancelled before it ran
+                ticket.finish()
+                sources.release(claim)
+        return failures
 
-        The blob's lock is held until it is installed, so another peer's loop never pulls
-        the same bytes again meanwhile; the pull slot (``sem``) only during the transfer."""
+    async def _pull_and_apply(self, blob: str, items: list[ev.Checked],
+                              claim: Claim, ticket: Ticket) -> bool:
+        """Pull the blob (unless present) and have its puts applied with others'. False
+        if another peer's loop took the pull over (the puts are then applied later, once
+        it installed the blob).
+
+        The blob's lock is held until it is installed, so no other pull or push writes
+        the same part file meanwhile; the claim (:mod:`syncnode.sources`) is released
+        after that, and the window's ticket when the transfer ends."""
         put = _put_of(items)
         installer = self.engine.installer
-        async with self.engine.blob_lock(blob):
-            staged = None
-            if not await offload(self.node.store.has, blob):
-                async with sem, installer.pulling():
-                    try:
-                        staged = await self.pull_blob(put)
-                    except PeerLacksBlob:
-                        # Usually the peer deleted the instance and freed the blob; the
-                        # tombstone comes later in this walk. Settled at its end.
-                        self._skipped.extend(items)
-                        return
-            await installer.submit(self, staged, items)
+        try:
+            async with self.engine.blob_lock(blob):
+                staged = None
+                if claim.stolen_by is not None:
+                    return False
+                if not await offload(self.node.store.has, blob):
+                    async with installer.pulling():
+                        fetch = asyncio.ensure_future(self.pull_blob(put, ticket, claim))
+                        claim.fetch = fetch
+                        try:
+                            staged = await fetch
+                        except PeerLacksBlob:
+                            # Usually the peer deleted the instance and freed the blob; the
+                            # tombstone comes later in this walk. Settled at its end.
+                            ticket.error_exempt = True
+                            self._skipped.extend(items)
+                            return True
+                        except asyncio.CancelledError:
+                            task = asyncio.current_task()
+                            if claim.stolen_by is None or (task and task.cancelling()):
+                                raise
+                            log.info("blob %s from %s taken over by %s (too slow)", blob,
+                                     self.peer_id.short, claim.stolen_by[:7])
+                            ticket.finish(error=True)  # slow: the window shrinks
+                            return False
+                        except BaseException:
+                            ticket.finish(error=not ticket.error_exempt)
+                            raise
+                ticket.finish()
+                await installer.submit(self, staged, items)
+        finally:
+            ticket.finish()
+            self.engine.sources.release(claim)
         self._pulled.instances += len(items)
         self._pulled.studies.add(put.study_instance_uid)
         st = self.state
@@ -902,6 +993,7 @@ class PeerSync:
             if left[0] <= 0:
                 del st.studies_needed[put.study_instance_uid]
         self.save_state()
+        return True
 
     async def _settle_skipped(self) -> None:
         """Apply the skipped puts that a tombstone received since has removed (they need no
@@ -918,7 +1010,8 @@ class PeerSync:
             raise PeerLacksBlob(f"peer lacks the blobs of {len(skipped) - len(removed)} live "
                                 f"put events, e.g. {lost}")
 
-    async def pull_blob(self, put: ev.PutEvent) -> StagedBlob:
+    async def pull_blob(self, put: ev.PutEvent, ticket: Ticket | None = None,
+                        claim: Claim | None = None) -> StagedBlob:
         """Pull the blob of ``put``, after checking its announced size against
         ``max_blob_size`` (BlobTooLarge) and the free space (StoreFull) before anything
         is written."""
@@ -936,6 +1029,10 @@ class PeerSync:
             got += n
             st.bytes_received += n
             self.engine.count_bytes(self.peer_id.compact, "in", n)
+            if ticket is not None:
+                ticket.progress(n)
+            if claim is not None:
+                claim.got += n
 
         def crossed(n: int) -> None:
             st.wire_bytes_received += n
@@ -962,8 +1059,8 @@ class PeerSync:
             pairs, offer, put_of = await offload(_plan_push, self.node, batch)
             answer = (await self.client._json("POST", "/push/offer", json={"blobs": offer})
                       if offer else {})
-            sem = asyncio.Semaphore(self.engine.max_pulls)
-            results = await asyncio.gather(*(self._push_one(w, sem)
+            sizes = {o["hash"]: int(o["size"]) for o in offer}
+            results = await asyncio.gather(*(self._push_one(w, sizes)
                                              for w in answer.get("want", [])),
                                            return_exceptions=True)
             for r in results:
@@ -992,11 +1089,12 @@ class PeerSync:
             if rejected:
                 raise ProtocolError(f"peer rejected pushed events: {rejected[:1]}")
 
-    async def _push_one(self, want: dict[str, Any], sem: asyncio.Semaphore) -> None:
-        async with sem:
-            await self.push_blob(protocol.check_hash_value(want["hash"]), int(want["offset"]))
+    async def _push_one(self, want: dict[str, Any], sizes: dict[str, int]) -> None:
+        blob, offset = protocol.check_hash_value(want["hash"]), int(want["offset"])
+        async with self.push_gate.slot(max(0, sizes.get(blob, 0) - offset)) as ticket:
+            await self.push_blob(blob, offset, ticket)
 
-    async def push_blob(self, blob: str, offset: int) -> None:
+    async def push_blob(self, blob: str, offset: int, ticket: Ticket | None = None) -> None:
         store = self.node.store
         size = await offload(store.size, blob)
         pieces = store.read_verified(blob, offset, size)  # a generator: reads in next()
@@ -1005,6 +1103,8 @@ class PeerSync:
             while (piece := await offload(next, pieces, None)) is not None:
                 self.state.bytes_sent += len(piece)
                 self.engine.count_bytes(self.peer_id.compact, "out", len(piece))
+                if ticket is not None:
+                    ticket.progress(len(piece))
                 yield piece
 
         async with self.client.session().put(
@@ -1232,7 +1332,8 @@ class SyncEngine:
 
     node: LocalNode
     interval: float = 5.0
-    max_pulls: int = 4
+    max_pulls: int = 4  # where each peer's adaptive window starts (syncnode.flow)
+    max_window: int = MAX_WINDOW  # the most transfers at once per peer and direction
     max_blob_size: int = MAX_BLOB_SIZE  # bytes: larger announced blobs are refused
     min_pull_rate: int = MIN_PULL_RATE  # bytes/s a pull must average (PullTooSlow)
     pull_base_deadline: float = PULL_BASE_DEADLINE  # seconds on top of size / rate
@@ -1242,6 +1343,7 @@ class SyncEngine:
     tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     bytes: dict[str, dict[str, int]] = field(default_factory=dict)
     blob_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    sources: Sources = field(default_factory=Sources)  # which peer pulls which blob
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     installer: Installer = field(init=False)
     states: StateWriter = field(init=False)
@@ -1252,6 +1354,11 @@ class SyncEngine:
     def __post_init__(self) -> None:
         self.installer = Installer(self)
         self.states = StateWriter(self.node.catalog)
+
+    def configure_windows(self) -> None:
+        """max_pulls / max_window changed: every peer's windows take the new bounds."""
+        for p in self.peers.values():
+            p.configure_window()
 
     def blob_lock(self, blob: str) -> asyncio.Lock:
         return self.blob_locks.setdefault(blob, asyncio.Lock())

@@ -1,0 +1,246 @@
+"""How many blob transfers to keep in flight with one peer: an adaptive window.
+
+Vocabulary. A *transfer* is one blob pulled from (or pushed to) a peer. The *window* is
+how many transfers may run at once with that peer; ``outstanding`` bytes are the bytes
+of running transfers not delivered yet. An *epoch* is a stretch of time (at least
+``MIN_EPOCH``, and a few round trips) over which delivered bytes are summed into one
+throughput sample.
+
+The rule (hill climbing on measured throughput, in the spirit of BBR's probing and
+AIMD's reaction to loss):
+
+- while each epoch's throughput rises by more than ``RISE`` over the best seen, the
+  window grows by half (a doubling every two epochs at most);
+- when it stops rising, the window steps back toward the smallest window that gave the
+  best throughput, and holds; every ``PROBE_EVERY`` such epochs it probes one step up
+  again and lets the best decay a little, so a path that got faster (or slower) is
+  followed;
+- an error (a dropped connection, a timeout, a refused or overloaded answer, a transfer
+  taken over by a faster peer) shrinks it multiplicatively (``DECREASE``);
+- an epoch in which the window was not full most of the time (not enough blobs to
+  pull) says nothing about the path: the window is left as it is;
+- the window stays within ``[low, high]`` at every instant; ``start`` is where it begins
+  (the ``max_pulls`` setting), ``high`` the ``max_window`` setting.
+
+Bytes in flight are bounded as well: beyond ``low`` transfers, a new one starts only if
+the outstanding bytes plus its size stay under ``byte_limit()``: a few times the path's
+bandwidth-delay product (best throughput times the smallest round trip seen), never under
+``MIN_INFLIGHT_BYTES``.
+
+:class:`Window` is pure (sans-IO: every call takes ``now``); :class:`FlowGate` is the
+thin asyncio adapter the sync engine uses. The same code runs on loopback and over a
+300 ms link: only the measurements differ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+MIN_EPOCH = 0.5  # seconds: the shortest stretch one throughput sample covers
+EPOCH_RTTS = 4  # an epoch also covers at least this many smallest round trips
+RISE = 0.10  # a sample this much above the best counts as "throughput still rises"
+DECREASE = 0.6  # the window is multiplied by this on an error
+PROBE_EVERY = 6  # flat epochs between two probes upward
+DECAY = 0.95  # the best throughput decays by this at each probe (the path may change)
+BUSY_SHARE = 0.5  # share of an epoch the window must be full for its sample to count
+MIN_INFLIGHT_BYTES = 16 << 20  # never fewer outstanding bytes allowed than this
+BDP_FACTOR = 4  # outstanding bytes allowed, in bandwidth-delay products
+
+
+@dataclass
+class Window:
+    """The window controller of one peer and direction (pure; see the module doc)."""
+
+    start: int = 8
+    low: int = 1
+    high: int = 32
+    limit: int = field(init=False)
+    inflight: int = 0  # transfers running
+    outstanding: int = 0  # their bytes not delivered yet
+    best_rate: float = 0.0  # bytes/s, the best epoch sample (decaying)
+    best_limit: int = 0  # the smallest window that gave it
+    min_rtt: float = math.inf  # seconds, the smallest time to a first byte seen
+    epochs: int = 0
+    _epoch_start: float | None = None
+    _epoch_bytes: int = 0
+    _busy: float = 0.0  # seconds of this epoch with the window full
+    _last: float | None = None  # time of the last call (for _busy)
+    _errors: int = 0
+    _flat: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.low <= self.high:
+            raise ValueError(f"window bounds must satisfy 1 <= low <= high, not "
+                             f"{self.low}..{self.high}")
+        self.limit = min(max(self.start, self.low), self.high)
+        self.best_limit = self.limit
+
+    # -- what the scheduler asks -------------------------------------------------------
+    def byte_limit(self) -> int:
+        """Outstanding bytes allowed beyond the first ``low`` transfers."""
+        if self.best_rate <= 0 or math.isinf(self.min_rtt):
+            return MIN_INFLIGHT_BYTES
+        return max(MIN_INFLIGHT_BYTES, int(BDP_FACTOR * self.best_rate * self.min_rtt))
+
+    def may_start(self, size: int) -> bool:
+        """Whether a transfer of ``size`` bytes may start now."""
+        if self.inflight >= self.limit:
+            return False
+        if self.inflight < self.low:
+            return True
+        return self.outstanding + size <= self.byte_limit()
+
+    # -- what the transfers report ------------------------------------------------------
+    def started(self, size: int, now: float) -> None:
+        self._tick(now)
+        self.inflight += 1
+        self.outstanding += size
+
+    def first_byte(self, seconds: float) -> None:
+        """A transfer's first byte came ``seconds`` after it started (an RTT sample)."""
+        if seconds > 0:
+            self.min_rtt = min(self.min_rtt, seconds)
+
+    def delivered(self, n: int, now: float) -> None:
+        self._tick(now)
+        self._epoch_bytes += n
+        self.outstanding = max(0, self.outstanding - n)
+        self._maybe_decide(now)
+
+    def finished(self, undelivered: int, now: float, *, error: bool = False) -> None:
+        """A transfer ended; ``undelivered``: its bytes that never came (given up)."""
+        self._tick(now)
+        self.inflight = max(0, self.inflight - 1)
+        self.outstanding = max(0, self.outstanding - undelivered)
+        if error:
+            self._errors += 1
+            # react at once: waiting for the epoch's end would start more doomed transfers
+            self.limit = max(self.low, min(self.limit - 1, int(self.limit * DECREASE)))
+        self._maybe_decide(now)
+
+    # -- the rule ----------------------------------------------------------------------
+    def _tick(self, now: float) -> None:
+        if self._epoch_start is None:
+            self._epoch_start = now
+        if self._last is not None and now > self._last and self.inflight >= self.limit:
+            self._busy += now - self._last
+        self._last = now
+
+    def epoch_length(self) -> float:
+        rtt = 0.0 if math.isinf(self.min_rtt) else self.min_rtt
+        return max(MIN_EPOCH, EPOCH_RTTS * rtt)
+
+    def _maybe_decide(self, now: float) -> None:
+        assert self._epoch_start is not None
+        span = now - self._epoch_start
+        if span < self.epoch_length():
+            return
+        rate = self._epoch_bytes / span
+        full = self._busy >= BUSY_SHARE * span
+        errors = self._errors
+        self._epoch_start, self._epoch_bytes, self._busy, self._errors = now, 0, 0.0, 0
+        self.epochs += 1
+        if errors:
+            # the limit shrank when they happened; the best seen is no longer trusted
+            self.best_rate *= DECAY
+            self.best_limit = min(self.best_limit, self.limit)
+            self._flat = 0
+            return
+        if not full:
+            if rate > self.best_rate:  # a sample, but no verdict on the window
+                self.best_rate = rate
+            return
+        if rate > self.best_rate * (1 + RISE):
+            self.best_rate, self.best_limit = rate, self.limit
+            self.limit = min(self.high, self.limit + max(1, self.limit // 2))
+            self._flat = 0
+            return
+        # flat or lower: the extra transfers did not help; go back toward the best window
+        if rate > self.best_rate:
+            self.best_rate = rate
+        if self.limit > self.best_limit:
+            self.limit = max(self.best_limit, self.limit - max(1, (self.limit
+                                                                   - self.best_limit) // 2))
+        self._flat += 1
+        if self._flat >= PROBE_EVERY:
+            self._flat = 0
+            self.best_rate *= DECAY
+            self.limit = min(self.high, self.limit + max(1, self.limit // 4))
+
+
+class FlowGate:
+    """A :class:`Window` on the event loop: transfers take a :meth:`ticket` and report
+    through it; ``wake`` is set whenever room may have appeared."""
+
+    def __init__(self, start: int, high: int, low: int = 1,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.window = Window(start=start, low=low, high=max(high, low))
+        self.clock = clock
+        self.wake = asyncio.Event()
+
+    def configure(self, start: int, high: int) -> None:
+        """New bounds from the settings (the current window is clamped into them)."""
+        w = self.window
+        w.high = max(high, w.low)
+        w.start = start
+        w.limit = min(max(w.limit, w.low), w.high)
+        self.wake.set()
+
+    def has_room(self, size: int) -> bool:
+        return self.window.may_start(size)
+
+    def ticket(self, size: int) -> Ticket:
+        """Count a transfer of ``size`` bytes as started now (the caller checked room)."""
+        self.window.started(size, self.clock())
+        return Ticket(self, size, self.clock())
+
+    async def wait_room(self, size: int) -> None:
+        """Until a transfer of ``size`` bytes may start."""
+        while not self.has_room(size):
+            self.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    await self.wake.wait()
+
+    @contextlib.asynccontextmanager
+    async def slot(self, size: int) -> AsyncIterator[Ticket]:
+        """Wait for room, then run one transfer; an exception counts as an error."""
+        await self.wait_room(size)
+        ticket = self.ticket(size)
+        try:
+            yield ticket
+        except BaseException:
+            ticket.finish(error=not ticket.error_exempt)
+            raise
+        ticket.finish()
+
+
+class Ticket:
+    """One running transfer's reports to its gate."""
+
+    def __init__(self, gate: FlowGate, size: int, started: float) -> None:
+        self.gate, self.size, self.started = gate, size, started
+        self.got = 0
+        self.done = False
+        self.error_exempt = False  # set when a failure says nothing about the path
+
+    def progress(self, n: int) -> None:
+        now = self.gate.clock()
+        if self.got == 0 and n:
+            self.gate.window.first_byte(now - self.started)
+        n = min(n, max(0, self.size - self.got))
+        self.got += n
+        self.gate.window.delivered(n, now)
+
+    def finish(self, *, error: bool = False) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.gate.window.finished(max(0, self.size - self.got), self.gate.clock(),
+                                  error=error)
+        self.gate.wake.set()
