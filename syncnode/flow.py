@@ -9,14 +9,15 @@ throughput sample.
 The rule (hill climbing on measured throughput, in the spirit of BBR's probing and
 AIMD's reaction to loss):
 
-- while each epoch's throughput rises by more than ``RISE`` over the best seen, the
-  window grows by half (a doubling every two epochs at most);
-- when it stops rising, the window steps back toward the smallest window that gave the
-  best throughput, and holds; every ``PROBE_EVERY`` such epochs it probes one step up
-  again and lets the best decay a little, so a path that got faster (or slower) is
-  followed;
+- while probing, the window grows by half each epoch; a probe ends when throughput has
+  not risen by more than ``RISE`` over the best seen for ``STALLS`` epochs in a row
+  (BBR's "full pipe" test): the window then settles on the smallest window whose
+  throughput was within ``RISE / 2`` of the best, and holds;
+- every ``PROBE_EVERY`` settled epochs it probes again (growing by a quarter), after
+  letting the best decay a little, so a path that got faster (or slower) is followed;
 - an error (a dropped connection, a timeout, a refused or overloaded answer, a transfer
-  taken over by a faster peer) shrinks it multiplicatively (``DECREASE``);
+  taken over by a faster peer) shrinks it multiplicatively (``DECREASE``) at once, and a
+  new probe starts from there (AIMD's saw-tooth, with BBR's probe for the climb);
 - an epoch in which the window was not full most of the time (not enough blobs to
   pull) says nothing about the path: the window is left as it is;
 - the window stays within ``[low, high]`` at every instant; ``start`` is where it begins
@@ -45,7 +46,8 @@ MIN_EPOCH = 0.5  # seconds: the shortest stretch one throughput sample covers
 EPOCH_RTTS = 4  # an epoch also covers at least this many smallest round trips
 RISE = 0.10  # a sample this much above the best counts as "throughput still rises"
 DECREASE = 0.6  # the window is multiplied by this on an error
-PROBE_EVERY = 6  # flat epochs between two probes upward
+PROBE_EVERY = 8  # settled epochs between two probes upward
+STALLS = 3  # epochs without a rise that end a probe (the pipe is full)
 DECAY = 0.95  # the best throughput decays by this at each probe (the path may change)
 BUSY_SHARE = 0.5  # share of an epoch the window must be full for its sample to count
 MIN_INFLIGHT_BYTES = 16 << 20  # never fewer outstanding bytes allowed than this
@@ -63,7 +65,6 @@ class Window:
     inflight: int = 0  # transfers running
     outstanding: int = 0  # their bytes not delivered yet
     best_rate: float = 0.0  # bytes/s, the best epoch sample (decaying)
-    best_limit: int = 0  # the smallest window that gave it
     min_rtt: float = math.inf  # seconds, the smallest time to a first byte seen
     epochs: int = 0
     _epoch_start: float | None = None
@@ -71,14 +72,16 @@ class Window:
     _busy: float = 0.0  # seconds of this epoch with the window full
     _last: float | None = None  # time of the last call (for _busy)
     _errors: int = 0
-    _flat: int = 0
+    growing: bool = True  # probing upward (at the start, and every PROBE_EVERY epochs)
+    _stalls: int = 0  # epochs in a row without a rise while growing
+    _flat: int = 0  # epochs in a row at a settled window
+    _samples: dict[int, float] = field(default_factory=dict)  # window -> its last rate
 
     def __post_init__(self) -> None:
         if not 1 <= self.low <= self.high:
             raise ValueError(f"window bounds must satisfy 1 <= low <= high, not "
                              f"{self.low}..{self.high}")
         self.limit = min(max(self.start, self.low), self.high)
-        self.best_limit = self.limit
 
     # -- what the scheduler asks -------------------------------------------------------
     def byte_limit(self) -> int:
@@ -146,31 +149,41 @@ class Window:
         self._epoch_start, self._epoch_bytes, self._busy, self._errors = now, 0, 0.0, 0
         self.epochs += 1
         if errors:
-            # the limit shrank when they happened; the best seen is no longer trusted
+            # the limit shrank when they happened; what was measured before is stale
             self.best_rate *= DECAY
-            self.best_limit = min(self.best_limit, self.limit)
-            self._flat = 0
+            self._samples.clear()
+            self.growing, self._stalls, self._flat = True, 0, 0  # climb back from there
             return
-        if not full:
-            if rate > self.best_rate:  # a sample, but no verdict on the window
-                self.best_rate = rate
+        if not full:  # not enough to transfer: a sample, but no verdict on the window
+            self.best_rate = max(self.best_rate, rate)
             return
+        self._samples[self.limit] = rate
         if rate > self.best_rate * (1 + RISE):
-            self.best_rate, self.best_limit = rate, self.limit
-            self.limit = min(self.high, self.limit + max(1, self.limit // 2))
-            self._flat = 0
+            self.best_rate, self._stalls = rate, 0
+            if self.growing:
+                self._grow(2)
             return
-        # flat or lower: the extra transfers did not help; go back toward the best window
-        if rate > self.best_rate:
-            self.best_rate = rate
-        if self.limit > self.best_limit:
-            self.limit = max(self.best_limit, self.limit - max(1, (self.limit
-                                                                   - self.best_limit) // 2))
+        self.best_rate = max(self.best_rate, rate)
+        if self.growing:
+            self._stalls += 1
+            if self._stalls < STALLS and self.limit < self.high:
+                self._grow(2)
+                return
+            # the pipe is full: the smallest window that gave (nearly) the best
+            self.growing, self._flat = False, 0
+            good = [n for n, r in self._samples.items() if r >= self.best_rate * (1 - RISE / 2)]
+            self.limit = max(self.low, min(good, default=self.limit))
+            return
         self._flat += 1
-        if self._flat >= PROBE_EVERY:
-            self._flat = 0
+        if self._flat >= PROBE_EVERY:  # probe again: the path may have changed
+            self._flat, self._stalls = 0, 0
             self.best_rate *= DECAY
-            self.limit = min(self.high, self.limit + max(1, self.limit // 4))
+            self._samples.clear()
+            self.growing = True
+            self._grow(4)
+
+    def _grow(self, divisor: int) -> None:
+        self.limit = min(self.high, self.limit + max(1, self.limit // divisor))
 
 
 class FlowGate:
