@@ -316,6 +316,9 @@ def status(data: DataOpt = DEFAULT_DATA, json_out: JsonOpt = False) -> None:
     out.print(f"events      {st['events']} ({st['put_events']} put, "
               f"{st['delete_events']} delete)")
     out.print(f"merkle root {st['merkle_root']}")
+    caps = st.get("bandwidth", {})
+    out.print(f"bandwidth   in {caps.get('in', 'unlimited')}, out {caps.get('out', 'unlimited')}"
+              " (caps in force now; syncnode limit show)")
     for d in st.get("discovered", []):
         out.print(f"discovered  {d['node_id']}  {d['url']}  (not trusted: "
                   f"syncnode peer accept {d['node_id'][:15]}...)")
@@ -329,6 +332,9 @@ def status(data: DataOpt = DEFAULT_DATA, json_out: JsonOpt = False) -> None:
             line += f"  received {human_bytes(got)}"
             if 0 < wire_got < got:  # zstd on the wire
                 line += f" ({wire_got / got:.0%} of it on the wire)"
+        cap = p.get("cap") or {}
+        if any(v != "unlimited" for v in cap.values()):
+            line += f"  cap in {cap.get('in')}, out {cap.get('out')}"
         if p.get("last_error"):
             line += f"  last error: {p['last_error']}"
         out.print(line)
@@ -659,6 +665,66 @@ def config_set(key: Annotated[str, typer.Argument(help="Setting name, e.g. sync_
     audit_write(data, "config-changed", subject=key, count=1)
     out.print(f"{key} = {json.dumps(parsed)}"
               + ("  (takes effect at restart)" if result["restart_required"] else ""))
+
+
+limit_app = typer.Typer(help="Bandwidth caps of blob bytes, per peer and overall, in and "
+                             "out, with time-of-day schedules.", no_args_is_help=True)
+app.add_typer(limit_app, name="limit")
+ScopeArg = Annotated[str, typer.Argument(
+    help="in, out (all peers together), NODEID:in or NODEID:out (one peer).")]
+
+
+@limit_app.command("show")
+def limit_show(data: DataOpt = DEFAULT_DATA, json_out: JsonOpt = False) -> None:
+    """The caps as configured and the rate in force now for each scope."""
+    from .config import ConfigError
+
+    try:
+        shown = open_service(data, identity=False).limits()
+    except ConfigError as exc:
+        fail(str(exc))
+    if json_out:
+        print_json(shown)
+        return
+    for scope, rate in shown["in_force"].items():
+        schedule = shown["caps"].get(scope)
+        out.print(f"{scope:<60} {rate:<12} {schedule or ''}", markup=False, highlight=False)
+
+
+@limit_app.command("set")
+def limit_set(scope: ScopeArg,
+              schedule: Annotated[str, typer.Argument(
+                  help="e.g. \"2MB/s 07:00-19:00 Mon-Fri, unlimited otherwise\", "
+                       "\"500KB/s\", unlimited.")],
+              data: DataOpt = DEFAULT_DATA, json_out: JsonOpt = False) -> None:
+    """Set the cap of a scope to a schedule (written to config.toml; a node running on
+    this folder takes it within a second, without a restart; PUT /api/v1/limits/SCOPE
+    does the same through the API).
+
+    Example: syncnode limit set --data /srv/syncnode in "2MB/s 07:00-19:00 Mon-Fri"
+    """
+    try:
+        result = open_service(data, identity=False).set_limit(scope, schedule)
+    except ServiceError as exc:
+        refused(exc)
+    audit_write(data, "config-changed", subject="bandwidth_caps", count=1)
+    if json_out:
+        print_json(result)
+        return
+    out.print(f"{result['scope']}: {result['schedule']} (now: "
+              f"{result['in_force'].get(result['scope'], 'unlimited')})",
+              markup=False, highlight=False)
+
+
+@limit_app.command("clear")
+def limit_clear(scope: ScopeArg, data: DataOpt = DEFAULT_DATA) -> None:
+    """Remove the cap of a scope (unlimited from then on)."""
+    try:
+        result = open_service(data, identity=False).clear_limit(scope)
+    except ServiceError as exc:
+        refused(exc)
+    audit_write(data, "config-changed", subject="bandwidth_caps", count=1)
+    out.print(f"{result['scope']}: unlimited", markup=False, highlight=False)
 
 
 @app.command()

@@ -134,6 +134,11 @@ class Settings(BaseSettings):
     max_window: int = Field(32, ge=1, le=256,
                             description="the most blobs pulled (or pushed) at once per "
                                         "peer: the adaptive window's ceiling")
+    bandwidth_caps: dict[str, str] = Field(
+        default_factory=dict,
+        description="bandwidth caps of blob bytes: scope (in, out, NODEID:in, NODEID:out) "
+                    "-> schedule, e.g. '2MB/s 07:00-19:00 Mon-Fri, unlimited otherwise' "
+                    "(see README, Bandwidth caps)")
     max_blob_size: int = Field(64 << 30, ge=1 << 20,
                                description="bytes: a peer announcing a larger blob (event or "
                                            "push offer) is refused before anything is "
@@ -182,6 +187,13 @@ class Settings(BaseSettings):
     @classmethod
     def _ae(cls, v: str) -> str:
         return check_ae_title(v)
+
+    @field_validator("bandwidth_caps")
+    @classmethod
+    def _caps(cls, v: dict[str, str]) -> dict[str, str]:
+        from .ratelimit import check_caps
+
+        return check_caps(v)  # a ScheduleError is a ValueError: reported with the key
 
     @field_validator("allowed_aes")
     @classmethod

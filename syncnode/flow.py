@@ -76,6 +76,8 @@ class Window:
     _stalls: int = 0  # epochs in a row without a rise while growing
     _flat: int = 0  # epochs in a row at a settled window
     _samples: dict[int, float] = field(default_factory=dict)  # window -> its last rate
+    _active: float = 0.0  # seconds with at least one transfer running
+    _total: int = 0  # bytes delivered in all
 
     def __post_init__(self) -> None:
         if not 1 <= self.low <= self.high:
@@ -89,6 +91,12 @@ class Window:
         if self.best_rate <= 0 or math.isinf(self.min_rtt):
             return MIN_INFLIGHT_BYTES
         return max(MIN_INFLIGHT_BYTES, int(BDP_FACTOR * self.best_rate * self.min_rtt))
+
+    def rate(self) -> float:
+        """Bytes/s this peer delivers: the best epoch, or before one was measured the
+        average over the time anything was in flight (0: nothing measured yet)."""
+        average = self._total / self._active if self._active > 0.01 else 0.0
+        return max(self.best_rate, average)
 
     def may_start(self, size: int) -> bool:
         """Whether a transfer of ``size`` bytes may start now."""
@@ -112,6 +120,7 @@ class Window:
     def delivered(self, n: int, now: float) -> None:
         self._tick(now)
         self._epoch_bytes += n
+        self._total += n
         self.outstanding = max(0, self.outstanding - n)
         self._maybe_decide(now)
 
@@ -130,8 +139,11 @@ class Window:
     def _tick(self, now: float) -> None:
         if self._epoch_start is None:
             self._epoch_start = now
-        if self._last is not None and now > self._last and self.inflight >= self.limit:
-            self._busy += now - self._last
+        if self._last is not None and now > self._last:
+            if self.inflight >= self.limit:
+                self._busy += now - self._last
+            if self.inflight > 0:
+                self._active += now - self._last
         self._last = now
 
     def epoch_length(self) -> float:

@@ -9,6 +9,7 @@ the node work beside it through the catalog.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import logging
@@ -28,11 +29,13 @@ from .admin.auth import TLSSetupError, https_context, is_loopback
 from .admin.feed import EventFeed
 from .apikeys import KEYS_FILE, KeyStore, adopt_config_key
 from .audit import AuditLog
-from .config import Settings
+from .config import CONFIG_FILE, Settings
+from .config import read_file as cfg_read_file
 from .discovery import Discovery
 from .listeners import ListenerLimits, start_listener
 from .local import RUN_LOCK, TRANSFER_MAX_AGE, LocalNode, offload
 from .peer_server import PeerServer
+from .ratelimit import Limiter, check_caps
 from .safetext import clean_tree
 from .service import NodeService
 from .sync import SyncEngine
@@ -79,6 +82,9 @@ class RunningNode:
     syslog: Any = None  # syncnode.atna.SyslogForwarder when audit_syslog is set
     # set by local_change(): the root watch looks now instead of at its next tick
     _look_now: asyncio.Event = field(default_factory=asyncio.Event)
+    # bandwidth caps of blob bytes, shared by the peer server and the sync engine
+    limiter: Limiter = field(default_factory=Limiter)
+    _config_stamp: float = 0.0  # mtime of config.toml when its caps were last read
 
     def _take_lock(self) -> None:
         fd = os.open(self.node.data / RUN_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
@@ -104,6 +110,9 @@ class RunningNode:
         s = self.settings
         self._start_audit()
         self.node.configure(s)  # the rules for received events
+        self.limiter.configure(s.bandwidth_caps)
+        with contextlib.suppress(FileNotFoundError):  # later edits of the file are re-read
+            self._config_stamp = (self.node.data / CONFIG_FILE).stat().st_mtime
         # our certificate is served with our events (the journal signs without the catalog)
         self.node.catalog.add_origin_certificate(self.node.identity.cert_der)
         self.peer_server = PeerServer(self.node, on_events=self._on_pushed,
@@ -112,6 +121,7 @@ class RunningNode:
         self.peer_server.compression = s.compression
         self.peer_server.audit = self.audit
         self.peer_server.max_blob_size = s.max_blob_size
+        self.peer_server.limiter = self.limiter
         runner, site = await start_listener(
             self.peer_server.app, s.peer_host, s.peer_port, limits=self.limits,
             ssl_context=server_ssl_context(self.node.identity, self.node.trust),
@@ -129,6 +139,7 @@ class RunningNode:
                                  if self.peer_server else 0.0)
         self._tasks.append(asyncio.get_running_loop().create_task(self._refresh_peers()))
         self.engine.on_state = self._on_peer_state
+        self.engine.limiter = self.limiter
         self.engine.audit = self.audit
         await self._start_dicom()
         await self._start_admin(*admin_tls)
@@ -362,6 +373,8 @@ class RunningNode:
         if self.peer_server:
             self.peer_server.compression = self.settings.compression
             self.peer_server.max_blob_size = self.settings.max_blob_size
+        if "bandwidth_caps" in changes:
+            self.limiter.configure(self.settings.bandwidth_caps)
         if self.feed is not None:
             self.feed.publish("config", keys=sorted(changes))
 
@@ -386,6 +399,31 @@ class RunningNode:
         if self.engine:
             self.engine.changed()
 
+    async def _reread_caps(self) -> None:
+        """Caps changed in config.toml beside us (``syncnode limit set``) apply without a
+        restart: the file is read again when its time stamp moves."""
+        path = self.node.data / CONFIG_FILE
+
+        def read() -> dict[str, str] | None:
+            try:
+                stamp = path.stat().st_mtime
+            except FileNotFoundError:
+                return None
+            if stamp == self._config_stamp:
+                return None
+            self._config_stamp = stamp
+            caps = cfg_read_file(self.node.data).get("bandwidth_caps", {})
+            return check_caps(caps) if isinstance(caps, dict) else None
+
+        try:
+            caps = await offload(read)
+        except (ValueError, OSError) as exc:  # a broken file: keep the caps in force, say so
+            log.error("bandwidth caps in %s not taken: %s", CONFIG_FILE, exc)
+            return
+        if caps is not None and caps != self.settings.bandwidth_caps:
+            log.info("bandwidth caps changed in %s: %s", CONFIG_FILE, caps)
+            self.apply_settings({"bandwidth_caps": caps})
+
     async def _refresh_peers(self) -> None:
         """The one watch of local changes: every PEER_REFRESH_SECONDS (or at once when
         :meth:`local_change` asks) read the trust list and the Merkle root off the loop;
@@ -403,6 +441,7 @@ class RunningNode:
                           type(exc).__name__, exc)
             else:
                 self.engine.refresh(peers)
+                await self._reread_caps()
                 root = root_node.digest
                 if last_root is not None and root != last_root:
                     self.engine.changed()

@@ -38,6 +38,7 @@ from .introduction import serve_introduction
 from .local import LocalNode, offload, offload_to
 from .nodeid import NodeId
 from .protocol import BadRequest
+from .ratelimit import Limiter
 from .transfer import PartialBlob, TransferError
 
 log = logging.getLogger("syncnode.peer_server")
@@ -73,6 +74,7 @@ class PeerServer:
         self.max_blob_size = MAX_BLOB_SIZE  # bytes of one blob a peer may push
         self.audit: AuditLog | None = None  # where introductions (trust changes) are recorded
         self.max_pending_offers = MAX_PENDING_OFFERS  # per peer
+        self.limiter: Limiter | None = None  # bandwidth caps (syncnode.ratelimit)
         self._offers: dict[str, dict[str, float]] = {}  # peer -> offered hash -> when
         self.stats: dict[str, dict[str, int]] = {}
         # What each peer took from us (and pushed to us) since its last round began: one
@@ -116,6 +118,11 @@ class PeerServer:
                 tally = table.pop(p, None)
                 if tally is not None:
                     tally.record(self.audit, action, p)
+
+    async def _throttle(self, peer: str, direction: str, n: int) -> None:
+        """Wait until the bandwidth caps let ``n`` more blob bytes move."""
+        if self.limiter is not None and self.limiter.active:
+            await self.limiter.consume(peer, direction, n)
 
     def _stat(self, peer: str, key: str, n: int) -> None:
         s = self.stats.setdefault(peer, {})
@@ -300,6 +307,7 @@ class PeerServer:
         if compress:
             headers["Content-Encoding"] = wire.ENCODING
         if body is not None:
+            await self._throttle(request[PEER_KEY].compact, "out", len(body))
             self._stat(request[PEER_KEY].compact, "bytes_out", len(body))
             return web.Response(status=206 if ranged else 200, body=body, headers=headers)
         if not compress:
@@ -323,6 +331,7 @@ class PeerServer:
             if first:
                 await resp.prepare(request)
                 first = False
+            await self._throttle(peer, "out", len(piece))
             await resp.write(piece)
             self._stat(peer, "bytes_out", len(piece))
             self.last_seen[peer] = time.time()  # a long download is not silence
@@ -438,6 +447,7 @@ class PeerServer:
                     data = await request.content.read(CHUNK_SIZE)
                 if not data:
                     break
+                await self._throttle(peer, "in", len(data))
                 await self._run(part.feed, data)
                 self._stat(peer, "bytes_in", len(data))
             if part.complete:

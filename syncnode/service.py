@@ -253,10 +253,59 @@ class NodeService:
         """Counts, Merkle root, peers, discoveries, the export outbox (and, when running,
         the bound ports and what the running services report)."""
         st = node_status(self.node)
+        caps = self.caps_in_force([p["node_id"] for p in st["peers"]])
+        st["bandwidth"] = caps
+        for p in st["peers"]:  # the caps in force for each peer (besides the overall ones)
+            compact = NodeId.parse(p["node_id"]).compact
+            p["cap"] = {d: caps.get(f"{compact}:{d}", "unlimited") for d in ("in", "out")}
         if self.runtime is not None:
             st["ports"] = dict(self.runtime.ports)
             st.update(self.runtime.extra_status())
         return st
+
+    # -- bandwidth caps (syncnode.ratelimit; stored in the bandwidth_caps setting) --------
+    def caps_in_force(self, peers: Iterable[str] = ()) -> dict[str, str]:
+        """Scope -> the rate in force now: ``in``, ``out``, and ``NODEID:in`` /
+        ``NODEID:out`` for the peers given and every peer with a cap."""
+        from .ratelimit import in_force
+
+        return in_force(self.settings().bandwidth_caps,
+                        [NodeId.parse(p).compact for p in peers])
+
+    def limits(self) -> dict[str, Any]:
+        """The caps as configured (scope -> schedule) and the rates in force now."""
+        peers = [p["node_id"] for p in self.node.catalog.peers()]
+        return {"caps": dict(self.settings().bandwidth_caps),
+                "in_force": self.caps_in_force(peers)}
+
+    def set_limit(self, scope: object, schedule: object) -> dict[str, Any]:
+        """Set the cap of one scope (``in``, ``out``, ``NODEID:in``, ``NODEID:out``) to a
+        schedule, persisted in config.toml and in force at once on a running node."""
+        from .ratelimit import Schedule, ScheduleError, check_scope, scope_name
+
+        try:
+            name = scope_name(*check_scope(str(scope)))
+            text = Schedule.parse(str(schedule)).text
+        except ScheduleError as exc:
+            raise UsageError(str(exc)) from None
+        caps = {**self.settings().bandwidth_caps, name: text}
+        self.patch_config({"bandwidth_caps": caps})
+        return {"scope": name, "schedule": text, **self.limits()}
+
+    def clear_limit(self, scope: object) -> dict[str, Any]:
+        """Remove the cap of one scope (unlimited from then on)."""
+        from .ratelimit import ScheduleError, check_scope, scope_name
+
+        try:
+            name = scope_name(*check_scope(str(scope)))
+        except ScheduleError as exc:
+            raise UsageError(str(exc)) from None
+        caps = dict(self.settings().bandwidth_caps)
+        if name not in caps:
+            raise NotFound(f"no cap is set for {name}")
+        del caps[name]
+        self.patch_config({"bandwidth_caps": caps})
+        return {"scope": name, **self.limits()}
 
     def settings(self) -> Settings:
         return self.runtime.settings if self.runtime is not None else self.node.settings()

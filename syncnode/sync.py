@@ -37,7 +37,7 @@ import logging
 import ssl
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -61,6 +61,7 @@ from .introduction import introduce, refused_our_certificate
 from .local import LocalNode, local_errors, offload
 from .nodeid import NodeId
 from .protocol import PeerError, ProtocolError, RemoteNode
+from .ratelimit import Limiter
 from .retry import backoff
 from .sources import Claim, Sources
 from .tls.contexts import client_ssl_context
@@ -203,6 +204,8 @@ class PeerClient:
         self.base_deadline = PULL_BASE_DEADLINE
         self.json_deadline = JSON_DEADLINE
         self.connections = 16  # at least the window's ceiling (set by the sync engine)
+        # awaited with the bytes of every blob piece read: the bandwidth caps
+        self.throttle: Callable[[int], Awaitable[None]] | None = None
 
     def pull_deadline(self, size: int) -> float:
         """Seconds one pull of ``size`` bytes may take in all."""
@@ -353,9 +356,10 @@ class PeerClient:
                     if resp.status == 200 and part.offset:
                         raise ProtocolError("peer ignored the Range header")
                     if _encoding(resp) == wire.ENCODING:
-                        await self._receive_compressed(resp, part, on_bytes, on_wire)
+                        await self._receive_compressed(resp, part, on_bytes, on_wire,
+                                                       self.throttle)
                     else:
-                        await self._receive(resp, part, on_bytes, on_wire)
+                        await self._receive(resp, part, on_bytes, on_wire, self.throttle)
             staged = await offload(part.stage)
             log.debug("blob %s from %s received (%d bytes, %d resumed)", blob,
                       self.peer_id.short, size, resumed)
@@ -398,6 +402,8 @@ class PeerClient:
                                         f"announced, the event says {size}")
                 pieces, got = [], 0
                 async for piece in resp.content.iter_any():
+                    if self.throttle is not None:
+                        await self.throttle(len(piece))
                     got += len(piece)
                     if got > size:
                         raise ProtocolError(f"GET blob {blob}: more than {size} bytes")
@@ -411,6 +417,8 @@ class PeerClient:
                                     f"{resp.content_length} bytes for {size}")
             body = bytearray()
             while piece := await resp.content.read(limit + 1 - len(body)):
+                if self.throttle is not None:
+                    await self.throttle(len(piece))
                 body += piece
                 if len(body) > limit:
                     raise ProtocolError(f"GET blob {blob}: compressed body longer than "
@@ -420,7 +428,8 @@ class PeerClient:
     @staticmethod
     async def _receive(resp: aiohttp.ClientResponse, part: PartialBlob,
                        on_bytes: Callable[[int], None] | None,
-                       on_wire: Callable[[int], None] | None = None) -> None:
+                       on_wire: Callable[[int], None] | None = None,
+                       throttle: Callable[[int], Awaitable[None]] | None = None) -> None:
         """Read whole chunks off the socket while the previous one is verified and written
         in a worker thread: the event loop never hashes or writes, and at most two chunks
         are held in memory."""
@@ -435,6 +444,8 @@ class PeerClient:
                 except asyncio.IncompleteReadError as exc:
                     raise ProtocolError(f"blob {part.blob} ended early at "
                                         f"{offset + len(exc.partial)} bytes") from exc
+                if throttle is not None:
+                    await throttle(n)
                 if writing is not None:
                     await writing
                 writing = loop.run_in_executor(None, local_errors, part.write_chunk, data)
@@ -455,7 +466,9 @@ class PeerClient:
     @staticmethod
     async def _receive_compressed(resp: aiohttp.ClientResponse, part: PartialBlob,
                                   on_bytes: Callable[[int], None] | None,
-                                  on_wire: Callable[[int], None] | None) -> None:
+                                  on_wire: Callable[[int], None] | None,
+                                  throttle: Callable[[int], Awaitable[None]] | None = None
+                                  ) -> None:
         """Like :meth:`_receive` for a zstd body: compressed pieces are decoded (each frame
         checked to carry exactly its chunk), verified and written in a worker thread, one
         job at a time, while the next piece is read."""
@@ -482,6 +495,8 @@ class PeerClient:
                         on_bytes(n)
                 if not data:
                     break
+                if throttle is not None:
+                    await throttle(len(data))
                 if on_wire:
                     on_wire(len(data))
                 writing = loop.run_in_executor(None, local_errors, consume, data)
@@ -607,6 +622,12 @@ class PeerSync:
         self.pull_gate = FlowGate(engine.max_pulls, engine.max_window)
         self.push_gate = FlowGate(engine.max_pulls, engine.max_window)
         self.client.connections = max(16, engine.max_window)
+        self.client.throttle = self._throttle_in
+
+    async def _throttle_in(self, n: int) -> None:
+        limiter = self.engine.limiter
+        if limiter is not None and limiter.active:
+            await limiter.consume(self.peer_id.compact, "in", n)
 
     def configure_window(self) -> None:
         """Take new max_pulls / max_window settings."""
@@ -897,7 +918,7 @@ class PeerSync:
                     if not gate.has_room(_put_of(todo[next(iter(todo))]).size):
                         break
                     w = gate.window
-                    rate = w.best_rate
+                    rate = w.rate()
                     claim = sources.pick(self.peer_id.compact,
                                          ((b, _put_of(v).size) for b, v in todo.items()),
                                          rate, rate / max(1, w.limit))
@@ -1100,7 +1121,10 @@ class PeerSync:
         pieces = store.read_verified(blob, offset, size)  # a generator: reads in next()
 
         async def body() -> AsyncIterator[bytes]:
+            limiter = self.engine.limiter
             while (piece := await offload(next, pieces, None)) is not None:
+                if limiter is not None and limiter.active:
+                    await limiter.consume(self.peer_id.compact, "out", len(piece))
                 self.state.bytes_sent += len(piece)
                 self.engine.count_bytes(self.peer_id.compact, "out", len(piece))
                 if ticket is not None:
@@ -1344,6 +1368,7 @@ class SyncEngine:
     bytes: dict[str, dict[str, int]] = field(default_factory=dict)
     blob_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     sources: Sources = field(default_factory=Sources)  # which peer pulls which blob
+    limiter: Limiter | None = None  # bandwidth caps (syncnode.ratelimit)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     installer: Installer = field(init=False)
     states: StateWriter = field(init=False)

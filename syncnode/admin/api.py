@@ -145,6 +145,9 @@ class AdminAPI:
             web.get(f"{v}/studies", self.studies),
             web.get(f"{v}/config", self.get_config),
             web.patch(f"{v}/config", self.patch_config),
+            web.get(f"{v}/limits", self.limits),
+            web.put(f"{v}/limits/{{scope}}", self.set_limit),
+            web.delete(f"{v}/limits/{{scope}}", self.clear_limit),
             web.get(f"{v}/events", self.events),
         ])
         self.dicomweb = DicomWeb(service.node, self._audit, lambda r: r[ACTOR],
@@ -496,6 +499,31 @@ class AdminAPI:
                         **named)
             raise
         self._audit("config-changed", request[ACTOR], "success", count=len(changes), **named)
+        return web.json_response(result)
+
+    async def limits(self, request: web.Request) -> web.Response:
+        return web.json_response(await self._run(self.service.limits))
+
+    async def set_limit(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        return await self._change_limit(request, self.service.set_limit,
+                                        request.match_info["scope"], body.get("schedule", ""))
+
+    async def clear_limit(self, request: web.Request) -> web.Response:
+        return await self._change_limit(request, self.service.clear_limit,
+                                        request.match_info["scope"])
+
+    async def _change_limit(self, request: web.Request, fn: Callable[..., Any],
+                            *args: Any) -> web.Response:
+        """A bandwidth cap changed: a settings change, audited as such."""
+        try:
+            result = await self._run(fn, *args)
+        except ServiceError:
+            self._audit("config-changed", request[ACTOR], "failure", count=1,
+                        subject="bandwidth_caps")
+            raise
+        self._audit("config-changed", request[ACTOR], "success", count=1,
+                    subject="bandwidth_caps")
         return web.json_response(result)
 
     async def events(self, request: web.Request) -> web.Response:

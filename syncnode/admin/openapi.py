@@ -29,6 +29,7 @@ def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
 
 _OBJ = {"type": "object"}
 _NODE_ID = {"name": "node_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_SCOPE = {"name": "scope", "in": "path", "required": True, "schema": {"type": "string"}}
 _SOP = {"name": "sop_uid", "in": "path", "required": True,
         "schema": {"type": "string", "pattern": r"^[0-9.]{1,64}$"}}
 
@@ -166,6 +167,23 @@ OPENAPI: dict[str, Any] = {
                           "schema": _OBJ}}},
                       "responses": {"200": _json(_OBJ), "400": _ERR, "401": _ERR,
                                     "403": _ERR}}},
+        "/api/v1/limits": {"get": {
+            "summary": "Bandwidth caps: scope -> schedule as configured, and the rate in "
+                       "force now per scope (in, out, NODEID:in, NODEID:out)",
+            "responses": {"200": _json({"type": "object", "required": ["caps", "in_force"],
+                                        "properties": {"caps": _OBJ, "in_force": _OBJ}})}}},
+        "/api/v1/limits/{scope}": {
+            "put": {"summary": "Set the cap of a scope (in, out, NODEID:in, NODEID:out) to a "
+                               "schedule, e.g. '2MB/s 07:00-19:00 Mon-Fri, unlimited "
+                               "otherwise'; persisted, in force at once",
+                    "parameters": [_SCOPE],
+                    "requestBody": {"required": True, "content": {"application/json": {
+                        "schema": {"type": "object", "required": ["schedule"],
+                                   "properties": {"schedule": {"type": "string"}}}}}},
+                    "responses": {"200": _json(_OBJ), "400": _ERR}},
+            "delete": {"summary": "Remove the cap of a scope (unlimited)",
+                       "parameters": [_SCOPE],
+                       "responses": {"200": _json(_OBJ), "400": _ERR, "404": _ERR}}},
         "/api/v1/events": {"get": {
             "summary": "Long-poll feed of changes; ids only grow",
             "parameters": [
@@ -191,6 +209,7 @@ _ROLES = {
     ("/api/v1/discovered/{node_id}/accept", "post"): "admin",
     ("/api/v1/instances/{sop_uid}", "delete"): "admin", ("/api/v1/config", "patch"): "admin",
     **{(path, "post"): "admin" for path in STOW_PATHS},
+    ("/api/v1/limits/{scope}", "put"): "admin", ("/api/v1/limits/{scope}", "delete"): "admin",
 }
 for _path, _ops in OPENAPI["paths"].items():
     for _method, _op in _ops.items():
