@@ -20,8 +20,9 @@ Enforcement: every byte of a blob crossing a link is taken from the bucket of it
 scope and from the overall one, on the sending side (the peer server serving pulls, the
 engine pushing) and on the receiving side (the engine pulling, the peer server taking
 pushes). A bucket holds at most ``BURST`` seconds of its rate; a taker may run it into
-debt and then waits, in slices of at most ``MAX_SLEEP`` so that a rate changed meanwhile
-(a schedule boundary, a new cap through the API) applies within that time. The clock and
+debt and then waits its turn (takers go in order, each when its own bytes are paid), in
+slices of at most ``MAX_SLEEP`` so that a rate changed meanwhile (a schedule boundary, a
+new cap through the API) applies within that time. The clock and
 the local time are injectable, for tests.
 """
 
@@ -212,12 +213,19 @@ def format_rate(rate: float | None) -> str:
 
 
 class TokenBucket:
-    """Bytes at a rate that may change at any time (None: unlimited)."""
+    """Bytes at a rate that may change at any time (None: unlimited).
+
+    Kept as two running totals: bytes ``taken`` and bytes ``paid`` (what the rate has
+    allowed so far; at most ``BURST`` seconds of it ahead of what was taken). A taker
+    may go past what was paid, and waits until its own bytes are paid: takers are let go
+    one after another, in the order they came, at the rate in force while they wait.
+    """
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self.clock = clock
         self.rate: float | None = None
-        self.tokens = 0.0
+        self.taken = 0.0
+        self.paid = 0.0
         self.stamp = clock()
 
     def set_rate(self, rate: float | None) -> None:
@@ -225,28 +233,33 @@ class TokenBucket:
         if rate != self.rate:
             self.rate = rate
             if rate is None:
-                self.tokens = 0.0
+                self.paid = self.taken
             else:  # debt is kept (bytes already taken), a credit above the new burst not
-                self.tokens = min(self.tokens, rate * BURST)
+                self.paid = min(self.paid, self.taken + rate * BURST)
 
     def _refill(self) -> None:
         now = self.clock()
-        if self.rate is not None:
-            self.tokens = min(self.rate * BURST, self.tokens + (now - self.stamp) * self.rate)
+        if self.rate is None:
+            self.paid = self.taken
+        else:
+            self.paid = min(self.taken + self.rate * BURST,
+                            self.paid + max(0.0, now - self.stamp) * self.rate)
         self.stamp = now
 
-    def take(self, n: int) -> None:
-        """Take ``n`` bytes now (the bucket may go into debt)."""
+    def take(self, n: int) -> float:
+        """Take ``n`` bytes now; returns the mark :meth:`wait_time` needs."""
         self._refill()
-        if self.rate is not None:
-            self.tokens -= n
+        self.taken += n
+        if self.rate is None:
+            self.paid = self.taken
+        return self.taken
 
-    def wait_time(self) -> float:
-        """Seconds until the debt is paid at the current rate (0: none)."""
+    def wait_time(self, mark: float) -> float:
+        """Seconds until the bytes up to ``mark`` are paid at the current rate (0: now)."""
         self._refill()
-        if self.rate is None or self.tokens >= 0:
+        if self.rate is None or self.paid >= mark:
             return 0.0
-        return -self.tokens / self.rate
+        return (mark - self.paid) / self.rate
 
 
 class Limiter:
@@ -301,9 +314,8 @@ class Limiter:
         buckets = [self._bucket(("", direction))]
         if (peer, direction) in self.schedules:
             buckets.append(self._bucket((peer, direction)))
-        for b in buckets:
-            b.take(n)
-        while (wait := max(b.wait_time() for b in buckets)) > 0:
+        marks = [(b, b.take(n)) for b in buckets]
+        while (wait := max(b.wait_time(m) for b, m in marks)) > 0:
             await asyncio.sleep(min(wait, MAX_SLEEP))
             self._evaluate()
 

@@ -272,11 +272,13 @@ class NodeService:
         return in_force(self.settings().bandwidth_caps,
                         [NodeId.parse(p).compact for p in peers])
 
-    def limits(self) -> dict[str, Any]:
+    def limits(self, caps: dict[str, str] | None = None) -> dict[str, Any]:
         """The caps as configured (scope -> schedule) and the rates in force now."""
-        peers = [p["node_id"] for p in self.node.catalog.peers()]
-        return {"caps": dict(self.settings().bandwidth_caps),
-                "in_force": self.caps_in_force(peers)}
+        from .ratelimit import in_force
+
+        caps = dict(self.settings().bandwidth_caps if caps is None else caps)
+        peers = [NodeId.parse(p["node_id"]).compact for p in self.node.catalog.peers()]
+        return {"caps": caps, "in_force": in_force(caps, peers)}
 
     def set_limit(self, scope: object, schedule: object) -> dict[str, Any]:
         """Set the cap of one scope (``in``, ``out``, ``NODEID:in``, ``NODEID:out``) to a
@@ -290,7 +292,7 @@ class NodeService:
             raise UsageError(str(exc)) from None
         caps = {**self.settings().bandwidth_caps, name: text}
         self.patch_config({"bandwidth_caps": caps})
-        return {"scope": name, "schedule": text, **self.limits()}
+        return {"scope": name, "schedule": text, **self.limits(caps)}
 
     def clear_limit(self, scope: object) -> dict[str, Any]:
         """Remove the cap of one scope (unlimited from then on)."""
@@ -305,7 +307,7 @@ class NodeService:
             raise NotFound(f"no cap is set for {name}")
         del caps[name]
         self.patch_config({"bandwidth_caps": caps})
-        return {"scope": name, **self.limits()}
+        return {"scope": name, **self.limits(caps)}
 
     def settings(self) -> Settings:
         return self.runtime.settings if self.runtime is not None else self.node.settings()
