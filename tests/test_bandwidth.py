@@ -142,3 +142,20 @@ async def test_a_cap_holds_on_a_real_sync_and_a_new_schedule_applies_at_once(
     assert status["bandwidth"]["in"] == "6MB/s"
     assert status["peers"][0]["cap"] == {"in": "unlimited", "out": "unlimited"}
     assert (b.data / "config.toml").read_text().count("6MB/s") == 1  # persisted
+
+
+async def test_limiter_follows_its_schedule_on_an_injected_clock() -> None:
+    t, when = [0.0], [MON_8.replace(hour=18, minute=59)]
+    limiter = Limiter({"in": "2MB/s 07:00-19:00 Mon-Fri, unlimited otherwise",
+                       "P56IOI7-MZJNU2Y-IQGDREY-DM2MGTI-MGL3BXN-PQ6W5BM-TBBZ4TJ-XZWICQ2:out":
+                           "1MB/s"},
+                      clock=lambda: t[0], local_time=lambda: when[0])
+    peer = "P56IOI7MZJNU2YIQGDREYDM2MGTIMGL3BXNPQ6W5BMTBBZ4TJXZWICQ2"
+    await limiter.consume(peer, "in", 0)
+    assert limiter.buckets[("", "in")].rate == 2e6
+    assert limiter.in_force([peer])[f"{peer}:out"] == "1MB/s"
+    when[0] = when[0].replace(hour=19, minute=0)  # the window ends
+    t[0] += 1.0  # schedules are looked at once a second
+    await limiter.consume(peer, "in", 0)
+    assert limiter.buckets[("", "in")].rate is None
+    assert limiter.in_force()["in"] == "unlimited"
