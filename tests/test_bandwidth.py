@@ -12,7 +12,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from syncsupport import import_files, make_dicom, pull_from, uid, url_of, wait_for
+from syncsupport import cli, cli_json, import_files, make_dicom, pull_from, uid, url_of, wait_for
 
 from syncnode.apikeys import KeyStore
 from syncnode.local import LocalNode
@@ -26,6 +26,7 @@ from syncnode.ratelimit import (
     in_force,
     parse_rate,
 )
+from syncnode.service import NodeService
 
 StartNode = Callable[..., Awaitable[RunningNode]]
 MON_8 = dt.datetime(2026, 12, 7, 8, 0)  # a Monday
@@ -129,6 +130,12 @@ async def test_a_cap_holds_on_a_real_sync_and_a_new_schedule_applies_at_once(
         async with http.put(api, json={"schedule": "2 parsecs"},
                             headers={"X-API-Key": key}) as resp:
             assert resp.status == 400
+        reader = KeyStore(b.data).rotate("read")
+        async with http.put(api, json={"schedule": "1MB/s"},
+                            headers={"X-API-Key": reader}) as resp:
+            assert resp.status == 403  # changing a cap needs the admin role
+        async with http.get(api.removesuffix("/in"), headers={"X-API-Key": reader}) as resp:
+            assert resp.status == 200 and (await resp.json())["in_force"]["in"] == "6MB/s"
     assert answer["in_force"]["in"] == "6MB/s"
     await asyncio.sleep(1.5)  # "within a second or two"
     t2, n2 = time.monotonic(), received()
@@ -159,3 +166,15 @@ async def test_limiter_follows_its_schedule_on_an_injected_clock() -> None:
     await limiter.consume(peer, "in", 0)
     assert limiter.buckets[("", "in")].rate is None
     assert limiter.in_force()["in"] == "unlimited"
+
+
+def test_limit_commands(new_node: Callable[[str], LocalNode]) -> None:
+    node = new_node("n")
+    cli("limit", "set", "in", "2MB/s 00:00-24:00 Mon-Sun", data=node.data)
+    bad = cli("limit", "set", "sideways", "2MB/s", data=node.data, check=False)
+    assert bad.returncode == 2 and "scope" in bad.stderr
+    shown = cli_json("limit", "show", data=node.data)
+    assert shown["caps"] == {"in": "2MB/s 00:00-24:00 Mon-Sun"}
+    assert shown["in_force"] == {"in": "2MB/s", "out": "unlimited"}
+    assert NodeService(node).status()["bandwidth"] == {"in": "2MB/s", "out": "unlimited"}
+    assert cli("limit", "clear", "out", data=node.data, check=False).returncode == 1
