@@ -85,8 +85,10 @@ def request_for(path: str, method: str, sop: str) -> tuple[str, dict | None]:
                         ("{instance}", "1.2.3.4.5.8"), ("{frames}", "1"),
                         ("{tag}", "7FE00010")):
         concrete = concrete.replace(name, value)
+    concrete = concrete.replace("{scope}", "in")
     body = {("/api/v1/nodes", "post"): {"node_id": untrusted, "url": "https://127.0.0.1:1"},
-            ("/api/v1/config", "patch"): {"sync_interval": 4.0}}.get((path, method))
+            ("/api/v1/config", "patch"): {"sync_interval": 4.0},
+            ("/api/v1/limits/{scope}", "put"): {"schedule": "50MB/s"}}.get((path, method))
     return concrete, body
 
 
