@@ -496,3 +496,29 @@ def test_audit_entries_name_uids_only(node: Node) -> None:
     received = [e for e in entries if e["action"] == "received" and e["actor"].startswith("api:")]
     assert received
     assert node.study.patient_id not in text and "TEST^" not in text
+
+
+def test_frames_of_large_instances_are_read_from_the_file(node: Node,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """Over the in-memory limit, frames come from their offsets in the verified file (the
+    limit is lowered here so that small test files take that path)."""
+    from syncnode.dicomweb import wado
+
+    monkeypatch.setattr(wado, "IN_MEMORY", 1024)
+    c = node.client()
+    ct = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+    assert c.retrieve_instance_frames(ct.StudyInstanceUID, ct.SeriesInstanceUID,
+                                      ct.SOPInstanceUID, [1]) == [ct.PixelData]
+    rle = pydicom.dcmread(TEST_FILES / "SC_rgb_rle_2frame.dcm")
+    stored = list(pydicom.encaps.generate_frames(rle.PixelData, number_of_frames=2))
+    assert c.retrieve_instance_frames(
+        rle.StudyInstanceUID, rle.SeriesInstanceUID, rle.SOPInstanceUID, [2],
+        media_types=(("image/dicom-rle", "1.2.840.10008.1.2.5"),)) == [stored[1]]
+    meta = c.retrieve_instance_metadata(rle.StudyInstanceUID, rle.SeriesInstanceUID,
+                                        rle.SOPInstanceUID)
+    assert meta["7FE00010"]["BulkDataURI"].endswith("/bulk/7FE00010")
+    # whole instances stream a verified piece at a time: the same bytes
+    resp = requests.get(f"{node.base}/dicom-web/studies/{ct.StudyInstanceUID}",
+                        headers={"X-API-Key": node.read}, timeout=30)
+    assert [p for _, p in _parts(resp)] == [blob_bytes(node, ct.SOPInstanceUID)]

@@ -6,7 +6,9 @@
   Asking for another transfer syntax is 406: nothing is transcoded here.
 - **Metadata** is each instance's data set as DICOM JSON, bulk data (pixel data included)
   by ``BulkDataURI`` pointing at this node's ``.../bulk/{tag}`` route.
-- **Frames**: native pixel data is sliced; encapsulated pixel data gives the frame's
+- **Frames**: native pixel data is sliced (for an instance over ``IN_MEMORY``, each frame
+  read at its offset in the verified file; encapsulated ones frame by frame from the file:
+  memory holds the asked frames, not the pixel data); encapsulated pixel data gives the frame's
   fragments in the stored syntax (``image/jpeg``, ``image/jp2``, ``image/jls``,
   ``image/dicom-rle`` ...). ``application/octet-stream`` with an explicit uncompressed
   syntax is decoded when the stored syntax is lossless and decodable here, else 406.
@@ -19,7 +21,9 @@ thread. Errors are :class:`WadoError` with the HTTP status to answer.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +39,7 @@ from .multipart import parse_media
 
 IN_MEMORY = 16 << 20  # an instance up to this size is read (verified) into memory at once
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
+DEFLATED = "1.2.840.10008.1.2.1.99"
 # stored syntax -> frame media type (PS3.18 table 8.7.3-2)
 FRAME_MEDIA = {
     "1.2.840.10008.1.2.4.50": "image/jpeg", "1.2.840.10008.1.2.4.51": "image/jpeg",
@@ -209,18 +214,38 @@ def frames(store: BlobStore, inst: Instance, numbers: list[int],
     media, ts, decode = _choose(accept, stored_ts)
     if decode:
         return Frames(media, ts, [_decoded_frame(ds, n - 1) for n in numbers])
+    raw = ds.get_item(0x7FE00010, keep_deferred=True)
+    on_disk = (inst.size > IN_MEMORY and stored_ts != DEFLATED
+               and getattr(raw, "value", b"") is None)  # deferred: still in the file
     if stored_ts in FRAME_MEDIA:
         from pydicom.encaps import generate_frames
 
         wanted = set(numbers)
         got: dict[int, bytes] = {}
-        for i, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=count), 1):
-            if i in wanted:
-                got[i] = frame
-            if len(got) == len(wanted):
-                break
+        with contextlib.ExitStack() as stack:
+            if on_disk:  # one frame in memory at a time, read from the verified file
+                source: Any = stack.enter_context(open(store.path(inst.blob), "rb"))
+                source.seek(raw.value_tell)
+            else:
+                source = ds.PixelData
+            for i, frame in enumerate(generate_frames(source, number_of_frames=count), 1):
+                if i in wanted:
+                    got[i] = frame
+                if len(got) == len(wanted):
+                    break
+        if len(got) != len(wanted):
+            raise WadoError(f"instance {inst.sop_instance_uid} holds fewer frames than its "
+                            "Number of Frames", 500)
         return Frames(media, ts, [got[n] for n in numbers])
     size = _native_frame_size(ds)
+    if on_disk:  # native pixel data of a large instance: each frame read at its offset
+        if raw.length < size * count:
+            raise WadoError(f"instance {inst.sop_instance_uid} holds less pixel data than "
+                            "its Rows x Columns x frames", 500)
+        with open(store.path(inst.blob), "rb") as f:
+            parts = [os.pread(f.fileno(), size, raw.value_tell + (n - 1) * size)
+                     for n in numbers]
+        return Frames(media, ts, parts)
     data = ds.PixelData
     if len(data) < size * count:
         raise WadoError(f"instance {inst.sop_instance_uid} holds less pixel data than its "
