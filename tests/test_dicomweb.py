@@ -522,3 +522,27 @@ def test_frames_of_large_instances_are_read_from_the_file(node: Node,
     resp = requests.get(f"{node.base}/dicom-web/studies/{ct.StudyInstanceUID}",
                         headers={"X-API-Key": node.read}, timeout=30)
     assert [p for _, p in _parts(resp)] == [blob_bytes(node, ct.SOPInstanceUID)]
+
+
+def test_stow_on_a_full_disk_stores_nothing(node: Node, monkeypatch: pytest.MonkeyPatch
+                                            ) -> None:
+    """The disk filling while a body is spooled: 507, nothing stored, no temp file left."""
+    import errno
+
+    from syncnode.dicomweb import stow
+
+    def full(self: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(stow._Spool, "_flush", full)
+    ds = _new_instance()
+    body = (b"--B\r\nContent-Type: application/dicom\r\n\r\n" + _bytes(ds)
+            + b"\r\n--B--\r\n")
+    status, _, out = curl("-X", "POST", "--data-binary", "@-", "-H",
+                          'Content-Type: multipart/related; type="application/dicom"; '
+                          "boundary=B", "-H", f"X-API-Key: {node.admin}",
+                          f"{node.base}/dicom-web/studies", data=body)
+    assert status == 507 and b"nothing stored" in out
+    assert node.running.node.catalog.instance(ds.SOPInstanceUID) is None
+    assert not [p for p in node.running.node.store.tmp_dir.iterdir()
+                if p.name.startswith("blob-")]

@@ -405,7 +405,7 @@ def _stow(*path: str) -> dict[str, Any]:
             "responses": {"200": _DJSON | {"description": "all stored"},
                           "202": {**_DJSON, "description": "some stored (FailedSOPSequence)"},
                           "409": {**_DJSON, "description": "none stored"},
-                          "400": _ERR, "408": _ERR, "413": _ERR, "415": _ERR}}
+                          "400": _ERR, "408": _ERR, "413": _ERR, "415": _ERR, "507": _ERR}}
 
 
 _INST = f"{ROOT}/studies/{_S}/series/{_SE}/instances/{_I}"

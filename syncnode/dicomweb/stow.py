@@ -19,8 +19,9 @@ Order of work, and why:
 4. The answer (DICOM JSON) lists each stored instance in ``ReferencedSOPSequence`` with its
    RetrieveURL, each refused one in ``FailedSOPSequence`` with a FailureReason: 0xA900
    (identity missing or contradicting itself, or another study than the one in the URL),
-   0xC000 (not an acceptable DICOM file), 0xA700 (the node's disk is full), 0x0110 (other
-   processing failure). 200 when all were stored, 202 when some, 409 when none.
+   0xC000 (not an acceptable DICOM file), 0xA700 (the node's disk is full), 0x0110 (the
+   spooled part could not be read back). 200 when all were stored, 202 when some, 409 when
+   none; 507 when the disk filled while the body was being received (nothing stored).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..blobstore import StagedBlob, StoreFull
+from ..blobstore import LocalStoreError, StagedBlob, StoreFull
 from ..dicomfile import InvalidDicom, InvalidIdentity
 from ..ids import is_uid
 from ..importer import commit_staged, inspect_tmp
@@ -208,6 +209,10 @@ def ingest(node: LocalNode, files: list[tuple[Path, int]], study: str | None
         except StoreFull:
             failed.append((*_identity_of(path), OUT_OF_RESOURCES))
             continue
+        except OSError as exc:  # the spooled part cannot be read back: this part fails
+            failed.append((*_identity_of(path), PROCESSING_FAILURE))
+            log.warning("STOW part not stored: %s", type(exc).__name__)
+            continue
         if study is not None and attrs["study_instance_uid"] != study:
             failed.append((attrs["sop_class_uid"], attrs["sop_instance_uid"], DOES_NOT_MATCH))
             staged.tmp.unlink(missing_ok=True)
@@ -245,6 +250,10 @@ async def handle(request: web.Request, node: LocalNode, study: str | None, *, ba
         spool.discard()
         audit("failure", reason="malformed multipart")
         return _error(400, f"nothing stored: {exc}")
+    except (StoreFull, LocalStoreError) as exc:
+        spool.discard()
+        audit("failure", reason="store full" if isinstance(exc, StoreFull) else "store error")
+        return _error(507, f"nothing stored: {exc}; free space on the node's data disk")
     except BaseException:
         spool.discard()
         raise
