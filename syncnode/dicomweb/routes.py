@@ -162,7 +162,10 @@ class DicomWeb:
             ds = dcmread(self.node.store.path(inst.blob), stop_before_pixels=True,
                          specific_tags=list(keywords) if keywords is not None else None,
                          force=True)
-        except (OSError, InvalidDicomError, ValueError, EOFError):
+        except (OSError, InvalidDicomError, ValueError, EOFError) as exc:
+            # the answer then has the catalog's attributes only (never the search refused)
+            log.warning("QIDO: header of blob %s unreadable (%s)", inst.blob,
+                        type(exc).__name__)
             return None
         return dataset_json(ds, lambda tag: f"{wado.instance_url(base, inst)}/bulk/{tag}")
 
