@@ -546,3 +546,21 @@ def test_stow_on_a_full_disk_stores_nothing(node: Node, monkeypatch: pytest.Monk
     assert node.running.node.catalog.instance(ds.SOPInstanceUID) is None
     assert not [p for p in node.running.node.store.tmp_dir.iterdir()
                 if p.name.startswith("blob-")]
+
+
+def test_a_damaged_blob_is_never_sent(node: Node) -> None:
+    ds = _new_instance()
+    node.client(node.admin).store_instances([ds])
+    inst = node.running.node.catalog.instance(ds.SOPInstanceUID)
+    assert inst is not None
+    path = node.running.node.store.path(inst.blob)
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF  # one pixel byte flipped on disk
+    path.chmod(0o644)
+    path.write_bytes(bytes(data))
+    url = (f"{node.base}/dicom-web/studies/{ds.StudyInstanceUID}/series/"
+           f"{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}")
+    for suffix in ("", "/frames/1", "/metadata", "/rendered"):
+        status, _, body = curl("-H", f"X-API-Key: {node.read}", url + suffix)
+        assert status == 500 and b"verify --repair" in body, (suffix, status)
+        assert bytes(data[-2000:]) not in body

@@ -33,7 +33,7 @@ from .multipart import PART_END, closing, content_type, new_boundary, part_head
 log = logging.getLogger("syncnode.dicomweb")
 ROOT = "/dicom-web"
 DICOM_JSON = "application/dicom+json"
-READ_AHEAD = 6  # small instances read and verified ahead of the one being sent
+READ_AHEAD = 3  # groups of small instances read and verified ahead of the one being sent
 _S = "{study}"
 _SE = "{series}"
 _I = "{instance}"
@@ -202,36 +202,43 @@ class DicomWeb:
         outcome = "failure"
         store = self.node.store
         loop = asyncio.get_running_loop()
-        window: deque[asyncio.Future[bytes] | None] = deque()
-        ahead = iter(instances)
+        groups = wado.read_groups(instances)
+        window: deque[asyncio.Future[list[bytes]] | None] = deque()
+        ahead = iter(groups)
 
         def refill() -> None:
-            """Keep up to READ_AHEAD small instances being read and verified in worker
-            threads while earlier ones are written (large ones are read when their turn
-            comes, a piece at a time)."""
+            """Keep up to READ_AHEAD groups of small instances being read and verified in
+            worker threads while earlier ones are written (one thread hop per group, not
+            per instance; a large instance is read when its turn comes, a piece at a time)."""
             while len(window) < READ_AHEAD:
-                inst = next(ahead, None)
-                if inst is None:
+                group = next(ahead, None)
+                if group is None:
                     return
-                window.append(None if inst.size > wado.IN_MEMORY else
-                              loop.run_in_executor(None, wado.read_whole, store, inst))
+                window.append(None if group[0].size > wado.IN_MEMORY else
+                              loop.run_in_executor(None, wado.read_group, store, group))
 
         try:
             refill()
             if window[0] is not None:
                 await asyncio.shield(window[0])  # a damaged first instance: a clean 500
             await resp.prepare(request)
-            for head, inst in zip(heads, instances, strict=True):
+            numbered = iter(heads)
+            for group in groups:
                 current = window.popleft()
                 refill()
-                await resp.write(head)
                 if current is not None:
-                    await resp.write(await current)
-                else:
-                    pieces: Iterator[bytes] = wado.instance_pieces(store, inst)
-                    while (piece := await loop.run_in_executor(None, next, pieces, None)
-                           ) is not None:
-                        await resp.write(piece)
+                    for inst, data in zip(group, await current, strict=True):
+                        await resp.write(next(numbered))
+                        await resp.write(data)
+                        await resp.write(PART_END)
+                        sent += inst.size
+                    continue
+                (inst,) = group
+                await resp.write(next(numbered))
+                pieces: Iterator[bytes] = wado.instance_pieces(store, inst)
+                while (piece := await loop.run_in_executor(None, next, pieces, None)
+                       ) is not None:
+                    await resp.write(piece)
                 await resp.write(PART_END)
                 sent += inst.size
             await resp.write(end)

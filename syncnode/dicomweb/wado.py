@@ -122,6 +122,32 @@ def read_whole(store: BlobStore, inst: Instance) -> bytes:
                         500) from exc
 
 
+GROUP_BYTES = 8 << 20  # small instances read in one worker-thread job, up to this size
+GROUP_COUNT = 64
+
+
+def read_groups(instances: list[Instance]) -> list[list[Instance]]:
+    """Consecutive small instances in groups of up to GROUP_BYTES / GROUP_COUNT (read
+    together by :func:`read_group`); each large instance alone. Order is kept."""
+    groups: list[list[Instance]] = []
+    size = 0
+    for inst in instances:
+        small = inst.size <= IN_MEMORY
+        if (small and groups and groups[-1][0].size <= IN_MEMORY
+                and len(groups[-1]) < GROUP_COUNT and size + inst.size <= GROUP_BYTES):
+            groups[-1].append(inst)
+            size += inst.size
+        else:
+            groups.append([inst])
+            size = inst.size
+    return groups
+
+
+def read_group(store: BlobStore, group: list[Instance]) -> list[bytes]:
+    """The stored bytes of a group of small instances, each verified."""
+    return [read_whole(store, inst) for inst in group]
+
+
 def load(store: BlobStore, inst: Instance, *, pixels: bool = True) -> Dataset:
     """The stored data set, read only after its bytes were verified. Large instances are
     read from the file with their big values deferred (left on disk until used)."""
