@@ -278,6 +278,8 @@ async def test_the_viewer_has_its_own_policy_and_nothing_off_origin(served: Serv
     assert directives["frame-ancestors"] == "'none'" and directives["object-src"] == "'none'"
     assert not re.search(r"https?:|wss?:|\*", csp), csp  # this origin only
     assert r.headers["X-Frame-Options"] == "DENY"
+    assert r.headers["Cross-Origin-Embedder-Policy"] == "require-corp"  # isolated: shared
+    assert r.headers["Cross-Origin-Opener-Policy"] == "same-origin"      # memory for volumes
     async with aiohttp.ClientSession() as c, c.get(served.base + "/") as r:
         assert "unsafe" not in r.headers["Content-Security-Policy"]  # the dashboard's: strict
         assert 'href="/viewer/"' in await r.text()  # the dashboard links to the viewer

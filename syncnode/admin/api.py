@@ -161,6 +161,9 @@ class AdminAPI:
             response.headers[name] = value
         if request.get(VIEWER_CSP):  # the viewer's own policy (syncnode.admin.viewer)
             response.headers["Content-Security-Policy"] = request[VIEWER_CSP]
+            # Cross-origin isolation (with the COOP above): shared memory for the
+            # viewer's volume rendering; everything it loads is same-origin anyway.
+            response.headers["Cross-Origin-Embedder-Policy"] = "require-corp"
         if request.path.startswith("/api/"):
             response.headers["Cache-Control"] = "no-store"
         for name in [h for h in response.headers if h.lower().startswith("access-control-")]:

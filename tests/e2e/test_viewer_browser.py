@@ -127,6 +127,8 @@ async def test_viewer_lists_opens_and_draws_a_study(tmp_path: Path) -> None:
                 await page.fill("#login-key", key)
                 await page.click("#login-form button")
                 await page.wait_for_url(f"{base}/viewer/**", timeout=15_000)
+                # COOP + COEP: shared memory for volume rendering (OHIF's debug page checks it)
+                assert await page.evaluate("window.crossOriginIsolated") is True
                 for description, _ in studies.values():  # the study list, from QIDO-RS
                     await page.get_by_text(description, exact=True).first.wait_for(
                         timeout=30_000)
