@@ -17,7 +17,10 @@ stored (see :meth:`syncnode.catalog.Catalog.apply`):
    node listed in ``may_delete``; with ``delete_authority="any"``, any authentic delete
    does (the behaviour before this policy existed). A delete without authority over a
    put is still stored and relayed (its author did say it; other nodes may list that
-   author) but does not remove that put here.
+   author) but does not remove that put here. A node that renewed its certificate
+   (:mod:`syncnode.renewal`) has a new id; ``lineage`` maps each renewed id to the first id
+   of its chain, and authority compares lineages: the renewed node may delete what it put
+   under its old id, and a ``may_delete`` entry covers every id of its lineage.
 4. **Bounded unknown tombstones.** A delete naming put ids this node has not seen yet
    waits for them in a bounded table: at most ``max_unknown_per_origin`` such names per
    origin and ``max_unknown_total`` in all, each forgotten after ``unknown_ttl_s``. A
@@ -27,6 +30,7 @@ stored (see :meth:`syncnode.catalog.Catalog.apply`):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -49,11 +53,20 @@ class Policy:
     max_unknown_per_origin: int = DEFAULT_MAX_UNKNOWN_PER_ORIGIN
     max_unknown_total: int = DEFAULT_MAX_UNKNOWN_TOTAL
     unknown_ttl_s: float = DEFAULT_UNKNOWN_TTL_S
+    lineage: Mapping[str, str] = field(default_factory=dict)  # renewed id -> first id
 
     def may_remove(self, delete_origin: str, put_origin: str) -> bool:
         """Whether a delete made by ``delete_origin`` removes a put made by ``put_origin``."""
-        return (self.delete_authority == "any" or delete_origin == put_origin
-                or delete_origin == self.local_node or delete_origin in self.may_delete)
+        if (self.delete_authority == "any" or delete_origin == put_origin
+                or delete_origin == self.local_node or delete_origin in self.may_delete):
+            return True
+        if not self.lineage:
+            return False
+        root = self.lineage.get
+        author = root(delete_origin, delete_origin)
+        return (author == root(put_origin, put_origin)
+                or author == root(self.local_node, self.local_node)
+                or any(root(m, m) == author for m in self.may_delete))
 
     def unsigned_refusal(self, origin: str) -> str | None:
         """Why an unsigned event of ``origin`` is refused, or None if it is taken."""

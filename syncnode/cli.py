@@ -142,6 +142,10 @@ def init(data: DataOpt = DEFAULT_DATA,
          ca: Annotated[Path | None, typer.Option(
              help="Folder of a cluster CA (from `syncnode ca init`) to sign this node's "
                   "certificate: nodes signed by one CA trust each other.")] = None,
+         csr: Annotated[Path | None, typer.Option(
+             help="Instead of a certificate, write a signing request to this file for the "
+                  "cluster CA to sign on its own machine; finish with `syncnode cert "
+                  "install`.")] = None,
          json_out: JsonOpt = False) -> None:
     """Create a node: data folder, key and certificate, config file, API keys. Prints the
     node id and the two admin API keys (read-only and admin): they are shown only now,
@@ -152,11 +156,28 @@ def init(data: DataOpt = DEFAULT_DATA,
     from .tls.errors import IdentityError
     from .tls.identity import load_ca
 
+    if csr is not None:
+        from .tls.issuance import make_request
+
+        if (data / "node.crt").exists():
+            fail(f"{data} already holds a node; renew it with `syncnode cert csr`")
+        try:
+            csr.write_bytes(make_request(data))
+        except (OSError, IdentityError) as exc:
+            fail(str(exc))
+        out.print(f"Wrote the signing request {csr} (the key stays in {data}).")
+        out.print(f"On the CA's machine: syncnode ca sign {csr.name} --out node.crt")
+        out.print(f"Then here: syncnode cert install node.crt --ca-cert ca.crt --data {data}")
+        return
     try:
         authority = load_ca(ca) if ca else None
         node = LocalNode.init(data, ca=authority)
     except IdentityError as exc:
         fail(str(exc))
+    _created(node, data, json_out)
+
+
+def _created(node: LocalNode, data: Path, json_out: bool) -> None:
     if json_out:
         print_json({"node_id": str(node.node_id), "data": str(data.resolve()),
                     "api_keys": node.new_api_keys})
@@ -175,6 +196,60 @@ def init(data: DataOpt = DEFAULT_DATA,
                   f'{shlex.quote(str(data / "config.toml"))}', markup=False, highlight=False)
         out.print("  (or SYNCNODE_ALLOWED_AES='[\"MODALITY1\"]'; AE@HOST also requires that "
                   "address)", markup=False, highlight=False)
+
+
+@ca_app.command("sign")
+def ca_sign(csr: Annotated[Path, typer.Argument(help="The node's signing request "
+                                                     "(from `syncnode cert csr`).")],
+            out_file: Annotated[Path, typer.Option("--out", help="Where to write the node's "
+                                                   "certificate (PEM).")],
+            ca: Annotated[Path, typer.Option("--ca", help="Folder of the CA (ca.key, ca.crt).")]
+            = Path("ca")) -> None:
+    """Issue a node certificate from a CSR, on the machine that holds ca.key (which never
+    leaves it). The node installs it with `syncnode cert install CERT --ca-cert ca.crt`.
+
+    Example: syncnode ca sign site-b.csr --ca /secure/ca --out site-b.crt
+    """
+    from .nodeid import NodeId
+    from .tls.certificates import der_to_pem
+    from .tls.errors import NodeTLSError
+    from .tls.identity import load_ca
+    from .tls.issuance import sign_request
+
+    try:
+        authority = load_ca(ca)
+        der = sign_request(authority, csr.read_bytes())
+        out_file.write_bytes(der_to_pem(der))
+    except OSError as exc:
+        fail(f"{exc.filename or csr}: {exc.strerror or exc}")
+    except NodeTLSError as exc:
+        fail(str(exc))
+    out.print(f"Issued {out_file} for node {NodeId.from_certificate_der(der)}")
+    out.print(f"On the node: syncnode cert install {out_file.name} --ca-cert "
+              f"{authority.cert_path.name}")
+
+
+@ca_app.command("revoke")
+def ca_revoke(what: Annotated[str, typer.Argument(metavar="CERT_OR_ID", help="The node's "
+                                                  "certificate file or its node id.")],
+              ca: Annotated[Path, typer.Option("--ca", help="Folder of the CA.")]
+              = Path("ca")) -> None:
+    """Revoke a node certificate this CA issued: rewrites CA/crl.pem. Copy that file into
+    every node's data folder (or where its crl_file setting points); running nodes re-read
+    it at their next handshake, no restart needed.
+
+    Example: syncnode ca revoke P56IOI7-MZJNU2Y-... --ca /secure/ca
+    """
+    from .tls.errors import NodeTLSError
+    from .tls.identity import load_ca
+    from .tls.issuance import revoke
+
+    try:
+        node, crl = revoke(load_ca(ca), what)
+    except NodeTLSError as exc:
+        fail(str(exc))
+    out.print(f"Revoked {node}; revocation list: {crl}")
+    out.print("Copy it to every node's data folder as crl.pem (or its crl_file setting).")
 
 
 @ca_app.command("init")
@@ -402,6 +477,141 @@ def verify(data: DataOpt = DEFAULT_DATA, json_out: JsonOpt = False,
         raise typer.Exit(EXIT_PROBLEMS)
 
 
+cert_app = typer.Typer(help="This node's certificate: renew it, or have the cluster CA "
+                            "sign it.", no_args_is_help=True)
+app.add_typer(cert_app, name="cert")
+
+
+@cert_app.command("renew")
+def cert_renew(data: DataOpt = DEFAULT_DATA,
+               grace_days: Annotated[float | None, typer.Option(
+                   help="Days the old certificate stays accepted by peers (default: the "
+                        "cert_grace_days setting, 30).")] = None,
+               json_out: JsonOpt = False) -> None:
+    """Give this node a new key and certificate (self-signed). The old key signs a
+    statement naming the new one; peers that trust this node check it and trust the new
+    certificate by themselves at their next contact. The node id changes (it is the
+    certificate's SHA-256); events signed before keep verifying. Stop `run` first.
+
+    Example: syncnode cert renew --data /srv/syncnode
+    """
+    from .renewal import RenewalError, renew
+    from .tls.errors import NodeTLSError
+
+    node = open_node(data)
+    grace = grace_days if grace_days is not None else node.settings().cert_grace_days
+    try:
+        done = renew(node, grace)
+    except (RenewalError, NodeTLSError) as exc:
+        fail(str(exc))
+    _renewed(data, done, json_out)
+
+
+def _renewed(data: Path, done: Any, json_out: bool) -> None:
+    import time
+
+    audit_write(data, "trust-add", subject=done.new.compact,
+                reason=f"certificate renewed from {done.old.compact}")
+    if json_out:
+        print_json(done.to_dict())
+        return
+    out.print(f"Renewed: node id {done.old} is now {done.new}")
+    out.print(f"Peers that trust the old id learn the new one at their next contact; the old "
+              f"certificate is accepted until "
+              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(done.grace_until))}.")
+
+
+@cert_app.command("csr")
+def cert_csr(out_file: Annotated[Path, typer.Option("--out", help="Where to write the "
+                                                    "signing request (PEM).")],
+             data: DataOpt = DEFAULT_DATA) -> None:
+    """Make a key (kept in the data folder as pending.key) and a certificate signing
+    request for it, for the cluster CA to sign elsewhere (`syncnode ca sign`). Works on a
+    new, empty data folder (then `cert install` creates the node) or on a node (then
+    `cert install` renews it).
+
+    Example: syncnode cert csr --data /srv/syncnode --out site-b.csr
+    """
+    from .tls.errors import NodeTLSError
+    from .tls.issuance import make_request
+
+    try:
+        out_file.write_bytes(make_request(data))
+    except NodeTLSError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"{exc.filename or out_file}: {exc.strerror or exc}")
+    out.print(f"Wrote {out_file}. On the CA's machine: syncnode ca sign {out_file.name} "
+              f"--out node.crt; then here: syncnode cert install node.crt --ca-cert ca.crt")
+
+
+@cert_app.command("install")
+def cert_install(cert: Annotated[Path, typer.Argument(help="The certificate the CA issued "
+                                                      "for this node's pending.key.")],
+                 data: DataOpt = DEFAULT_DATA,
+                 ca_cert: Annotated[Path | None, typer.Option(
+                     "--ca-cert", help="The cluster CA's certificate (ca.crt): this node "
+                                       "then trusts every node the CA signed.")] = None,
+                 grace_days: Annotated[float | None, typer.Option(
+                     help="When renewing: days the old certificate stays accepted.")] = None,
+                 json_out: JsonOpt = False) -> None:
+    """Install a certificate signed from `cert csr`: creates the node in a new data folder,
+    or renews an existing node (like `cert renew`, with the CA's certificate).
+
+    Example: syncnode cert install site-b.crt --ca-cert ca.crt --data /srv/syncnode
+    """
+    from cryptography.exceptions import InvalidSignature
+
+    from .renewal import RenewalError, renew
+    from .tls.certificates import coerce_der, der_to_pem, is_ca, parse_der
+    from .tls.errors import NodeTLSError
+    from .tls.identity import CA_CERT_FILE, load_identity
+    from .tls.issuance import PENDING_KEY_FILE, matching_key
+
+    try:
+        der = coerce_der(cert.read_bytes())
+        key = matching_key(data, der)
+        if key is None:
+            fail(f"{cert} is not for this node's {data / PENDING_KEY_FILE} (make the request "
+                 f"with `syncnode cert csr --data {data}` and have that one signed)")
+        ca_der = None
+        if ca_cert is not None:
+            ca_der = coerce_der(ca_cert.read_bytes())
+            ca_parsed = parse_der(ca_der, str(ca_cert))
+            if not is_ca(ca_parsed):
+                fail(f"{ca_cert} is not a CA certificate")
+            parse_der(der, str(cert)).verify_directly_issued_by(ca_parsed)
+    except OSError as exc:
+        fail(f"{exc.filename or cert}: {exc.strerror or exc}")
+    except NodeTLSError as exc:
+        fail(str(exc))
+    except (InvalidSignature, TypeError, ValueError) as exc:
+        fail(f"{cert} was not issued by {ca_cert} ({type(exc).__name__})")
+    if ca_der is not None:
+        from .durable import atomic_write
+
+        atomic_write(data / CA_CERT_FILE, der_to_pem(ca_der), 0o644)
+    if (data / "node.crt").exists():
+        node = open_node(data)
+        grace = grace_days if grace_days is not None else node.settings().cert_grace_days
+        try:
+            done = renew(node, grace, cert_der=der, key_path=key)
+        except (RenewalError, NodeTLSError) as exc:
+            fail(str(exc))
+        _renewed(data, done, json_out)
+        return
+    from .durable import atomic_write
+
+    atomic_write(data / "node.crt", der_to_pem(der), 0o644)
+    key.rename(data / "node.key")
+    try:
+        load_identity(data)
+        node = LocalNode.init(data, adopt_identity=True)
+    except NodeTLSError as exc:
+        fail(str(exc))
+    _created(node, data, json_out)
+
+
 peer_app = typer.Typer(help="Manage the trusted peers.", no_args_is_help=True)
 app.add_typer(peer_app, name="peer")
 
@@ -442,13 +652,18 @@ def peer_add(
 
 @peer_app.command("list")
 def peer_list(data: DataOpt = DEFAULT_DATA, json_out: JsonOpt = False) -> None:
-    """List trusted peers with their sync state."""
+    """List peers with their sync state and why they are trusted: pin, id (pinned on first
+    contact), ca (admitted by the cluster CA: seen dialling us or as the origin of events we
+    hold), denied (removed, or revoked by the CA). A renewed peer shows the id it renewed
+    from."""
     rows = open_service(data).peers()
     if json_out:
         print_json(rows)
         return
     for r in rows:
-        out.print(f"{r['node_id']}  {r['url']}  {r.get('state', 'never contacted')}"
+        out.print(f"{r['node_id']}  {r['url'] or '-'}  {r.get('trusted_by', '')}  "
+                  f"{r.get('state', 'never contacted')}"
+                  + (f"  renewed from {r['renewed_from']}" if r.get("renewed_from") else "")
                   + (f"  last error: {r['last_error']}" if r.get("last_error") else ""))
 
 
@@ -471,7 +686,9 @@ def peer_accept(node_id_arg: Annotated[str, typer.Argument(metavar="NODE_ID")],
 @peer_app.command("remove")
 def peer_remove(node_id_arg: Annotated[str, typer.Argument(metavar="NODE_ID")],
                 data: DataOpt = DEFAULT_DATA) -> None:
-    """Stop trusting a peer: its connections are refused from the next request on."""
+    """Stop trusting a peer: its connections are refused from the next request on. With a
+    cluster CA the id also goes on the deny list (refused at the TLS handshake although the
+    CA signed it); `peer add` lifts that."""
     try:
         peer = open_service(data).remove_peer(node_id_arg)
     except ServiceError as exc:

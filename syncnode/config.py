@@ -157,6 +157,13 @@ class Settings(BaseSettings):
                                                  "certificate must chain to (empty = the "
                                                  "system's CAs)")
     audit_site: str = Field("", description="AuditEnterpriseSiteID in audit messages")
+    # Certificates (syncnode.renewal, syncnode.tls.truststore).
+    cert_grace_days: float = Field(30.0, ge=0, le=3650,
+                                   description="days a renewed certificate's old one stays "
+                                               "accepted (cert renew)")
+    crl_file: str = Field("", description="the cluster CA's revocation list (crl.pem from "
+                                          "`syncnode ca revoke`); empty = crl.pem in the "
+                                          "data folder; re-read when it changes")
     # Rules for received events (syncnode.authority): safe unless the operator widens them.
     may_delete: list[str] = Field(default_factory=list,
                                   description="node ids whose deletes remove instances "

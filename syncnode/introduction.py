@@ -24,6 +24,11 @@ certificate is not pinned.  So the dialling peer, when refused, *introduces* its
    TLS 1.3's CertificateVerify proves it holds the certificate's key before any application
    data flows.
 
+A node that renewed its certificate (:mod:`syncnode.renewal`) introduces its new
+certificate followed by its successor statement (a ``SYNCNODE SUCCESSOR`` PEM block): the
+server adopts it if the statement's old id is one it trusts and the old key signed it
+(``on_successor``, which pins the new certificate and moves the peer's entry to it).
+
 Why this is safe: the node id is the SHA-256 of the certificate, so the id an operator typed
 commits to exactly one certificate; who carried the certificate to us does not matter.
 Pinning it grants nothing by itself - the peer still has to prove possession of the key in
@@ -50,6 +55,7 @@ from .tls.contexts import INTRODUCTION_NAME, probe_ssl_context, verify_peer
 from .tls.errors import CertificateRejected, NodeTLSError, PeerUnreachable, UntrustedPeer
 from .tls.identity import Identity
 from .tls.peercert import host_port
+from .tls.successor import Successor
 from .tls.truststore import TrustStore
 
 __all__ = [
@@ -102,7 +108,7 @@ def _refused(expected: NodeId, identity: Identity, where: str) -> IntroductionRe
 
 
 async def introduce(url: str, identity: Identity, expected: NodeId,
-                    timeout: float = 10.0) -> None:
+                    timeout: float = 10.0, successor: Successor | None = None) -> None:
     """Present our certificate to the peer ``expected`` at ``url`` so that it can pin it.
 
     Returns when the peer answered that it knows our certificate now.  Raises
@@ -110,10 +116,11 @@ async def introduce(url: str, identity: Identity, expected: NodeId,
     id), :class:`~syncnode.tls.errors.UntrustedPeer` when the server at ``url`` is not
     ``expected`` (nothing is sent to it then), :class:`~syncnode.tls.errors.PeerUnreachable`
     when no TLS connection can be made or no answer comes within ``timeout`` seconds.
+    ``successor``: this node's successor statement, sent after its certificate.
     """
     host, port = host_port(url)
     where = f"{host}:{port}"
-    body = identity.cert_pem
+    body = identity.cert_pem + (successor.to_pem() if successor is not None else b"")
     head = (f"POST {INTRODUCTION_PATH} HTTP/1.1\r\nHost: {INTRODUCTION_NAME}\r\n"
             f"Content-Type: application/pem-certificate-chain\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode("ascii")
@@ -177,20 +184,29 @@ def _refuse(request: web.Request, audit: AuditLog | None, node_id: NodeId | None
 
 
 def _admit(trust: TrustStore, trusted_ids: Callable[[], Collection[str]], der: bytes,
-           node_id: NodeId) -> str | None:
+           node_id: NodeId, successor: Successor | None = None,
+           on_successor: Callable[[Successor], object] | None = None) -> str | None:
     """Pin ``der`` if ``node_id`` is trusted and not pinned yet: "pinned", "known" (already
-    pinned) or None (not trusted).  Blocking (file system, catalog): run off the loop."""
+    pinned), "renewed" (its successor statement from a trusted id was adopted) or None (not
+    trusted).  Blocking (file system, catalog): run off the loop."""
     if trust.certificate(node_id) == der:
         return "known"
-    if node_id.compact not in trusted_ids():
-        return None
-    trust.pin(der, node_id)
-    return "pinned"
+    trusted = trusted_ids()
+    if node_id.compact in trusted:
+        trust.pin(der, node_id)
+        return "pinned"
+    if successor is not None and on_successor is not None and successor.new == node_id \
+            and successor.cert_der == der and successor.old.compact in trusted:
+        on_successor(successor)  # raises SuccessorRejected if its old key did not sign it
+        return "renewed"
+    return None
 
 
 async def serve_introduction(request: web.Request, trust: TrustStore,
                              trusted_ids: Callable[[], Collection[str]],
-                             audit: AuditLog | None = None) -> web.StreamResponse:
+                             audit: AuditLog | None = None,
+                             on_successor: Callable[[Successor], object] | None = None
+                             ) -> web.StreamResponse:
     """Answer a request that arrived on a connection without a client certificate.
 
     ``trusted_ids()`` gives the compact node ids the operator trusts (blocking; it is called
@@ -209,6 +225,7 @@ async def serve_introduction(request: web.Request, trust: TrustStore,
         async with asyncio.timeout(BODY_TIMEOUT):
             body = await request.content.readexactly(length)
         der = coerce_der(body)
+        successor = Successor.from_pem(body)
     except (TimeoutError, asyncio.IncompleteReadError):
         return _refuse(request, audit, None, "its introduction did not arrive in time",
                        "body not received in time")
@@ -218,13 +235,21 @@ async def serve_introduction(request: web.Request, trust: TrustStore,
     node_id = NodeId.from_certificate_der(der)
     try:
         outcome = await asyncio.get_running_loop().run_in_executor(
-            None, _admit, trust, trusted_ids, der, node_id)
+            None, _admit, trust, trusted_ids, der, node_id, successor, on_successor)
     except NodeTLSError as exc:  # e.g. a CA or an expired certificate for a trusted id
         return _refuse(request, audit, node_id, f"its certificate cannot be pinned: {exc}",
                        "certificate cannot be pinned")
     if outcome is None:
         return _refuse(request, audit, node_id, f"its node id is not trusted here. To trust "
                        f"it: syncnode peer add {node_id} URL", "node id not trusted")
+    if outcome == "renewed" and successor is not None:
+        address = _address(request)
+        log.info("peer %s renewed its certificate: now %s (introduced from %s)",
+                 successor.old, node_id, address)
+        if audit is not None:
+            audit.record("trust-add", "node", subject=node_id.compact, remote=address,
+                         reason=f"renewal: successor of {successor.old.compact}, signed by "
+                                f"its key")
     if outcome == "pinned":
         address = _address(request)
         log.info("pinned the certificate of peer %s, introduced from %s", node_id, address)

@@ -96,9 +96,12 @@ async def offload_to(pool: Executor, fn: Callable[P, T], *args: P.args,
         pool, functools.partial(local_errors, fn, *args, **kwargs))
 
 
-def policy_of(settings: Settings, node_id: str) -> Policy:
-    """The received-event rules a node's settings ask for (see syncnode.authority)."""
+def policy_of(settings: Settings, node_id: str,
+              lineage: dict[str, str] | None = None) -> Policy:
+    """The received-event rules a node's settings ask for (see syncnode.authority);
+    ``lineage``: renewed ids -> their first id (see syncnode.renewal)."""
     return Policy(local_node=node_id, may_delete=frozenset(settings.may_delete),
+                  lineage=dict(lineage or {}),
                   delete_authority=settings.delete_authority,
                   accept_unsigned=settings.accept_unsigned_events,
                   max_clock_skew_ms=int(settings.max_clock_skew * 1000),
@@ -134,6 +137,10 @@ class LocalNode:
     def __init__(self, data: Path | str) -> None:
         self.data = Path(data)
         cert = self.data / "node.crt"
+        if (self.data / "previous" / "next.crt").exists():  # a renewal a crash interrupted
+            from .renewal import finish_renewal
+
+            finish_renewal(self.data)
         if not cert.is_file():
             raise NodeNotInitialised(self.data)
         # The node id is the SHA-256 of the certificate: no X.509 parsing (and ~50 ms less
@@ -143,6 +150,7 @@ class LocalNode:
         self.new_api_keys: dict[str, str] = {}  # role -> key, when just created by init
         self._trust: TrustStore | None = None
         self._signer: Signer | None = None
+        self._settings: Settings | None = None  # as given to configure()
         node_id = NodeId.from_certificate_pem(cert.read_bytes())
         self.node_id = node_id if node_id is not None else self.identity.node_id
         self.store = BlobStore(self.data)
@@ -172,10 +180,23 @@ class LocalNode:
         return self._signer
 
     def configure(self, settings: Settings) -> None:
-        """Take the rules for received events from the settings; if the delete-authority
-        rules changed since the tombstones were made, make them follow the new ones
-        (:meth:`Catalog.reconcile_authority`) and collect the blobs that freed."""
-        self.catalog.policy = policy_of(settings, self.node_id.compact)
+        """Take the rules for received events from the settings (see
+        :meth:`refresh_policy`)."""
+        self._settings = settings
+        if settings.crl_file and self._trust is not None:
+            self._trust.crl_path = self.data / settings.crl_file
+        self.refresh_policy()
+
+    def refresh_policy(self) -> None:
+        """Recompute the rules for received events from the settings and the renewal links
+        (a renewed node's old and new ids are one lineage for delete authority); if the
+        delete-authority rules changed since the tombstones were made, make them follow the
+        new ones (:meth:`Catalog.reconcile_authority`) and collect the blobs that freed."""
+        if self._settings is None:
+            return
+        from .renewal import lineage
+
+        self.catalog.policy = policy_of(self._settings, self.node_id.compact, lineage(self))
         done = self.catalog.reconcile_authority(self.store.has)
         if done.freed_blobs:
             self.catalog.collect_garbage(done.freed_blobs, self.store.delete)
@@ -189,16 +210,39 @@ class LocalNode:
         if self._trust is None:
             from .tls.truststore import TrustStore
 
-            self._trust = TrustStore(self.data)
+            crl = self._settings.crl_file if self._settings is not None else None
+            self._trust = TrustStore(self.data, self.data / crl if crl else None)
         return self._trust
 
+    def previous_identity(self) -> Identity | None:
+        """The identity this node had before it renewed, while the grace period lasts."""
+        from .renewal import PREVIOUS_DIR, statement
+        from .tls.errors import IdentityError
+        from .tls.identity import load_identity
+
+        s = statement(self.data)
+        if s is None or s.new != self.node_id:
+            return None
+        try:
+            return load_identity(self.data / PREVIOUS_DIR)
+        except IdentityError as exc:
+            import logging
+
+            logging.getLogger("syncnode").error("cannot serve the previous certificate: %s",
+                                                exc)
+            return None
+
     @classmethod
-    def init(cls, data: Path | str, ca: CertificateAuthority | None = None) -> LocalNode:
+    def init(cls, data: Path | str, ca: CertificateAuthority | None = None,
+             adopt_identity: bool = False) -> LocalNode:
+        """Create a node in ``data``; ``adopt_identity``: its key and certificate are already
+        there (installed from a signing request), make only the rest."""
         from .tls.identity import create_identity
 
         data = Path(data)
         data.mkdir(parents=True, exist_ok=True, mode=0o700)
-        create_identity(data, ca=ca)
+        if not adopt_identity:
+            create_identity(data, ca=ca)
         from . import config as cfg  # imported here: it costs ~0.2 s of start-up
 
         if not (data / cfg.CONFIG_FILE).exists():

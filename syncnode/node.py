@@ -23,7 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import sdnotify
+from . import renewal, sdnotify
 from .admin.api import AdminAPI, UnsafeBinding, check_binding
 from .admin.auth import TLSSetupError, https_context, is_loopback
 from .admin.feed import EventFeed
@@ -122,9 +122,11 @@ class RunningNode:
         self.peer_server.audit = self.audit
         self.peer_server.max_blob_size = s.max_blob_size
         self.peer_server.limiter = self.limiter
+        self.peer_server.on_trust_changed = self.peers_changed
         runner, site = await start_listener(
             self.peer_server.app, s.peer_host, s.peer_port, limits=self.limits,
-            ssl_context=server_ssl_context(self.node.identity, self.node.trust),
+            ssl_context=server_ssl_context(self.node.identity, self.node.trust,
+                                           self.node.previous_identity),
             sni_contexts={INTRODUCTION_NAME: introduction_ssl_context(self.node.identity)},
             on_refused=self._on_tls_refused, handler_cancellation=True)
         self._runners.append(runner)
@@ -140,6 +142,7 @@ class RunningNode:
         self._tasks.append(asyncio.get_running_loop().create_task(self._refresh_peers()))
         self.engine.on_state = self._on_peer_state
         self.engine.limiter = self.limiter
+        self.engine.on_trust_changed = self.peers_changed
         self.engine.audit = self.audit
         await self._start_dicom()
         await self._start_admin(*admin_tls)
@@ -424,18 +427,24 @@ class RunningNode:
             log.info("bandwidth caps changed in %s: %s", CONFIG_FILE, caps)
             self.apply_settings({"bandwidth_caps": caps})
 
+    def _read_peers_and_root(self) -> tuple[list[dict[str, Any]], Any]:
+        """(Blocking.) The trust list and the Merkle root; on the way, end the grace periods
+        of renewed certificates that are over (ours and our peers')."""
+        if self.node.trust.retire_expired():
+            self.node.refresh_policy()
+        renewal.retire(self.node.data)
+        return self.node.catalog.peers(), self.node.catalog.merkle_root()
+
     async def _refresh_peers(self) -> None:
         """The one watch of local changes: every PEER_REFRESH_SECONDS (or at once when
         :meth:`local_change` asks) read the trust list and the Merkle root off the loop;
         a new root wakes the peers' loops and tells the peers. Never ends on an error."""
         assert self.engine is not None
-        catalog = self.node.catalog
         last_root = None
         while True:
             self._look_now.clear()
             try:
-                peers, root_node = await offload(lambda: (catalog.peers(),
-                                                          catalog.merkle_root()))
+                peers, root_node = await offload(self._read_peers_and_root)
             except Exception as exc:  # e.g. the catalog's disk failing: say so, look again
                 log.error("reading the catalog for the peer refresh failed: %s: %s",
                           type(exc).__name__, exc)

@@ -29,7 +29,7 @@ from typing import Any
 from aiohttp import web
 
 from . import events as ev
-from . import merkle, protocol, wire
+from . import merkle, protocol, renewal, wire
 from .audit import AuditLog, Tally
 from .blobstore import CHUNK_SIZE, BlobError, BlobHashMismatch, BlobMissing, StoreFull
 from .catalog import Catalog
@@ -39,6 +39,7 @@ from .local import LocalNode, offload, offload_to
 from .nodeid import NodeId
 from .protocol import BadRequest
 from .ratelimit import Limiter
+from .tls.successor import Successor
 from .transfer import PartialBlob, TransferError
 
 log = logging.getLogger("syncnode.peer_server")
@@ -70,6 +71,7 @@ class PeerServer:
         self.on_events = on_events  # called after pushed events were applied
         self.on_seen = on_seen  # called with a peer's compact id on each of its requests
         self.on_notify = on_notify  # called when a peer says it has something new
+        self.on_trust_changed: Callable[[], None] | None = None  # thread-safe; after a renewal
         self.compression = "auto"  # "off": never compress answers, even when asked
         self.max_blob_size = MAX_BLOB_SIZE  # bytes of one blob a peer may push
         self.audit: AuditLog | None = None  # where introductions (trust changes) are recorded
@@ -139,12 +141,15 @@ class PeerServer:
         if not der:  # only an introduction connects without a certificate: nothing else
             return await serve_introduction(
                 request, self.node.trust, lambda: {p["node_id"] for p in self.catalog.peers()},
-                self.audit)
+                self.audit, self._adopt_successor)
         if not self._is_trusted(der):
             return _error(403, "peer is not trusted (any more)")
         peer = self._ids.get(der)
         if peer is None:  # one per trusted certificate (cleared with the trust cache)
             peer = self._ids[der] = NodeId.from_certificate_der(der)
+            # a peer the cluster CA admitted is recorded, so that `peer list` shows it and
+            # `peer remove` can deny it
+            await self._run(self._note_admitted, der, peer)
         request[PEER_KEY] = peer
         self.last_seen[peer.compact] = time.time()
         if self.on_seen is not None:
@@ -178,6 +183,19 @@ class PeerServer:
         if verdict is None:
             verdict = self._trusted[der] = self.node.trust.is_trusted(der)
         return verdict
+
+    def _adopt_successor(self, statement: Successor) -> None:
+        """A trusted peer introduced its renewed certificate (blocking: worker thread)."""
+        from .renewal import learn_successor
+
+        if learn_successor(self.node, statement) and self.on_trust_changed is not None:
+            self.on_trust_changed()
+
+    def _note_admitted(self, der: bytes, peer: NodeId) -> None:
+        trust = self.node.trust
+        if trust.certificate(peer) != der and trust.note_seen(der) and self.audit is not None:
+            self.audit.record("trust-add", "node", subject=peer.compact,
+                              reason="admitted by the cluster CA (first connection)")
 
     async def _json(self, request: web.Request) -> Any:
         """The request's JSON body: read (bounded in size and time) on the loop, parsed in
@@ -220,8 +238,12 @@ class PeerServer:
 
         def answer() -> dict[str, Any]:
             root = self._merkle_answer("")
-            return {"node_id": str(self.node.node_id), "version": protocol.VERSION,
-                    "root": root["digest"], "count": root["count"], "merkle": root}
+            hello = {"node_id": str(self.node.node_id), "version": protocol.VERSION,
+                     "root": root["digest"], "count": root["count"], "merkle": root}
+            successor = renewal.statement(self.node.data)  # we renewed: tell who asks
+            if successor is not None:
+                hello["successor"] = successor.to_dict()
+            return hello
 
         return await self._answer(answer)
 

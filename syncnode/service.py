@@ -139,6 +139,7 @@ class NodeService:
         address = check_url(url)
         mode = check_push(push)
         note = ""
+        self.node.trust.undeny(peer)  # trusting it again lifts an earlier `peer remove`
         try:
             der = certificate if certificate is not None else await fetch_peer_certificate(
                 address, self.node.identity, peer, timeout=FETCH_TIMEOUT)
@@ -173,12 +174,23 @@ class NodeService:
         return PeerTrusted(peer, address, True)
 
     def remove_peer(self, node_id: object) -> NodeId:
-        """Stop trusting a peer: its connections are refused from the next request on."""
+        """Stop trusting a peer: its connections are refused from the next request on.
+
+        Its pin goes (and the pin of the id it renewed from); with a cluster CA it is also
+        put on the deny list, so that the CA's signature no longer admits it either (at the
+        TLS handshake). `peer add` takes it off the list again."""
         peer = parse_node_id(node_id)
+        trust = self.node.trust
         known = self.node.catalog.remove_peer(peer.compact)
-        unpinned = self.node.trust.remove(peer)
-        if not (known or unpinned):
+        unpinned = trust.remove(peer)
+        for statement in trust.successors():
+            if statement.new == peer:
+                trust.remove(statement.old)
+        listed = any(row["node_id"] == str(peer) for row in peer_rows(self.node))
+        if not (known or unpinned or listed):
             raise NotFound(f"{peer} is not a trusted peer")
+        if trust.ca_certificate() is not None and not trust.is_denied(peer):
+            trust.deny(peer)
         self._peers_changed()
         return peer
 

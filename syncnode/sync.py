@@ -45,7 +45,7 @@ from typing import Any
 import aiohttp
 
 from . import events as ev
-from . import protocol, wire
+from . import protocol, renewal, wire
 from .audit import AuditLog, Tally
 from .blobstore import (
     CHUNK_SIZE,
@@ -67,6 +67,7 @@ from .sources import Claim, Sources
 from .tls.contexts import client_ssl_context
 from .tls.errors import NodeTLSError
 from .tls.peercert import fetch_peer_certificate
+from .tls.successor import Successor, SuccessorRejected
 from .transfer import PartialBlob, TransferError, stage_whole
 
 log = logging.getLogger("syncnode.sync")
@@ -770,9 +771,25 @@ class PeerSync:
         except aiohttp.ClientError as exc:
             if not refused_our_certificate(exc):
                 raise
+        successor = await offload(renewal.statement, self.node.data)  # we renewed: say so
         await introduce(self.client.base.removesuffix(protocol.PREFIX), self.node.identity,
-                        self.peer_id)
+                        self.peer_id, successor=successor)
         return await self.client.hello()
+
+    async def learn_successor(self, hello: dict[str, Any]) -> None:
+        """The peer renewed its certificate (its hello carries the statement its old key
+        signed): trust the new one, and let the engine move this loop to the new id."""
+        try:
+            statement = Successor.from_dict(hello["successor"])
+            if statement.old != self.peer_id:
+                return  # about another node, or we already dial the new id
+            learned = await offload(renewal.learn_successor, self.node, statement)
+        except SuccessorRejected as exc:
+            log.warning("peer %s announced a successor certificate that is refused: %s",
+                        self.peer_id.short, exc)
+            return
+        if learned and self.engine.on_trust_changed is not None:
+            self.engine.on_trust_changed()
 
     async def sync_once(self) -> None:
         """One round; what it pulled and pushed is one audit entry each (not one per
@@ -797,6 +814,8 @@ class PeerSync:
         hello = await self.hello()
         if hello.get("version") != protocol.VERSION:
             raise ProtocolError(f"peer speaks protocol {hello.get('version')!r}")
+        if "successor" in hello:
+            await self.learn_successor(hello)
         mine = await offload(self.node.catalog.merkle_root)
         st.remote_root, st.local_root = str(hello.get("root", "")), mine.digest.hex()
         if st.remote_root == st.local_root:
@@ -1375,6 +1394,7 @@ class SyncEngine:
     started: float = field(default_factory=time.time)
     on_state: Callable[[PeerState], None] | None = None
     audit: AuditLog | None = None  # one entry per round and peer for what moved
+    on_trust_changed: Callable[[], None] | None = None  # a peer renewed its certificate
 
     def __post_init__(self) -> None:
         self.installer = Installer(self)

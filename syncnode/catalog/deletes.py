@@ -94,8 +94,11 @@ class Deletes(Part):
 
     def _authority_rules(self) -> str:
         p = self.policy
-        return json.dumps({"delete_authority": p.delete_authority,
-                           "may_delete": sorted(p.may_delete)}, sort_keys=True)
+        rules: dict[str, object] = {"delete_authority": p.delete_authority,
+                                    "may_delete": sorted(p.may_delete)}
+        if p.lineage:  # renewed nodes' ids (absent, the rules read as before renewals)
+            rules["lineage"] = sorted(p.lineage.items())
+        return json.dumps(rules, sort_keys=True)
 
     def reconcile_authority(self, blob_present: Callable[[str], bool]) -> Reconciled:
         """Make the tombstones follow the delete-authority rules of :attr:`policy` if they

@@ -119,7 +119,7 @@ def subject_name(common_name: str) -> x509.Name:
 
 def build_certificate(
     *,
-    subject_key: ec.EllipticCurvePrivateKey,
+    subject_key: ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey,
     subject: x509.Name,
     issuer_key: ec.EllipticCurvePrivateKey,
     issuer_cert: x509.Certificate | None,
@@ -137,7 +137,8 @@ def build_certificate(
     else:
         issuer_name = subject
         aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key())
-    public_key = subject_key.public_key()
+    public_key = (subject_key if isinstance(subject_key, ec.EllipticCurvePublicKey)
+                  else subject_key.public_key())
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)

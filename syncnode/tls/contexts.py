@@ -20,6 +20,10 @@ Invariants
   client would be refused (fail closed, never stale).
 * The server issues no session tickets (``num_tickets = 0``): no session resumption, so each
   connection re-verifies the client certificate against the current trust list.
+* A client that dials a node for an expected node id names that id as the TLS server name
+  (:func:`server_name_for`).  A node that renewed its certificate (:mod:`syncnode.renewal`)
+  serves its previous certificate, during the grace period, to a client that names the
+  previous id, and its current certificate to everyone else.
 * Hostnames are not checked: a peer's identity is its node id.  A client that dials a peer for
   an expected node id must check it (:func:`verify_peer`, or ``client_ssl_context(...,
   expected=ID)`` which checks inside the handshake, before any request can be sent).
@@ -32,6 +36,7 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any, Final
@@ -48,6 +53,7 @@ __all__ = [
     "introduction_ssl_context",
     "peer_node_id",
     "probe_ssl_context",
+    "server_name_for",
     "server_ssl_context",
     "verify_peer",
 ]
@@ -68,10 +74,37 @@ handshake_refused: ContextVar[Callable[[str], None] | None] = ContextVar(
     "handshake_refused", default=None)
 
 _VERIFY_FLAGS: Final = ssl.VERIFY_X509_PARTIAL_CHAIN | ssl.VERIFY_X509_STRICT
+_SERVER_NAME_SUFFIX: Final = ".node.syncnode"
+
+
+def server_name_for(node_id: NodeId) -> str:
+    """The TLS server name a client sends when it dials the node ``node_id``."""
+    return node_id.compact.lower() + _SERVER_NAME_SUFFIX
+
+
+class _NamedPeerContext(ssl.SSLContext):
+    """A client context that always sends :attr:`peer_server_name` as the server name."""
+
+    peer_server_name: str | None = None
+
+    def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
+                 server_side: bool = False, server_hostname: str | bytes | None = None,
+                 session: ssl.SSLSession | None = None) -> ssl.SSLObject:
+        return super().wrap_bio(incoming, outgoing, server_side,
+                                self.peer_server_name or server_hostname, session)
+
+    def wrap_socket(self, sock: Any, server_side: bool = False,
+                    do_handshake_on_connect: bool = True, suppress_ragged_eofs: bool = True,
+                    server_hostname: str | bytes | None = None,
+                    session: ssl.SSLSession | None = None) -> ssl.SSLSocket:
+        return super().wrap_socket(sock, server_side, do_handshake_on_connect,
+                                   suppress_ragged_eofs,
+                                   self.peer_server_name or server_hostname, session)
 
 
 def _new_context(identity: Identity, *, server: bool) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    ctx = (ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER) if server
+           else _NamedPeerContext(ssl.PROTOCOL_TLS_CLIENT))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     if not server:
@@ -113,21 +146,40 @@ def _load_trust(ctx: ssl.SSLContext, trust: TrustStore) -> None:
 class _ServerContexts:
     """Builds the per-handshake server context; rebuilt when the trust list changes."""
 
-    def __init__(self, identity: Identity, trust: TrustStore) -> None:
+    def __init__(self, identity: Identity, trust: TrustStore,
+                 previous: Callable[[], Identity | None] | None = None) -> None:
         self.identity = identity
         self.trust = trust
+        self.previous = previous  # the identity before a renewal, while its grace lasts
         self._lock = threading.Lock()
         self._version: TrustVersion | None = None
         self._ctx: ssl.SSLContext | None = None
+        self._previous: tuple[str, ssl.SSLContext] | None = None
+        self._previous_checked = -1.0
 
-    def current(self) -> ssl.SSLContext:
+    def current(self, server_name: str | None = None) -> ssl.SSLContext:
         version = self.trust.version()
         with self._lock:
             if self._ctx is None or version != self._version:
                 ctx = _new_context(self.identity, server=True)
                 _load_trust(ctx, self.trust)
                 self._ctx, self._version = ctx, version
+                self._previous_checked = -1.0
                 logger.debug("server TLS context rebuilt for trust version %r", version)
+            if server_name is None or self.previous is None \
+                    or not server_name.endswith(_SERVER_NAME_SUFFIX):
+                return self._ctx
+            now = time.monotonic()
+            if now - self._previous_checked > 1.0:  # its grace period can end any time
+                self._previous_checked = now
+                old = self.previous()
+                self._previous = None
+                if old is not None:
+                    ctx = _new_context(old, server=True)
+                    _load_trust(ctx, self.trust)
+                    self._previous = (server_name_for(old.node_id), ctx)
+            if self._previous is not None and self._previous[0] == server_name:
+                return self._previous[1]
             return self._ctx
 
     def sni_callback(
@@ -135,7 +187,7 @@ class _ServerContexts:
     ) -> int | None:
         # Called by OpenSSL for every ClientHello, also without SNI (server_name is None).
         try:
-            ssl_object.context = self.current()
+            ssl_object.context = self.current(server_name)
         except Exception:  # boundary: must turn into a TLS alert, never into trusting
             logger.exception("cannot build the TLS context from %s; refusing peer", self.trust)
             return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
@@ -156,6 +208,7 @@ class _AlertFlushingSSLObject(ssl.SSLObject):
     """
 
     _failed: ssl.SSLError | None = None
+    trust: TrustStore | None = None  # set on the peer server's class: deny list and CRL
 
     def do_handshake(self) -> None:
         if self._failed is not None:
@@ -166,27 +219,42 @@ class _AlertFlushingSSLObject(ssl.SSLObject):
             raise
         except ssl.SSLError as exc:
             self._failed = exc
-            reason = str(getattr(exc, "verify_message", None) or exc.reason or exc)
-            report = handshake_refused.get()
-            if report is not None:
-                report(reason)
-            else:
-                logger.info("refused a TLS peer during the handshake: %s", reason)
+            _report_refusal(str(getattr(exc, "verify_message", None) or exc.reason or exc))
             raise ssl.SSLWantReadError("TLS handshake failed; flushing the alert") from exc
+        # OpenSSL's chain check passed (a pin or the cluster CA); the deny list and the CA's
+        # revocation list overrule both. Python cannot hook the verification itself, so the
+        # connection is dropped here, before the server reads a byte of application data.
+        der = self.getpeercert(binary_form=True) if self.trust is not None else None
+        refusal = self.trust.refusal(der) if der and self.trust is not None else None
+        if refusal is not None:
+            _report_refusal(refusal)
+            self._failed = ssl.SSLCertVerificationError(1, f"peer refused: {refusal}")
+            raise self._failed
 
 
-def server_ssl_context(identity: Identity, trust: TrustStore) -> ssl.SSLContext:
+def _report_refusal(reason: str) -> None:
+    report = handshake_refused.get()
+    if report is not None:
+        report(reason)
+    else:
+        logger.info("refused a TLS peer during the handshake: %s", reason)
+
+
+def server_ssl_context(identity: Identity, trust: TrustStore,
+                       previous: Callable[[], Identity | None] | None = None) -> ssl.SSLContext:
     """Context for the peer-facing HTTPS server: TLS 1.3, client certificate required.
 
     The returned context trusts nothing by itself; its ``sni_callback`` installs, for every
     handshake, a context built from the trust list as it is now.  Do not replace
-    ``sni_callback``: wrap it if needed.
+    ``sni_callback``: wrap it if needed.  ``previous()``: the identity before a renewal
+    while its grace period lasts (else None), served to clients that ask for its id.
     """
-    contexts = _ServerContexts(identity, trust)
+    contexts = _ServerContexts(identity, trust, previous)
     contexts.current()  # surface identity/trust problems at startup, not at first peer
     base = _new_context(identity, server=True)
     base.sni_callback = contexts.sni_callback
-    base.sslobject_class = _AlertFlushingSSLObject
+    base.sslobject_class = type("PeerServerSSLObject", (_AlertFlushingSSLObject,),
+                                {"trust": trust})
     return base
 
 
@@ -202,18 +270,29 @@ def introduction_ssl_context(identity: Identity) -> ssl.SSLContext:
 
 class _NodeIdCheckingSSLObject(ssl.SSLObject):
     expected_node_id: NodeId
+    trust: TrustStore
 
     def do_handshake(self) -> None:
         super().do_handshake()
-        verify_peer(self, self.expected_node_id)
+        _check_server(self, self.expected_node_id, self.trust)
 
 
 class _NodeIdCheckingSSLSocket(ssl.SSLSocket):
     expected_node_id: NodeId
+    trust: TrustStore
 
     def do_handshake(self, block: bool = False) -> None:
         super().do_handshake(block)
-        verify_peer(self, self.expected_node_id)
+        _check_server(self, self.expected_node_id, self.trust)
+
+
+def _check_server(ssl_object: ssl.SSLObject | ssl.SSLSocket, expected: NodeId,
+                  trust: TrustStore) -> None:
+    actual = verify_peer(ssl_object, expected)
+    refusal = trust.refusal(ssl_object.getpeercert(binary_form=True) or b"")
+    if refusal is not None:
+        raise UntrustedPeer(f"refusing peer {actual}: {refusal}", expected=expected,
+                            actual=actual)
 
 
 def client_ssl_context(
@@ -232,7 +311,9 @@ def client_ssl_context(
     ctx = _new_context(identity, server=False)
     _load_trust(ctx, trust)
     if expected is not None:
-        attrs: dict[str, Any] = {"expected_node_id": expected}
+        assert isinstance(ctx, _NamedPeerContext)
+        ctx.peer_server_name = server_name_for(expected)
+        attrs: dict[str, Any] = {"expected_node_id": expected, "trust": trust}
         ctx.sslobject_class = type("NodeIdCheckingSSLObject", (_NodeIdCheckingSSLObject,), attrs)
         ctx.sslsocket_class = type("NodeIdCheckingSSLSocket", (_NodeIdCheckingSSLSocket,), attrs)
     return ctx

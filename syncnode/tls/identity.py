@@ -210,6 +210,11 @@ def create_identity(
             validity=NODE_VALIDITY,
         )
         atomic_write(directory / CA_CERT_FILE, ca.cert_pem, 0o644)
+        # the CA keeps what it issued, so that `ca revoke NODE_ID` can find it
+        der = cert.public_bytes(serialization.Encoding.DER)
+        (ca.ca_dir / "issued").mkdir(exist_ok=True, mode=0o700)
+        atomic_write(ca.ca_dir / "issued" / f"{NodeId.from_certificate_der(der).compact}.pem",
+                     der_to_pem(der), 0o644)
     atomic_write(key_path, key_pem(key), 0o600)
     atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     identity = load_identity(directory)

@@ -7,14 +7,24 @@ Invariants
   cannot mint further trusted certificates.
 * :meth:`TrustStore.version` changes whenever the set of pins or the CA file changes, so users
   (the TLS contexts, the peer server's cache) can rebuild exactly when needed.
+* A denied node id (``trust/denied/<ID>``, written by ``peer remove``) or a certificate the
+  cluster CA revoked (its CRL, ``<data_dir>/crl.pem`` or a configured file) is never trusted,
+  pinned or CA-issued: the deny list and the CRL take precedence over both ways of trusting.
+* ``trust/seen/<ID>.pem`` records peers the CA admitted (they were never pinned) so that an
+  operator can list and remove them; it is a record, not a reason to trust.
+* ``trust/successors/<OLD-ID>.json`` holds the successor statement of a peer that renewed its
+  certificate (:mod:`syncnode.tls.successor`): the new certificate is pinned, the old pin is
+  kept until the statement's grace period ends, and the link stays for ``peer list``.
 * Safe to use from several processes (CLI and daemon): every change is an atomic rename.
 """
 
 from __future__ import annotations
 
 import builtins
+import json
 import logging
 import os
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
@@ -35,14 +45,28 @@ from syncnode.tls.certificates import (
 )
 from syncnode.tls.errors import CertificateRejected, UntrustedPeer
 from syncnode.tls.identity import CA_CERT_FILE
+from syncnode.tls.successor import Successor, SuccessorRejected, verify_successor
 
-__all__ = ["TRUST_DIR", "TrustStore", "TrustVersion"]
+__all__ = ["CRL_FILE", "TRUST_DIR", "TrustStore", "TrustVersion"]
 
 logger = logging.getLogger(__name__)
 
 TRUST_DIR: Final = "trust"
+DENY_DIR: Final = "denied"
+SEEN_DIR: Final = "seen"
+SUCCESSOR_DIR: Final = "successors"
+CRL_FILE: Final = "crl.pem"
 
-TrustVersion = tuple[tuple[str, ...], tuple[int, int, int] | None]
+_Stat = tuple[int, int, int] | None
+TrustVersion = tuple[tuple[str, ...], _Stat, tuple[str, ...], _Stat]
+
+
+def _stat(path: Path) -> _Stat:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 class TrustStore:
@@ -52,10 +76,16 @@ class TrustStore:
     Safe to use from several processes (CLI and daemon): every change is an atomic rename.
     """
 
-    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, data_dir: str | os.PathLike[str],
+                 crl_path: str | os.PathLike[str] | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.trust_dir = self.data_dir / TRUST_DIR
         self.ca_path = self.data_dir / CA_CERT_FILE
+        self.deny_dir = self.trust_dir / DENY_DIR
+        self.seen_dir = self.trust_dir / SEEN_DIR
+        self.successor_dir = self.trust_dir / SUCCESSOR_DIR
+        self.crl_path = Path(crl_path) if crl_path else self.data_dir / CRL_FILE
+        self._crl: tuple[_Stat, bytes | None, frozenset[int]] | None = None
 
     def __repr__(self) -> str:
         return f"TrustStore({str(self.data_dir)!r})"
@@ -127,12 +157,8 @@ class TrustStore:
         content is fixed by its name (the SHA-256 of the certificate), so this does not depend
         on the file system's mtime granularity.
         """
-        try:
-            st = os.stat(self.ca_path)
-            ca: tuple[int, int, int] | None = (st.st_ino, st.st_size, st.st_mtime_ns)
-        except FileNotFoundError:
-            ca = None
-        return (tuple(self._names()), ca)
+        return (tuple(self._names()), _stat(self.ca_path), tuple(self.denied_names()),
+                _stat(self.crl_path))
 
     def _read_pin(self, path: Path, node_id: NodeId) -> bytes | None:
         """DER of a pin file if it is consistent with its name, else None (logged)."""
@@ -195,6 +221,8 @@ class TrustStore:
             return False
         if not time_valid(cert):
             return False
+        if self.refusal(cert_der) is not None:
+            return False
         node_id = NodeId.from_certificate_der(cert_der)
         if self.certificate(node_id) == cert_der:
             return True
@@ -212,9 +240,10 @@ class TrustStore:
     def verify_locations_pem(self) -> str:
         """PEM bundle of every valid pinned certificate plus the CA (may be empty)."""
         parts = []
+        denied = set(self.denied_names())
         for node_id in self.list():
             der = self.certificate(node_id)
-            if der is None:
+            if der is None or node_id.compact in denied:
                 continue
             try:
                 if is_ca(parse_der(der, f"pinned certificate {node_id}")) is not False:
@@ -229,3 +258,183 @@ class TrustStore:
             parts.append(der_to_pem(ca_der).decode("ascii"))
         return "".join(parts)
 
+
+    # -- the deny list and the CA's revocation list ----------------------------------------
+
+    def denied_names(self) -> builtins.list[str]:
+        try:
+            return sorted(n for n in os.listdir(self.deny_dir) if not n.startswith("."))
+        except FileNotFoundError:
+            return []
+
+    def deny(self, node_id: NodeId, reason: str = "removed by the operator") -> None:
+        """Refuse ``node_id`` from the next handshake on, even if the cluster CA issued its
+        certificate (its pin, if any, is removed too)."""
+        self.deny_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        atomic_write(self.deny_dir / node_id.compact,
+                     json.dumps({"reason": reason, "since": time.time()}).encode(), 0o644)
+        self.remove(node_id)
+        logger.info("denied peer %s: %s", node_id, reason)
+
+    def undeny(self, node_id: NodeId) -> bool:
+        """Take ``node_id`` off the deny list (``peer add`` does, to trust it again)."""
+        try:
+            (self.deny_dir / node_id.compact).unlink()
+        except FileNotFoundError:
+            return False
+        fsync_dir(self.deny_dir)
+        return True
+
+    def is_denied(self, node_id: NodeId) -> bool:
+        return (self.deny_dir / node_id.compact).exists()
+
+    def _revoked_serials(self) -> frozenset[int]:
+        """Serial numbers the cluster CA revoked, from a CRL the CA signed (cached until the
+        CRL or the CA file changes). An unusable CRL is logged and revokes nothing."""
+        stat = _stat(self.crl_path)
+        ca_der = self.ca_certificate() if stat is not None else None
+        if self._crl is not None and self._crl[0] == stat and self._crl[1] == ca_der:
+            return self._crl[2]
+        serials: frozenset[int] = frozenset()
+        if stat is not None:
+            if ca_der is None:
+                logger.error("ignoring the revocation list %s: this node has no cluster CA "
+                             "certificate (%s) to check it with", self.crl_path, CA_CERT_FILE)
+            else:
+                try:
+                    crl = x509.load_pem_x509_crl(self.crl_path.read_bytes())
+                    ca = x509.load_der_x509_certificate(ca_der)
+                    if not crl.is_signature_valid(ca.public_key()):  # type: ignore[arg-type]
+                        raise ValueError("it is not signed by this node's cluster CA")
+                    serials = frozenset(r.serial_number for r in crl)
+                except (OSError, ValueError, TypeError) as exc:
+                    logger.error("ignoring the revocation list %s: %s; copy the CA's current "
+                                 "crl.pem there", self.crl_path, exc)
+        self._crl = (stat, ca_der, serials)
+        return serials
+
+    def refusal(self, cert_der: bytes) -> str | None:
+        """Why a peer presenting ``cert_der`` is refused whatever else trusts it (deny list,
+        the CA's revocation list), or None."""
+        node_id = NodeId.from_certificate_der(cert_der)
+        if self.is_denied(node_id):
+            return f"node {node_id} is on the deny list (syncnode peer remove)"
+        if not self.crl_path.exists():
+            return None
+        try:
+            serial = x509.load_der_x509_certificate(cert_der).serial_number
+        except ValueError:
+            return "certificate is not valid X.509"
+        if serial in self._revoked_serials() and self.issued_by_ca(cert_der):
+            return f"the certificate of node {node_id} was revoked by the cluster CA"
+        return None
+
+    # -- peers the CA admitted ----------------------------------------------------------
+
+    def note_seen(self, cert_der: bytes) -> bool:
+        """Remember a peer admitted without a pin (the CA issued its certificate), so that
+        ``peer list`` shows it and ``peer remove`` can deny it. True if it was new."""
+        node_id = NodeId.from_certificate_der(cert_der)
+        path = self.seen_dir / f"{node_id.compact}.pem"
+        if path.exists():
+            return False
+        self.seen_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        atomic_write(path, der_to_pem(cert_der), 0o644)
+        logger.info("peer %s admitted by the cluster CA (first connection)", node_id)
+        return True
+
+    def seen(self) -> builtins.list[tuple[NodeId, bytes, float]]:
+        """(node id, certificate, first seen) of the peers :meth:`note_seen` recorded."""
+        rows = []
+        try:
+            names = sorted(os.listdir(self.seen_dir))
+        except FileNotFoundError:
+            return []
+        for name in names:
+            if not name.endswith(".pem") or name.startswith("."):
+                continue
+            try:
+                node_id = NodeId.parse(name[:-4])
+                path = self.seen_dir / name
+                der = self._read_pin(path, node_id)
+                if der is not None:
+                    rows.append((node_id, der, path.stat().st_mtime))
+            except (InvalidNodeId, OSError):
+                continue
+        return rows
+
+    def issued_by_ca(self, cert_der: bytes) -> bool:
+        """Whether the cluster CA issued ``cert_der`` (signature only; no dates, no CRL)."""
+        ca_der = self.ca_certificate()
+        if ca_der is None:
+            return False
+        try:
+            cert = x509.load_der_x509_certificate(cert_der)
+            cert.verify_directly_issued_by(x509.load_der_x509_certificate(ca_der))
+        except (ValueError, TypeError, InvalidSignature):
+            return False
+        return is_ca(cert) is False
+
+    # -- renewed peers --------------------------------------------------------------------
+
+    def known_certificate(self, node_id: NodeId) -> bytes | None:
+        """The certificate this node holds for ``node_id``: pinned, or recorded when the
+        cluster CA admitted it."""
+        der = self.certificate(node_id)
+        if der is None:
+            der = self._read_pin(self.seen_dir / f"{node_id.compact}.pem", node_id)
+        return der
+
+    def adopt_successor(self, statement: Successor) -> bool:
+        """Pin the successor of a peer we trust, if its old key signed the statement.
+
+        True if it was new here.  The old certificate stays trusted until the statement's
+        grace period ends (:meth:`retire_expired`).  Raises :class:`SuccessorRejected`
+        (forged, malformed, for an id we hold no certificate of, or denied)."""
+        old_der = self.known_certificate(statement.old)
+        if old_der is None:
+            raise SuccessorRejected(f"no certificate of {statement.old} is held here, so its "
+                                    f"successor statement cannot be checked")
+        if self.refusal(old_der) is not None:
+            raise SuccessorRejected(f"{statement.old} is refused here; its successor too")
+        verify_successor(statement, old_der)
+        path = self.successor_dir / f"{statement.old.compact}.json"
+        known = self.certificate(statement.new) == statement.cert_der and path.exists()
+        self.pin(statement.cert_der, statement.new)
+        if not known:
+            self.successor_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            atomic_write(path, statement.to_json(), 0o644)
+            logger.info("peer %s renewed its certificate: now %s (old one accepted until %s)",
+                        statement.old, statement.new,
+                        datetime.fromtimestamp(statement.grace_until, UTC).isoformat())
+        return not known
+
+    def successors(self) -> builtins.list[Successor]:
+        """The successor statements adopted here (each verified when adopted)."""
+        out = []
+        try:
+            names = sorted(os.listdir(self.successor_dir))
+        except FileNotFoundError:
+            return []
+        for name in names:
+            if name.endswith(".json") and not name.startswith("."):
+                try:
+                    out.append(Successor.from_json((self.successor_dir / name).read_bytes()))
+                except (OSError, SuccessorRejected) as exc:
+                    logger.error("ignoring %s: %s", self.successor_dir / name, exc)
+        return out
+
+    def predecessors(self) -> dict[str, str]:
+        """New compact id -> the compact id it renewed from."""
+        return {s.new.compact: s.old.compact for s in self.successors()}
+
+    def retire_expired(self, now: float | None = None) -> builtins.list[NodeId]:
+        """Stop trusting old certificates whose grace period ended (the link stays)."""
+        retired = []
+        for statement in self.successors():
+            if not statement.in_grace(now) and self.certificate(statement.old) is not None:
+                self.remove(statement.old)
+                retired.append(statement.old)
+                logger.info("retired the old certificate %s of renewed peer %s",
+                            statement.old, statement.new)
+        return retired
