@@ -3,8 +3,10 @@
 Layout of ``<data>``::
 
     node.key, node.crt   the identity (the node id is the SHA-256 of node.crt)
-    ca.crt               the cluster CA this node trusts, if any
-    trust/               pinned peer certificates
+    ca.crt, crl.pem      the cluster CA this node trusts, if any, and its revocation list
+    pending.key          a key waiting for the CA's certificate (cert csr / cert install)
+    previous/            the key and certificate before a renewal (syncnode.renewal)
+    trust/               pinned peer certificates; denied/, seen/, successors/
     config.toml          settings (see syncnode.config)
     api-keys.json        the hashes of the admin API keys (see syncnode.apikeys)
     catalog.db           the catalog (SQLite, WAL)

@@ -6,7 +6,9 @@ out, except blob bytes. Errors are ``{"error": reason}`` with a 4xx/5xx status.
 =======  ==================================  ===========================================
 method   path                                answer
 =======  ==================================  ===========================================
-GET      /peer/v1/hello                      ``{node_id, version, root, count}``
+GET      /peer/v1/hello                      ``{node_id, version, root, count,
+                                             successor?}`` (a renewed node's successor
+                                             statement, :mod:`syncnode.tls.successor`)
 GET      /peer/v1/merkle?prefix=P            ``{prefix, digest, count, children?, ids?}``
 POST     /peer/v1/events  ``{ids: [...]}``   ``{events: [{id, body}], certs: [...]}``
 GET      /peer/v1/blobs/H/chunks             ``{size, chunks}`` (hex of the digests)
@@ -16,7 +18,8 @@ PUT      /peer/v1/push/blobs/H?offset=N      ``{offset}`` (bytes verified so far
 POST     /peer/v1/push/events ``{events, certs}``  ``{applied, rejected}``
 POST     /peer/v1/notify                     ``{ok}``: "my catalog changed, sync now"
 POST     /peer/v1/introduce (a certificate)  ``204``; the only request served without a
-                                             client certificate (:mod:`syncnode.introduction`)
+                                             client certificate (:mod:`syncnode.introduction`);
+                                             may carry a successor statement
 =======  ==================================  ===========================================
 
 ``certs`` (base64 DER) are the certificates of the origins of the events sent, so that

@@ -13,18 +13,24 @@ cluster CA
     issued directly (the CA has ``pathlen:0``: no intermediates).
 pin / trust list
     ``<data_dir>/trust/<node-id-compact>.pem`` holds a trusted peer's exact certificate.  A peer
-    is trusted iff its certificate is pinned, or was issued by the node's cluster CA.  The trust
-    store knows only certificates; peer URLs and other metadata belong to the catalog.
+    is trusted iff its certificate is pinned, or was issued by the node's cluster CA, and it is
+    neither on the deny list (``trust/denied/``) nor revoked by the CA's CRL (``crl.pem``).
+    The trust store knows only certificates; peer URLs and other metadata belong to the catalog.
+successor statement
+    A renewed node's old key naming its new certificate; peers adopt it with the certificate
+    they already hold for the old id (``trust/successors/``).
 
 One module per noun (import the one you need; this package re-exports nothing):
 
 * :mod:`.errors` - the exceptions, all subclasses of :class:`~.errors.NodeTLSError`;
 * :mod:`.certificates` - certificates as bytes: PEM/DER, parsing, building (pure);
 * :mod:`.identity` - this node's key and certificate, and the cluster CA, on disk;
+* :mod:`.issuance` - signing requests, the CA signing them, revocation lists;
+* :mod:`.successor` - successor statements of renewed certificates (pure);
 * :mod:`.truststore` - the pinned certificates and the CA certificate a node trusts;
 * :mod:`.contexts` - the server and client ``SSLContext`` objects and node-id checks;
 * :mod:`.peercert` - learning a peer's certificate from the network before pinning it.
 
-Dependencies point one way: ``errors`` < ``certificates`` < ``identity`` < ``truststore`` <
-``contexts`` < ``peercert``.
+Dependencies point one way: ``errors`` < ``certificates`` < ``identity`` < ``issuance``,
+``successor`` < ``truststore`` < ``contexts`` < ``peercert``.
 """
