@@ -26,6 +26,7 @@ def peer_rows(node: LocalNode) -> list[dict[str, Any]]:
     trust = node.trust
     states = node.catalog.peer_states()
     links = trust.predecessors()
+    has_ca = trust.ca_certificate() is not None
     rows: list[dict[str, Any]] = []
     listed: set[str] = {node.node_id.compact}
     for p in node.catalog.peers():
@@ -33,8 +34,7 @@ def peer_rows(node: LocalNode) -> list[dict[str, Any]]:
         st = states.get(p["node_id"], {})
         pinned = trust.certificate(peer) is not None
         row = {**st, "node_id": str(peer), "url": p["url"], "push": p["push"],
-               "pinned": pinned, "trusted_by": "pin" if pinned else (
-                   "ca" if trust.ca_certificate() is not None else "id")}
+               "pinned": pinned, "trusted_by": "pin" if pinned else ("ca" if has_ca else "id")}
         if peer.compact in links:
             row["renewed_from"] = str(NodeId.parse(links[peer.compact]))
         rows.append(row)
@@ -42,7 +42,7 @@ def peer_rows(node: LocalNode) -> list[dict[str, Any]]:
     # Peers nobody added: admitted by the cluster CA (seen dialling us), or the CA-issued
     # origins of events we hold. Listed so that an operator can see and remove them.
     candidates = [(nid.compact, der, "dialled this node") for nid, der, _ in trust.seen()]
-    if trust.ca_certificate() is not None:
+    if has_ca:
         candidates += [(origin, der, "its events reached this node")
                        for origin, der in node.catalog.origin_certificates()]
     for compact, der, how in candidates:

@@ -298,12 +298,19 @@ async def test_a_node_signed_from_a_csr_joins_and_ca_admitted_peers_are_listed_r
         assert rc != 0 and "node_id" not in text, (rc, text)  # refused at the handshake
         listed = {r["node_id"]: r for r in cli_json("peer", "list", data=m.data)}
         assert listed[str(n.node_id)]["trusted_by"] == "denied"
+        # N's open connection is refused too (the peer server re-reads the trust list at
+        # most once a second); then nothing more of N's gets in
+        def failed_since(t: float) -> bool:
+            return n.catalog.peer_states().get(m.node_id.compact, {}).get(
+                "last_error_at", 0) > t
+
+        await wait_for(lambda: failed_since(removed), 30, "N's sync with M to fail",
+                       describe=n.catalog.peer_states)
+        added = time.time()
         add_instances(n, [uid(17, 3)])
         rn.local_change()
-        # N's open connection is refused from its next request on, new ones at the handshake
-        await wait_for(lambda: n.catalog.peer_states().get(m.node_id.compact, {}).get(
-            "last_error_at", 0) > removed, 30, "N's sync with M to fail after the removal",
-            describe=n.catalog.peer_states)
+        await wait_for(lambda: failed_since(added), 30, "N's next round with M to fail",
+                       describe=n.catalog.peer_states)
         assert m.catalog.instance(uid(17, 3)) is None
 
         # the CA revokes P: M refuses it from the next handshake on, without a restart

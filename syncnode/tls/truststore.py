@@ -85,7 +85,7 @@ class TrustStore:
         self.seen_dir = self.trust_dir / SEEN_DIR
         self.successor_dir = self.trust_dir / SUCCESSOR_DIR
         self.crl_path = Path(crl_path) if crl_path else self.data_dir / CRL_FILE
-        self._crl: tuple[_Stat, bytes | None, frozenset[int]] | None = None
+        self._crl: tuple[tuple[_Stat, _Stat], frozenset[int]] | None = None
 
     def __repr__(self) -> str:
         return f"TrustStore({str(self.data_dir)!r})"
@@ -289,14 +289,14 @@ class TrustStore:
         return (self.deny_dir / node_id.compact).exists()
 
     def _revoked_serials(self) -> frozenset[int]:
-        """Serial numbers the cluster CA revoked, from a CRL the CA signed (cached until the
-        CRL or the CA file changes). An unusable CRL is logged and revokes nothing."""
-        stat = _stat(self.crl_path)
-        ca_der = self.ca_certificate() if stat is not None else None
-        if self._crl is not None and self._crl[0] == stat and self._crl[1] == ca_der:
-            return self._crl[2]
+        """Serial numbers the cluster CA revoked, from a CRL the CA signed (parsed again only
+        when the CRL or the CA file changes). An unusable CRL is logged and revokes nothing."""
+        stamp = (_stat(self.crl_path), _stat(self.ca_path))
+        if self._crl is not None and self._crl[0] == stamp:
+            return self._crl[1]
         serials: frozenset[int] = frozenset()
-        if stat is not None:
+        if stamp[0] is not None:
+            ca_der = self.ca_certificate()
             if ca_der is None:
                 logger.error("ignoring the revocation list %s: this node has no cluster CA "
                              "certificate (%s) to check it with", self.crl_path, CA_CERT_FILE)
@@ -310,7 +310,7 @@ class TrustStore:
                 except (OSError, ValueError, TypeError) as exc:
                     logger.error("ignoring the revocation list %s: %s; copy the CA's current "
                                  "crl.pem there", self.crl_path, exc)
-        self._crl = (stat, ca_der, serials)
+        self._crl = (stamp, serials)
         return serials
 
     def refusal(self, cert_der: bytes) -> str | None:
