@@ -286,6 +286,11 @@ def test_metadata_and_bulk_data(node: Node) -> None:
     got = c.retrieve_bulkdata(uri)
     [pixels] = got
     assert pixels == pydicom.dcmread(io.BytesIO(blob_bytes(node, st.sop_uids[0]))).PixelData
+    # the bare value when asked for without multipart (OHIF's "singlepart" bulk data)
+    resp = requests.get(uri, headers={"X-API-Key": node.read,
+                                      "Accept": "application/octet-stream"}, timeout=30)
+    assert resp.headers["Content-Type"] == "application/octet-stream"
+    assert resp.content == pixels
     series_meta = c.retrieve_series_metadata(st.study_uid, st.series_uids[0])
     assert len(series_meta) == 3
     one = c.retrieve_instance_metadata(st.study_uid, st.series_uids[0], st.sop_uids[0])

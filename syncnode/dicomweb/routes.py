@@ -342,11 +342,13 @@ class DicomWeb:
             data = await offload(wado.bulk, self.node.store, inst, tag)
         except wado.WadoError as exc:
             return _error(exc.status, str(exc))
+        self.audit("retrieved", self.actor_of(request), "success", level="bulk",
+                   sops=[inst.sop_instance_uid], instances=1, bytes=len(data))
+        if wado.wants_single_part(request.headers.get("Accept")):  # e.g. OHIF "singlepart"
+            return web.Response(body=data, headers={"Content-Type": wado.OCTET})
         boundary = new_boundary()
         body = (part_head(boundary, wado.OCTET, len(data)) + data + PART_END
                 + closing(boundary))
-        self.audit("retrieved", self.actor_of(request), "success", level="bulk",
-                   sops=[inst.sop_instance_uid], instances=1, bytes=len(data))
         return web.Response(body=body, headers={
             "Content-Type": content_type(wado.OCTET, boundary)})
 
@@ -457,7 +459,10 @@ OPENAPI_PATHS: dict[str, dict[str, Any]] = {
         "uncompressed when lossless)", _MULTI, *_IDS, extra=(_FRAMES,))},
     f"{_INST}/frames/{{frames}}/rendered": {"get": _get(
         "WADO-RS: one frame as PNG or JPEG", _IMAGE, *_IDS, extra=(_FRAMES,))},
-    f"{_INST}/bulk/{{tag}}": {"get": _get("WADO-RS: a bulk data value of the instance",
-                                          _MULTI, *_IDS, extra=(_TAG,))},
+    f"{_INST}/bulk/{{tag}}": {"get": _get(
+        "WADO-RS: a bulk data value of the instance (multipart/related; the bare value "
+        "for Accept: application/octet-stream)",
+        {"description": "the value", "content": {**_MULTI["content"], "application/octet-stream": {
+            "schema": {"type": "string", "format": "binary"}}}}, *_IDS, extra=(_TAG,))},
 }
 STOW_PATHS = {f"{ROOT}/studies", f"{ROOT}/studies/{_S}"}

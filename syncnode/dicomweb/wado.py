@@ -91,6 +91,18 @@ def _split_top(text: str) -> list[str]:
     return [s for s in (p.strip() for p in out) if s]
 
 
+def wants_single_part(header: str | None) -> bool:
+    """Does the Accept header ask for the bare value (``application/octet-stream``, not
+    inside ``multipart/related``) before any multipart form?"""
+    for item in _split_top(header or ""):
+        media, _ = parse_media(item)
+        if media == "multipart/related":
+            return False
+        if media == OCTET:
+            return True
+    return False
+
+
 def check_instance_accept(header: str | None, stored: list[str]) -> None:
     """Refuse (406) an Accept that no range of stored bytes satisfies: the stored syntax
     of every instance is sent, never another one."""
