@@ -293,7 +293,9 @@ async def test_a_node_signed_from_a_csr_joins_and_ca_admitted_peers_are_listed_r
             assert str(n.node_id) in {r["node_id"] for r in await resp.json()}
         assert (await curl_hello(rm, n.data))[0] == 0
         removed = time.time()
-        cli("peer", "remove", str(n.node_id), data=m.data)
+        async with aiohttp.ClientSession() as http, http.delete(
+                f"{api}/{n.node_id}", headers={"X-API-Key": m.new_api_keys["admin"]}) as resp:
+            assert resp.status in (200, 204), await resp.text()
         rc, text = await curl_hello(rm, n.data)
         assert rc != 0 and "node_id" not in text, (rc, text)  # refused at the handshake
         listed = {r["node_id"]: r for r in cli_json("peer", "list", data=m.data)}
@@ -322,6 +324,10 @@ async def test_a_node_signed_from_a_csr_joins_and_ca_admitted_peers_are_listed_r
         assert (row_of(m, p.node_id) or {}).get("trusted_by") in ("denied", None)
         assert m.trust.refusal(p.identity.cert_der) is not None
         assert m.trust.refusal(n.identity.cert_der) is not None  # denied, not revoked
+        # the command line removes a CA-admitted peer the same way
+        assert "Removed peer" in cli("peer", "remove", str(p.node_id), data=m.data)
+        assert m.trust.is_denied(p.node_id)
+        assert (row_of(m, p.node_id) or {}).get("trusted_by") == "denied"
     finally:
         for r in reversed(started):
             await r.stop()
