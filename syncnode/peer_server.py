@@ -99,6 +99,7 @@ class PeerServer:
             web.get(f"{p}/hello", self.hello),
             web.get(f"{p}/merkle", self.merkle),
             web.post(f"{p}/events", self.events),
+            web.post(f"{p}/blobs/pack", self.pack),
             web.get(f"{p}/blobs/{{hash}}/chunks", self.chunks),
             web.get(f"{p}/blobs/{{hash}}", self.blob),
             web.post(f"{p}/push/offer", self.push_offer),
@@ -239,7 +240,8 @@ class PeerServer:
         def answer() -> dict[str, Any]:
             root = self._merkle_answer("")
             hello = {"node_id": str(self.node.node_id), "version": protocol.VERSION,
-                     "root": root["digest"], "count": root["count"], "merkle": root}
+                     "root": root["digest"], "count": root["count"], "merkle": root,
+                     "features": list(protocol.FEATURES)}
             successor = renewal.statement(self.node.data)  # we renewed: tell who asks
             if successor is not None:
                 hello["successor"] = successor.to_dict()
@@ -361,6 +363,72 @@ class PeerServer:
             await resp.prepare(request)
         await resp.write_eof()
         return resp
+
+    async def pack(self, request: web.Request) -> web.StreamResponse:
+        """Several small blobs in one answer (see :mod:`syncnode.protocol`, Packs). Each
+        frame is read, checked and (when asked and worth it) compressed in a worker thread
+        while the previous one is written: memory holds two blobs of at most one chunk."""
+        items = protocol.parse_pack_request(await self._json(request))
+        compress_ok = self.compression != "off"
+        budget = [protocol.PACK_MAX_BYTES]
+        peer = request[PEER_KEY].compact
+        tally = self._tally(self._served, peer)
+        resp = web.StreamResponse(status=200, headers={
+            "Content-Type": protocol.PACK_CONTENT_TYPE})
+        await resp.prepare(request)
+        ahead = asyncio.ensure_future(offload(self._pack_frame, items[0], compress_ok, budget))
+        try:
+            for i in range(len(items)):
+                header, payload, size, study = await ahead
+                if i + 1 < len(items):
+                    ahead = asyncio.ensure_future(
+                        offload(self._pack_frame, items[i + 1], compress_ok, budget))
+                await resp.write(header + payload if len(payload) < 65536 else header)
+                if len(payload) >= 65536:
+                    await resp.write(payload)
+                self._stat(peer, "bytes_out", len(header) + len(payload))
+                if payload:
+                    tally.bytes += size
+                    tally.instances += 1
+                    if study is not None:
+                        tally.studies.add(study)
+                self.last_seen[peer] = time.time()
+        finally:
+            if not ahead.done():
+                ahead.cancel()
+                await asyncio.wait([ahead])
+        await resp.write_eof()
+        return resp
+
+    def _pack_frame(self, item: protocol.PackItem, compress_ok: bool, budget: list[int]
+                    ) -> tuple[bytes, bytes, int, str | None]:
+        """One pack frame: header, payload, the blob's size and its study (for the audit
+        trail). Blocking: reads, checks and compresses. ``budget``: blob bytes this answer
+        may still carry (frames are made one after another, never two at once)."""
+        store = self.node.store
+        h = item.hash
+        try:
+            size = store.size(h)
+        except BlobMissing:
+            return protocol.pack_frame_header(h, protocol.ABSENT, 0, 0), b"", 0, None
+        if size > CHUNK_SIZE or size > budget[0]:
+            return protocol.pack_frame_header(h, protocol.NOT_PACKED, size, 0), b"", size, None
+        try:
+            body = b"".join(store.read_verified(h, 0, size))
+        except BlobMissing:
+            return protocol.pack_frame_header(h, protocol.ABSENT, 0, 0), b"", 0, None
+        except BlobError as exc:
+            log.error("refusing to serve damaged blob %s: %s", h, exc)
+            return protocol.pack_frame_header(h, protocol.DAMAGED, size, 0), b"", size, None
+        budget[0] -= size
+        status = protocol.RAW
+        if item.zstd and compress_ok and body:
+            packed = wire.compress_chunk(body)
+            if len(packed) < len(body):
+                body, status = packed, protocol.ZSTD
+        put = self.catalog.put_for_blob(h)
+        study = put.study_instance_uid if put is not None else None
+        return protocol.pack_frame_header(h, status, size, len(body)), body, size, study
 
     # -- receiving pushes (for peers that can reach us when we cannot reach them) ----------
     async def push_offer(self, request: web.Request) -> web.Response:

@@ -13,6 +13,7 @@ GET      /peer/v1/merkle?prefix=P            ``{prefix, digest, count, children?
 POST     /peer/v1/events  ``{ids: [...]}``   ``{events: [{id, body}], certs: [...]}``
 GET      /peer/v1/blobs/H/chunks             ``{size, chunks}`` (hex of the digests)
 GET      /peer/v1/blobs/H   (Range)          the bytes, each chunk verified before sending
+POST     /peer/v1/blobs/pack ``{blobs}``     several small blobs in one framed answer (below)
 POST     /peer/v1/push/offer ``{blobs}``     ``{want: [{hash, offset}]}``
 PUT      /peer/v1/push/blobs/H?offset=N      ``{offset}`` (bytes verified so far)
 POST     /peer/v1/push/events ``{events, certs}``  ``{applied, rejected}``
@@ -25,6 +26,25 @@ POST     /peer/v1/introduce (a certificate)  ``204``; the only request served wi
 ``certs`` (base64 DER) are the certificates of the origins of the events sent, so that
 the receiver can verify their signatures without knowing those origins beforehand (each
 certificate proves the origin id it hashes to; see :mod:`syncnode.signing`).
+
+**Packs.** Most instances (a CT or MR slice) are smaller than one chunk, and one request
+per blob makes round trips, not bytes, set the pace of a WAN link. ``POST
+/peer/v1/blobs/pack`` with ``{"blobs": [{"hash": H, "zstd": bool}, ...]}`` (at most
+``PACK_MAX_BLOBS`` blobs, no hash twice) answers ``application/x-syncnode-pack``: for each
+requested blob, in the order asked, one frame: a fixed ``PACK_HEADER_SIZE``-byte header
+(the blob's 32-byte hash, a status byte, the blob's size as 8 bytes and the payload's
+length as 4 bytes, big-endian) then the payload. Status ``RAW``: the payload is the blob's
+bytes; ``ZSTD``: one zstd frame declaring the blob's size (only where asked, and only when
+it came out smaller); ``ABSENT`` (not held), ``DAMAGED`` (fails its check here) and
+``NOT_PACKED`` (larger than a chunk, or beyond ``PACK_MAX_BYTES`` in all) carry no payload:
+the puller fetches those blobs one by one as before. Nothing follows the last frame. A
+pack holds only blobs of at most one chunk, so a payload is bounded (:func:`pack_payload_limit`)
+before it is read; the puller verifies each blob against its hash on its own, keeps every
+blob that verified when the answer breaks off, refuses a blob that does not verify alone
+(it is fetched singly), and refuses the rest of an answer that breaks the framing (an
+unexpected hash, a payload over its bound, an unknown status, bytes after the last frame).
+:class:`PackReader` is that decoder, sans-IO. ``hello`` lists ``"pack"`` in ``features``:
+a puller sends packs only to peers that do.
 
 ``children`` (16 ``[digest, count]`` pairs) is present below the leaf level; ``ids`` is
 present when the node holds at most ``INLINE_IDS`` events, so a diff stops descending as
@@ -48,6 +68,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -64,6 +85,10 @@ MAX_IDS = 1000  # event ids per /events request
 MAX_OFFER = 1000  # blobs per /push/offer
 MAX_JSON_BODY = 4 << 20
 MAX_CERT_BYTES = 16 << 10  # one origin certificate (DER)
+FEATURES = ("pack",)  # what this node's peer server offers beyond version 1's endpoints
+PACK_MAX_BLOBS = 64  # blobs per /blobs/pack request
+PACK_MAX_BYTES = 4 << 20  # blob bytes per pack answer (sender and receiver both enforce)
+PACK_CONTENT_TYPE = "application/x-syncnode-pack"
 
 
 class PeerError(Exception):
@@ -371,6 +396,132 @@ def parse_offer(obj: Any, max_size: int) -> list[Offer]:
             raise BadRequest(f"offer of {h}: 'chunks' is not hex") from exc
         out.append(Offer(h, size, digests))
     return out
+
+
+# -- packs of small blobs (see the module docstring) -------------------------------------
+
+PACK_HEADER = struct.Struct(">32sBQI")  # hash, status, blob size, payload length
+PACK_HEADER_SIZE = PACK_HEADER.size
+RAW, ZSTD, ABSENT, DAMAGED, NOT_PACKED = 0, 1, 2, 3, 4
+PACK_STATUSES = frozenset({RAW, ZSTD, ABSENT, DAMAGED, NOT_PACKED})
+
+
+@dataclass(frozen=True, slots=True)
+class PackItem:
+    """One blob asked for in a pack: its hash and whether zstd is welcome."""
+
+    hash: str
+    zstd: bool = False
+
+
+def pack_request(items: Sequence[PackItem]) -> dict[str, Any]:
+    if not 0 < len(items) <= PACK_MAX_BLOBS:
+        raise ValueError(f"a pack holds 1 to {PACK_MAX_BLOBS} blobs")
+    return {"blobs": [{"hash": i.hash, "zstd": i.zstd} for i in items]}
+
+
+def parse_pack_request(obj: Any) -> list[PackItem]:
+    """The blobs of a ``POST /blobs/pack`` body. Raises BadRequest."""
+    raw = obj.get("blobs") if isinstance(obj, dict) else None
+    if not isinstance(raw, list) or not 0 < len(raw) <= PACK_MAX_BLOBS:
+        raise BadRequest(f"'blobs' must be a list of 1 to {PACK_MAX_BLOBS} blobs")
+    items: list[PackItem] = []
+    seen: set[str] = set()
+    for item in raw:
+        if not isinstance(item, dict) or not isinstance(item.get("zstd", False), bool):
+            raise BadRequest("each blob of a pack is {hash, zstd}")
+        h = check_hash(item.get("hash"), "blob hash")
+        if h in seen:
+            raise BadRequest(f"blob {h} asked twice in one pack")
+        seen.add(h)
+        items.append(PackItem(h, item.get("zstd", False)))
+    return items
+
+
+def pack_payload_limit(size: int) -> int:
+    """The largest payload a frame for a blob of ``size`` bytes may carry: the blob itself,
+    or its zstd frame (compress bound); never more than one chunk's worth."""
+    return min(size, CHUNK_SIZE) + (min(size, CHUNK_SIZE) >> 8) + 512
+
+
+def pack_frame_header(blob: str, status: int, size: int, payload: int) -> bytes:
+    return PACK_HEADER.pack(bytes.fromhex(blob), status, size, payload)
+
+
+@dataclass(frozen=True, slots=True)
+class PackFrame:
+    """One decoded frame: the blob, its status, its size and its payload (empty unless
+    RAW or ZSTD). ``problem`` names what is wrong with this blob alone (a payload whose
+    length does not fit its size and status): the blob is refused, the pack goes on."""
+
+    blob: str
+    status: int
+    size: int
+    payload: bytes
+    problem: str = ""
+
+
+class PackReader:
+    """Decodes a pack answer, sans-IO: :meth:`need` says how many bytes to read next,
+    :meth:`feed` takes exactly those and returns a frame when one is complete.
+
+    ``expected`` lists (hash, size) of the blobs asked for, in order: a frame for any other
+    hash, a size other than expected, a payload over :func:`pack_payload_limit` or an
+    unknown status raises ProtocolError (the rest of the answer is refused); so do bytes
+    after the last frame (:meth:`finish`). Memory: one frame's payload at most.
+    """
+
+    def __init__(self, expected: Sequence[tuple[str, int]]) -> None:
+        self._expected = list(expected)
+        self._next = 0
+        self._header: tuple[str, int, int, int] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._next >= len(self._expected) and self._header is None
+
+    def need(self) -> int:
+        """Bytes to read next (0 when every frame arrived)."""
+        if self._header is not None:
+            return self._header[3]
+        return 0 if self.done else PACK_HEADER_SIZE
+
+    def feed(self, data: bytes) -> PackFrame | None:
+        if self._header is None:
+            if len(data) != PACK_HEADER_SIZE or self.done:
+                raise ProtocolError("pack answer: a frame header was expected")
+            raw, status, size, length = PACK_HEADER.unpack(data)
+            blob, want = self._expected[self._next]
+            if raw.hex() != blob:
+                raise ProtocolError(f"pack answer: frame {self._next} is for blob "
+                                    f"{raw.hex()}, expected {blob}")
+            if status not in PACK_STATUSES:
+                raise ProtocolError(f"pack answer: unknown status {status} for blob {blob}")
+            if size != want and status != ABSENT:
+                raise ProtocolError(f"pack answer: blob {blob} has {size} bytes, its put "
+                                    f"event says {want}")
+            limit = pack_payload_limit(size) if status in (RAW, ZSTD) else 0
+            if length > limit:
+                raise ProtocolError(f"pack answer: payload of {length} bytes for blob {blob} "
+                                    f"of {size} bytes (status {status}), at most {limit}")
+            self._header = (blob, status, size, length)
+            if length:
+                return None
+            data = b""
+        blob, status, size, length = self._header
+        if len(data) != length:
+            raise ProtocolError(f"pack answer: {len(data)} payload bytes fed, {length} due")
+        self._header = None
+        self._next += 1
+        problem = ""
+        if status == RAW and length != size:
+            problem = f"{length} bytes sent for a blob of {size}"
+        return PackFrame(blob, status, size, data, problem)
+
+    def missing(self) -> list[str]:
+        """The blobs whose frames did not (all) arrive."""
+        start = self._next
+        return [h for h, _ in self._expected[start:]]
 
 
 def encode_certs(ders: Sequence[bytes]) -> list[str]:

@@ -368,6 +368,128 @@ class PeerClient:
             part.close(durable=False)
         return staged, resumed
 
+    async def fetch_pack(self, store: BlobStore, blobs: list[tuple[str, int, str, bool]],
+                         on_staged: Callable[[str, StagedBlob], None],
+                         on_bytes: Callable[[int], None] | None = None,
+                         on_wire: Callable[[int], None] | None = None,
+                         on_refused: Callable[[str, Exception, int], None] | None = None
+                         ) -> list[str]:
+        """Pull several small blobs in one request (``POST /blobs/pack``, see
+        :mod:`syncnode.protocol`). ``blobs``: (hash, size, chunks root, zstd wanted), each of
+        at most one chunk, at most PACK_MAX_BLOBS and PACK_MAX_BYTES in all.
+
+        Each blob is verified against its hash and written to its ``.part`` file in a worker
+        thread as the next one is read, then handed to ``on_staged`` at once: a blob that
+        arrived whole is kept even if the answer breaks off later. Returns the blobs to
+        fetch one by one: those the peer did not pack (larger, absent, damaged there) and
+        those refused alone (``on_refused`` is told: a short payload, bytes that do not
+        verify). Raises ProtocolError for an answer that breaks the framing, network errors
+        for a broken connection and PullTooSlow past the deadline (base time plus the
+        bytes at the minimum rate); the blobs not staged by then are the caller's to retry.
+        """
+        total = sum(size for _, size, _, _ in blobs)
+        if len(blobs) > protocol.PACK_MAX_BLOBS or total > protocol.PACK_MAX_BYTES \
+                or any(size > CHUNK_SIZE for _, size, _, _ in blobs):
+            raise ValueError("a pack holds at most PACK_MAX_BLOBS blobs of at most one "
+                             "chunk, PACK_MAX_BYTES in all")
+        seconds = self.pull_deadline(total)
+        deadline = asyncio.timeout(seconds)
+        try:
+            async with deadline:
+                return await self._fetch_pack(store, blobs, on_staged, on_bytes, on_wire,
+                                              on_refused)
+        except TimeoutError as exc:
+            if not deadline.expired():
+                raise
+            raise PullTooSlow(f"pack of {len(blobs)} blobs ({total} bytes) not received "
+                              f"within {seconds:.0f} s (at least {self.min_rate} bytes/s)"
+                              ) from exc
+
+    async def _fetch_pack(self, store: BlobStore, blobs: list[tuple[str, int, str, bool]],
+                          on_staged: Callable[[str, StagedBlob], None],
+                          on_bytes: Callable[[int], None] | None,
+                          on_wire: Callable[[int], None] | None,
+                          on_refused: Callable[[str, Exception, int], None] | None
+                          ) -> list[str]:
+        roots = {h: root for h, _, root, _ in blobs}
+        reader = protocol.PackReader([(h, size) for h, size, _, _ in blobs])
+        request = protocol.pack_request([protocol.PackItem(h, z) for h, _, _, z in blobs])
+        singly: list[str] = []
+        loop = asyncio.get_running_loop()
+        writing: tuple[str, asyncio.Future[StagedBlob | Exception]] | None = None
+
+        def stage(frame: protocol.PackFrame) -> StagedBlob | Exception:
+            """Verify and write one blob (worker thread); a blob that does not verify is
+            returned as its error: refused alone, not the whole pack."""
+            try:
+                return _stage_whole(store, frame.blob, frame.size, [frame.payload],
+                                    frame.status == protocol.ZSTD, roots[frame.blob])
+            except (TransferError, BlobHashMismatch) as exc:
+                return exc
+
+        def refuse(blob: str, exc: Exception, size: int) -> None:
+            singly.append(blob)
+            if on_refused is not None:
+                on_refused(blob, exc, size)
+
+        sizes = {h: size for h, size, _, _ in blobs}
+
+        async def settle() -> None:
+            """Wait for the blob being written; hand it over (or refuse it)."""
+            nonlocal writing
+            if writing is None:
+                return
+            (blob, job), writing = writing, None
+            outcome = await job
+            if isinstance(outcome, Exception):
+                refuse(blob, outcome, sizes[blob])
+            else:
+                on_staged(blob, outcome)
+
+        try:
+            async with self.session().post(f"{self.base}/blobs/pack", json=request) as resp:
+                try:
+                    if resp.status != 200:
+                        raise ProtocolError(f"POST /blobs/pack: HTTP {resp.status}: "
+                                            f"{await _error_text(resp)}")
+                    while n := reader.need():
+                        try:
+                            data = await resp.content.readexactly(n)
+                        except asyncio.IncompleteReadError as exc:
+                            raise ProtocolError(
+                                f"pack answer ended early ({len(reader.missing())} blobs "
+                                "still due)") from exc
+                        if on_wire:
+                            on_wire(len(data))
+                        frame = reader.feed(data)
+                        if frame is None:
+                            continue
+                        if frame.status not in (protocol.RAW, protocol.ZSTD):
+                            singly.append(frame.blob)  # absent, damaged or not packed there
+                            continue
+                        if on_bytes:
+                            on_bytes(frame.size)
+                        if frame.problem:
+                            refuse(frame.blob, TransferError(
+                                f"blob {frame.blob} in a pack: {frame.problem}"), frame.size)
+                            continue
+                        await settle()
+                        writing = (frame.blob,
+                                   loop.run_in_executor(None, local_errors, stage, frame))
+                    await settle()
+                    if await resp.content.read(1):
+                        raise ProtocolError("pack answer goes on after its last frame")
+                except BaseException:
+                    _hang_up(resp)
+                    raise
+        finally:
+            if writing is not None:  # the blob being written when the answer broke off
+                job = writing[1]
+                await asyncio.wait([job])  # the worker is done with its file
+                if not job.cancelled() and job.exception() is None:
+                    await settle()  # it arrived whole: kept
+        return singly
+
     @contextlib.asynccontextmanager
     async def _get_blob(self, blob: str, headers: dict[str, str]
                         ) -> AsyncIterator[aiohttp.ClientResponse]:
@@ -634,6 +756,8 @@ class PeerSync:
         """Take new max_pulls / max_window settings."""
         for gate in (self.pull_gate, self.push_gate):
             gate.configure(self.engine.max_pulls, self.engine.max_window)
+        self.packs = False  # the peer serves packs of small blobs (its hello says so)
+        self._singly: set[str] = set()  # blobs a pack did not bring: pulled alone next
 
     def save_state(self, force: bool = False) -> None:
         """Record the state (at most every 0.5 s unless ``force``) through the engine's
@@ -816,6 +940,8 @@ class PeerSync:
             raise ProtocolError(f"peer speaks protocol {hello.get('version')!r}")
         if "successor" in hello:
             await self.learn_successor(hello)
+        features = hello.get("features")
+        self.packs = isinstance(features, list) and "pack" in features
         mine = await offload(self.node.catalog.merkle_root)
         st.remote_root, st.local_root = str(hello.get("root", "")), mine.digest.hex()
         if st.remote_root == st.local_root:
@@ -928,10 +1054,12 @@ class PeerSync:
         todo = dict(waiting)
         running: dict[asyncio.Task[bool],
                       tuple[Claim, Ticket, list[ev.Checked]]] = {}
+        packs: dict[asyncio.Task[list[str]],
+                    tuple[list[tuple[Claim, list[ev.Checked]]], Ticket]] = {}
         failures: list[Exception] = []
         sources.subscribe(gate.wake)
         try:
-            while todo or running:
+            while todo or running or packs:
                 gate.wake.clear()
                 while todo:
                     if not gate.has_room(_put_of(todo[next(iter(todo))]).size):
@@ -944,13 +1072,36 @@ class PeerSync:
                     if claim is None:
                         break
                     items = todo.pop(claim.blob)
+                    if pack := self._fill_pack(claim, todo):  # small blobs: one request
+                        group = [(claim, items), *pack]
+                        ticket = gate.ticket(sum(c.size for c, _ in group))
+                        packed = asyncio.get_running_loop().create_task(
+                            self._pull_pack_and_apply(group, ticket))
+                        packed.add_done_callback(lambda _t: gate.wake.set())
+                        packs[packed] = (group, ticket)
+                        continue
                     ticket = gate.ticket(claim.size)
                     task = asyncio.get_running_loop().create_task(
                         self._pull_and_apply(claim.blob, items, claim, ticket))
                     task.add_done_callback(lambda _t: gate.wake.set())
                     running[task] = (claim, ticket, items)
+                finished = [t for t in packs if t.done()]
+                for packed in finished:
+                    group, _ticket = packs.pop(packed)
+                    if packed.cancelled():
+                        raise asyncio.CancelledError
+                    exc = packed.exception()
+                    if exc is not None:
+                        if not isinstance(exc, Exception):
+                            raise exc
+                        failures.append(exc)
+                        continue
+                    again = set(packed.result())  # to pull one by one now
+                    for claim, items in group:
+                        if claim.blob in again:
+                            todo[claim.blob] = items
                 done = [t for t in running if t.done()]
-                if not done:
+                if not done and not finished:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(SCHEDULE_TICK):
                             await gate.wake.wait()
@@ -968,13 +1119,17 @@ class PeerSync:
                         todo[claim.blob] = items
         finally:
             sources.unsubscribe(gate.wake)
-            for task in running:
+            for task in [*running, *packs]:
                 task.cancel()
-            if running:
-                await asyncio.gather(*running, return_exceptions=True)
+            if running or packs:  # a cancelled pack releases its own claims and ticket
+                await asyncio.gather(*running, *packs, return_exceptions=True)
             for claim, ticket, _items in running.values():  # a task cancelled before it ran
                 ticket.finish()
                 sources.release(claim)
+            for group, ticket in packs.values():
+                ticket.finish()
+                for claim, _items in group:
+                    sources.release(claim)
         return failures
 
     async def _pull_and_apply(self, blob: str, items: list[ev.Checked],
@@ -1021,6 +1176,12 @@ class PeerSync:
         finally:
             ticket.finish()
             self.engine.sources.release(claim)
+        self._count_pulled(items)
+        return True
+
+    def _count_pulled(self, items: list[ev.Checked]) -> None:
+        """A blob and its puts are in: progress and the round's tally."""
+        put = _put_of(items)
         self._pulled.instances += len(items)
         self._pulled.studies.add(put.study_instance_uid)
         st = self.state
@@ -1033,7 +1194,135 @@ class PeerSync:
             if left[0] <= 0:
                 del st.studies_needed[put.study_instance_uid]
         self.save_state()
-        return True
+
+    def _fill_pack(self, first: Claim, todo: dict[str, list[ev.Checked]]
+                   ) -> list[tuple[Claim, list[ev.Checked]]]:
+        """More small, unclaimed blobs from ``todo`` (claimed and removed from it) to go in
+        one pack with ``first`` (already claimed and removed): up to PACK_MAX_BLOBS and
+        :meth:`pack_target` bytes, never past what the window lets start. Empty when
+        ``first`` is not for a pack (large, stolen, or one a pack did not bring)."""
+        if (not self.packs or first.size > CHUNK_SIZE or first.stolen_from
+                or first.blob in self._singly):
+            return []
+        sources, w = self.engine.sources, self.pull_gate.window
+        target = pack_target(w.byte_limit(), w.limit)
+        group: list[tuple[Claim, list[ev.Checked]]] = []
+        total = first.size
+        rate = w.rate()
+        for blob in list(todo):
+            if len(group) + 1 >= protocol.PACK_MAX_BLOBS:
+                break
+            size = _put_of(todo[blob]).size
+            if size > CHUNK_SIZE or blob in self._singly or blob in sources.claims:
+                continue
+            if total + size > target or not w.may_start(total + size):
+                break
+            claim = sources.pick(self.peer_id.compact, [(blob, size)], rate, 0.0)
+            if claim is None:
+                continue
+            group.append((claim, todo.pop(blob)))
+            total += size
+        return group
+
+    async def _pull_pack_and_apply(self, group: list[tuple[Claim, list[ev.Checked]]],
+                                   ticket: Ticket) -> list[str]:
+        """Pull a group of small blobs (each claimed) in one pack and have their puts
+        applied. Returns the blobs to pull one by one afterwards (not packed by the peer,
+        refused alone, or locked by another pull right now); blobs that arrived before a
+        failure are installed all the same, then the failure is raised.
+
+        Locks are taken without waiting (a pack never waits for one lock while holding
+        others). A blob in a pack is not taken over by another peer mid-pack (the pack's
+        own deadline bounds it); its claim is released once it is installed."""
+        store, installer, sources = self.node.store, self.engine.installer, self.engine.sources
+        mine: dict[str, list[ev.Checked]] = {}
+        claims: dict[str, Claim] = {}
+        held: list[asyncio.Lock] = []
+        later: list[str] = []
+        failure: Exception | None = None
+        installs: list[asyncio.Task[None]] = []
+
+        async def install(blob: str, staged: StagedBlob | None) -> None:
+            try:
+                await installer.submit(self, staged, mine[blob])
+                self._count_pulled(mine[blob])
+            finally:
+                if (claim := claims.pop(blob, None)) is not None:
+                    sources.release(claim)
+
+        def arrived(blob: str, staged: StagedBlob | None) -> None:
+            installs.append(asyncio.ensure_future(install(blob, staged)))
+
+        try:
+            for claim, items in group:
+                lock = self.engine.blob_lock(claim.blob)
+                claims[claim.blob] = claim
+                if lock.locked():
+                    later.append(claim.blob)
+                    continue
+                await lock.acquire()  # free: returns at once
+                held.append(lock)
+                mine[claim.blob] = items
+            present = await offload(lambda: {b for b in mine if store.has(b)})
+            for b in present:
+                arrived(b, None)
+            wanted = [_put_of(mine[b]) for b in mine if b not in present]
+            if wanted:
+                async with installer.pulling():
+                    try:
+                        singly = await self.pull_pack(wanted, arrived, ticket, claims)
+                        later.extend(singly)
+                    except Exception as exc:  # what arrived is installed, then reported
+                        failure = exc
+            for r in await asyncio.gather(*installs, return_exceptions=True):
+                if isinstance(r, BaseException):
+                    if not isinstance(r, Exception):
+                        raise r
+                    failure = failure or r
+        finally:
+            for lock in held:
+                lock.release()
+            for blob in list(claims):  # not installed (yet): free for the next pick
+                sources.release(claims.pop(blob))
+            ticket.finish(error=failure is not None and not isinstance(failure, PeerLacksBlob))
+        if failure is not None:
+            raise failure
+        self._singly.update(later)
+        return later
+
+    async def pull_pack(self, puts: list[ev.PutEvent],
+                        arrived: Callable[[str, StagedBlob], None],
+                        ticket: Ticket | None = None,
+                        claims: dict[str, Claim] | None = None) -> list[str]:
+        """Pull the blobs of ``puts`` (each of at most one chunk) in one pack; each blob is
+        handed to ``arrived`` with its verified part file as soon as it is written. Returns
+        the blobs to pull one by one. Free space is checked before anything is written."""
+        st = self.state
+        store = self.node.store
+        await offload(lambda: store.ensure_room(sum(p.size for p in puts)))
+
+        def received(n: int) -> None:
+            st.bytes_received += n
+            self.engine.count_bytes(self.peer_id.compact, "in", n)
+            if ticket is not None:
+                ticket.progress(n)
+
+        def crossed(n: int) -> None:
+            st.wire_bytes_received += n
+
+        def refused(blob: str, exc: Exception, size: int) -> None:
+            log.warning("blob %s in a pack from %s refused, fetched alone next: %s", blob,
+                        self.peer_id.short, exc)
+            st.integrity_errors += 1
+            st.bytes_discarded += size
+
+        self.client.min_rate = self.engine.min_pull_rate
+        self.client.base_deadline = self.engine.pull_base_deadline
+        mode, url = self.engine.compression, self.state.url
+        return await self.client.fetch_pack(
+            store, [(p.blob, p.size, p.chunks,
+                     wire.want_compression(mode, url, p.transfer_syntax_uid)) for p in puts],
+            arrived, received, crossed, refused)
 
     async def _settle_skipped(self) -> None:
         """Apply the skipped puts that a tombstone received since has removed (they need no
@@ -1166,6 +1455,13 @@ class _PullPlan:
     ready: list[ev.Checked] = field(default_factory=list)
     waiting: dict[str, list[ev.Checked]] = field(default_factory=dict)  # blob -> its puts
     invalid: list[tuple[str, str]] = field(default_factory=list)
+
+
+def pack_target(byte_limit: int, window: int) -> int:
+    """Blob bytes to put in one pack: a share of the bytes the window lets be in flight
+    (so that several requests still run at once), at least one chunk's worth and at most
+    PACK_MAX_BYTES."""
+    return max(CHUNK_SIZE, min(protocol.PACK_MAX_BYTES, byte_limit // max(1, window)))
 
 
 def _held(store: BlobStore, blob: str) -> int:

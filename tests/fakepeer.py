@@ -4,10 +4,13 @@ route (withhold events, trickle bytes, answer 1 GiB...). Routes not replaced are
 by the real :class:`syncnode.peer_server.PeerServer` of that node.
 
 Every request is counted per route (``calls``) so a test can bound what a receiver asks.
+A test that replaces ``blob`` but not ``pack`` gets a peer whose hello offers no packs, so
+that every blob goes through its ``blob`` answer.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -24,7 +27,8 @@ from syncnode.tls.contexts import server_ssl_context
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ROUTES = [("GET", "/hello", "hello"), ("GET", "/merkle", "merkle"),
-          ("POST", "/events", "events"), ("GET", "/blobs/{hash}/chunks", "chunks"),
+          ("POST", "/events", "events"), ("POST", "/blobs/pack", "pack"),
+          ("GET", "/blobs/{hash}/chunks", "chunks"),
           ("GET", "/blobs/{hash}", "blob"), ("POST", "/notify", "notify"),
           ("POST", "/push/offer", "push_offer"), ("PUT", "/push/blobs/{hash}", "push_blob"),
           ("POST", "/push/events", "push_events")]
@@ -37,6 +41,8 @@ class FakePeer:
         self.calls: Counter[str] = Counter()
         self.runner: web.AppRunner | None = None
         self.port = 0
+        if "blob" in overrides and "pack" not in overrides and "hello" not in overrides:
+            overrides["hello"] = self._hello_without_packs
         app = web.Application(client_max_size=protocol.MAX_JSON_BODY,
                               middlewares=[self.real._guard])
         app.add_routes([web.route(method, protocol.PREFIX + path,
@@ -44,6 +50,13 @@ class FakePeer:
                                                 or getattr(self.real, name)))
                         for method, path, name in ROUTES])
         self.app = app
+
+    async def _hello_without_packs(self, request: web.Request) -> web.StreamResponse:
+        answer = await self.real.hello(request)
+        assert isinstance(answer, web.Response) and answer.body is not None
+        obj = json.loads(bytes(answer.body))  # type: ignore[arg-type]
+        obj.pop("features", None)
+        return web.json_response(obj)
 
     def _counted(self, name: str, handler: Handler) -> Handler:
         async def counted(request: web.Request) -> web.StreamResponse:

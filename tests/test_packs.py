@@ -1,0 +1,331 @@
+"""Packs of small blobs (``POST /peer/v1/blobs/pack``): many blobs per round trip, each
+verified on its own.
+
+The decoder is driven without a network; the endpoint is the real peer server over real
+mutual TLS (:class:`fakepeer.FakePeer`), and hostile answers are written frame by frame
+with raw aiohttp. Checked: a damaged or short blob is refused alone and fetched singly, the
+blobs that arrived before a break are kept (and not asked for again), an answer that breaks
+the framing (unknown blob, oversized payload, extra bytes) is refused, and both ends cap a
+pack (64 blobs, 4 MiB).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from fakepeer import FakePeer
+from syncsupport import (
+    converged,
+    describe_nodes,
+    import_files,
+    make_dicom,
+    peer_state,
+    pin,
+    pull_from,
+    uid,
+    wait_for,
+)
+
+from syncnode import protocol, wire
+from syncnode.blobstore import CHUNK_SIZE, StagedBlob, chunks_root, implied_chunk_list
+from syncnode.ids import InvalidHash
+from syncnode.local import LocalNode
+from syncnode.node import RunningNode
+from syncnode.protocol import PackReader, ProtocolError
+from syncnode.sync import PeerClient, pack_target
+
+StartNode = Callable[..., Awaitable[RunningNode]]
+
+
+def frame(blob: str, data: bytes, status: int = protocol.RAW, size: int | None = None) -> bytes:
+    size = len(data) if size is None else size
+    return protocol.pack_frame_header(blob, status, size, len(data)) + data
+
+
+def h(n: int) -> str:
+    return format(n, "064x")
+
+
+# -- the decoder, sans-IO ----------------------------------------------------------------
+
+
+def read_all(reader: PackReader, body: bytes) -> list[protocol.PackFrame]:
+    frames, pos = [], 0
+    while n := reader.need():
+        got = reader.feed(body[pos:pos + n])
+        pos += n
+        if got is not None:
+            frames.append(got)
+    assert pos == len(body)
+    return frames
+
+
+def test_reader_decodes_frames_in_order_and_flags_a_short_blob_alone() -> None:
+    z = wire.compress_chunk(b"a" * 1000)
+    body = (frame(h(1), b"x" * 10) + frame(h(2), z, protocol.ZSTD, size=1000)
+            + frame(h(3), b"", protocol.ABSENT, size=0) + frame(h(4), b"y" * 5, size=6)
+            + frame(h(5), b"", protocol.NOT_PACKED, size=2 * CHUNK_SIZE))
+    reader = PackReader([(h(1), 10), (h(2), 1000), (h(3), 7), (h(4), 6),
+                         (h(5), 2 * CHUNK_SIZE)])
+    frames = read_all(reader, body)
+    assert [(f.blob, f.status) for f in frames] == [
+        (h(1), protocol.RAW), (h(2), protocol.ZSTD), (h(3), protocol.ABSENT),
+        (h(4), protocol.RAW), (h(5), protocol.NOT_PACKED)]
+    assert frames[0].payload == b"x" * 10 and not frames[0].problem
+    assert frames[3].problem == "5 bytes sent for a blob of 6"  # refused alone
+    assert reader.done and reader.missing() == []
+
+
+@pytest.mark.parametrize("header, why", [
+    (protocol.pack_frame_header(h(9), protocol.RAW, 10, 10), "is for blob"),  # unknown id
+    (protocol.pack_frame_header(h(1), protocol.RAW, 11, 11), "put event says 10"),
+    (protocol.pack_frame_header(h(1), protocol.RAW, 10, 2**32 - 1), "at most"),  # oversized
+    (protocol.pack_frame_header(h(1), protocol.ABSENT, 10, 5), "at most 0"),
+    (protocol.pack_frame_header(h(1), 7, 10, 10), "unknown status"),
+], ids=["unknown-blob", "wrong-size", "oversized-payload", "payload-when-absent",
+        "unknown-status"])
+def test_reader_refuses_a_header_that_breaks_the_framing(header: bytes, why: str) -> None:
+    reader = PackReader([(h(1), 10), (h(2), 10)])
+    with pytest.raises(ProtocolError, match=why):
+        reader.feed(header)
+    assert reader.missing() == [h(1), h(2)]
+
+
+def test_request_shapes_and_caps() -> None:
+    items = [protocol.PackItem(h(i), i % 2 == 0) for i in range(protocol.PACK_MAX_BLOBS)]
+    assert protocol.parse_pack_request(protocol.pack_request(items)) == items
+    too_many = {"blobs": [{"hash": h(i)} for i in range(protocol.PACK_MAX_BLOBS + 1)]}
+    for bad in (too_many, {"blobs": []}, {"blobs": [{"hash": h(1)}, {"hash": h(1)}]},
+                {"blobs": [{"hash": "../etc"}]}, {"blobs": [{"hash": h(1), "zstd": 1}]}):
+        with pytest.raises((protocol.BadRequest, InvalidHash)):  # both answered 400
+            protocol.parse_pack_request(bad)
+
+
+def test_a_pack_takes_a_share_of_the_window_within_the_caps() -> None:
+    assert pack_target(16 << 20, 8) == 2 << 20  # several packs in flight at once
+    assert pack_target(16 << 20, 64) == CHUNK_SIZE  # never less than one chunk's worth
+    assert pack_target(1 << 30, 4) == protocol.PACK_MAX_BYTES  # never more than the cap
+
+
+# -- the endpoint and the client over real mutual TLS ------------------------------------
+
+
+class Pair:
+    """A serving node ``f`` (behind a FakePeer) and a receiving node ``a`` with a client."""
+
+    def __init__(self, a: LocalNode, f: LocalNode, fake: FakePeer) -> None:
+        self.a, self.f, self.fake = a, f, fake
+        self.client = PeerClient(a, f.node_id, fake.url)
+
+    def blob(self, size: int, seed: int) -> tuple[str, int, str, bool]:
+        """A blob of random bytes in ``f``'s store: (hash, size, chunks root, zstd)."""
+        info = self.f.store.put_bytes(os.urandom(size) if seed < 0 else
+                                      bytes([seed % 251]) * size)
+        return info.hash, size, chunks_root(implied_chunk_list(info.hash, size)), False
+
+    async def fetch(self, blobs: list[tuple[str, int, str, bool]]
+                    ) -> tuple[dict[str, StagedBlob], list[str], list[str]]:
+        staged: dict[str, StagedBlob] = {}
+        refused: list[str] = []
+        singly = await self.client.fetch_pack(
+            self.a.store, blobs, staged.__setitem__,
+            on_refused=lambda b, _exc, _n: refused.append(b))
+        return staged, singly, refused
+
+
+@pytest.fixture
+async def pair(new_node: Callable[[str], LocalNode]) -> AsyncIterator[Callable[..., Any]]:
+    made: list[Pair] = []
+
+    async def make(**overrides: Any) -> Pair:
+        a, f = new_node(f"a{len(made)}"), new_node(f"f{len(made)}")
+        pin(a, f)
+        pin(f, a)
+        fake = await FakePeer(f, **overrides).start()
+        p = Pair(a, f, fake)
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        await p.client.close()
+        await p.fake.stop()
+
+
+async def test_a_pack_brings_small_blobs_verified_and_leaves_the_rest_to_single_pulls(
+        pair: Callable[..., Awaitable[Pair]]) -> None:
+    p = await pair()
+    small = [p.blob(200_000 + i, seed=i) for i in range(3)]
+    small[1] = (*small[1][:3], True)  # zstd asked: 200 kB of one byte value shrinks
+    large = p.blob(CHUNK_SIZE + 1, seed=-1)
+    unknown = (h(77), 100, chunks_root(implied_chunk_list(h(77), 100)), False)
+    wire_bytes: list[int] = []
+    staged: dict[str, StagedBlob] = {}
+    with pytest.raises(ValueError):  # the client never asks for a blob over one chunk
+        await p.client.fetch_pack(p.a.store, [large], staged.__setitem__)
+    singly = await p.client.fetch_pack(p.a.store, [*small, unknown], staged.__setitem__,
+                                       on_wire=wire_bytes.append)
+    assert singly == [unknown[0]]  # absent there: asked alone, answered 404 as before
+    assert sorted(staged) == sorted(b for b, *_ in small)
+    p.a.store.install_staged(list(staged.values()))
+    for b, *_ in small:
+        assert p.a.store.path(b).read_bytes() == p.f.store.path(b).read_bytes()
+    assert sum(wire_bytes) < 2 * 200_000 + 20_000, "the zstd-asked blob was not compressed"
+    assert p.fake.calls["pack"] == 1 and p.fake.calls["blob"] == 0
+
+    # the sender's caps: a blob over one chunk and bytes past PACK_MAX_BYTES are not packed
+    url = f"{p.client.base}/blobs/pack"
+    five = [p.blob(900_000, seed=10 + i) for i in range(5)]  # 4.5 MB > 4 MiB
+    async with p.client.session().post(url, json=protocol.pack_request(
+            [protocol.PackItem(b) for b, *_ in [*five, large]])) as resp:
+        body = await resp.read()
+    reader = PackReader([(b, n) for b, n, *_ in [*five, large]])
+    statuses = [f.status for f in read_all(reader, body)]
+    assert statuses == [protocol.RAW] * 4 + [protocol.NOT_PACKED] * 2
+    for bad in ({"blobs": [{"hash": h(i)} for i in range(protocol.PACK_MAX_BLOBS + 1)]},
+                {"blobs": [{"hash": h(1)}, {"hash": h(1)}]}):
+        async with p.client.session().post(url, json=bad) as resp:
+            assert resp.status == 400, await resp.text()
+
+
+def _pack_answer(node: LocalNode, mangle: Callable[[int, bytes], bytes],
+                 tail: bytes = b"", cut_after: int | None = None
+                 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """A hostile pack answer from ``node``'s real blobs: ``mangle(i, frame)`` rewrites
+    frame i; ``tail`` follows the last frame; ``cut_after``: abort after that many."""
+    async def answer(request: web.Request) -> web.StreamResponse:
+        items = protocol.parse_pack_request(await request.json())
+        resp = web.StreamResponse(headers={"Content-Type": protocol.PACK_CONTENT_TYPE})
+        await resp.prepare(request)
+        for i, item in enumerate(items):
+            if cut_after is not None and i == cut_after:
+                assert request.transport is not None
+                request.transport.close()  # what was written goes out first
+                return resp
+            data = node.store.path(item.hash).read_bytes()
+            await resp.write(mangle(i, frame(item.hash, data)))
+        await resp.write(tail)
+        return resp
+
+    return answer
+
+
+def _flip(i: int, target: int) -> Callable[[int, bytes], bytes]:
+    def mangle(n: int, f: bytes) -> bytes:
+        if n != target:
+            return f
+        b = bytearray(f)
+        b[-1] ^= 1
+        return bytes(b)
+    return mangle
+
+
+@pytest.mark.parametrize("fault", ["damaged", "extra", "unknown", "oversized", "cut"])
+async def test_a_hostile_pack_keeps_what_verified_and_refuses_the_rest(
+        pair: Callable[..., Awaitable[Pair]], fault: str) -> None:
+    holder: list[Pair] = []
+
+    async def pack(request: web.Request) -> web.StreamResponse:
+        f = holder[0].f
+        if fault == "damaged":
+            return await _pack_answer(f, _flip(0, 1))(request)
+        if fault == "extra":
+            return await _pack_answer(f, lambda i, x: x, tail=b"\0" * 100)(request)
+        if fault == "cut":
+            return await _pack_answer(f, lambda i, x: x, cut_after=2)(request)
+
+        def mangle(i: int, x: bytes) -> bytes:
+            if i != 1:
+                return x
+            if fault == "unknown":
+                return frame(h(5), x[protocol.PACK_HEADER_SIZE:])
+            # "oversized": a header announcing a 4 GiB payload, then silence
+            raw = bytearray(x[:protocol.PACK_HEADER_SIZE])
+            raw[-4:] = (2**32 - 1).to_bytes(4, "big")
+            return bytes(raw)
+
+        if fault == "oversized":
+            answer = _pack_answer(f, mangle, tail=b"")
+            resp = await answer(request)
+            await asyncio.sleep(30)  # never sends the payload: must not be waited for
+            return resp
+        return await _pack_answer(f, mangle)(request)
+
+    p = await pair(pack=pack)
+    holder.append(p)
+    blobs = [p.blob(100_000, seed=i) for i in range(4)]
+    refused: list[str] = []
+    staged: dict[str, StagedBlob] = {}
+
+    async def fetch() -> list[str]:
+        return await asyncio.wait_for(p.client.fetch_pack(
+            p.a.store, blobs, staged.__setitem__,
+            on_refused=lambda b, _e, _n: refused.append(b)), 20)
+
+    if fault == "damaged":
+        assert await fetch() == [blobs[1][0]] == refused  # fetched alone next
+        assert sorted(staged) == sorted(b[0] for i, b in enumerate(blobs) if i != 1)
+    else:
+        kind = (aiohttp.ClientError, ProtocolError) if fault == "cut" else ProtocolError
+        with pytest.raises(kind) as err:
+            await fetch()
+        kept = {"extra": 4, "unknown": 1, "oversized": 1, "cut": 2}[fault]
+        assert sorted(staged) == sorted(b[0] for b in blobs[:kept]), err.value
+        assert refused == []
+    p.a.store.install_staged(list(staged.values()))
+    for b in staged:
+        assert p.a.store.verify(b) is None
+
+
+# -- end to end: a node pulling through packs --------------------------------------------
+
+
+def _small_study(tmp: Path, node: LocalNode, tag: int, n: int) -> None:
+    files = [make_dicom(tmp / f"p{tag}-{i}.dcm", sop=uid(50, tag, i), study=uid(50, tag),
+                        series=uid(50, tag, 0), pixel_bytes=60_000, seed=500 * tag + i)
+             for i in range(n)]
+    import_files(node, *files)
+
+
+@pytest.mark.timeout(60)
+async def test_a_sync_pulls_small_blobs_in_packs_and_mends_a_damaged_one_alone(
+        tmp_path: Path, new_node: Callable[[str], LocalNode], running: StartNode) -> None:
+    """A peer whose packs carry one damaged blob, and whose first pack breaks off after
+    three blobs: the receiver keeps those three (never asks for them again), refuses the
+    damaged one alone, fetches it singly, and ends with every blob intact."""
+    a, f = new_node("a"), new_node("f")
+    _small_study(tmp_path, f, 1, 12)
+    asked: list[list[str]] = []
+
+    async def pack(request: web.Request) -> web.StreamResponse:
+        items = protocol.parse_pack_request(json.loads(await request.read()))
+        asked.append([i.hash for i in items])
+        if len(asked) == 1:
+            return await _pack_answer(f, lambda i, x: x, cut_after=3)(request)
+        return await _pack_answer(f, _flip(0, 0))(request)
+
+    fake = await FakePeer(f, pack=pack).start()
+    try:
+        ra = await running(a, max_pulls=1, max_window=1)  # one pack at a time
+        pull_from(a, ra, f, fake.url)
+        await wait_for(lambda: converged([a, f]), 40, "A to hold F's study",
+                       describe=lambda: describe_nodes([a, f]))
+        state = peer_state(a, f)
+        blob_calls = fake.calls["blob"]
+    finally:
+        await fake.stop()
+    assert len(asked[0]) == 12 and len(asked) >= 2
+    kept = set(asked[0][:3])
+    assert not kept & {b for req in asked[1:] for b in req}, "a kept blob was asked again"
+    assert blob_calls == 1  # only the damaged blob, singly
+    assert state["integrity_errors"] >= 1
+    for b in a.store.iter_hashes():
+        assert a.store.verify(b) is None
