@@ -49,12 +49,20 @@ write-back before every timed section).
    ``--skip-multiframe``): the generator's Enhanced CT file is synced A -> B exactly as in 1,
    on fresh nodes; peak RSS of each node and the transfer rate are reported.
 
-5. **Over a WAN link, wire compression off and on** (``--skip-wan`` to skip): the first
-   ``--wan-mb`` MB of the data set synced A -> B as in 1, B pulling through
-   ``tools/faultproxy.py`` capped at ``--wan-mbps`` MB/s downstream (all connections
-   together) with ``--wan-latency-ms`` of one-way delay, A not pushing (a push would
-   bypass the link); once with ``SYNCNODE_COMPRESSION=off``, once ``on``. Reports MB/s of
-   instances and the share of their bytes that crossed the link.
+5. **Over WAN links, syncnode (wire compression off and on) and Orthanc (C-STORE and HTTP
+   peers) through the same link** (``--skip-wan`` to skip): for each link of ``--wan-links``
+   (``LATENCY_MS:MB_PER_S``, default 40 ms/12.5 MB/s, 40 ms/50 MB/s, 10 ms/100 MB/s and
+   150 ms/12.5 MB/s), the first ``--wan-mb`` MB of the data set go A -> B through
+   ``tools/faultproxy.py`` with that one-way delay each way and that rate in each direction
+   shared by all connections through the proxy (``--shared-rate``: one token bucket per
+   direction, so parallel connections cannot beat the link). syncnode: B pulls from A as
+   in 1 through the proxy, A not pushing (a push would bypass the link); once with
+   ``SYNCNODE_COMPRESSION=off``, once ``on``. Orthanc: the same files uploaded to A, then
+   ``/modalities/B/store`` and ``/peers/B/store`` with A's modality and peer entries
+   pointing at proxies in front of B's DICOM and HTTP ports (1 and ``--orthanc-jobs``
+   jobs, the faster kept). Reports MB/s of instances, % of the link, the share of bytes
+   that crossed it, the ratio of syncnode to each Orthanc path, and the proxy's CPU share
+   (if it nears one core, the proxy and not the link is the limit).
 
 Targets (PASS/MISS): syncnode >= 4x the faster Orthanc path (MB/s); syncnode >= 50 % of the
 raw TLS ceiling; peak RSS of every node process < 300 MB (10**6 bytes) in both syncs.
@@ -172,8 +180,8 @@ ORTHANC_TUNING: dict[str, Any] = {
 
 DEFAULTS: dict[str, Any] = {
     "scale": 0.25, "seed": 0, "multiframe_gb": 2.0, "sync_interval": 0.5,
-    "orthanc_jobs": 2, "timeout": 1800.0, "wan_mbps": 12.5, "wan_latency_ms": 10.0,
-    "wan_mb": 150.0,
+    "orthanc_jobs": 2, "timeout": 1800.0,
+    "wan_links": "40:12.5,40:50,10:100,150:12.5", "wan_mb": 150.0,
 }
 
 
@@ -239,6 +247,33 @@ def wait_for(pred: Callable[[], bool], timeout: float, what: str, interval: floa
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what}: not done after {timeout:.0f} s")
         time.sleep(interval)
+
+
+def start_link(procs: Processes, name: str, port: int, upstream_port: int, rate: float,
+               latency_ms: float, log_path: Path) -> subprocess.Popen[bytes]:
+    """A WAN link on loopback: ``tools/faultproxy.py`` listening on ``port`` in front of
+    ``upstream_port``, ``latency_ms`` of delay each way and ``rate`` bytes/s in each
+    direction shared by all its connections (one token bucket per direction)."""
+    proc = procs.start(name, [
+        sys.executable, str(REPO / "tools" / "faultproxy.py"),
+        "--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{upstream_port}",
+        "--shared-rate", str(int(rate)), "--latency-ms", str(latency_ms),
+        "--log-level", "WARNING"], log_path)
+    wait_for(lambda: _port_open(port), 20, "the link proxy to listen", alive=proc,
+             log_path=log_path)
+    return proc
+
+
+def parse_links(text: str) -> list[tuple[float, float]]:
+    """``"40:12.5,10:100"`` -> [(one-way latency ms, MB/s), ...]."""
+    links = []
+    for item in text.split(","):
+        latency, _, rate = item.strip().partition(":")
+        try:
+            links.append((float(latency), float(rate)))
+        except ValueError:
+            raise SystemExit(f"--wan-links: {item!r} is not LATENCY_MS:MB_PER_S") from None
+    return links
 
 
 def status_word(ok: bool | None) -> str:
@@ -449,6 +484,7 @@ class Syncnode:
         self.procs, self.sampler, self.work = procs, sampler, work
         self.sync_interval = sync_interval
         self.pyspy = find_tool("py-spy") if profile else None
+        self.links: dict[str, subprocess.Popen[bytes]] = {}  # tag -> its link proxy
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return run([self.exe, *args])
@@ -481,16 +517,11 @@ class Syncnode:
             raise RuntimeError(f"peer add on {node.name} did not pin {peer.name}: {out}")
 
     def start_link(self, tag: str, upstream: Node, rate: float, latency_ms: float) -> str:
-        """A ``tools/faultproxy.py`` in front of ``upstream``'s peer port, capped at
-        ``rate`` bytes/s downstream (all connections together) with a one-way delay of
-        ``latency_ms``: a WAN link on loopback. Returns the URL to dial through it."""
+        """A WAN link (:func:`start_link`) in front of ``upstream``'s peer port. Returns the
+        URL to dial through it."""
         port = free_port()
-        self.procs.start(f"{tag}-link", [
-            sys.executable, str(REPO / "tools" / "faultproxy.py"),
-            "--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{upstream.peer_port}",
-            "--shared-rate-down", str(int(rate)), "--latency-ms", str(latency_ms)],
-            self.work / f"{tag}-link.log")
-        wait_for(lambda: _port_open(port), 20, "the link proxy to listen")
+        self.links[tag] = start_link(self.procs, f"{tag}-link", port, upstream.peer_port,
+                                     rate, latency_ms, self.work / f"{tag}-link.log")
         return f"https://127.0.0.1:{port}"
 
     def sync_pair(self, tag: str, files: Sequence[Path], timeout: float,
@@ -549,6 +580,8 @@ class Syncnode:
             self.wait_ready(b, proc_b, tag)
             t_ready = time.perf_counter()
             cpu0 = {"A": proc_cpu_seconds(proc_a.pid), "B": proc_cpu_seconds(proc_b.pid)}
+            link_proc = self.links.get(tag) if link else None
+            link_cpu0 = proc_cpu_seconds(link_proc.pid) if link_proc else 0.0
             if self.pyspy:
                 for n, p in (("A", proc_a), ("B", proc_b)):
                     spies[n] = self.procs.start(
@@ -574,6 +607,7 @@ class Syncnode:
                 time.sleep(SYNC_POLL_S)
             t_done = time.perf_counter()
             cpu1 = {"A": proc_cpu_seconds(proc_a.pid), "B": proc_cpu_seconds(proc_b.pid)}
+            link_cpu = (proc_cpu_seconds(link_proc.pid) - link_cpu0) if link_proc else 0.0
             for n in (name_a, name_b):
                 self.sampler.sample(n)
             last = cat_b.counts()
@@ -604,6 +638,7 @@ class Syncnode:
             "cpu_seconds": {n: cpu1[n] - cpu0[n] for n in cpu0},
             "cpu_seconds_per_gb": sum(cpu1[n] - cpu0[n] for n in cpu0) / (result["bytes"] / 1e9),
             "cpu_share": {n: (cpu1[n] - cpu0[n]) / seconds for n in cpu0},
+            "link_cpu_share": link_cpu / seconds,
             "peak_rss_bytes": {"A": self.sampler.peak_bytes(name_a),
                                "B": self.sampler.peak_bytes(name_b)},
             "vmhwm_bytes": {"A": self.sampler.hwm_kb.get(name_a, 0) * 1024,
@@ -854,24 +889,29 @@ class Orthanc:
     def tag(self) -> str:
         return f"orthanc-{self.name}"
 
-    def config(self, tuning: dict[str, Any], peer: Orthanc | None) -> dict[str, Any]:
+    def config(self, tuning: dict[str, Any], peer: Orthanc | None,
+               via: tuple[int, int] | None = None) -> dict[str, Any]:
+        """``via``: (DICOM port, HTTP port) to reach ``peer`` at instead of its own (the
+        ports of link proxies in front of it)."""
         cfg = {**tuning, "Name": f"bench-{self.name}",
                "StorageDirectory": str(self.folder / "storage"),
                "IndexDirectory": str(self.folder / "index"),
                "HttpPort": self.http_port, "DicomPort": self.dicom_port, "DicomAet": self.aet}
         if peer is not None:
-            cfg["DicomModalities"] = {peer.name: [peer.aet, "127.0.0.1", peer.dicom_port]}
-            cfg["OrthancPeers"] = {peer.name: {"Url": f"http://127.0.0.1:{peer.http_port}/"}}
+            dicom, http = via or (peer.dicom_port, peer.http_port)
+            cfg["DicomModalities"] = {peer.name: [peer.aet, "127.0.0.1", dicom]}
+            cfg["OrthancPeers"] = {peer.name: {"Url": f"http://127.0.0.1:{http}/"}}
         return cfg
 
     def start(self, procs: Processes, tuning: dict[str, Any], peer: Orthanc | None,
-              fresh: bool = False) -> subprocess.Popen[bytes]:
+              fresh: bool = False, via: tuple[int, int] | None = None
+              ) -> subprocess.Popen[bytes]:
         if fresh:
             remove(self.folder / "storage")
             remove(self.folder / "index")
         self.folder.mkdir(parents=True, exist_ok=True)
         cfg_path = self.folder / "orthanc.json"
-        cfg_path.write_text(json.dumps(self.config(tuning, peer), indent=2))
+        cfg_path.write_text(json.dumps(self.config(tuning, peer, via), indent=2))
         log_path = self.folder / "orthanc.log"
         proc = procs.start(self.tag, ["Orthanc", str(cfg_path)], log_path,
                            env={"TCP_NODELAY": "1"})
@@ -1054,36 +1094,126 @@ def environment(work: Path) -> dict[str, Any]:
     }
 
 
-def bench_wan(sn: Syncnode, files: Sequence[Path], args: argparse.Namespace
-              ) -> dict[str, Any]:
-    """The same files over a capped, delayed link (``tools/faultproxy.py``), B pulling from
-    A with wire compression off, then on (``SYNCNODE_COMPRESSION``): what zstd buys where
-    bandwidth, not CPU, is the limit."""
+def _wan_subset(files: Sequence[Path], mb: float) -> list[Path]:
     subset: list[Path] = []
     size = 0
     for f in files:
-        if size >= args.wan_mb * MB:
+        if size >= mb * MB:
             break
         subset.append(f)
         size += f.stat().st_size
-    link = (args.wan_mbps * MB, args.wan_latency_ms)
-    out: dict[str, Any] = {"mb_per_s_link": args.wan_mbps, "latency_ms": args.wan_latency_ms,
-                           "files": len(subset), "bytes": size}
-    for mode in ("off", "on"):
-        tag = f"wan-{mode}"
-        log(f"[{tag}] {len(subset)} files, {size / MB:.1f} MB over a {args.wan_mbps} MB/s, "
-            f"{args.wan_latency_ms} ms link, compression {mode}")
-        r = sn.sync_pair(tag, subset, args.timeout, link=link,
-                         env={"SYNCNODE_COMPRESSION": mode})
-        for d in ("nodeA", "nodeB"):
-            remove(sn.work / f"{tag}-{d}")
-        state = r.get("peer_state_on_B", {})
-        out[mode] = {"seconds": r["seconds"], "mb_per_s": r["mb_per_s"],
-                     "completed": r["completed"], "cpu_share": r["cpu_share"],
-                     "bytes_received": state.get("bytes_received", 0),
-                     "wire_bytes_received": state.get("wire_bytes_received", 0)}
-        log(f"[{tag}] {r['seconds']:.2f} s, {r['mb_per_s']:.1f} MB/s of instances")
+    return subset
+
+
+def bench_wan(sn: Syncnode, procs: Processes, files: Sequence[Path],
+              args: argparse.Namespace) -> dict[str, Any]:
+    """syncnode (zstd off, then on) and Orthanc (C-STORE, HTTP peers) through the same
+    capped, delayed links (:func:`start_link`), one link after another."""
+    subset = _wan_subset(files, args.wan_mb)
+    size = sum(f.stat().st_size for f in subset)
+    links = parse_links(args.wan_links)
+    out: dict[str, Any] = {"files": len(subset), "bytes": size, "links": []}
+    orthanc = None if args.skip_orthanc else WanOrthanc(procs, sn.work, subset, args)
+    try:
+        for latency, mbps in links:
+            entry: dict[str, Any] = {"latency_ms": latency, "mb_per_s_link": mbps}
+            link = (mbps * MB, latency)
+            for mode in ("off", "on"):
+                tag = f"wan-{latency:g}ms-{mbps:g}-{mode}"
+                log(f"[{tag}] syncnode: {len(subset)} files, {size / MB:.1f} MB over a "
+                    f"{mbps:g} MB/s, {latency:g} ms link, compression {mode}")
+                r = sn.sync_pair(tag, subset, args.timeout, link=link,
+                                 env={"SYNCNODE_COMPRESSION": mode})
+                for d in ("nodeA", "nodeB"):
+                    remove(sn.work / f"{tag}-{d}")
+                state = r.get("peer_state_on_B", {})
+                entry[mode] = {"seconds": r["seconds"], "mb_per_s": r["mb_per_s"],
+                               "completed": r["completed"], "cpu_share": r["cpu_share"],
+                               "link_cpu_share": r["link_cpu_share"],
+                               "cpu_seconds_per_gb": r["cpu_seconds_per_gb"],
+                               "bytes_received": state.get("bytes_received", 0),
+                               "wire_bytes_received": state.get("wire_bytes_received", 0)}
+                log(f"[{tag}] {r['seconds']:.2f} s, {r['mb_per_s']:.1f} MB/s of instances "
+                    f"({r['mb_per_s'] / mbps:.0%} of the link); proxy CPU "
+                    f"{r['link_cpu_share']:.0%}")
+            if orthanc is not None:
+                entry["orthanc"] = orthanc.run_link(latency, mbps)
+            out["links"].append(entry)
+    finally:
+        if orthanc is not None:
+            orthanc.close()
     return out
+
+
+class WanOrthanc:
+    """Orthanc A -> B through link proxies in front of B's DICOM and HTTP ports (fixed
+    ports written into A's configuration; the proxies are restarted per link)."""
+
+    def __init__(self, procs: Processes, work: Path, files: Sequence[Path],
+                 args: argparse.Namespace) -> None:
+        self.procs, self.work, self.args = procs, work, args
+        self.files = files
+        self.total = sum(f.stat().st_size for f in files)
+        self.tuning = {**ORTHANC_TUNING, "ConcurrentJobs": max(2, args.orthanc_jobs),
+                       "SyncStorageArea": args.orthanc_sync_storage}
+        self.a = Orthanc("A", "BENCHA", work / "wan-orthanc-A")
+        self.b = Orthanc("B", "BENCHB", work / "wan-orthanc-B")
+        self.via = (free_port(), free_port())
+        self.proc_a = self.a.start(procs, self.tuning, peer=self.b, fresh=True, via=self.via)
+        self.proc_b = self.b.start(procs, self.tuning, peer=None, fresh=True)
+        self.rest_a = OrthancREST(self.a.http_port)
+        log(f"[wan-orthanc] uploading {len(files)} files to Orthanc A (not timed)")
+        for f in files:
+            answer = self.rest_a.request("POST", "/instances", f.read_bytes(),
+                                         "application/dicom")
+            if answer.get("Status") not in ("Success", "AlreadyStored"):
+                raise RuntimeError(f"Orthanc A refused {f}: {answer}")
+        self.ids = self.rest_a.get("/instances")
+
+    def run_link(self, latency: float, mbps: float) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, label, path in (("dicom", "C-STORE", "/modalities/B/store"),
+                                 ("peers", "HTTP peers", "/peers/B/store")):
+            best: dict[str, Any] | None = None
+            for k in sorted({1, self.args.orthanc_jobs}):
+                tag = f"wan-{latency:g}ms-{mbps:g}-orthanc-{key}-{k}"
+                upstream = self.b.dicom_port if key == "dicom" else self.b.http_port
+                port = self.via[0] if key == "dicom" else self.via[1]
+                proxy = start_link(self.procs, f"{tag}-link", port, upstream, mbps * MB,
+                                   latency, self.work / f"{tag}-link.log")
+                try:
+                    sync_fs()
+                    cpu0 = proc_cpu_seconds(proxy.pid)
+                    dt, _ = run_jobs(self.rest_a, path, self.ids, k, self.args.timeout)
+                    link_cpu = proc_cpu_seconds(proxy.pid) - cpu0
+                finally:
+                    self.procs.stop(f"{tag}-link")
+                rest_b = OrthancREST(self.b.http_port)
+                try:
+                    got = int(rest_b.get("/statistics")["CountInstances"])
+                finally:
+                    rest_b.close()
+                if got != len(self.ids):
+                    raise RuntimeError(f"Orthanc {label}: B holds {got} of {len(self.ids)}")
+                r = {"label": f"Orthanc {label}, {k} job{'s' if k > 1 else ''}",
+                     "seconds": dt, "jobs": k, "mb_per_s": self.total / MB / dt,
+                     "link_cpu_share": link_cpu / dt}
+                log(f"[{tag}] {dt:.2f} s, {r['mb_per_s']:.1f} MB/s "
+                    f"({r['mb_per_s'] / mbps:.0%} of the link); proxy CPU "
+                    f"{r['link_cpu_share']:.0%}")
+                if best is None or r["mb_per_s"] > best["mb_per_s"]:
+                    best = r
+                self.procs.stop(self.b.tag)
+                self.proc_b = self.b.start(self.procs, self.tuning, peer=None, fresh=True)
+            out[key] = best
+        return out
+
+    def close(self) -> None:
+        self.rest_a.close()
+        self.procs.stop(self.b.tag)
+        self.procs.stop(self.a.tag)
+        remove(self.a.folder)
+        remove(self.b.folder)
 
 
 def repro_command(args: argparse.Namespace) -> str:
@@ -1095,8 +1225,7 @@ def repro_command(args: argparse.Namespace) -> str:
         cmd.append("--no-orthanc-sync-storage")
     for kv in args.node_env:
         cmd += ["--node-env", kv]
-    cmd += ["--wan-mbps", str(args.wan_mbps), "--wan-latency-ms", str(args.wan_latency_ms),
-            "--wan-mb", str(args.wan_mb)]
+    cmd += ["--wan-links", args.wan_links, "--wan-mb", str(args.wan_mb)]
     for flag in ("skip_multiframe", "skip_orthanc", "skip_raw", "skip_wan", "profile", "keep"):
         if getattr(args, flag):
             cmd.append("--" + flag.replace("_", "-"))
@@ -1178,21 +1307,6 @@ def render(doc: dict[str, Any]) -> str:
         row(label, sn["seconds"], sn["mb_per_s"], sn["files_per_s"], rss_pair(sn))
         row("  same, timed from starting B's process", sn["seconds_from_process_start"],
             sn["mb_per_s_from_process_start"], sn["instances"] / sn["seconds_from_process_start"])
-    wan = doc.get("wan")
-    if wan:
-        lines.append(f"  (WAN: {wan['files']} files, {wan['bytes'] / MB:.1f} MB through "
-                     f"tools/faultproxy.py at {wan['mb_per_s_link']} MB/s, "
-                     f"{wan['latency_ms']} ms one way)")
-        for mode in ("off", "on"):
-            w = wan[mode]
-            ratio = (w["wire_bytes_received"] / w["bytes_received"]
-                     if w["bytes_received"] else 0.0)
-            row(f"syncnode over the WAN link, zstd {mode}"
-                + ("" if w["completed"] else " NOT DONE"), w["seconds"], w["mb_per_s"],
-                wan["files"] / w["seconds"], f"wire {ratio:.0%}")
-        if wan["on"]["seconds"]:
-            speedup = wan["off"]["seconds"] / wan["on"]["seconds"]
-            lines.append(f"  zstd on the WAN link: {speedup:.2f}x faster than without")
     raw = doc.get("raw_tls")
     if raw:
         lines.append(f"  (raw TLS: {raw['tls_version']} {raw['cipher']}, syncnode's own TLS "
@@ -1267,6 +1381,9 @@ def render(doc: dict[str, Any]) -> str:
                              "TcpNoDelay", "ConcurrentJobs", "MaximumPduLength",
                              "DicomAssociationCloseDelay", "SyncStorageArea", "StableAge",
                              "MetricsEnabled", "CheckRevisions")) + "; no plugins. * = fastest.")
+    wan = doc.get("wan")
+    if wan:
+        lines += ["", render_wan(wan)]
     for part_key in ("syncnode", "multiframe"):
         prof = (doc.get(part_key) or {}).get("profile")
         if not prof:
@@ -1289,6 +1406,46 @@ def render(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_wan(wan: dict[str, Any]) -> str:
+    """One row per link: MB/s of instances, % of the link, syncnode / each Orthanc path."""
+    lines = [f"  WAN links (tools/faultproxy.py; {wan['files']} files, {wan['bytes'] / MB:.1f} MB; "
+             "MB/s of instances, % of the link rate; zstd: share of the bytes on the wire; "
+             "proxy: its CPU share, near 100% it is the limit)",
+             f"  {'link':<16}{'zstd off':>16}{'zstd on':>22}{'Orthanc C-STORE':>18}"
+             f"{'Orthanc peers':>16}   syncnode off / on vs C-STORE; vs peers"]
+    for e in wan["links"]:
+        rate = e["mb_per_s_link"]
+        off, on = e["off"], e["on"]
+        wire = on["wire_bytes_received"] / on["bytes_received"] if on["bytes_received"] else 0
+        cells = [f"{e['latency_ms']:g} ms {rate:g} MB/s",
+                 f"{off['mb_per_s']:.1f} ({off['mb_per_s'] / rate:.0%})"
+                 + ("" if off["completed"] else "!"),
+                 f"{on['mb_per_s']:.1f} ({on['mb_per_s'] / rate:.0%}, w {wire:.0%})"
+                 + ("" if on["completed"] else "!")]
+        orth = e.get("orthanc")
+        ratios = ""
+        if orth:
+            d, p = orth["dicom"], orth["peers"]
+            cells += [f"{d['mb_per_s']:.1f} ({d['mb_per_s'] / rate:.0%})",
+                      f"{p['mb_per_s']:.1f} ({p['mb_per_s'] / rate:.0%})"]
+            ratios = (f"   {off['mb_per_s'] / d['mb_per_s']:.1f}x / "
+                      f"{on['mb_per_s'] / d['mb_per_s']:.1f}x; "
+                      f"{off['mb_per_s'] / p['mb_per_s']:.1f}x / "
+                      f"{on['mb_per_s'] / p['mb_per_s']:.1f}x")
+        else:
+            cells += ["-", "-"]
+        lines.append(f"  {cells[0]:<16}{cells[1]:>16}{cells[2]:>22}{cells[3]:>18}"
+                     f"{cells[4]:>16}{ratios}")
+        proxies = [f"syncnode off {off['link_cpu_share']:.0%}, on {on['link_cpu_share']:.0%}"]
+        if orth:
+            proxies.append(f"Orthanc {orth['dicom']['link_cpu_share']:.0%} / "
+                           f"{orth['peers']['link_cpu_share']:.0%}")
+        lines.append(f"  {'':<16}proxy CPU: " + "; ".join(proxies)
+                     + (f"; Orthanc best of {orth['dicom']['jobs']}/{orth['peers']['jobs']} "
+                        "jobs" if orth else ""))
+    return "\n".join(lines)
+
+
 # -- main --------------------------------------------------------------------------------
 
 
@@ -1304,13 +1461,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-orthanc", action="store_true")
     p.add_argument("--skip-raw", action="store_true")
     p.add_argument("--skip-wan", action="store_true")
-    p.add_argument("--wan-mbps", type=float, default=DEFAULTS["wan_mbps"],
-                   help="WAN link for the compression comparison, MB/s (default 12.5: "
-                        "100 Mbit/s)")
-    p.add_argument("--wan-latency-ms", type=float, default=DEFAULTS["wan_latency_ms"],
-                   help="one-way delay of that link (default 10 ms)")
+    p.add_argument("--wan-links", default=DEFAULTS["wan_links"],
+                   help="links as LATENCY_MS:MB_PER_S, comma-separated (default %(default)s)")
     p.add_argument("--wan-mb", type=float, default=DEFAULTS["wan_mb"],
-                   help="MB of the data set sent over it, each way of compression "
+                   help="MB of the data set sent over each link, by each contender "
                         "(default 150)")
     p.add_argument("--sync-interval", type=float, default=DEFAULTS["sync_interval"],
                    help="syncnode run --sync-interval (default 0.5)")
@@ -1393,7 +1547,7 @@ def run_bench(args: argparse.Namespace, scratch: Path | None) -> int:
         if not args.skip_raw:
             doc["raw_tls"] = bench_raw_tls(procs, work, files, total)
         if not args.skip_wan:
-            doc["wan"] = bench_wan(sn, files, args)
+            doc["wan"] = bench_wan(sn, procs, files, args)
         if not args.skip_orthanc:
             doc["orthanc"] = bench_orthanc(procs, sampler, work, files, total,
                                            args.orthanc_jobs, args.orthanc_sync_storage,
