@@ -380,6 +380,7 @@ class PeerServer:
         try:
             for i in range(len(items)):
                 header, payload, size, study = await ahead
+                await self._throttle(peer, "out", len(header) + len(payload))
                 if i + 1 < len(items):
                     ahead = asyncio.ensure_future(
                         offload(self._pack_frame, items[i + 1], compress_ok, budget))

@@ -461,6 +461,8 @@ class PeerClient:
                                 "still due)") from exc
                         if on_wire:
                             on_wire(len(data))
+                        if self.throttle is not None:  # bandwidth caps (syncnode.ratelimit)
+                            await self.throttle(len(data))
                         frame = reader.feed(data)
                         if frame is None:
                             continue
@@ -746,6 +748,8 @@ class PeerSync:
         self.push_gate = FlowGate(engine.max_pulls, engine.max_window)
         self.client.connections = max(16, engine.max_window)
         self.client.throttle = self._throttle_in
+        self.packs = False  # the peer serves packs of small blobs (its hello says so)
+        self._singly: set[str] = set()  # blobs a pack did not bring: pulled alone next
 
     async def _throttle_in(self, n: int) -> None:
         limiter = self.engine.limiter
@@ -756,8 +760,6 @@ class PeerSync:
         """Take new max_pulls / max_window settings."""
         for gate in (self.pull_gate, self.push_gate):
             gate.configure(self.engine.max_pulls, self.engine.max_window)
-        self.packs = False  # the peer serves packs of small blobs (its hello says so)
-        self._singly: set[str] = set()  # blobs a pack did not bring: pulled alone next
 
     def save_state(self, force: bool = False) -> None:
         """Record the state (at most every 0.5 s unless ``force``) through the engine's
