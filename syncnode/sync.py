@@ -1207,10 +1207,10 @@ class PeerSync:
                 or first.blob in self._singly):
             return []
         sources, w = self.engine.sources, self.pull_gate.window
-        target = pack_target(w.byte_limit(), w.limit)
+        rate = w.rate()
+        target = pack_target(rate)
         group: list[tuple[Claim, list[ev.Checked]]] = []
         total = first.size
-        rate = w.rate()
         for blob in list(todo):
             if len(group) + 1 >= protocol.PACK_MAX_BLOBS:
                 break
@@ -1253,6 +1253,8 @@ class PeerSync:
                     sources.release(claim)
 
         def arrived(blob: str, staged: StagedBlob | None) -> None:
+            if staged is not None:
+                claims[blob].got = staged.size  # its progress, as the steal rule sees it
             installs.append(asyncio.ensure_future(install(blob, staged)))
 
         try:
@@ -1459,11 +1461,16 @@ class _PullPlan:
     invalid: list[tuple[str, str]] = field(default_factory=list)
 
 
-def pack_target(byte_limit: int, window: int) -> int:
-    """Blob bytes to put in one pack: a share of the bytes the window lets be in flight
-    (so that several requests still run at once), at least one chunk's worth and at most
-    PACK_MAX_BYTES."""
-    return max(CHUNK_SIZE, min(protocol.PACK_MAX_BYTES, byte_limit // max(1, window)))
+PACK_SECONDS = 0.25  # a pack holds about this long of the peer's measured throughput
+MIN_PACK = 256 << 10  # bytes of a pack before the peer's throughput is measured
+
+
+def pack_target(rate: float) -> int:
+    """Blob bytes to put in one pack: about PACK_SECONDS of what the peer delivers, so that
+    a loop claims no more than its peer will soon bring and other peers holding the same
+    blobs still get their share (:mod:`syncnode.sources`); MIN_PACK before anything was
+    measured, and at most PACK_MAX_BYTES."""
+    return max(MIN_PACK, min(protocol.PACK_MAX_BYTES, int(rate * PACK_SECONDS)))
 
 
 def _held(store: BlobStore, blob: str) -> int:

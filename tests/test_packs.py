@@ -40,7 +40,7 @@ from syncnode.ids import InvalidHash
 from syncnode.local import LocalNode
 from syncnode.node import RunningNode
 from syncnode.protocol import PackReader, ProtocolError
-from syncnode.sync import PeerClient, pack_target
+from syncnode.sync import MIN_PACK, PeerClient, pack_target
 
 StartNode = Callable[..., Awaitable[RunningNode]]
 
@@ -109,10 +109,11 @@ def test_request_shapes_and_caps() -> None:
             protocol.parse_pack_request(bad)
 
 
-def test_a_pack_takes_a_share_of_the_window_within_the_caps() -> None:
-    assert pack_target(16 << 20, 8) == 2 << 20  # several packs in flight at once
-    assert pack_target(16 << 20, 64) == CHUNK_SIZE  # never less than one chunk's worth
-    assert pack_target(1 << 30, 4) == protocol.PACK_MAX_BYTES  # never more than the cap
+def test_a_pack_holds_a_fraction_of_a_second_of_the_peer_within_the_caps() -> None:
+    assert pack_target(0.0) == MIN_PACK  # nothing measured yet: a few small blobs
+    assert pack_target(2e6) == 500_000  # a slow peer claims little at a time
+    assert pack_target(10e6) == 2_500_000
+    assert pack_target(1e9) == protocol.PACK_MAX_BYTES  # never more than the cap
 
 
 # -- the endpoint and the client over real mutual TLS ------------------------------------
@@ -290,7 +291,7 @@ async def test_a_hostile_pack_keeps_what_verified_and_refuses_the_rest(
 
 def _small_study(tmp: Path, node: LocalNode, tag: int, n: int) -> None:
     files = [make_dicom(tmp / f"p{tag}-{i}.dcm", sop=uid(50, tag, i), study=uid(50, tag),
-                        series=uid(50, tag, 0), pixel_bytes=60_000, seed=500 * tag + i)
+                        series=uid(50, tag, 0), pixel_bytes=15_000, seed=500 * tag + i)
              for i in range(n)]
     import_files(node, *files)
 
