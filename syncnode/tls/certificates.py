@@ -150,48 +150,19 @@ def build_certificate(
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(aki, critical=False)
     )
-    if is_ca:
-        builder = builder.add_extension(
-            x509.BasicConstraints(ca=True, path_length=0), critical=True
-        ).add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-    else:
-        builder = (
-            builder.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(NODE_SAN)]), critical=False)
-        )
+    # a CA signs certificates and revocation lists; a node signs (TLS, events) only
+    usage = x509.KeyUsage(
+        digital_signature=True, content_commitment=False, key_encipherment=False,
+        data_encipherment=False, key_agreement=False, key_cert_sign=is_ca, crl_sign=is_ca,
+        encipher_only=False, decipher_only=False)
+    builder = builder.add_extension(
+        x509.BasicConstraints(ca=is_ca, path_length=0 if is_ca else None), critical=True
+    ).add_extension(usage, critical=True)
+    if not is_ca:
+        both_ends = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+        san = x509.SubjectAlternativeName([x509.DNSName(NODE_SAN)])
+        builder = builder.add_extension(x509.ExtendedKeyUsage(both_ends), critical=False)
+        builder = builder.add_extension(san, critical=False)
     return builder.sign(issuer_key, hashes.SHA256())
 
 
