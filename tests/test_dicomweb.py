@@ -360,13 +360,9 @@ def _new_instance(study: str | None = None) -> pydicom.Dataset:
     return ds
 
 
+
 def _findscu_sops(port: int, study: str) -> list[str]:
-    res = kit.run_tool([kit.dcmtk("findscu"), "-S", "-aec", "SYNCNODE", "-k",
-                        "QueryRetrieveLevel=IMAGE", "-k", f"StudyInstanceUID={study}", "-k",
-                        "SOPInstanceUID", "127.0.0.1", str(port)], timeout=60, check=False)
-    assert res.returncode == 0, res.stdout + res.stderr
-    return [line.split("[", 1)[1].split("]", 1)[0].rstrip("\0")
-            for line in res.stderr.splitlines() if "(0008,0018)" in line and "[" in line]
+    return kit.findscu_sops(port, "StudyInstanceUID", study)
 
 
 def test_stow_then_cfind_and_catalog(node: Node) -> None:

@@ -62,14 +62,10 @@ def forged_put(node: LocalNode, blob_bytes: bytes, **claims: str) -> str:
     return eid
 
 
+
 def find_patient(port: int, patient_id: str) -> list[str]:
     """SOP Instance UIDs a DCMTK findscu at IMAGE level gets for a Patient ID."""
-    res = kit.run_tool([kit.dcmtk("findscu"), "-S", "-aec", "SYNCNODE", "-k",
-                        "QueryRetrieveLevel=IMAGE", "-k", f"PatientID={patient_id}", "-k",
-                        "SOPInstanceUID", "127.0.0.1", str(port)], timeout=60, check=False)
-    assert res.returncode == 0, res.stdout + res.stderr
-    return [line.split("[", 1)[1].split("]", 1)[0] for line in res.stderr.splitlines()
-            if "(0008,0018)" in line and "[" in line]
+    return kit.findscu_sops(port, "PatientID", patient_id)
 
 
 @pytest.mark.timeout(120)

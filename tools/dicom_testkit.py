@@ -361,6 +361,18 @@ def run_tool(args: Sequence[str], timeout: float = 300.0, check: bool = True
     return proc
 
 
+def findscu_sops(port: int, key: str, value: str, host: str = "127.0.0.1",
+                 called: str = "SYNCNODE") -> list[str]:
+    """SOP Instance UIDs DCMTK's ``findscu`` gets at IMAGE level (Study Root) for one
+    matching key, e.g. ``findscu_sops(port, "PatientID", "P1")``."""
+    res = run_tool([dcmtk("findscu"), "-S", "-aec", called, "-k", "QueryRetrieveLevel=IMAGE",
+                    "-k", f"{key}={value}", "-k", "SOPInstanceUID", host, str(port)],
+                   timeout=60, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return [line.split("[", 1)[1].split("]", 1)[0].rstrip("\0")
+            for line in res.stderr.splitlines() if "(0008,0018)" in line and "[" in line]
+
+
 @contextmanager
 def orthanc(workdir: Path, **kw: Any) -> Iterator[Orthanc]:
     server = Orthanc(workdir, **kw)
