@@ -14,7 +14,8 @@
   (some from ``blob:`` URLs), which the admin server's strict policy forbids; ``/viewer/``
   answers carry their own Content-Security-Policy allowing exactly that, on this origin
   only (inline scripts by their SHA-256, never ``unsafe-inline`` for scripts), and
-  nothing off-origin. Framing stays forbidden.
+  nothing off-origin. Framing stays forbidden. The pages are cross-origin isolated (COOP
+  ``same-origin``, COEP ``require-corp``) so the viewer may use shared memory.
 - **Caching.** File names with a content hash (``app.bundle.0f6159c501addfe9.js``) are
   immutable for a year; everything else (``index.html``, the config) is revalidated.
 """
