@@ -37,7 +37,7 @@ RESTART_KEYS = frozenset({"dicom_port", "ae_title", "peer_host", "peer_port", "a
                           "dicom_artim_timeout", "dicom_max_pending_per_address",
                           "dicom_max_pending", "audit_syslog", "audit_syslog_ca", "audit_site",
                           "dicom_tls", "dicom_tls_clients", "audit_patient_ids",
-                          "dicom_destinations"})
+                          "dicom_destinations", "dicom_move_associations"})
 
 
 class ConfigError(ValueError):
@@ -123,6 +123,9 @@ class Settings(BaseSettings):
     dicom_destinations: dict[str, str] = Field(
         default_factory=dict, description="C-MOVE destinations this node sends to, "
                                           "AE title -> HOST:PORT")
+    dicom_move_associations: int = Field(
+        4, ge=1, le=16, description="associations a large C-MOVE opens to its destination "
+                                    "at most (one per 20 instances), sending in parallel")
     # Off unless asked for: announcing a node that holds patient data is an operator's choice.
     discovery: bool = Field(False, description="advertise and browse on the LAN (mDNS)")
     sync_interval: float = Field(5.0, gt=0, le=3600,

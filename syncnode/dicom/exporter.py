@@ -406,8 +406,8 @@ def send_store(assoc: Any, context_id: int, msg_id: int, sop_class: str, sop_ins
     sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
     if sock is None:
         return None
-    with _reactor_paused(assoc):
-        try:
+    try:
+        with _reactor_paused(assoc):
             out = [_pdv_pdu(context_id, 0x03, store_command(sop_class, sop_instance, msg_id))]
             pending = len(out[0])
             fragments = _fragments(payload, size)
@@ -423,10 +423,10 @@ def send_store(assoc: Any, context_id: int, msg_id: int, sop_class: str, sop_ins
                     break
                 block = nxt
             _cx, rsp = assoc.dimse.get_msg(block=True)
-        except OSError as exc:
-            log.warning("sending to the PACS failed: %s", exc)
-            assoc.abort()
-            return None
+    except OSError as exc:  # (also: the reactor did not pause)
+        log.warning("sending to the PACS failed: %s", exc)
+        assoc.abort()
+        return None
     return _response_status(assoc, rsp)
 
 
@@ -440,9 +440,23 @@ def _exchange(assoc: Any, req: C_STORE, context_id: int) -> Dataset | None:
 
 @contextlib.contextmanager
 def _reactor_paused(assoc: Any) -> Iterator[None]:
-    """Pause the association's reactor (pynetdicom's DUL loop; waited for up to 5 s) while
-    this thread talks on the association itself, as pynetdicom's own send_c_store does."""
+    """Pause the association's reactor while this thread talks on the association itself,
+    as pynetdicom's own send_c_store does. A :class:`~.transport.FastAssociation` is
+    paused by taking its turn lock (re-entrant: the C-GET handler runs in the reactor's
+    own thread), which waits for the reactor to finish what it is doing; otherwise by
+    pynetdicom's checkpoint and ``_is_paused`` flag (waited for up to 5 s)."""
     assoc._reactor_checkpoint.clear()
+    turn = getattr(assoc, "_turn", None)
+    if turn is not None:
+        if not turn.acquire(timeout=60):
+            assoc._reactor_checkpoint.set()
+            raise OSError("the association's reactor did not pause within 60 s")
+        try:
+            yield
+        finally:
+            assoc._reactor_checkpoint.set()
+            turn.release()
+        return
     deadline = time.monotonic() + 5
     while not assoc._is_paused and time.monotonic() < deadline:
         time.sleep(0.0001)

@@ -32,9 +32,12 @@ data.
 
 from __future__ import annotations
 
+import collections
 import io
 import logging
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +92,12 @@ class NotSendable(Exception):
 
 class StoredInstance(Dataset):
     """What the C-GET/C-MOVE handler yields: an instance of the catalog, by blob. Only the
-    attributes pynetdicom looks at are set; the bytes are read when it is sent."""
+    attributes pynetdicom looks at are set; the bytes are read when it is sent.
+
+    ``outcome`` is set when the instance was already sent on another association of the
+    same C-MOVE (:class:`MoveWorkers`): the status data set of its C-STORE response, or
+    the :class:`NotSendable` that stopped it. pynetdicom's sub-operation then only counts
+    it."""
 
     def __init__(self, instance: Instance, store: BlobStore) -> None:
         super().__init__()
@@ -97,6 +105,7 @@ class StoredInstance(Dataset):
         self.SOPInstanceUID = instance.sop_instance_uid
         self.instance = instance
         self.store = store
+        self.outcome: Dataset | NotSendable | None = None
 
 
 def _uids(identifier: Dataset, keyword: str) -> list[str] | None:
@@ -240,6 +249,10 @@ def send_stored(assoc: Any, ds: Dataset, msg_id: int = 1, **_originator: Any) ->
     :class:`NotSendable` (pynetdicom then counts a failed sub-operation)."""
     if not isinstance(ds, StoredInstance):
         return type(assoc).send_c_store(assoc, ds, msg_id=msg_id, **_originator)
+    if ds.outcome is not None:  # sent already, by a MoveWorkers association
+        if isinstance(ds.outcome, NotSendable):
+            raise ds.outcome
+        return ds.outcome
     inst = ds.instance
     stored = inst.transfer_syntax_uid
     cx = _context(assoc, inst.sop_class_uid, (stored,))
@@ -274,3 +287,136 @@ def install_sender(assoc: Any) -> None:
 def stored_instances(instances: list[Instance], store: BlobStore) -> Iterator[StoredInstance]:
     for inst in instances:
         yield StoredInstance(inst, store)
+
+
+def move_associations(count: int, cap: int) -> int:
+    """How many associations a C-MOVE of ``count`` instances uses: one per
+    ``INSTANCES_PER_ASSOCIATION`` (a small move is not worth a second handshake), at most
+    ``cap``."""
+    return max(1, min(cap, count // INSTANCES_PER_ASSOCIATION))
+
+
+INSTANCES_PER_ASSOCIATION = 20
+
+
+class MoveWorkers:
+    """The extra associations of one large C-MOVE, each sending from a shared queue.
+
+    The sub-association pynetdicom opened stays the first sender: the C-MOVE handler
+    (:meth:`results`) yields to it the next unsent instance whenever no instance sent by a
+    worker is waiting to be reported, so every association is kept busy and every instance
+    is reported exactly once (a worker's instance carries its ``outcome``). A worker that
+    cannot associate, or loses its association, stops; the instances it did not take are
+    sent by the others. Each association sends one instance at a time and waits for its
+    response (PS3.7 allows no more without asynchronous operations negotiated).
+    """
+
+    def __init__(self, instances: list[Instance], store: BlobStore, *, ae_title: str,
+                 destination: tuple[str, int], called_ae: str,
+                 contexts: list[PresentationContext], extra: int, max_pdu: int,
+                 timeout: float = 120.0) -> None:
+        self.queue: collections.deque[StoredInstance] = collections.deque(
+            StoredInstance(i, store) for i in instances)
+        self.total = len(instances)
+        self.done: queue.Queue[StoredInstance] = queue.Queue()
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.ae_title = ae_title
+        self.destination = destination
+        self.called_ae = called_ae
+        self.contexts = contexts
+        self.max_pdu = max_pdu
+        self.timeout = timeout
+        self.associations: list[Any] = []
+        self.threads = [threading.Thread(target=self._work, name=f"dicom-move-{n}",
+                                         daemon=True) for n in range(extra)]
+        self.running = len(self.threads)
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def take(self) -> StoredInstance | None:
+        with self.lock:
+            return self.queue.popleft() if self.queue else None
+
+    def _associate(self) -> Any:
+        from .transport import PduLimits, SyncnodeAE
+
+        ae = SyncnodeAE(self.ae_title, PduLimits(max_pdata=self.max_pdu))
+        ae.acse_timeout = 30
+        ae.dimse_timeout = self.timeout
+        ae.network_timeout = 60
+        ae.connection_timeout = 10
+        return ae.associate(self.destination[0], self.destination[1], contexts=self.contexts,
+                            ae_title=self.called_ae, max_pdu=self.max_pdu)
+
+    def _work(self) -> None:
+        try:
+            assoc = self._associate()
+        except (OSError, RuntimeError, ValueError) as exc:
+            log.info("C-MOVE: an extra association to %s failed: %s", self.called_ae, exc)
+            assoc = None
+        try:
+            if assoc is None or not assoc.is_established:
+                return
+            with self.lock:
+                self.associations.append(assoc)
+            msg_id = 0
+            while not self.stopping.is_set() and assoc.is_established:
+                item = self.take()
+                if item is None:
+                    break
+                msg_id = msg_id % 65535 + 1
+                try:
+                    item.outcome = send_stored(assoc, item, msg_id)
+                except NotSendable as exc:
+                    item.outcome = exc
+                except Exception as exc:  # the association failed mid-send: report it
+                    log.warning("C-MOVE: sending %s failed: %s", item.SOPInstanceUID,
+                                type(exc).__name__)
+                    item.outcome = NotSendable(f"sending failed: {type(exc).__name__}")
+                self.done.put(item)
+        finally:
+            if assoc is not None and assoc.is_established:
+                assoc.release()
+            with self.lock:
+                self.running -= 1
+            self.done.put(_WORKER_DONE)
+
+    def results(self, cancelled: Callable[[], bool]) -> Iterator[StoredInstance | None]:
+        """Every instance once, in the order they complete: a worker's (with its
+        outcome) or one still to be sent on pynetdicom's association; None once the
+        requester cancelled (the workers are stopped first, what they sent is reported)."""
+        reported = 0
+        while reported < self.total:
+            if cancelled():
+                self.stop()
+                while True:
+                    try:
+                        item = self.done.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is not _WORKER_DONE:
+                        yield item
+                yield None
+                return
+            try:
+                item = self.done.get_nowait()
+            except queue.Empty:
+                item = self.take()
+                if item is None:  # all taken: wait for the workers' last ones
+                    item = self.done.get(timeout=self.timeout + 30)
+            if item is _WORKER_DONE:
+                continue
+            reported += 1
+            yield item
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for t in self.threads:
+            if t.is_alive():
+                t.join(self.timeout + 30)
+
+
+_WORKER_DONE = StoredInstance.__new__(StoredInstance)

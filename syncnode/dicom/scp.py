@@ -598,9 +598,11 @@ class DicomServer:
                  perimeter: Perimeter | None = None,
                  ssl_context: ssl.SSLContext | None = None,
                  audit: AuditLog | None = None,
-                 destinations: dict[str, tuple[str, int]] | None = None) -> None:
+                 destinations: dict[str, tuple[str, int]] | None = None,
+                 move_associations: int = 4) -> None:
         self.node = node
         self.destinations = dict(destinations or {})
+        self.move_associations = move_associations
         self.audit = audit
         self._received: dict[int, _Received] = {}  # id(association) -> its tally
         self._received_lock = threading.Lock()
@@ -938,7 +940,23 @@ class DicomServer:
         log.info("C-MOVE from %s: %d instances to %s", actor, len(found), dest)
         self._record_retrieve(actor, "C-MOVE", found, dest, None)
         yield address[0], address[1], {"contexts": contexts or None}
-        yield from self._sub_operations(event, found)
+        extra = provider.move_associations(len(found), self.move_associations) - 1
+        if extra <= 0:
+            yield from self._sub_operations(event, found)
+            return
+        workers = provider.MoveWorkers(found, self.store, ae_title=self.ae_title,
+                                       destination=address, called_ae=dest,
+                                       contexts=contexts, extra=extra, max_pdu=self.max_pdu)
+        yield len(found)
+        workers.start()
+        try:
+            for ds in workers.results(lambda: bool(event.is_cancelled)):
+                if ds is None:
+                    yield 0xFE00, None
+                    return
+                yield 0xFF00, ds
+        finally:
+            workers.stop()
 
     def _sub_operations(self, event: evt.Event, found: list[Any]) -> Iterator[Any]:
         """What C-GET and C-MOVE yield to pynetdicom after the set is known: its size, then

@@ -48,7 +48,8 @@ class DicomBridge:
                                       per_address=settings.dicom_max_pending_per_address,
                                       total=settings.dicom_max_pending),
                                   ssl_context=tls, audit=audit,
-                                  destinations=settings.move_destinations())
+                                  destinations=settings.move_destinations(),
+                                  move_associations=settings.dicom_move_associations)
         self.exporter = (Exporter(node, settings.export, ae_title=settings.ae_title,
                                   poll_interval=export_poll, backoff_base=backoff_base,
                                   backoff_cap=backoff_cap, max_pdu=settings.max_pdu,

@@ -331,6 +331,11 @@ class FastAssociation(Association):
     """
 
     _wake_evt: threading.Event
+    # Held by the reactor while it acts (after its checkpoint); a user thread that talks
+    # on the association itself takes it too (:func:`exchange_turn`). pynetdicom's
+    # ``_is_paused`` flag alone races: the reactor can pass the checkpoint, the user
+    # thread then sees "paused", and the reactor takes the response it waits for.
+    _turn: threading.RLock
 
     def kill(self) -> None:
         self._wake_evt.set()
@@ -346,44 +351,52 @@ class FastAssociation(Association):
             self._wake_evt.wait(IDLE_WAIT)
             self._wake_evt.clear()
             self._reactor_checkpoint.wait()
-            self._is_paused = False
+            with self._turn:
+                if not self._reactor_checkpoint.is_set():
+                    continue  # a user thread took its turn first
+                self._is_paused = False
+                if self._step():
+                    return
 
-            context_id, msg = self.dimse.get_msg(block=False)
-            if msg:
-                self._serve_request(msg, cast(int, context_id))
-                self._wake_evt.set()  # more may be queued
+    def _step(self) -> bool:
+        """One round of the reactor; True once the association is over."""
+        context_id, msg = self.dimse.get_msg(block=False)
+        if msg:
+            self._serve_request(msg, cast(int, context_id))
+            self._wake_evt.set()  # more may be queued
 
-            if self.is_established and self.acse.is_release_requested():
-                self.acse.send_release(is_response=True)
-                self.is_released = True
-                self.is_established = False
-                evt.trigger(self, evt.EVT_RELEASED, {})
-                self.kill()
-                return
+        if self.is_established and self.acse.is_release_requested():
+            self.acse.send_release(is_response=True)
+            self.is_released = True
+            self.is_established = False
+            evt.trigger(self, evt.EVT_RELEASED, {})
+            self.kill()
+            return True
 
-            if self.acse.is_aborted():
-                self.dul.receive_pdu(wait=False)
-                self.is_aborted = True
-                self.is_established = False
-                evt.trigger(self, evt.EVT_ABORTED, {})
-                self.kill()
-                return
+        if self.acse.is_aborted():
+            self.dul.receive_pdu(wait=False)
+            self.is_aborted = True
+            self.is_established = False
+            evt.trigger(self, evt.EVT_ABORTED, {})
+            self.kill()
+            return True
 
-            if not self.dul.is_alive():
-                self.kill()
-                return
+        if not self.dul.is_alive():
+            self.kill()
+            return True
 
-            if self.dul.idle_timer_expired():
-                log.warning("DICOM association idle for too long (network timeout)")
-                if self.network_timeout_response == "A-RELEASE":
-                    self._is_paused = True
-                    self._reactor_checkpoint.wait()
-                    self.release()
-                    self._is_paused = False
-                else:
-                    self.abort()
-                self.kill()
-                return
+        if self.dul.idle_timer_expired():
+            log.warning("DICOM association idle for too long (network timeout)")
+            if self.network_timeout_response == "A-RELEASE":
+                self._is_paused = True
+                self._reactor_checkpoint.wait()
+                self.release()
+                self._is_paused = False
+            else:
+                self.abort()
+            self.kill()
+            return True
+        return False
 
 
 DimseFactory = Callable[[Association], DIMSEServiceProvider]
@@ -406,6 +419,7 @@ def upgrade_association(assoc: Association, limits: PduLimits,
     if dimse_factory is not None:
         assoc.dimse = dimse_factory(assoc)
     assoc._wake_evt = threading.Event()  # type: ignore[attr-defined]
+    assoc._turn = threading.RLock()  # type: ignore[attr-defined]
     assoc.__class__ = FastAssociation
 
 
