@@ -99,13 +99,28 @@ class StoredInstance(Dataset):
     the :class:`NotSendable` that stopped it. pynetdicom's sub-operation then only counts
     it."""
 
+    instance: Instance
+    store: BlobStore
+    outcome: Dataset | NotSendable | None
+
     def __init__(self, instance: Instance, store: BlobStore) -> None:
         super().__init__()
-        self.SOPClassUID = instance.sop_class_uid
-        self.SOPInstanceUID = instance.sop_instance_uid
-        self.instance = instance
-        self.store = store
-        self.outcome: Dataset | NotSendable | None = None
+        # (object.__setattr__: pydicom's checks every name against its dictionary, and
+        # the two UIDs are properties; this runs once per instance sent)
+        object.__setattr__(self, "instance", instance)
+        object.__setattr__(self, "store", store)
+        object.__setattr__(self, "outcome", None)
+
+    def __bool__(self) -> bool:  # (it holds no elements; pynetdicom tests its truth)
+        return True
+
+    @property
+    def SOPClassUID(self) -> str:  # (the DICOM keywords pynetdicom reads)
+        return self.instance.sop_class_uid
+
+    @property
+    def SOPInstanceUID(self) -> str:
+        return self.instance.sop_instance_uid
 
 
 def _uids(identifier: Dataset, keyword: str) -> list[str] | None:
@@ -369,13 +384,14 @@ class MoveWorkers:
                     break
                 msg_id = msg_id % 65535 + 1
                 try:
-                    item.outcome = send_stored(assoc, item, msg_id)
+                    object.__setattr__(item, "outcome", send_stored(assoc, item, msg_id))
                 except NotSendable as exc:
-                    item.outcome = exc
+                    object.__setattr__(item, "outcome", exc)
                 except Exception as exc:  # the association failed mid-send: report it
                     log.warning("C-MOVE: sending %s failed: %s", item.SOPInstanceUID,
                                 type(exc).__name__)
-                    item.outcome = NotSendable(f"sending failed: {type(exc).__name__}")
+                    object.__setattr__(item, "outcome",
+                                       NotSendable(f"sending failed: {type(exc).__name__}"))
                 self.done.put(item)
         finally:
             if assoc is not None and assoc.is_established:
