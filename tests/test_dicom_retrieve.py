@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -300,3 +301,80 @@ def test_orthanc_as_requester_moves_to_itself(tmp_path: Path, node: LocalNode,
             orthanc.stop()
     finally:
         server.stop()
+
+
+def _move(port: int, ident: Dataset, dest: str, cancel_after: int | None = None
+          ) -> list[Dataset]:
+    """pynetdicom C-MOVE (Study Root); returns the responses."""
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as Move
+
+    ae = AE("MOVER")
+    ae.add_requested_context(Move)
+    assoc = ae.associate("127.0.0.1", port, ae_title="SYNCNODE")
+    assert assoc.is_established
+    responses = []
+    try:
+        for status, _ident in assoc.send_c_move(ident, dest, Move, msg_id=3):
+            if not status:
+                break
+            responses.append(status)
+            if cancel_after is not None and status.Status == 0xFF00 and \
+                    status.NumberOfCompletedSuboperations >= cancel_after:
+                assoc.send_c_cancel(3, query_model=Move)
+                cancel_after = None
+    finally:
+        assoc.release()
+    return responses
+
+
+@pytest.mark.parametrize("cancel", [False, True], ids=["whole", "cancelled"])
+def test_large_move_uses_parallel_associations(node: LocalNode, study: kit.StudyFiles,
+                                               monkeypatch: pytest.MonkeyPatch,
+                                               cancel: bool) -> None:
+    """A move large enough for several associations (here: one per 2 instances, at most
+    3) delivers every instance exactly once, over more than one association, with pending
+    counts that add up; C-CANCEL stops all of them and the counts still add up."""
+    monkeypatch.setattr(provider, "INSTANCES_PER_ASSOCIATION", 2)
+    got: list[str] = []
+    assocs: set[int] = set()
+
+    def on_store(event: evt.Event) -> int:
+        got.append(str(event.request.AffectedSOPInstanceUID))
+        assocs.add(id(event.assoc))
+        if cancel:
+            time.sleep(0.2)  # a slow PACS: the C-CANCEL arrives while instances remain
+        return 0x0000
+
+    dest = AE("DEST")
+    dest.add_supported_context(node.catalog.instances(study=study.study_uid)[0].sop_class_uid,
+                               [EXPLICIT_LE, "1.2.840.10008.1.2"])
+    server = dest.start_server(("127.0.0.1", 0), block=False,
+                               evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    scp = DicomServer(node, ae_title="SYNCNODE", host="127.0.0.1", port=0,
+                      destinations={"DEST": ("127.0.0.1", server.server_address[1])},
+                      move_associations=3)
+    scp.start()
+    try:
+        ident = Dataset()
+        ident.QueryRetrieveLevel = "STUDY"
+        ident.StudyInstanceUID = study.study_uid
+        responses = _move(scp.port, ident, "DEST", cancel_after=1 if cancel else None)
+    finally:
+        scp.stop()
+        server.shutdown()
+    final = responses[-1]
+    pending = [r for r in responses if r.Status == 0xFF00]
+    remaining = [r.NumberOfRemainingSuboperations for r in pending]
+    assert remaining == sorted(remaining, reverse=True) and len(set(remaining)) == len(remaining)
+    assert len(got) == len(set(got))  # nothing sent twice
+    assert final.NumberOfFailedSuboperations == 0
+    if not cancel:
+        assert final.Status == 0x0000
+        assert sorted(got) == sorted(study.sop_uids)
+        assert final.NumberOfCompletedSuboperations == 6
+        assert len(assocs) > 1
+    else:
+        assert final.Status == 0xFE00
+        # every instance the destination took is counted completed, the rest remain
+        assert final.NumberOfCompletedSuboperations == len(got)
+        assert final.NumberOfRemainingSuboperations == 6 - len(got)

@@ -329,13 +329,15 @@ class MoveWorkers:
     def __init__(self, instances: list[Instance], store: BlobStore, *, ae_title: str,
                  destination: tuple[str, int], called_ae: str,
                  contexts: list[PresentationContext], extra: int, max_pdu: int,
-                 timeout: float = 120.0) -> None:
+                 cancelled: Callable[[], bool], timeout: float = 120.0) -> None:
         self.queue: collections.deque[StoredInstance] = collections.deque(
             StoredInstance(i, store) for i in instances)
         self.total = len(instances)
         self.done: queue.Queue[StoredInstance] = queue.Queue()
         self.lock = threading.Lock()
         self.stopping = threading.Event()
+        self._cancel_check = cancelled  # (pynetdicom forgets a C-CANCEL once it told us)
+        self._cancel_seen = False
         self.ae_title = ae_title
         self.destination = destination
         self.called_ae = called_ae
@@ -350,6 +352,13 @@ class MoveWorkers:
     def start(self) -> None:
         for t in self.threads:
             t.start()
+
+    def cancelled(self) -> bool:
+        """Whether the requester sent C-CANCEL (remembered once seen)."""
+        with self.lock:
+            if not self._cancel_seen and self._cancel_check():
+                self._cancel_seen = True
+            return self._cancel_seen
 
     def take(self) -> StoredInstance | None:
         with self.lock:
@@ -379,6 +388,8 @@ class MoveWorkers:
                 self.associations.append(assoc)
             msg_id = 0
             while not self.stopping.is_set() and assoc.is_established:
+                if self.cancelled():
+                    break
                 item = self.take()
                 if item is None:
                     break
@@ -400,13 +411,13 @@ class MoveWorkers:
                 self.running -= 1
             self.done.put(_WORKER_DONE)
 
-    def results(self, cancelled: Callable[[], bool]) -> Iterator[StoredInstance | None]:
+    def results(self) -> Iterator[StoredInstance | None]:
         """Every instance once, in the order they complete: a worker's (with its
         outcome) or one still to be sent on pynetdicom's association; None once the
         requester cancelled (the workers are stopped first, what they sent is reported)."""
         reported = 0
         while reported < self.total:
-            if cancelled():
+            if self.cancelled():
                 self.stop()
                 while True:
                     try:

@@ -946,11 +946,12 @@ class DicomServer:
             return
         workers = provider.MoveWorkers(found, self.store, ae_title=self.ae_title,
                                        destination=address, called_ae=dest,
-                                       contexts=contexts, extra=extra, max_pdu=self.max_pdu)
+                                       contexts=contexts, extra=extra, max_pdu=self.max_pdu,
+                                       cancelled=lambda: bool(event.is_cancelled))
         yield len(found)
         workers.start()
         try:
-            for ds in workers.results(lambda: bool(event.is_cancelled)):
+            for ds in workers.results():
                 if ds is None:
                     yield 0xFE00, None
                     return
