@@ -45,7 +45,9 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import socket
 import sqlite3
+import ssl
 import struct
 import threading
 import time
@@ -390,6 +392,37 @@ def _fragments(payload: io.BytesIO | tuple[Path, int], size: int) -> Iterator[by
         yield bytes(view[i:i + size])
 
 
+def _send_gathered(sock: socket.socket, command: bytes, context_id: int, data: memoryview,
+                   size: int) -> None:
+    """The command PDU, then ``data`` as P-DATA-TF PDUs of at most ``size`` bytes of value,
+    written with scatter/gather (``sendmsg``): the PDU headers are the only bytes made."""
+    buffers: list[bytes | memoryview] = [command]
+    n = len(data)
+    for i in range(0, n, size):
+        fragment = data[i:i + size]
+        last = i + size >= n
+        buffers.append(struct.pack(">BBIIBB", 0x04, 0, 6 + len(fragment), 2 + len(fragment),
+                                   context_id, 0x02 if last else 0x00))
+        buffers.append(fragment)
+    if n == 0:
+        buffers.append(struct.pack(">BBIIBB", 0x04, 0, 6, 2, context_id, 0x02))
+    while buffers:
+        batch = buffers[:IOV_BATCH]
+        sent = sock.sendmsg(batch)
+        # drop what went out; a partial write leaves the rest of one buffer
+        while sent and buffers:
+            first = buffers[0]
+            if sent >= len(first):
+                sent -= len(first)
+                buffers.pop(0)
+            else:
+                buffers[0] = memoryview(first)[sent:]
+                sent = 0
+
+
+IOV_BATCH = 512  # buffers per sendmsg (the system's limit is at least 1024)
+
+
 def send_store(assoc: Any, context_id: int, msg_id: int, sop_class: str, sop_instance: str,
                payload: io.BytesIO | tuple[Path, int]) -> Dataset | None:
     """Send one C-STORE request and wait for its response; None if there was none.
@@ -408,7 +441,12 @@ def send_store(assoc: Any, context_id: int, msg_id: int, sop_class: str, sop_ins
         return None
     try:
         with _reactor_paused(assoc):
-            out = [_pdv_pdu(context_id, 0x03, store_command(sop_class, sop_instance, msg_id))]
+            command = _pdv_pdu(context_id, 0x03, store_command(sop_class, sop_instance, msg_id))
+            if isinstance(payload, io.BytesIO) and not isinstance(sock, ssl.SSLSocket):
+                _send_gathered(sock, command, context_id, payload.getbuffer(), size)
+                _cx, rsp = assoc.dimse.get_msg(block=True)
+                return _response_status(assoc, rsp)
+            out = [command]
             pending = len(out[0])
             fragments = _fragments(payload, size)
             block = next(fragments, b"")
