@@ -58,7 +58,7 @@ from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AllStoragePresentationContexts, evt
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import _MESSAGE_TYPES, C_STORE_RQ, DIMSEMessage
-from pynetdicom.dimse_primitives import C_CANCEL, C_STORE
+from pynetdicom.dimse_primitives import C_CANCEL, C_GET, C_MOVE, C_STORE
 from pynetdicom.dsutils import decode
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import (
@@ -357,6 +357,24 @@ class StreamingDIMSE(DIMSEServiceProvider):
                 int(req.MessageID or 0), code, comment)))
             self.dul.send_pdu(pdata)
 
+    def send_msg(self, primitive: Any, context_id: int) -> None:
+        """pynetdicom's ``send_msg``, except that a Pending C-GET/C-MOVE response without an
+        identifier (one per sub-operation) is encoded directly (:func:`pending_response`):
+        through pydicom it cost a quarter of the CPU of a large retrieve."""
+        if (isinstance(primitive, C_MOVE | C_GET) and primitive.Status == 0xFF00
+                and primitive.Identifier is None
+                and primitive.MessageIDBeingRespondedTo is not None):
+            pdata = P_DATA()
+            pdata.presentation_data_value_list.append((context_id, b"\x03" + pending_response(
+                0x8021 if isinstance(primitive, C_MOVE) else 0x8010,
+                str(primitive.AffectedSOPClassUID or ""),
+                int(primitive.MessageIDBeingRespondedTo),
+                [int(getattr(primitive, f"Number{k}Suboperations") or 0)
+                 for k in ("OfRemaining", "OfCompleted", "OfFailed", "OfWarning")])))
+            self.dul.send_pdu(pdata)
+            return
+        super().send_msg(primitive, context_id)
+
     def new_spool(self, msg: DIMSEMessage, context_id: int) -> StoreSpool:
         cs = msg.command_set
         cx = self.assoc._accepted_cx.get(context_id)
@@ -391,6 +409,24 @@ def store_response(sop_class: str, sop_instance: str, message_id: int, status: i
         _implicit(0x00000900, struct.pack("<H", status & 0xFFFF)),
         *([_implicit(0x00000902, _text(comment[:64]))] if comment else []),
         _implicit(0x00001000, _ui(sop_instance)),
+    ])
+    return _implicit(0x00000000, struct.pack("<I", len(body))) + body
+
+
+def pending_response(command: int, sop_class: str, message_id: int, counts: list[int]
+                     ) -> bytes:
+    """The command set of a Pending C-GET-RSP (0x8010) or C-MOVE-RSP (0x8021) without an
+    identifier, encoded directly (PS3.7 9.3.3.2, 9.3.4.2): ``counts`` are the numbers of
+    remaining, completed, failed and warning sub-operations."""
+    body = b"".join([
+        _implicit(0x00000002, _ui(sop_class)),
+        _implicit(0x00000100, struct.pack("<H", command)),
+        _implicit(0x00000120, struct.pack("<H", message_id & 0xFFFF)),
+        _implicit(0x00000800, struct.pack("<H", 0x0101)),
+        _implicit(0x00000900, struct.pack("<H", 0xFF00)),
+        *(_implicit(tag, struct.pack("<H", n & 0xFFFF))
+          for tag, n in zip((0x00001020, 0x00001021, 0x00001022, 0x00001023), counts,
+                            strict=True)),
     ])
     return _implicit(0x00000000, struct.pack("<I", len(body))) + body
 
