@@ -12,7 +12,8 @@
 3. C-MOVE: a study of ``--study`` images held by a node and by a source Orthanc is moved
    (DCMTK ``movescu``) to a destination Orthanc, node->Orthanc then Orthanc->Orthanc,
    ``--rounds`` times each (the destination emptied in between); reports images/s
-   (median) and node/Orthanc.
+   (median) and node/Orthanc. Then C-GET: DCMTK ``getscu`` takes the study from the node
+   into a folder, ``--rounds`` times; reports images/s and MB/s (median).
 
 Usage: python3 tools/bench_dicom.py [--files 300] [--rounds 3] [--study 500] [--json out]
 Every process started here is stopped at the end (also on errors).
@@ -172,6 +173,15 @@ def movescu(port: int, aec: str, dest: str, study_uid: str) -> float:
     return time.perf_counter() - t
 
 
+def getscu(port: int, aec: str, study_uid: str, out: Path) -> float:
+    out.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    kit.run_tool([kit.dcmtk("getscu"), "-S", "-aec", aec, "-od", str(out),
+                  "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}",
+                  "127.0.0.1", str(port)], timeout=1800)
+    return time.perf_counter() - t
+
+
 def bench_move(work: Path, images: int, rounds: int) -> dict[str, Any]:
     src = work / "move-files"
     study = kit.make_study(src, images, seed="bench-move", rows=512, cols=512, series=2)
@@ -193,7 +203,7 @@ def bench_move(work: Path, images: int, rounds: int) -> dict[str, Any]:
         finally:
             del os.environ["SYNCNODE_DICOM_DESTINATIONS"]
         storescu(node.ports["dicom"], "SYNCNODE", src)
-        node_rates, orthanc_rates = [], []
+        node_rates, orthanc_rates, get_rates = [], [], []
         for r in range(rounds):
             for target in ("node", "orthanc"):
                 for oid in dest.instance_ids():
@@ -207,6 +217,14 @@ def bench_move(work: Path, images: int, rounds: int) -> dict[str, Any]:
                 (node_rates if target == "node" else orthanc_rates).append(images / secs)
                 print(f"  round {r + 1}: {target:8s} {images / secs:7.1f} images/s",
                       flush=True)
+            out = work / f"get-{r}"
+            secs = getscu(node.ports["dicom"], "SYNCNODE", study.study_uid, out)
+            got = len(list(out.iterdir()))
+            if got != images:
+                raise RuntimeError(f"C-GET: {got} of {images} received")
+            get_rates.append(images / secs)
+            print(f"  round {r + 1}: C-GET    {images / secs:7.1f} images/s", flush=True)
+            shutil.rmtree(out, ignore_errors=True)
     finally:
         if node is not None:
             node.stop()
@@ -214,7 +232,12 @@ def bench_move(work: Path, images: int, rounds: int) -> dict[str, Any]:
             source.stop()
         dest.stop()
     node_ips, orth_ips = statistics.median(node_rates), statistics.median(orthanc_rates)
-    return {"images": images, "file_bytes": (src / "im00001.dcm").stat().st_size,
+    file_bytes = (src / "im00001.dcm").stat().st_size
+    get_ips = statistics.median(get_rates)
+    return {"images": images, "file_bytes": file_bytes,
+            "get_images_per_s": round(get_ips, 1),
+            "get_mb_per_s": round(get_ips * file_bytes / 1e6, 1),
+            "get_runs": [round(x, 1) for x in get_rates],
             "rounds": rounds, "node_images_per_s": round(node_ips, 1),
             "orthanc_images_per_s": round(orth_ips, 1), "ratio": round(node_ips / orth_ips, 3),
             "node_runs": [round(x, 1) for x in node_rates],
@@ -257,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
             m = result["move"]
             print(f"move: node {m['node_images_per_s']} images/s, Orthanc "
                   f"{m['orthanc_images_per_s']} images/s, ratio {m['ratio']}x", flush=True)
+            print(f"get: node {m['get_images_per_s']} images/s, {m['get_mb_per_s']} MB/s "
+                  "(getscu into a folder)", flush=True)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
