@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sqlite3
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,33 @@ def test_time_bounds() -> None:
     assert attrs.norm_time("101500.5") == "101500.500000"
     assert attrs.norm_time("10:15:00") == "101500.000000"
     assert attrs.norm_time("25x") == ""
+
+
+def test_the_backfill_indexes_new_puts_as_they_arrive(tmp_path: Path) -> None:
+    """The background backfill of ``syncnode run`` indexes what was there at start and then
+    each new arrival (here: an import by another catalog object, as ``syncnode import``
+    in another process), without a query asking for it."""
+    node = LocalNode.init(tmp_path / "n")
+    first = kit.make_study(tmp_path / "a", 2, seed="bf-a")
+    import_paths(node, first.files)
+    path = node.catalog.path
+    backfill = attrs.Backfill(path, node.store.path, interval=0.05)
+    backfill.start()
+    other = LocalNode(tmp_path / "n")
+    try:
+        second = kit.make_study(tmp_path / "b", 3, seed="bf-b")
+        import_paths(other, second.files)
+        db = sqlite3.connect(path)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and db.execute(
+                "SELECT count(*) FROM find_attrs").fetchone()[0] < 5:
+            time.sleep(0.05)
+        rows = db.execute("SELECT count(*) FROM find_attrs WHERE readable=1").fetchone()[0]
+        db.close()
+        assert rows == 5 and backfill.indexed == 5
+        assert node.catalog.index_find_attributes(node.store.path) == 0  # nothing left
+    finally:
+        backfill.stop()
+        other.close()
+        node.close()
+    assert not backfill.thread.is_alive()

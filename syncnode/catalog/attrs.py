@@ -6,12 +6,16 @@ Patient's Name, Accession Number, Study Description, Series Number, ...) are rea
 stored bytes of each blob into ``find_attrs`` (one row per blob, keyed by its hash). The
 table is a local cache, never sent to peers: it can be dropped and rebuilt from the blobs.
 
-Filling: :func:`index_missing` reads every live blob that has no row yet. The C-FIND SCP
-calls it before each query, so instances that arrived by any path (C-STORE, ``import``,
-sync from a peer) and the blobs stored before this table existed are indexed before they
-are matched (a lazy backfill: the first query after a large arrival pays for reading their
-headers, once). A blob that cannot be read gets a row of empty values: it then matches
-only universal keys on these attributes (narrowing, never widening).
+Filling: :class:`Backfill`, a background thread of ``syncnode run``, reads the blobs of
+new put events as they are committed, whichever way they came (C-STORE, ``import`` by
+another process, sync from a peer, retrieve): it follows ``puts.seq`` (one cheap
+``max(seq)`` per second, or at once when woken), in batches of 200 blobs, each batch one
+short write transaction; at start it indexes whatever has no row yet (e.g. blobs stored
+before this table existed). The C-FIND SCP still calls :func:`index_missing` before each
+query, so whatever the backfill has not reached yet is indexed before it is matched (the
+first query after a large arrival then waits only for the part not yet indexed). A blob
+that cannot be read gets a row of empty values: it then matches only universal keys on
+these attributes (narrowing, never widening).
 
 Values are decoded with the instance's Specific Character Set (pydicom's charset handling:
 ISO_IR 100, ISO_IR 192, ISO 2022 ...) and stored as Unicode text, stripped of padding.
@@ -24,6 +28,7 @@ from __future__ import annotations
 import logging
 import re
 import sqlite3
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -138,13 +143,16 @@ def index_missing(catalog_path: Path | str, blob_path: Callable[[str], Path],
         db.close()
 
 
-def _index(db: sqlite3.Connection, blob_path: Callable[[str], Path], limit: int | None
-           ) -> int:
+def _index(db: sqlite3.Connection, blob_path: Callable[[str], Path], limit: int | None,
+           since: int = 0, stop: threading.Event | None = None) -> int:
+    """Index live blobs without a row, among the puts after ``since`` (a ``puts.seq``)."""
     done = 0
     while limit is None or done < limit:
+        if stop is not None and stop.is_set():
+            break
         batch = [r[0] for r in db.execute(
-            "SELECT DISTINCT p.blob FROM puts p WHERE p.live = 1 AND NOT EXISTS "
-            "(SELECT 1 FROM find_attrs f WHERE f.blob = p.blob) LIMIT 200")]
+            "SELECT DISTINCT p.blob FROM puts p WHERE p.seq > ? AND p.live = 1 AND NOT "
+            "EXISTS (SELECT 1 FROM find_attrs f WHERE f.blob = p.blob) LIMIT 200", (since,))]
         if not batch:
             break
         rows: list[dict[str, Any]] = []
@@ -170,3 +178,58 @@ def _index(db: sqlite3.Connection, blob_path: Callable[[str], Path], limit: int 
         db.execute("COMMIT")
         done += len(batch)
     return done
+
+
+class Backfill:
+    """Keeps ``find_attrs`` filled in the background (see the module docstring). Bounded:
+    one blob header read at a time, batches of 200 rows, its own connection; ``stop()``
+    ends it within one batch."""
+
+    def __init__(self, catalog_path: Path | str, blob_path: Callable[[str], Path],
+                 interval: float = 1.0) -> None:
+        self.catalog_path = catalog_path
+        self.blob_path = blob_path
+        self.interval = interval
+        self.stopping = threading.Event()
+        self.wakeup = threading.Event()
+        self.indexed = 0
+        self.thread = threading.Thread(target=self._run, name="find-attrs-backfill",
+                                       daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def wake(self) -> None:
+        self.wakeup.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.stopping.set()
+        self.wakeup.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+
+    def _run(self) -> None:
+        try:
+            db = sqlite3.connect(self.catalog_path, timeout=60.0, isolation_level=None,
+                                 check_same_thread=False)
+        except sqlite3.Error as exc:
+            log.error("C-FIND index backfill cannot open the catalog: %s", exc)
+            return
+        try:
+            db.execute("PRAGMA busy_timeout=60000")
+            cursor = 0
+            while not self.stopping.is_set():
+                try:
+                    top = int(db.execute("SELECT coalesce(max(seq), 0) FROM puts")
+                              .fetchone()[0])
+                    if top > cursor:
+                        self.indexed += _index(db, self.blob_path, None, since=cursor,
+                                               stop=self.stopping)
+                        if not self.stopping.is_set():
+                            cursor = top
+                except sqlite3.Error as exc:  # busy or locked beyond the timeout: retry
+                    log.warning("C-FIND index backfill: %s (retrying)", exc)
+                self.wakeup.wait(self.interval)
+                self.wakeup.clear()
+        finally:
+            db.close()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..audit import AuditLog
+from ..catalog.attrs import Backfill
 from ..config import Settings
 from ..local import LocalNode
 from .exporter import Exporter
@@ -58,6 +59,9 @@ class DicomBridge:
         self.retriever = (Retriever(node, settings.import_from, ae_title=settings.ae_title,
                                     poll_interval=import_poll)
                           if settings.import_from else None)
+        # C-FIND's attribute index, filled as instances arrive (any way in)
+        self.backfill = Backfill(self.server.catalog_path, node.store.path)
+        node.catalog.add_listener(lambda _result: self.backfill.wake())
         self.port = 0
 
     def start(self) -> int:
@@ -67,6 +71,7 @@ class DicomBridge:
                         "(e.g. [\"MODALITY1\", \"PACS@10.0.0.5\"]) in %s/config.toml",
                         self.settings.dicom_host, self.port, self.settings.data)
         try:
+            self.backfill.start()
             if self.exporter is not None:
                 self.exporter.start()
             if self.retriever is not None:
@@ -82,6 +87,7 @@ class DicomBridge:
         if self.exporter is not None:
             self.exporter.stop()
         self.server.stop()
+        self.backfill.stop()
 
     def wake_exporter(self) -> None:
         if self.exporter is not None:
@@ -94,6 +100,7 @@ class DicomBridge:
             "tls": self.server.ssl_context is not None,
             "stored": st.stored, "duplicates": st.duplicates, "failed": st.failed,
             "rejected_associations": st.rejected_associations, "finds": st.finds,
+            "find_index_backfilled": self.backfill.indexed,
             "refused_connections": self.server.refused_connections(),
             "export": self.node.catalog.outbox.status() if self.exporter else {},
             "import_from": {s.address: {"last_error": s.last_error,
