@@ -56,7 +56,8 @@ def start_scp(node: LocalNode, destinations: dict[str, tuple[str, int]] | None =
 
 @pytest.fixture
 def study(tmp_path: Path, node: LocalNode) -> kit.StudyFiles:
-    files = kit.make_study(tmp_path / "study", 6, seed="retrieve")
+    # 128 x 128: each instance (32 KiB) spans several PDUs of a 16 KiB-PDU requester
+    files = kit.make_study(tmp_path / "study", 6, seed="retrieve", rows=128, cols=128)
     import_paths(node, files.files)
     return files
 

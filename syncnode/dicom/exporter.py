@@ -434,7 +434,9 @@ def send_store(assoc: Any, context_id: int, msg_id: int, sop_class: str, sop_ins
     Sta6, where sending P-DATA does not change state) and its reactor is paused; the
     response is received by pynetdicom as usual.
     """
-    peer_max = int(assoc.acceptor.maximum_length or 0)
+    # the peer's maximum PDU length: on an association it accepted (C-GET), the requester's
+    peer = assoc.requestor if getattr(assoc, "is_acceptor", False) else assoc.acceptor
+    peer_max = int(peer.maximum_length or 0)
     size = max(peer_max - 6, 1024) if peer_max else 1 << 20
     sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
     if sock is None:
