@@ -15,6 +15,10 @@
    (median) and node/Orthanc. Then C-GET: DCMTK ``getscu`` takes the study from the node
    into a folder, ``--rounds`` times; reports images/s and MB/s (median).
 
+4. First C-FIND: ``syncnode import`` of ``--find-files`` instances (ten studies, 64 x 64)
+   into a running node, then DCMTK ``findscu`` (STUDY level, PatientName=*) at once and
+   again; reports the import time and both query times.
+
 Usage: python3 tools/bench_dicom.py [--files 300] [--rounds 3] [--study 500] [--json out]
 Every process started here is stopped at the end (also on errors).
 """
@@ -244,6 +248,33 @@ def bench_move(work: Path, images: int, rounds: int) -> dict[str, Any]:
             "orthanc_runs": [round(x, 1) for x in orthanc_rates]}
 
 
+def findscu(port: int, aec: str) -> float:
+    t = time.perf_counter()
+    kit.run_tool([kit.dcmtk("findscu"), "-S", "-aec", aec, "-k", "QueryRetrieveLevel=STUDY",
+                  "-k", "PatientName=*", "-k", "StudyInstanceUID", "-k", "StudyDescription",
+                  "127.0.0.1", str(port)], timeout=1800)
+    return time.perf_counter() - t
+
+
+def bench_find(work: Path, files: int) -> dict[str, Any]:
+    """First C-FIND after ``syncnode import`` of ``files`` instances into a running node."""
+    src = work / "find-files"
+    for n in range(10):  # ten studies
+        kit.make_study(src / f"s{n}", files // 10, seed=f"bench-find-{n}", series=2)
+    node = Node(work / "find-node", "--dicom-port", "0", "--ae-title", "SYNCNODE")
+    try:
+        t = time.perf_counter()
+        subprocess.run([*SYNCNODE, "import", "--data", str(node.data), str(src)], check=True,
+                       capture_output=True, env=kit.tool_env())
+        import_s = time.perf_counter() - t
+        first = findscu(node.ports["dicom"], "SYNCNODE")
+        second = findscu(node.ports["dicom"], "SYNCNODE")
+    finally:
+        node.stop()
+    return {"instances": files // 10 * 10, "import_seconds": round(import_s, 2),
+            "first_query_seconds": round(first, 3), "second_query_seconds": round(second, 3)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--files", type=int, default=300)
@@ -255,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-ingest", action="store_true")
     ap.add_argument("--skip-available", action="store_true")
     ap.add_argument("--skip-move", action="store_true")
+    ap.add_argument("--find-files", type=int, default=3000)
+    ap.add_argument("--skip-find", action="store_true")
     args = ap.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-dicom-", dir="/var/tmp"))
     work.mkdir(parents=True, exist_ok=True)
@@ -282,6 +315,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"{m['orthanc_images_per_s']} images/s, ratio {m['ratio']}x", flush=True)
             print(f"get: node {m['get_images_per_s']} images/s, {m['get_mb_per_s']} MB/s "
                   "(getscu into a folder)", flush=True)
+        if not args.skip_find:
+            print(f"C-FIND: first query after importing {args.find_files} instances",
+                  flush=True)
+            result["find"] = f = bench_find(work, args.find_files)
+            print(f"find: import {f['import_seconds']} s, first query "
+                  f"{f['first_query_seconds']} s, second {f['second_query_seconds']} s",
+                  flush=True)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
