@@ -453,3 +453,47 @@ def test_disk_full_at_install_is_out_of_resources(scp: DicomServer, node: LocalN
     assert scp.wait_applied()
     assert blobs_of(node, item[1]) != []
     assert node.verify().ok
+
+
+def test_c_cancel_stops_a_running_c_find(scp: DicomServer, node: LocalNode, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A requester's C-CANCEL stops a query in progress: the node answers 0xFE00 (Cancel)
+    and sends no further matches. (The query is made slow - 0.2 s per match, 50 matches -
+    so the cancel arrives long before it could end on its own.)"""
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE
+
+    from syncnode.dicom import query
+    from syncnode.importer import import_paths
+
+    s = kit.make_study(tmp_path / "s", 1, seed="cancel-find")
+    import_paths(node, s.files)
+    real_find = query.find
+
+    def slow_find(*args: object, **kwargs: object) -> object:
+        match = next(iter(real_find(*args, **kwargs)))  # type: ignore[arg-type]
+        for _ in range(50):
+            yield match
+            time.sleep(0.2)
+
+    monkeypatch.setattr(query, "find", slow_find)
+    model = "1.2.840.10008.5.1.4.1.2.2.1"
+    ae = AE("TESTSCU")
+    ae.add_requested_context(model)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="SYNCNODE")
+    assert assoc.is_established
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.StudyInstanceUID = ""
+    statuses = []
+    started = time.monotonic()
+    try:
+        for status, _found in assoc.send_c_find(ds, model, msg_id=5):
+            statuses.append(int(status.Status))
+            if len(statuses) == 1:
+                assoc.send_c_cancel(5, query_model=model)
+    finally:
+        assoc.release()
+    assert statuses[0] == 0xFF00 and statuses[-1] == 0xFE00
+    assert len(statuses) < 50 and time.monotonic() - started < 9
