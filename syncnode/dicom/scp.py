@@ -78,7 +78,7 @@ from ..catalog import InvalidLocalPut
 from ..dicomfile import InstanceInfo, InvalidDicom, InvalidIdentity, inspect_file
 from ..ids import InvalidUID, is_uid
 from ..local import CATALOG_FILE, LocalNode
-from . import provider, query
+from . import commitment, provider, query
 from .ingest import SpoolWriter
 from .journal import IngestJournal
 from .transport import (
@@ -673,6 +673,13 @@ class DicomServer:
                                           scu_role=True, scp_role=True)
         for model in FIND_MODELS + RETRIEVE_MODELS:
             self.ae.add_supported_context(model)
+        # Storage commitment (push model): we are its SCP; the SCU role is accepted too so
+        # that a PACS can send us the report of a commitment we requested (exporter)
+        self.ae.add_supported_context(commitment.STORAGE_COMMITMENT, scu_role=True,
+                                      scp_role=True)
+        self.commitments = commitment.CommitmentReporter(self._report_ae, self.destinations)
+        # told of each N-EVENT-REPORT of a commitment we requested: (transaction, report)
+        self.on_commitment_report: Callable[[str, Dataset], None] | None = None
         # C-MOVE sub-associations send stored instances from their blobs
         self.ae.prepare_requested = provider.install_sender
         self._server: GuardedServer | None = None
@@ -689,6 +696,8 @@ class DicomServer:
             (evt.EVT_C_FIND, self._on_find),
             (evt.EVT_C_GET, self._on_get),
             (evt.EVT_C_MOVE, self._on_move),
+            (evt.EVT_N_ACTION, self._on_n_action),
+            (evt.EVT_N_EVENT_REPORT, self._on_n_event_report),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_CONN_CLOSE, self._on_close),
         ]
@@ -720,6 +729,7 @@ class DicomServer:
                 assoc.abort()
             while server.active_associations and time.monotonic() < deadline:
                 time.sleep(0.02)
+        self.commitments.stop()
         if self.committer is not None:
             self.committer.stop()
             self.committer = None
@@ -918,6 +928,63 @@ class DicomServer:
             if self.audit is not None:
                 self._record_query(event, model, identifier, matches, outcome, reason)
         yield STATUS_SUCCESS, None
+
+    # -- storage commitment ------------------------------------------------------------
+    def _report_ae(self) -> SyncnodeAE:
+        ae = SyncnodeAE(self.ae_title, self.limits)
+        ae.acse_timeout = 30
+        ae.dimse_timeout = 60
+        ae.network_timeout = 60
+        ae.connection_timeout = 10
+        return ae
+
+    def held_class(self, sop_uid: str) -> str | None:
+        """The SOP class under which this node durably holds an instance: live in the
+        catalog and its blob in the store; else None."""
+        inst = self.node.catalog.instance(sop_uid)
+        if inst is None or not self.store.has(inst.blob):
+            return None
+        return inst.sop_class_uid
+
+    def _on_n_action(self, event: evt.Event) -> tuple[int, Dataset | None]:
+        """N-ACTION Request Storage Commitment: answered at once, reported after
+        (:mod:`syncnode.dicom.commitment`)."""
+        actor = _requestor_actor(event.assoc)
+        if str(event.request.RequestedSOPClassUID) != commitment.STORAGE_COMMITMENT:
+            return 0x0118, None  # no such SOP class
+        try:
+            uid, refs = commitment.parse_request(int(event.action_type or 0),
+                                                 event.action_information)
+        except commitment.InvalidCommitmentRequest as exc:
+            log.warning("storage commitment from %s refused: %s", actor, exc)
+            return exc.status, None
+        except Exception as exc:  # an undecodable request is the peer's error
+            log.warning("storage commitment from %s cannot be decoded: %s", actor,
+                        type(exc).__name__)
+            return 0x0110, None
+        report = commitment.commitment_report(uid, refs, self.held_class)
+        log.info("storage commitment %s from %s: %d held, %d not", uid, actor,
+                 len(report.held), len(report.failed))
+        self.commitments.report(event.assoc, str(event.assoc.requestor.ae_title).strip(),
+                                report)
+        return 0x0000, None
+
+    def _on_n_event_report(self, event: evt.Event) -> tuple[int, Dataset | None]:
+        """The report of a storage commitment this node requested (as the exporter)."""
+        if str(event.request.AffectedSOPClassUID) != commitment.STORAGE_COMMITMENT:
+            return 0x0118, None
+        try:
+            info = event.event_information
+        except Exception:  # undecodable: the peer's error
+            return 0x0110, None
+        uid = str(info.get("TransactionUID", "") or "").strip()
+        handler = self.on_commitment_report
+        if handler is None or not is_uid(uid):
+            log.warning("storage commitment report for an unknown transaction from %s",
+                        _requestor_actor(event.assoc))
+            return 0x0110, None
+        handler(uid, info)
+        return 0x0000, None
 
     def _retrieve_set(self, event: evt.Event) -> list[Any]:
         """The instances a C-GET/C-MOVE names; raises provider.RetrieveError."""
