@@ -118,6 +118,10 @@ class Settings(BaseSettings):
                                                      "sending data before it is dropped (408)")
     export: list[str] = Field(default_factory=list,
                               description="local PACS to deliver to, AE@HOST:PORT")
+    export_commitment: list[str] = Field(
+        default_factory=list, description="export destinations (AE title or AE@HOST:PORT "
+                                          "of `export`) that are asked for storage "
+                                          "commitment of what they took")
     import_from: list[str] = Field(default_factory=list,
                                    description="PACS to poll and retrieve from, AE@HOST:PORT")
     dicom_destinations: dict[str, str] = Field(

@@ -146,3 +146,45 @@ def test_report_on_a_new_association(node: LocalNode, held: list[tuple[str, str]
     finally:
         scp.stop()
         server.shutdown()
+
+
+@pytest.mark.skipif(not kit.have_orthanc(), reason="Orthanc not installed")
+def test_export_is_committed_only_after_orthanc_confirms(tmp_path: Path) -> None:
+    """The exporter asks a real Orthanc (listed in ``export_commitment``) to commit what it
+    sent; Orthanc reports on a new association to the node's SCP; the items count as
+    committed only then (``syncnode status``: sent vs committed)."""
+    from test_dicom_export import from_peer, wait_until
+
+    from syncnode.dicom.exporter import Exporter, outbox_status
+
+    a, b = LocalNode.init(tmp_path / "a"), LocalNode.init(tmp_path / "b")
+    scp_port = kit.free_port()
+    orthanc = kit.Orthanc(tmp_path / "orthanc", check_called_aet=False,
+                          modalities={"syncnode": ("SYNCNODE", "127.0.0.1", scp_port)})
+    scp = DicomServer(b, ae_title="SYNCNODE", host="127.0.0.1", port=scp_port)
+    ex = None
+    try:
+        orthanc.start()
+        scp.start()
+        s = kit.make_study(tmp_path / "peer", 3, seed="commit-export")
+        from_peer(a, b, s.files)
+        ex = Exporter(b, [orthanc.address], ae_title="SYNCNODE", poll_interval=0.05,
+                      backoff_base=0.05, backoff_cap=0.4, commitment=["ORTHANC"])
+        scp.on_commitment_report = ex.commitment_report
+        ex.start()
+
+        def status() -> dict[str, Any]:
+            return outbox_status(b.data / "catalog.db").get(orthanc.address, {})
+
+        wait_until(lambda: status().get("committed") == 3, 60, "3 committed")
+        st = status()
+        assert st["done"] == 3 and st["awaiting_commitment"] == 0
+        assert st["not_committed"] == 0
+        assert sorted(orthanc.sop_uids()) == sorted(s.sop_uids)
+    finally:
+        if ex is not None:
+            ex.stop()
+        scp.stop()
+        orthanc.stop()
+        a.close()
+        b.close()

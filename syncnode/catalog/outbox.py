@@ -117,6 +117,35 @@ class Outbox:
             db.execute("UPDATE outbox_cursor SET last_error=?, failures=? WHERE dest=?",
                        (reason, failures, dest))
 
+    def commitment_requested(self, transaction_uid: str, ids: list[int]) -> None:
+        """Items sent (``done``) for which the PACS was asked to commit, under this
+        Transaction UID."""
+        with self._catalog._write() as db:
+            db.executemany("UPDATE outbox SET commit_uid=?, committed=0 WHERE id=?",
+                           [(transaction_uid, i) for i in ids])
+
+    def commitment_reported(self, transaction_uid: str, held: set[str],
+                            failed: dict[str, int]) -> int:
+        """Record a PACS's storage commitment report: the items of this transaction whose
+        SOP Instance UID it holds are committed, those it reported failed get -1 and the
+        reason. Returns how many items the report settled."""
+        now = time.time()
+        with self._catalog._write() as db:
+            rows = db.execute("SELECT id, sop_instance_uid FROM outbox WHERE commit_uid=?",
+                              (transaction_uid,)).fetchall()
+            settled = 0
+            for item_id, sop in rows:
+                if sop in held:
+                    db.execute("UPDATE outbox SET committed=1, updated=? WHERE id=?",
+                               (now, item_id))
+                    settled += 1
+                elif sop in failed:
+                    db.execute("UPDATE outbox SET committed=-1, last_error=?, updated=? "
+                               "WHERE id=?", (f"not committed by the PACS: failure reason "
+                                              f"0x{failed[sop]:04X}", now, item_id))
+                    settled += 1
+        return settled
+
     def destination_ok(self, dest: str) -> None:
         with self._catalog._write() as db:
             db.execute("UPDATE outbox_cursor SET last_error='', failures=0, last_contact=? "
@@ -148,7 +177,8 @@ def _status(db: sqlite3.Connection) -> dict[str, Any]:
         return {}
 
     def empty() -> dict[str, Any]:
-        return {"pending": 0, "done": 0, "failed": 0, "skipped": 0, "last_error": "",
+        return {"pending": 0, "done": 0, "failed": 0, "skipped": 0, "committed": 0,
+                "awaiting_commitment": 0, "not_committed": 0, "last_error": "",
                 "last_contact": 0.0, "consecutive_failures": 0, "failed_items": []}
 
     out: dict[str, Any] = {}
@@ -159,6 +189,14 @@ def _status(db: sqlite3.Connection) -> dict[str, Any]:
     for dest, state, n in db.execute(
             "SELECT dest, state, count(*) FROM outbox GROUP BY dest, state"):
         out.setdefault(dest, empty())[state] = n
+    columns = {r[1] for r in db.execute("PRAGMA table_info(outbox)")}
+    if "committed" in columns:  # (schema 5: storage commitment)
+        for dest, committed, n in db.execute(
+                "SELECT dest, committed, count(*) FROM outbox WHERE commit_uid != '' "
+                "AND state='done' GROUP BY dest, committed"):
+            key = {1: "committed", -1: "not_committed"}.get(committed,
+                                                            "awaiting_commitment")
+            out.setdefault(dest, empty())[key] = n
     for dest, sop, err in db.execute(
             "SELECT dest, sop_instance_uid, last_error FROM outbox WHERE state='failed' "
             "ORDER BY id LIMIT 50"):

@@ -177,6 +177,16 @@ INSERT OR REPLACE INTO meta (key, value)
 V4 = attrs.SCHEMA
 
 
+# Version 5: storage commitment of exported instances (syncnode.dicom.exporter): the
+# Transaction UID an item was asked under, and the PACS's answer (0 not asked or waiting,
+# 1 committed, -1 the PACS reported it does not hold it).
+V5 = """
+ALTER TABLE outbox ADD COLUMN commit_uid TEXT NOT NULL DEFAULT '';
+ALTER TABLE outbox ADD COLUMN committed INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX IF NOT EXISTS outbox_commit ON outbox (commit_uid) WHERE commit_uid != '';
+"""
+
+
 def _statements(script: str) -> list[str]:
     """The statements of a schema script, split where SQLite says one is complete (a ';'
     in a comment does not end one)."""
@@ -205,6 +215,7 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _run(V2),
     _run(V3),
     _run(V4),
+    _run(V5),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -24,6 +24,14 @@ syntax (plus Explicit VR Little Endian for a deflated instance, which can be inf
 without decoding); (3) send each item's stored data set bytes as they are, after
 verifying the blob against its chunk hashes; (4) record each outcome.
 
+Storage commitment: for a destination listed in ``export_commitment`` (its AE title or
+``AE@HOST:PORT``), after each batch the exporter asks the PACS, on the same association, to
+commit what it took (N-ACTION, Storage Commitment Push Model) and records the Transaction
+UID on those items. The PACS's N-EVENT-REPORT - on that association (waited for up to
+``COMMIT_REPORT_WAIT``) or later on a new association to this node's SCP, as Orthanc does
+- marks each item committed (or not, with the PACS's failure reason). ``done`` means
+"sent"; ``committed`` counts the ones the PACS confirmed (``syncnode status``).
+
 An item is ``done`` only on 0x0000 or the warnings 0xB000, 0xB006, 0xB007. Outcomes
 are written in short transactions of up to ``OUTCOME_BATCH`` items, never held across
 network I/O. Transient
@@ -51,6 +59,7 @@ import ssl
 import struct
 import threading
 import time
+import uuid
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,6 +92,9 @@ SCAN_LIMIT = 2000
 PERMANENT_ATTEMPTS = 3
 OUTCOME_BATCH = 50  # outcomes written per transaction (a crash may resend up to this many)
 IN_MEMORY_LIMIT = 16 << 20  # blobs up to this size are sent from verified memory
+STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"
+STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
+COMMIT_REPORT_WAIT = 2.0  # seconds an export association waits for a report on itself
 
 
 def _transient(status: int) -> bool:
@@ -106,6 +118,10 @@ class Destination:
         self.blocked_until = 0.0
         self.assoc: Any = None
         self._outcomes: list[Outcome] = []
+        # ask this PACS for storage commitment of what it took (``export_commitment``)
+        self.commitment = self.ae_title in exporter.commitment or address in exporter.commitment
+        self._awaited = ""
+        self._report_seen = threading.Event()
 
     # -- the loop ------------------------------------------------------------------------
     def _run(self) -> None:
@@ -187,6 +203,8 @@ class Destination:
         # Verification too: the association stands even if every storage context is
         # refused, so each item can be failed with its own reason.
         contexts = [build_context("1.2.840.10008.1.1")]
+        if self.commitment:
+            contexts.append(build_context(STORAGE_COMMITMENT))
         for sop_class, ts in pairs:
             syntaxes = [ts] + ([EXPLICIT_LE] if ts == DEFLATED else [])
             contexts.append(build_context(sop_class, syntaxes))
@@ -198,7 +216,8 @@ class Destination:
         try:
             assoc = ae.associate(self.host, self.port, contexts=contexts,
                                  ae_title=self.ae_title, max_pdu=ex.max_pdu,
-                                 evt_handlers=[(evt.EVT_CONN_OPEN, _socket_timeout)])
+                                 evt_handlers=[(evt.EVT_CONN_OPEN, _socket_timeout),
+                                               (evt.EVT_N_EVENT_REPORT, self._on_report)])
         except (OSError, RuntimeError, ValueError) as exc:
             self.destination_failed(f"cannot associate: {exc}")
             return
@@ -221,12 +240,62 @@ class Destination:
                 tried += 1
                 if self.send_one(assoc, it, n + 1):
                     delivered.append(it)
+            if self.commitment and delivered and assoc.is_established:
+                self.flush_outcomes()  # (the items are done before they are asked about)
+                self.request_commitment(assoc, delivered)
         finally:
             self.assoc = None
             if assoc.is_established:
                 assoc.release()
             self.audit_batch(delivered, tried - len(delivered))
         self.db_contact_ok()
+
+    # -- storage commitment (as SCU) -------------------------------------------------------
+    def request_commitment(self, assoc: Any, delivered: list[Item]) -> None:
+        """Ask the PACS to commit what this association delivered (N-ACTION, PS3.4 J.3.2).
+        The items count as committed only when its N-EVENT-REPORT says so: on this
+        association (waited for up to ``COMMIT_REPORT_WAIT``) or later on a new one to
+        this node's SCP (:meth:`Exporter.commitment_report`)."""
+        uid = f"2.25.{uuid.uuid4().int}"
+        self.outbox.commitment_requested(uid, [it.id for it in delivered])
+        info = Dataset()
+        info.TransactionUID = uid
+        refs = []
+        for it in delivered:
+            ref = Dataset()
+            ref.ReferencedSOPClassUID = it.sop_class_uid
+            ref.ReferencedSOPInstanceUID = it.sop_instance_uid
+            refs.append(ref)
+        info.ReferencedSOPSequence = refs
+        self._awaited = uid
+        self._report_seen.clear()
+        try:
+            status, _reply = assoc.send_n_action(info, 1, STORAGE_COMMITMENT,
+                                                 STORAGE_COMMITMENT_INSTANCE)
+        except (OSError, RuntimeError, ValueError) as exc:
+            log.warning("export to %s: storage commitment request failed: %s",
+                        self.address, exc)
+            return
+        code = int(status.get("Status", 0xC000)) if status else None
+        if code != 0x0000:
+            log.warning("export to %s: storage commitment request %s answered %s",
+                        self.address, uid, "nothing" if code is None else f"0x{code:04X}")
+            return
+        log.info("export to %s: storage commitment %s requested for %d instances",
+                 self.address, uid, len(delivered))
+        self._report_seen.wait(COMMIT_REPORT_WAIT)
+
+    def _on_report(self, event: evt.Event) -> tuple[int, None]:
+        """An N-EVENT-REPORT on the export association (a PACS that reports at once)."""
+        try:
+            info = event.event_information
+        except Exception:  # undecodable: the PACS's error
+            return 0x0110, None
+        uid = str(info.get("TransactionUID", "") or "").strip()
+        ok = self.exporter.commitment_report(uid, info)
+        if uid == self._awaited:
+            self._report_seen.set()
+        return (0x0000 if ok else 0x0110), None
 
     def audit_batch(self, delivered: list[Item], not_delivered: int) -> None:
         """One ``exported`` entry per association: what reached the PACS, by study."""
@@ -529,8 +598,10 @@ class Exporter:
     def __init__(self, node: LocalNode, destinations: list[str], *, ae_title: str,
                  poll_interval: float = 5.0, backoff_base: float = 1.0,
                  backoff_cap: float = 60.0, max_pdu: int = 262_144,
-                 dimse_timeout: float = 120.0, audit: AuditLog | None = None) -> None:
+                 dimse_timeout: float = 120.0, audit: AuditLog | None = None,
+                 commitment: list[str] | None = None) -> None:
         self.node = node
+        self.commitment = set(commitment or [])
         self.audit = audit
         self.node_id = node.node_id.compact
         self.store = BlobStore(node.data)
@@ -550,6 +621,27 @@ class Exporter:
     def start(self) -> None:
         for d in self.destinations:
             d.thread.start()
+
+    def commitment_report(self, transaction_uid: str, info: Dataset) -> bool:
+        """A PACS's storage commitment report (N-EVENT-REPORT, on the export association
+        or on a new one to this node's SCP): its items become committed or not. False if
+        the Transaction UID is not one of ours."""
+        held = {str(i.get("ReferencedSOPInstanceUID", "") or "")
+                for i in info.get("ReferencedSOPSequence", None) or []}
+        failed = {str(i.get("ReferencedSOPInstanceUID", "") or ""):
+                  int(i.get("FailureReason", 0x0110) or 0x0110)
+                  for i in info.get("FailedSOPSequence", None) or []}
+        settled = self.node.catalog.outbox.commitment_reported(transaction_uid, held, failed)
+        for d in self.destinations:
+            if d._awaited == transaction_uid:
+                d._report_seen.set()
+        if not settled:
+            log.warning("storage commitment report for unknown transaction %s",
+                        transaction_uid)
+            return False
+        log.info("storage commitment %s: %d committed, %d not", transaction_uid,
+                 len(held), len(failed))
+        return True
 
     def wake(self) -> None:
         self.wakeup.set()

@@ -679,7 +679,8 @@ class DicomServer:
                                       scp_role=True)
         self.commitments = commitment.CommitmentReporter(self._report_ae, self.destinations)
         # told of each N-EVENT-REPORT of a commitment we requested: (transaction, report)
-        self.on_commitment_report: Callable[[str, Dataset], None] | None = None
+        # (True if the transaction was one of ours)
+        self.on_commitment_report: Callable[[str, Dataset], bool] | None = None
         # C-MOVE sub-associations send stored instances from their blobs
         self.ae.prepare_requested = provider.install_sender
         self._server: GuardedServer | None = None
@@ -983,8 +984,7 @@ class DicomServer:
             log.warning("storage commitment report for an unknown transaction from %s",
                         _requestor_actor(event.assoc))
             return 0x0110, None
-        handler(uid, info)
-        return 0x0000, None
+        return (0x0000 if handler(uid, info) else 0x0110), None
 
     def _retrieve_set(self, event: evt.Event) -> list[Any]:
         """The instances a C-GET/C-MOVE names; raises provider.RetrieveError."""

@@ -54,8 +54,10 @@ class DicomBridge:
         self.exporter = (Exporter(node, settings.export, ae_title=settings.ae_title,
                                   poll_interval=export_poll, backoff_base=backoff_base,
                                   backoff_cap=backoff_cap, max_pdu=settings.max_pdu,
-                                  audit=audit)
+                                  audit=audit, commitment=settings.export_commitment)
                          if settings.export else None)
+        if self.exporter is not None:  # reports of commitments it asked for reach the SCP
+            self.server.on_commitment_report = self.exporter.commitment_report
         self.retriever = (Retriever(node, settings.import_from, ae_title=settings.ae_title,
                                     poll_interval=import_poll)
                           if settings.import_from else None)
