@@ -150,34 +150,49 @@ def _index(db: sqlite3.Connection, blob_path: Callable[[str], Path], limit: int 
     while limit is None or done < limit:
         if stop is not None and stop.is_set():
             break
-        batch = [r[0] for r in db.execute(
-            "SELECT DISTINCT p.blob FROM puts p WHERE p.seq > ? AND p.live = 1 AND NOT "
-            "EXISTS (SELECT 1 FROM find_attrs f WHERE f.blob = p.blob) LIMIT 200", (since,))]
-        if not batch:
+        with _INDEXING:
+            n = _index_batch(db, blob_path, since)
+        if not n:
             break
-        rows: list[dict[str, Any]] = []
-        for blob in batch:
-            try:
-                attrs: dict[str, Any] = read_attributes(blob_path(blob))
-                attrs["readable"] = 1
-            except Exception as exc:  # any unreadable blob: indexed empty, logged
-                log.warning("C-FIND index: blob %s cannot be read (%s): its attributes "
-                            "match only universal keys", blob, type(exc).__name__)
-                attrs = {"readable": 0}
-            attrs["blob"] = blob
-            rows.append(attrs)
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            for attrs in rows:
-                cols = list(attrs)
-                db.execute(f"INSERT OR IGNORE INTO find_attrs ({', '.join(cols)}) "
-                           f"VALUES ({', '.join('?' * len(cols))})", [attrs[c] for c in cols])
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
-        done += len(batch)
+        done += n
     return done
+
+
+# One batch at a time in this process: a query arriving while the backfill works takes
+# the next batch instead of reading the same blobs again.
+_INDEXING = threading.Lock()
+
+
+def _index_batch(db: sqlite3.Connection, blob_path: Callable[[str], Path], since: int
+                 ) -> int:
+    batch = [r[0] for r in db.execute(
+        "SELECT DISTINCT p.blob FROM puts p WHERE p.seq > ? AND p.live = 1 AND NOT "
+        "EXISTS (SELECT 1 FROM find_attrs f WHERE f.blob = p.blob) LIMIT 200", (since,))]
+    if not batch:
+        return 0
+    rows: list[dict[str, Any]] = []
+    for blob in batch:
+        try:
+            attrs: dict[str, Any] = read_attributes(blob_path(blob))
+            attrs["readable"] = 1
+        except Exception as exc:  # any unreadable blob: indexed empty, logged
+            log.warning("C-FIND index: blob %s cannot be read (%s): its attributes "
+                        "match only universal keys", blob, type(exc).__name__)
+            attrs = {"readable": 0}
+        attrs["blob"] = blob
+        rows.append(attrs)
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for attrs in rows:
+            cols = list(attrs)
+            db.execute(f"INSERT OR IGNORE INTO find_attrs ({', '.join(cols)}) "
+                       f"VALUES ({', '.join('?' * len(cols))})", [attrs[c] for c in cols])
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+    return len(batch)
+
 
 
 class Backfill:
