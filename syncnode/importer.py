@@ -15,6 +15,7 @@ fit are imported.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import sqlite3
 import stat
@@ -27,6 +28,7 @@ from pathlib import Path
 from .blobstore import BlobStore, StagedBlob, StoreFull, copy_fd
 from .dicomfile import InvalidDicom, inspect_bytes, inspect_file, same_dataset
 from .local import LocalNode
+from .rejection import KEY_OBJECT_SELECTION, InvalidRejectionNote
 
 BATCH_FILES = 128
 WORKERS = 2
@@ -34,6 +36,8 @@ IN_FLIGHT = 32
 BATCH_BYTES = 256 << 20
 WHOLE_FILE_MAX = 16 << 20  # a copy up to this size is read back whole, else streamed
 DISK_FULL = "not imported: no space left on the node's data disk"
+
+log = logging.getLogger("syncnode.importer")
 
 Entry = tuple[Path, dict[str, str], StagedBlob]
 
@@ -145,6 +149,13 @@ def import_paths(node: LocalNode, paths: Iterable[Path],
         except OSError as exc:
             report.failed.append((str(path), f"cannot read: {exc.strerror or exc}"))
         else:
+            refusal = node.refused_as_rejected(entry[0]["sop_instance_uid"])
+            if refusal is not None:
+                _discard(entry[1])
+                report.failed.append((str(path), refusal))
+                if progress:
+                    progress(path, 0)
+                return
             batch.append((path, *entry))
             size = entry[1].size
             report.bytes += size
@@ -202,6 +213,13 @@ def commit_staged(node: LocalNode, entries: list[tuple[dict[str, str], StagedBlo
              if b.created and not new]
     if spare:
         node.catalog.collect_garbage(spare, store.delete)
+    for (attrs, _), blob, (_eid, new) in zip(entries, blobs, results, strict=True):
+        if new and attrs["sop_class_uid"] == KEY_OBJECT_SELECTION:
+            try:  # an IOCM rejection note: applied once it is stored
+                node.apply_rejection(blob.hash)
+            except (InvalidRejectionNote, ValueError, OSError) as exc:
+                log.warning("Key Object Selection %s: not applied as a rejection note: %s",
+                            attrs["sop_instance_uid"], exc)
     return results
 
 

@@ -45,6 +45,7 @@ from .catalog import ApplyResult, Catalog, put_contradictions
 from .dicomfile import InstanceInfo, InvalidDicom, inspect_file
 from .ids import is_hash
 from .nodeid import NodeId
+from .rejection import REFUSE_AGAIN, RejectionNote, read_note
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -58,6 +59,8 @@ TRANSFER_MAX_AGE = 3600.0  # seconds unwritten before a transfer counts as aband
 log = logging.getLogger("syncnode.local")
 P = ParamSpec("P")
 T = TypeVar("T")
+
+log = logging.getLogger("syncnode.local")
 
 
 def local_errors(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
@@ -324,6 +327,29 @@ class LocalNode:
 
     def delete_study(self, study_uid: str) -> ApplyResult:
         return self.collect(self.catalog.delete_study(study_uid))
+
+    def apply_rejection(self, blob_hash: str) -> RejectionNote | None:
+        """If the stored instance ``blob_hash`` is an IOCM rejection note
+        (:mod:`syncnode.rejection`): remember what it rejects (so that it is refused if it
+        comes again) and delete those instances through the one delete path. Returns the
+        note, or None for any other instance. Raises
+        :class:`~syncnode.rejection.InvalidRejectionNote`."""
+        note = read_note(self.store.path(blob_hash))
+        if note is None:
+            return None
+        self.catalog.rejections.record(note.sop_instance_uid, note.code, list(note.rejected))
+        result = self.delete_instances(note.rejected)
+        log.info("rejection note %s (%s): %d instances rejected, %d deleted here",
+                 note.sop_instance_uid, note.code, len(note.rejected), len(result.inserted))
+        return note
+
+    def refused_as_rejected(self, sop_uid: str) -> str | None:
+        """Why an arriving instance is refused because a rejection note rejected it (the
+        code says it must not come back), or None."""
+        code = self.catalog.rejections.code(sop_uid)
+        if code is None or code not in REFUSE_AGAIN:
+            return None
+        return f"rejected by a rejection note ({code}): not accepted again"
 
     def gc(self) -> int:
         """Remove every stored blob no event keeps alive, and stale temp files: the files

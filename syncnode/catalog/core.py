@@ -64,6 +64,7 @@ from .merkle_index import MerkleIndex
 from .model import _SEQ_OF, PUT_COLUMNS, ApplyResult
 from .outbox import Outbox
 from .peers import Peers
+from .rejections import Rejections
 from .retrieved import Retrieved
 from .schema import CatalogError, open_database
 
@@ -102,6 +103,7 @@ class Catalog(Admission, LocalPuts, Deletes, MerkleIndex, LiveView, Peers):
         self._listeners: list[Callable[[ApplyResult], None]] = []
         self.outbox = Outbox(self)  # the DICOM exporter's queue
         self.retrieved = Retrieved(self)  # studies retrieved from each PACS
+        self.rejections = Rejections(self)  # instances rejected by IOCM notes
         with self._write() as db:
             if node_id is not None:
                 row = db.execute("SELECT value FROM meta WHERE key='node_id'").fetchone()

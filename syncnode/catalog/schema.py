@@ -179,11 +179,18 @@ V4 = attrs.SCHEMA
 
 # Version 5: storage commitment of exported instances (syncnode.dicom.exporter): the
 # Transaction UID an item was asked under, and the PACS's answer (0 not asked or waiting,
-# 1 committed, -1 the PACS reported it does not hold it).
+# 1 committed, -1 the PACS reported it does not hold it); the instances rejected by IOCM
+# rejection notes (syncnode.catalog.rejections), local to this node.
+V5_COLUMNS = {"commit_uid": "TEXT NOT NULL DEFAULT ''",
+              "committed": "INTEGER NOT NULL DEFAULT 0"}
 V5 = """
-ALTER TABLE outbox ADD COLUMN commit_uid TEXT NOT NULL DEFAULT '';
-ALTER TABLE outbox ADD COLUMN committed INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX IF NOT EXISTS outbox_commit ON outbox (commit_uid) WHERE commit_uid != '';
+CREATE TABLE IF NOT EXISTS rejected (
+    sop_instance_uid TEXT PRIMARY KEY,
+    code             TEXT NOT NULL,
+    note             TEXT NOT NULL,
+    at               REAL NOT NULL
+) WITHOUT ROWID;
 """
 
 
@@ -210,12 +217,22 @@ def _run(script: str) -> Callable[[sqlite3.Connection], None]:
     return migrate
 
 
+def _v5(db: sqlite3.Connection) -> None:
+    # (columns added only if missing: a catalog set back to an older version by hand
+    # already has them, and ALTER TABLE ADD COLUMN cannot say IF NOT EXISTS)
+    have = {r[1] for r in db.execute("PRAGMA table_info(outbox)")}
+    for column, decl in V5_COLUMNS.items():
+        if column not in have:
+            db.execute(f"ALTER TABLE outbox ADD COLUMN {column} {decl}")
+    _run(V5)(db)
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _run(V1),
     _run(V2),
     _run(V3),
     _run(V4),
-    _run(V5),
+    _v5,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -78,6 +78,7 @@ from ..catalog import InvalidLocalPut
 from ..dicomfile import InstanceInfo, InvalidDicom, InvalidIdentity, inspect_file
 from ..ids import InvalidUID, is_uid
 from ..local import CATALOG_FILE, LocalNode
+from ..rejection import KEY_OBJECT_SELECTION, InvalidRejectionNote
 from . import commitment, provider, query
 from .ingest import SpoolWriter
 from .journal import IngestJournal
@@ -120,10 +121,16 @@ COMMIT_WAIT = 300.0  # seconds a handler waits for its group commit before givin
 
 
 
+class RejectedInstance(InvalidDicom):
+    """An instance an IOCM rejection note rejected for good, arriving again."""
+
+
 def status_for(exc: Exception) -> int:
     """The C-STORE failure status for an error, by its type: the instance's identity
     (:class:`InvalidIdentity`, :class:`InvalidUID`, :class:`InvalidLocalPut`) -> 0xA900;
     any other unacceptable file -> 0xC000; no space -> 0xA700; anything else -> 0x0110."""
+    if isinstance(exc, RejectedInstance):
+        return STATUS_CANNOT_UNDERSTAND
     if isinstance(exc, InvalidIdentity | InvalidUID | InvalidLocalPut):
         return STATUS_DATASET_MISMATCH
     if isinstance(exc, InvalidDicom):
@@ -835,6 +842,9 @@ class DicomServer:
             if info.sop_instance_uid != sop:  # inspect checks it against the file meta too
                 raise InvalidIdentity(f"SOP Instance UID {info.sop_instance_uid} does not "
                                       "match the request's Affected SOP Instance UID")
+            refusal = self.node.refused_as_rejected(sop)
+            if refusal is not None:
+                raise RejectedInstance(refusal)
             staged = writer.stage()
         except InvalidDicom as exc:
             writer.abort()
@@ -881,7 +891,20 @@ class DicomServer:
             else:
                 tally.unchanged += 1
         log.debug("C-STORE %s stored as blob %s", sop, staged.digest)
+        if info.sop_class_uid == KEY_OBJECT_SELECTION and pending.new:
+            self._apply_rejection(staged.digest, sop)
         return STATUS_SUCCESS
+
+    def _apply_rejection(self, blob: str, sop: str) -> None:
+        """A stored Key Object Selection: if it is an IOCM rejection note, apply it (the
+        note itself stays stored; it was acknowledged as durable). Instances acknowledged
+        just before are first let into the catalog, so the note finds them."""
+        self.wait_applied(30)
+        try:
+            self.node.apply_rejection(blob)
+        except (InvalidRejectionNote, ValueError, OSError) as exc:
+            log.warning("Key Object Selection %s: not applied as a rejection note: %s",
+                        sop, exc)
 
     def _writer_for(self, req: C_STORE, transfer_syntax: str) -> SpoolWriter:
         spool = getattr(req, "_dataset_file", None)
