@@ -127,6 +127,7 @@ class PeerState:
     pushing: bool = False
     peer_lacks: int = 0  # events we have that the peer had not pulled at the last round
     round_started: float = 0.0
+    window: int = 0  # blobs pulled at once from the peer now (the adaptive window)
 
 
 STUDIES_SHOWN = 20  # studies listed per peer in its state (the ones with most bytes to go)
@@ -765,6 +766,7 @@ class PeerSync:
         """Record the state (at most every 0.5 s unless ``force``) through the engine's
         state writer thread. Never raises: a state that cannot be written is logged."""
         now = time.time()
+        self.state.window = self.pull_gate.window.limit
         if force or now - self._last_saved > 0.5:
             self._last_saved = now
             self.engine.states.write(self.peer_id.compact, asdict(self.state))

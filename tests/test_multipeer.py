@@ -77,6 +77,8 @@ async def test_two_peers_share_the_pulls_and_the_faster_serves_more(
     assert served[a] >= got[a] and served[c] >= got[c]
     if rb.engine.sources.steals == 0:  # nothing taken over: no byte pulled twice
         assert got[a] + got[c] == total, (got, total)
+    for src in (a, c):  # each peer's adaptive window is in its state (status --json)
+        assert rb.engine.peers[src.node_id.compact].state.window >= 1
     assert_blobs_intact(b)
 
 
