@@ -9,7 +9,9 @@ throughput sample.
 The rule (hill climbing on measured throughput, in the spirit of BBR's probing and
 AIMD's reaction to loss):
 
-- while probing, the window grows by half each epoch; a probe ends when throughput has
+- while probing, the window grows each epoch: it doubles at the start (a slow start, as
+  TCP's), grows by half when climbing back after errors, by a quarter when probing again
+  later; a probe ends when throughput has
   not risen by more than ``RISE`` over the best seen for ``STALLS`` epochs in a row
   (BBR's "full pipe" test): the window then settles on the smallest window whose
   throughput was within ``RISE / 2`` of the best, and holds;
@@ -73,6 +75,7 @@ class Window:
     _last: float | None = None  # time of the last call (for _busy)
     _errors: int = 0
     growing: bool = True  # probing upward (at the start, and every PROBE_EVERY epochs)
+    _step: int = 1  # while probing, the window grows by limit // _step per epoch
     _stalls: int = 0  # epochs in a row without a rise while growing
     _flat: int = 0  # epochs in a row at a settled window
     _samples: dict[int, float] = field(default_factory=dict)  # window -> its last rate
@@ -165,6 +168,7 @@ class Window:
             self.best_rate *= DECAY
             self._samples.clear()
             self.growing, self._stalls, self._flat = True, 0, 0  # climb back from there
+            self._step = 2
             return
         if not full:  # not enough to transfer: a sample, but no verdict on the window
             self.best_rate = max(self.best_rate, rate)
@@ -173,13 +177,13 @@ class Window:
         if rate > self.best_rate * (1 + RISE):
             self.best_rate, self._stalls = rate, 0
             if self.growing:
-                self._grow(2)
+                self._grow(self._step)
             return
         self.best_rate = max(self.best_rate, rate)
         if self.growing:
             self._stalls += 1
             if self._stalls < STALLS and self.limit < self.high:
-                self._grow(2)
+                self._grow(self._step)
                 return
             # the pipe is full: the smallest window that gave (nearly) the best
             self.growing, self._flat = False, 0
@@ -191,8 +195,8 @@ class Window:
             self._flat, self._stalls = 0, 0
             self.best_rate *= DECAY
             self._samples.clear()
-            self.growing = True
-            self._grow(4)
+            self.growing, self._step = True, 4
+            self._grow(self._step)
 
     def _grow(self, divisor: int) -> None:
         self.limit = min(self.high, self.limit + max(1, self.limit // divisor))
