@@ -178,3 +178,15 @@ def test_limit_commands(new_node: Callable[[str], LocalNode]) -> None:
     assert shown["in_force"] == {"in": "2MB/s", "out": "unlimited"}
     assert NodeService(node).status()["bandwidth"] == {"in": "2MB/s", "out": "unlimited"}
     assert cli("limit", "clear", "out", data=node.data, check=False).returncode == 1
+
+
+async def test_a_cap_set_beside_a_running_node_applies_without_restart(
+        new_node: Callable[[str], LocalNode], running: StartNode) -> None:
+    node = new_node("n")
+    r = await running(node)
+    assert r.limiter.in_force()["out"] == "unlimited"
+    # what `syncnode limit set` does: the service without the running node, config.toml
+    await asyncio.to_thread(NodeService(node).set_limit, "out", "3MB/s")
+    await wait_for(lambda: r.limiter.in_force()["out"] == "3MB/s", 5,
+                   "the running node to take the cap from config.toml")
+    assert r.settings.bandwidth_caps == {"out": "3MB/s"}
