@@ -416,7 +416,8 @@ async def test_status_shows_what_each_study_still_needs_while_pulling(
     import_files(b, *files)
     size_of = {s: sum(f.stat().st_size for f in files if f.name.startswith(f"s{k}-"))
                for k, s in enumerate(studies, 1)}
-    ra, rb = await running(a, max_pulls=1), await running(b)  # one blob after another
+    # one blob after another (max_pulls is only where the adaptive window starts)
+    ra, rb = await running(a, max_pulls=1, max_window=1), await running(b)
     seen: list[dict[str, list[int]]] = []
     texts: list[str] = []
     config = fp.FaultConfig(shared_rate_down=150_000)  # ~6 s for the 0.9 MB
