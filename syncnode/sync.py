@@ -997,7 +997,7 @@ class PeerSync:
         st.studies_needed = {}
         st.last_success = time.time()
         st.last_error = st.error_kind = ""
-        self.save_state(force=True)
+        # written with the next attempt at the round's end (_round): one commit a round
 
     # -- pulling -------------------------------------------------------------------------
     async def pull_events(self, ids: list[str]) -> None:
@@ -1528,20 +1528,11 @@ class StateWriter:
     """Writes peer states to the catalog from one thread, off the event loop. States of a
     peer are written in order and coalesced (only the newest one waiting is written). A
     write that fails is logged, never raised: recording an error must not be able to end
-    the loop that records it (e.g. on a full disk).
-
-    A state in sync that differs from the last one written only in the round's schedule
-    (:data:`SCHEDULE`) is written at most every :data:`STATE_REFRESH` seconds: an idle
-    node made two synchronous commits per peer and round (the round's end, then its next
-    attempt), now one (its ``last_success``, which status and tests read)."""
-
-    SCHEDULE = frozenset({"next_attempt", "round_started"})
-    STATE_REFRESH = 30.0
+    the loop that records it (e.g. on a full disk)."""
 
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
         self._pending: dict[str, dict[str, Any]] = {}
-        self._written: dict[str, tuple[dict[str, Any], float]] = {}  # peer -> (what, when)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peer-state")
         self._scheduled = False
@@ -1560,19 +1551,12 @@ class StateWriter:
             pending, self._pending = self._pending, {}
             self._scheduled = False
         for peer, state in pending.items():
-            lasting = {k: v for k, v in state.items() if k not in self.SCHEDULE}
-            now = time.monotonic()
-            last = self._written.get(peer)
-            if (state.get("state") == "in_sync" and last is not None and last[0] == lasting
-                    and now - last[1] < self.STATE_REFRESH):
-                continue  # in sync, only the schedule moved: written again later
             try:
                 self.catalog.set_peer_state(peer, state)
             except Exception as exc:  # the catalog's disk is full or failing: say so, go on
                 log.error("could not record the state of peer %s: %s: %s", peer[:7],
                           type(exc).__name__, exc)
                 continue
-            self._written[peer] = (lasting, now)
             self.writes += 1
 
     def close(self) -> None:

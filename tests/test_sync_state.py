@@ -6,9 +6,8 @@ that exception left ``PeerSync.run`` and the node never synced with the peer aga
 after space came back. Peer states are now written by ``sync.StateWriter``, which logs a
 failed write instead of raising it.
 
-An idle node in sync writes its peers' states once per round (its ``last_success``), not
-twice: a state in sync whose only change is the next round's schedule is written at most
-every ``StateWriter.STATE_REFRESH`` seconds.
+An idle node in sync writes each peer's state once per round (at the round's end, with its
+``last_success`` and next attempt), not twice.
 """
 
 from __future__ import annotations
