@@ -8,9 +8,13 @@ Per round with a peer:
    have and it lacks. Memory stays bounded by one node's id list.
 3. Fetch the missing events, verify each body against its id. Deletes, and puts already
    tombstoned, apply at once; other puts wait for their blob.
-4. Pull missing blobs, several at once (bounded), through :class:`PartialBlob`: every
-   chunk verified on arrival, resumable, whole hash checked, renamed into the store; only
-   then are the puts applied (a put is never live without its whole blob).
+4. Pull missing blobs, several at once through :class:`PartialBlob`: every chunk verified
+   on arrival, resumable, whole hash checked, renamed into the store; only then are the
+   puts applied (a put is never live without its whole blob). How many at once is the
+   peer's adaptive window (:mod:`syncnode.flow`); each blob is claimed first
+   (:mod:`syncnode.sources`), so peers holding the same blobs share the pulls and a pull
+   stuck on a slow peer is taken over; bytes pass the bandwidth caps
+   (:mod:`syncnode.ratelimit`) as they are read.
 5. If the peer does not dial us (no request from it for a while) or is configured to,
    push what it lacks the same way in the other direction.
 
