@@ -59,6 +59,31 @@ def parse_ae_address(value: str) -> tuple[str, str, int]:
     return check_ae_title(m["ae"]), m["host"], int(m["port"])
 
 
+_INTERVAL_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 7 * 86_400}
+
+
+class InvalidInterval(ValueError):
+    """A duration that is not a number of seconds nor N followed by s, m, h, d or w."""
+
+
+def parse_interval(value: object) -> float:
+    """``7d`` -> 604800.0; ``90`` or ``90s`` -> 90.0; ``0`` -> 0.0 (off)."""
+    if isinstance(value, bool):
+        raise InvalidInterval(f"{value!r} is not a duration")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        m = _INTERVAL_RE.fullmatch(str(value).lower())
+        if not m:
+            raise InvalidInterval(f"{str(value)[:30]!r} is not a duration: write e.g. 7d, "
+                                  "12h, 30m, 90s or 0 (off)")
+        seconds = float(m[1]) * _UNITS[m[2]]
+    if not 0 <= seconds <= 366 * 86_400:
+        raise InvalidInterval(f"{value!r}: a duration from 0 (off) to 366d")
+    return seconds
+
+
 class Settings(BaseSettings):
     """Every setting of a node. Field names are the config-file keys."""
 
@@ -194,8 +219,18 @@ class Settings(BaseSettings):
                                                        "the audit messages sent to the "
                                                        "collector (the trail file never "
                                                        "holds it)")
+    verify_interval: float = Field(0.0, description="background verify of every blob: "
+                                   "7d, 12h, 30m, seconds; 0 = off")
+    verify_rate: float = Field(20.0, ge=0, le=100_000,
+                               description="MB/s the background verify reads at most "
+                                           "(0 = unlimited)")
     log_format: Literal["kv", "json"] = Field("kv", description="log line format")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
+
+    @field_validator("verify_interval", mode="before")
+    @classmethod
+    def _interval(cls, v: object) -> float:
+        return parse_interval(v)
 
     @field_validator("ae_title")
     @classmethod

@@ -37,6 +37,7 @@ from .local import RUN_LOCK, TRANSFER_MAX_AGE, LocalNode, offload
 from .peer_server import PeerServer
 from .ratelimit import Limiter, check_caps
 from .safetext import clean_tree
+from .scrub import BackgroundVerify
 from .service import NodeService
 from .sync import SyncEngine
 from .tls.certificates import NODE_SAN
@@ -72,6 +73,7 @@ class RunningNode:
     admin: AdminAPI | None = None
     discovery: Discovery | None = None
     dicom: Any = None  # syncnode.dicom.service.DicomBridge
+    scrub: BackgroundVerify | None = None
     # Other services add what they report: name -> callable giving a JSON-able value.
     status_providers: dict[str, Callable[[], Any]] = field(default_factory=dict)
     metric_providers: list[Callable[[], dict[str, float]]] = field(default_factory=list)
@@ -143,11 +145,13 @@ class RunningNode:
         self.engine.on_state = self._on_peer_state
         self.engine.limiter = self.limiter
         self.engine.on_trust_changed = self.peers_changed
+        self.engine.served = self.peer_server.stats  # status totals both ways
         self.engine.audit = self.audit
         await self._start_dicom()
         await self._start_admin(*admin_tls)
         if s.discovery:
             await self._start_discovery()
+        self._start_scrub()
         assert self.audit is not None
         self.audit.record("node-start", "node")
         log.info("node %s running: ports %s", self.node.node_id.short,
@@ -280,6 +284,13 @@ class RunningNode:
         self.dicom = bridge
         self.status_providers["dicom"] = bridge.status
 
+    def _start_scrub(self) -> None:
+        """The periodic background verify (idle while verify_interval is 0)."""
+        self.scrub = BackgroundVerify(self.node, self.settings.verify_interval,
+                                      self.settings.verify_rate)
+        self.scrub.start()
+        self.status_providers["verify_schedule"] = self.scrub.status
+
     async def _start_discovery(self) -> None:
         self.discovery = Discovery(self.node.node_id, self.ports["peer"], self._on_discovered)
         await self.discovery.start()
@@ -378,6 +389,8 @@ class RunningNode:
             self.peer_server.max_blob_size = self.settings.max_blob_size
         if "bandwidth_caps" in changes:
             self.limiter.configure(self.settings.bandwidth_caps)
+        if self.scrub is not None:
+            self.scrub.configure(self.settings.verify_interval, self.settings.verify_rate)
         if self.feed is not None:
             self.feed.publish("config", keys=sorted(changes))
 
@@ -469,6 +482,8 @@ class RunningNode:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.discovery:
             await self.discovery.stop()
+        if self.scrub is not None:
+            await self.scrub.stop()
         if self.dicom is not None:
             await asyncio.to_thread(self.dicom.stop)
         if self.engine:

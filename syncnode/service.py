@@ -345,9 +345,9 @@ class NodeService:
             raise UsageError("API keys are not settings: create or replace them with "
                              "`syncnode apikey rotate read|admin` (stored hashed)")
         try:
-            _settings, restart = cfg.update_file(self.node.data, changes)
+            settings, restart = cfg.update_file(self.node.data, changes)
         except cfg.ConfigError as exc:
             raise UsageError(str(exc)) from None
-        if self.runtime is not None:
-            self.runtime.apply_settings(changes)
+        if self.runtime is not None:  # the validated values (e.g. "7d" -> 604800.0)
+            self.runtime.apply_settings({k: getattr(settings, k) for k in changes})
         return {"changed": sorted(changes), "restart_required": restart}

@@ -3,6 +3,13 @@
 dashboard, so they always agree. Core: knows nothing of the DICOM bridge (the export
 outbox is a read model of the catalog).
 
+Derived here, purely from the recorded peer states, so every front end shows the same:
+per peer the progress of the current round (``progress``: instances and bytes still
+needed of what the round set out to pull, never an average of percentages) and its ETA
+at the recent receive rate; per recent study when it arrived here and when each peer was
+last seen holding it (its Merkle root equal to ours after the arrival: "confirmed no later
+than"). ``/metrics`` reads the same peer rows, so its byte counters equal the status.
+
 Much of it came from the network (a peer's error body, a URL, a PACS's error comment):
 every string leaves here through :func:`syncnode.safetext.clean_tree`, so no front end
 shows a raw control character."""
@@ -14,6 +21,10 @@ from typing import Any
 from .local import LocalNode
 from .nodeid import NodeId
 from .safetext import clean_tree
+from .scrub import last_result
+
+ETA_SAMPLES = 10  # the recent throughput samples the ETA is computed from
+ARRIVALS_SHOWN = 20
 
 
 def peer_rows(node: LocalNode) -> list[dict[str, Any]]:
@@ -37,6 +48,7 @@ def peer_rows(node: LocalNode) -> list[dict[str, Any]]:
                "pinned": pinned, "trusted_by": "pin" if pinned else ("ca" if has_ca else "id")}
         if peer.compact in links:
             row["renewed_from"] = str(NodeId.parse(links[peer.compact]))
+        row["progress"] = progress(row)
         rows.append(row)
         listed.add(peer.compact)
     # Peers nobody added: admitted by the cluster CA (seen dialling us), or the CA-issued
@@ -66,6 +78,37 @@ def peer_rows(node: LocalNode) -> list[dict[str, Any]]:
     return clean_tree(rows)
 
 
+def progress(row: dict[str, Any]) -> dict[str, Any] | None:
+    """The current round's pull: totals, what is still needed, ETA (None: nothing to pull).
+    ``eta_seconds`` is None until bytes have been received in the recent samples."""
+    total_blobs, total_bytes = row.get("round_blobs", 0), row.get("round_bytes", 0)
+    need_blobs, need_bytes = row.get("blobs_needed", 0), row.get("bytes_needed", 0)
+    if not (need_blobs or need_bytes) or row.get("in_sync"):
+        return None
+    total_blobs, total_bytes = max(total_blobs, need_blobs), max(total_bytes, need_bytes)
+    recent = (row.get("throughput") or {}).get("in", [])[-ETA_SAMPLES:]
+    rate = sum(recent) / len(recent) if recent else 0.0
+    return {"instances_total": total_blobs, "instances_needed": need_blobs,
+            "bytes_total": total_bytes, "bytes_needed": need_bytes,
+            "fraction_done": (total_bytes - need_bytes) / total_bytes if total_bytes else 0.0,
+            "rate": round(rate), "eta_seconds": round(need_bytes / rate) if rate > 0 else None}
+
+
+def study_arrivals(node: LocalNode, peers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The studies that arrived here most recently: when (first and last instance), and
+    per peer when it was confirmed to hold them (see the module doc), if it was."""
+    rows = node.catalog.study_arrivals(ARRIVALS_SHOWN)
+    for r in rows:
+        at = {}
+        for p in peers:
+            equal = p.get("equal_since") or 0.0
+            if equal and p.get("remote_root") == p.get("local_root") \
+                    and p.get("last_success", 0.0) >= r["arrived"]:
+                at[p["node_id"]] = max(equal, r["arrived"])
+        r["at_peers"] = at
+    return rows
+
+
 def discovered_nodes(node: LocalNode) -> list[dict[str, Any]]:
     """Nodes `syncnode run --discovery` saw on the LAN recently, not trusted yet."""
     return clean_tree([{**d, "node_id": str(NodeId.parse(d["node_id"]))}
@@ -74,7 +117,10 @@ def discovered_nodes(node: LocalNode) -> list[dict[str, Any]]:
 
 def node_status(node: LocalNode) -> dict[str, Any]:
     root = node.catalog.merkle_root()
+    peers = peer_rows(node)
     return {"node_id": str(node.node_id), "data": str(node.data),
             "merkle_root": root.digest.hex(), **node.catalog.counts(),
-            "peers": peer_rows(node), "discovered": discovered_nodes(node),
-            "export": clean_tree(node.catalog.outbox.status())}
+            "peers": peers, "discovered": discovered_nodes(node),
+            "export": clean_tree(node.catalog.outbox.status()),
+            "arrivals": clean_tree(study_arrivals(node, peers)),
+            "verify": clean_tree(last_result(node.data))}

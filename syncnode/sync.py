@@ -100,7 +100,15 @@ class PeerState:
 
     ``in_sync`` means this node holds every event (and blob) the peer held at the end of
     the last round; ``peer_lacks`` counts what the peer still lacks from us (zero once it
-    has pulled, or once we pushed it).
+    has pulled, or once we pushed it, or once the roots are equal).
+
+    Byte counters are of this run. ``bytes_received`` and ``bytes_sent`` here are what our
+    own loop pulled and pushed; the state recorded (:meth:`PeerSync.snapshot`) adds what
+    the peer server served to or took from the peer, so the status and ``/metrics`` show
+    one total each way. ``round_blobs``/``round_bytes`` are what this round set out to pull
+    (the progress bar: done = round - needed); ``throughput`` holds the bytes/s each way
+    over the last minutes, one sample every :data:`SAMPLE_SECONDS`. ``equal_since`` is
+    when the roots were last found equal after differing (0 while they differ).
     """
 
     node_id: str
@@ -132,6 +140,16 @@ class PeerState:
     peer_lacks: int = 0  # events we have that the peer had not pulled at the last round
     round_started: float = 0.0
     window: int = 0  # blobs pulled at once from the peer now (the adaptive window)
+    round_blobs: int = 0  # blobs this round set out to pull (0 when nothing to pull)
+    round_bytes: int = 0
+    equal_since: float = 0.0
+    # bytes/s received and sent, oldest first, one sample every SAMPLE_SECONDS
+    throughput: dict[str, Any] = field(default_factory=lambda: {
+        "interval": SAMPLE_SECONDS, "in": [], "out": []})
+
+
+SAMPLE_SECONDS = 2.0  # between throughput samples
+SAMPLES_KEPT = 150  # 5 minutes of them
 
 
 STUDIES_SHOWN = 20  # studies listed per peer in its state (the ones with most bytes to go)
@@ -765,6 +783,7 @@ class PeerSync:
         """Take new max_pulls / max_window settings."""
         for gate in (self.pull_gate, self.push_gate):
             gate.configure(self.engine.max_pulls, self.engine.max_window)
+        self._last_totals = (0, 0)  # the totals count from 0 in each run
 
     def save_state(self, force: bool = False) -> None:
         """Record the state (at most every 0.5 s unless ``force``) through the engine's
@@ -773,18 +792,52 @@ class PeerSync:
         self.state.window = self.pull_gate.window.limit
         if force or now - self._last_saved > 0.5:
             self._last_saved = now
-            self.engine.states.write(self.peer_id.compact, asdict(self.state))
+            self.engine.states.write(self.peer_id.compact, self.snapshot())
             if self.engine.on_state is not None:
                 try:
                     self.engine.on_state(self.state)
                 except Exception:
                     log.exception("publishing the state of peer %s failed", self.peer_id.short)
 
+    def served(self) -> tuple[int, int]:
+        """Blob bytes the peer server took from this peer (pushes) and served to it."""
+        s = self.engine.served.get(self.peer_id.compact, {})
+        return s.get("bytes_in", 0), s.get("bytes_out", 0)
+
+    def totals(self) -> tuple[int, int]:
+        """All blob bytes received from and sent to this peer in this run, both ways of
+        transfer (our pulls and pushes, its pulls and pushes)."""
+        pushed_in, served_out = self.served()
+        return self.state.bytes_received + pushed_in, self.state.bytes_sent + served_out
+
+    def snapshot(self) -> dict[str, Any]:
+        """The state as recorded: ``bytes_received``/``bytes_sent`` are the totals of
+        :meth:`totals`, with their parts beside them."""
+        row = asdict(self.state)
+        pushed_in, served_out = self.served()
+        row["bytes_pulled"], row["bytes_pushed"] = row["bytes_received"], row["bytes_sent"]
+        row["bytes_pushed_in"], row["bytes_served"] = pushed_in, served_out
+        row["bytes_received"], row["bytes_sent"] = self.totals()
+        return row
+
+    def sample(self, interval: float) -> None:
+        """Add one throughput sample (bytes/s each way since the previous one)."""
+        now_in, now_out = self.totals()
+        last_in, last_out = self._last_totals
+        self._last_totals = (now_in, now_out)
+        tp = self.state.throughput
+        tp["interval"] = interval
+        for key, rate in (("in", (now_in - last_in) / interval),
+                          ("out", (now_out - last_out) / interval)):
+            tp[key] = [*tp[key][-(SAMPLES_KEPT - 1):], max(0, round(rate))]
+        self.save_state()
+
     def error(self, exc: BaseException, state: str = "error", kind: str = "peer") -> None:
         log.warning("sync with %s: %s: %s", self.peer_id.short, type(exc).__name__, exc)
         self.state.state = state
         self.state.error_kind = kind
         self.state.in_sync = False
+        self.state.equal_since = 0.0
         self.state.last_error = f"{type(exc).__name__}: {exc}"[:500]
         self.state.last_error_at = time.time()
         self.save_state(force=True)
@@ -953,9 +1006,11 @@ class PeerSync:
         mine = await offload(self.node.catalog.merkle_root)
         st.remote_root, st.local_root = str(hello.get("root", "")), mine.digest.hex()
         if st.remote_root == st.local_root:
+            st.peer_lacks = 0  # equal roots: it holds everything we hold
+            st.equal_since = st.equal_since or time.time()
             self._in_sync()
             return
-        st.state, st.in_sync = "syncing", False
+        st.state, st.in_sync, st.equal_since = "syncing", False, 0.0
         st.pushing = self.should_push()
         self.save_state(force=True)
         to_push: list[str] = []
@@ -998,6 +1053,7 @@ class PeerSync:
         st = self.state
         st.state, st.in_sync = "in_sync", True
         st.events_needed = st.blobs_needed = st.bytes_needed = 0
+        st.round_blobs = st.round_bytes = 0
         st.studies_needed = {}
         st.last_success = time.time()
         st.last_error = st.error_kind = ""
@@ -1025,6 +1081,8 @@ class PeerSync:
                 await self._apply(waiting.pop(blob))
             st.blobs_needed = len(waiting)
             st.bytes_needed = sum(_put_of(v).size for v in waiting.values())
+            st.round_blobs += st.blobs_needed  # earlier batches are done by now
+            st.round_bytes += st.bytes_needed
             st.studies_needed = _studies_needed(waiting.values())
             self.save_state()
             failures = await self._pull_waiting(waiting)
@@ -1690,6 +1748,11 @@ class SyncEngine:
     on_state: Callable[[PeerState], None] | None = None
     audit: AuditLog | None = None  # one entry per round and peer for what moved
     on_trust_changed: Callable[[], None] | None = None  # a peer renewed its certificate
+    # per peer (compact id): blob bytes the peer server received ("bytes_in") and served
+    # ("bytes_out"); the running node passes its peer server's live counters
+    served: dict[str, dict[str, int]] = field(default_factory=dict)
+    sample_seconds: float = SAMPLE_SECONDS
+    _sampler: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
         self.installer = Installer(self)
@@ -1749,9 +1812,23 @@ class SyncEngine:
                 self.peers[nid] = ps
                 self.tasks[nid] = asyncio.get_running_loop().create_task(
                     ps.run(self._stop), name=f"sync-{nid[:7]}")
+        if self._sampler is None and not self._stop.is_set():
+            self._sampler = asyncio.get_running_loop().create_task(self._sample(),
+                                                                   name="sync-sampler")
+
+    async def _sample(self) -> None:
+        """Every ``sample_seconds``, one throughput sample per peer (cheap: counters only;
+        the state is written by the state writer thread)."""
+        while not self._stop.is_set():
+            await asyncio.sleep(self.sample_seconds)
+            for ps in list(self.peers.values()):
+                ps.sample(self.sample_seconds)
 
     async def stop(self) -> None:
         self._stop.set()
+        if self._sampler is not None:
+            self._sampler.cancel()
+            await asyncio.gather(self._sampler, return_exceptions=True)
         for t in self.tasks.values():
             t.cancel()
         notices = [p._notifying for p in self.peers.values() if p._notifying is not None]

@@ -592,14 +592,12 @@ class _Metrics:
         lag_s = GaugeMetricFamily("syncnode_peer_seconds_since_sync", "seconds since the "
                                   "last round that ended in sync", labels=labels)
         now = time.time()
-        served = runtime.served_bytes() if runtime is not None else {}
         for p in peers:
             lab = [p["node_id"]]
-            compact = p["node_id"].replace("-", "")
-            b_in.add_metric(lab, p.get("bytes_received", 0)
-                            + served.get(compact, {}).get("bytes_in", 0))
-            b_out.add_metric(lab, p.get("bytes_sent", 0)
-                             + served.get(compact, {}).get("bytes_out", 0))
+            # the recorded totals (pulls, pushes and what the peer server moved): the
+            # numbers `syncnode status` shows
+            b_in.add_metric(lab, p.get("bytes_received", 0))
+            b_out.add_metric(lab, p.get("bytes_sent", 0))
             errs.add_metric(lab, p.get("integrity_errors", 0))
             in_sync.add_metric(lab, 1 if p.get("in_sync") else 0)
             lag_b.add_metric(lab, p.get("bytes_needed", 0))

@@ -165,6 +165,21 @@ class LiveView(Part):
         return [{"study_instance_uid": r[0], "study_date": r[1], "modalities": r[2] or "",
                  "instances": r[3], "series": r[4], "bytes": r[5]} for r in rows]
 
+    def study_arrivals(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The ``limit`` live studies whose last instance arrived here most recently: when
+        its first and its last live instance entered this catalog (unix seconds, by any
+        path: import, C-STORE, pull). The last arrival is when the study became complete
+        here, as far as this node can know."""
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT p.study_instance_uid, count(*), sum(p.size), min(e.received), "
+                "max(e.received) FROM puts p JOIN events e ON e.seq = p.seq "
+                "WHERE p.live=1 GROUP BY p.study_instance_uid "
+                "ORDER BY max(e.received) DESC, p.study_instance_uid LIMIT ?", (limit,)
+            ).fetchall()
+        return [{"study_instance_uid": r[0], "instances": r[1], "bytes": r[2],
+                 "first_arrived": float(r[3]), "arrived": float(r[4])} for r in rows]
+
 
 def _instance(row: tuple) -> Instance:
     return Instance(row[0].hex(), *row[1:])
