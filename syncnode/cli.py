@@ -433,8 +433,13 @@ def verify(data: DataOpt = DEFAULT_DATA, json_out: JsonOpt = False,
 
     With --repair, damaged blobs are moved to <data>/damaged/ and fetched again from
     trusted peers (verified like any transfer); exit 0 if everything was mended."""
+    import time as _time
+
+    from .scrub import VerifyResult, record
+
     node = open_node(data)
     show = not json_out and err.is_terminal
+    started = _time.time()
     with Progress(TextColumn("verifying"), BarColumn(), DownloadColumn(),
                   TransferSpeedColumn(), console=err, disable=not show) as progress:
         task = progress.add_task("verify", total=node.catalog.counts()["blob_bytes"] or None)
@@ -450,6 +455,15 @@ def verify(data: DataOpt = DEFAULT_DATA, json_out: JsonOpt = False,
         fixed = {b for b, how in repaired.items() if how.startswith("repaired")}
         report.damaged = [d for d in report.damaged if d.hash not in fixed]
         report.missing = [h for h in report.missing if h not in fixed]
+    try:  # the last verify, for `status` and the dashboard
+        record(data, VerifyResult(
+            started=started, finished=_time.time(), source="cli",
+            blobs_checked=report.blobs_checked, bytes_checked=report.bytes_checked,
+            damaged=[{"blob": d.hash, "reason": d.reason} for d in report.damaged][:50],
+            missing=report.missing[:50], problems=len(report.damaged) + len(report.missing)
+            + len(report.catalog_problems)))
+    except OSError as exc:
+        err.print(f"warning: the result could not be recorded for `status`: {exc}")
     if json_out:
         print_json({"ok": report.ok, "blobs_checked": report.blobs_checked,
                     "repair": repaired,
