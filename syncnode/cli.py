@@ -60,9 +60,22 @@ class CleanConsole(Console):
 err = CleanConsole(stderr=True, soft_wrap=True)  # never break a path in an error over lines
 out = CleanConsole(highlight=False, soft_wrap=True, markup=False)  # paths may contain [...]
 
+def _announce_default_data(ctx: typer.Context, param: typer.CallbackParam, value: Path
+                           ) -> Path:
+    """Say on stderr which folder is used when neither --data nor SYNCNODE_DATA chose one:
+    a command run from another directory must not silently find (or make) no node."""
+    source = ctx.get_parameter_source(param.name or "data")
+    if not ctx.resilient_parsing and getattr(source, "name", "") == "DEFAULT":
+        err.print(f"note: using the data folder {value.absolute()} (the default "
+                  f"./{value}; choose one with --data DIR or SYNCNODE_DATA)", markup=False,
+                  highlight=False)
+    return value
+
+
 DataOpt = Annotated[Path, typer.Option(
-    "--data", "-d", envvar="SYNCNODE_DATA", help="Node data folder (env SYNCNODE_DATA).",
-    show_default=True)]
+    "--data", "-d", envvar="SYNCNODE_DATA",
+    help="Node data folder (env SYNCNODE_DATA); without either, ./syncnode-data, announced "
+         "on stderr.", show_default=True, callback=_announce_default_data)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
 DEFAULT_DATA = Path("syncnode-data")
 
@@ -384,45 +397,144 @@ def status(data: DataOpt = DEFAULT_DATA, json_out: JsonOpt = False) -> None:
     if json_out:
         print_json(st)
         return
-    out.print(f"node        {st['node_id']}")
-    out.print(f"instances   {st['instances']} in {st['studies']} studies, {st['series']} series"
-              f" ({human_bytes(st['instance_bytes'])})")
-    out.print(f"blobs       {st['blobs']} ({human_bytes(st['blob_bytes'])})")
-    out.print(f"events      {st['events']} ({st['put_events']} put, "
-              f"{st['delete_events']} delete)")
-    out.print(f"merkle root {st['merkle_root']}")
+    for line in status_lines(st):
+        out.print(line)
+
+
+SPARK = " ▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float], width: int = 30) -> str:
+    """The last ``width`` values as block characters, scaled to their maximum."""
+    values = values[-width:]
+    top = max(values, default=0)
+    if top <= 0:
+        return SPARK[1] * len(values)
+    return "".join(SPARK[max(1, round(v / top * (len(SPARK) - 1)))] if v > 0 else SPARK[1]
+                   for v in values)
+
+
+def human_age(t: float) -> str:
+    import time as _time
+
+    if not t:
+        return "never"
+    s = max(0.0, _time.time() - t)
+    return (f"{s:.0f} s ago" if s < 90 else f"{s / 60:.0f} min ago" if s < 5400
+            else f"{s / 3600:.1f} h ago" if s < 172_800 else f"{s / 86400:.1f} days ago")
+
+
+def human_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    return (f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+            if seconds < 5400 else f"{seconds / 3600:.1f} h")
+
+
+def status_lines(st: dict[str, Any]) -> list[str]:
+    """`syncnode status` as text: what the dashboard shows, line by line (pure)."""
+    lines = [f"node        {st['node_id']}",
+             f"instances   {st['instances']} in {st['studies']} studies, {st['series']} series"
+             f" ({human_bytes(st['instance_bytes'])})",
+             f"blobs       {st['blobs']} ({human_bytes(st['blob_bytes'])})",
+             f"events      {st['events']} ({st['put_events']} put, "
+             f"{st['delete_events']} delete)",
+             f"merkle root {st['merkle_root']}"]
     caps = st.get("bandwidth", {})
-    out.print(f"bandwidth   in {caps.get('in', 'unlimited')}, out {caps.get('out', 'unlimited')}"
-              " (caps in force now; syncnode limit show)")
+    lines.append(f"bandwidth   in {caps.get('in', 'unlimited')}, out "
+                 f"{caps.get('out', 'unlimited')} (caps in force now; syncnode limit show)")
     for d in st.get("discovered", []):
-        out.print(f"discovered  {d['node_id']}  {d['url']}  (not trusted: "
-                  f"syncnode peer accept {d['node_id'][:15]}...)")
+        lines.append(f"discovered  {d['node_id']}  {d['url']}  (not trusted: "
+                     f"syncnode peer accept {d['node_id'][:15]}...)")
     for p in st["peers"]:
         line = f"peer        {p['node_id'][:15]}  {p['url']}  {p.get('state', 'never contacted')}"
-        if p.get("blobs_needed"):
-            line += (f"  pulling: {p['blobs_needed']} blobs, "
-                     f"{human_bytes(p['bytes_needed'])} still needed")
-        got, wire_got = p.get("bytes_received", 0), p.get("wire_bytes_received", 0)
-        if got:
-            line += f"  received {human_bytes(got)}"
+        prog = p.get("progress")
+        if prog:
+            done = prog["fraction_done"]
+            bar = "#" * round(done * 20)
+            line += (f"  [{bar:<20}] {prog['instances_needed']} of "
+                     f"{prog['instances_total']} instances, "
+                     f"{human_bytes(prog['bytes_needed'])} of "
+                     f"{human_bytes(prog['bytes_total'])} still needed")
+            if prog.get("eta_seconds") is not None:
+                line += (f", {human_bytes(prog['rate'])}/s, about "
+                         f"{human_duration(prog['eta_seconds'])} left")
+        elif p.get("in_sync") and p.get("peer_lacks"):
+            line += f"  (it still lacks {p['peer_lacks']} events of ours)"
+        got, sent = p.get("bytes_received", 0), p.get("bytes_sent", 0)
+        wire_got = p.get("wire_bytes_received", 0)
+        if got or sent:
+            line += f"  received {human_bytes(got)}, sent {human_bytes(sent)}"
             if 0 < wire_got < got:  # zstd on the wire
-                line += f" ({wire_got / got:.0%} of it on the wire)"
+                line += f" ({wire_got / got:.0%} of the pulled bytes on the wire)"
         cap = p.get("cap") or {}
         if any(v != "unlimited" for v in cap.values()):
             line += f"  cap in {cap.get('in')}, out {cap.get('out')}"
+        if p.get("last_success"):
+            line += f"  last success {human_age(p['last_success'])}"
         if p.get("last_error"):
             line += f"  last error: {p['last_error']}"
-        out.print(line)
+        lines.append(line)
+        tp = p.get("throughput") or {}
+        if any(tp.get("in") or []) or any(tp.get("out") or []):
+            span = len(tp.get("in") or []) * tp.get("interval", 2.0)
+            lines.append(f"  in  {sparkline(tp.get('in') or [])}  "
+                         f"(last {human_duration(span)}, peak "
+                         f"{human_bytes(max(tp.get('in') or [0]))}/s)")
+            lines.append(f"  out {sparkline(tp.get('out') or [])}  "
+                         f"(peak {human_bytes(max(tp.get('out') or [0]))}/s)")
         for study, (instances, nbytes) in (p.get("studies_needed") or {}).items():
-            out.print(f"  study {study}: {instances} instances, {human_bytes(nbytes)} to go")
+            lines.append(f"  study {study}: {instances} instances, {human_bytes(nbytes)} "
+                         "to go")
+    for a in st.get("arrivals", [])[:10]:
+        at = ", ".join(f"{peer[:7]} {human_age(t)}" for peer, t in a["at_peers"].items())
+        lines.append(f"arrived     {a['study_instance_uid']}  {a['instances']} instances  "
+                     f"here {human_age(a['arrived'])}"
+                     + (f"; at peers: {at}" if at else ""))
+    dicom = st.get("dicom")
+    if dicom:
+        lines.append(f"dicom scp   {dicom['ae_title']} port {dicom['port']}"
+                     f"{' (TLS)' if dicom.get('tls') else ''}: "
+                     f"{dicom.get('associations', 0)} associations "
+                     f"({dicom['rejected_associations']} rejected), {dicom['stored']} stored, "
+                     f"{dicom['duplicates']} duplicates, {dicom['failed']} failed, "
+                     f"{dicom['finds']} C-FIND")
+        for source, imp in (dicom.get("import_from") or {}).items():
+            line = (f"import from {source}  {imp.get('state', '?')}: "
+                    f"{imp.get('studies_retrieved', 0)} studies, "
+                    f"{imp.get('instances_retrieved', 0)} instances retrieved, "
+                    f"{imp.get('runs', 0)} polls ({imp.get('errors', 0)} failed), last "
+                    f"{human_age(imp.get('last_run', 0.0))}")
+            if imp.get("last_error"):
+                line += f"\n  ERROR {imp['last_error']}"
+            lines.append(line)
     for dest, ex in st.get("export", {}).items():
         line = (f"export      {dest}  {ex['pending']} pending, {ex['done']} done, "
                 f"{ex['failed']} failed, {ex['skipped']} skipped")
         if ex.get("last_error"):
             line += f"  last error: {ex['last_error']}"
-        out.print(line)
+        lines.append(line)
         for item in ex.get("failed_items", [])[:10]:
-            out.print(f"  FAILED {item['sop_instance_uid']}: {item['reason']}")
+            lines.append(f"  FAILED {item['sop_instance_uid']}: {item['reason']}")
+    v = st.get("verify")
+    sched = st.get("verify_schedule") or {}
+    if v:
+        lines.append(f"verify      last {human_age(v.get('finished', 0))} ({v.get('source')}): "
+                     f"{v.get('blobs_checked', 0)} blobs, "
+                     f"{human_bytes(v.get('bytes_checked', 0))} checked, "
+                     + ("OK" if v.get("ok") else f"{v.get('problems', 0)} PROBLEMS "
+                        "(syncnode verify --repair mends them from peers)"))
+        for d in (v.get("damaged") or [])[:10]:
+            lines.append(f"  DAMAGED {d['blob']}: {d['reason']}")
+        for h in (v.get("missing") or [])[:10]:
+            lines.append(f"  MISSING {h}")
+    else:
+        lines.append("verify      never run (syncnode verify, or verify_interval = \"7d\")")
+    if sched.get("interval"):
+        lines.append(f"            background verify every "
+                     f"{human_duration(sched['interval'])} at most {sched['rate_mb']:g} MB/s"
+                     + ("; running now" if sched.get("running") else ""))
+    return lines
 
 
 @app.command()

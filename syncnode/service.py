@@ -321,6 +321,12 @@ class NodeService:
         self.patch_config({"bandwidth_caps": caps})
         return {"scope": name, **self.limits(caps)}
 
+    def status_verify(self) -> dict[str, Any] | None:
+        """The last verify's result (see :mod:`syncnode.scrub`), None if never verified."""
+        from .scrub import last_result
+
+        return last_result(self.node.data)
+
     def settings(self) -> Settings:
         return self.runtime.settings if self.runtime is not None else self.node.settings()
 

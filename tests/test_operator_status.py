@@ -28,6 +28,7 @@ from syncsupport import (
 )
 
 from syncnode.apikeys import KeyStore
+from syncnode.cli import status_lines
 from syncnode.local import LocalNode
 from syncnode.node import RunningNode
 from syncnode.service import NodeService
@@ -86,3 +87,61 @@ async def test_peer_lacks_resets_and_bytes_sent_matches_metrics(
     arrival = {s["study_instance_uid"]: s for s in status["arrivals"]}
     assert arrival[study]["arrived"] > 0
     assert arrival[study]["at_peers"][str(b.node_id)] >= arrival[study]["arrived"]
+    # the terminal shows the same: arrival here and at B, the throughput sparkline
+    lines = status_lines(status)
+    assert any(line.startswith(f"arrived     {study}  6 instances  here ")
+               and f"at peers: {str(b.node_id)[:7]}" in line for line in lines), lines
+    assert any(line.startswith("  out ") and "peak" in line for line in lines), lines
+
+
+async def test_metrics_and_status_show_the_dicom_side(
+        tmp_path: Path, new_node: Callable[[str], LocalNode], running: StartNode) -> None:
+    """SCP associations and instances by status (DCMTK storescu), the export outbox by
+    destination and state, import-from polls and errors; an import-from source that does
+    not answer is in the status at once, with what the PACS administrator must check."""
+    import asyncio
+    import socket
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import dicom_testkit as kit
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    a = new_node("a")
+    ra = await running(a, export=[f"PACS@127.0.0.1:{dead}"],
+                       import_from=[f"PACS@127.0.0.1:{dead}"])
+    study = kit.make_study(tmp_path / "s", 2, seed="metrics")
+    await asyncio.to_thread(kit.run_tool, [
+        kit.dcmtk("storescu"), "-aet", "MODALITY", "-aec", "SYNCNODE", "127.0.0.1",
+        str(ra.ports["dicom"]), *map(str, study.files)])
+    await asyncio.to_thread(kit.run_tool, [   # the same again: duplicates
+        kit.dcmtk("storescu"), "-aet", "MODALITY", "-aec", "SYNCNODE", "127.0.0.1",
+        str(ra.ports["dicom"]), str(study.files[0])])
+    source = f"PACS@127.0.0.1:{dead}"
+    await wait_for(lambda: NodeService(a, ra).status()["dicom"]["import_from"][source]
+                   ["errors"] > 0, 20, "the first import-from poll to fail")
+    st = NodeService(a, ra).status()
+    imp = st["dicom"]["import_from"][source]
+    assert imp["state"] == "error" and "'SYNCNODE'" in imp["last_error"]
+    assert "modality" in imp["last_error"]
+    key = KeyStore(a.data).rotate("read")
+    async with aiohttp.ClientSession(headers={"X-API-Key": key}) as http:
+        async with http.get(f"http://127.0.0.1:{ra.ports['api']}/metrics") as r:
+            text = await r.text()
+    assert 'syncnode_dicom_associations_total{outcome="accepted"} 2.0' in text
+    assert 'syncnode_dicom_instances_received_total{status="stored"} 2.0' in text
+    assert 'syncnode_dicom_instances_received_total{status="duplicate"} 1.0' in text
+    assert re.search(rf'syncnode_import_errors_total{{source="{source}"}} [1-9]', text)
+    assert f'syncnode_import_runs_total{{source="{source}"}}' in text
+    assert f'syncnode_import_instances_total{{source="{source}"}} 0.0' in text
+    # what was stored here is delivered to the local PACS (down): pending or failing
+    assert re.search(rf'syncnode_export_outbox{{destination="{source}",state="pending"}}',
+                     text)
+    lines = status_lines(st)
+    assert any(line.startswith(f"import from {source}  error:") and "\n  ERROR " in line
+               and "AE title 'SYNCNODE'" in line for line in lines), lines
+    assert any(line.startswith("dicom scp   SYNCNODE port ")
+               and "2 associations (0 rejected), 2 stored, 1 duplicates" in line
+               for line in lines), lines

@@ -604,7 +604,61 @@ class _Metrics:
             last = p.get("last_success") or 0
             lag_s.add_metric(lab, now - last if last else float("inf"))
         yield from (b_in, b_out, errs, in_sync, lag_b, lag_s)
+        extra = runtime.extra_status() if runtime is not None else {}
+        yield from _dicom_metrics(extra.get("dicom"))
+        yield from _verify_metrics(self.service.status_verify())
         for name, value in (runtime.extra_metrics() if runtime is not None else {}).items():
             g = GaugeMetricFamily(f"syncnode_{name}", name.replace("_", " "))
             g.add_metric([], value)
             yield g
+
+
+def _dicom_metrics(dicom: dict[str, Any] | None) -> Any:
+    """The DICOM bridge's series: SCP associations and instances by outcome, the export
+    outbox by destination and state, import-from polls, instances and errors by source."""
+    if not dicom:
+        return
+    assocs = CounterMetricFamily("syncnode_dicom_associations", "DICOM associations "
+                                 "requested of the SCP, by outcome", labels=["outcome"])
+    assocs.add_metric(["accepted"], dicom.get("associations", 0)
+                      - dicom.get("rejected_associations", 0))
+    assocs.add_metric(["rejected"], dicom.get("rejected_associations", 0))
+    yield assocs
+    received = CounterMetricFamily("syncnode_dicom_instances_received", "C-STORE requests "
+                                   "answered by the SCP, by status", labels=["status"])
+    for label, key in (("stored", "stored"), ("duplicate", "duplicates"),
+                       ("failed", "failed")):
+        received.add_metric([label], dicom.get(key, 0))
+    yield received
+    outbox = GaugeMetricFamily("syncnode_export_outbox", "instances in the export outbox, "
+                               "by destination and state (sent = delivered)",
+                               labels=["destination", "state"])
+    for dest, st in (dicom.get("export") or {}).items():
+        for label, key in (("pending", "pending"), ("failed", "failed"), ("sent", "done"),
+                           ("skipped", "skipped")):
+            outbox.add_metric([dest, label], st.get(key, 0))
+    yield outbox
+    runs = CounterMetricFamily("syncnode_import_runs", "import-from polls of a PACS",
+                               labels=["source"])
+    errors = CounterMetricFamily("syncnode_import_errors", "import-from polls that failed",
+                                 labels=["source"])
+    got = CounterMetricFamily("syncnode_import_instances", "instances retrieved by "
+                              "import-from", labels=["source"])
+    for source, st in (dicom.get("import_from") or {}).items():
+        runs.add_metric([source], st.get("runs", 0))
+        errors.add_metric([source], st.get("errors", 0))
+        got.add_metric([source], st.get("instances_retrieved", 0))
+    yield from (runs, errors, got)
+
+
+def _verify_metrics(last: dict[str, Any] | None) -> Any:
+    """The last verify (background or CLI): when it finished and what it found."""
+    if not last:
+        return
+    for name, key, help_text in (
+            ("verify_last_finished_seconds", "finished", "unix time the last verify ended"),
+            ("verify_blobs_checked", "blobs_checked", "blobs the last verify checked"),
+            ("verify_problems", "problems", "damaged or missing blobs the last verify found")):
+        g = GaugeMetricFamily(f"syncnode_{name}", help_text)
+        g.add_metric([], float(last.get(key) or 0))
+        yield g

@@ -47,19 +47,45 @@ class Source:
                                        daemon=True)
         self.last_error = ""
         self.moved_studies = 0
+        self.moved_instances = 0
+        self.runs = 0  # polls finished, with or without an error
+        self.errors = 0
+        self.last_run = 0.0
+        self.state = "starting"  # polling, moving, idle, error
+
+    def _hint(self, message: str) -> str:
+        """An error with what the PACS administrator must check."""
+        return (f"{message}. Check that the PACS knows this node as a DICOM modality: AE "
+                f"title {self.r.ae_title!r} with this host's address and the node's DICOM "
+                f"port, allowed to query (C-FIND) and to receive C-MOVE; and that "
+                f"{self.address} is the PACS's own AE title, host and port")
 
     def _run(self) -> None:
         while not self.r.stopping.is_set():
+            self.state = "polling"
             try:
                 self.poll()
                 self.last_error = ""
+                self.state = "idle"
             except (OSError, RuntimeError, ValueError) as exc:
-                self.last_error = str(exc)
-                log.warning("import from %s: %s", self.address, exc)
+                self.last_error = self._hint(str(exc))
+                self.errors += 1
+                self.state = "error"
+                log.warning("import from %s: %s", self.address, self.last_error)
             except Exception as exc:  # a bug must not end the worker: log it, go on
                 self.last_error = f"{type(exc).__name__}: {exc}"
+                self.errors += 1
+                self.state = "error"
                 log.exception("import from %s failed", self.address)
+            self.runs += 1
+            self.last_run = time.time()
             self.r.stopping.wait(self.r.poll_interval)
+
+    def status(self) -> dict[str, Any]:
+        return {"state": self.state, "last_error": self.last_error, "runs": self.runs,
+                "errors": self.errors, "last_run": self.last_run,
+                "studies_retrieved": self.moved_studies,
+                "instances_retrieved": self.moved_instances}
 
     def _associate(self, contexts: list[Any]) -> Any:
         ae = SyncnodeAE(self.r.ae_title, PduLimits(max_pdata=1 << 20))
@@ -70,7 +96,9 @@ class Source:
         assoc = ae.associate(self.host, self.port, contexts=contexts, ae_title=self.ae_title,
                              evt_handlers=[(evt.EVT_CONN_OPEN, _socket_timeout)])
         if not assoc.is_established:
-            raise RuntimeError(f"association with {self.address} was not accepted")
+            why = ("rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted
+                   else "not accepted")
+            raise RuntimeError(f"association with {self.address} was {why}")
         return assoc
 
     def poll(self) -> None:
@@ -84,9 +112,13 @@ class Source:
             if count and have >= count:
                 self.record(uid, count)  # already here (e.g. exported by us to it)
                 continue
+            self.state = "moving"
+            before = have
             if self.move_study(uid):
-                self.record(uid, max(count, self.r.local_count(uid)))
+                after = self.r.local_count(uid)
+                self.record(uid, max(count, after))
                 self.moved_studies += 1
+                self.moved_instances += max(0, after - before)
 
     def find_studies(self) -> dict[str, int]:
         query = Dataset()
@@ -100,7 +132,8 @@ class Source:
                                                    StudyRootQueryRetrieveInformationModelFind):
                 code = int(status.get("Status", 0xC000)) if status else None
                 if code is None:
-                    raise RuntimeError("C-FIND got no response")
+                    raise RuntimeError(f"C-FIND got no response from {self.address} (the "
+                                       "PACS aborted or timed out)")
                 if code in (0xFF00, 0xFF01) and ident is not None:
                     uid = str(ident.get("StudyInstanceUID", "") or "").strip()
                     if not is_uid(uid):

@@ -586,6 +586,7 @@ def _host_matches(wanted: str, address: str) -> bool:
 
 @dataclass
 class ScpStats:
+    associations: int = 0  # requested (the rejected ones included)
     stored: int = 0
     duplicates: int = 0
     failed: int = 0
@@ -795,6 +796,7 @@ class DicomServer:
 
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
+        self.stats.associations += 1
         _prefer_requestor_order(assoc)
         if not self.allowed:
             return

@@ -100,12 +100,12 @@ class DicomBridge:
         return {
             "ae_title": self.settings.ae_title, "port": self.port,
             "tls": self.server.ssl_context is not None,
+            "associations": st.associations,
             "stored": st.stored, "duplicates": st.duplicates, "failed": st.failed,
             "rejected_associations": st.rejected_associations, "finds": st.finds,
             "find_index_backfilled": self.backfill.indexed,
             "refused_connections": self.server.refused_connections(),
             "export": self.node.catalog.outbox.status() if self.exporter else {},
-            "import_from": {s.address: {"last_error": s.last_error,
-                                        "studies_retrieved": s.moved_studies}
+            "import_from": {s.address: s.status()
                             for s in (self.retriever.sources if self.retriever else [])},
         }
