@@ -127,9 +127,9 @@ async def test_metrics_and_status_show_the_dicom_side(
     assert imp["state"] == "error" and "'SYNCNODE'" in imp["last_error"]
     assert "modality" in imp["last_error"]
     key = KeyStore(a.data).rotate("read")
-    async with aiohttp.ClientSession(headers={"X-API-Key": key}) as http:
-        async with http.get(f"http://127.0.0.1:{ra.ports['api']}/metrics") as r:
-            text = await r.text()
+    async with aiohttp.ClientSession(headers={"X-API-Key": key}) as http, \
+            http.get(f"http://127.0.0.1:{ra.ports['api']}/metrics") as r:
+        text = await r.text()
     assert 'syncnode_dicom_associations_total{outcome="accepted"} 2.0' in text
     assert 'syncnode_dicom_instances_received_total{status="stored"} 2.0' in text
     assert 'syncnode_dicom_instances_received_total{status="duplicate"} 1.0' in text
