@@ -489,7 +489,8 @@ def status_lines(st: dict[str, Any]) -> list[str]:
     for a in st.get("arrivals", [])[:10]:
         at = ", ".join(f"{peer[:7]} {human_age(t)}" for peer, t in a["at_peers"].items())
         lines.append(f"arrived     {a['study_instance_uid']}  {a['instances']} instances  "
-                     f"here {human_age(a['arrived'])}"
+                     + (f"arriving ({a['instances_needed']} more to come)"
+                        if a.get("instances_needed") else f"here {human_age(a['arrived'])}")
                      + (f"; at peers: {at}" if at else ""))
     dicom = st.get("dicom")
     if dicom:

@@ -95,10 +95,14 @@ def progress(row: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def study_arrivals(node: LocalNode, peers: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The studies that arrived here most recently: when (first and last instance), and
-    per peer when it was confirmed to hold them (see the module doc), if it was."""
+    """The studies that arrived here most recently: when (first and last instance; while
+    ``instances_needed`` > 0 it is still arriving), and per peer when it was confirmed to
+    hold them (see the module doc), if it was."""
     rows = node.catalog.study_arrivals(ARRIVALS_SHOWN)
     for r in rows:
+        # still being pulled: not complete here yet (instances still needed, all peers)
+        r["instances_needed"] = sum((p.get("studies_needed") or {}).get(
+            r["study_instance_uid"], [0, 0])[0] for p in peers)
         at = {}
         for p in peers:
             equal = p.get("equal_since") or 0.0

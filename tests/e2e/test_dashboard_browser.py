@@ -2,7 +2,9 @@
 
 Node A trusts two peers: B holds a study behind a slow link (a bandwidth-capped fault
 proxy), C a small one on a direct link. The page must show both peers, B syncing with a
-progress bar, then both in sync. Screenshots are kept as test artifacts.
+progress bar whose filled width grows between two screenshots, then both in sync, the
+arrival of both studies, and the export outbox toward A's local PACS (down: pending).
+Screenshots are kept as test artifacts.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,17 +47,22 @@ async def login(page: Any, key: str) -> None:
     await page.wait_for_selector("body[data-ready='1']", timeout=10_000)
 
 
-async def start(data: Path) -> RunningNode:
+async def start(data: Path, **settings: Any) -> RunningNode:
     node = LocalNode.init(data)
     running = RunningNode(node, node.settings(peer_host="127.0.0.1", peer_port=0, api_port=0,
-                                              dicom_port=0, discovery=False, sync_interval=0.5))
+                                              dicom_port=0, discovery=False, sync_interval=0.5,
+                                              **settings))
     await running.start()
     return running
 
 
 async def test_dashboard_shows_syncing_then_in_sync(tmp_path: Path) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    a, b, c = [await start(tmp_path / n) for n in "abc"]
+    with socket.socket() as s:  # A's local PACS: a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        pacs = f"PACS@127.0.0.1:{s.getsockname()[1]}"
+    a = await start(tmp_path / "a", export=[pacs])
+    b, c = [await start(tmp_path / n) for n in "bc"]
     make_study(tmp_path / "big", images=60, size=512, seed=1)   # ~31 MB at B
     make_study(tmp_path / "small", images=5, size=128, seed=2)  # at C
     import_paths(b.node, [tmp_path / "big"])
@@ -78,15 +86,34 @@ async def test_dashboard_shows_syncing_then_in_sync(tmp_path: Path) -> None:
             b_row = page.locator(f"#peers tr[data-node-id='{b.node.node_id}']")
             c_row = page.locator(f"#peers tr[data-node-id='{c.node.node_id}']")
             await b_row.locator(".pill.syncing").wait_for(timeout=20_000)
-            await b_row.locator("progress").wait_for(timeout=20_000)
+            await b_row.locator(".bar .fill").wait_for(timeout=20_000)
             assert await rows.count() == 2
-            value = float(await b_row.locator("progress").get_attribute("value") or 0)
-            maximum = float(await b_row.locator("progress").get_attribute("max") or 0)
-            assert 0 <= value < maximum
-            await page.screenshot(path=str(ARTIFACTS / "dashboard-syncing.png"), full_page=True)
+            assert "still needed" in await b_row.locator(".need").inner_text()
+            # the bar's filled width, read in the page (the row is re-drawn on every change)
+            width = """([id, w]) => {
+                const f = document.querySelector(`#peers tr[data-node-id='${id}'] .fill`);
+                const x = f ? f.getBoundingClientRect().width : -1;
+                return x > w ? x : false; }"""
+            peer = str(b.node.node_id)
+            first = await (await page.wait_for_function(
+                width, arg=[peer, -1], timeout=10_000)).json_value()
+            await page.screenshot(path=str(ARTIFACTS / "dashboard-syncing-1.png"),
+                                  full_page=True)
+            assert 0 <= first < 160
+            # later, the same bar is wider: bytes arrived (bounded wait)
+            second = await (await page.wait_for_function(
+                width, arg=[peer, first + 5], timeout=30_000, polling=200)).json_value()
+            await page.screenshot(path=str(ARTIFACTS / "dashboard-syncing-2.png"),
+                                  full_page=True)
+            assert first < second <= 160
             await b_row.locator(".pill.in_sync").wait_for(timeout=60_000)
             await c_row.locator(".pill.in_sync").wait_for(timeout=20_000)
-            assert await b_row.locator("progress").count() == 0
+            assert await b_row.locator(".bar").count() == 0
+            await b_row.locator("svg.spark polyline.in").wait_for(timeout=10_000)
+            await page.locator(f"#outbox tr[data-dest='{pacs}']").wait_for(timeout=20_000)
+            await page.wait_for_function(
+                "document.querySelectorAll('#arrivals tbody tr').length === 2",
+                timeout=10_000)
             studies = page.locator("#studies tbody tr")
             await page.wait_for_function(
                 "document.querySelectorAll('#studies tbody tr').length === 2", timeout=10_000)

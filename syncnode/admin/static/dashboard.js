@@ -90,6 +90,42 @@ async function change(method, url, body) {
   return j;
 }
 
+function duration(s) {
+  if (s === null || s === undefined) return "?";
+  return s < 90 ? Math.round(s) + " s" : s < 5400 ? Math.round(s / 60) + " min"
+       : (s / 3600).toFixed(1) + " h";
+}
+// A bar whose filled width is the share of the round's bytes already received: the
+// instances and bytes still needed are written beside it (never an averaged percentage).
+function progressBar(pr) {
+  const bar = document.createElement("div"); bar.className = "bar";
+  const fill = document.createElement("div"); fill.className = "fill";
+  fill.style.width = (100 * Math.min(1, Math.max(0, pr.fraction_done))).toFixed(1) + "%";
+  bar.appendChild(fill); return bar;
+}
+// Throughput over the last minutes, one polyline per direction, scaled to the peak.
+const SVG = "http://www.w3.org/2000/svg";
+function sparkline(tp) {
+  const ins = tp.in || [], outs = tp.out || [];
+  const n = Math.max(ins.length, outs.length);
+  const svg = document.createElementNS(SVG, "svg");
+  svg.setAttribute("class", "spark"); svg.setAttribute("viewBox", "0 0 120 24");
+  svg.setAttribute("preserveAspectRatio", "none");
+  const top = Math.max(1, ...ins, ...outs);
+  for (const [vals, cls] of [[ins, "in"], [outs, "out"]]) {
+    if (!vals.length) continue;
+    const line = document.createElementNS(SVG, "polyline");
+    const step = n > 1 ? 120 / (n - 1) : 0, off = n - vals.length;
+    line.setAttribute("points", vals.map((v, i) =>
+      `${((i + off) * step).toFixed(1)},${(23 - 22 * v / top).toFixed(1)}`).join(" "));
+    line.setAttribute("class", cls); svg.appendChild(line);
+  }
+  const title = document.createElementNS(SVG, "title");
+  title.textContent = `last ${duration(n * (tp.interval || 2))}: peak in ` +
+    `${bytes(Math.max(0, ...ins))}/s, out ${bytes(Math.max(0, ...outs))}/s`;
+  svg.appendChild(title);
+  return svg;
+}
 function renderPeers(peers) {
   const tb = $("peers").tBodies[0]; tb.replaceChildren();
   $("no-peers").hidden = peers.length > 0;
@@ -102,21 +138,26 @@ function renderPeers(peers) {
     pill.className = "pill " + state; pill.textContent = state.replace("_", " ");
     st.appendChild(pill);
     const need = cell(tr, "");
-    if (p.blobs_needed || p.bytes_needed) {
-      const got = p.bytes_received || 0, left = p.bytes_needed || 0;
-      const bar = document.createElement("progress");
-      bar.max = got + left; bar.value = got; need.appendChild(bar);
-      need.appendChild(document.createTextNode(` ${p.blobs_needed} blobs, ${bytes(left)}`));
+    const pr = p.progress;
+    if (pr) {
+      need.appendChild(progressBar(pr));
+      const text = document.createElement("div"); text.className = "need";
+      text.textContent = `${pr.instances_needed} of ${pr.instances_total} instances, ` +
+        `${bytes(pr.bytes_needed)} of ${bytes(pr.bytes_total)} still needed` +
+        (pr.eta_seconds !== null ? `, ${bytes(pr.rate)}/s, about ${duration(pr.eta_seconds)} left`
+                                 : "");
+      need.appendChild(text);
       for (const [study, [n, b]] of Object.entries(p.studies_needed || {})) {
         const line = document.createElement("div"); line.className = "mono study";
-        line.textContent = `study ${study}: ${n} instances, ${bytes(b)}`;
+        line.textContent = shown(`study ${study}: ${n} instances, ${bytes(b)}`);
         need.appendChild(line);
       }
     } else if (p.in_sync) {
       need.textContent = p.peer_lacks ? `nothing (it still lacks ${p.peer_lacks} events of ours)`
                                       : "nothing";
     }
-    cell(tr, bytes(p.bytes_received || 0) + " / " + bytes(p.bytes_sent || 0));
+    const flow = cell(tr, bytes(p.bytes_received || 0) + " / " + bytes(p.bytes_sent || 0));
+    if (p.throughput) flow.appendChild(sparkline(p.throughput));
     cell(tr, ago(p.last_success));
     cell(tr, p.last_error || "", "err");
     const act = cell(tr, ""); const b = document.createElement("button");
@@ -127,6 +168,75 @@ function renderPeers(peers) {
       catch (e) { alert(e.message); }
     };
     act.appendChild(b); tb.appendChild(tr);
+  }
+}
+function renderArrivals(rows, peers) {
+  const tb = $("arrivals").tBodies[0]; tb.replaceChildren();
+  $("arrivals-section").hidden = rows.length === 0;
+  for (const a of rows) {
+    const tr = document.createElement("tr");
+    cell(tr, a.study_instance_uid, "mono"); cell(tr, a.instances);
+    cell(tr, a.instances_needed ? `arriving: ${a.instances_needed} more instances to come`
+                                : ago(a.arrived)).title = new Date(a.arrived * 1000).toISOString();
+    const at = Object.entries(a.at_peers || {});
+    cell(tr, at.length ? at.map(([id, t]) => id.slice(0, 7) + " " + ago(t)).join(", ")
+                       : (peers.length ? "not confirmed yet" : "–"));
+    tb.appendChild(tr);
+  }
+}
+function renderExport(exp) {
+  const tb = $("outbox").tBodies[0]; tb.replaceChildren();
+  const dests = Object.entries(exp || {});
+  $("outbox-section").hidden = dests.length === 0;
+  for (const [dest, e] of dests) {
+    const tr = document.createElement("tr"); tr.dataset.dest = dest;
+    cell(tr, dest, "mono"); cell(tr, e.pending); cell(tr, e.done); cell(tr, e.failed);
+    cell(tr, e.skipped); cell(tr, ago(e.last_contact)); cell(tr, e.last_error || "", "err");
+    tb.appendChild(tr);
+  }
+}
+function renderDicom(d) {
+  $("dicom-section").hidden = !d;
+  if (!d) return;
+  $("scp").textContent = shown(`${d.ae_title} on port ${d.port}${d.tls ? " (DICOM TLS)" : ""}: ` +
+    `${d.associations || 0} associations (${d.rejected_associations} refused), ` +
+    `${d.stored} instances stored, ${d.duplicates} duplicates, ${d.failed} failed, ` +
+    `${d.finds} C-FIND`);
+  const tb = $("imports").tBodies[0]; tb.replaceChildren();
+  const sources = Object.entries(d.import_from || {});
+  $("imports").hidden = sources.length === 0;
+  for (const [src, s] of sources) {
+    const tr = document.createElement("tr");
+    cell(tr, src, "mono"); cell(tr, s.state || "");
+    cell(tr, `${s.studies_retrieved} studies, ${s.instances_retrieved || 0} instances`);
+    cell(tr, `${s.runs || 0} (${s.errors || 0} failed), last ${ago(s.last_run)}`);
+    cell(tr, s.last_error || "", "err"); tb.appendChild(tr);
+  }
+}
+function renderVerify(v, sched) {
+  const el = $("verify"); el.replaceChildren();
+  const line = document.createElement("div");
+  if (!v) line.textContent = "never run: `syncnode verify`, or set verify_interval (e.g. 7d)";
+  else {
+    line.textContent = `last ${ago(v.finished)} (${v.source}): ${v.blobs_checked} blobs, ` +
+      `${bytes(v.bytes_checked)} checked: ` +
+      (v.ok ? "OK" : `${v.problems} PROBLEMS (syncnode verify --repair mends them from peers)`);
+    line.className = v.ok ? "ok" : "err";
+  }
+  el.appendChild(line);
+  for (const d of (v && v.damaged) || []) {
+    const x = document.createElement("div"); x.className = "mono err";
+    x.textContent = shown(`damaged ${d.blob}: ${d.reason}`); el.appendChild(x);
+  }
+  for (const h of (v && v.missing) || []) {
+    const x = document.createElement("div"); x.className = "mono err";
+    x.textContent = `missing ${h}`; el.appendChild(x);
+  }
+  if (sched && sched.interval) {
+    const x = document.createElement("div"); x.className = "muted";
+    x.textContent = `background verify every ${duration(sched.interval)}, at most ` +
+      `${sched.rate_mb} MB/s` + (sched.running ? ": running now" : "");
+    el.appendChild(x);
   }
 }
 function renderDiscovered(list) {
@@ -153,7 +263,17 @@ function renderStudies(studies) {
     cell(tr, bytes(s.bytes || 0)); tb.appendChild(tr);
   }
 }
-async function refresh() {
+// One refresh at a time: changes arriving meanwhile cause one more, not one each.
+let refreshing = null, again = false;
+function refresh() {
+  if (refreshing) { again = true; return refreshing; }
+  refreshing = load().finally(() => {
+    refreshing = null;
+    if (again) { again = false; refresh(); }
+  });
+  return refreshing;
+}
+async function load() {
   try {
     const [st, disc, studies] = await Promise.all([
       api("/api/v1/status").then(r => r.json()),
@@ -164,8 +284,8 @@ async function refresh() {
     $("n-bytes").textContent = bytes(st.blob_bytes); $("n-events").textContent = st.events;
     $("root").textContent = st.merkle_root.slice(0, 16) + "…"; $("root").title = st.merkle_root;
     renderPeers(st.peers); renderDiscovered(disc); renderStudies(studies);
-    if (st.outbox) { $("outbox-section").hidden = false;
-                     $("outbox").textContent = JSON.stringify(st.outbox, null, 2); }
+    renderArrivals(st.arrivals || [], st.peers); renderExport(st.export);
+    renderDicom(st.dicom); renderVerify(st.verify, st.verify_schedule);
     $("updated").textContent = "updated " + new Date().toLocaleTimeString();
     document.body.dataset.ready = "1";
   } catch (e) {
