@@ -157,8 +157,9 @@ class BackgroundVerify:
             delay = self.next_due - time.time()
             if delay > 0:
                 try:
-                    await asyncio.wait_for(self._wake.wait(), delay)
-                    continue  # settings changed: schedule again
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
+                    continue  # settings changed, or stopping: schedule again
                 except TimeoutError:
                     pass
             self.running = True
