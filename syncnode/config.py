@@ -392,20 +392,40 @@ def load(data: Path | str | None = None, **overrides: Any) -> Settings:
     try:
         return Settings(**flags)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc)) from None
+        folder = Path(chosen) if chosen else Path("syncnode-data")
+        raise ConfigError(_describe(exc, flags, folder / CONFIG_FILE)) from None
     finally:
         _FILE_DATA_DIR.reset(token)
 
 
-def _describe(exc: ValidationError) -> str:
+def _describe(exc: ValidationError, flags: dict[str, Any] | None = None,
+              file: Path | None = None, given: str = "") -> str:
+    """One line per bad value, naming where it came from (flag, environment variable or
+    the config file, by path) and how to fix it."""
+    in_file: dict[str, Any] = {}
+    if file is not None:
+        try:
+            in_file = read_file(file.parent)
+        except ConfigError:
+            in_file = {}
     lines = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "config"
+        top = str(err["loc"][0]) if err["loc"] else key
         msg = err["msg"].removeprefix("Value error, ")
+        env = f"SYNCNODE_{top.upper()}"
         if err["type"] == "extra_forbidden":
             msg = "unknown setting"
-        lines.append(f"invalid setting {key!r} (flag --{key.replace('_', '-')}, "
-                     f"env SYNCNODE_{key.upper()}): {msg}")
+        if flags and top in flags:
+            where = given or f"flag --{top.replace('_', '-')}"
+        elif env in os.environ:
+            where = f"environment variable {env}"
+        elif file is not None and top in in_file:
+            where = (f"{file}: {top} = {str(in_file[top])[:60]!r}; fix or remove that line "
+                     f"(or `syncnode config set --data {file.parent} {top} VALUE`)")
+        else:
+            where = f"flag --{top.replace('_', '-')}, env {env}"
+        lines.append(f"invalid setting {key!r} ({where}): {msg}")
     return "\n".join(lines)
 
 
@@ -423,7 +443,7 @@ def update_file(data: Path, changes: dict[str, Any]) -> tuple[Settings, list[str
     try:
         settings = Settings(**{**values, "data": data})
     except ValidationError as exc:
-        raise ConfigError(_describe(exc)) from None
+        raise ConfigError(_describe(exc, changes, given="the value given")) from None
     write_file(data, {k: v for k, v in settings.model_dump(mode="json").items()
                       if k in values})
     return settings, sorted(k for k in changes if k in RESTART_KEYS)
