@@ -217,9 +217,11 @@ class _SniRouter(asyncio.Protocol):
 
         def report(reason: str) -> None:
             refused.append(reason)
-            log.info("refused a TLS peer from %s during the handshake: %s", address, reason)
-            if self.site.on_refused is not None:
+            if self.site.on_refused is not None:  # it logs, with what the operator can do
                 self.site.on_refused(address, reason)
+            else:
+                log.info("refused a TLS peer from %s during the handshake: %s", address,
+                         reason)
 
         try:
             sock = transport.get_extra_info("socket")

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ from .tls.certificates import NODE_SAN
 from .tls.contexts import INTRODUCTION_NAME, introduction_ssl_context, server_ssl_context
 
 log = logging.getLogger("syncnode.node")
+REFUSAL_LOG_SECONDS = 60.0  # one warning per refused address per minute
 PEER_REFRESH_SECONDS = 0.5  # how soon a change made beside us (CLI import) reaches peers
 
 
@@ -87,6 +89,7 @@ class RunningNode:
     # bandwidth caps of blob bytes, shared by the peer server and the sync engine
     limiter: Limiter = field(default_factory=Limiter)
     _config_stamp: float = 0.0  # mtime of config.toml when its caps were last read
+    _refusals_logged: dict[str, float] = field(default_factory=dict)  # host -> when
 
     def _take_lock(self) -> None:
         fd = os.open(self.node.data / RUN_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
@@ -172,8 +175,27 @@ class RunningNode:
         log.info("web viewer: %s %s at /viewer/ of the admin API", info.package, info.version)
 
     def _on_tls_refused(self, address: str, reason: str) -> None:
-        """A peer-port handshake was refused (unknown, expired or no certificate): on record.
-        The node id is unknown at this point; a syncnode peer's introduction names it."""
+        """A peer-port handshake was refused (unknown, expired or no certificate): logged
+        with the address and what to do (at most once a minute per address), and on
+        record. The node id is unknown at this point (TLS shows no refused certificate); a
+        syncnode peer introduces itself next, and that refusal names its id."""
+        now = time.monotonic()
+        host = address.rpartition(":")[0] or address
+        if now - self._refusals_logged.get(host, -REFUSAL_LOG_SECONDS) >= REFUSAL_LOG_SECONDS:
+            self._refusals_logged[host] = now
+            if len(self._refusals_logged) > 1000:  # a scan: forget the oldest
+                self._refusals_logged.pop(next(iter(self._refusals_logged)))
+            trusted = len(self.engine.peers) if self.engine is not None else 0
+            if trusted:
+                hint = (f"its certificate is not one of the {trusted} trusted peers' (nor "
+                        "signed by a trusted cluster CA). A syncnode node introduces itself "
+                        "next and is then named in the log; if it is expected, trust it: "
+                        "syncnode peer add NODE_ID https://HOST:PORT")
+            else:
+                hint = ("this node trusts no peer yet, so every peer is refused: syncnode "
+                        "peer add NODE_ID https://HOST:PORT")
+            log.warning("refused a peer connection from %s at the TLS handshake (%s): %s",
+                        address, reason, hint)
         if self.audit is not None:
             self.audit.record("connection-refused", "peer:?", "failure", remote=address,
                               reason=f"TLS handshake: {reason}"[:300])

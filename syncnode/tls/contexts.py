@@ -135,7 +135,9 @@ def _load_trust(ctx: ssl.SSLContext, trust: TrustStore) -> None:
     if bundle:
         ctx.load_verify_locations(cadata=bundle)
     else:
-        logger.info(
+        # debug only: whether that refuses anyone is judged when a handshake is refused
+        # (the node checks its trust list then), not when a context is built
+        logger.debug(
             "no peer certificate is pinned in %s and no cluster CA is configured: a peer is "
             "admitted once its certificate is pinned (peer add, or its introduction with a "
             "node id this node trusts)",
