@@ -71,6 +71,16 @@ async def test_health_status_metrics(api: Api) -> None:
     assert "syncnode_blob_bytes" in text
 
 
+async def test_api_root_lists_its_routes_without_a_key(api: Api) -> None:
+    for path in ("/api/v1/", "/api/v1"):
+        status, body = await api.get(path, headers={})
+        assert status == 200, body
+        routes = {(r["method"], r["path"]): r["role"] for r in body["routes"]}
+        assert routes[("GET", "/api/v1/status")] == "read"
+        assert routes[("POST", "/api/v1/nodes")] == "admin"
+        assert body["openapi"] == "/api/v1/openapi.json" and "X-API-Key" in body["auth"]
+
+
 async def test_dashboard_is_served(api: Api) -> None:
     async with api.session.get(api.url("/")) as r:
         assert r.status == 200 and r.content_type == "text/html"

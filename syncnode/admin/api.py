@@ -132,6 +132,8 @@ class AdminAPI:
             web.delete(f"{v}/session", self.close_session),
             web.get("/healthz", self.healthz),
             web.get("/metrics", self.metrics),
+            web.get(f"{v}/", self.index),
+            web.get(v, self.index),
             web.get(f"{v}/openapi.json", self.openapi),
             web.get(f"{v}/status", self.status),
             web.get(f"{v}/nodes", self.nodes),
@@ -382,6 +384,17 @@ class AdminAPI:
         body = await self._run(generate_latest, self.registry)
         return web.Response(body=body, headers={
             "Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def index(self, request: web.Request) -> web.Response:
+        """What ``/api/v1/`` offers (read from the OpenAPI document: never out of date)."""
+        routes = [{"method": method.upper(), "path": path, "summary": op.get("summary", ""),
+                   "role": op.get("x-role")}
+                  for path, ops in OPENAPI["paths"].items() for method, op in ops.items()]
+        return web.json_response({
+            "api": "syncnode admin API v1", "openapi": "/api/v1/openapi.json",
+            "auth": f"send a key in {auth.KEY_HEADER} (read-only or admin role), or open a "
+                    "dashboard session: POST /api/v1/session",
+            "routes": routes})
 
     async def openapi(self, request: web.Request) -> web.Response:
         return web.json_response(OPENAPI)

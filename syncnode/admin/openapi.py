@@ -101,6 +101,10 @@ OPENAPI: dict[str, Any] = {
         "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {
             "description": "text exposition format",
             "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+        "/api/v1/": {"get": {"summary": "Index: every route of this API with its summary "
+                                       "and the role it needs",
+                             "responses": {"200": _json(_OBJ)}}},
+        "/api/v1": {"get": {"summary": "The same index", "responses": {"200": _json(_OBJ)}}},
         "/api/v1/openapi.json": {"get": {"summary": "This document",
                                          "responses": {"200": _json(_OBJ)}}},
         "/api/v1/status": {"get": {"summary": "Counts, Merkle root, peers",
@@ -204,6 +208,7 @@ _ROLES = {
     ("/metrics", "get"): "public", ("/api/v1/openapi.json", "get"): "public",
     ("/viewer", "get"): "public", ("/viewer/app-config.js", "get"): "public",
     ("/viewer/{path}", "get"): "public",
+    ("/api/v1/", "get"): "public", ("/api/v1", "get"): "public",  # routes, no data
     ("/api/v1/session", "post"): "public",  # checks the key it is given itself
     ("/api/v1/nodes", "post"): "admin", ("/api/v1/nodes/{node_id}", "delete"): "admin",
     ("/api/v1/discovered/{node_id}/accept", "post"): "admin",
