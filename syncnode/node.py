@@ -89,7 +89,7 @@ class RunningNode:
     # bandwidth caps of blob bytes, shared by the peer server and the sync engine
     limiter: Limiter = field(default_factory=Limiter)
     _config_stamp: float = 0.0  # mtime of config.toml when its caps were last read
-    _refusals_logged: dict[str, float] = field(default_factory=dict)  # host -> when
+    _refusals_logged: dict[str, float] = field(default_factory=dict)  # host, kind -> when
 
     def _take_lock(self) -> None:
         fd = os.open(self.node.data / RUN_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
@@ -180,12 +180,12 @@ class RunningNode:
         record. The node id is unknown at this point (TLS shows no refused certificate); a
         syncnode peer introduces itself next, and that refusal names its id."""
         now = time.monotonic()
-        host = address.rpartition(":")[0] or address
-        if now - self._refusals_logged.get(host, -REFUSAL_LOG_SECONDS) >= REFUSAL_LOG_SECONDS:
-            self._refusals_logged[host] = now
+        trusted = len(self.engine.peers) if self.engine is not None else 0
+        key = f"{address.rpartition(':')[0] or address} {bool(trusted)}"
+        if now - self._refusals_logged.get(key, -REFUSAL_LOG_SECONDS) >= REFUSAL_LOG_SECONDS:
+            self._refusals_logged[key] = now
             if len(self._refusals_logged) > 1000:  # a scan: forget the oldest
                 self._refusals_logged.pop(next(iter(self._refusals_logged)))
-            trusted = len(self.engine.peers) if self.engine is not None else 0
             if trusted:
                 hint = (f"its certificate is not one of the {trusted} trusted peers' (nor "
                         "signed by a trusted cluster CA). A syncnode node introduces itself "

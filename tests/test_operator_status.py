@@ -9,11 +9,13 @@ per-study arrival times the dashboard draws are in the status.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
+import pytest
 from syncsupport import (
     add_peer,
     converged,
@@ -145,3 +147,34 @@ async def test_metrics_and_status_show_the_dicom_side(
     assert any(line.startswith("dicom scp   SYNCNODE port ")
                and "2 associations (0 rejected), 2 stored, 1 duplicates" in line
                for line in lines), lines
+
+
+async def test_an_untrusted_peer_is_refused_with_its_address_id_and_what_to_do(
+        new_node: Callable[[str], LocalNode], running: StartNode,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The refusing node says who knocked (address at the handshake, node id when the peer
+    introduces itself) and what to type; "trusts no peer yet" only while that is true,
+    checked when the refusal happens (not when the TLS context was built)."""
+    a, b, c = new_node("a"), new_node("b"), new_node("c")
+    ra, rb = await running(a), await running(b)
+    add_peer(b, a, url_of(ra))  # B trusts A; A does not know B
+    caplog.set_level(logging.INFO)
+    rb.peers_changed()
+
+    def logged(*fragments: str) -> bool:
+        return any(all(f in r.getMessage() for f in fragments) for r in caplog.records)
+    await wait_for(lambda: logged("refused a peer connection from 127.0.0.1:",
+                                  "this node trusts no peer yet", "syncnode peer add"),
+                   20, "A to log the refused handshake")
+    await wait_for(lambda: logged(f"refused node {b.node_id} from 127.0.0.1:",
+                                  f"syncnode peer add {b.node_id}"), 20,
+                   "A to name B when it introduces itself")
+    # A now trusts C by id only (nothing pinned): not "trusts no peer" any more
+    a.catalog.add_peer(c.node_id.compact, "https://127.0.0.1:9", "auto")
+    ra.peers_changed()
+    await wait_for(lambda: len(ra.engine.peers) == 1, 10, "A's loop with C")
+    rb.engine.peers[a.node_id.compact].backoff.reset()
+    rb.engine.notified(a.node_id.compact)
+    await wait_for(lambda: logged("refused a peer connection from 127.0.0.1:",
+                                  "not one of the 1 trusted peers'"), 30,
+                   "A to log the refusal against its trust list")
