@@ -37,6 +37,7 @@ from ..local import LocalNode
 from .transport import PduLimits, SyncnodeAE
 
 log = logging.getLogger("syncnode.dicom.retrieve")
+FIND_TIMEOUT = 10.0  # seconds to wait for each C-FIND answer from the PACS
 
 class Source:
     def __init__(self, retriever: Retriever, address: str) -> None:
@@ -87,10 +88,10 @@ class Source:
                 "studies_retrieved": self.moved_studies,
                 "instances_retrieved": self.moved_instances}
 
-    def _associate(self, contexts: list[Any]) -> Any:
+    def _associate(self, contexts: list[Any], dimse_timeout: float | None = None) -> Any:
         ae = SyncnodeAE(self.r.ae_title, PduLimits(max_pdata=1 << 20))
         ae.acse_timeout = 30
-        ae.dimse_timeout = self.r.move_timeout
+        ae.dimse_timeout = dimse_timeout or self.r.move_timeout
         ae.network_timeout = 60
         ae.connection_timeout = 10
         assoc = ae.associate(self.host, self.port, contexts=contexts, ae_title=self.ae_title,
@@ -125,8 +126,12 @@ class Source:
         query.QueryRetrieveLevel = "STUDY"
         query.StudyInstanceUID = ""
         query.NumberOfStudyRelatedInstances = ""
-        assoc = self._associate([_cx(StudyRootQueryRetrieveInformationModelFind)])
+        # A PACS that refuses our AE may just never answer the C-FIND: a short DIMSE
+        # timeout reports that within seconds (each answer of a long listing restarts it)
+        assoc = self._associate([_cx(StudyRootQueryRetrieveInformationModelFind)],
+                                FIND_TIMEOUT)
         found: dict[str, int] = {}
+        done = False
         try:
             for status, ident in assoc.send_c_find(query,
                                                    StudyRootQueryRetrieveInformationModelFind):
@@ -145,9 +150,15 @@ class Source:
                     found[uid] = n
                 elif code != 0x0000:
                     raise RuntimeError(f"C-FIND failed with status 0x{code:04X}")
+            done = True
         finally:
             if assoc.is_established:
-                assoc.release()
+                # after a refusal the PACS may never answer a release either (it waited
+                # the whole ACSE timeout, 30 s, before the error was seen): abort then
+                if done:
+                    assoc.release()
+                else:
+                    assoc.abort()
         return found
 
     def move_study(self, study_uid: str) -> bool:

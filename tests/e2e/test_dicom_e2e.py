@@ -507,6 +507,35 @@ def test_import_from_orthanc(tmp_path: Path, orthancs: Callable[..., kit.Orthanc
         == sorted(study.sop_uids)
 
 
+def test_import_from_a_pacs_that_does_not_know_our_ae_says_so_at_once(
+        tmp_path: Path, orthancs: Callable[..., kit.Orthanc]) -> None:
+    """Orthanc refuses C-FIND from an AE it does not list: the source's state is an error
+    within seconds (it took 30 s: the release after the refusal waited for the ACSE
+    timeout), naming what the PACS administrator must add."""
+    import time
+
+    node = LocalNode.init(tmp_path / "n")
+    pacs = orthancs("pacs", extra_config={"DicomAlwaysAllowFind": False,
+                                          "DicomAlwaysAllowMove": False})
+    pacs.start()
+    settings = node.settings(dicom_port=0, dicom_host="127.0.0.1",
+                             import_from=[pacs.address])
+    br = DicomBridge(node, settings, import_poll=60)
+    t0 = time.monotonic()
+    br.start()
+    try:
+        source = br.retriever.sources[0]
+        asyncio.run(wait_for(lambda: source.errors > 0, 20, "the refused C-FIND"))
+        assert time.monotonic() - t0 < 10
+        shown = br.status()["import_from"][pacs.address]
+        assert shown["state"] == "error" and shown["runs"] == 1
+        assert "AE title 'SYNCNODE'" in shown["last_error"]
+        assert "modality" in shown["last_error"]
+    finally:
+        br.stop()
+        node.close()
+
+
 def test_node_killed_during_storescu_keeps_every_acknowledged_instance(tmp_path: Path
                                                                        ) -> None:
     """SIGKILL of ``syncnode run`` in the middle of a C-STORE stream: after a restart, every
