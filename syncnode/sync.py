@@ -827,10 +827,12 @@ class PeerSync:
         self._last_totals = (now_in, now_out)
         tp = self.state.throughput
         tp["interval"] = interval
+        moved = any(tp[k][-1:] != [0] for k in ("in", "out"))  # the previous sample
         for key, rate in (("in", (now_in - last_in) / interval),
                           ("out", (now_out - last_out) / interval)):
             tp[key] = [*tp[key][-(SAMPLES_KEPT - 1):], max(0, round(rate))]
-        self.save_state()
+        if moved or tp["in"][-1] or tp["out"][-1]:
+            self.save_state()  # an idle peer is not written (nor published) every sample
 
     def error(self, exc: BaseException, state: str = "error", kind: str = "peer") -> None:
         log.warning("sync with %s: %s: %s", self.peer_id.short, type(exc).__name__, exc)
