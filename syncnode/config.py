@@ -417,7 +417,7 @@ def _describe(exc: ValidationError, flags: dict[str, Any] | None = None,
         if err["type"] == "extra_forbidden":
             msg = "unknown setting"
         if flags and top in flags:
-            where = given or f"flag --{top.replace('_', '-')}"
+            where = given or f"flag --{top.replace('_', '-')}, env {env}"
         elif env in os.environ:
             where = f"environment variable {env}"
         elif file is not None and top in in_file:
