@@ -185,13 +185,14 @@ async def test_the_document_gives_every_operation_a_role() -> None:
     assert roles[("PATCH", "/api/v1/config")] == "admin"
     public = {p for (m, p), r in roles.items() if r == "public" and m == "GET"}
     assert public == {"/", "/dashboard.js", "/dashboard.css", "/healthz", "/metrics",
-                      "/api/v1/openapi.json",
+                      "/api/v1/openapi.json", "/api/v1/", "/api/v1",  # route lists
                       # the web viewer's files: the data they load needs a credential
                       "/viewer", "/viewer/app-config.js", "/viewer/{path}"}
 
 
 async def test_open_routes_carry_no_patient_data(node: Node) -> None:
-    for path in ("/healthz", "/metrics", "/api/v1/openapi.json", "/", "/viewer/app-config.js"):
+    for path in ("/healthz", "/metrics", "/api/v1/openapi.json", "/", "/viewer/app-config.js",
+                 "/api/v1/"):
         status, data, _ = await call_aiohttp(node, "get", path, {}, None)
         assert status == 200
         assert node.patient_id.encode() not in data and node.sop.encode() not in data
