@@ -192,8 +192,8 @@ class RunningNode:
                         "next and is then named in the log; if it is expected, trust it: "
                         "syncnode peer add NODE_ID https://HOST:PORT")
             else:
-                hint = ("this node trusts no peer yet, so every peer is refused: syncnode "
-                        "peer add NODE_ID https://HOST:PORT")
+                hint = ("this node trusts no peer yet: trust one with syncnode peer add "
+                        "NODE_ID https://HOST:PORT")
             log.warning("refused a peer connection from %s at the TLS handshake (%s): %s",
                         address, reason, hint)
         if self.audit is not None:
