@@ -186,7 +186,10 @@ class RunningNode:
             self._refusals_logged[key] = now
             if len(self._refusals_logged) > 1000:  # a scan: forget the oldest
                 self._refusals_logged.pop(next(iter(self._refusals_logged)))
-            if trusted:
+            if "certificate" not in reason.lower():
+                hint = ("not a syncnode peer presenting a certificate (a plain HTTP client, "
+                        "a scanner, or a TLS client without a client certificate)")
+            elif trusted:
                 hint = (f"its certificate is not one of the {trusted} trusted peers' (nor "
                         "signed by a trusted cluster CA). A syncnode node introduces itself "
                         "next and is then named in the log; if it is expected, trust it: "

@@ -773,6 +773,7 @@ class PeerSync:
         self.client.throttle = self._throttle_in
         self.packs = False  # the peer serves packs of small blobs (its hello says so)
         self._singly: set[str] = set()  # blobs a pack did not bring: pulled alone next
+        self._last_totals = (0, 0)  # the totals count from 0 in each run
 
     async def _throttle_in(self, n: int) -> None:
         limiter = self.engine.limiter
@@ -783,7 +784,6 @@ class PeerSync:
         """Take new max_pulls / max_window settings."""
         for gate in (self.pull_gate, self.push_gate):
             gate.configure(self.engine.max_pulls, self.engine.max_window)
-        self._last_totals = (0, 0)  # the totals count from 0 in each run
 
     def save_state(self, force: bool = False) -> None:
         """Record the state (at most every 0.5 s unless ``force``) through the engine's
@@ -1824,7 +1824,10 @@ class SyncEngine:
         while not self._stop.is_set():
             await asyncio.sleep(self.sample_seconds)
             for ps in list(self.peers.values()):
-                ps.sample(self.sample_seconds)
+                try:
+                    ps.sample(self.sample_seconds)
+                except Exception:  # a bug here must not end the sampling of every peer
+                    log.exception("throughput sample of peer %s failed", ps.peer_id.short)
 
     async def stop(self) -> None:
         self._stop.set()
