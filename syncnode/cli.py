@@ -464,9 +464,10 @@ def status_lines(st: dict[str, Any]) -> list[str]:
         got, sent = p.get("bytes_received", 0), p.get("bytes_sent", 0)
         wire_got = p.get("wire_bytes_received", 0)
         if got or sent:
-            line += f"  received {human_bytes(got)}, sent {human_bytes(sent)}"
-            if 0 < wire_got < got:  # zstd on the wire
-                line += f" ({wire_got / got:.0%} of the pulled bytes on the wire)"
+            line += f"  received {human_bytes(got)}"
+            if 0 < wire_got < got:  # zstd on the wire (of the pulled bytes)
+                line += f" ({wire_got / got:.0%} of it on the wire)"
+            line += f", sent {human_bytes(sent)}"
         cap = p.get("cap") or {}
         if any(v != "unlimited" for v in cap.values()):
             line += f"  cap in {cap.get('in')}, out {cap.get('out')}"
