@@ -165,20 +165,27 @@ class LiveView(Part):
         return [{"study_instance_uid": r[0], "study_date": r[1], "modalities": r[2] or "",
                  "instances": r[3], "series": r[4], "bytes": r[5]} for r in rows]
 
-    def study_arrivals(self, limit: int = 20) -> list[dict[str, Any]]:
-        """The ``limit`` live studies whose last instance arrived here most recently: when
-        its first and its last live instance entered this catalog (unix seconds, by any
-        path: import, C-STORE, pull). The last arrival is when the study became complete
-        here, as far as this node can know."""
+    def study_arrivals(self, limit: int = 20, window: int = 5000) -> list[dict[str, Any]]:
+        """The ``limit`` live studies whose last instance arrived here most recently, among
+        the last ``window`` events (bounded work per call: the dashboard asks on every
+        change): when its first and its last live instance entered this catalog (unix
+        seconds, by any path: import, C-STORE, pull). The last arrival is when the study
+        became complete here, as far as this node can know."""
         with self._read() as db:
-            rows = db.execute(
-                "SELECT p.study_instance_uid, count(*), sum(p.size), min(e.received), "
-                "max(e.received) FROM puts p JOIN events e ON e.seq = p.seq "
-                "WHERE p.live=1 GROUP BY p.study_instance_uid "
-                "ORDER BY max(e.received) DESC, p.study_instance_uid LIMIT ?", (limit,)
-            ).fetchall()
-        return [{"study_instance_uid": r[0], "instances": r[1], "bytes": r[2],
-                 "first_arrived": float(r[3]), "arrived": float(r[4])} for r in rows]
+            top = db.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
+            recent = db.execute(
+                "SELECT study_instance_uid FROM puts WHERE live=1 AND seq > ? "
+                "GROUP BY study_instance_uid ORDER BY max(seq) DESC LIMIT ?",
+                (top - window, limit)).fetchall()
+            rows = []
+            for (study,) in recent:  # each by the live-by-study index
+                n, size, first, last = db.execute(
+                    "SELECT count(*), sum(p.size), min(e.received), max(e.received) FROM puts p "
+                    "JOIN events e ON e.seq = p.seq WHERE p.study_instance_uid = ? "
+                    "AND p.live = 1", (study,)).fetchone()
+                rows.append({"study_instance_uid": study, "instances": n, "bytes": size,
+                             "first_arrived": float(first), "arrived": float(last)})
+        return rows
 
 
 def _instance(row: tuple) -> Instance:
