@@ -961,7 +961,9 @@ def run_jobs(rest: OrthancREST, path: str, ids: list[str], jobs: int,
     dt = time.perf_counter() - t
     failed = [i for i in infos.values() if i["State"] != "Success"]
     if failed:
-        raise RuntimeError(f"Orthanc job failed: {json.dumps(failed[0])[:1500]}")
+        why = {k: failed[0].get(k) for k in ("ErrorCode", "ErrorDescription", "ErrorDetails",
+                                             "Type")}
+        raise RuntimeError(f"Orthanc job failed: {json.dumps(why)}")
     return dt, list(infos.values())
 
 
@@ -1184,7 +1186,15 @@ class WanOrthanc:
                 try:
                     sync_fs()
                     cpu0 = proc_cpu_seconds(proxy.pid)
-                    dt, _ = run_jobs(self.rest_a, path, self.ids, k, self.args.timeout)
+                    try:
+                        dt, _ = run_jobs(self.rest_a, path, self.ids, k, self.args.timeout)
+                    except RuntimeError as exc:  # seen once on a loaded machine: log, retry
+                        log(f"[{tag}] {exc}; restarting B and trying once more")
+                        self.procs.stop(self.b.tag)
+                        self.proc_b = self.b.start(self.procs, self.tuning, peer=None,
+                                                   fresh=True)
+                        cpu0 = proc_cpu_seconds(proxy.pid)
+                        dt, _ = run_jobs(self.rest_a, path, self.ids, k, self.args.timeout)
                     link_cpu = proc_cpu_seconds(proxy.pid) - cpu0
                 finally:
                     self.procs.stop(f"{tag}-link")
