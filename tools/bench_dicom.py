@@ -15,9 +15,9 @@
    (median) and node/Orthanc. Then C-GET: DCMTK ``getscu`` takes the study from the node
    into a folder, ``--rounds`` times; reports images/s and MB/s (median).
 
-4. First C-FIND: ``syncnode import`` of ``--find-files`` instances (ten studies, 64 x 64)
-   into a running node, then DCMTK ``findscu`` (STUDY level, PatientName=*) at once and
-   again; reports the import time and both query times.
+4. First C-FIND: ``syncnode import`` of ``--find-files`` instances (one study, CT of
+   ``--find-size`` squared pixels) into a running node, then DCMTK ``findscu`` (STUDY
+   level, PatientName=*) at once and again; reports the import time and both query times.
 
 Usage: python3 tools/bench_dicom.py [--files 300] [--rounds 3] [--study 500] [--json out]
 Every process started here is stopped at the end (also on errors).
@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import shutil
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -256,22 +257,25 @@ def findscu(port: int, aec: str) -> float:
     return time.perf_counter() - t
 
 
-def bench_find(work: Path, files: int) -> dict[str, Any]:
+def bench_find(work: Path, files: int, size: int) -> dict[str, Any]:
     """First C-FIND after ``syncnode import`` of ``files`` instances into a running node."""
     src = work / "find-files"
-    for n in range(10):  # ten studies
-        kit.make_study(src / f"s{n}", files // 10, seed=f"bench-find-{n}", series=2)
+    kit.make_study(src, files, seed="bench-find", series=2, rows=size, cols=size)
     node = Node(work / "find-node", "--dicom-port", "0", "--ae-title", "SYNCNODE")
     try:
         t = time.perf_counter()
         subprocess.run([*SYNCNODE, "import", "--data", str(node.data), str(src)], check=True,
                        capture_output=True, env=kit.tool_env())
         import_s = time.perf_counter() - t
+        db = sqlite3.connect(node.data / "catalog.db")
+        indexed = int(db.execute("SELECT count(*) FROM find_attrs").fetchone()[0])
+        db.close()
         first = findscu(node.ports["dicom"], "SYNCNODE")
         second = findscu(node.ports["dicom"], "SYNCNODE")
     finally:
         node.stop()
-    return {"instances": files // 10 * 10, "import_seconds": round(import_s, 2),
+    return {"instances": files, "rows_cols": size,
+            "import_seconds": round(import_s, 2), "indexed_before_first_query": indexed,
             "first_query_seconds": round(first, 3), "second_query_seconds": round(second, 3)}
 
 
@@ -287,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-available", action="store_true")
     ap.add_argument("--skip-move", action="store_true")
     ap.add_argument("--find-files", type=int, default=3000)
+    ap.add_argument("--find-size", type=int, default=256, help="rows = columns of the "
+                    "instances imported before the first C-FIND")
     ap.add_argument("--skip-find", action="store_true")
     args = ap.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-dicom-", dir="/var/tmp"))
@@ -318,10 +324,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_find:
             print(f"C-FIND: first query after importing {args.find_files} instances",
                   flush=True)
-            result["find"] = f = bench_find(work, args.find_files)
+            result["find"] = f = bench_find(work, args.find_files, args.find_size)
             print(f"find: import {f['import_seconds']} s, first query "
-                  f"{f['first_query_seconds']} s, second {f['second_query_seconds']} s",
-                  flush=True)
+                  f"{f['first_query_seconds']} s ({f['indexed_before_first_query']} of "
+                  f"{f['instances']} indexed before it), second "
+                  f"{f['second_query_seconds']} s", flush=True)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
