@@ -187,7 +187,12 @@ class CommitmentReporter:
                         "report", report.transaction_uid, calling_ae)
             return
         try:
-            status = self._event_report(out, report)
+            with _reactor_paused(out):  # (pynetdicom's own pause races the reactor)
+                status = self._event_report(out, report)
+        except (OSError, RuntimeError, ValueError) as exc:
+            log.warning("storage commitment %s: sending the report to %s failed: %s",
+                        report.transaction_uid, calling_ae, exc)
+            status = None
         finally:
             if out.is_established:
                 out.release()

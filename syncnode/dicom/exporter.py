@@ -270,8 +270,9 @@ class Destination:
         self._awaited = uid
         self._report_seen.clear()
         try:
-            status, _reply = assoc.send_n_action(info, 1, STORAGE_COMMITMENT,
-                                                 STORAGE_COMMITMENT_INSTANCE)
+            with _reactor_paused(assoc):  # (pynetdicom's own pause races the reactor)
+                status, _reply = assoc.send_n_action(info, 1, STORAGE_COMMITMENT,
+                                                     STORAGE_COMMITMENT_INSTANCE)
         except (OSError, RuntimeError, ValueError) as exc:
             log.warning("export to %s: storage commitment request failed: %s",
                         self.address, exc)
