@@ -443,6 +443,16 @@ def test_stow_refusals_store_nothing(node: Node) -> None:
     status, _, _ = curl(*post, *admin, url, data=whole)
     assert status == 200 and cat.instance(ds.SOPInstanceUID) is not None
     assert leftovers() == []
+    # an instance an IOCM rejection note rejected for good is refused (0xC000), as by
+    # C-STORE and import
+    rejected = _new_instance()
+    cat.rejections.record("2.25.4242", "113037", [rejected.SOPInstanceUID])
+    part = b"--B\r\nContent-Type: application/dicom\r\n\r\n" + _bytes(rejected) + \
+        b"\r\n--B--\r\n"
+    status, _, body = curl(*post, *admin, "-H", "Accept: application/dicom+json", url,
+                           data=part)
+    assert status == 409, body
+    assert cat.instance(rejected.SOPInstanceUID) is None and leftovers() == []
 
 
 def test_stow_read_timeout(node: Node) -> None:

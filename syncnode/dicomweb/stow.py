@@ -213,8 +213,12 @@ def ingest(node: LocalNode, files: list[tuple[Path, int]], study: str | None
             failed.append((*_identity_of(path), PROCESSING_FAILURE))
             log.warning("STOW part not stored: %s", type(exc).__name__)
             continue
-        if study is not None and attrs["study_instance_uid"] != study:
-            failed.append((attrs["sop_class_uid"], attrs["sop_instance_uid"], DOES_NOT_MATCH))
+        refusal = node.refused_as_rejected(attrs["sop_instance_uid"])
+        if refusal is not None:
+            log.info("STOW part refused: %s", refusal)
+        if (study is not None and attrs["study_instance_uid"] != study) or refusal:
+            failed.append((attrs["sop_class_uid"], attrs["sop_instance_uid"],
+                           CANNOT_UNDERSTAND if refusal else DOES_NOT_MATCH))
             staged.tmp.unlink(missing_ok=True)
             if staged.chunks_tmp is not None:
                 staged.chunks_tmp.unlink(missing_ok=True)
