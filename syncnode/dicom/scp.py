@@ -935,6 +935,7 @@ class DicomServer:
             return
         matches = 0
         outcome, reason = "success", None
+        self.wait_applied(30)  # what was acknowledged just before is found too
         try:
             results = query.find(self.node.catalog, model, identifier,
                                  blob_path=self.node.store.path)
@@ -988,6 +989,7 @@ class DicomServer:
             log.warning("storage commitment from %s cannot be decoded: %s", actor,
                         type(exc).__name__)
             return 0x0110, None
+        self.wait_applied(30)  # instances acknowledged just before are held too
         report = commitment.commitment_report(uid, refs, self.held_class)
         log.info("storage commitment %s from %s: %d held, %d not", uid, actor,
                  len(report.held), len(report.failed))
@@ -1017,6 +1019,7 @@ class DicomServer:
             identifier = event.identifier
         except Exception as exc:  # an undecodable identifier is the peer's error
             raise provider.RetrieveError("identifier cannot be decoded", 0xC000) from exc
+        self.wait_applied(30)  # what was acknowledged just before is retrieved too
         found = provider.resolve(self.node.catalog, str(event.request.AffectedSOPClassUID),
                                  identifier)
         if len(found) > provider.MAX_SUBOPERATIONS:
