@@ -213,7 +213,10 @@ async def test_a_compressed_pull_resumes_after_cuts_without_loss(
     assert state["bytes_resumed"] > 0
     # Only whole verified chunks are kept: at most one chunk of blob bytes again per cut.
     assert 0 <= state["bytes_received"] - total <= stats["cuts"] * CHUNK_SIZE
-    assert stats["bytes_down"] < 0.6 * total  # compressed on the wire
+    # compressed on the wire (~0.4 of the bytes), plus what each cut threw away of the
+    # compressed streams in flight (both blobs are pulled at once)
+    assert stats["bytes_down"] < 0.4 * total + stats["cuts"] * 2 * CHUNK_SIZE
+    assert stats["bytes_down"] < 0.8 * total
 
 
 class _Resp:
@@ -236,7 +239,9 @@ async def test_a_lying_compressed_answer_never_reaches_the_store(tmp_path: Path)
     from syncnode.transfer import PartialBlob
 
     store = BlobStore(tmp_path / "store")
-    good = bytes(random.Random(1).getrandbits(4) for _ in range(3 * CHUNK_SIZE))
+    # compressible: random nibbles (made in C: a Python loop over 12 MiB took 15 s)
+    nibble = bytes.maketrans(bytes(range(256)), bytes(i & 15 for i in range(256)))
+    good = random.Random(1).randbytes(3 * CHUNK_SIZE).translate(nibble)
     hasher = ChunkHasher()
     hasher.update(good)
     digest, digests = hasher.finish()
