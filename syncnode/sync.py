@@ -155,6 +155,17 @@ SAMPLES_KEPT = 150  # 5 minutes of them
 STUDIES_SHOWN = 20  # studies listed per peer in its state (the ones with most bytes to go)
 
 
+def _failure(task: asyncio.Task[Any]) -> Exception | None:
+    """A finished task's failure, or None if it succeeded. Its cancellation, or a
+    BaseException that is not an Exception (e.g. KeyboardInterrupt), is raised here."""
+    if task.cancelled():
+        raise asyncio.CancelledError
+    exc = task.exception()
+    if exc is not None and not isinstance(exc, Exception):
+        raise exc
+    return exc
+
+
 def _put_of(items: list[ev.Checked]) -> ev.PutEvent:
     """The first put waiting for a blob (only puts wait for blobs)."""
     put = items[0].event
@@ -1156,12 +1167,7 @@ class PeerSync:
                 finished = [t for t in packs if t.done()]
                 for packed in finished:
                     group, _ticket = packs.pop(packed)
-                    if packed.cancelled():
-                        raise asyncio.CancelledError
-                    exc = packed.exception()
-                    if exc is not None:
-                        if not isinstance(exc, Exception):
-                            raise exc
+                    if (exc := _failure(packed)) is not None:
                         failures.append(exc)
                         continue
                     again = set(packed.result())  # to pull one by one now
@@ -1176,12 +1182,7 @@ class PeerSync:
                     continue
                 for task in done:
                     claim, _ticket, items = running.pop(task)
-                    if task.cancelled():
-                        raise asyncio.CancelledError
-                    exc = task.exception()
-                    if exc is not None:
-                        if not isinstance(exc, Exception):
-                            raise exc
+                    if (exc := _failure(task)) is not None:
                         failures.append(exc)
                     elif not task.result():  # taken over by another peer: its puts wait
                         todo[claim.blob] = items
