@@ -231,10 +231,7 @@ class LocalNode:
         try:
             return load_identity(self.data / PREVIOUS_DIR)
         except IdentityError as exc:
-            import logging
-
-            logging.getLogger("syncnode").error("cannot serve the previous certificate: %s",
-                                                exc)
+            log.error("cannot serve the previous certificate: %s", exc)
             return None
 
     @classmethod

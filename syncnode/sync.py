@@ -1601,7 +1601,7 @@ class StateWriter:
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peer-state")
         self._scheduled = False
-        self.writes = 0  # states written to the catalog (for tests and metrics)
+        self.writes = 0  # states written to the catalog so far
 
     def write(self, peer: str, state: dict[str, Any]) -> None:
         with self._lock:
