@@ -464,6 +464,34 @@ class BlobStore:
                 pos += len(chunk)
                 index += 1
 
+    def read_range(self, blob_hash: str, start: int = 0,
+                   end: int | None = None) -> Iterator[bytes]:
+        """Yield bytes [start, end) of a blob as stored, *not* checked against its hash, in
+        pieces that end on chunk boundaries (the first may start inside a chunk).
+
+        Only for a reader whose receiver verifies every chunk itself before trusting it (a
+        peer pulling or taking a push: :class:`syncnode.transfer.PartialBlob`), and reports
+        a mismatch so that this node re-hashes the blob (:mod:`syncnode.damage`). Anything
+        else reads through :meth:`read_verified`. Raises BlobMissing, or BlobError if the
+        file is shorter than the range (a cut blob).
+        """
+        try:
+            fd = os.open(self.path(blob_hash), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError as exc:
+            raise BlobMissing(f"blob {blob_hash} is not in the store") from exc
+        try:
+            size = os.fstat(fd).st_size
+            end = size if end is None else min(end, size)
+            pos = start
+            while pos < end:
+                piece = os.pread(fd, min(CHUNK_SIZE - pos % CHUNK_SIZE, end - pos), pos)
+                if not piece:
+                    raise BlobError(f"blob {blob_hash} is damaged: it ends at {pos} bytes")
+                pos += len(piece)
+                yield piece
+        finally:
+            os.close(fd)
+
     def iter_hashes(self) -> Iterator[str]:
         for d1 in sorted(self.root.iterdir()):
             if not d1.is_dir():

@@ -30,8 +30,10 @@ from .admin.auth import TLSSetupError, https_context, is_loopback
 from .admin.feed import EventFeed
 from .apikeys import KEYS_FILE, KeyStore, adopt_config_key
 from .audit import AuditLog
+from .blobstore import BlobDamage
 from .config import CONFIG_FILE, Settings
 from .config import read_file as cfg_read_file
+from .damage import DamageChecks
 from .discovery import Discovery
 from .listeners import ListenerLimits, start_listener
 from .local import RUN_LOCK, TRANSFER_MAX_AGE, LocalNode, offload
@@ -76,6 +78,7 @@ class RunningNode:
     discovery: Discovery | None = None
     dicom: Any = None  # syncnode.dicom.service.DicomBridge
     scrub: BackgroundVerify | None = None
+    damage: DamageChecks | None = None  # re-hashes blobs peers report damaged
     # Other services add what they report: name -> callable giving a JSON-able value.
     status_providers: dict[str, Callable[[], Any]] = field(default_factory=dict)
     metric_providers: list[Callable[[], dict[str, float]]] = field(default_factory=list)
@@ -128,6 +131,8 @@ class RunningNode:
         self.peer_server.max_blob_size = s.max_blob_size
         self.peer_server.limiter = self.limiter
         self.peer_server.on_trust_changed = self.peers_changed
+        self.damage = DamageChecks(self.node.store, on_damaged=self._mend)
+        self.peer_server.damage = self.damage
         runner, site = await start_listener(
             self.peer_server.app, s.peer_host, s.peer_port, limits=self.limits,
             ssl_context=server_ssl_context(self.node.identity, self.node.trust,
@@ -150,6 +155,7 @@ class RunningNode:
         self.engine.on_trust_changed = self.peers_changed
         self.engine.served = self.peer_server.stats  # status totals both ways
         self.engine.audit = self.audit
+        self.engine.damage = self.damage
         await self._start_dicom()
         await self._start_admin(*admin_tls)
         if s.discovery:
@@ -501,6 +507,22 @@ class RunningNode:
             except TimeoutError:
                 pass
 
+    async def _mend(self, damage: BlobDamage) -> None:
+        """A blob our own re-hash found damaged (a peer's report led us to it): move it
+        aside and fetch it again from the trusted peers, as ``syncnode verify --repair``
+        does, holding the blob's lock so that no pull or push writes it meanwhile. The
+        repair runs on a loop of its own in a thread (it reads the catalog)."""
+        from .repair import quarantine, repair_blobs
+
+        blob = damage.hash
+        async with self.blob_locks.setdefault(blob, asyncio.Lock()):
+            aside = await offload(quarantine, self.node, blob)
+            log.error("blob %s is damaged here (%s): moved to %s; fetching it again from "
+                      "the peers", blob, damage.reason, aside)
+            outcome = await asyncio.to_thread(
+                lambda: asyncio.run(repair_blobs(self.node, [blob])))
+        log.warning("blob %s: %s", blob, outcome.get(blob, "not repaired"))
+
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
@@ -515,6 +537,8 @@ class RunningNode:
             await self.engine.stop()
         for r in self._runners:
             await r.cleanup()
+        if self.damage is not None:
+            await self.damage.close()
         if self.peer_server is not None:
             self.peer_server.close()
         await self._stop_audit()

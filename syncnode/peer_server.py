@@ -5,9 +5,11 @@ and every request re-checks the presented certificate against the current trust 
 peer removed while its connection stays open is refused from its next request on). A
 connection without a client certificate (an introduction, see :mod:`syncnode.introduction`)
 reaches no handler: the guard answers only the introduction and closes it on anything else.
-Blob bytes are served chunk by chunk, each chunk checked against its digest first, so a
-blob damaged on this disk is never handed to a peer. Bodies are size-bounded and read with
-a timeout.
+Blob bytes are served as stored, not re-hashed (:meth:`BlobStore.read_range`): the receiver
+verifies every chunk against the digests its signed put event binds before it keeps a byte,
+and reports a mismatch (``POST /blobs/H/damaged``), on which this node re-hashes the blob
+itself and quarantines it only if its own hash says so (:mod:`syncnode.damage`). Bodies
+are size-bounded and read with a timeout.
 
 Handlers never block the event loop: catalog reads and writes, hashing and fsync run
 through :func:`syncnode.local.offload`. Errors by type: a request that breaks the protocol
@@ -33,6 +35,7 @@ from . import merkle, protocol, renewal, wire
 from .audit import AuditLog, Tally
 from .blobstore import CHUNK_SIZE, BlobError, BlobHashMismatch, BlobMissing, StoreFull
 from .catalog import Catalog
+from .damage import DamageChecks
 from .ids import InvalidHash, check_hash
 from .introduction import serve_introduction
 from .local import LocalNode, offload, offload_to
@@ -77,6 +80,8 @@ class PeerServer:
         self.audit: AuditLog | None = None  # where introductions (trust changes) are recorded
         self.max_pending_offers = MAX_PENDING_OFFERS  # per peer
         self.limiter: Limiter | None = None  # bandwidth caps (syncnode.ratelimit)
+        # where peers' damage reports go (syncnode.damage); the node sets it
+        self.damage: DamageChecks | None = None
         self._offers: dict[str, dict[str, float]] = {}  # peer -> offered hash -> when
         self.stats: dict[str, dict[str, int]] = {}
         # What each peer took from us (and pushed to us) since its last round began: one
@@ -101,6 +106,7 @@ class PeerServer:
             web.post(f"{p}/events", self.events),
             web.post(f"{p}/blobs/pack", self.pack),
             web.get(f"{p}/blobs/{{hash}}/chunks", self.chunks),
+            web.post(f"{p}/blobs/{{hash}}/damaged", self.damaged),
             web.get(f"{p}/blobs/{{hash}}", self.blob),
             web.post(f"{p}/push/offer", self.push_offer),
             web.put(f"{p}/push/blobs/{{hash}}", self.push_blob),
@@ -301,7 +307,7 @@ class PeerServer:
             compress = accept and start % CHUNK_SIZE == 0
             body = None
             if end - start <= SMALL_RESPONSE:
-                body = b"".join(store.read_verified(h, start, end))
+                body = b"".join(store.read_range(h, start, end))
                 if compress and body:
                     body = wire.compress_chunk(body)
             return size, start, end, compress, body
@@ -313,6 +319,7 @@ class PeerServer:
             raise
         except BlobError as exc:
             log.error("refusing to serve damaged blob %s: %s", h, exc)
+            self._suspect(h)
             return _error(500, f"blob {h} is damaged on this node")
         except protocol.RangeError as exc:
             return web.json_response({"error": str(exc)}, status=416,
@@ -337,8 +344,8 @@ class PeerServer:
         if not compress:
             headers["Content-Length"] = str(end - start)
         resp = web.StreamResponse(status=206 if ranged else 200, headers=headers)
-        verified = store.read_verified(h, start, end)
-        pieces = (wire.compress_chunk(p) for p in verified) if compress else verified
+        stored = store.read_range(h, start, end)  # the receiver verifies each chunk
+        pieces = (wire.compress_chunk(p) for p in stored) if compress else stored
         loop = asyncio.get_running_loop()
         first = True
         peer = request[PEER_KEY].compact
@@ -347,6 +354,7 @@ class PeerServer:
                 piece = await loop.run_in_executor(None, next, pieces, None)
             except BlobError as exc:
                 log.error("refusing to serve damaged blob %s: %s", h, exc)
+                self._suspect(h)
                 if first:
                     return _error(500, f"blob {h} is damaged on this node")
                 raise  # headers are out: abort the connection, the receiver resumes elsewhere
@@ -363,6 +371,30 @@ class PeerServer:
             await resp.prepare(request)
         await resp.write_eof()
         return resp
+
+    def _suspect(self, blob: str) -> None:
+        """Our own read found the blob damaged (cut short): have it checked."""
+        if self.damage is not None:
+            self.damage.report(None, blob, 0)
+
+    async def damaged(self, request: web.Request) -> web.Response:
+        """A peer says a blob we served did not match its hash. Only a hint: the blob is
+        queued for a re-hash here (:mod:`syncnode.damage`), within the peer's budget (429
+        beyond it, or when too many checks wait); 404 for a blob we do not hold."""
+        h = check_hash(request.match_info["hash"], "blob hash")
+        peer = request[PEER_KEY]
+        if self.damage is None:
+            return _error(503, "this node does not take damage reports")
+        size = await self._run(self.node.store.size, h)  # BlobMissing: 404
+        verdict = self.damage.report(peer.compact, h, size)
+        if verdict in ("limited", "full"):
+            log.warning("peer %s reported blob %s damaged: not checked (%s)", peer.short, h,
+                        "its report budget is spent" if verdict == "limited"
+                        else "too many checks waiting")
+            return _error(429, "too many damage reports: try again later")
+        if verdict == "queue":
+            log.warning("peer %s reported blob %s damaged: re-hashing it here", peer.short, h)
+        return web.json_response({"check": verdict}, status=202)
 
     async def pack(self, request: web.Request) -> web.StreamResponse:
         """Several small blobs in one answer (see :mod:`syncnode.protocol`, Packs). Each
@@ -415,7 +447,7 @@ class PeerServer:
         if size > CHUNK_SIZE or size > budget[0]:
             return protocol.pack_frame_header(h, protocol.NOT_PACKED, size, 0), b"", size, None
         try:
-            body = b"".join(store.read_verified(h, 0, size))
+            body = b"".join(store.read_range(h, 0, size))  # the receiver verifies it
         except BlobMissing:
             return protocol.pack_frame_header(h, protocol.ABSENT, 0, 0), b"", 0, None
         except BlobError as exc:

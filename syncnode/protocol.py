@@ -14,6 +14,9 @@ POST     /peer/v1/events  ``{ids: [...]}``   ``{events: [{id, body}], certs: [..
 GET      /peer/v1/blobs/H/chunks             ``{size, chunks}`` (hex of the digests)
 GET      /peer/v1/blobs/H   (Range)          the bytes, each chunk verified before sending
 POST     /peer/v1/blobs/pack ``{blobs}``     several small blobs in one framed answer (below)
+POST     /peer/v1/blobs/H/damaged            ``202 {check}``: "what you sent me of H did not
+                                             match its hash"; the sender re-hashes H itself
+                                             (:mod:`syncnode.damage`); 429 past the budget
 POST     /peer/v1/push/offer ``{blobs}``     ``{want: [{hash, offset}]}``
 PUT      /peer/v1/push/blobs/H?offset=N      ``{offset}`` (bytes verified so far)
 POST     /peer/v1/push/events ``{events, certs}``  ``{applied, rejected}``
@@ -85,7 +88,8 @@ MAX_IDS = 1000  # event ids per /events request
 MAX_OFFER = 1000  # blobs per /push/offer
 MAX_JSON_BODY = 4 << 20
 MAX_CERT_BYTES = 16 << 10  # one origin certificate (DER)
-FEATURES = ("pack",)  # what this node's peer server offers beyond version 1's endpoints
+# what this node's peer server offers beyond version 1's endpoints
+FEATURES = ("pack", "damage-report")
 PACK_MAX_BLOBS = 64  # blobs per /blobs/pack request
 PACK_MAX_BYTES = 4 << 20  # blob bytes per pack answer (sender and receiver both enforce)
 PACK_CONTENT_TYPE = "application/x-syncnode-pack"

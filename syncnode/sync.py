@@ -60,6 +60,7 @@ from .blobstore import (
     StoreFull,
 )
 from .catalog import Catalog, PutMismatch
+from .damage import DamageChecks
 from .flow import FlowGate, Ticket
 from .introduction import introduce, refused_our_certificate
 from .local import LocalNode, local_errors, offload
@@ -72,7 +73,7 @@ from .tls.contexts import client_ssl_context
 from .tls.errors import NodeTLSError
 from .tls.peercert import fetch_peer_certificate
 from .tls.successor import Successor, SuccessorRejected
-from .transfer import PartialBlob, TransferError, stage_whole
+from .transfer import ChunkMismatch, PartialBlob, TransferError, stage_whole
 
 log = logging.getLogger("syncnode.sync")
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10, sock_read=60)
@@ -90,6 +91,8 @@ MAX_ANSWER = 64 << 20  # bytes of one JSON answer from a peer (an /events batch 
 MAX_HELLO = 1 << 20  # bytes of a /hello answer (with the root's Merkle answer)
 ERROR_BODY = 300  # bytes of a peer's error answer kept for the message
 OFFLOAD_JSON = 256 << 10  # answers larger than this are parsed in a worker thread
+REPORT_TIMEOUT = 10.0  # seconds for telling a peer that a blob it sent does not match
+MAX_REPORTS = 8  # damage reports to one peer in flight at once (more are dropped)
 MAX_WINDOW = 32  # default ceiling of the adaptive window (the max_window setting)
 SCHEDULE_TICK = 0.5  # seconds between looks at other peers' claims while waiting
 
@@ -324,6 +327,20 @@ class PeerClient:
         if not isinstance(size, int) or size < 0:
             raise ProtocolError(f"bad size in the chunk list answer for blob {blob}")
         return size, digests
+
+    async def report_damage(self, blob: str) -> bool:
+        """Tell the peer that what it sent of ``blob`` did not match its hash, so that it
+        re-hashes its copy (:mod:`syncnode.damage`). Best effort: False if it could not
+        be told (or refused the report: its budget for us is spent)."""
+        try:
+            async with asyncio.timeout(REPORT_TIMEOUT), self.session().post(
+                    f"{self.base}/blobs/{blob}/damaged", json={}) as resp:
+                await read_capped(resp, ERROR_BODY, "POST /blobs/H/damaged")
+                return resp.status == 202
+        except (aiohttp.ClientError, OSError, TimeoutError, NodeTLSError,
+                ProtocolError) as exc:
+            log.debug("could not report blob %s to %s: %s", blob, self.peer_id.short, exc)
+            return False
 
     async def fetch_blob(self, store: BlobStore, blob: str, size: int, chunks_root: str,
                          on_bytes: Callable[[int], None] | None = None, *,
@@ -783,6 +800,8 @@ class PeerSync:
         self.client.connections = max(16, engine.max_window)
         self.client.throttle = self._throttle_in
         self.packs = False  # the peer serves packs of small blobs (its hello says so)
+        self.takes_reports = False  # the peer re-hashes a blob we report (its hello says so)
+        self._reports: dict[str, asyncio.Task[bool]] = {}  # blob -> its report in flight
         self._singly: set[str] = set()  # blobs a pack did not bring: pulled alone next
         self._last_totals = (0, 0)  # the totals count from 0 in each run
 
@@ -942,6 +961,18 @@ class PeerSync:
                 ProtocolError) as exc:
             log.debug("could not notify %s: %s", self.peer_id.short, exc)
 
+    def report_damage(self, blob: str, exc: BaseException) -> None:
+        """Bytes of ``blob`` from the peer did not match their hash (``exc``): tell it, so
+        that it re-hashes its copy (its disk may be damaged; the link was not: TLS would
+        have refused the record). At most MAX_REPORTS in flight; best effort."""
+        if not self.takes_reports or not isinstance(exc, ChunkMismatch | BlobHashMismatch):
+            return
+        if blob in self._reports or len(self._reports) >= MAX_REPORTS:
+            return
+        task = asyncio.get_running_loop().create_task(self.client.report_damage(blob))
+        self._reports[blob] = task
+        task.add_done_callback(lambda _t: self._reports.pop(blob, None))
+
     def should_push(self) -> bool:
         if self.push == "always":
             return True
@@ -1016,6 +1047,7 @@ class PeerSync:
             await self.learn_successor(hello)
         features = hello.get("features")
         self.packs = isinstance(features, list) and "pack" in features
+        self.takes_reports = isinstance(features, list) and "damage-report" in features
         mine = await offload(self.node.catalog.merkle_root)
         st.remote_root, st.local_root = str(hello.get("root", "")), mine.digest.hex()
         if st.remote_root == st.local_root:
@@ -1386,6 +1418,7 @@ class PeerSync:
                         self.peer_id.short, exc)
             st.integrity_errors += 1
             st.bytes_discarded += size
+            self.report_damage(blob, exc)
 
         self.client.min_rate = self.engine.min_pull_rate
         self.client.base_deadline = self.engine.pull_base_deadline
@@ -1445,9 +1478,10 @@ class PeerSync:
             staged, resumed = await self.client.fetch_staged(
                 self.node.store, put.blob, put.size, put.chunks, received,
                 compress=compress, on_wire=crossed)
-        except (TransferError, BlobHashMismatch):
+        except (TransferError, BlobHashMismatch) as exc:
             st.integrity_errors += 1
             st.bytes_discarded += got  # this attempt's bytes did not verify: no progress
+            self.report_damage(put.blob, exc)
             raise
         st.bytes_resumed += resumed
         return staged
@@ -1497,7 +1531,8 @@ class PeerSync:
     async def push_blob(self, blob: str, offset: int, ticket: Ticket | None = None) -> None:
         store = self.node.store
         size = await offload(store.size, blob)
-        pieces = store.read_verified(blob, offset, size)  # a generator: reads in next()
+        # as stored: the peer verifies every chunk (a 422 makes us re-hash our copy)
+        pieces = store.read_range(blob, offset, size)  # a generator: reads in next()
 
         async def body() -> AsyncIterator[bytes]:
             limiter = self.engine.limiter
@@ -1514,6 +1549,9 @@ class PeerSync:
                 f"{self.client.base}/push/blobs/{blob}", params={"offset": str(offset)},
                 data=body(), headers={"Content-Length": str(size - offset)}) as resp:
             if resp.status >= 400:
+                if resp.status == 422 and self.engine.damage is not None:
+                    # the peer found our bytes do not match: our disk may be at fault
+                    self.engine.damage.report(None, blob, size)
                 raise ProtocolError(f"push of blob {blob}: HTTP {resp.status}: "
                                     f"{await _error_text(resp)}")
 
@@ -1751,6 +1789,8 @@ class SyncEngine:
     on_state: Callable[[PeerState], None] | None = None
     audit: AuditLog | None = None  # one entry per round and peer for what moved
     on_trust_changed: Callable[[], None] | None = None  # a peer renewed its certificate
+    # re-hashes a blob of ours a peer refused as not matching (syncnode.damage)
+    damage: DamageChecks | None = None
     # per peer (compact id): blob bytes the peer server received ("bytes_in") and served
     # ("bytes_out"); the running node passes its peer server's live counters
     served: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -1838,6 +1878,7 @@ class SyncEngine:
         for t in self.tasks.values():
             t.cancel()
         notices = [p._notifying for p in self.peers.values() if p._notifying is not None]
+        notices += [t for p in self.peers.values() for t in p._reports.values()]
         for n in notices:
             n.cancel()
         await asyncio.gather(*notices, return_exceptions=True)

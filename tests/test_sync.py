@@ -241,7 +241,7 @@ async def test_damaged_bytes_from_a_peer_are_refused_and_another_peer_supplies_t
     mesh([(b, rb), (c, rc)])
     await wait_for(lambda: converged([b, c]), 30, "C to get B's data over a clean link")
 
-    served = b.store.read_verified
+    served = b.store.read_range  # what the peer server hands out (not re-hashed)
     flips = [0]
 
     def damaged(blob: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
@@ -254,7 +254,7 @@ async def test_damaged_bytes_from_a_peer_are_refused_and_another_peer_supplies_t
             pos += len(piece)
             yield out
 
-    monkeypatch.setattr(b.store, "read_verified", damaged)
+    monkeypatch.setattr(b.store, "read_range", damaged)
     ra = await running(a)
     pin(b, a)
     pin(c, a)
