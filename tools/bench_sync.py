@@ -413,8 +413,10 @@ def _frame_label(frame: str) -> str:
     return f"{func} ({where.rsplit('/', 1)[-1]}" if where else func
 
 
-def summarise_pyspy(raw: Path, top: int = 12) -> dict[str, Any]:
-    """Where each node's threads spend wall time, from ``py-spy record --idle --threads``.
+def summarise_pyspy(raw: Path, top: int = 12, on_cpu: bool = False) -> dict[str, Any]:
+    """Where each node's threads spend wall time, from ``py-spy record --idle --threads``;
+    with ``on_cpu`` (recorded without ``--idle``), where they spend CPU time: the busiest
+    three-frame stacks, in CPU seconds.
 
     The event-loop thread (``MainThread``): share of its samples idle in ``select`` and the
     busiest leaf frames. Executor threads (``asyncio_N``): for each leaf frame, the average
@@ -446,6 +448,15 @@ def summarise_pyspy(raw: Path, top: int = 12) -> dict[str, Any]:
             if not idle:
                 workers[label] += n
     wall = main_total or 1
+    if on_cpu:  # no --idle: every sample is a thread on a CPU (GIL and I/O waits excluded)
+        cpu: Counter[str] = Counter()
+        for line in raw.read_text(errors="replace").splitlines():
+            stack, _, count = line.rpartition(" ")
+            frames = [f.strip() for f in stack.split(";") if f.strip()]
+            if count.isdigit() and len(frames) >= 2:
+                cpu[" <- ".join(_frame_label(f) for f in frames[:0:-1][:3])] += int(count)
+        return {"rate_hz": PYSPY_RATE, "cpu_seconds": sum(cpu.values()) / PYSPY_RATE,
+                "cpu_top": [(f, c / PYSPY_RATE) for f, c in cpu.most_common(top)]}
     return {
         "rate_hz": PYSPY_RATE, "wall_seconds": main_total / PYSPY_RATE,
         "event_loop_idle_share": main["idle"] / wall,
@@ -478,12 +489,14 @@ class Syncnode:
     """Drives the real ``syncnode`` CLI."""
 
     def __init__(self, procs: Processes, sampler: ProcSampler, work: Path,
-                 sync_interval: float, profile: bool, node_env: dict[str, str]) -> None:
+                 sync_interval: float, profile: bool, node_env: dict[str, str],
+                 on_cpu: bool = False) -> None:
         self.exe = find_tool("syncnode")
         self.node_env = node_env
         self.procs, self.sampler, self.work = procs, sampler, work
         self.sync_interval = sync_interval
-        self.pyspy = find_tool("py-spy") if profile else None
+        self.pyspy = find_tool("py-spy") if profile or on_cpu else None
+        self.on_cpu = on_cpu
         self.links: dict[str, subprocess.Popen[bytes]] = {}  # tag -> its link proxy
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
@@ -587,7 +600,8 @@ class Syncnode:
                     spies[n] = self.procs.start(
                         f"{tag}-pyspy-{n}",
                         [self.pyspy, "record", "--pid", str(p.pid), "--rate", str(PYSPY_RATE),
-                         "--format", "raw", "--nonblocking", "--idle", "--threads",
+                         "--format", "raw", "--nonblocking", "--threads",
+                         *([] if self.on_cpu else ["--idle"]),
                          "--output", str(self.work / f"{tag}-pyspy-{n}.txt")],
                         self.work / f"{tag}-pyspy-{n}.log")
             cat_b = Catalog(b.data / "catalog.db")
@@ -654,7 +668,7 @@ class Syncnode:
             for n in ("A", "B"):
                 raw = self.work / f"{tag}-pyspy-{n}.txt"
                 if raw.is_file():
-                    result["profile"][n] = summarise_pyspy(raw)
+                    result["profile"][n] = summarise_pyspy(raw, on_cpu=self.on_cpu)
                 else:
                     log(f"[{tag}] py-spy wrote no profile for {n}; see "
                         f"{self.work}/{tag}-pyspy-{n}.log")
@@ -1236,7 +1250,8 @@ def repro_command(args: argparse.Namespace) -> str:
     for kv in args.node_env:
         cmd += ["--node-env", kv]
     cmd += ["--wan-links", args.wan_links, "--wan-mb", str(args.wan_mb)]
-    for flag in ("skip_multiframe", "skip_orthanc", "skip_raw", "skip_wan", "profile", "keep"):
+    for flag in ("skip_multiframe", "skip_orthanc", "skip_raw", "skip_wan", "profile",
+                 "profile_cpu", "keep"):
         if getattr(args, flag):
             cmd.append("--" + flag.replace("_", "-"))
     if args.workdir is not None:
@@ -1405,6 +1420,12 @@ def render(doc: dict[str, Any]) -> str:
             p = prof.get(n)
             if not p:
                 continue
+            if "cpu_top" in p:
+                lines.append(f"  node {n}: {p['cpu_seconds']:.1f} CPU s sampled (on-CPU "
+                             "samples, all threads); busiest stacks, CPU s:")
+                for f, sec in p["cpu_top"]:
+                    lines.append(f"    {sec:6.2f}  {f[:120]}")
+                continue
             lines.append(f"  node {n}: event loop idle {p['event_loop_idle_share']:.0%} of "
                          f"{p['wall_seconds']:.1f} s; busiest event-loop frames:")
             for f, share in p["event_loop_top"][:8]:
@@ -1485,6 +1506,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                       "syncnode)")
     p.add_argument("--profile", action="store_true",
                    help="py-spy both nodes during the syncnode syncs (perturbs the timing)")
+    p.add_argument("--profile-cpu", action="store_true",
+                   help="py-spy both nodes without --idle: where the CPU time goes, by stack")
     p.add_argument("--node-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment for both `syncnode run` processes, for experiments "
                         "(e.g. SYNCNODE_MAX_PULLS=16); repeatable; default: none")
@@ -1552,7 +1575,7 @@ def run_bench(args: argparse.Namespace, scratch: Path | None) -> int:
         log(f"data set: {len(files)} files, {total / MB:.1f} MB")
 
         sn = Syncnode(procs, sampler, work, args.sync_interval, args.profile,
-                      dict(kv.split("=", 1) for kv in args.node_env))
+                      dict(kv.split("=", 1) for kv in args.node_env), args.profile_cpu)
         doc["syncnode"] = sn.sync_pair("sync", files, args.timeout)
         if not args.skip_raw:
             doc["raw_tls"] = bench_raw_tls(procs, work, files, total)
