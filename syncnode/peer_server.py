@@ -26,6 +26,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -33,17 +34,25 @@ from aiohttp import web
 from . import events as ev
 from . import merkle, protocol, renewal, wire
 from .audit import AuditLog, Tally
-from .blobstore import CHUNK_SIZE, BlobError, BlobHashMismatch, BlobMissing, StoreFull
+from .blobstore import (
+    CHUNK_SIZE,
+    BlobError,
+    BlobHashMismatch,
+    BlobMissing,
+    StagedBlob,
+    StoreFull,
+    implied_chunk_list,
+)
 from .catalog import Catalog
 from .damage import DamageChecks
 from .ids import InvalidHash, check_hash
 from .introduction import serve_introduction
-from .local import LocalNode, offload, offload_to
+from .local import LocalNode, local_errors, offload, offload_to
 from .nodeid import NodeId
 from .protocol import BadRequest
 from .ratelimit import Limiter
 from .tls.successor import Successor
-from .transfer import PartialBlob, TransferError
+from .transfer import PartialBlob, TransferError, stage_whole
 
 log = logging.getLogger("syncnode.peer_server")
 BODY_READ_TIMEOUT = 60.0
@@ -110,6 +119,7 @@ class PeerServer:
             web.get(f"{p}/blobs/{{hash}}", self.blob),
             web.post(f"{p}/push/offer", self.push_offer),
             web.put(f"{p}/push/blobs/{{hash}}", self.push_blob),
+            web.post(f"{p}/push/pack", self.push_pack),
             web.post(f"{p}/push/events", self.push_events),
             web.post(f"{p}/notify", self.notify),
         ])
@@ -590,6 +600,124 @@ class PeerServer:
         finally:
             await self._run(part.close)
 
+    async def push_pack(self, request: web.Request) -> web.Response:
+        """Several offered small blobs pushed in one body (see :mod:`syncnode.protocol`,
+        Pushed packs). Each header is checked before its payload is read; each blob is
+        verified and written to its part file in a worker thread while the next frame is
+        read; those that verified are installed (durable) before the answer. A blob that
+        does not verify, or that another transfer is writing right now, is refused alone;
+        a body that breaks the framing is 400 (what arrived before it is installed)."""
+        peer = request[PEER_KEY].compact
+        pending = self._pending_offers(peer)
+        loop = asyncio.get_running_loop()
+        seen: set[str] = set()
+        total = 0
+        refused: dict[str, str] = {}
+        mismatched: list[str] = []  # refused because their bytes do not match their hash
+        staged: list[StagedBlob] = []
+        held: list[asyncio.Lock] = []
+        writing: tuple[str, asyncio.Future[StagedBlob | _Refusal]] | None = None
+        broken: str | None = None
+
+        async def settle() -> None:
+            nonlocal writing
+            if writing is not None:
+                (blob, job), writing = writing, None
+                outcome = await job
+                if isinstance(outcome, _Refusal):
+                    refused[blob] = outcome.reason
+                    if outcome.mismatch:
+                        mismatched.append(blob)
+                else:
+                    staged.append(outcome)
+
+        deadline = loop.time() + BODY_READ_TIMEOUT + protocol.PACK_MAX_BYTES / MIN_PUSH_RATE
+        try:
+            async with asyncio.timeout_at(deadline):
+                while True:
+                    try:
+                        head = await request.content.readexactly(protocol.PACK_HEADER_SIZE)
+                    except asyncio.IncompleteReadError as exc:
+                        if exc.partial:
+                            broken = "pushed pack ends inside a frame header"
+                        break
+                    try:
+                        blob, status, size, length = protocol.parse_push_frame_header(
+                            head, seen, total)
+                    except BadRequest as exc:
+                        broken = str(exc)
+                        break
+                    seen.add(blob)
+                    total += size
+                    try:
+                        payload = await request.content.readexactly(length)
+                    except asyncio.IncompleteReadError:
+                        broken = f"pushed pack ends inside the payload of blob {blob}"
+                        break
+                    await self._throttle(peer, "in", len(payload))
+                    self._stat(peer, "bytes_in", len(payload))
+                    lock = self.blob_locks.setdefault(blob, asyncio.Lock())
+                    if blob not in pending or lock.locked():
+                        refused[blob] = ("not offered (or offered too long ago)"
+                                         if blob not in pending else "busy: send it later")
+                        continue
+                    await lock.acquire()  # free: returns at once
+                    held.append(lock)
+                    await settle()
+                    writing = (blob, loop.run_in_executor(
+                        self._pool, local_errors, self._stage_pushed, blob, status, size,
+                        payload))
+                await settle()
+            if staged:
+                await self._run(self._install_pushed, staged)
+        except TimeoutError:
+            broken = "pushed pack too slow"
+        finally:
+            if writing is not None:  # the body broke off while a blob was being written
+                await asyncio.wait([writing[1]])
+            for lock in held:
+                lock.release()
+        installed = [s.digest for s in staged]
+        for h in installed:
+            pending.pop(h, None)
+        tally = self._tally(self._pushed_in, peer)
+        tally.bytes += sum(s.size for s in staged)
+        for h, why in refused.items():
+            log.warning("pushed blob %s from %s refused: %s", h, request[PEER_KEY].short, why)
+        if broken is not None:
+            log.warning("pushed pack from %s refused after %d blobs: %s",
+                        request[PEER_KEY].short, len(seen), broken)
+            return web.json_response({"error": broken, "installed": installed,
+                                      "refused": refused, "mismatched": mismatched},
+                                     status=400)
+        return web.json_response({"installed": installed, "refused": refused,
+                                  "mismatched": mismatched})
+
+    def _stage_pushed(self, blob: str, status: int, size: int, payload: bytes
+                      ) -> StagedBlob | _Refusal:
+        """Verify one pushed blob against its offer and hash and write its part file
+        (blocking); why not, if it is refused."""
+        raw = self._read_offer(blob)
+        if raw is None:
+            return _Refusal("not offered")
+        if int.from_bytes(raw[:8], "big") != size or raw[8:] != implied_chunk_list(blob, size):
+            return _Refusal(f"offered with another size or chunk list than the {size} bytes "
+                            "sent")
+        try:
+            data = wire.decompress_chunk(payload, size) if status == protocol.ZSTD else payload
+        except wire.FrameError as exc:
+            return _Refusal(f"does not decompress: {exc}")
+        try:
+            return stage_whole(self.node.store, blob, data)
+        except (TransferError, BlobHashMismatch) as exc:
+            return _Refusal(f"does not verify: {exc}", mismatch=True)
+
+    def _install_pushed(self, staged: list[StagedBlob]) -> None:
+        """Make the verified blobs durable and present, then forget their offers."""
+        self.node.store.install_staged(staged)
+        for s in staged:
+            self._offer_path(s.digest).unlink(missing_ok=True)
+
     async def push_events(self, request: web.Request) -> web.Response:
         body = await self._json(request)
         try:
@@ -618,6 +746,14 @@ class PeerServer:
         if result.inserted and self.on_events:
             await self.on_events(result.inserted)
         return web.json_response({"applied": result.inserted, "rejected": result.rejected})
+
+
+@dataclass(frozen=True, slots=True)
+class _Refusal:
+    """Why one blob of a pushed pack is refused; ``mismatch``: its bytes do not match."""
+
+    reason: str
+    mismatch: bool = False
 
 
 def _loads(raw: bytes) -> Any:

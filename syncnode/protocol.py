@@ -19,6 +19,8 @@ POST     /peer/v1/blobs/H/damaged            ``202 {check}``: "what you sent me 
                                              (:mod:`syncnode.damage`); 429 past the budget
 POST     /peer/v1/push/offer ``{blobs}``     ``{want: [{hash, offset}]}``
 PUT      /peer/v1/push/blobs/H?offset=N      ``{offset}`` (bytes verified so far)
+POST     /peer/v1/push/pack  (frames)        ``{installed, refused}``: several offered small
+                                             blobs pushed in one request (below)
 POST     /peer/v1/push/events ``{events, certs}``  ``{applied, rejected}``
 POST     /peer/v1/notify                     ``{ok}``: "my catalog changed, sync now"
 POST     /peer/v1/introduce (a certificate)  ``204``; the only request served without a
@@ -48,6 +50,17 @@ blob that verified when the answer breaks off, refuses a blob that does not veri
 unexpected hash, a payload over its bound, an unknown status, bytes after the last frame).
 :class:`PackReader` is that decoder, sans-IO. ``hello`` lists ``"pack"`` in ``features``:
 a puller sends packs only to peers that do.
+
+**Pushed packs.** The push direction has the same shape: after ``/push/offer``, a pusher
+sends the small blobs the peer wants from offset 0 as one ``POST /peer/v1/push/pack`` whose
+body is pack frames (status ``RAW`` or ``ZSTD`` only; at most ``PACK_MAX_BLOBS`` blobs of
+at most one chunk and ``PACK_MAX_BYTES`` in all, each offered before and sent once). The
+receiver checks each header before reading its payload (:func:`parse_push_frame_header`),
+verifies each blob against its hash on its own, installs those that verified (durably,
+before it answers) and answers ``{"installed": [...], "refused": {hash: reason}}``: a blob
+that does not verify is refused alone. A body that breaks the framing (an unknown status,
+a blob not offered or sent twice, a payload over its bound, a cap exceeded) is refused
+with 400; blobs before it are installed still. ``hello`` lists ``"push-pack"``.
 
 ``children`` (16 ``[digest, count]`` pairs) is present below the leaf level; ``ids`` is
 present when the node holds at most ``INLINE_IDS`` events, so a diff stops descending as
@@ -89,7 +102,7 @@ MAX_OFFER = 1000  # blobs per /push/offer
 MAX_JSON_BODY = 4 << 20
 MAX_CERT_BYTES = 16 << 10  # one origin certificate (DER)
 # what this node's peer server offers beyond version 1's endpoints
-FEATURES = ("pack", "damage-report")
+FEATURES = ("pack", "damage-report", "push-pack")
 PACK_MAX_BLOBS = 64  # blobs per /blobs/pack request
 PACK_MAX_BYTES = 4 << 20  # blob bytes per pack answer (sender and receiver both enforce)
 PACK_CONTENT_TYPE = "application/x-syncnode-pack"
@@ -526,6 +539,29 @@ class PackReader:
         """The blobs whose frames did not (all) arrive."""
         start = self._next
         return [h for h, _ in self._expected[start:]]
+
+
+def parse_push_frame_header(data: bytes, seen: set[str], total: int
+                            ) -> tuple[str, int, int, int]:
+    """One frame header of a pushed pack: (blob, status, size, payload length), checked
+    against the caps given what came before (``seen``: the blobs already in this pack,
+    ``total``: their bytes). Raises BadRequest."""
+    raw, status, size, length = PACK_HEADER.unpack(data)
+    blob = raw.hex()
+    if status not in (RAW, ZSTD):
+        raise BadRequest(f"pushed pack: status {status} for blob {blob} (RAW or ZSTD only)")
+    if blob in seen:
+        raise BadRequest(f"pushed pack: blob {blob} sent twice")
+    if len(seen) >= PACK_MAX_BLOBS:
+        raise BadRequest(f"pushed pack: more than {PACK_MAX_BLOBS} blobs")
+    if size > CHUNK_SIZE or total + size > PACK_MAX_BYTES:
+        raise BadRequest(f"pushed pack: blob {blob} of {size} bytes is over one chunk or "
+                         f"past the {PACK_MAX_BYTES} bytes of a pack")
+    limit = pack_payload_limit(size)
+    if length > limit or (status == RAW and length != size):
+        raise BadRequest(f"pushed pack: payload of {length} bytes for blob {blob} of {size} "
+                         f"bytes (status {status})")
+    return blob, status, size, length
 
 
 def encode_certs(ders: Sequence[bytes]) -> list[str]:

@@ -801,6 +801,7 @@ class PeerSync:
         self.client.throttle = self._throttle_in
         self.packs = False  # the peer serves packs of small blobs (its hello says so)
         self.takes_reports = False  # the peer re-hashes a blob we report (its hello says so)
+        self.push_packs = False  # the peer takes pushed packs of small blobs (its hello)
         self._reports: dict[str, asyncio.Task[bool]] = {}  # blob -> its report in flight
         self._singly: set[str] = set()  # blobs a pack did not bring: pulled alone next
         self._last_totals = (0, 0)  # the totals count from 0 in each run
@@ -1048,6 +1049,7 @@ class PeerSync:
         features = hello.get("features")
         self.packs = isinstance(features, list) and "pack" in features
         self.takes_reports = isinstance(features, list) and "damage-report" in features
+        self.push_packs = isinstance(features, list) and "push-pack" in features
         mine = await offload(self.node.catalog.merkle_root)
         st.remote_root, st.local_root = str(hello.get("root", "")), mine.digest.hex()
         if st.remote_root == st.local_root:
@@ -1494,20 +1496,30 @@ class PeerSync:
             answer = (await self.client._json("POST", "/push/offer", json={"blobs": offer})
                       if offer else {})
             sizes = {o["hash"]: int(o["size"]) for o in offer}
-            results = await asyncio.gather(*(self._push_one(w, sizes)
-                                             for w in answer.get("want", [])),
+            want = answer.get("want", [])
+            packs, singly = self._plan_push_packs(want, sizes)
+            url, mode = self.state.url, self.engine.compression
+            zstd = {p.blob: wire.want_compression(mode, url, p.transfer_syntax_uid)
+                    for p in put_of.values()}
+            results = await asyncio.gather(*(self._push_one(w, sizes) for w in singly),
+                                           *(self._push_pack(g, zstd) for g in packs),
                                            return_exceptions=True)
+            not_taken: set[str] = set()  # refused from a pack: pushed again next round
             for r in results:
                 if isinstance(r, BaseException):
                     raise r
+                if isinstance(r, set):
+                    not_taken |= r
             # blobs the peer is fetching itself right now: their puts go in a later round
-            busy = set(answer.get("busy", []))
+            busy = set(answer.get("busy", [])) | not_taken
             pairs = [(e, b) for e, b in pairs if e not in put_of or put_of[e].blob not in busy]
-            if not pairs:
+            if not pairs and not not_taken:
                 continue
-            certs = await offload(catalog.certificates_for, [e for e, _ in pairs])
-            result = await self.client._json("POST", "/push/events",
-                                             json=protocol.events_response(pairs, certs))
+            result = {}
+            if pairs:
+                certs = await offload(catalog.certificates_for, [e for e, _ in pairs])
+                result = await self.client._json("POST", "/push/events",
+                                                 json=protocol.events_response(pairs, certs))
             applied = result.get("applied", [])
             self.state.events_sent += len(applied)
             self._pushed.events += len(applied)
@@ -1522,6 +1534,95 @@ class PeerSync:
                                                         if not catalog.is_tombstoned(e)])
             if rejected:
                 raise ProtocolError(f"peer rejected pushed events: {rejected[:1]}")
+            if not_taken:
+                raise ProtocolError(f"peer refused {len(not_taken)} blobs of a pushed pack, "
+                                    f"e.g. {min(not_taken)}: pushed again next round")
+
+    def _plan_push_packs(self, want: list[dict[str, Any]], sizes: dict[str, int]
+                         ) -> tuple[list[list[tuple[str, int]]], list[dict[str, Any]]]:
+        """The wanted blobs that go in pushed packs (small, from offset 0, to a peer that
+        takes them), grouped up to PACK_MAX_BLOBS and about :func:`pack_target` bytes;
+        and the rest, pushed one by one."""
+        packs: list[list[tuple[str, int]]] = []
+        singly: list[dict[str, Any]] = []
+        target = pack_target(self.push_gate.window.rate())
+        group: list[tuple[str, int]] = []
+        total = 0
+        for w in want:
+            blob, offset = protocol.check_hash_value(w.get("hash")), w.get("offset")
+            size = sizes.get(blob, CHUNK_SIZE + 1)
+            if not self.push_packs or offset != 0 or size > CHUNK_SIZE:
+                singly.append(w)
+                continue
+            if group and (len(group) >= protocol.PACK_MAX_BLOBS or total + size > target):
+                packs.append(group)
+                group, total = [], 0
+            group.append((blob, size))
+            total += size
+        if group:
+            packs.append(group)
+        return packs, singly
+
+    async def _push_pack(self, group: list[tuple[str, int]], zstd: dict[str, bool]
+                         ) -> set[str]:
+        """Push a group of small offered blobs in one request (``POST /push/pack``): each
+        frame is read (as stored: the peer verifies it) and compressed if wanted in a worker
+        thread while the one before is sent. Returns the blobs the peer refused; those it
+        found not matching their hash make this node re-hash its own copy."""
+        store = self.node.store
+        limiter = self.engine.limiter
+
+        def frame(blob: str, size: int) -> tuple[bytes, bytes]:
+            data = b"".join(store.read_range(blob, 0, size))
+            status = protocol.RAW
+            if zstd.get(blob) and data:
+                packed = wire.compress_chunk(data)
+                if len(packed) < len(data):
+                    data, status = packed, protocol.ZSTD
+            return protocol.pack_frame_header(blob, status, size, len(data)), data
+
+        async with self.push_gate.slot(sum(size for _, size in group)) as ticket:
+            async def body() -> AsyncIterator[bytes]:
+                ahead = asyncio.ensure_future(offload(frame, *group[0]))
+                try:
+                    for i, (_blob, size) in enumerate(group):
+                        head, data = await ahead
+                        if i + 1 < len(group):
+                            ahead = asyncio.ensure_future(offload(frame, *group[i + 1]))
+                        if limiter is not None and limiter.active:
+                            await limiter.consume(self.peer_id.compact, "out", len(data))
+                        self.state.bytes_sent += size
+                        self.engine.count_bytes(self.peer_id.compact, "out", size)
+                        ticket.progress(size)
+                        yield head
+                        yield data
+                finally:
+                    if not ahead.done():
+                        ahead.cancel()
+                        await asyncio.wait([ahead])
+
+            async with asyncio.timeout(self.client.pull_deadline(ticket.size)), \
+                    self.client.session().post(f"{self.client.base}/push/pack", data=body(),
+                                               headers={"Content-Type":
+                                                        protocol.PACK_CONTENT_TYPE}) as resp:
+                raw = await read_capped(resp, MAX_HELLO, "POST /push/pack")
+        try:
+            answer = json.loads(raw)
+            refused = dict(answer.get("refused") or {})
+            mismatched = set(answer.get("mismatched") or [])
+        except (ValueError, AttributeError, TypeError) as exc:
+            raise ProtocolError(f"POST /push/pack: HTTP {resp.status}, answer is not the "
+                                f"expected JSON: {exc}") from exc
+        sizes = dict(group)
+        for blob in mismatched & sizes.keys():
+            log.warning("peer %s refused pushed blob %s as not matching its hash: "
+                        "re-hashing our copy", self.peer_id.short, blob)
+            if self.engine.damage is not None:
+                self.engine.damage.report(None, blob, sizes[blob])
+        if resp.status != 200:
+            raise ProtocolError(f"POST /push/pack: HTTP {resp.status}: "
+                                f"{answer.get('error', '')}")
+        return set(refused) & sizes.keys()
 
     async def _push_one(self, want: dict[str, Any], sizes: dict[str, int]) -> None:
         blob, offset = protocol.check_hash_value(want["hash"]), int(want["offset"])

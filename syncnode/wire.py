@@ -170,6 +170,15 @@ class ChunkFrames:
                              f"{len(self._sizes)}")
 
 
+def decompress_chunk(frame: bytes, size: int) -> bytes:
+    """The content of one zstd frame that must declare, and hold, exactly ``size`` bytes
+    (at most one chunk: checked before decompressing). Raises FrameError. Blocking."""
+    frames = ChunkFrames([size])
+    chunks = frames.feed(frame)
+    frames.finish()
+    return chunks[0]
+
+
 def chunk_sizes(start: int, end: int, chunk_size: int) -> list[int]:
     """Sizes of the chunks covering blob bytes [start, end), ``start`` on a boundary."""
     return [min(chunk_size, end - pos) for pos in range(start, end, chunk_size)]
@@ -181,4 +190,5 @@ def max_frame_size(size: int) -> int:
 
 
 __all__ = ["ENCODING", "MODES", "ChunkFrames", "FrameError", "accepts", "chunk_sizes",
-           "compress_chunk", "is_local_url", "max_frame_size", "want_compression"]
+           "compress_chunk", "decompress_chunk", "is_local_url", "max_frame_size",
+           "want_compression"]

@@ -31,6 +31,7 @@ ROUTES = [("GET", "/hello", "hello"), ("GET", "/merkle", "merkle"),
           ("GET", "/blobs/{hash}/chunks", "chunks"),
           ("GET", "/blobs/{hash}", "blob"), ("POST", "/notify", "notify"),
           ("POST", "/push/offer", "push_offer"), ("PUT", "/push/blobs/{hash}", "push_blob"),
+          ("POST", "/push/pack", "push_pack"),
           ("POST", "/push/events", "push_events")]
 
 

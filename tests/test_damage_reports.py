@@ -54,7 +54,8 @@ def test_the_gate_bounds_what_a_peer_can_make_us_rehash() -> None:
     assert gate.admit("p", "b4", 10, now=4) == "queue"  # refilled at 1 MiB/s
     assert gate.admit("q", "b5", 10, now=4) == "queue"
     assert gate.admit("q", "b6", 10, now=4) == "full"  # four checks wait
-    assert gate.pending == {"b2", "b3", "b4", "b5"} and MIN_COST == MiB
+    assert gate.pending == {"b2", "b3", "b4", "b5"}
+    assert MiB == MIN_COST
 
 
 def flip(path: Path, at: int) -> bytes:
@@ -76,7 +77,7 @@ async def test_a_damaged_blob_is_reported_rehashed_quarantined_and_repaired(
                         seed=700 + i) for i in range(6)]
     import_files(a, *files)
     import_files(c, *files)  # C holds the same bytes: A's source of repair
-    by_size = sorted(a.store.iter_hashes(), key=lambda h: a.store.size(h))
+    by_size = sorted(a.store.iter_hashes(), key=a.store.size)
     large, small, good = by_size[-1], by_size[0], by_size[1]
     assert a.store.size(large) > MiB > a.store.size(small)  # ranged pull, and a pack
     originals = {large: flip(a.store.path(large), MiB + 100),

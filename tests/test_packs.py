@@ -23,6 +23,7 @@ import pytest
 from aiohttp import web
 from fakepeer import FakePeer
 from syncsupport import (
+    add_peer,
     converged,
     describe_nodes,
     import_files,
@@ -333,3 +334,46 @@ async def test_a_sync_pulls_small_blobs_in_packs_and_mends_a_damaged_one_alone(
     assert state["integrity_errors"] >= 1
     for b in a.store.iter_hashes():
         assert a.store.verify(b) is None
+
+
+# -- pushes go in packs too ----------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+async def test_a_push_of_small_instances_goes_in_packs_and_a_damaged_blob_is_refused_alone(
+        tmp_path: Path, new_node: Callable[[str], LocalNode], running: StartNode) -> None:
+    """A pushes 12 small instances to F (which never dials A): a few pushed packs, no
+    single pushes. One of A's blobs is damaged on A's disk (A serves as stored): F refuses
+    that blob alone, installs the 11 others and their puts, and A, told so, re-hashes its
+    copy and moves it aside."""
+    a, f = new_node("a"), new_node("f")
+    _small_study(tmp_path, a, 2, 12)
+    victim = sorted(a.store.iter_hashes())[3]
+    path = a.store.path(victim)
+    original = path.read_bytes()
+    os.chmod(path, 0o644)
+    path.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    fake = await FakePeer(f).start()
+    try:
+        ra = await running(a)
+        add_peer(a, f, fake.url, push="always")
+        pin(f, a)
+        ra.peers_changed()
+        good = set(a.store.iter_hashes()) - {victim}
+
+        def pushed() -> bool:
+            return good <= set(f.store.iter_hashes()) and len(f.catalog.instances()) == 11 \
+                and (a.data / "damaged" / victim).exists()
+
+        await wait_for(pushed, 30, "F to hold the 11 good instances and A to quarantine "
+                       "the damaged blob", describe=lambda: (describe_nodes([a, f]),
+                                                             dict(fake.calls)))
+        calls = dict(fake.calls)
+    finally:
+        await fake.stop()
+    assert calls.get("push_blob", 0) == 0, calls  # no blob went alone
+    assert 1 <= calls["push_pack"] <= 4, calls  # 12 blobs of ~15 kB: one pack, a retry
+    assert not f.store.has(victim) and not list(f.store.tmp_dir.glob(f"{victim}*.part"))
+    for b in f.store.iter_hashes():
+        assert f.store.verify(b) is None
+    assert not a.store.has(victim)  # A's own hash agreed: moved aside, not served again
