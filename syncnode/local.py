@@ -45,7 +45,13 @@ from .catalog import ApplyResult, Catalog, put_contradictions
 from .dicomfile import InstanceInfo, InvalidDicom, inspect_file
 from .ids import is_hash
 from .nodeid import NodeId
-from .rejection import REFUSE_AGAIN, RejectionNote, read_note
+from .rejection import (
+    KEY_OBJECT_SELECTION,
+    REFUSE_AGAIN,
+    InvalidRejectionNote,
+    RejectionNote,
+    read_note,
+)
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -281,7 +287,40 @@ class LocalNode:
         result.rejected.update(invalid)
         result.rejected.update(refused)
         result.refused.update(refused)
+        if result.inserted:
+            self.remember_rejections(checked, set(result.inserted))
         return result
+
+    def remember_rejections(self, checked: Iterable[ev.Checked], inserted: set[str]
+                            ) -> list[RejectionNote]:
+        """Record the IOCM rejection notes among a peer's puts just admitted (so that an
+        instance they reject is refused here too if it is sent again), without deleting
+        anything: the deletes travel as tombstones, under the delete authority policy.
+        Only Key Object Selection puts are read. A note that cannot be read or names
+        nothing usable is logged (UIDs only) and not recorded; it never fails the batch."""
+        notes: list[RejectionNote] = []
+        for eid, _, event in checked:
+            if (not isinstance(event, ev.PutEvent) or eid not in inserted
+                    or event.sop_class_uid != KEY_OBJECT_SELECTION
+                    or not self.store.has(event.blob)):
+                continue
+            try:
+                note = read_note(self.store.path(event.blob))
+            except Exception as exc:  # hostile or broken bytes: logged, never recorded
+                # (a parser's message may quote the data set: only ours is shown)
+                why = str(exc) if isinstance(exc, InvalidRejectionNote) else "unreadable"
+                log.warning("Key Object Selection %s from %s: not recorded as a rejection "
+                            "note: %s (%s)", event.sop_instance_uid, event.origin[:12], why,
+                            type(exc).__name__)
+                continue
+            if note is None:
+                continue
+            self.catalog.rejections.record(note.sop_instance_uid, note.code,
+                                           list(note.rejected))
+            log.info("rejection note %s (%s) from %s: %d instances recorded as rejected",
+                     note.sop_instance_uid, note.code, event.origin[:12], len(note.rejected))
+            notes.append(note)
+        return notes
 
     def refuse_untrue_puts(self, checked: Iterable[ev.Checked]) -> dict[str, str]:
         """The peer's put events (new to this node, blob present) whose blob is not the

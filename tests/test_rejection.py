@@ -5,14 +5,22 @@
   with status 0xC000 and an Error Comment naming the rejection (113037); after a
   113039 (retention expired) rejection the instance is accepted again.
 - The same note by ``syncnode import``; the tombstone reaches a peer like any delete.
+- A peer that takes the notes by sync remembers the rejections (a 113037-rejected instance
+  sent to it is refused, a 113039 one accepted); a note with malformed evidence is logged
+  and not recorded, and does not fail the sync.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pydicom
+import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
@@ -160,3 +168,67 @@ def test_rejection_note_by_import_reaches_a_peer(tmp_path: Path) -> None:
     finally:
         a.close()
         b.close()
+
+
+async def test_peers_remember_rejections(tmp_path: Path, running: Any,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    """A and B sync (B pulls from A). Rejection notes stored at A by ``storescu`` reach B as
+    puts (and tombstones); B records them, so the 113037-rejected instance sent to B is
+    refused (0xC000) while the 113039-rejected one is accepted again. A note whose evidence
+    is malformed passes through the sync like any instance, is logged and not recorded."""
+    from syncsupport import converged, peer_state, pull_from, url_of, wait_for
+
+    a, b = LocalNode.init(tmp_path / "a"), LocalNode.init(tmp_path / "b")
+    try:
+        ra, rb = await running(a), await running(b)
+        study = kit.make_study(tmp_path / "s", 3, seed="reject-peers")
+        await asyncio.to_thread(send, ra.ports["dicom"], *study.files)
+        await wait_for(lambda: len(a.catalog.instances(study=study.study_uid)) == 3, 30,
+                       "3 instances at A")
+        pull_from(b, rb, a, url_of(ra))
+        await wait_for(lambda: converged([a, b]), 30, "B in sync with A")
+        by_sop = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): f
+                  for f in study.files}
+        first, second, third = sorted(by_sop)
+        inst = a.catalog.instance(first)
+        assert inst is not None
+        notes = [tmp_path / "n1.dcm", tmp_path / "n2.dcm", tmp_path / "bad.dcm"]
+        rejection_note(notes[0], study, [first], "113037", inst.series_instance_uid,
+                       inst.sop_class_uid)
+        rejection_note(notes[1], study, [second], "113039", inst.series_instance_uid,
+                       inst.sop_class_uid)
+        bad = rejection_note(notes[2], study, ["1.2.3.x"], "113001", inst.series_instance_uid,
+                             inst.sop_class_uid)
+        caplog.set_level(logging.WARNING)
+        await asyncio.to_thread(send, ra.ports["dicom"], *notes)
+        await wait_for(lambda: a.catalog.instance(bad) is not None
+                       and a.catalog.instance(second) is None, 30, "the notes applied at A")
+        await wait_for(lambda: converged([a, b]), 30, "B in sync with A again")
+        # B took the notes by sync: the two good ones recorded, no second round of deletes
+        assert b.catalog.rejections.code(first) == "113037"
+        assert b.catalog.rejections.code(second) == "113039"
+        assert b.catalog.rejections.code(third) is None
+        assert b.catalog.instance(bad) is not None  # the malformed note: stored, not applied
+        assert b.catalog.rejections.code("1.2.3.x") is None
+        assert peer_state(b, a).get("integrity_errors", 0) == 0
+        assert any(bad in r.getMessage() and "not recorded" in r.getMessage()
+                   and r.name == "syncnode.local" for r in caplog.records)
+        # sent again to B: the 113037 one refused, the 113039 one accepted again
+        refused = await asyncio.to_thread(send, rb.ports["dicom"], by_sop[first],
+                                          check=False)
+        assert "Error: CannotUnderstand" in refused.stderr  # DCMTK's name of 0xC000
+        assert b.catalog.instance(first) is None
+        assert any(first in r.getMessage() and "113037" in r.getMessage()
+                   and "refused" in r.getMessage() for r in caplog.records)
+        await asyncio.to_thread(send, rb.ports["dicom"], by_sop[second])
+        await wait_for(lambda: b.catalog.instance(second) is not None, 30,
+                       "the 113039-rejected instance accepted again at B")
+    finally:
+        a.close()
+        b.close()
+
+
+def send(port: int, *files: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """DCMTK ``storescu`` to a node's SCP on ``port`` (verbose: statuses in its output)."""
+    return kit.run_tool([kit.dcmtk("storescu"), "-v", "-aec", "SYNCNODE", "127.0.0.1",
+                         str(port), *map(str, files)], timeout=60, check=check)
