@@ -362,15 +362,20 @@ def rm(sop_uids: Annotated[list[str] | None, typer.Argument(
        data: DataOpt = DEFAULT_DATA,
        study: Annotated[str | None, typer.Option(help="Delete every instance of this study.")]
        = None,
+       reason: Annotated[str | None, typer.Option(
+           help="What the rejection notes sent to the export PACS say: quality (113001), "
+                "safety (113037), worklist (113038) or retention (113039). Default: the "
+                "destination's export_reject_reason (quality).")] = None,
        json_out: JsonOpt = False) -> None:
-    """Delete instances: writes a tombstone that syncs to every peer; frees the blobs."""
+    """Delete instances: writes a tombstone that syncs to every peer; frees the blobs; the
+    export PACS that received them are sent a rejection note."""
     if not sop_uids and not study:
         fail("give SOP Instance UIDs or --study UID")
     service = open_service(data)
     try:
         studies = {study} if study else {i.study_instance_uid for i in map(
             service.node.catalog.instance, sop_uids or []) if i is not None}
-        result = service.delete(sop_uids or [], study=study)
+        result = service.delete(sop_uids or [], study=study, reason=reason)
     except NotFound as exc:
         if json_out:
             print_json({"tombstones": [], "freed_blobs": []})
@@ -513,6 +518,11 @@ def status_lines(st: dict[str, Any]) -> list[str]:
     for dest, ex in st.get("export", {}).items():
         line = (f"export      {dest}  {ex['pending']} pending, {ex['done']} done, "
                 f"{ex['failed']} failed, {ex['skipped']} skipped")
+        notes = ex.get("rejection_notes") or {}
+        if any(notes.values()):
+            line += (f"; rejection notes {notes.get('pending', 0)} pending, "
+                     f"{notes.get('done', 0)} sent, {notes.get('failed', 0)} failed, "
+                     f"{notes.get('skipped', 0)} skipped")
         if ex.get("last_error"):
             line += f"  last error: {ex['last_error']}"
         lines.append(line)

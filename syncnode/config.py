@@ -147,6 +147,15 @@ class Settings(BaseSettings):
         default_factory=list, description="export destinations (AE title or AE@HOST:PORT "
                                           "of `export`) that are asked for storage "
                                           "commitment of what they took")
+    export_reject_reason: str = Field(
+        "quality", description="reason of the rejection notes that tell the export PACS "
+                               "about deletes given no reason (peers' tombstones; `rm` "
+                               "without --reason): quality, safety, worklist or retention "
+                               "(or the code 113001/113037/113038/113039)")
+    export_reject_reasons: dict[str, str] = Field(
+        default_factory=dict, description="per export destination (AE title or "
+                                          "AE@HOST:PORT of `export`): its own "
+                                          "export_reject_reason")
     import_from: list[str] = Field(default_factory=list,
                                    description="PACS to poll and retrieve from, AE@HOST:PORT")
     dicom_destinations: dict[str, str] = Field(
@@ -269,6 +278,23 @@ class Settings(BaseSettings):
         for a in v:
             parse_ae_address(a)
         return v
+
+    @field_validator("export_reject_reason")
+    @classmethod
+    def _reject_reason(cls, v: str) -> str:
+        from .rejection import reason_code
+
+        reason_code(v)
+        return v.strip().lower()
+
+    @field_validator("export_reject_reasons")
+    @classmethod
+    def _reject_reasons(cls, v: dict[str, str]) -> dict[str, str]:
+        from .rejection import reason_code
+
+        for reason in v.values():
+            reason_code(reason)
+        return {dest.strip(): reason.strip().lower() for dest, reason in v.items()}
 
     @field_validator("dicom_destinations")
     @classmethod

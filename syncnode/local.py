@@ -358,11 +358,14 @@ class LocalNode:
             self.catalog.collect_garbage(result.freed_blobs, self.store.delete)
         return result
 
-    def delete_instances(self, sop_uids: Iterable[str]) -> ApplyResult:
-        return self.collect(self.catalog.delete_instances(sop_uids))
+    def delete_instances(self, sop_uids: Iterable[str], reason: str | None = None
+                         ) -> ApplyResult:
+        """Tombstone these instances; ``reason``: the rejection code (CID 7011) the export
+        PACS is told (see :meth:`Catalog.delete_instances`)."""
+        return self.collect(self.catalog.delete_instances(sop_uids, reason))
 
-    def delete_study(self, study_uid: str) -> ApplyResult:
-        return self.collect(self.catalog.delete_study(study_uid))
+    def delete_study(self, study_uid: str, reason: str | None = None) -> ApplyResult:
+        return self.collect(self.catalog.delete_study(study_uid, reason))
 
     def apply_rejection(self, blob_hash: str) -> RejectionNote | None:
         """If the stored instance ``blob_hash`` is an IOCM rejection note
@@ -374,7 +377,7 @@ class LocalNode:
         if note is None:
             return None
         self.catalog.rejections.record(note.sop_instance_uid, note.code, list(note.rejected))
-        result = self.delete_instances(note.rejected)
+        result = self.delete_instances(note.rejected, note.code)
         log.info("rejection note %s (%s): %d instances rejected, %d deleted here",
                  note.sop_instance_uid, note.code, len(note.rejected), len(result.inserted))
         return note

@@ -233,16 +233,26 @@ class NodeService:
     def studies(self) -> list[dict[str, Any]]:
         return self.node.catalog.studies()
 
-    def delete(self, sop_uids: Iterable[str] = (), study: str | None = None) -> ApplyResult:
+    def delete(self, sop_uids: Iterable[str] = (), study: str | None = None,
+               reason: str | None = None) -> ApplyResult:
         """Delete instances (or a whole study): tombstones that sync, blobs freed.
-        :class:`NotFound` if nothing live matched (nothing is written then)."""
+        ``reason`` (``quality``, ``safety``, ``worklist``, ``retention`` or a CID 7011
+        code): what the rejection notes sent to the export PACS say (default: each
+        destination's ``export_reject_reason``). :class:`NotFound` if nothing live matched
+        (nothing is written then)."""
+        from .rejection import reason_code
+
         uids = list(sop_uids)
         if not uids and not study:
             raise UsageError("give SOP Instance UIDs or a Study Instance UID")
         try:
-            result = (self.node.delete_study(check_uid(study, "Study Instance UID")) if study
-                      else self.node.delete_instances(
-                          [check_uid(u, "SOP Instance UID") for u in uids]))
+            code = reason_code(reason) if reason is not None else None
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        try:
+            result = (self.node.delete_study(check_uid(study, "Study Instance UID"), code)
+                      if study else self.node.delete_instances(
+                          [check_uid(u, "SOP Instance UID") for u in uids], code))
         except InvalidUID as exc:
             raise UsageError(str(exc)) from None
         if not result.inserted:

@@ -101,3 +101,31 @@ def test_newer_catalog_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SchemaTooNew, match="newer syncnode"):
         Catalog(tmp_path / "c.db", node_id="N")
     assert raw_version(tmp_path / "c.db") == SCHEMA_VERSION + 1  # untouched
+
+
+def test_version_5_catalog_gains_rejection_notes(tmp_path: Path) -> None:
+    """Migration 6 on a catalog of the previous schema: the outbox's items stay and are
+    puts, the rejection-note tables appear, the status reads both kinds."""
+    from syncnode.catalog.outbox import outbox_status
+
+    path = tmp_path / "c.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    for step in MIGRATIONS[:5]:
+        step(db)
+    db.execute("PRAGMA user_version=5")
+    db.execute("INSERT INTO outbox_cursor (dest) VALUES ('PACS@h:104')")
+    db.execute("INSERT INTO outbox (dest, seq, event_id, sop_instance_uid, state, enqueued, "
+               "updated) VALUES ('PACS@h:104', 1, x'01', '1.2.3', 'done', 0, 0)")
+    db.close()
+    assert outbox_status(path)["PACS@h:104"]["done"] == 1  # read unmigrated, as `status`
+    Catalog(path, node_id="N").close()
+    db = sqlite3.connect(path)
+    try:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION >= 6
+        assert db.execute("SELECT kind, state FROM outbox").fetchall() == [("put", "done")]
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
+        assert {"outbox_notes", "outbox_note_refs", "delete_reasons"} <= tables
+    finally:
+        db.close()
+    st = outbox_status(path)["PACS@h:104"]
+    assert st["done"] == 1 and st["rejection_notes"]["done"] == 0

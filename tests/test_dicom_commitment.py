@@ -7,27 +7,37 @@
 - The requester releases at once: the report comes on a new association to its AE title
   from ``dicom_destinations``.
 - A deleted instance is no longer held; a malformed request is refused.
+- Toward a real Orthanc as export PACS: exported instances count as committed only once
+  Orthanc confirms; ``syncnode rm --study`` of them sends Orthanc one IOCM rejection note
+  (the reason asked for, exactly the deleted instances), committed too; sent again after
+  a simulated crash it is the same note (same UID), not a second object.
 """
 
 from __future__ import annotations
 
+import io
+import sqlite3
 import sys
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pynetdicom import AE, evt
+from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import dicom_testkit as kit
 
+from syncnode.cli import app
 from syncnode.dicom.commitment import STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE
 from syncnode.dicom.scp import DicomServer
 from syncnode.importer import import_paths
 from syncnode.local import LocalNode
+from syncnode.rejection import KEY_OBJECT_SELECTION
 
 MISSING = "1.2.826.0.1.3680043.8.498.99999"
 
@@ -181,6 +191,53 @@ def test_export_is_committed_only_after_orthanc_confirms(tmp_path: Path) -> None
         assert st["done"] == 3 and st["awaiting_commitment"] == 0
         assert st["not_committed"] == 0
         assert sorted(orthanc.sop_uids()) == sorted(s.sop_uids)
+
+        # `syncnode rm --study` (the command, on the folder the exporter serves): Orthanc
+        # is sent one IOCM rejection note naming exactly the deleted instances, with the
+        # reason asked for and the patient/study of the instances, and asked to commit it
+        b.catalog.index_find_attributes(b.store.path)  # (what `run` does as they arrive)
+        rm = CliRunner().invoke(app, ["rm", "--study", s.study_uid, "--reason", "safety",
+                                      "--data", str(b.data)])
+        assert rm.exit_code == 0, rm.output
+        wait_until(lambda: status()["rejection_notes"]["committed"] == 1, 60,
+                   "the rejection note committed")
+        held = orthanc.sop_uids()
+        notes = sorted(set(held) - set(s.sop_uids))
+        assert len(notes) == 1
+        note = dcmread(io.BytesIO(orthanc.instance_file(held[notes[0]])))
+        assert note.SOPClassUID == KEY_OBJECT_SELECTION and note.Modality == "KO"
+        title = note.ConceptNameCodeSequence[0]
+        assert (title.CodeValue, title.CodingSchemeDesignator) == ("113037", "DCM")
+        (evidence,) = note.CurrentRequestedProcedureEvidenceSequence
+        assert evidence.StudyInstanceUID == note.StudyInstanceUID == s.study_uid
+        rejected = {(str(series.SeriesInstanceUID), str(ref.ReferencedSOPClassUID),
+                     str(ref.ReferencedSOPInstanceUID))
+                    for series in evidence.ReferencedSeriesSequence
+                    for ref in series.ReferencedSOPSequence}
+        original = dcmread(s.files[0], stop_before_pixels=True)
+        assert rejected == {(str(original.SeriesInstanceUID), str(original.SOPClassUID), u)
+                            for u in s.sop_uids}
+        assert (note.PatientID, note.PatientName) == (original.PatientID,
+                                                      original.PatientName)
+        assert note.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+        assert status()["done"] == 3  # (the instances' own items stay as they were)
+
+        # sent again (a crash between Orthanc's answer and its record): the same note,
+        # a duplicate to Orthanc, not a second object
+        ex.stop()
+        ex = None
+        db = sqlite3.connect(b.data / "catalog.db")
+        with db:
+            assert db.execute("UPDATE outbox SET state='pending', commit_uid='', committed=0 "
+                              "WHERE kind='reject'").rowcount == 1
+        db.close()
+        ex = Exporter(b, [orthanc.address], ae_title="SYNCNODE", poll_interval=0.05,
+                      backoff_base=0.05, backoff_cap=0.4, commitment=["ORTHANC"])
+        scp.on_commitment_report = ex.commitment_report
+        ex.start()
+        wait_until(lambda: status()["rejection_notes"]["committed"] == 1, 60,
+                   "the rejection note sent and committed again")
+        assert sorted(orthanc.sop_uids()) == sorted(held)
     finally:
         if ex is not None:
             ex.stop()

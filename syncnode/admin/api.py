@@ -472,7 +472,8 @@ class AdminAPI:
 
     async def delete_instance(self, request: web.Request) -> web.Response:
         try:
-            result = await self._run(self.service.delete, [request.match_info["sop_uid"]])
+            result = await self._run(self.service.delete, [request.match_info["sop_uid"]],
+                                     reason=request.query.get("reason"))
         except ServiceError as exc:
             self._audit("deleted", request[ACTOR], "failure", reason=type(exc).__name__)
             raise
@@ -651,6 +652,15 @@ def _dicom_metrics(dicom: dict[str, Any] | None) -> Any:
                            ("skipped", "skipped")):
             outbox.add_metric([dest, label], st.get(key, 0))
     yield outbox
+    notes = GaugeMetricFamily("syncnode_export_rejection_notes", "rejection notes telling "
+                              "the export PACS about deletes, by destination and state "
+                              "(sent = delivered)", labels=["destination", "state"])
+    for dest, st in (dicom.get("export") or {}).items():
+        rn = st.get("rejection_notes") or {}
+        for label, key in (("pending", "pending"), ("failed", "failed"), ("sent", "done"),
+                           ("skipped", "skipped"), ("committed", "committed")):
+            notes.add_metric([dest, label], rn.get(key, 0))
+    yield notes
     runs = CounterMetricFamily("syncnode_import_runs", "import-from polls of a PACS",
                                labels=["source"])
     errors = CounterMetricFamily("syncnode_import_errors", "import-from polls that failed",

@@ -151,8 +151,14 @@ OPENAPI: dict[str, Any] = {
                                             "more": {"type": "boolean"}}}),
                           "400": _ERR}}},
         "/api/v1/instances/{sop_uid}": {"delete": {
-            "summary": "Delete (a tombstone that syncs)", "security": _KEY,
-            "parameters": [_SOP],
+            "summary": "Delete (a tombstone that syncs; the export PACS that received it "
+                       "are sent a rejection note)", "security": _KEY,
+            "parameters": [_SOP, {"name": "reason", "in": "query", "required": False,
+                                  "description": "what the rejection note says (default: "
+                                                 "the destination's export_reject_reason)",
+                                  "schema": {"type": "string", "enum": [
+                                      "quality", "safety", "worklist", "retention",
+                                      "113001", "113037", "113038", "113039"]}}],
             "responses": {"200": _json(_OBJ), "400": _ERR, "401": _ERR, "403": _ERR,
                           "404": _ERR}}},
         "/api/v1/instances/{sop_uid}/file": {"get": {

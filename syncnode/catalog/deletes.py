@@ -47,20 +47,32 @@ class Deletes(Part):
     transactions (``_write``, ``_read``, ``_lock``, ``_db``).
     """
 
-    def delete_instances(self, sop_uids: Iterable[str]) -> ApplyResult:
-        """Tombstone the current versions of these instances. Unknown UIDs are ignored."""
+    def delete_instances(self, sop_uids: Iterable[str], reason: str | None = None
+                         ) -> ApplyResult:
+        """Tombstone the current versions of these instances. Unknown UIDs are ignored.
+        ``reason``: a rejection code (CID 7011) remembered with the deletes (table
+        ``delete_reasons``, local) for the rejection notes the exporter sends."""
         return self._delete_where("sop_instance_uid=?",
-                                  [check_uid(u, "SOP Instance UID") for u in sop_uids])
+                                  [check_uid(u, "SOP Instance UID") for u in sop_uids],
+                                  reason)
 
-    def delete_study(self, study_uid: str) -> ApplyResult:
+    def delete_study(self, study_uid: str, reason: str | None = None) -> ApplyResult:
         check_uid(study_uid, "Study Instance UID")
         with self._lock:
             sops = [r[0] for r in self._db.execute(
                 "SELECT DISTINCT sop_instance_uid FROM puts WHERE study_instance_uid=? "
                 "AND removed=0", (study_uid,))]
-        return self.delete_instances(sops)
+        return self.delete_instances(sops, reason)
 
-    def _delete_where(self, where: str, params: list[str]) -> ApplyResult:
+    def delete_reason(self, delete_id: str) -> str | None:
+        """The rejection code given to a delete made here, if one was."""
+        with self._read() as db:
+            row = db.execute("SELECT code FROM delete_reasons WHERE delete_id=?",
+                             (bytes.fromhex(delete_id),)).fetchone()
+        return str(row[0]) if row else None
+
+    def _delete_where(self, where: str, params: list[str], reason: str | None = None
+                      ) -> ApplyResult:
         result = ApplyResult()
         dirty_leaves: set[int] = set()
         dirty_sops: set[str] = set()
@@ -78,6 +90,9 @@ class Deletes(Part):
                     if self._insert(db, bytes.fromhex(eid), body, event, dirty_leaves,
                                     dirty_sops, freed):
                         result.inserted.append(eid)
+                        if reason is not None:
+                            db.execute("INSERT OR REPLACE INTO delete_reasons (delete_id, "
+                                       "code) VALUES (?, ?)", (bytes.fromhex(eid), reason))
             result.freed_blobs = self._finish(db, dirty_leaves, dirty_sops, freed)
         return self._inserted(result)
 

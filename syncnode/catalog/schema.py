@@ -194,6 +194,34 @@ CREATE TABLE IF NOT EXISTS rejected (
 """
 
 
+# Version 6: deletes forwarded to the export PACS as rejection notes
+# (syncnode.dicom.exporter). ``outbox.kind``: 'put' (an instance to send, as before) or
+# 'reject' (a rejection note made here: its ``event_id`` is the note's key, derived from
+# the delete events it reports, its ``sop_instance_uid`` the note's UID). Per note: the
+# reason code, the study and when the deletes were made (``outbox_notes``), and the
+# deleted puts it rejects (``outbox_note_refs``, by ``puts.seq``). ``delete_reasons``: the
+# reason given to a delete made here (``rm --reason``, or the code of the rejection note
+# that caused it), local to this node.
+V6_COLUMNS = {"kind": "TEXT NOT NULL DEFAULT 'put' CHECK (kind IN ('put', 'reject'))"}
+V6 = """
+CREATE TABLE IF NOT EXISTS outbox_notes (
+    item               INTEGER PRIMARY KEY,  -- outbox.id of a 'reject' item
+    code               TEXT NOT NULL,
+    study_instance_uid TEXT NOT NULL,
+    made               REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox_note_refs (
+    item    INTEGER NOT NULL,
+    put_seq INTEGER NOT NULL,
+    PRIMARY KEY (item, put_seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS delete_reasons (
+    delete_id BLOB PRIMARY KEY,
+    code      TEXT NOT NULL
+) WITHOUT ROWID;
+"""
+
+
 def _statements(script: str) -> list[str]:
     """The statements of a schema script, split where SQLite says one is complete (a ';'
     in a comment does not end one)."""
@@ -227,12 +255,21 @@ def _v5(db: sqlite3.Connection) -> None:
     _run(V5)(db)
 
 
+def _v6(db: sqlite3.Connection) -> None:
+    have = {r[1] for r in db.execute("PRAGMA table_info(outbox)")}
+    for column, decl in V6_COLUMNS.items():
+        if column not in have:
+            db.execute(f"ALTER TABLE outbox ADD COLUMN {column} {decl}")
+    _run(V6)(db)
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _run(V1),
     _run(V2),
     _run(V3),
     _run(V4),
     _v5,
+    _v6,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

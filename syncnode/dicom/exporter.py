@@ -32,6 +32,17 @@ UID on those items. The PACS's N-EVENT-REPORT - on that association (waited for 
 - marks each item committed (or not, with the PACS's failure reason). ``done`` means
 "sent"; ``committed`` counts the ones the PACS confirmed (``syncnode status``).
 
+Deletes: when instances sent to a destination are deleted here - ``syncnode rm``, the
+admin API, a rejection note, or tombstones admitted from a peer - the outbox queues a
+``reject`` item (see :mod:`syncnode.catalog.outbox`) and the worker sends that
+destination an IOCM rejection note (:func:`syncnode.rejection.make_note`: a Key Object
+Selection in Explicit VR Little Endian naming exactly the deleted instances it had
+received, one study per note), by C-STORE like any item: same retries, same outcomes,
+same storage commitment. Its reason is the one given to the delete (``rm --reason``),
+else the destination's ``export_reject_reason``; a note for a peer's deletes waits
+``peer_delete_hold`` seconds first, so that when the peer deleted because of a rejection
+note - which reaches this node and is exported as an instance - no second note is sent.
+
 An item is ``done`` only on 0x0000 or the warnings 0xB000, 0xB006, 0xB007. Outcomes
 are written in short transactions of up to ``OUTCOME_BATCH`` items, never held across
 network I/O. Transient
@@ -78,6 +89,7 @@ from ..catalog.outbox import outbox_status as outbox_status  # re-exported
 from ..config import parse_ae_address
 from ..dicomfile import dataset_offset
 from ..local import LocalNode
+from ..rejection import REASONS, make_note
 from ..retry import backoff
 from .transport import PduLimits, SyncnodeAE
 
@@ -95,6 +107,9 @@ IN_MEMORY_LIMIT = 16 << 20  # blobs up to this size are sent from verified memor
 STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"
 STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
 COMMIT_REPORT_WAIT = 2.0  # seconds an export association waits for a report on itself
+# seconds a rejection note for a peer's deletes waits: the peer's own note, if it deleted
+# because of one, travels with its tombstones and is exported as an instance instead
+PEER_DELETE_HOLD = 30.0
 
 
 def _transient(status: int) -> bool:
@@ -122,6 +137,10 @@ class Destination:
         self.commitment = self.ae_title in exporter.commitment or address in exporter.commitment
         self._awaited = ""
         self._report_seen = threading.Event()
+        # the reason of rejection notes for deletes that were given none
+        self.reject_code = (exporter.reject_codes.get(address)
+                            or exporter.reject_codes.get(self.ae_title)
+                            or exporter.reject_code)
 
     # -- the loop ------------------------------------------------------------------------
     def _run(self) -> None:
@@ -165,9 +184,10 @@ class Destination:
     def enqueue_new(self) -> int:
         """Enqueue put events from peers after the cursor; return how many events scanned."""
         scanned, queued = self.outbox.enqueue_new(self.address, self.exporter.node_id,
-                                                  SCAN_LIMIT)
+                                                  SCAN_LIMIT, self.reject_code,
+                                                  self.exporter.peer_delete_hold)
         if queued:
-            log.info("export to %s: %d instances queued", self.address, queued)
+            log.info("export to %s: %d items queued", self.address, queued)
         return scanned
 
     def due_items(self) -> list[Item]:
@@ -180,7 +200,10 @@ class Destination:
             return False
         live = []
         for it in items:
-            if it.live:
+            if it.kind == "reject":
+                if self.prepare_note(it):
+                    live.append(it)
+            elif it.live:
                 live.append(it)
             else:
                 self.finish(it, "skipped", "instance is no longer live (deleted or replaced)")
@@ -195,6 +218,26 @@ class Destination:
             batch.append(it)
         if batch:
             self.send_batch(batch, pairs)
+        return True
+
+    def prepare_note(self, it: Item) -> bool:
+        """Make the rejection note of a ``reject`` item (``it.note``); False if nothing is
+        left for it to reject (the item is then skipped)."""
+        what = self.outbox.note_contents(it.id, self.exporter.node_id)
+        if what.subject is None:
+            why = ("the instances are live again here" if what.dropped_live and
+                   not what.dropped_exported else
+                   "their own rejection note is exported" if what.dropped_exported and
+                   not what.dropped_live else "nothing left to reject")
+            self.finish(it, "skipped", why)
+            log.info("export to %s: rejection note %s not sent: %s", self.address,
+                     it.sop_instance_uid, why)
+            return False
+        it.note = make_note(what.key, what.code, what.subject, what.rejected, what.made)
+        it.size = len(it.note)
+        log.info("export to %s: rejection note %s (%s, %s) for %d instances of study %s",
+                 self.address, it.sop_instance_uid, what.code, REASONS[what.code],
+                 len(what.rejected), what.subject.study_instance_uid)
         return True
 
     # -- sending -------------------------------------------------------------------------
@@ -351,6 +394,8 @@ class Destination:
 
     def payload(self, it: Item, inflate: bool) -> io.BytesIO | tuple[Path, int]:
         """The data set bytes to send, checked against the blob's chunk hashes."""
+        if it.note is not None:  # a rejection note made here
+            return io.BytesIO(it.note[dataset_offset(it.note[:65536]):])
         store = self.exporter.store
         if it.size <= IN_MEMORY_LIMIT or inflate:
             if inflate:
@@ -600,8 +645,13 @@ class Exporter:
                  poll_interval: float = 5.0, backoff_base: float = 1.0,
                  backoff_cap: float = 60.0, max_pdu: int = 262_144,
                  dimse_timeout: float = 120.0, audit: AuditLog | None = None,
-                 commitment: list[str] | None = None) -> None:
+                 commitment: list[str] | None = None, reject_code: str = "113001",
+                 reject_codes: dict[str, str] | None = None,
+                 peer_delete_hold: float = PEER_DELETE_HOLD) -> None:
         self.node = node
+        self.reject_code = reject_code
+        self.reject_codes = dict(reject_codes or {})
+        self.peer_delete_hold = peer_delete_hold
         self.commitment = set(commitment or [])
         self.audit = audit
         self.node_id = node.node_id.compact

@@ -18,6 +18,7 @@ from ..audit import AuditLog
 from ..catalog.attrs import Backfill
 from ..config import Settings
 from ..local import LocalNode
+from ..rejection import reason_code
 from .exporter import Exporter
 from .retrieve import Retriever
 from .scp import DicomServer
@@ -54,7 +55,10 @@ class DicomBridge:
         self.exporter = (Exporter(node, settings.export, ae_title=settings.ae_title,
                                   poll_interval=export_poll, backoff_base=backoff_base,
                                   backoff_cap=backoff_cap, max_pdu=settings.max_pdu,
-                                  audit=audit, commitment=settings.export_commitment)
+                                  audit=audit, commitment=settings.export_commitment,
+                                  reject_code=reason_code(settings.export_reject_reason),
+                                  reject_codes={d: reason_code(r) for d, r in
+                                                settings.export_reject_reasons.items()})
                          if settings.export else None)
         if self.exporter is not None:  # reports of commitments it asked for reach the SCP
             self.server.on_commitment_report = self.exporter.commitment_report
