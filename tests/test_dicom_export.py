@@ -7,8 +7,10 @@ itself must never be exported.
 
 from __future__ import annotations
 
+import io
 import os
 import random
+import sqlite3
 import subprocess
 import sys
 import time
@@ -278,3 +280,80 @@ def test_large_instance_streamed_from_the_blob(nodes: tuple[LocalNode, LocalNode
         got = dcmread(f)
         src = dcmread(study.files[study.sop_uids.index(str(got.SOPInstanceUID))])
         assert got.PixelData == src.PixelData
+
+
+def relay(src: LocalNode, dst: LocalNode, since: set[str]) -> None:
+    """The events ``src`` made after ``since``, with the blobs of its puts, admitted by
+    ``dst`` as a sync pull admits them (:meth:`LocalNode.apply`)."""
+    new = [e for e in src.catalog.all_event_ids() if e not in since]
+    for eid in new:
+        inst = src.catalog.put_event(eid)
+        if inst is not None and src.store.has(inst.blob):
+            dst.store.put_file(src.store.path(inst.blob))
+    dst.catalog.offer_certificates(src.catalog.certificates_for(new))
+    assert not dst.apply(src.catalog.get_events(new)).rejected
+
+
+def test_peer_deletes_become_rejection_notes(nodes: tuple[LocalNode, LocalNode],
+                                              tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tombstones from a peer for instances sent to a destination queue rejection notes:
+    one study's deletes split into notes of at most NOTE_REFERENCES references (here 2),
+    the destination's default reason, held ``peer_hold`` seconds, each note's UID derived
+    from its deletes (the same note whenever it is made). Deletes the peer made because of
+    a rejection note queue a note that is not sent: the peer's note itself is exported."""
+    from test_rejection import rejection_note
+
+    from syncnode.catalog import outbox as outbox_model
+    from syncnode.rejection import make_note, note_uid
+
+    a, b = nodes
+    monkeypatch.setattr(outbox_model, "NOTE_REFERENCES", 2)
+    study = kit.make_study(tmp_path / "s", 4, seed="reject-export")
+    from_peer(a, b, study.files)
+    dest, me = "PACS@127.0.0.1:104", b.node_id.compact
+    box = b.catalog.outbox
+    box.register(dest)
+    assert box.enqueue_new(dest, me, 100) == (4, 4)
+    box.record_outcomes([("finish", ("done", "", time.time(), it.id))
+                         for it in box.due(dest, 10)])  # (as if sent)
+    sops = sorted(i.sop_instance_uid for i in a.catalog.instances(study=study.study_uid))
+    before = set(a.catalog.all_event_ids())
+    a.delete_instances(sops[:3])  # at the peer, no reason given
+    relay(a, b, before)
+    assert b.catalog.instance(sops[0]) is None
+    start = time.time()
+    assert box.enqueue_new(dest, me, 100, "113039", peer_hold=30.0) == (3, 2)
+    assert box.due(dest, 10) == []  # held for the peer's own note, if any
+    db = sqlite3.connect(b.data / "catalog.db")
+    items = db.execute("SELECT id, event_id, sop_instance_uid, next_attempt FROM outbox "
+                       "WHERE kind='reject' ORDER BY id").fetchall()
+    db.close()
+    assert len(items) == 2 and all(due >= start + 30 for *_, due in items)
+    told: list[str] = []
+    for item_id, key, uid, _ in items:
+        what = box.note_contents(item_id, me)
+        assert what.code == "113039" and what.subject is not None
+        assert what.subject.study_instance_uid == study.study_uid
+        assert what.subject.patient_id == "PAT-1"
+        assert uid == note_uid(bytes(key))
+        note = make_note(what.key, what.code, what.subject, what.rejected, what.made)
+        assert note == make_note(what.key, what.code, what.subject, what.rejected, what.made)
+        assert dcmread(io.BytesIO(note)).SOPInstanceUID == uid
+        told += [r.sop_instance_uid for r in what.rejected]
+    assert sorted(told) == sops[:3]
+    # the peer rejects the last one with a rejection note: the note travels and is
+    # exported; the note queued for the tombstone has nothing left to say
+    inst = a.catalog.instance(sops[3])
+    assert inst is not None
+    path = tmp_path / "note.dcm"
+    rejection_note(path, study, [sops[3]], "113001", inst.series_instance_uid,
+                   inst.sop_class_uid)
+    before = set(a.catalog.all_event_ids())
+    assert import_paths(a, [path]).imported == 1
+    relay(a, b, before)
+    assert b.catalog.rejections.code(sops[3]) == "113001"
+    assert box.enqueue_new(dest, me, 100, "113039") == (2, 2)  # the note (a put), a reject
+    (item_id,) = [it.id for it in box.due(dest, 10) if it.kind == "reject"]
+    what = box.note_contents(item_id, me)
+    assert what.subject is None and what.dropped_exported == 1 and what.code == "113001"
