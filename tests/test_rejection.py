@@ -170,6 +170,7 @@ def test_rejection_note_by_import_reaches_a_peer(tmp_path: Path) -> None:
         b.close()
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # (the malformed note)
 async def test_peers_remember_rejections(tmp_path: Path, running: Any,
                                          caplog: pytest.LogCaptureFixture) -> None:
     """A and B sync (B pulls from A). Rejection notes stored at A by ``storescu`` reach B as
