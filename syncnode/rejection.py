@@ -167,6 +167,7 @@ def make_note(key: bytes, code: str, subject: NoteSubject, rejected: Sequence[Re
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.filewriter import dcmwrite
     from pydicom.sequence import Sequence as Seq
+    from pydicom.uid import UID
 
     if code not in REASONS:
         raise ValueError(f"{code!r} is not a rejection code of CID 7011")
@@ -175,9 +176,9 @@ def make_note(key: bytes, code: str, subject: NoteSubject, rejected: Sequence[Re
                          f"not {len(rejected)}")
     uid = note_uid(key)
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = KEY_OBJECT_SELECTION
-    meta.MediaStorageSOPInstanceUID = uid
-    meta.TransferSyntaxUID = EXPLICIT_VR_LE
+    meta.MediaStorageSOPClassUID = UID(KEY_OBJECT_SELECTION)
+    meta.MediaStorageSOPInstanceUID = UID(uid)
+    meta.TransferSyntaxUID = UID(EXPLICIT_VR_LE)
     ds = Dataset()
     ds.file_meta = meta
     texts = [subject.patient_name, subject.referring_physician_name, subject.study_id,
