@@ -140,9 +140,14 @@ async def test_changes_need_the_key(api: Api) -> None:
     status, body = await api.send("DELETE", f"/api/v1/instances/{sop}", key="x" * 30)
     assert status == 403 and "wrong API key" in body["error"]
     assert api.running.node.catalog.instance(sop) is not None  # nothing happened
-    status, body = await api.send("DELETE", f"/api/v1/instances/{sop}")
+    status, body = await api.send("DELETE", f"/api/v1/instances/{sop}?reason=because")
+    assert status == 400 and "unknown rejection reason" in body["error"]
+    assert api.running.node.catalog.instance(sop) is not None
+    status, body = await api.send("DELETE", f"/api/v1/instances/{sop}?reason=safety")
     assert status == 200 and len(body["tombstones"]) == 1
     assert api.running.node.catalog.instance(sop) is None
+    # the reason is kept for the export PACS's rejection note
+    assert api.running.node.catalog.delete_reason(body["tombstones"][0]) == "113037"
     status, body = await api.send("DELETE", f"/api/v1/instances/{sop}")
     assert status == 404
 

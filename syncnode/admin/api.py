@@ -14,6 +14,7 @@ with every kind of credential.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
@@ -472,8 +473,9 @@ class AdminAPI:
 
     async def delete_instance(self, request: web.Request) -> web.Response:
         try:
-            result = await self._run(self.service.delete, [request.match_info["sop_uid"]],
-                                     reason=request.query.get("reason"))
+            result = await self._run(functools.partial(
+                self.service.delete, [request.match_info["sop_uid"]],
+                reason=request.query.get("reason")))
         except ServiceError as exc:
             self._audit("deleted", request[ACTOR], "failure", reason=type(exc).__name__)
             raise
