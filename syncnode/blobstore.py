@@ -20,6 +20,11 @@ Invariants:
 - Paths are built only from strings that passed :func:`syncnode.ids.check_hash`.
 - Memory does not grow with the size of a blob: everything streams in chunk-sized
   pieces.
+- Every blob hashed and found intact (installed, verified, or read whole with
+  :meth:`BlobStore.read_verified`) is noted in the data folder's :class:`KnownGood`
+  record with its file's stat; one found damaged or deleted is dropped from it.
+  :meth:`BlobStore.read_known` reads a blob whose file is unchanged since without hashing
+  it again (for DICOMweb clients; see :mod:`syncnode.knowngood` for what that trusts).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import blake3
 
 from .durable import fsync_dir, sync_filesystem
 from .ids import check_hash
+from .knowngood import Fingerprint, KnownGood, fingerprint
 
 CHUNK_SIZE = 1 << 20
 TRANSFER_SUFFIXES = (".part", ".offer")
@@ -47,6 +53,8 @@ FREE_RESERVE = 8 << 20  # bytes a transfer must leave free (catalog commits, log
 LOW_SPACE_TRANSFER_AGE = 600.0  # seconds unwritten before a transfer file goes when short
 DIGEST_SIZE = 32
 _READ_SIZE = CHUNK_SIZE
+KNOWN_READ_SIZE = 4 << 20  # pieces of a known-good blob read without hashing
+_EMPTY_HASH = blake3.blake3(b"").hexdigest()
 
 
 class BlobError(Exception):
@@ -374,6 +382,15 @@ class BlobWriter:
         self.abort()  # no-op after a commit
 
 
+_KNOWN_GOOD: dict[Path, KnownGood] = {}  # one record per blob folder, whichever object
+_KNOWN_GOOD_LOCK = threading.Lock()       # of this process reads or writes it
+
+
+def _known_good_of(root: Path) -> KnownGood:
+    with _KNOWN_GOOD_LOCK:
+        return _KNOWN_GOOD.setdefault(root, KnownGood())
+
+
 class BlobStore:
     """Content-addressed files under ``<data>/blobs`` with temp files in ``<data>/tmp``."""
 
@@ -383,6 +400,9 @@ class BlobStore:
         self.tmp_dir = data_dir / "tmp"
         self.root.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        # shared by every store object of this process on the same folder (the DICOM SCP
+        # installs with its own object; DICOMweb reads with the node's)
+        self.known_good = _known_good_of(self.root.resolve())
         self._dirty_dirs: set[Path] = set()
         self._dirty_lock = threading.Lock()
         self._folders: set[Path] = set()  # fan-out folders known to exist
@@ -439,30 +459,103 @@ class BlobStore:
         """Yield bytes [start, end) of a blob, each covering chunk checked against its digest.
 
         Raises BlobError as soon as a chunk does not match: damaged bytes are never
-        handed out.
+        handed out (and the blob is no longer known good). A whole blob read to its end
+        is noted as known good.
         """
         digests = self.chunk_digests(blob_hash)
         with self.open(blob_hash) as f:
-            size = os.fstat(f.fileno()).st_size
+            st = os.fstat(f.fileno())  # before any byte is read: what the hashes vouch for
+            size = st.st_size
             if len(digests) != chunk_count(size) * DIGEST_SIZE:  # cut on a chunk boundary
+                self.known_good.forget(blob_hash)
                 raise BlobError(f"blob {blob_hash} is damaged: its size does not match "
                                 "its chunk list")
+            if size == 0 and blob_hash != _EMPTY_HASH:  # (no chunk to check: cut to nothing)
+                self.known_good.forget(blob_hash)
+                raise BlobError(f"blob {blob_hash} is damaged: it is empty")
             end = size if end is None else min(end, size)
             index = start // CHUNK_SIZE
             f.seek(index * CHUNK_SIZE)
             pos = index * CHUNK_SIZE
+            whole = start == 0 and end == size
             while pos < end:
                 # (exactly what is left: asking for a whole chunk of a smaller file costs
                 # a 1 MiB allocation and its shrinking, ~4x the read itself)
                 chunk = f.read(min(CHUNK_SIZE, size - pos))
                 want = digests[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE]
                 if not chunk or blake3.blake3(chunk).digest() != want:
+                    self.known_good.forget(blob_hash)
                     raise BlobError(f"blob {blob_hash} is damaged at chunk {index}")
                 lo = max(start - pos, 0)
                 hi = min(end - pos, len(chunk))
-                yield chunk[lo:hi]
                 pos += len(chunk)
                 index += 1
+                if whole and pos >= size:  # every chunk checked (before the last yield:
+                    self.known_good.record(blob_hash, st)  # a reader may stop there)
+                yield chunk[lo:hi]
+            if whole and size == 0:
+                self.known_good.record(blob_hash, st)
+
+    def read_known(self, blob_hash: str, piece: int = KNOWN_READ_SIZE) -> Iterator[bytes]:
+        """Yield a whole blob in pieces of up to ``piece`` bytes: without hashing when its
+        file is unchanged since it was last found intact (:mod:`syncnode.knowngood`),
+        else through :meth:`read_verified` (which notes it for the next time). For
+        serving DICOMweb clients; peers and DIMSE keep reading verified."""
+        try:
+            fd = os.open(self.path(blob_hash), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError as exc:
+            raise BlobMissing(f"blob {blob_hash} is not in the store") from exc
+        try:
+            st = os.fstat(fd)
+            if self.known_good.matches(blob_hash, st):
+                left, pos = st.st_size, 0
+                while left > 0:
+                    data = os.pread(fd, min(piece, left), pos)
+                    if not data:
+                        raise BlobError(f"blob {blob_hash} is shorter than it was when "
+                                        "verified")
+                    pos += len(data)
+                    left -= len(data)
+                    yield data
+                return
+        finally:
+            os.close(fd)
+        yield from self.read_verified(blob_hash)
+
+    def read_known_whole(self, blob_hash: str) -> bytes:
+        """A whole (small) blob, as :meth:`read_known` reads it, in one piece."""
+        pieces = list(self.read_known(blob_hash, piece=1 << 62))
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def open_known(self, blob_hash: str) -> tuple[BinaryIO, int] | None:
+        """The blob's file opened for reading, and its size, when it is unchanged since it
+        was last found intact; None when it must be read verified. The caller closes the
+        file."""
+        f = self.open(blob_hash)
+        try:
+            st = os.fstat(f.fileno())
+            if self.known_good.matches(blob_hash, st):
+                return f, st.st_size
+        except BaseException:
+            f.close()
+            raise
+        f.close()
+        return None
+
+    def known_fingerprint(self, blob_hash: str, *, prefetch: bool = False
+                          ) -> Fingerprint | None:
+        """The :func:`~syncnode.knowngood.fingerprint` of the blob's file when it is known
+        good (None: read it verified). ``prefetch``: ask the kernel to start reading it
+        into the page cache, for a sender (``sendfile``) that must not wait on the disk.
+        Whoever opens the file later compares its stat with this fingerprint."""
+        known = self.open_known(blob_hash)
+        if known is None:
+            return None
+        f, size = known
+        with f:
+            if prefetch and size and hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(f.fileno(), 0, size, os.POSIX_FADV_WILLNEED)
+            return fingerprint(os.fstat(f.fileno()))
 
     def read_range(self, blob_hash: str, start: int = 0,
                    end: int | None = None) -> Iterator[bytes]:
@@ -548,6 +641,7 @@ class BlobStore:
             self._write_chunks(digest, chunk_digests)
         os.replace(tmp, final)
         os.chmod(final, 0o444)
+        self.known_good.record(digest, os.stat(final))  # hashed as it was written
         self._mark_dirty(final.parent, sync_dir)
         return BlobInfo(digest, size, chunks, True, chunk_digests)
 
@@ -657,6 +751,10 @@ class BlobStore:
             infos.append(s.info(created=True))
         if before_final_sync is not None:
             before_final_sync(infos)
+        for s, info in zip(staged, infos, strict=True):
+            if info.created:  # hashed as it was written (stat after the keep links)
+                with contextlib.suppress(FileNotFoundError):
+                    self.known_good.record(s.digest, os.stat(self.path(s.digest)))
         sync_filesystem(self.root)
         return infos
 
@@ -689,6 +787,7 @@ class BlobStore:
     def delete(self, blob_hash: str) -> bool:
         """Remove a blob and its chunk list. Returns whether the blob existed."""
         path = self.path(blob_hash)
+        self.known_good.forget(blob_hash)
         existed = path.exists()
         path.unlink(missing_ok=True)
         self.chunks_path(blob_hash).unlink(missing_ok=True)
@@ -750,24 +849,34 @@ class BlobStore:
                             "in reserve")
 
     def verify(self, blob_hash: str) -> BlobDamage | None:
-        """Re-hash one blob and its chunk list; None when both are intact."""
+        """Re-hash one blob and its chunk list; None when both are intact. Either way the
+        known-good record follows the answer."""
+        damage, st = self._verify(blob_hash)
+        if damage is None and st is not None:
+            self.known_good.record(blob_hash, st)
+        else:
+            self.known_good.forget(blob_hash)
+        return damage
+
+    def _verify(self, blob_hash: str) -> tuple[BlobDamage | None, os.stat_result | None]:
         try:
             with self.open(blob_hash) as f:
+                st = os.fstat(f.fileno())  # before reading: what the hash vouches for
                 hasher = ChunkHasher()
                 while block := f.read(_READ_SIZE):
                     hasher.update(block)
         except BlobMissing:
-            return BlobDamage(blob_hash, "missing")
+            return BlobDamage(blob_hash, "missing"), None
         digest, chunk_digests = hasher.finish()
         if digest != blob_hash:
-            return BlobDamage(blob_hash, f"content hashes to {digest}")
+            return BlobDamage(blob_hash, f"content hashes to {digest}"), None
         try:
             stored = self.chunk_digests(blob_hash)
         except BlobMissing:
-            return BlobDamage(blob_hash, "chunk list missing")
+            return BlobDamage(blob_hash, "chunk list missing"), None
         if stored != chunk_digests:
-            return BlobDamage(blob_hash, "chunk list does not match the content")
-        return None
+            return BlobDamage(blob_hash, "chunk list does not match the content"), None
+        return None, st
 
     def verify_all(self, hashes: Iterable[str] | None = None
                    ) -> Iterator[tuple[str, BlobDamage | None]]:

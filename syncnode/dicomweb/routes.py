@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from itertools import islice
@@ -25,6 +26,7 @@ from aiohttp import web
 from ..catalog import Instance
 from ..dicom.query import QueryError, match
 from ..ids import is_uid
+from ..knowngood import fingerprint
 from ..local import LocalNode, offload
 from . import qido, stow, wado
 from .json import dataset_json
@@ -202,20 +204,27 @@ class DicomWeb:
         outcome = "failure"
         store = self.node.store
         loop = asyncio.get_running_loop()
+        transport = request.transport
+        # plain HTTP (loopback): known-good blobs go from the page cache to the socket
+        # (sendfile), never through this process; over TLS every byte is read and written
+        files = (transport is not None and transport.get_extra_info("sslcontext") is None
+                 and transport.get_extra_info("socket") is not None)
         groups = wado.read_groups(instances)
-        window: deque[asyncio.Future[list[bytes]] | None] = deque()
+        window: deque[asyncio.Future[list[wado.Ready]] | None] = deque()
         ahead = iter(groups)
 
         def refill() -> None:
-            """Keep up to READ_AHEAD groups of small instances being read and verified in
-            worker threads while earlier ones are written (one thread hop per group, not
-            per instance; a large instance is read when its turn comes, a piece at a time)."""
+            """Keep up to READ_AHEAD groups of small instances being prepared (read, or
+            checked and prefetched) in worker threads while earlier ones are written (one
+            thread hop per group, not per instance; a large instance is prepared when its
+            turn comes)."""
             while len(window) < READ_AHEAD:
                 group = next(ahead, None)
                 if group is None:
                     return
                 window.append(None if group[0].size > wado.IN_MEMORY else
-                              loop.run_in_executor(None, wado.read_group, store, group))
+                              loop.run_in_executor(None, wado.prepare_group, store, group,
+                                                   files))
 
         try:
             refill()
@@ -223,25 +232,29 @@ class DicomWeb:
                 await asyncio.shield(window[0])  # a damaged first instance: a clean 500
             await resp.prepare(request)
             numbered = iter(heads)
+            before = b""  # the previous part's end, sent with the next part's head
             for group in groups:
                 current = window.popleft()
                 refill()
-                if current is not None:
-                    for inst, data in zip(group, await current, strict=True):
-                        await resp.write(next(numbered))
-                        await resp.write(data)
-                        await resp.write(PART_END)
-                        sent += inst.size
-                    continue
-                (inst,) = group
-                await resp.write(next(numbered))
-                pieces: Iterator[bytes] = wado.instance_pieces(store, inst)
-                while (piece := await loop.run_in_executor(None, next, pieces, None)
-                       ) is not None:
-                    await resp.write(piece)
-                await resp.write(PART_END)
-                sent += inst.size
-            await resp.write(end)
+                ready = (await current if current is not None else
+                         await loop.run_in_executor(None, wado.prepare_group, store, group,
+                                                    files))
+                for part in ready:
+                    head = before + next(numbered)
+                    if part.data is not None:  # one write per part: head, bytes, end
+                        await resp.write(b"".join((head, part.data, PART_END))
+                                         if len(part.data) < wado.SENDFILE_MIN else head)
+                        if len(part.data) >= wado.SENDFILE_MIN:
+                            await resp.write(part.data)
+                            before = PART_END
+                        else:
+                            before = b""
+                    else:
+                        await resp.write(head)
+                        await self._send_file(resp, request, part)
+                        before = PART_END
+                    sent += part.inst.size
+            await resp.write(before + end)
             await resp.write_eof()
             outcome = "success"
         except wado.WadoError as exc:
@@ -257,6 +270,32 @@ class DicomWeb:
                        sops=[i.sop_instance_uid for i in instances],
                        instances=len(instances), bytes=sent)
         return resp
+
+    async def _send_file(self, resp: web.StreamResponse, request: web.Request,
+                         part: wado.Ready) -> None:
+        """One instance's stored bytes from its file: by ``sendfile`` when it is still the
+        known-good file the worker checked (and prefetched), else read a piece at a time
+        (verified unless known good) in worker threads."""
+        loop = asyncio.get_running_loop()
+        store = self.node.store
+        if part.stat is not None and request.transport is not None:
+            # (on the loop: the worker has just opened this file and prefetched its bytes,
+            # so the open finds a cached entry and sendfile reads the page cache, as
+            # aiohttp's own FileResponse does; nothing here waits for a disk)
+            try:
+                f = open(store.path(part.inst.blob), "rb")  # noqa: SIM115, ASYNC230
+            except FileNotFoundError:
+                f = None
+            if f is not None:
+                with f:
+                    if fingerprint(os.fstat(f.fileno())) == part.stat:
+                        await resp.drain()
+                        await loop.sendfile(request.transport, f, 0, part.inst.size,
+                                            fallback=False)
+                        return
+        pieces: Iterator[bytes] = wado.instance_pieces(store, part.inst)
+        while (piece := await loop.run_in_executor(None, next, pieces, None)) is not None:
+            await resp.write(piece)
 
     async def metadata(self, request: web.Request) -> web.StreamResponse:
         instances = await self._instances(request)

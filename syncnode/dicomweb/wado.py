@@ -1,8 +1,11 @@
 """WADO-RS (PS3.18 10.4): what a retrieve sends, decided apart from the HTTP adapter.
 
 - **Instances** leave as their stored Part-10 bytes, unchanged (``transfer-syntax=*``):
-  :func:`instance_pieces` yields them verified against the blob's chunk hashes, a piece at
-  a time, so a whole study streams with bounded memory and a damaged blob is never sent.
+  :func:`instance_pieces` yields them a piece at a time, so a whole study streams with
+  bounded memory. Every read here goes through :meth:`BlobStore.read_known`: a blob whose
+  file is unchanged since it was last hashed intact is not hashed again, any other is
+  verified against its chunk hashes (a damaged blob is never sent); see
+  :mod:`syncnode.knowngood` for what that trusts.
   Asking for another transfer syntax is 406: nothing is transcoded here.
 - **Metadata** is each instance's data set as DICOM JSON, bulk data (pixel data included)
   by ``BulkDataURI`` pointing at this node's ``.../bulk/{tag}`` route.
@@ -34,6 +37,7 @@ from pydicom.uid import UID
 
 from ..blobstore import BlobError, BlobStore
 from ..catalog import Instance
+from ..knowngood import Fingerprint
 from .json import dataset_json
 from .multipart import parse_media
 
@@ -120,18 +124,16 @@ def check_instance_accept(header: str | None, stored: list[str]) -> None:
 
 
 def instance_pieces(store: BlobStore, inst: Instance) -> Iterator[bytes]:
-    """The stored bytes, each piece checked against its chunk hash as read."""
-    return store.read_verified(inst.blob)
+    """The stored bytes, a piece at a time (known good, or checked as read)."""
+    return store.read_known(inst.blob)
 
 
 def read_whole(store: BlobStore, inst: Instance) -> bytes:
-    """A small instance's stored bytes, verified (the adapter's fast path)."""
+    """A small instance's stored bytes, known good or verified (the adapter's fast path)."""
     try:
-        return b"".join(store.read_verified(inst.blob))
+        return store.read_known_whole(inst.blob)
     except (BlobError, OSError) as exc:
-        raise WadoError(f"instance {inst.sop_instance_uid} cannot be read from this node's "
-                        f"store ({type(exc).__name__}); run `syncnode verify --repair`",
-                        500) from exc
+        raise _unreadable(inst, exc) from exc
 
 
 GROUP_BYTES = 8 << 20  # small instances read in one worker-thread job, up to this size
@@ -156,8 +158,45 @@ def read_groups(instances: list[Instance]) -> list[list[Instance]]:
 
 
 def read_group(store: BlobStore, group: list[Instance]) -> list[bytes]:
-    """The stored bytes of a group of small instances, each verified."""
+    """The stored bytes of a group of small instances, each known good or verified."""
     return [read_whole(store, inst) for inst in group]
+
+
+SENDFILE_MIN = 64 << 10  # a smaller instance is cheaper joined to its part head in memory
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """One instance of a retrieve, ready to go: its bytes (``data``), or, for a known-good
+    blob sent from its file as is (``sendfile``), the stat its file must still have."""
+
+    inst: Instance
+    data: bytes | None
+    stat: Fingerprint | None = None
+
+
+def prepare_group(store: BlobStore, group: list[Instance], files: bool) -> list[Ready]:
+    """A group of instances ready to send. With ``files`` (the connection can take
+    ``sendfile``), a known-good blob of at least SENDFILE_MIN bytes is only checked and
+    prefetched into the page cache; every other one is read (verified unless known
+    good). Blocking: run it in a worker thread."""
+    out = []
+    for inst in group:
+        if files and inst.size >= SENDFILE_MIN:
+            try:
+                stat = store.known_fingerprint(inst.blob, prefetch=True)
+            except (BlobError, OSError) as exc:
+                raise _unreadable(inst, exc) from exc
+            if stat is not None:
+                out.append(Ready(inst, None, stat))
+                continue
+        out.append(Ready(inst, None if inst.size > IN_MEMORY else read_whole(store, inst)))
+    return out
+
+
+def _unreadable(inst: Instance, exc: BaseException) -> WadoError:
+    return WadoError(f"instance {inst.sop_instance_uid} cannot be read from this node's "
+                     f"store ({type(exc).__name__}); run `syncnode verify --repair`", 500)
 
 
 def load(store: BlobStore, inst: Instance, *, pixels: bool = True) -> Dataset:
@@ -167,12 +206,14 @@ def load(store: BlobStore, inst: Instance, *, pixels: bool = True) -> Dataset:
         data = read_whole(store, inst)
         return dcmread(io.BytesIO(data), stop_before_pixels=not pixels, force=True)
     try:
-        for _ in store.read_verified(inst.blob):
-            pass
+        known = store.open_known(inst.blob)
+        if known is not None:
+            known[0].close()  # unchanged since found intact: nothing to read here
+        else:
+            for _ in store.read_verified(inst.blob):
+                pass
     except (BlobError, OSError) as exc:
-        raise WadoError(f"instance {inst.sop_instance_uid} cannot be read from this node's "
-                        f"store ({type(exc).__name__}); run `syncnode verify --repair`",
-                        500) from exc
+        raise _unreadable(inst, exc) from exc
     return dcmread(store.path(inst.blob), stop_before_pixels=not pixels, defer_size=1 << 16,
                    force=True)
 
