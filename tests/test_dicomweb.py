@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -559,16 +560,55 @@ def test_stow_on_a_full_disk_stores_nothing(node: Node, monkeypatch: pytest.Monk
                 if p.name.startswith("blob-")]
 
 
-def test_a_damaged_blob_is_never_sent(node: Node) -> None:
+def test_known_good_instances_go_by_sendfile(node: Node, monkeypatch: pytest.MonkeyPatch
+                                            ) -> None:
+    """On plain HTTP a known-good blob goes from its file to the socket (sendfile), the
+    stored bytes exactly (the size threshold is lowered so that the small test files take
+    that path)."""
+    import asyncio.base_events
+
+    from syncnode.dicomweb import wado
+
+    monkeypatch.setattr(wado, "SENDFILE_MIN", 1)
+    calls: list[int] = []
+    real = asyncio.base_events.BaseEventLoop.sendfile
+
+    async def counting(self: asyncio.AbstractEventLoop, *a: object, **kw: object) -> int:
+        calls.append(1)
+        return await real(self, *a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(asyncio.base_events.BaseEventLoop, "sendfile", counting)
+    st = node.study
+    resp = requests.get(f"{node.base}/dicom-web/studies/{st.study_uid}",
+                        headers={"X-API-Key": node.read}, timeout=30)
+    assert resp.status_code == 200
+    assert sorted(p for _, p in _parts(resp)) == sorted(blob_bytes(node, s)
+                                                        for s in st.sop_uids)
+    assert len(calls) == 6
+
+
+def test_a_damaged_blob_is_never_sent(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Altered in place, same size, its modification time put back: the file is no longer
+    the one found intact, so it is verified again and refused, whichever way it would
+    have gone out (sendfile included)."""
+    from syncnode.dicomweb import wado
+
+    monkeypatch.setattr(wado, "SENDFILE_MIN", 1)
     ds = _new_instance()
     node.client(node.admin).store_instances([ds])
     inst = node.running.node.catalog.instance(ds.SOPInstanceUID)
     assert inst is not None
     path = node.running.node.store.path(inst.blob)
+    assert inst.blob in node.running.node.store.known_good  # hashed as it was stored
+    before = path.stat()
     data = bytearray(path.read_bytes())
     data[-100] ^= 0xFF  # one pixel byte flipped on disk
     path.chmod(0o644)
     path.write_bytes(bytes(data))
+    path.chmod(0o444)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size,
+                                                              before.st_mtime_ns)
     url = (f"{node.base}/dicom-web/studies/{ds.StudyInstanceUID}/series/"
            f"{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}")
     for suffix in ("", "/frames/1", "/metadata", "/rendered"):

@@ -289,7 +289,6 @@ class DicomWeb:
             if f is not None:
                 with f:
                     if fingerprint(os.fstat(f.fileno())) == part.stat:
-                        await resp.drain()
                         await loop.sendfile(request.transport, f, 0, part.inst.size,
                                             fallback=False)
                         return
