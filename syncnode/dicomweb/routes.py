@@ -289,8 +289,7 @@ class DicomWeb:
             if f is not None:
                 with f:
                     if fingerprint(os.fstat(f.fileno())) == part.stat:
-                        await loop.sendfile(request.transport, f, 0, part.inst.size,
-                                            fallback=False)
+                        await _sendfile(request.transport, f, part.inst.size)
                         return
         pieces: Iterator[bytes] = wado.instance_pieces(store, part.inst)
         while (piece := await loop.run_in_executor(None, next, pieces, None)) is not None:
@@ -401,6 +400,26 @@ class DicomWeb:
                                  audit=lambda outcome, **d: self.audit(
                                      "received", self.actor_of(request), outcome, **d),
                                  local_change=self.local_change)
+
+
+async def _sendfile(transport: asyncio.Transport, f: Any, size: int) -> None:
+    """``size`` bytes of ``f`` to a plain socket transport. First straight to the socket
+    when nothing is queued before them (usually all of an instance fits the socket's
+    buffer: no wait, no selector change), then, for what did not fit, the event loop's
+    own ``sendfile``, which waits for the socket to drain."""
+    sent = 0
+    sock = transport.get_extra_info("socket")
+    if sock is not None and not transport.is_closing() \
+            and transport.get_write_buffer_size() == 0:
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            while sent < size:  # (nothing awaited in between: the transport is ours)
+                n = os.sendfile(sock.fileno(), f.fileno(), sent, size - sent)
+                if n == 0:
+                    raise ConnectionResetError("the blob file ended early while sending")
+                sent += n
+    if sent < size:
+        await asyncio.get_running_loop().sendfile(transport, f, sent, size - sent,
+                                                  fallback=False)
 
 
 def _keywords(keys: dict[str, str]) -> list[str]:
