@@ -31,7 +31,7 @@ import os
 import threading
 from collections import OrderedDict
 
-KNOWN_GOOD_MAX = 100_000  # blobs remembered (~200 bytes each)
+KNOWN_GOOD_MAX = 100_000  # blobs remembered (~290 bytes each: ~30 MB when full)
 
 Fingerprint = tuple[int, int, int, int, int]
 
