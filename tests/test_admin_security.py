@@ -199,8 +199,9 @@ async def test_open_routes_carry_no_patient_data(node: Node) -> None:
 
 
 @pytest.mark.parametrize("host", ["attacker.example:{port}", "attacker.example",
-                                  "127.0.0.1:1", "127.0.0.1", "127.0.0.1.nip.io:{port}",
-                                  "localhost:{port}@evil", "[::2]:{port}"])
+                                  "127.0.0.1:1", "127.0.0.1:", "127.0.0.1.nip.io:{port}",
+                                  "127.0.0.1.nip.io", "localhost:{port}@evil", "[::2]:{port}",
+                                  "[::2]"])
 async def test_a_foreign_host_is_refused(node: Node, host: str, tmp_path: Path) -> None:
     header = {"Host": host.format(port=node.port), "X-API-Key": node.admin_key}
     for path in ("/api/v1/instances", "/", "/healthz"):
@@ -211,7 +212,7 @@ async def test_a_foreign_host_is_refused(node: Node, host: str, tmp_path: Path) 
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1:{port}", "localhost:{port}", "LOCALHOST:{port}",
-                                  "[::1]:{port}"])
+                                  "[::1]:{port}", "127.0.0.1", "localhost", "[::1]"])
 async def test_the_names_the_node_serves_are_accepted(node: Node, host: str,
                                                       tmp_path: Path) -> None:
     header = {"Host": host.format(port=node.port), "X-API-Key": node.read_key}

@@ -17,7 +17,6 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import numpy as np
 import pydicom
@@ -41,15 +40,6 @@ FILES = ["CT_small.dcm", "MR_small.dcm", "examples_rgb_color.dcm", "SC_rgb_rle_2
 ORIGIN = "http://viewer.example:3000"
 
 
-class _HostWithPort(requests.adapters.HTTPAdapter):
-    """dicomweb-client sends ``Host`` without the port, which the node rightly refuses
-    (421: a Host must name this listener, port included): put the port back."""
-
-    def send(self, request: requests.PreparedRequest, **kw: object) -> requests.Response:
-        request.headers["Host"] = urlsplit(request.url or "").netloc
-        return super().send(request, **kw)
-
-
 @dataclass
 class Node:
     running: RunningNode
@@ -59,9 +49,7 @@ class Node:
     study: kit.StudyFiles
 
     def client(self, key: str | None = None) -> DICOMwebClient:
-        session = requests.Session()
-        session.mount("http://", _HostWithPort())
-        return DICOMwebClient(url=f"{self.base}/dicom-web", session=session,
+        return DICOMwebClient(url=f"{self.base}/dicom-web",
                               headers={"X-API-Key": key or self.read})
 
     @property
@@ -200,6 +188,41 @@ def test_qido_refusals(node: Node) -> None:
     assert curl(*key, f"{url}?StudyInstanceUID=1.2.abc")[0] == 400
     assert curl(*key, f"{url}?limit=0")[0] == 400
     assert curl(f"{url}")[0] == 401
+
+
+def test_dicomweb_client_as_a_user_writes_it(node: Node, monkeypatch: pytest.MonkeyPatch
+                                             ) -> None:
+    """``DICOMwebClient("http://127.0.0.1:PORT/dicom-web")``, nothing else: it sends
+    ``Host: 127.0.0.1`` without the port, which a served name makes acceptable; a foreign
+    name without a port is still refused."""
+    hosts: list[str] = []
+    real = requests.Session.send
+
+    def spy(self: requests.Session, request: requests.PreparedRequest, **kw: object
+            ) -> requests.Response:
+        hosts.append(str(request.headers.get("Host")))
+        return real(self, request, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(requests.Session, "send", spy)
+    port = node.running.ports["api"]
+    c = DICOMwebClient(f"http://127.0.0.1:{port}/dicom-web", headers={"X-API-Key": node.read})
+    st = node.study
+    studies = c.search_for_studies()
+    assert {tag(s, "StudyInstanceUID")[0] for s in studies} >= {st.study_uid}
+    # the URLs in answers lead back to this listener, port included
+    assert all(tag(s, "RetrieveURL")[0].startswith(f"http://127.0.0.1:{port}/dicom-web/")
+               for s in studies)
+    assert len(c.retrieve_study(st.study_uid)) == 6
+    admin = DICOMwebClient(f"http://127.0.0.1:{port}/dicom-web",
+                           headers={"X-API-Key": node.admin})
+    ds = _new_instance()
+    admin.store_instances([ds])
+    assert c.retrieve_instance(ds.StudyInstanceUID, ds.SeriesInstanceUID,
+                               ds.SOPInstanceUID).SOPInstanceUID == ds.SOPInstanceUID
+    assert "127.0.0.1" in hosts and all(h == "127.0.0.1" for h in hosts), hosts
+    status, _, _ = curl("-H", "Host: attacker.example", "-H", f"X-API-Key: {node.read}",
+                        f"{node.base}/dicom-web/studies")
+    assert status == 421
 
 
 # -- WADO-RS -------------------------------------------------------------------------------

@@ -216,8 +216,7 @@ class AdminAPI:
     def _host_ok(self, request: web.Request) -> bool:
         sock = request.transport.get_extra_info("sockname") if request.transport else None
         port = sock[1] if sock else 0
-        return auth.host_allowed(request.headers.get("Host"), self._served_names(), port,
-                                 443 if request.secure else 80)
+        return auth.host_allowed(request.headers.get("Host"), self._served_names(), port)
 
     def _key_role(self, key: str) -> str | None:
         role = self.keys.role_of(key)

@@ -9,7 +9,8 @@
   from it is refused, not served.
 - **Host.** A request whose ``Host`` is not a name or address this node serves is refused
   (421): a page from another origin that re-points its own name at this address (DNS
-  rebinding) reaches nothing.
+  rebinding) reaches nothing. A port, when given, must be the listener's; a Host without
+  one is judged by its name alone (see :func:`host_allowed`).
 - **Headers.** Every answer, errors included, carries a strict Content-Security-Policy,
   ``X-Frame-Options: DENY``, ``nosniff``, ``Referrer-Policy: no-referrer`` and no CORS
   header: browsers let no other origin read an answer.
@@ -94,8 +95,16 @@ def served_names(bind_host: str, extra: list[str], *, interface_addresses: bool)
     return names
 
 
-def host_allowed(header: str | None, names: set[str], port: int, default_port: int) -> bool:
-    """Is ``Host: header`` one of ``names`` with this listener's port?"""
+def host_allowed(header: str | None, names: set[str], port: int) -> bool:
+    """Is ``Host: header`` one of ``names``, with this listener's port or none?
+
+    The check that stops DNS rebinding is the *name*: a page from another origin that
+    re-points its own name at this address still sends its own name, which is refused,
+    whatever port it gives. The port adds nothing to that, so a Host without one is
+    accepted when the name is served: some clients leave it out on any port
+    (``dicomweb-client`` sends only the host name of its URL). A port that is given
+    must be this listener's, as before.
+    """
     if not header or len(header) > 300:
         return False
     text = header.strip().lower()
@@ -104,14 +113,15 @@ def host_allowed(header: str | None, names: set[str], port: int, default_port: i
         if rest and not rest.startswith(":"):
             return False
         port_text = rest[1:]
+        if rest and not port_text:
+            return False  # "[::1]:" names no port
     else:
         host, sep, port_text = text.rpartition(":") if ":" in text else (text, "", "")
         if sep and ":" in host:  # an IPv6 address without brackets is not a valid Host
             return False
-    if port_text:
-        if not port_text.isdigit() or int(port_text) != port:
+        if sep and not port_text:
             return False
-    elif port != default_port:
+    if port_text and (not port_text.isdigit() or int(port_text) != port):
         return False
     return host.rstrip(".") in names
 

@@ -99,7 +99,17 @@ class DicomWeb:
 
     @staticmethod
     def base(request: web.Request) -> str:
-        return f"{request.scheme}://{request.host}{ROOT}"
+        """The DICOMweb root as the client reached it, for the URLs in answers
+        (RetrieveURL, BulkDataURI). A Host without a port (``dicomweb-client`` sends
+        none) gets the listener's port, unless that is the scheme's default: the URLs
+        must lead back here."""
+        host = request.host
+        if ":" not in host.rpartition("]")[2]:
+            sock = request.transport.get_extra_info("sockname") if request.transport else None
+            port = sock[1] if sock else 0
+            if port and port != (443 if request.secure else 80):
+                host = f"{host}:{port}"
+        return f"{request.scheme}://{host}{ROOT}"
 
     # -- QIDO-RS -------------------------------------------------------------------------
     def search(self, qido_level: str) -> Callable[[web.Request], Awaitable[web.Response]]:
