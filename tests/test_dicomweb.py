@@ -375,6 +375,74 @@ def test_rendered_grayscale_and_rgb(node: Node) -> None:
     assert status == 200 and max(Image.open(io.BytesIO(body)).size) <= 128
 
 
+def test_thumbnails_of_studies_and_series(node: Node) -> None:
+    """A series' thumbnail is its middle instance's (by Instance Number), a study's that
+    of its first series that renders; ``viewport`` sets the size; 404 when nothing can be
+    rendered."""
+    from PIL import Image
+
+    st = node.study
+    key = ["-H", f"X-API-Key: {node.read}"]
+    base = f"{node.base}/dicom-web/studies/{st.study_uid}"
+
+    def image(url: str, *extra: str, media: str = "PNG") -> tuple[Image.Image, bytes]:
+        status, headers, body = curl(*key, *extra, url)
+        assert status == 200, (url, status, body[:200])
+        img = Image.open(io.BytesIO(body))
+        img.load()  # decodable to the last pixel
+        assert img.format == media and headers["content-type"] == f"image/{media.lower()}"
+        return img, body
+
+    series0 = f"{base}/series/{st.series_uids[0]}"
+    img, body = image(f"{series0}/thumbnail")
+    assert img.size == (32, 32)  # already under 128 x 128: not enlarged
+    middle = st.sop_uids[2]  # series 0 holds images 1, 3, 5 (Instance Numbers 1, 3, 5)
+    assert body == image(f"{series0}/instances/{middle}/thumbnail")[1]
+    img, _ = image(f"{series0}/thumbnail?viewport=100,50", "-H", "Accept: image/jpeg",
+                   media="JPEG")
+    assert img.size == (50, 50)
+    img, _ = image(f"{base}/thumbnail?viewport=64,200")
+    assert img.size == (64, 64) and len(np.unique(np.asarray(img))) > 5
+    assert image(f"{base}/thumbnail")[1] == body  # the study's: its first series'
+    img, _ = image(f"{series0}/instances/{middle}/rendered?viewport=20,10")
+    assert img.size == (10, 10)
+    # a study whose first series has nothing to render: the next series stands for it
+    admin = node.client(node.admin)
+    plan = pydicom.dcmread(TEST_FILES / "rtplan.dcm")
+    ct = _new_instance()
+    plan.StudyInstanceUID = ct.StudyInstanceUID
+    plan.SeriesInstanceUID = generate_uid()
+    plan.SOPInstanceUID = plan.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    plan.SeriesNumber, ct.SeriesNumber = 1, 2
+    admin.store_instances([plan, ct])
+    mixed = f"{node.base}/dicom-web/studies/{ct.StudyInstanceUID}"
+    img, _ = image(f"{mixed}/thumbnail?viewport=64,32")
+    assert img.size == (32, 32)
+    for url, code in ((f"{mixed}/series/{plan.SeriesInstanceUID}/thumbnail", 404),
+                      (f"{node.base}/dicom-web/studies/1.2.3.999/thumbnail", 404),
+                      (f"{mixed}/series/1.2.3.999/thumbnail", 404),
+                      (f"{mixed}/thumbnail?viewport=0,10", 400),
+                      (f"{mixed}/thumbnail?viewport=10,10,0,0,5,5", 400)):
+        status, _, body = curl(*key, url)
+        assert status == code and b"error" in body, (url, status)
+    assert curl(*key, "-H", "Accept: application/dicom", f"{mixed}/thumbnail")[0] == 406
+    assert curl(f"{mixed}/thumbnail")[0] == 401
+
+
+def test_thumbnail_order() -> None:
+    from syncnode.dicomweb.wado import thumbnail_order
+
+    rows = [{"SOPInstanceUID": f"1.{i}", "SeriesInstanceUID": f"9.{s}",
+             "SeriesNumber": str(sn), "InstanceNumber": str(n)}
+            for i, (s, sn, n) in enumerate([(1, 2, 3), (1, 2, 1), (1, 2, 2), (2, 1, 10),
+                                            (2, 1, 20), (3, "", 1)])]
+    # the middle of each series, series by number (a series without one last)
+    assert thumbnail_order(rows, None) == ["1.3", "1.2", "1.5"]
+    # one series: its middle, then its first and last
+    assert thumbnail_order(rows, "9.1") == ["1.2", "1.1", "1.0"]
+    assert thumbnail_order(rows, "9.9") == []
+
+
 # -- STOW-RS -------------------------------------------------------------------------------
 def _new_instance(study: str | None = None) -> pydicom.Dataset:
     ds = pydicom.dcmread(TEST_FILES / "CT_small.dcm")

@@ -84,7 +84,9 @@ class DicomWeb:
             web.get(f"{r}/studies/{_S}/metadata", self.metadata),
             web.get(f"{r}/studies/{_S}/series", self.search(qido_level="SERIES")),
             web.get(f"{r}/studies/{_S}/instances", self.search(qido_level="IMAGE")),
+            web.get(f"{r}/studies/{_S}/thumbnail", self.thumbnail),
             web.get(f"{r}/studies/{_S}/series/{_SE}", self.retrieve),
+            web.get(f"{r}/studies/{_S}/series/{_SE}/thumbnail", self.thumbnail),
             web.get(f"{r}/studies/{_S}/series/{_SE}/metadata", self.metadata),
             web.get(f"{r}/studies/{_S}/series/{_SE}/instances",
                     self.search(qido_level="IMAGE")),
@@ -367,14 +369,55 @@ class DicomWeb:
                 return _error(400, "rendered frames: give one frame number")
             frame = int(text)
         try:
+            viewport = wado.parse_viewport(request.query.get("viewport"))
             media, data = await offload(wado.rendered, self.node.store, inst, frame,
                                         request.headers.get("Accept"),
-                                        request.path.endswith("/thumbnail"))
+                                        request.path.endswith("/thumbnail"), viewport)
         except wado.WadoError as exc:
             return _error(exc.status, str(exc))
         self.audit("retrieved", self.actor_of(request), "success", level="rendered",
                    sops=[inst.sop_instance_uid], instances=1)
         return web.Response(body=data, content_type=media)
+
+    async def thumbnail(self, request: web.Request) -> web.Response:
+        """The thumbnail of a study or a series (PS3.18 10.7): that of its middle instance
+        (a study: of its first series), or of the next candidate when one has nothing to
+        render; 404 when none can be."""
+        study = _uid(request, "study")
+        series = _uid(request, "series") if "series" in request.match_info else None
+        try:
+            viewport = wado.parse_viewport(request.query.get("viewport"))
+            media = wado.rendered_media(request.headers.get("Accept"))
+            inst, data = await offload(self._thumbnail, study, series, media, viewport)
+        except wado.WadoError as exc:
+            return _error(exc.status, str(exc))
+        self.audit("retrieved", self.actor_of(request), "success", level="thumbnail",
+                   studies=[study], sops=[inst.sop_instance_uid], instances=1)
+        return web.Response(body=data, content_type=media)
+
+    def _thumbnail(self, study: str, series: str | None, media: str,
+                   viewport: tuple[int, int] | None) -> tuple[Instance, bytes]:
+        """Blocking: the instance whose thumbnail stands for the study or series, and it."""
+        keys = {"StudyInstanceUID": study}
+        if series is not None:
+            keys["SeriesInstanceUID"] = series
+        rows = list(match(self.node.catalog, "IMAGE", keys, blob_path=self.node.store.path))
+        what = "series" if series else "study"
+        if not rows:
+            raise wado.WadoError(f"no such {what} on this node", 404)
+        for sop in wado.thumbnail_order(rows, series):
+            inst = self.node.catalog.instance(sop)
+            if inst is None:
+                continue  # deleted meanwhile
+            try:
+                _, data = wado.rendered(self.node.store, inst, 1, media, True, viewport)
+            except wado.WadoError as exc:
+                if exc.status in (404, 406):  # no pixel data, or none decodable here
+                    continue
+                raise
+            return inst, data
+        raise wado.WadoError(f"no instance of this {what} can be rendered as an image here",
+                             404)
 
     async def bulk(self, request: web.Request) -> web.Response:
         (inst,) = await self._instances(request)
@@ -493,6 +536,10 @@ _FRAMES = {"name": "frames", "in": "path", "required": True,
            "schema": {"type": "string", "pattern": r"^[0-9]{1,9}(,[0-9]{1,9}){0,99}$"}}
 _TAG = {"name": "tag", "in": "path", "required": True,
         "schema": {"type": "string", "pattern": r"^[0-9A-Fa-f]{8}$"}}
+_VIEWPORT = {"name": "viewport", "in": "query", "required": False,
+             "description": "width,height: the image is scaled to fit, keeping its aspect "
+                            "(a thumbnail without it fits 128 x 128)",
+             "schema": {"type": "string", "pattern": r"^[0-9]{1,4},[0-9]{1,4}$"}}
 _DJSON_ONE = {"description": "DICOM JSON", "content": {DICOM_JSON: {"schema": {
     "type": "array", "items": {"type": "object"}}}}}
 
@@ -510,6 +557,12 @@ OPENAPI_PATHS: dict[str, dict[str, Any]] = {
     f"{ROOT}/studies/{_S}/instances": _qido("instances of a study", "study"),
     f"{ROOT}/studies/{_S}/series/{_SE}": {"get": _get(
         "WADO-RS: the series' instances, stored bytes unchanged", _MULTI, "study", "series")},
+    f"{ROOT}/studies/{_S}/thumbnail": {"get": _get(
+        "WADO-RS: a small PNG or JPEG standing for the study (the middle instance of its "
+        "first series; 404 when nothing renders)", _IMAGE, "study", extra=(_VIEWPORT,))},
+    f"{ROOT}/studies/{_S}/series/{_SE}/thumbnail": {"get": _get(
+        "WADO-RS: a small PNG or JPEG standing for the series (its middle instance; 404 "
+        "when nothing renders)", _IMAGE, "study", "series", extra=(_VIEWPORT,))},
     f"{ROOT}/studies/{_S}/series/{_SE}/metadata": {"get": _get(
         "WADO-RS: the series' metadata", _DJSON_ONE, "study", "series")},
     f"{ROOT}/studies/{_S}/series/{_SE}/instances": _qido("instances of a series", "study",
@@ -518,14 +571,14 @@ OPENAPI_PATHS: dict[str, dict[str, Any]] = {
     f"{_INST}/metadata": {"get": _get("WADO-RS: the instance's metadata", _DJSON_ONE,
                                       *_IDS)},
     f"{_INST}/rendered": {"get": _get("WADO-RS: the first frame as PNG or JPEG", _IMAGE,
-                                      *_IDS)},
+                                      *_IDS, extra=(_VIEWPORT,))},
     f"{_INST}/thumbnail": {"get": _get("WADO-RS: a small PNG or JPEG of the first frame",
-                                       _IMAGE, *_IDS)},
+                                       _IMAGE, *_IDS, extra=(_VIEWPORT,))},
     f"{_INST}/frames/{{frames}}": {"get": _get(
         "WADO-RS: frames (native: uncompressed; encapsulated: stored syntax, or "
         "uncompressed when lossless)", _MULTI, *_IDS, extra=(_FRAMES,))},
     f"{_INST}/frames/{{frames}}/rendered": {"get": _get(
-        "WADO-RS: one frame as PNG or JPEG", _IMAGE, *_IDS, extra=(_FRAMES,))},
+        "WADO-RS: one frame as PNG or JPEG", _IMAGE, *_IDS, extra=(_FRAMES, _VIEWPORT))},
     f"{_INST}/bulk/{{tag}}": {"get": _get(
         "WADO-RS: a bulk data value of the instance (multipart/related; the bare value "
         "for Accept: application/octet-stream)",

@@ -16,7 +16,10 @@
   ``image/dicom-rle`` ...). ``application/octet-stream`` with an explicit uncompressed
   syntax is decoded when the stored syntax is lossless and decodable here, else 406.
 - **Rendered**: one frame, modality LUT and the data set's first window (else the frame's
-  min/max), to PNG (default) or JPEG; RGB and YBR images as colour.
+  min/max), to PNG (default) or JPEG; RGB and YBR images as colour; fitted to a
+  ``viewport`` when asked. **Thumbnails** of an instance, a series (its middle instance)
+  or a study (the middle instance of its first series), the next candidate tried when one
+  has nothing to render (:func:`thumbnail_order`).
 
 Every function here blocks (disk, hashing, decoding): the adapter runs them in a worker
 thread. Errors are :class:`WadoError` with the HTTP status to answer.
@@ -350,14 +353,77 @@ def _decoded_frame(ds: Dataset, index: int) -> bytes:
     return arr.astype(arr.dtype.newbyteorder("<")).tobytes()
 
 
-def rendered(store: BlobStore, inst: Instance, frame: int, accept: str | None,
-             thumbnail: bool = False) -> tuple[str, bytes]:
-    """One frame as an 8-bit PNG or JPEG (media type, bytes)."""
+def rendered_media(accept: str | None) -> str:
+    """image/png (the default) or image/jpeg, as the Accept header prefers; else 406."""
     ranges = [m for m, _ in accept_ranges(accept)]
     usable = [m for m in ranges if m in ("image/png", "image/jpeg", "image/*")]
     if ranges and not usable:
         raise WadoError("rendered images are image/png or image/jpeg", 406)
-    media = "image/jpeg" if usable and usable[0] == "image/jpeg" else "image/png"
+    return "image/jpeg" if usable and usable[0] == "image/jpeg" else "image/png"
+
+
+THUMBNAIL_SIZE = 128  # a thumbnail without a viewport fits in this square
+MAX_VIEWPORT = 4096  # pixels a side at most
+THUMBNAIL_TRIES = 8  # instances tried, at most, for a study's or series' thumbnail
+
+
+def parse_viewport(text: str | None) -> tuple[int, int] | None:
+    """``viewport=width,height`` (PS3.18 8.3.5.1.3); the source-region form is refused."""
+    if text is None:
+        return None
+    parts = text.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise WadoError("viewport is width,height in pixels (e.g. viewport=256,256); a "
+                        "source region is not supported", 400)
+    w, h = (int(p) for p in parts)
+    if not (1 <= w <= MAX_VIEWPORT and 1 <= h <= MAX_VIEWPORT):
+        raise WadoError(f"viewport sides are 1 to {MAX_VIEWPORT} pixels", 400)
+    return w, h
+
+
+def fit(size: tuple[int, int], box: tuple[int, int]) -> tuple[int, int]:
+    """``size`` scaled (up or down) to fit ``box``, keeping its aspect ratio."""
+    scale = min(box[0] / size[0], box[1] / size[1])
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
+def thumbnail_order(rows: list[dict[str, Any]], series: str | None) -> list[str]:
+    """The SOP Instance UIDs to try, in order, for the thumbnail of a study (``series``
+    None) or a series, from QIDO/C-FIND rows of its instances: the middle instance (by
+    Instance Number) of each series, series by Series Number, then, for one series, its
+    first and last. Pure; at most THUMBNAIL_TRIES."""
+    def number(row: dict[str, Any], key: str) -> tuple[int, str]:
+        text = str(row.get(key) or "").strip()
+        try:
+            return int(float(text)), ""
+        except ValueError:
+            return 2**31, text
+
+    by_series: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if series is None or row.get("SeriesInstanceUID") == series:
+            by_series.setdefault(str(row.get("SeriesInstanceUID")), []).append(row)
+    ordered = sorted(by_series.items(),
+                     key=lambda kv: (number(kv[1][0], "SeriesNumber"), kv[0]))
+    out: list[str] = []
+    for _, members in ordered:
+        members.sort(key=lambda r: (number(r, "InstanceNumber"), str(r["SOPInstanceUID"])))
+        picks = [members[(len(members) - 1) // 2]]
+        if series is not None:
+            picks += [members[0], members[-1]]
+        for row in picks:
+            sop = str(row["SOPInstanceUID"])
+            if sop not in out:
+                out.append(sop)
+    return out[:THUMBNAIL_TRIES]
+
+
+def rendered(store: BlobStore, inst: Instance, frame: int, accept: str | None,
+             thumbnail: bool = False, viewport: tuple[int, int] | None = None
+             ) -> tuple[str, bytes]:
+    """One frame as an 8-bit PNG or JPEG (media type, bytes), fitted to ``viewport``
+    (width, height) when given; a thumbnail without one fits THUMBNAIL_SIZE."""
+    media = rendered_media(accept)
     ds = load(store, inst)
     if "PixelData" not in ds:
         raise WadoError(f"instance {inst.sop_instance_uid} has no pixel data", 404)
@@ -391,8 +457,12 @@ def rendered(store: BlobStore, inst: Instance, frame: int, accept: str | None,
         image = Image.fromarray(arr.astype(np.uint8), mode="RGB")
     else:
         raise WadoError(f"{samples} samples per pixel are not rendered", 406)
-    if thumbnail:
-        image.thumbnail((128, 128))
+    if viewport is not None:
+        size = fit(image.size, viewport)
+        if size != image.size:
+            image = image.resize(size, Image.Resampling.LANCZOS)
+    elif thumbnail:
+        image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
     out = io.BytesIO()
     image.save(out, format="JPEG" if media == "image/jpeg" else "PNG")
     return media, out.getvalue()
