@@ -500,7 +500,7 @@ class BlobStore:
         """Yield a whole blob in pieces of up to ``piece`` bytes: without hashing when its
         file is unchanged since it was last found intact (:mod:`syncnode.knowngood`),
         else through :meth:`read_verified` (which notes it for the next time). For
-        serving DICOMweb clients; peers and DIMSE keep reading verified."""
+        serving DICOMweb clients; DIMSE and the exporter keep reading verified."""
         try:
             fd = os.open(self.path(blob_hash), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError as exc:

@@ -18,7 +18,10 @@ What this does and does not catch, stated plainly:
   the stat: such a blob is served unverified until the next background verify (scrub)
   finds it and drops it from the record. The scrub interval bounds that window; Orthanc
   and dcm4chee never re-hash what they serve at all. Peers still verify every chunk they
-  receive, and DIMSE and peer transfers keep reading verified.
+  receive (their damage report makes this node re-hash the blob: dropped if damaged),
+  and C-MOVE, C-GET and the exporter keep reading verified. A link added or removed
+  (the DICOM journal's keep links) also moves the change time: the next read verifies
+  once.
 
 Bounded (least recently used forgotten first) and thread-safe: reads run in worker
 threads. In memory only: a restart starts empty, and the first read of each blob hashes
