@@ -95,6 +95,11 @@ class Window:
             return MIN_INFLIGHT_BYTES
         return max(MIN_INFLIGHT_BYTES, int(BDP_FACTOR * self.best_rate * self.min_rtt))
 
+    def share(self) -> int:
+        """Bytes each transfer of a full window may carry for the window to use its whole
+        byte budget (:meth:`byte_limit`)."""
+        return self.byte_limit() // max(1, self.limit)
+
     def rate(self) -> float:
         """Bytes/s this peer delivers: the best epoch, or before one was measured the
         average over the time anything was in flight (0: nothing measured yet)."""

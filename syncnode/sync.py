@@ -307,6 +307,20 @@ class PeerClient:
             raise ProtocolError("/hello answer is not an object")
         return obj
 
+    def warm(self, n: int) -> list[asyncio.Task[None]]:
+        """Open ``n`` more connections now, each with a small request (the root's Merkle
+        answer), so that the TLS handshakes of a round's first parallel pulls happen
+        alongside its first requests instead of costing each pull a round trip more.
+        Best effort: a failure is logged (debug) and changes nothing."""
+        async def one() -> None:
+            try:
+                await self._json("GET", "/merkle", params={"prefix": ""}, limit=MAX_HELLO)
+            except (aiohttp.ClientError, OSError, TimeoutError, NodeTLSError,
+                    ProtocolError) as exc:
+                log.debug("warming a connection to %s: %s", self.peer_id.short, exc)
+        loop = asyncio.get_running_loop()
+        return [loop.create_task(one()) for _ in range(max(0, n))]
+
     async def merkle(self, prefix: str) -> RemoteNode:
         return protocol.parse_merkle(
             await self._json("GET", "/merkle", params={"prefix": prefix}), prefix)
@@ -393,31 +407,63 @@ class PeerClient:
             staged = await offload(
                 _stage_whole, store, blob, size, data, encoded, chunks_root)
             return staged, 0
-        peer_size, digests = await self.chunks(blob)
+        listing = asyncio.ensure_future(self.chunks(blob))
+        try:
+            if await offload(_held, store, blob) == 0:
+                # nothing to resume: the chunk list and the bytes are asked for at once (one
+                # round trip before the first byte, not two); the bytes wait in the socket
+                # until the list that verifies them is in
+                headers["Range"] = "bytes=0-"
+                async with self._get_blob(blob, headers) as resp:
+                    part = await self._open_part(store, blob, size, chunks_root, listing)
+                    try:
+                        if part.offset:  # the blob lock makes this a local fault
+                            raise LocalStoreError(f"part file of blob {blob} was written "
+                                                  "by someone else during the pull")
+                        await self._receive_any(resp, part, on_bytes, on_wire)
+                        staged = await offload(part.stage)
+                    finally:
+                        part.close(durable=False)
+                resumed = 0
+            else:
+                part = await self._open_part(store, blob, size, chunks_root, listing)
+                resumed = part.offset
+                try:
+                    if not part.complete:
+                        headers["Range"] = f"bytes={part.offset}-"
+                        async with self._get_blob(blob, headers) as resp:
+                            await self._receive_any(resp, part, on_bytes, on_wire)
+                    staged = await offload(part.stage)
+                finally:
+                    part.close(durable=False)
+        finally:
+            if not listing.done():
+                listing.cancel()
+                await asyncio.wait([listing])
+        log.debug("blob %s from %s received (%d bytes, %d resumed)", blob,
+                  self.peer_id.short, size, resumed)
+        return staged, resumed
+
+    async def _open_part(self, store: BlobStore, blob: str, size: int, chunks_root: str,
+                         listing: Awaitable[tuple[int, bytes]]) -> PartialBlob:
+        """The blob's part file, once the peer's chunk list (``listing``) is in."""
+        peer_size, digests = await listing
         if peer_size != size:
             raise ProtocolError(f"peer says blob {blob} has {peer_size} bytes, the event "
                                 f"says {size}")
-        part = await offload(
-            lambda: PartialBlob(store, blob, size, digests, chunks_root))
-        resumed = part.offset
-        try:
-            if not part.complete:
-                headers["Range"] = f"bytes={part.offset}-"
-                async with self._get_blob(blob, headers) as resp:
-                    await self._check_blob_response(resp, blob)
-                    if resp.status == 200 and part.offset:
-                        raise ProtocolError("peer ignored the Range header")
-                    if _encoding(resp) == wire.ENCODING:
-                        await self._receive_compressed(resp, part, on_bytes, on_wire,
-                                                       self.throttle)
-                    else:
-                        await self._receive(resp, part, on_bytes, on_wire, self.throttle)
-            staged = await offload(part.stage)
-            log.debug("blob %s from %s received (%d bytes, %d resumed)", blob,
-                      self.peer_id.short, size, resumed)
-        finally:
-            part.close(durable=False)
-        return staged, resumed
+        return await offload(lambda: PartialBlob(store, blob, size, digests, chunks_root))
+
+    async def _receive_any(self, resp: aiohttp.ClientResponse, part: PartialBlob,
+                           on_bytes: Callable[[int], None] | None,
+                           on_wire: Callable[[int], None] | None) -> None:
+        """Check a blob answer and receive its body into ``part`` (plain or zstd)."""
+        await self._check_blob_response(resp, part.blob)
+        if resp.status == 200 and part.offset:
+            raise ProtocolError("peer ignored the Range header")
+        if _encoding(resp) == wire.ENCODING:
+            await self._receive_compressed(resp, part, on_bytes, on_wire, self.throttle)
+        else:
+            await self._receive(resp, part, on_bytes, on_wire, self.throttle)
 
     async def fetch_pack(self, store: BlobStore, blobs: list[tuple[str, int, str, bool]],
                          on_staged: Callable[[str, StagedBlob], None],
@@ -805,6 +851,8 @@ class PeerSync:
         self._reports: dict[str, asyncio.Task[bool]] = {}  # blob -> its report in flight
         self._singly: set[str] = set()  # blobs a pack did not bring: pulled alone next
         self._last_totals = (0, 0)  # the totals count from 0 in each run
+        self._cold = True  # no round has succeeded since the loop started or last failed
+        self._warming: list[asyncio.Task[None]] = []  # connections being opened
 
     async def _throttle_in(self, n: int) -> None:
         limiter = self.engine.limiter
@@ -867,6 +915,7 @@ class PeerSync:
 
     def error(self, exc: BaseException, state: str = "error", kind: str = "peer") -> None:
         log.warning("sync with %s: %s: %s", self.peer_id.short, type(exc).__name__, exc)
+        self._cold = True  # the connections may be gone: warm them next round
         self.state.state = state
         self.state.error_kind = kind
         self.state.in_sync = False
@@ -914,6 +963,7 @@ class PeerSync:
         try:
             await self.sync_once()
             self.backoff.reset()
+            self._cold = False
         except StoreFull as exc:
             # our disk: retried soon, so that pulls resume shortly after space returns
             self.error(exc, "store_full", "local")
@@ -1040,8 +1090,16 @@ class PeerSync:
     async def _sync_once(self) -> None:
         st = self.state
         st.state, st.round_started = "connecting", time.time()
+        t0 = time.monotonic()
         await self.ensure_pinned()
+        # The first round, or the first after a failure other than an unreachable peer (a
+        # peer that refuses connections gets one attempt per round, not several): no
+        # connection to reuse, so the parallel pulls' TLS handshakes start with hello's.
+        if self._cold and st.error_kind != "network":
+            self._warming = self.client.warm(
+                min(self.pull_gate.window.limit, self.client.connections) - 1)
         hello = await self.hello()
+        log.debug("round with %s: hello in %.3f s", self.peer_id.short, time.monotonic() - t0)
         if hello.get("version") != protocol.VERSION:
             raise ProtocolError(f"peer speaks protocol {hello.get('version')!r}")
         if "successor" in hello:
@@ -1079,6 +1137,8 @@ class PeerSync:
                     await self.push_events(to_push)
                     to_push = []
         if wanted:
+            log.debug("round with %s: diff walked at %.3f s", self.peer_id.short,
+                      time.monotonic() - t0)
             await self.pull_events(wanted)
             pulled += len(wanted)
         if to_push:
@@ -1090,9 +1150,9 @@ class PeerSync:
         st.local_root = (await offload(self.node.catalog.merkle_root)).digest.hex()
         self._in_sync()
         if pulled or (st.pushing and lacking):
-            log.info("sync round with %s: %d events pulled, %d pushed, root %s",
+            log.info("sync round with %s: %d events pulled, %d pushed, root %s, %.3f s",
                      self.peer_id.short, pulled, lacking if st.pushing else 0,
-                     st.local_root[:16])
+                     st.local_root[:16], time.monotonic() - t0)
         if pulled:
             self.wake.set()  # look again at once: the peer may have changed meanwhile
 
@@ -1113,7 +1173,10 @@ class PeerSync:
         for batch in protocol.batched(ids, EVENT_BATCH):
             st.events_needed = len(ids) - done
             done += len(batch)
+            t0 = time.monotonic()
             received, certs = await self.client.events(batch)
+            log.debug("%d events from %s in %.3f s", len(received), self.peer_id.short,
+                      time.monotonic() - t0)
             self._pulled.events += len(received)
             await offload(self.node.catalog.offer_certificates, certs)  # to verify them
             plan = await offload(_plan_pull, self.node, received)
@@ -1171,9 +1234,15 @@ class PeerSync:
                     tuple[list[tuple[Claim, list[ev.Checked]]], Ticket]] = {}
         failures: list[Exception] = []
         sources.subscribe(gate.wake)
+        shown = -1
         try:
             while todo or running or packs:
                 gate.wake.clear()
+                if gate.window.limit != shown and log.isEnabledFor(logging.DEBUG):
+                    w, shown = gate.window, gate.window.limit
+                    log.debug("pulls from %s: window %d, %d in flight (%d bytes), %.1f MB/s, "
+                              "rtt %.3f s", self.peer_id.short, w.limit, w.inflight,
+                              w.outstanding, w.rate() / 1e6, w.min_rtt)
                 while todo:
                     if not gate.has_room(_put_of(todo[next(iter(todo))]).size):
                         break
@@ -1309,7 +1378,12 @@ class PeerSync:
             return []
         sources, w = self.engine.sources, self.pull_gate.window
         rate = w.rate()
-        target = pack_target(rate)
+        # Before the first throughput sample, a loop that has no other peer to share the
+        # blobs with fills the window's byte budget in its first round trip (eight small
+        # packs would leave a long path idle for seconds); with several, claims stay small
+        # so that each peer gets its share (syncnode.sources).
+        alone = w.epochs == 0 and self.engine.sole_source(self)
+        target = pack_target(rate, w.share() if alone else 0)
         group: list[tuple[Claim, list[ev.Checked]]] = []
         total = first.size
         for blob in list(todo):
@@ -1671,12 +1745,13 @@ PACK_SECONDS = 0.25  # a pack holds about this long of the peer's measured throu
 MIN_PACK = 256 << 10  # bytes of a pack before the peer's throughput is measured
 
 
-def pack_target(rate: float) -> int:
+def pack_target(rate: float, floor: int = 0) -> int:
     """Blob bytes to put in one pack: about PACK_SECONDS of what the peer delivers, so that
     a loop claims no more than its peer will soon bring and other peers holding the same
     blobs still get their share (:mod:`syncnode.sources`); MIN_PACK before anything was
-    measured, and at most PACK_MAX_BYTES."""
-    return max(MIN_PACK, min(protocol.PACK_MAX_BYTES, int(rate * PACK_SECONDS)))
+    measured, at least ``floor`` (the window's share of its byte budget, when no other
+    peer competes) and at most PACK_MAX_BYTES."""
+    return max(MIN_PACK, min(protocol.PACK_MAX_BYTES, max(int(rate * PACK_SECONDS), floor)))
 
 
 def _held(store: BlobStore, blob: str) -> int:
@@ -1907,6 +1982,12 @@ class SyncEngine:
         for p in self.peers.values():
             p.configure_window()
 
+    def sole_source(self, peer: PeerSync) -> bool:
+        """Whether ``peer``'s loop is the only one in a round now (no other peer's loop
+        could be pulling the same blobs)."""
+        return all(p is peer or p.state.state not in ("connecting", "syncing")
+                   for p in self.peers.values())
+
     def blob_lock(self, blob: str) -> asyncio.Lock:
         return self.blob_locks.setdefault(blob, asyncio.Lock())
 
@@ -1980,6 +2061,7 @@ class SyncEngine:
             t.cancel()
         notices = [p._notifying for p in self.peers.values() if p._notifying is not None]
         notices += [t for p in self.peers.values() for t in p._reports.values()]
+        notices += [t for p in self.peers.values() for t in p._warming]
         for n in notices:
             n.cancel()
         await asyncio.gather(*notices, return_exceptions=True)

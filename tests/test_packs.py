@@ -37,6 +37,7 @@ from syncsupport import (
 
 from syncnode import protocol, wire
 from syncnode.blobstore import CHUNK_SIZE, StagedBlob, chunks_root, implied_chunk_list
+from syncnode.flow import MIN_INFLIGHT_BYTES, Window
 from syncnode.ids import InvalidHash
 from syncnode.local import LocalNode
 from syncnode.node import RunningNode
@@ -115,6 +116,17 @@ def test_a_pack_holds_a_fraction_of_a_second_of_the_peer_within_the_caps() -> No
     assert pack_target(2e6) == 500_000  # a slow peer claims little at a time
     assert pack_target(10e6) == 2_500_000
     assert pack_target(1e9) == protocol.PACK_MAX_BYTES  # never more than the cap
+
+
+def test_a_lone_first_wave_of_packs_fills_the_window_byte_budget() -> None:
+    """Before anything is measured, a loop with no other peer to share with sizes its
+    first packs so that a full window carries the byte budget (one round trip fills a long
+    path); the floor never lifts a pack past the cap."""
+    w = Window(start=8, high=32)
+    assert w.share() == MIN_INFLIGHT_BYTES // 8
+    assert pack_target(0.0, w.share()) == MIN_INFLIGHT_BYTES // 8 > MIN_PACK
+    assert pack_target(0.0, 1 << 30) == protocol.PACK_MAX_BYTES
+    assert pack_target(10e6, MIN_PACK) == 2_500_000  # a measured rate decides above it
 
 
 # -- the endpoint and the client over real mutual TLS ------------------------------------

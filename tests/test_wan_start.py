@@ -1,0 +1,100 @@
+"""The start of a transfer over a long path, between in-process nodes over real mutual
+TLS on 127.0.0.1, through ``tools/faultproxy.py`` (delays, a dead link).
+
+What an operator of a WAN link relies on: a pull does not wait a round trip more than it
+must (the chunk list of a large blob and its bytes are asked for at once), a peer that
+refuses connections is not hammered (one connection per round after the first), and a
+peer that comes up while we back off from it is reached as soon as it dials us, not when
+the backoff ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from syncsupport import (
+    add_peer,
+    assert_blobs_intact,
+    import_files,
+    load_faultproxy,
+    make_dicom,
+    pin,
+    root,
+    uid,
+    url_of,
+    wait_for,
+)
+
+from syncnode.blobstore import CHUNK_SIZE
+from syncnode.local import LocalNode
+from syncnode.node import RunningNode
+from syncnode.sync import PeerClient
+
+fp = load_faultproxy()
+StartNode = Callable[..., Awaitable[RunningNode]]
+ONE_WAY = 0.25  # seconds of delay each way through the proxy: a 500 ms round trip
+
+
+async def test_a_fresh_large_blob_costs_one_round_trip_before_its_bytes(
+        tmp_path: Path, new_node: Callable[[str], LocalNode], running: StartNode) -> None:
+    a, b = new_node("a"), new_node("b")
+    path = make_dicom(tmp_path / "big.dcm", sop=uid(1, 1), study=uid(1), series=uid(1, 2),
+                      pixel_bytes=3 * CHUNK_SIZE)
+    import_files(a, path)
+    (blob,) = a.store.iter_hashes()
+    put = a.catalog.put_for_blob(blob)
+    assert put is not None
+    assert put.size > 2 * CHUNK_SIZE  # a ranged, chunk-verified pull, not a pack
+    ra = await running(a)
+    pin(a, b)
+    pin(b, a)
+    config = fp.FaultConfig(latency_ms=ONE_WAY * 1000)
+    async with fp.FaultProxy(("127.0.0.1", ra.ports["peer"]), config=config) as proxy:
+        client = PeerClient(b, a.node_id, f"https://127.0.0.1:{proxy.port}")
+        try:
+            # two connections open (their TLS handshakes are not what is measured)
+            await asyncio.gather(client.hello(), client.hello())
+            start = time.monotonic()
+            staged, resumed = await client.fetch_staged(b.store, put.blob, put.size,
+                                                        put.chunks)
+            took = time.monotonic() - start
+            b.store.install_staged([staged])
+        finally:
+            await client.close()
+    assert resumed == 0 and b.store.has(put.blob)
+    assert_blobs_intact(b)
+    # the chunk list then the bytes would take two round trips (1.0 s) at least
+    assert took < 4 * ONE_WAY - 0.05, took
+
+
+async def test_a_dead_peer_gets_one_connection_a_round_and_is_reached_once_it_dials(
+        tmp_path: Path, new_node: Callable[[str], LocalNode], running: StartNode) -> None:
+    a, b = new_node("a"), new_node("b")
+    path = make_dicom(tmp_path / "one.dcm", sop=uid(2, 1), study=uid(2), series=uid(2, 2))
+    import_files(a, path)
+    ra = await running(a)
+    async with fp.FaultProxy(("127.0.0.1", ra.ports["peer"])) as proxy:
+        proxy.pause("drop")  # A's link is down: every connection is reset at once
+        add_peer(b, a, f"https://127.0.0.1:{proxy.port}", push="never")
+        rb = await running(b)
+        ps = rb.engine.peers[a.node_id.compact]
+        await wait_for(lambda: ps.rounds >= 3, 20, "B's third attempt to reach A")
+        # the first round opened its window's connections alongside hello; later ones one
+        warm = min(ps.pull_gate.window.limit, ps.client.connections) - 1
+        assert ps.rounds <= proxy.stats.connections_accepted <= warm + ps.rounds, (
+            proxy.stats.connections_accepted, ps.rounds)
+        assert ps.state.state == "unreachable"
+        ps.backoff.failures = 8  # its next attempt would be 30-60 s away
+        await wait_for(lambda: ps.rounds >= 4, 20, "B's fourth attempt")
+        tried = ps.rounds
+        proxy.resume()
+        # A comes back and dials B: B looks at once instead of sleeping out its backoff
+        add_peer(a, b, url_of(rb), push="never")
+        ra.peers_changed()
+        waited = await wait_for(lambda: root(b) == root(a), 15, "B to pull from A")
+        assert ps.rounds > tried and waited < 15
+    assert_blobs_intact(b)
+
