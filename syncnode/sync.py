@@ -176,10 +176,12 @@ def _put_of(items: list[ev.Checked]) -> ev.PutEvent:
     return put
 
 
-def _studies_needed(waiting: Iterable[list[ev.Checked]]) -> dict[str, list[int]]:
+def _studies_needed(waiting: Iterable[list[ev.Checked]],
+                    before: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
     """[instances, bytes] still to pull per study, one blob counted once (by its first
-    put), the STUDIES_SHOWN studies with the most bytes to go."""
-    per: dict[str, list[int]] = {}
+    put), added to ``before`` (what earlier batches still need), the STUDIES_SHOWN studies
+    with the most bytes to go."""
+    per: dict[str, list[int]] = {k: list(v) for k, v in (before or {}).items()}
     for items in waiting:
         put = _put_of(items)
         left = per.setdefault(put.study_instance_uid, [0, 0])
@@ -852,6 +854,7 @@ class PeerSync:
         self._singly: set[str] = set()  # blobs a pack did not bring: pulled alone next
         self._last_totals = (0, 0)  # the totals count from 0 in each run
         self._cold = True  # no round has succeeded since the loop started or last failed
+        self._feed: _PullFeed | None = None  # this round's blobs to pull (pull_events)
         self._warming: list[asyncio.Task[None]] = []  # connections being opened
 
     async def _throttle_in(self, n: int) -> None:
@@ -1116,6 +1119,9 @@ class PeerSync:
             self._in_sync()
             return
         st.state, st.in_sync, st.equal_since = "syncing", False, 0.0
+        # what this round needs is counted afresh (a failed round left its counts behind)
+        st.blobs_needed = st.bytes_needed = st.round_blobs = st.round_bytes = 0
+        st.studies_needed = {}
         st.pushing = self.should_push()
         self.save_state(force=True)
         to_push: list[str] = []
@@ -1124,25 +1130,35 @@ class PeerSync:
         wanted: list[str] = []  # gathered across Merkle nodes so pulls run in big batches
         # the root's answer came with hello (older peers: asked for by the walk)
         first = (protocol.parse_merkle(hello["merkle"], "") if "merkle" in hello else None)
-        async for theirs, ours in walk_diff(self.node, self.client.merkle, first):
-            wanted.extend(theirs)
-            if len(wanted) >= EVENT_BATCH:
-                await self.pull_events(wanted)
-                pulled += len(wanted)
-                wanted = []
-            lacking += len(ours)
-            if st.pushing:
-                to_push.extend(ours)
-                if len(to_push) >= EVENT_BATCH:
-                    await self.push_events(to_push)
-                    to_push = []
-        if wanted:
+        try:
+            async for theirs, ours in walk_diff(self.node, self.client.merkle, first):
+                wanted.extend(theirs)
+                if len(wanted) >= EVENT_BATCH:
+                    await self.pull_events(wanted)
+                    pulled += len(wanted)
+                    wanted = []
+                lacking += len(ours)
+                if st.pushing:
+                    to_push.extend(ours)
+                    if len(to_push) >= EVENT_BATCH:
+                        await self.push_events(to_push)
+                        to_push = []
             log.debug("round with %s: diff walked at %.3f s", self.peer_id.short,
                       time.monotonic() - t0)
-            await self.pull_events(wanted)
-            pulled += len(wanted)
-        if to_push:
-            await self.push_events(to_push)
+            if wanted:
+                await self.pull_events(wanted)
+                pulled += len(wanted)
+            if to_push:
+                await self.push_events(to_push)
+        except asyncio.CancelledError:
+            await self.finish_pulls(cancel=True)
+            raise
+        except BaseException:
+            await self.finish_pulls()  # the blobs of good events are kept, then it fails
+            raise
+        failures = await self.finish_pulls()
+        if failures:
+            raise failures[0]
         await self._settle_skipped()
         # We now hold everything the peer held when the walk passed it: up to date with it.
         # What it lacks from us is its own loop's job (or was pushed just now).
@@ -1168,9 +1184,14 @@ class PeerSync:
 
     # -- pulling -------------------------------------------------------------------------
     async def pull_events(self, ids: list[str]) -> None:
+        """Fetch these events, apply those that need no blob, and hand the puts that wait
+        for a blob to the round's pull scheduler (:class:`_PullFeed`); it runs on while the
+        next batches are fetched (:meth:`finish_pulls` waits for it at the round's end).
+        At most about two batches of blobs wait unstarted at any time."""
         st = self.state
         done = 0
         for batch in protocol.batched(ids, EVENT_BATCH):
+            await self._feed_room()
             st.events_needed = len(ids) - done
             done += len(batch)
             t0 = time.monotonic()
@@ -1189,15 +1210,14 @@ class PeerSync:
             dead_blobs = await offload(_dead_blobs, self.node.catalog, waiting)
             for blob in dead_blobs:
                 await self._apply(waiting.pop(blob))
-            st.blobs_needed = len(waiting)
-            st.bytes_needed = sum(_put_of(v).size for v in waiting.values())
-            st.round_blobs += st.blobs_needed  # earlier batches are done by now
-            st.round_bytes += st.bytes_needed
-            st.studies_needed = _studies_needed(waiting.values())
+            size = sum(_put_of(v).size for v in waiting.values())
+            st.blobs_needed += len(waiting)  # earlier batches' blobs may still be pulling
+            st.bytes_needed += size
+            st.round_blobs += len(waiting)
+            st.round_bytes += size
+            st.studies_needed = _studies_needed(waiting.values(), st.studies_needed)
             self.save_state()
-            failures = await self._pull_waiting(waiting)
-            if failures:
-                raise failures[0]
+            self._feed_blobs(waiting)
             st.events_received += len(received) - len(plan.invalid)
             # Checked after applying what was good: a peer that lists events and then
             # withholds them, or serves invalid ones, fails the round (backoff), never
@@ -1212,6 +1232,49 @@ class PeerSync:
                 raise WithheldEvents(f"peer listed {len(withheld)} events it did not serve, "
                                      f"e.g. {withheld[0]}")
 
+    def _feed_blobs(self, waiting: dict[str, list[ev.Checked]]) -> None:
+        """Hand blobs to the round's pull scheduler (started with the first of them)."""
+        if not waiting:
+            return
+        feed = self._feed
+        if feed is None or feed.closed:
+            feed = self._feed = _PullFeed()
+        for blob, items in waiting.items():
+            feed.todo.setdefault(blob, []).extend(items)
+        if feed.task is None:
+            feed.task = asyncio.get_running_loop().create_task(
+                self._pull_waiting(feed.todo, feed), name=f"pulls-{self.peer_id.short}")
+        self.pull_gate.wake.set()
+
+    async def _feed_room(self) -> None:
+        """Wait while a batch of blobs or more waits unstarted (bounds the events held)."""
+        feed = self._feed
+        while feed is not None and len(feed.todo) >= EVENT_BATCH and feed.task is not None \
+                and not feed.task.done():
+            feed.taken.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SCHEDULE_TICK):
+                    await feed.taken.wait()
+
+    async def finish_pulls(self, *, cancel: bool = False) -> list[Exception]:
+        """No more blobs this round: wait until the scheduler has pulled (or failed) every
+        blob it was given, or, with ``cancel``, stop it. Returns the pulls' failures."""
+        feed, self._feed = self._feed, None
+        if feed is None or feed.task is None:
+            return []
+        feed.closed = True
+        self.pull_gate.wake.set()
+        if cancel:
+            feed.task.cancel()
+        (outcome,) = await asyncio.gather(feed.task, return_exceptions=True)
+        if isinstance(outcome, asyncio.CancelledError):
+            return []
+        if isinstance(outcome, BaseException):  # a bug in the scheduler fails the round
+            if not isinstance(outcome, Exception):
+                raise outcome
+            return [outcome]
+        return outcome
+
     async def _apply(self, checked: list[ev.Checked]) -> None:
         result = await offload(self.node.apply, checked)
         if result.rejected:
@@ -1220,14 +1283,17 @@ class PeerSync:
         if result.inserted:
             self.engine.changed(exclude={self})
 
-    async def _pull_waiting(self, waiting: dict[str, list[ev.Checked]]
-                            ) -> list[Exception]:
+    async def _pull_waiting(self, waiting: dict[str, list[ev.Checked]],
+                            feed: _PullFeed | None = None) -> list[Exception]:
         """Pull the waiting blobs, as many at once as this peer's window allows, each
         claimed first (:mod:`syncnode.sources`): a blob another peer's loop is pulling is
         left to it (its puts are applied once it is installed) unless that pull is stuck,
-        when it is taken over. Returns the failures; one does not stop the others."""
+        when it is taken over. Returns the failures; one does not stop the others.
+
+        With a ``feed``, ``waiting`` is its ``todo``: more blobs may be added to it while
+        this runs, and it returns only once the feed is closed and everything is done."""
         sources, gate = self.engine.sources, self.pull_gate
-        todo = dict(waiting)
+        todo = waiting if feed is not None else dict(waiting)
         running: dict[asyncio.Task[bool],
                       tuple[Claim, Ticket, list[ev.Checked]]] = {}
         packs: dict[asyncio.Task[list[str]],
@@ -1236,8 +1302,10 @@ class PeerSync:
         sources.subscribe(gate.wake)
         shown = -1
         try:
-            while todo or running or packs:
+            while todo or running or packs or (feed is not None and not feed.closed):
                 gate.wake.clear()
+                if feed is not None:
+                    feed.taken.set()
                 if gate.window.limit != shown and log.isEnabledFor(logging.DEBUG):
                     w, shown = gate.window, gate.window.limit
                     log.debug("pulls from %s: window %d, %d in flight (%d bytes), %.1f MB/s, "
@@ -1739,6 +1807,19 @@ class _PullPlan:
     ready: list[ev.Checked] = field(default_factory=list)
     waiting: dict[str, list[ev.Checked]] = field(default_factory=dict)  # blob -> its puts
     invalid: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class _PullFeed:
+    """The blobs of one round still to pull (by blob: their puts), filled batch by batch
+    while the blobs of earlier batches are being pulled by one scheduler task, so that the
+    window never drains between two batches of events (nor waits for the next batch's
+    round trip). ``closed``: no batch will come any more."""
+
+    todo: dict[str, list[ev.Checked]] = field(default_factory=dict)
+    closed: bool = False
+    task: asyncio.Task[list[Exception]] | None = None
+    taken: asyncio.Event = field(default_factory=asyncio.Event)  # set when todo shrinks
 
 
 PACK_SECONDS = 0.25  # a pack holds about this long of the peer's measured throughput

@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import pytest
 from syncsupport import (
     add_peer,
     assert_blobs_intact,
@@ -28,6 +29,7 @@ from syncsupport import (
     wait_for,
 )
 
+from syncnode import sync
 from syncnode.blobstore import CHUNK_SIZE
 from syncnode.local import LocalNode
 from syncnode.node import RunningNode
@@ -98,3 +100,33 @@ async def test_a_dead_peer_gets_one_connection_a_round_and_is_reached_once_it_di
         assert ps.rounds > tried and waited < 15
     assert_blobs_intact(b)
 
+
+
+async def test_the_next_batch_of_events_comes_while_the_last_one_is_pulled(
+        tmp_path: Path, new_node: Callable[[str], LocalNode], running: StartNode,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pulls of one round run as one stream: the events of the next batch are fetched
+    while the blobs of the last are still arriving, so the window does not drain (and
+    wait a round trip) at every batch boundary."""
+    monkeypatch.setattr(sync, "EVENT_BATCH", 2)  # 8 instances: 4 batches
+    a, b = new_node("a"), new_node("b")
+    files = [make_dicom(tmp_path / f"{i}.dcm", sop=uid(3, 1, i), study=uid(3),
+                        series=uid(3, 2), pixel_bytes=CHUNK_SIZE + 4096, seed=i)
+             for i in range(8)]
+    import_files(a, *files)
+    ra = await running(a)
+    config = fp.FaultConfig(shared_rate_down=4_000_000)  # ~2.2 s for the 8.5 MB
+    async with fp.FaultProxy(("127.0.0.1", ra.ports["peer"]), config=config) as proxy:
+        add_peer(b, a, f"https://127.0.0.1:{proxy.port}", push="never")
+        pin(a, b)
+        rb = await running(b)
+        ps = rb.engine.peers[a.node_id.compact]
+        most = 0
+
+        def done() -> bool:
+            nonlocal most
+            most = max(most, ps.state.blobs_needed)
+            return root(b) == root(a)
+        await wait_for(done, 30, "B to pull from A", step=0.02)
+    assert most > sync.EVENT_BATCH, most  # blobs of two batches or more at once
+    assert_blobs_intact(b)
