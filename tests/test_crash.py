@@ -191,8 +191,11 @@ def test_import_survives_sigkill_at_any_moment(dataset: DataSet, tmp_path: Path)
         else:
             assert rc == 0, (rc, (tmp_path / "import.log").read_text()[-5000:])
             completed += 1
-        verify = run("verify", "--data", data)
-        assert verify.returncode == 0, verify.stdout + verify.stderr
+        # check_consistent re-hashes every blob after every kill; the CLI's own verify (a
+        # Python start each time) runs after every fourth
+        if attempt % 4 == 3:
+            verify = run("verify", "--data", data)
+            assert verify.returncode == 0, verify.stdout + verify.stderr
         check_consistent(data, ds)
         if fresh:
             # follow the speed of the machine (other work on it changes the import time),
@@ -215,6 +218,8 @@ def test_import_survives_sigkill_at_any_moment(dataset: DataSet, tmp_path: Path)
     # a final run completes and leaves exactly the expected catalog
     timed_import(data, ds)
     assert check_consistent(data, ds) == len(ds.expected)
+    verify = run("verify", "--data", data)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
     listed = json.loads(run("ls", "--data", data, "--json").stdout)
     assert {r["sop_instance_uid"]: r["blob"] for r in listed} == ds.expected
     status = json.loads(run("status", "--data", data, "--json").stdout)
