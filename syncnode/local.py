@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 from . import events as ev
+from . import rejection
 from .authority import Policy
 from .blobstore import BlobDamage, BlobError, BlobStore, LocalStoreError, StoreFull
 from .catalog import ApplyResult, Catalog, put_contradictions
@@ -303,6 +304,12 @@ class LocalNode:
             if (not isinstance(event, ev.PutEvent) or eid not in inserted
                     or event.sop_class_uid != KEY_OBJECT_SELECTION
                     or not self.store.has(event.blob)):
+                continue
+            if event.size > rejection.MAX_NOTE_BYTES:
+                log.warning("Key Object Selection %s from %s: not recorded as a rejection "
+                            "note: %d bytes, more than a note may have (%d)",
+                            event.sop_instance_uid, event.origin[:12], event.size,
+                            rejection.MAX_NOTE_BYTES)
                 continue
             try:
                 note = read_note(self.store.path(event.blob))

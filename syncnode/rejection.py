@@ -45,6 +45,9 @@ REASONS = {
 }
 REFUSE_AGAIN = frozenset({"113001", "113037", "113038"})
 MAX_REFERENCES = 100_000
+# a peer's Key Object Selection larger than this is not read as a note (about 40 times a
+# note of MAX_REFERENCES references): parsing must not cost a peer unbounded memory
+MAX_NOTE_BYTES = 256 << 20
 # ``rm --reason NAME`` (and the admin API's ``reason``): the names of the codes
 REASON_NAMES = {"quality": "113001", "safety": "113037", "worklist": "113038",
                 "retention": "113039"}

@@ -8,6 +8,7 @@ itself must never be exported.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import random
 import sqlite3
@@ -296,14 +297,17 @@ def relay(src: LocalNode, dst: LocalNode, since: set[str]) -> None:
 
 def test_peer_deletes_become_rejection_notes(nodes: tuple[LocalNode, LocalNode],
                                               tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+                                              monkeypatch: pytest.MonkeyPatch,
+                                              caplog: pytest.LogCaptureFixture) -> None:
     """Tombstones from a peer for instances sent to a destination queue rejection notes:
     one study's deletes split into notes of at most NOTE_REFERENCES references (here 2),
     the destination's default reason, held ``peer_hold`` seconds, each note's UID derived
     from its deletes (the same note whenever it is made). Deletes the peer made because of
-    a rejection note queue a note that is not sent: the peer's note itself is exported."""
+    a rejection note queue a note that is not sent: the peer's note itself is exported. A
+    Key Object Selection too large for a note is not read."""
     from test_rejection import rejection_note
 
+    from syncnode import rejection
     from syncnode.catalog import outbox as outbox_model
     from syncnode.rejection import make_note, note_uid
 
@@ -357,3 +361,13 @@ def test_peer_deletes_become_rejection_notes(nodes: tuple[LocalNode, LocalNode],
     (item_id,) = [it.id for it in box.due(dest, 10) if it.kind == "reject"]
     what = box.note_contents(item_id, me)
     assert what.subject is None and what.dropped_exported == 1 and what.code == "113001"
+    # a Key Object Selection over the size a note may have is not read (bounded cost)
+    monkeypatch.setattr(rejection, "MAX_NOTE_BYTES", 100)
+    c = LocalNode.init(tmp_path / "c")
+    try:
+        with caplog.at_level(logging.WARNING, logger="syncnode.local"):
+            relay(a, c, before)  # (the note and its tombstone)
+        assert c.catalog.rejections.code(sops[3]) is None
+        assert any("more than a note may have" in r.getMessage() for r in caplog.records)
+    finally:
+        c.close()
