@@ -365,11 +365,12 @@ class LocalNode:
             self.catalog.collect_garbage(result.freed_blobs, self.store.delete)
         return result
 
-    def delete_instances(self, sop_uids: Iterable[str], reason: str | None = None
-                         ) -> ApplyResult:
+    def delete_instances(self, sop_uids: Iterable[str], reason: str | None = None,
+                         note: str = "") -> ApplyResult:
         """Tombstone these instances; ``reason``: the rejection code (CID 7011) the export
-        PACS is told (see :meth:`Catalog.delete_instances`)."""
-        return self.collect(self.catalog.delete_instances(sop_uids, reason))
+        PACS is told, ``note``: the rejection note that caused the deletes (see
+        :meth:`Catalog.delete_instances`)."""
+        return self.collect(self.catalog.delete_instances(sop_uids, reason, note))
 
     def delete_study(self, study_uid: str, reason: str | None = None) -> ApplyResult:
         return self.collect(self.catalog.delete_study(study_uid, reason))
@@ -384,7 +385,7 @@ class LocalNode:
         if note is None:
             return None
         self.catalog.rejections.record(note.sop_instance_uid, note.code, list(note.rejected))
-        result = self.delete_instances(note.rejected, note.code)
+        result = self.delete_instances(note.rejected, note.code, note.sop_instance_uid)
         log.info("rejection note %s (%s): %d instances rejected, %d deleted here",
                  note.sop_instance_uid, note.code, len(note.rejected), len(result.inserted))
         return note

@@ -104,8 +104,9 @@ def test_newer_catalog_is_refused(tmp_path: Path) -> None:
 
 
 def test_version_5_catalog_gains_rejection_notes(tmp_path: Path) -> None:
-    """Migration 6 on a catalog of the previous schema: the outbox's items stay and are
-    puts, the rejection-note tables appear, the status reads both kinds."""
+    """Migrations 6 and 7 on a catalog of schema 5: the outbox's items stay and are puts,
+    the rejection-note tables appear (a delete's reason and causing note), the status
+    reads both kinds."""
     from syncnode.catalog.outbox import outbox_status
 
     path = tmp_path / "c.db"
@@ -125,6 +126,7 @@ def test_version_5_catalog_gains_rejection_notes(tmp_path: Path) -> None:
         assert db.execute("SELECT kind, state FROM outbox").fetchall() == [("put", "done")]
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
         assert {"outbox_notes", "outbox_note_refs", "delete_reasons"} <= tables
+        assert "note" in {r[1] for r in db.execute("PRAGMA table_info(delete_reasons)")}
     finally:
         db.close()
     st = outbox_status(path)["PACS@h:104"]

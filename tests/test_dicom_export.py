@@ -142,6 +142,22 @@ def test_exports_peer_instances_only(nodes: tuple[LocalNode, LocalNode], pacs: S
         got = dcmread(f)
         src = dcmread(peer_study.files[peer_study.sop_uids.index(str(got.SOPInstanceUID))])
         assert got.PixelData == src.PixelData
+    # a rejection note from B's own PACS side rejects two of them: the PACS is sent that
+    # same note (the deletes' cause), not one made by the node
+    from test_rejection import rejection_note
+
+    inst = b.catalog.instance(peer_study.sop_uids[0])
+    assert inst is not None
+    rejected = sorted(peer_study.sop_uids)[:2]
+    note = tmp_path / "note.dcm"
+    note_uid = rejection_note(note, peer_study, rejected, "113037",
+                              inst.series_instance_uid, inst.sop_class_uid)
+    assert import_paths(b, [note]).imported == 1
+    assert all(b.catalog.instance(u) is None for u in rejected)
+    export_until(b, pacs, 13, 60)
+    assert sorted(pacs.received()) == sorted([*peer_study.sop_uids, note_uid])
+    assert status_of(b, pacs)["rejection_notes"] == {
+        "pending": 0, "done": 0, "failed": 0, "skipped": 0, "committed": 0}
 
 
 def test_pacs_down_then_up_drains_without_duplicates(nodes: tuple[LocalNode, LocalNode],

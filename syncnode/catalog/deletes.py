@@ -47,14 +47,15 @@ class Deletes(Part):
     transactions (``_write``, ``_read``, ``_lock``, ``_db``).
     """
 
-    def delete_instances(self, sop_uids: Iterable[str], reason: str | None = None
-                         ) -> ApplyResult:
+    def delete_instances(self, sop_uids: Iterable[str], reason: str | None = None,
+                         note: str = "") -> ApplyResult:
         """Tombstone the current versions of these instances. Unknown UIDs are ignored.
         ``reason``: a rejection code (CID 7011) remembered with the deletes (table
-        ``delete_reasons``, local) for the rejection notes the exporter sends."""
+        ``delete_reasons``, local) for the rejection notes the exporter sends; ``note``:
+        the SOP Instance UID of the rejection note received here that caused them."""
         return self._delete_where("sop_instance_uid=?",
                                   [check_uid(u, "SOP Instance UID") for u in sop_uids],
-                                  reason)
+                                  reason, note)
 
     def delete_study(self, study_uid: str, reason: str | None = None) -> ApplyResult:
         check_uid(study_uid, "Study Instance UID")
@@ -71,8 +72,8 @@ class Deletes(Part):
                              (bytes.fromhex(delete_id),)).fetchone()
         return str(row[0]) if row else None
 
-    def _delete_where(self, where: str, params: list[str], reason: str | None = None
-                      ) -> ApplyResult:
+    def _delete_where(self, where: str, params: list[str], reason: str | None = None,
+                      note: str = "") -> ApplyResult:
         result = ApplyResult()
         dirty_leaves: set[int] = set()
         dirty_sops: set[str] = set()
@@ -92,7 +93,8 @@ class Deletes(Part):
                         result.inserted.append(eid)
                         if reason is not None:
                             db.execute("INSERT OR REPLACE INTO delete_reasons (delete_id, "
-                                       "code) VALUES (?, ?)", (bytes.fromhex(eid), reason))
+                                       "code, note) VALUES (?, ?, ?)",
+                                       (bytes.fromhex(eid), reason, note))
             result.freed_blobs = self._finish(db, dirty_leaves, dirty_sops, freed)
         return self._inserted(result)
 

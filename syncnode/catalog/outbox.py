@@ -17,7 +17,9 @@ most :data:`~syncnode.rejection.NOTE_REFERENCES` references. A note's key (its
 its SOP Instance UID from the key, so a note is queued once and is the same object
 whenever it is sent. Its reason: the one given to the delete here (``delete_reasons``),
 else that of a rejection note that rejected the instance here, else the destination's
-default. What it finally references is decided when it is sent
+default. A delete caused by a rejection note received here (``delete_reasons.note``)
+queues that note itself instead, as a ``put`` item (once per destination): the PACS
+gets the same note, not one made here. What it finally references is decided when it is sent
 (:meth:`Outbox.note_contents`): not an instance that is live again, nor one whose own
 rejection note is exported to the PACS anyway.
 """
@@ -319,6 +321,7 @@ def _queue_notes(db: sqlite3.Connection, dest: str, node_id: str,
     the module docstring. Returns how many were queued."""
     # (study, code) -> [(delete seq, delete id, put seqs, hlc, from a peer)]
     groups: dict[tuple[str, str], list[tuple[int, bytes, list[int], int, bool]]] = {}
+    queued = 0
     for seq, delete_id, origin, body in deletes:
         event = ev.decode(body)  # (a stored event: valid)
         assert isinstance(event, ev.DeleteEvent), delete_id.hex()
@@ -337,14 +340,18 @@ def _queue_notes(db: sqlite3.Connection, dest: str, node_id: str,
             study = sent[1]
         if not put_seqs:
             continue
-        row = db.execute("SELECT code FROM delete_reasons WHERE delete_id=?",
-                         (delete_id,)).fetchone() or db.execute(
-            "SELECT code FROM rejected WHERE sop_instance_uid=?",
-            (event.sop_instance_uid,)).fetchone()
+        given = db.execute("SELECT code, note FROM delete_reasons WHERE delete_id=?",
+                           (delete_id,)).fetchone()
+        if given is not None and given[1]:
+            forwarded = _forward_note(db, dest, node_id, str(given[1]), now)
+            if forwarded is not None:
+                queued += forwarded
+                continue
+        row = given or db.execute("SELECT code FROM rejected WHERE sop_instance_uid=?",
+                                  (event.sop_instance_uid,)).fetchone()
         code = str(row[0]) if row else default_code
         groups.setdefault((study, code), []).append(
             (seq, delete_id, put_seqs, event.hlc, origin != node_id))
-    queued = 0
     for (study, code), entries in groups.items():
         chunk: list[tuple[int, bytes, list[int], int, bool]] = []
         refs = 0
@@ -357,6 +364,23 @@ def _queue_notes(db: sqlite3.Connection, dest: str, node_id: str,
         if chunk:
             queued += _queue_note(db, dest, study, code, chunk, peer_hold, now)
     return queued
+
+
+def _forward_note(db: sqlite3.Connection, dest: str, node_id: str, note: str,
+                  now: float) -> int | None:
+    """The rejection note ``note`` received here caused a delete: the PACS is sent that
+    note itself (its put queued like a peer's: 1 if newly queued, 0 if it already was),
+    or nothing if it is a peer's note (exported anyway: 0). None if the note is not live
+    here any more (a note is made instead)."""
+    row = db.execute("SELECT seq, event_id, origin FROM puts WHERE sop_instance_uid=? AND "
+                     "live=1 ORDER BY seq DESC LIMIT 1", (note,)).fetchone()
+    if row is None:
+        return None
+    if row[2] != node_id:
+        return 0
+    return db.execute("INSERT OR IGNORE INTO outbox (dest, seq, event_id, sop_instance_uid, "
+                      "enqueued, updated) VALUES (?, ?, ?, ?, ?, ?)",
+                      (dest, row[0], row[1], note, now, now)).rowcount
 
 
 def _queue_note(db: sqlite3.Connection, dest: str, study: str, code: str,

@@ -222,6 +222,14 @@ CREATE TABLE IF NOT EXISTS delete_reasons (
 """
 
 
+# Version 7: ``delete_reasons.note``: the SOP Instance UID of the rejection note received
+# here that caused the delete ('' for any other delete), so that the export PACS is sent
+# that same note rather than one made here.
+def _v7(db: sqlite3.Connection) -> None:
+    if "note" not in {r[1] for r in db.execute("PRAGMA table_info(delete_reasons)")}:
+        db.execute("ALTER TABLE delete_reasons ADD COLUMN note TEXT NOT NULL DEFAULT ''")
+
+
 def _statements(script: str) -> list[str]:
     """The statements of a schema script, split where SQLite says one is complete (a ';'
     in a comment does not end one)."""
@@ -270,6 +278,7 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _run(V4),
     _v5,
     _v6,
+    _v7,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -38,10 +38,12 @@ admin API, a rejection note, or tombstones admitted from a peer - the outbox que
 destination an IOCM rejection note (:func:`syncnode.rejection.make_note`: a Key Object
 Selection in Explicit VR Little Endian naming exactly the deleted instances it had
 received, one study per note), by C-STORE like any item: same retries, same outcomes,
-same storage commitment. Its reason is the one given to the delete (``rm --reason``),
-else the destination's ``export_reject_reason``; a note for a peer's deletes waits
-``peer_delete_hold`` seconds first, so that when the peer deleted because of a rejection
-note - which reaches this node and is exported as an instance - no second note is sent.
+same storage commitment. When a rejection note received here caused the deletes, that
+note itself is queued and sent instead (as an instance). A made note's reason is the one
+given to the delete (``rm --reason``), else the destination's ``export_reject_reason``;
+a note for a peer's deletes waits ``peer_delete_hold`` seconds first, so that when the
+peer deleted because of a rejection note - which reaches this node and is exported as an
+instance - no second note is sent.
 
 An item is ``done`` only on 0x0000 or the warnings 0xB000, 0xB006, 0xB007. Outcomes
 are written in short transactions of up to ``OUTCOME_BATCH`` items, never held across
