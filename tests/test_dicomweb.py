@@ -453,6 +453,88 @@ def _new_instance(study: str | None = None) -> pydicom.Dataset:
 
 
 
+def _json_stow_body(ds: pydicom.Dataset, frame_media: str | None = None,
+                    drop: bool = False) -> tuple[bytes, str]:
+    """A STOW-RS body of DICOM JSON metadata and bulk data parts (PS3.18 10.5.1.2):
+    values over 1 KiB by BulkDataURI, each in a part with that Content-Location. With
+    ``frame_media`` the pixel data goes as one compressed frame in that media type;
+    ``drop`` leaves the pixel data part out."""
+    from pydicom.encaps import generate_frames
+
+    bulk: dict[str, tuple[str, bytes]] = {}
+
+    def handler(elem: pydicom.DataElement) -> str:
+        uri = f"urn:bulk:{len(bulk)}:{elem.tag:08X}"
+        value = bytes(elem.value)
+        media = "application/octet-stream"
+        if elem.tag == 0x7FE00010 and frame_media:
+            [value] = list(generate_frames(value, number_of_frames=1))
+            media = f"{frame_media}; transfer-syntax={ds.file_meta.TransferSyntaxUID}"
+        if not (drop and elem.tag == 0x7FE00010):
+            bulk[uri] = (media, value)
+        return uri
+
+    meta = ds.to_json_dict(bulk_data_threshold=1024, bulk_data_element_handler=handler)
+    out = [b"--J\r\nContent-Type: application/dicom+json\r\n\r\n" + json.dumps([meta]).encode()]
+    for uri, (media, value) in bulk.items():
+        out.append(f"--J\r\nContent-Type: {media}\r\nContent-Location: {uri}\r\n\r\n"
+                   .encode() + value)
+    return b"\r\n".join(out) + b"\r\n--J--\r\n", "J"
+
+
+def test_stow_json_metadata_with_bulk_data(node: Node) -> None:
+    """DICOM JSON metadata and bulk data parts become Part-10 files that go through the
+    same ingest as application/dicom parts: native pixel data, a compressed frame in its
+    own transfer syntax; an instance whose bulk data part is missing is refused alone;
+    metadata that is not JSON stores nothing."""
+    url = f"{node.base}/dicom-web/studies"
+    admin = ["-H", f"X-API-Key: {node.admin}"]
+
+    def post(body: bytes, kind: str = "application/dicom+json") -> tuple[int, dict]:
+        status, _, out = curl("-X", "POST", "--data-binary", "@-", "-H",
+                              f'Content-Type: multipart/related; type="{kind}"; boundary=J',
+                              *admin, url, data=body)
+        return status, (json.loads(out) if out.startswith(b"{") else {})
+
+    native = _new_instance()
+    status, answer = post(_json_stow_body(native)[0])
+    assert status == 200, answer
+    [ref] = answer["00081199"]["Value"]
+    assert tag(ref, "ReferencedSOPInstanceUID") == [native.SOPInstanceUID]
+    got = node.client().retrieve_instance(native.StudyInstanceUID, native.SeriesInstanceUID,
+                                          native.SOPInstanceUID)
+    assert got.PixelData == native.PixelData and got.PatientName == native.PatientName
+    assert got.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert native.SOPInstanceUID in kit.findscu_sops(node.dicom_port, "StudyInstanceUID",
+                                                     native.StudyInstanceUID)
+    jpeg = pydicom.dcmread(TEST_FILES / "SC_rgb_jpeg_dcmtk.dcm")
+    jpeg.StudyInstanceUID, jpeg.SeriesInstanceUID = generate_uid(), generate_uid()
+    jpeg.SOPInstanceUID = jpeg.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    lost = _new_instance(jpeg.StudyInstanceUID)
+    body = (_json_stow_body(jpeg, "image/jpeg")[0][:-len(b"--J--\r\n")]
+            + _json_stow_body(lost, drop=True)[0])
+    status, answer = post(body)
+    assert status == 202, answer
+    [bad] = answer["00081198"]["Value"]
+    assert tag(bad, "ReferencedSOPInstanceUID") == [lost.SOPInstanceUID]
+    assert tag(bad, "FailureReason") == [0xC000]
+    assert node.running.node.catalog.instance(lost.SOPInstanceUID) is None
+    stored = node.running.node.catalog.instance(jpeg.SOPInstanceUID)
+    assert stored is not None and stored.transfer_syntax_uid == "1.2.840.10008.1.2.4.50"
+    frame = list(pydicom.encaps.generate_frames(jpeg.PixelData, number_of_frames=1))
+    assert node.client().retrieve_instance_frames(
+        jpeg.StudyInstanceUID, jpeg.SeriesInstanceUID, jpeg.SOPInstanceUID, [1],
+        media_types=(("image/jpeg", "1.2.840.10008.1.2.4.50"),)) == frame
+    # not JSON at all: 400, nothing stored; DICOM XML: 415
+    other = _new_instance()
+    body = _json_stow_body(other)[0].replace(b"[{", b"[{{", 1)
+    status, _ = post(body)
+    assert status == 400 and node.running.node.catalog.instance(other.SOPInstanceUID) is None
+    assert post(_json_stow_body(other)[0], kind="application/dicom+xml")[0] == 415
+    assert not [p for p in node.running.node.store.tmp_dir.iterdir()
+                if p.name.startswith("blob-")]
+
+
 def _findscu_sops(port: int, study: str) -> list[str]:
     return kit.findscu_sops(port, "StudyInstanceUID", study)
 

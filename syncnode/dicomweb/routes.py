@@ -520,7 +520,8 @@ def _get(summary: str, ok: dict[str, Any], *path: str, extra: tuple[dict[str, An
 
 def _stow(*path: str) -> dict[str, Any]:
     return {"summary": "STOW-RS: store DICOM instances (multipart/related; "
-                       "type=\"application/dicom\"), durable before the answer",
+                       "type=\"application/dicom\", or type=\"application/dicom+json\" "
+                       "with bulk data parts by Content-Location), durable before the answer",
             "parameters": [_uid_param(p) for p in path],
             "requestBody": {"required": True, "content": {"multipart/related": {
                 "schema": {"type": "string", "format": "binary"}}}},

@@ -4,7 +4,9 @@ stores files.
 Order of work, and why:
 
 1. The request is checked before its body is read: ``multipart/related`` with
-   ``type="application/dicom"`` and a boundary (else 415), a Content-Length not above
+   ``type="application/dicom"`` (the files) or ``type="application/dicom+json"``
+   (metadata and bulk data: :mod:`.stowjson` makes each data set a file, then all goes
+   on as below) and a boundary (else 415), a Content-Length not above
    ``dicomweb_max_request_bytes`` (else 413).
 2. The body streams through :class:`~.multipart.MultipartParser`; each part goes to a temp
    file of the blob store as it arrives (memory does not grow with a part), and is cut off
@@ -38,10 +40,12 @@ from typing import Any
 from aiohttp import web
 
 from ..blobstore import LocalStoreError, StagedBlob, StoreFull
+from ..dicom.scp import IMPLEMENTATION_CLASS_UID
 from ..dicomfile import InvalidDicom, InvalidIdentity
 from ..ids import is_uid
 from ..importer import commit_staged, inspect_tmp
 from ..local import LocalNode, offload
+from . import stowjson
 from .json import row_json
 from .multipart import (
     BodyEnd,
@@ -79,14 +83,17 @@ class _Spool:
     def __init__(self, node: LocalNode) -> None:
         self.store = node.store
         self.files: list[tuple[Path, int]] = []  # (temp file, size) of complete parts
+        self.parts: list[stowjson.Part] = []  # the same, with their headers
         self._fd: int | None = None
         self._tmp: Path | None = None
         self._size = 0
         self._buf = bytearray()
+        self._headers: dict[str, str] = {}
 
-    def start(self) -> None:
+    def start(self, headers: dict[str, str] | None = None) -> None:
         self._tmp, self._fd = self.store.new_tmp()
         self._size = 0
+        self._headers = headers or {}
 
     def _flush(self) -> None:
         if self._fd is not None and self._buf:
@@ -110,6 +117,9 @@ class _Spool:
         if self._fd is not None and self._tmp is not None:
             os.close(self._fd)
             self.files.append((self._tmp, self._size))
+            media, params = parse_media(self._headers.get("content-type", "application/dicom"))
+            self.parts.append(stowjson.Part(self._tmp, self._size, media, params,
+                                            self._headers.get("content-location")))
         self._fd, self._tmp = None, None
 
     def discard(self) -> None:
@@ -122,25 +132,30 @@ class _Spool:
         self._tmp = None
 
 
-def check_request(content_type: str, length: int | None, max_bytes: int) -> str:
-    """The multipart boundary of an acceptable STOW request, else :class:`StowRefused`."""
+def check_request(content_type: str, length: int | None, max_bytes: int) -> tuple[str, str]:
+    """The multipart boundary and ``type`` (``application/dicom`` or
+    ``application/dicom+json``) of an acceptable STOW request, else :class:`StowRefused`."""
     media, params = parse_media(content_type or "")
     if media != "multipart/related":
-        raise StowRefused(415, 'STOW-RS takes multipart/related; type="application/dicom"')
-    if params.get("type", "application/dicom").lower() != "application/dicom":
-        raise StowRefused(415, "this node stores application/dicom parts only (not "
-                               "DICOM JSON or XML with bulk data)")
+        raise StowRefused(415, 'STOW-RS takes multipart/related; type="application/dicom" '
+                               '(or type="application/dicom+json" with bulk data parts)')
+    kind = params.get("type", "application/dicom").lower()
+    if kind not in ("application/dicom", DICOM_JSON):
+        raise StowRefused(415, "this node stores application/dicom parts, or "
+                               "application/dicom+json metadata with bulk data parts (not "
+                               "DICOM XML)")
     boundary = params.get("boundary", "")
     if not boundary:
         raise StowRefused(400, "the multipart Content-Type has no boundary")
     if length is not None and length > max_bytes:
         raise StowRefused(413, f"the request is larger than dicomweb_max_request_bytes "
                                f"({max_bytes} bytes)")
-    return boundary
+    return boundary, kind
 
 
 async def receive(request: web.Request, spool: _Spool, boundary: str, *, max_bytes: int,
-                  max_part: int, read_timeout: float) -> None:
+                  max_part: int, read_timeout: float, kind: str = "application/dicom"
+                  ) -> None:
     """Spool every part of the body; StowRefused / MultipartError on any problem."""
     parser = MultipartParser(boundary)
     total = 0
@@ -161,9 +176,9 @@ async def receive(request: web.Request, spool: _Spool, boundary: str, *, max_byt
         for event in parser.feed(data):
             if isinstance(event, PartStart):
                 media, _ = parse_media(event.headers.get("content-type", "application/dicom"))
-                if media != "application/dicom":
+                if media != "application/dicom" and kind == "application/dicom":
                     raise StowRefused(415, "every part must be application/dicom")
-                spool.start()
+                spool.start(event.headers)
                 in_part = True
             elif isinstance(event, PartData) and in_part:
                 await spool.write(event.data, max_part)
@@ -242,10 +257,10 @@ async def handle(request: web.Request, node: LocalNode, study: str | None, *, ba
                  ) -> web.Response:
     spool = _Spool(node)
     try:
-        boundary = check_request(request.headers.get("Content-Type", ""),
-                                 request.content_length, max_bytes)
+        boundary, kind = check_request(request.headers.get("Content-Type", ""),
+                                       request.content_length, max_bytes)
         await receive(request, spool, boundary, max_bytes=max_bytes, max_part=max_part,
-                      read_timeout=read_timeout)
+                      read_timeout=read_timeout, kind=kind)
     except StowRefused as exc:
         spool.discard()
         audit("failure", reason=f"refused ({exc.status})")
@@ -262,8 +277,22 @@ async def handle(request: web.Request, node: LocalNode, study: str | None, *, ba
         spool.discard()
         raise
     files = list(spool.files)
+    built: list[tuple[str | None, str | None, int]] = []
     try:
+        if kind == DICOM_JSON:  # the spooled parts are metadata and bulk data: make files
+            try:
+                files, built = await offload(stowjson.build_files, node.store, spool.parts,
+                                             IMPLEMENTATION_CLASS_UID)
+            except stowjson.MetadataError as exc:
+                audit("failure", reason="bad metadata")
+                return _error(400, f"nothing stored: {exc}")
+            finally:
+                for path, _ in spool.files:
+                    with contextlib.suppress(OSError):
+                        path.unlink(missing_ok=True)
         stored, failed = await offload(ingest, node, files, study)
+        failed = [(c if c and is_uid(c) else None, i if i and is_uid(i) else None, code)
+                  for c, i, code in built] + failed
     finally:
         for path, _ in files:  # whatever the commit did not take
             with contextlib.suppress(OSError):
