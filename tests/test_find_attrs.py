@@ -135,3 +135,45 @@ def test_the_backfill_indexes_new_puts_as_they_arrive(tmp_path: Path) -> None:
         other.close()
         node.close()
     assert not backfill.thread.is_alive()
+
+
+@pytest.mark.parametrize("change", [
+    {"PatientName": "Doe^John  ", "StudyDescription": " CT  HEAD ", "InstanceNumber": " +007",
+     "SeriesNumber": "", "StudyTime": "1230", "AccessionNumber": ""},  # plain: fast path
+    {"SpecificCharacterSet": "ISO_IR 100", "PatientName": "M\u00fcller^J\u00fcrgen"},
+    {"SpecificCharacterSet": "ISO_IR 192", "StudyDescription": "\u00e9tude t\u00eate"},
+    {"SpecificCharacterSet": ["", "ISO 2022 IR 87"],
+     "PatientName": "Yamada^Tarou=\u5c71\u7530^\u592a\u90ce"},
+    {"BodyPartExamined": ["CHEST", "ABDOMEN"]},  # two values
+    {"InstanceNumber": "7.0"},  # not an integer string
+    {"StudyDescription": ("UT", "written with another VR")},
+], ids=["plain", "latin1", "utf8", "iso2022", "multivalued", "odd-is", "other-vr"])
+@pytest.mark.filterwarnings("ignore:Invalid value for VR IS")  # "7.0", on purpose
+def test_the_fast_reader_gives_what_pydicom_gives_or_leaves_it_to_pydicom(
+        tmp_path: Path, change: dict[str, object]) -> None:
+    """Instances with only plain ASCII values are read by syncnode's own walk; anything
+    needing pydicom's character set or value handling is left to it. Either way the row
+    is what pydicom reads."""
+    import pydicom
+    from pydicom.datadict import tag_for_keyword
+    from pydicom.dataelem import DataElement
+
+    from syncnode.dicomfile import read_plain_text
+
+    s = kit.make_study(tmp_path / "s", 1, seed="fast", patient_id="PF")
+    ds = pydicom.dcmread(s.files[0])
+    for kw, value in change.items():
+        if isinstance(value, tuple):
+            tag = tag_for_keyword(kw)
+            assert tag is not None
+            ds[tag] = DataElement(tag, value[0], value[1])
+        else:
+            setattr(ds, kw, value)
+    path = tmp_path / "x.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    fast = read_plain_text(path, attrs._VRS)
+    assert (fast is not None) == (change.get("InstanceNumber") == " +007")
+    assert attrs.read_attributes(path) == attrs._read_with_pydicom(path)
+    if fast is not None:
+        assert attrs.read_attributes(path)["instance_number"] == "7"
+        assert attrs.read_attributes(path)["patient_name"] == "Doe^John"
