@@ -377,6 +377,16 @@ def test_peer_deletes_become_rejection_notes(nodes: tuple[LocalNode, LocalNode],
     (item_id,) = [it.id for it in box.due(dest, 10) if it.kind == "reject"]
     what = box.note_contents(item_id, me)
     assert what.subject is None and what.dropped_exported == 1 and what.code == "113001"
+    # a stored delete the current rules cannot read (kept from an older release) is
+    # passed over with a warning: it never blocks the export
+    db = sqlite3.connect(b.data / "catalog.db")
+    with db:
+        db.execute("INSERT INTO events (id, kind, hlc, origin, body) VALUES "
+                   "(x'00', 'delete', 1, 'OLD', x'7b7d')")
+    db.close()
+    with caplog.at_level(logging.WARNING, logger="syncnode.catalog.outbox"):
+        assert box.enqueue_new(dest, me, 100) == (1, 0)
+    assert any("not read for a rejection note" in r.getMessage() for r in caplog.records)
     # a Key Object Selection over the size a note may have is not read (bounded cost)
     monkeypatch.setattr(rejection, "MAX_NOTE_BYTES", 100)
     c = LocalNode.init(tmp_path / "c")

@@ -26,6 +26,7 @@ rejection note is exported to the PACS anyway.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -47,6 +48,8 @@ from ..rejection import (
 
 if TYPE_CHECKING:
     from .core import Catalog
+
+log = logging.getLogger("syncnode.catalog.outbox")
 
 
 @dataclass
@@ -323,8 +326,14 @@ def _queue_notes(db: sqlite3.Connection, dest: str, node_id: str,
     groups: dict[tuple[str, str], list[tuple[int, bytes, list[int], int, bool]]] = {}
     queued = 0
     for seq, delete_id, origin, body in deletes:
-        event = ev.decode(body)  # (a stored event: valid)
-        assert isinstance(event, ev.DeleteEvent), delete_id.hex()
+        try:
+            event = ev.decode(body)
+        except ev.InvalidEvent as exc:  # (one stored under older rules): never blocks export
+            log.warning("export to %s: delete %s not read for a rejection note: %s", dest,
+                        delete_id.hex(), exc)
+            continue
+        if not isinstance(event, ev.DeleteEvent):
+            continue
         put_seqs: list[int] = []
         study = ""
         for put_hex in event.removes:
