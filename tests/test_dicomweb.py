@@ -760,6 +760,14 @@ def test_known_good_instances_go_by_sendfile(node: Node, monkeypatch: pytest.Mon
     store = node.running.node.store
     assert {store.path(node.running.node.catalog.instance(s).blob).stat().st_ino
             for s in st.sop_uids} == set(sources)
+    # large instances (each prepared at its turn, not read ahead) go the same way
+    monkeypatch.setattr(wado, "IN_MEMORY", 1024)
+    sources.clear()
+    resp = requests.get(f"{node.base}/dicom-web/studies/{st.study_uid}/series/"
+                        f"{st.series_uids[1]}", headers={"X-API-Key": node.read}, timeout=30)
+    assert sorted(p for _, p in _parts(resp)) == sorted(blob_bytes(node, s)
+                                                        for s in st.sop_uids[1::2])
+    assert len(set(sources)) == 3
 
 
 def test_a_damaged_blob_is_never_sent(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
