@@ -253,17 +253,16 @@ class DicomWeb:
                                                     files))
                 for part in ready:
                     head = before + next(numbered)
-                    if part.data is not None:  # one write per part: head, bytes, end
-                        await resp.write(b"".join((head, part.data, PART_END))
-                                         if len(part.data) < wado.SENDFILE_MIN else head)
-                        if len(part.data) >= wado.SENDFILE_MIN:
-                            await resp.write(part.data)
-                            before = PART_END
-                        else:
-                            before = b""
-                    else:
+                    if part.data is None:  # from its file
                         await resp.write(head)
                         await self._send_file(resp, request, part)
+                        before = PART_END
+                    elif len(part.data) < wado.SENDFILE_MIN:  # one write: head, bytes, end
+                        await resp.write(b"".join((head, part.data, PART_END)))
+                        before = b""
+                    else:  # (not copied again to join them)
+                        await resp.write(head)
+                        await resp.write(part.data)
                         before = PART_END
                     sent += part.inst.size
             await resp.write(before + end)
