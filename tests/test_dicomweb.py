@@ -768,6 +768,17 @@ def test_known_good_instances_go_by_sendfile(node: Node, monkeypatch: pytest.Mon
     assert sorted(p for _, p in _parts(resp)) == sorted(blob_bytes(node, s)
                                                         for s in st.sop_uids[1::2])
     assert len(set(sources)) == 3
+    # a connection that cannot take sendfile (TLS): every part read and written
+    monkeypatch.setattr(wado, "IN_MEMORY", 16 << 20)
+    real_prepare = wado.prepare_group
+    monkeypatch.setattr(wado, "prepare_group",
+                        lambda store, group, files: real_prepare(store, group, False))
+    sources.clear()
+    resp = requests.get(f"{node.base}/dicom-web/studies/{st.study_uid}",
+                        headers={"X-API-Key": node.read}, timeout=30)
+    assert sorted(p for _, p in _parts(resp)) == sorted(blob_bytes(node, s)
+                                                        for s in st.sop_uids)
+    assert sources == []
 
 
 def test_a_damaged_blob_is_never_sent(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
