@@ -168,7 +168,7 @@ async def test_admin_trickled_head_is_dropped(node: Node) -> None:
             slow[1].write(head[i:i + 1])
             try:
                 await slow[1].drain()
-            except ConnectionResetError:
+            except ConnectionError:  # reset, or a broken pipe: dropped either way
                 break
             if slow[0].at_eof() or time.monotonic() - started > HEAD + SLACK:
                 break
