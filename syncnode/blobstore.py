@@ -24,7 +24,8 @@ Invariants:
   :meth:`BlobStore.read_verified`) is noted in the data folder's :class:`KnownGood`
   record with its file's stat; one found damaged or deleted is dropped from it.
   :meth:`BlobStore.read_known` reads a blob whose file is unchanged since without hashing
-  it again (for DICOMweb clients; see :mod:`syncnode.knowngood` for what that trusts).
+  it again (for DICOMweb, C-GET/C-MOVE and the exporter; see :mod:`syncnode.knowngood`
+  for what that trusts).
 """
 
 from __future__ import annotations
@@ -500,7 +501,7 @@ class BlobStore:
         """Yield a whole blob in pieces of up to ``piece`` bytes: without hashing when its
         file is unchanged since it was last found intact (:mod:`syncnode.knowngood`),
         else through :meth:`read_verified` (which notes it for the next time). For
-        serving DICOMweb clients; DIMSE and the exporter keep reading verified."""
+        serving DICOMweb clients, C-GET/C-MOVE and the exporter."""
         try:
             fd = os.open(self.path(blob_hash), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError as exc:

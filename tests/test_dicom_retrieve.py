@@ -8,6 +8,8 @@
 - An unknown Move Destination -> 0xA801, nothing sent.
 - Orthanc as the requester (REST ``/modalities/<node>/move`` to itself).
 - A damaged blob is a failed sub-operation, never sent; large blobs are streamed.
+- A known-good blob is sent without hashing it again; one altered in place (its mtime
+  restored) is hashed and, damaged, refused.
 - A requester accepting only Explicit VR Little Endian for an RLE Lossless instance gets
   it decoded (same pixels); a JPEG baseline (lossy) instance is never transcoded: failed.
 - C-CANCEL stops a C-GET; pending responses carry the counts.
@@ -15,6 +17,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -36,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import dicom_testkit as kit
 
 from syncnode.audit import AuditLog, read_entries
-from syncnode.dicom import provider
+from syncnode.blobstore import BlobStore
+from syncnode.dicom import exporter, provider
 from syncnode.dicom.scp import DicomServer
 from syncnode.importer import import_paths
 from syncnode.local import LocalNode
@@ -79,8 +83,8 @@ def received(folder: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize("streamed", [False, True], ids=["in-memory", "streamed"])
 def test_getscu_study_is_byte_exact(tmp_path: Path, node: LocalNode, study: kit.StudyFiles,
                                     streamed: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    if streamed:  # every blob takes the large-instance path (verified, then from the file)
-        monkeypatch.setattr(provider, "IN_MEMORY_LIMIT", 0)
+    if streamed:  # every blob takes the large-instance path (streamed from its file)
+        monkeypatch.setattr(exporter, "IN_MEMORY_LIMIT", 0)
     scp = start_scp(node)
     try:
         out = tmp_path / "got"
@@ -279,6 +283,55 @@ def test_damaged_blob_is_not_sent(node: LocalNode, study: kit.StudyFiles) -> Non
         i.sop_instance_uid for i in insts[1:])
     assert responses[-1].Status == 0xB000
     assert responses[-1].NumberOfFailedSuboperations == 1
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["in-memory", "streamed"])
+def test_known_good_blobs_are_not_hashed_altered_ones_are(
+        node: LocalNode, study: kit.StudyFiles, streamed: bool,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Imported blobs were hashed as they were written: a C-GET sends them without a
+    verified read. A blob written in place with its mtime set back (only the change time
+    tells) is read verified, found damaged and not sent; the others still go out."""
+    if streamed:
+        monkeypatch.setattr(exporter, "IN_MEMORY_LIMIT", 0)
+    verified: list[str] = []
+    real = BlobStore.read_verified
+
+    def counting(self: BlobStore, blob_hash: str, *args: Any, **kwargs: Any) -> Any:
+        verified.append(blob_hash)
+        return real(self, blob_hash, *args, **kwargs)
+
+    monkeypatch.setattr(BlobStore, "read_verified", counting)
+    insts = node.catalog.instances(study=study.study_uid)
+    ident = Dataset()
+    ident.QueryRetrieveLevel = "STUDY"
+    ident.StudyInstanceUID = study.study_uid
+    contexts = [(insts[0].sop_class_uid, [insts[0].transfer_syntax_uid])]
+    scp = start_scp(node)
+    try:
+        responses, got = _get(scp.port, ident, contexts)
+        assert sorted(str(d.SOPInstanceUID) for d in got) == sorted(study.sop_uids)
+        assert responses[-1].Status == 0x0000
+        assert verified == []  # every blob known good: none hashed again
+        bad = insts[0]
+        path = node.store.path(bad.blob)
+        before = path.stat()
+        path.chmod(0o644)
+        data = bytearray(path.read_bytes())
+        data[-10] ^= 0xFF  # one flipped pixel byte, same size
+        path.write_bytes(bytes(data))
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        path.chmod(before.st_mode & 0o777)
+        assert path.stat().st_mtime_ns == before.st_mtime_ns
+        responses, got = _get(scp.port, ident, contexts)
+    finally:
+        scp.stop()
+    assert sorted(str(d.SOPInstanceUID) for d in got) == sorted(
+        i.sop_instance_uid for i in insts[1:])
+    assert responses[-1].Status == 0xB000
+    assert responses[-1].NumberOfFailedSuboperations == 1
+    assert verified == [bad.blob]
+    assert bad.blob not in node.store.known_good
 
 
 @pytest.mark.skipif(not kit.have_orthanc(), reason="Orthanc not installed")

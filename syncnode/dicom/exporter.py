@@ -21,8 +21,9 @@ enqueued exactly once per destination; puts from this node came from the local P
 and are never sent back); (2) take the due pending items (up to ``BATCH``), open one
 association proposing, for each (SOP class, stored transfer syntax) pair, exactly that
 syntax (plus Explicit VR Little Endian for a deflated instance, which can be inflated
-without decoding); (3) send each item's stored data set bytes as they are, after
-verifying the blob against its chunk hashes; (4) record each outcome.
+without decoding); (3) send each item's stored data set bytes as they are: a known-good
+blob (:mod:`syncnode.knowngood`) without hashing it again, any other after verifying it
+against its chunk hashes (a damaged blob is never sent); (4) record each outcome.
 
 Storage commitment: for a destination listed in ``export_commitment`` (its AE title or
 ``AE@HOST:PORT``), after each batch the exporter asks the PACS, on the same association, to
@@ -398,17 +399,9 @@ class Destination:
         """The data set bytes to send, checked against the blob's chunk hashes."""
         if it.note is not None:  # a rejection note made here
             return io.BytesIO(it.note[dataset_offset(it.note[:65536]):])
-        store = self.exporter.store
-        if it.size <= IN_MEMORY_LIMIT or inflate:
-            if inflate:
-                return io.BytesIO(_inflated(store, it.blob))
-            data = b"".join(store.read_verified(it.blob))
-            return io.BytesIO(data[dataset_offset(data[:65536]):])
-        for _ in store.read_verified(it.blob):  # verify the whole blob, then stream it
-            pass
-        with store.open(it.blob) as f:
-            head = f.read(65536)
-        return (store.path(it.blob), dataset_offset(head))
+        if inflate:
+            return io.BytesIO(_inflated(self.exporter.store, it.blob))
+        return stored_payload(self.exporter.store, it.blob, it.size)
 
     # -- bookkeeping ---------------------------------------------------------------------
     def _record(self, kind: OutcomeKind, params: tuple[Any, ...]) -> None:
@@ -632,9 +625,32 @@ def _response_status(assoc: Any, rsp: Any) -> Dataset | None:
     return assoc._check_received_status(rsp)
 
 
+def stored_payload(store: BlobStore, blob: str, size: int) -> io.BytesIO | tuple[Path, int]:
+    """A stored instance's data set bytes as :func:`send_store` takes them: in memory up to
+    ``IN_MEMORY_LIMIT``, else the blob file and the data set offset (streamed from it, so
+    a large multi-frame instance does not fill memory).
+
+    Known-good blobs (:mod:`syncnode.knowngood`: unchanged since they were hashed intact)
+    are read without hashing; any other is checked against its chunk hashes first (whole,
+    before a byte is sent) and raises :class:`BlobError` when damaged: it is never sent.
+    Raises ValueError when the blob is not a Part-10 file."""
+    if size <= IN_MEMORY_LIMIT:
+        data = store.read_known_whole(blob)
+        return io.BytesIO(memoryview(data)[dataset_offset(data[:65536]):])
+    known = store.open_known(blob)
+    if known is None:
+        for _ in store.read_verified(blob):  # verify the whole blob (noted known good)
+            pass
+        known = store.open(blob), 0
+    f, _size = known
+    with f:
+        head = f.read(65536)
+    return (store.path(blob), dataset_offset(head))
+
+
 def _inflated(store: BlobStore, blob: str) -> bytes:
     """A deflated instance's data set, inflated (= its explicit VR little endian bytes)."""
-    data = b"".join(store.read_verified(blob))
+    data = store.read_known_whole(blob)
     body = data[dataset_offset(data[:65536]):]
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     return inflater.decompress(body) + inflater.flush()

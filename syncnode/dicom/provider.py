@@ -13,8 +13,11 @@ counts and C-CANCEL; this module chooses what goes on the wire):
 
 - Each instance is a :class:`StoredInstance` naming a blob. When the association has an
   accepted context for (SOP class, stored transfer syntax), the data set bytes of the blob
-  are sent unchanged (:func:`syncnode.dicom.exporter.send_store`), read through
-  :meth:`~syncnode.blobstore.BlobStore.read_verified` so a damaged blob is never sent.
+  are sent unchanged (:func:`syncnode.dicom.exporter.send_store`). A blob known good
+  (:mod:`syncnode.knowngood`: its file unchanged since it was hashed intact) is read
+  without hashing it again; any other is read through
+  :meth:`~syncnode.blobstore.BlobStore.read_verified` first, so a blob changed on disk is
+  checked and a damaged one is never sent.
 - Otherwise, when the stored syntax is lossless (:data:`LOSSLESS`) and the requester
   accepted an uncompressed syntax for the class, the instance is decoded and sent
   uncompressed (pydicom and its pixel-data plugins; RLE needs only numpy, JPEG Lossless
@@ -55,7 +58,7 @@ from pynetdicom.presentation import PresentationContext
 from ..blobstore import BlobError, BlobStore
 from ..catalog import Catalog, Instance
 from ..dicomfile import dataset_offset
-from .exporter import IN_MEMORY_LIMIT, send_store
+from .exporter import send_store, stored_payload
 from .query import LEVELS
 
 log = logging.getLogger("syncnode.dicom.retrieve")
@@ -209,9 +212,10 @@ def _context(assoc: Any, sop_class: str, syntaxes: tuple[str, ...]) -> Presentat
 
 
 def _stored_bytes(store: BlobStore, inst: Instance) -> tuple[bytes, int]:
-    """The blob's bytes (verified against its chunk hashes) and its data set offset."""
+    """The blob's bytes (known good, or verified against its chunk hashes) and its data
+    set offset."""
     try:
-        data = b"".join(store.read_verified(inst.blob))
+        data = store.read_known_whole(inst.blob)
     except (BlobError, OSError) as exc:
         raise NotSendable(f"blob {inst.blob} cannot be read: {type(exc).__name__}") from exc
     try:
@@ -221,20 +225,15 @@ def _stored_bytes(store: BlobStore, inst: Instance) -> tuple[bytes, int]:
 
 
 def _as_stored(store: BlobStore, inst: Instance) -> io.BytesIO | tuple[Path, int]:
-    """The stored data set bytes, checked against the blob's chunk hashes: in memory up
-    to ``IN_MEMORY_LIMIT``, else verified whole and then streamed from the blob file
-    (as the exporter does), so a large multi-frame instance does not fill memory."""
-    if inst.size <= IN_MEMORY_LIMIT:
-        data, offset = _stored_bytes(store, inst)
-        return io.BytesIO(memoryview(data)[offset:])
+    """The stored data set bytes as the exporter sends them
+    (:func:`~syncnode.dicom.exporter.stored_payload`: known good or verified first; in
+    memory up to ``IN_MEMORY_LIMIT``, else streamed from the blob file)."""
     try:
-        for _ in store.read_verified(inst.blob):
-            pass
-        with store.open(inst.blob) as f:
-            head = f.read(65536)
-        return store.path(inst.blob), dataset_offset(head)
-    except (BlobError, OSError, ValueError) as exc:
+        return stored_payload(store, inst.blob, inst.size)
+    except (BlobError, OSError) as exc:
         raise NotSendable(f"blob {inst.blob} cannot be read: {type(exc).__name__}") from exc
+    except ValueError as exc:
+        raise NotSendable(f"blob {inst.blob} is not a Part-10 file") from exc
 
 
 def _decoded(data: bytes, stored_ts: str, target: str) -> bytes:
