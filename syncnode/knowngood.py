@@ -6,8 +6,9 @@ it was installed (hashed while written), by a verify or scrub, or by a whole ver
 read — and its file's stat is still the one taken then: the same device, inode, size,
 modification time and change time (``st_ctime_ns``, which no program can set back: a
 write, ``chmod``, ``link`` or ``utime`` on the file all move it). A known-good blob is
-served to DICOMweb clients without hashing every byte again; anything else is read
-verified, which records it.
+served to DICOMweb clients, C-GET/C-MOVE requesters and export PACSs without hashing
+every byte again; anything else is read verified, which records it (a damaged blob is
+never sent).
 
 What this does and does not catch, stated plainly:
 
@@ -18,8 +19,8 @@ What this does and does not catch, stated plainly:
   the stat: such a blob is served unverified until the next background verify (scrub)
   finds it and drops it from the record. The scrub interval bounds that window; Orthanc
   and dcm4chee never re-hash what they serve at all. Peers still verify every chunk they
-  receive (their damage report makes this node re-hash the blob: dropped if damaged),
-  and C-MOVE, C-GET and the exporter keep reading verified. A link added or removed
+  receive (their damage report makes this node re-hash the blob: dropped if damaged).
+  A link added or removed
   (the DICOM journal's keep links) also moves the change time: the next read verifies
   once.
 

@@ -12,8 +12,10 @@
 3. C-MOVE: a study of ``--study`` images held by a node and by a source Orthanc is moved
    (DCMTK ``movescu``) to a destination Orthanc, node->Orthanc then Orthanc->Orthanc,
    ``--rounds`` times each (the destination emptied in between); reports images/s
-   (median) and node/Orthanc. Then C-GET: DCMTK ``getscu`` takes the study from the node
-   into a folder, ``--rounds`` times; reports images/s and MB/s (median).
+   (median), node/Orthanc, and the sender's CPU time per instance (median; /proc, all
+   threads: unlike the rate, it hardly moves with the machine's load). Then C-GET: DCMTK
+   ``getscu`` takes the study from the node into a folder, ``--rounds`` times; reports
+   images/s and MB/s (median).
 
 4. First C-FIND: ``syncnode import`` of ``--find-files`` instances (one study, CT of
    ``--find-size`` squared pixels) into a running node, then DCMTK ``findscu`` (STUDY
@@ -187,6 +189,12 @@ def getscu(port: int, aec: str, study_uid: str, out: Path) -> float:
     return time.perf_counter() - t
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def bench_move(work: Path, images: int, rounds: int) -> dict[str, Any]:
     src = work / "move-files"
     study = kit.make_study(src, images, seed="bench-move", rows=512, cols=512, series=2)
@@ -209,19 +217,23 @@ def bench_move(work: Path, images: int, rounds: int) -> dict[str, Any]:
             del os.environ["SYNCNODE_DICOM_DESTINATIONS"]
         storescu(node.ports["dicom"], "SYNCNODE", src)
         node_rates, orthanc_rates, get_rates = [], [], []
+        cpu: dict[str, list[float]] = {"node": [], "orthanc": []}  # ms per instance sent
         for r in range(rounds):
             for target in ("node", "orthanc"):
                 for oid in dest.instance_ids():
                     dest.request("DELETE", f"/instances/{oid}")
                 port, aec = ((node.ports["dicom"], "SYNCNODE") if target == "node"
                              else (source.dicom_port, "SOURCE"))
+                sender = node.proc.pid if target == "node" else source.proc.pid
+                cpu0 = cpu_seconds(sender)
                 secs = movescu(port, aec, "DEST", study.study_uid)
+                cpu[target].append((cpu_seconds(sender) - cpu0) * 1000 / images)
                 held = len(dest.instance_ids())
                 if held != images:
                     raise RuntimeError(f"{target}: destination holds {held} of {images}")
                 (node_rates if target == "node" else orthanc_rates).append(images / secs)
-                print(f"  round {r + 1}: {target:8s} {images / secs:7.1f} images/s",
-                      flush=True)
+                print(f"  round {r + 1}: {target:8s} {images / secs:7.1f} images/s, "
+                      f"sender CPU {cpu[target][-1]:.2f} ms/instance", flush=True)
             out = work / f"get-{r}"
             secs = getscu(node.ports["dicom"], "SYNCNODE", study.study_uid, out)
             got = len(list(out.iterdir()))
@@ -246,6 +258,8 @@ def bench_move(work: Path, images: int, rounds: int) -> dict[str, Any]:
             "rounds": rounds, "node_images_per_s": round(node_ips, 1),
             "orthanc_images_per_s": round(orth_ips, 1), "ratio": round(node_ips / orth_ips, 3),
             "node_runs": [round(x, 1) for x in node_rates],
+            "node_cpu_ms_per_instance": round(statistics.median(cpu["node"]), 2),
+            "orthanc_cpu_ms_per_instance": round(statistics.median(cpu["orthanc"]), 2),
             "orthanc_runs": [round(x, 1) for x in orthanc_rates]}
 
 
@@ -318,7 +332,9 @@ def main(argv: list[str] | None = None) -> int:
             result["move"] = bench_move(work, args.study, args.rounds)
             m = result["move"]
             print(f"move: node {m['node_images_per_s']} images/s, Orthanc "
-                  f"{m['orthanc_images_per_s']} images/s, ratio {m['ratio']}x", flush=True)
+                  f"{m['orthanc_images_per_s']} images/s, ratio {m['ratio']}x; sender CPU "
+                  f"node {m['node_cpu_ms_per_instance']} ms/instance, Orthanc "
+                  f"{m['orthanc_cpu_ms_per_instance']}", flush=True)
             print(f"get: node {m['get_images_per_s']} images/s, {m['get_mb_per_s']} MB/s "
                   "(getscu into a folder)", flush=True)
         if not args.skip_find:
