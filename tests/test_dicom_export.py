@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import dcmread
@@ -280,6 +281,46 @@ def test_store_framing_matches_pynetdicom(peer_max: int) -> None:
     mine = [_pdv_pdu(1, 0x03, store_command(ct, sop, 5))] + [
         _pdv_pdu(1, 0x02 if i == len(frags) - 1 else 0x00, f) for i, f in enumerate(frags)]
     assert mine == theirs
+
+
+def test_known_good_blobs_sent_unhashed_a_damaged_one_never(
+        nodes: tuple[LocalNode, LocalNode], pacs: StoreSCP, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blobs hashed as they were stored go out without a verified read; one rewritten in
+    place with its mtime set back is read verified, found damaged: failed with the reason,
+    never sent."""
+    from syncnode.blobstore import BlobStore
+
+    a, b = nodes
+    study = kit.make_study(tmp_path / "s", 3, seed="known")
+    from_peer(a, b, study.files)
+    bad = b.catalog.instance(study.sop_uids[0])
+    assert bad is not None
+    path = b.store.path(bad.blob)
+    before = path.stat()
+    path.chmod(0o644)
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF  # same size, one pixel byte flipped
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    verified: list[str] = []
+    real = BlobStore.read_verified
+
+    def counting(self: BlobStore, blob_hash: str, *args: Any, **kwargs: Any) -> Any:
+        verified.append(blob_hash)
+        return real(self, blob_hash, *args, **kwargs)
+
+    monkeypatch.setattr(BlobStore, "read_verified", counting)
+    pacs.start()
+    ex = exporter(b, pacs)
+    try:
+        wait_until(lambda: status_of(b, pacs).get("done") == 2, 60, "2 exported")
+        wait_until(lambda: status_of(b, pacs).get("failed") == 1, 10, "1 failed")
+    finally:
+        ex.stop()
+    assert "damaged" in status_of(b, pacs)["failed_items"][0]["reason"]
+    assert sorted(pacs.received()) == sorted(study.sop_uids[1:])
+    assert set(verified) == {bad.blob}  # (each attempt at it verifies it again)
 
 
 def test_large_instance_streamed_from_the_blob(nodes: tuple[LocalNode, LocalNode],
