@@ -205,15 +205,17 @@ async def test_peers_remember_rejections(tmp_path: Path, running: Any,
         await wait_for(lambda: a.catalog.instance(bad) is not None
                        and a.catalog.instance(second) is None, 30, "the notes applied at A")
         await wait_for(lambda: converged([a, b]), 30, "B in sync with A again")
-        # B took the notes by sync: the two good ones recorded, no second round of deletes
-        assert b.catalog.rejections.code(first) == "113037"
-        assert b.catalog.rejections.code(second) == "113039"
+        # B took the notes by sync: the two good ones recorded (just after the events'
+        # commit, so a moment after the roots match), no second round of deletes
+        await wait_for(lambda: b.catalog.rejections.code(first) == "113037"
+                       and b.catalog.rejections.code(second) == "113039"
+                       and any(bad in r.getMessage() and "not recorded" in r.getMessage()
+                               and r.name == "syncnode.local" for r in caplog.records), 30,
+                       "B to record the notes it took by sync")
         assert b.catalog.rejections.code(third) is None
         assert b.catalog.instance(bad) is not None  # the malformed note: stored, not applied
         assert b.catalog.rejections.code("1.2.3.x") is None
         assert peer_state(b, a).get("integrity_errors", 0) == 0
-        assert any(bad in r.getMessage() and "not recorded" in r.getMessage()
-                   and r.name == "syncnode.local" for r in caplog.records)
         # sent again to B: the 113037 one refused, the 113039 one accepted again
         refused = await asyncio.to_thread(send, rb.ports["dicom"], by_sop[first],
                                           check=False)
