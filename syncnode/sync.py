@@ -1521,6 +1521,9 @@ class PeerSync:
                         later.extend(singly)
                     except Exception as exc:  # what arrived is installed, then reported
                         failure = exc
+            # the bytes are in: the window's slot is free now, not after the group commit
+            # that installs them (up to APPLY_DELAY while other pulls run), as for one blob
+            ticket.finish(error=failure is not None and not isinstance(failure, PeerLacksBlob))
             for r in await asyncio.gather(*installs, return_exceptions=True):
                 if isinstance(r, BaseException):
                     if not isinstance(r, Exception):

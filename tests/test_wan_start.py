@@ -23,6 +23,7 @@ from syncsupport import (
     load_faultproxy,
     make_dicom,
     pin,
+    pull_from,
     root,
     uid,
     url_of,
@@ -129,4 +130,36 @@ async def test_the_next_batch_of_events_comes_while_the_last_one_is_pulled(
             return root(b) == root(a)
         await wait_for(done, 30, "B to pull from A", step=0.02)
     assert most > sync.EVENT_BATCH, most  # blobs of two batches or more at once
+    assert_blobs_intact(b)
+
+
+async def test_a_pack_frees_its_window_slot_once_its_bytes_are_in(
+        tmp_path: Path, new_node: Callable[[str], LocalNode], running: StartNode) -> None:
+    """The group commit that installs a pack's blobs may wait for other pulls (up to
+    APPLY_DELAY): the pack's place in the window is free as soon as its bytes are in, so
+    the next transfer starts meanwhile instead of the window running a slot short."""
+    a, b = new_node("a"), new_node("b")
+    files = [make_dicom(tmp_path / f"{i}.dcm", sop=uid(4, 1, i), study=uid(4),
+                        series=uid(4, 2), seed=i) for i in range(3)]
+    import_files(a, *files)
+    ra, rb = await running(a), await running(b)
+    installer = rb.engine.installer
+    entered, release = asyncio.Event(), asyncio.Event()
+    install = installer._install
+
+    async def held_install(batch: list[object]) -> None:
+        entered.set()
+        await release.wait()
+        await install(batch)  # type: ignore[arg-type]
+
+    installer._install = held_install  # type: ignore[method-assign]
+    pull_from(b, rb, a, url_of(ra))
+    await asyncio.wait_for(entered.wait(), 20)
+    ps = rb.engine.peers[a.node_id.compact]
+    try:
+        assert ps.packs  # the blobs came in a pack
+        assert ps.pull_gate.window.inflight == 0  # its install waits; its slot does not
+    finally:
+        release.set()
+    await wait_for(lambda: root(b) == root(a), 20, "B to install what it pulled")
     assert_blobs_intact(b)
