@@ -393,3 +393,38 @@ def catalog_fetch(catalog: Catalog) -> Callable[[str], Awaitable[RemoteNode]]:
 async def walk_batches(local: LocalNode, remote: Catalog) -> list[tuple[list[str], list[str]]]:
     """The batches :func:`syncnode.sync.walk_diff` yields for ``local`` against ``remote``."""
     return [batch async for batch in walk_diff(local, catalog_fetch(remote))]
+
+
+def alter_in_place(path: Path, offset: int = -10) -> None:
+    """Flip one byte of a stored blob without changing its size, then put its modification
+    time back (what a careless tool, or someone hiding a change, would do): only the change
+    time tells, which the known-good record must catch. ``offset`` < 0 counts from the end
+    (a pixel byte in the test instances)."""
+    st = path.stat()
+    path.chmod(0o644)
+    with open(path, "r+b") as f:
+        f.seek(offset if offset >= 0 else st.st_size + offset)
+        pos = f.tell()
+        b = f.read(1)
+        f.seek(pos)
+        f.write(bytes([b[0] ^ 0xFF]))
+    path.chmod(st.st_mode & 0o777)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+
+def count_verified_reads(monkeypatch: Any) -> list[str]:
+    """The blob hashes read through ``BlobStore.read_verified`` from now on (the test's
+    ``monkeypatch`` undoes it), in order."""
+    from syncnode.blobstore import BlobStore
+
+    verified: list[str] = []
+    real = BlobStore.read_verified
+
+    def counting(self: BlobStore, blob_hash: str, *args: Any, **kwargs: Any) -> Any:
+        verified.append(blob_hash)
+        return real(self, blob_hash, *args, **kwargs)
+
+    monkeypatch.setattr(BlobStore, "read_verified", counting)
+    return verified

@@ -17,10 +17,10 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from pydicom import dcmread
+from syncsupport import alter_in_place, count_verified_reads
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import dicom_testkit as kit
@@ -289,28 +289,13 @@ def test_known_good_blobs_sent_unhashed_a_damaged_one_never(
     """Blobs hashed as they were stored go out without a verified read; one rewritten in
     place with its mtime set back is read verified, found damaged: failed with the reason,
     never sent."""
-    from syncnode.blobstore import BlobStore
-
     a, b = nodes
     study = kit.make_study(tmp_path / "s", 3, seed="known")
     from_peer(a, b, study.files)
     bad = b.catalog.instance(study.sop_uids[0])
     assert bad is not None
-    path = b.store.path(bad.blob)
-    before = path.stat()
-    path.chmod(0o644)
-    data = bytearray(path.read_bytes())
-    data[-10] ^= 0xFF  # same size, one pixel byte flipped
-    path.write_bytes(bytes(data))
-    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
-    verified: list[str] = []
-    real = BlobStore.read_verified
-
-    def counting(self: BlobStore, blob_hash: str, *args: Any, **kwargs: Any) -> Any:
-        verified.append(blob_hash)
-        return real(self, blob_hash, *args, **kwargs)
-
-    monkeypatch.setattr(BlobStore, "read_verified", counting)
+    alter_in_place(b.store.path(bad.blob))  # one pixel byte flipped, mtime set back
+    verified = count_verified_reads(monkeypatch)
     pacs.start()
     ex = exporter(b, pacs)
     try:

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -34,12 +33,12 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelGet,
 )
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as MOVE
+from syncsupport import alter_in_place, count_verified_reads
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import dicom_testkit as kit
 
 from syncnode.audit import AuditLog, read_entries
-from syncnode.blobstore import BlobStore
 from syncnode.dicom import exporter, provider
 from syncnode.dicom.scp import DicomServer
 from syncnode.importer import import_paths
@@ -294,14 +293,7 @@ def test_known_good_blobs_are_not_hashed_altered_ones_are(
     tells) is read verified, found damaged and not sent; the others still go out."""
     if streamed:
         monkeypatch.setattr(exporter, "IN_MEMORY_LIMIT", 0)
-    verified: list[str] = []
-    real = BlobStore.read_verified
-
-    def counting(self: BlobStore, blob_hash: str, *args: Any, **kwargs: Any) -> Any:
-        verified.append(blob_hash)
-        return real(self, blob_hash, *args, **kwargs)
-
-    monkeypatch.setattr(BlobStore, "read_verified", counting)
+    verified = count_verified_reads(monkeypatch)
     insts = node.catalog.instances(study=study.study_uid)
     ident = Dataset()
     ident.QueryRetrieveLevel = "STUDY"
@@ -314,15 +306,7 @@ def test_known_good_blobs_are_not_hashed_altered_ones_are(
         assert responses[-1].Status == 0x0000
         assert verified == []  # every blob known good: none hashed again
         bad = insts[0]
-        path = node.store.path(bad.blob)
-        before = path.stat()
-        path.chmod(0o644)
-        data = bytearray(path.read_bytes())
-        data[-10] ^= 0xFF  # one flipped pixel byte, same size
-        path.write_bytes(bytes(data))
-        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
-        path.chmod(before.st_mode & 0o777)
-        assert path.stat().st_mtime_ns == before.st_mtime_ns
+        alter_in_place(node.store.path(bad.blob))  # one pixel byte, mtime set back
         responses, got = _get(scp.port, ident, contexts)
     finally:
         scp.stop()

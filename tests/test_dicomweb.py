@@ -24,6 +24,7 @@ import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.uid import generate_uid
+from syncsupport import alter_in_place
 
 from syncnode.apikeys import KeyStore
 from syncnode.audit import AUDIT_DIR, read_entries
@@ -794,15 +795,8 @@ def test_a_damaged_blob_is_never_sent(node: Node, monkeypatch: pytest.MonkeyPatc
     assert inst is not None
     path = node.running.node.store.path(inst.blob)
     assert inst.blob in node.running.node.store.known_good  # hashed as it was stored
-    before = path.stat()
-    data = bytearray(path.read_bytes())
-    data[-100] ^= 0xFF  # one pixel byte flipped on disk
-    path.chmod(0o644)
-    path.write_bytes(bytes(data))
-    path.chmod(0o444)
-    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
-    assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size,
-                                                              before.st_mtime_ns)
+    alter_in_place(path, -100)  # one pixel byte flipped on disk, mtime set back
+    data = path.read_bytes()
     url = (f"{node.base}/dicom-web/studies/{ds.StudyInstanceUID}/series/"
            f"{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}")
     for suffix in ("", "/frames/1", "/metadata", "/rendered"):

@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from syncsupport import alter_in_place
 
 from syncnode import blobstore
 from syncnode.blobstore import CHUNK_SIZE, BlobError, BlobStore
@@ -28,22 +29,6 @@ class _NoHashing:
 
     def __call__(self, *a: object, **kw: object) -> object:
         raise AssertionError("a known-good blob was hashed again")
-
-
-def alter_in_place(path: Path, offset: int) -> None:
-    """Flip one byte without changing the size, then put the modification time back (what
-    a careless tool, or someone hiding a change, would do)."""
-    st = path.stat()
-    path.chmod(0o644)
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0xFF]))
-    path.chmod(0o444)
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-    after = path.stat()
-    assert (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns)
 
 
 @pytest.mark.parametrize("size", [0, 1000, 3 * CHUNK_SIZE + 5])
