@@ -532,6 +532,19 @@ def test_stow_json_metadata_with_bulk_data(node: Node) -> None:
     status, _ = post(body)
     assert status == 400 and node.running.node.catalog.instance(other.SOPInstanceUID) is None
     assert post(_json_stow_body(other)[0], kind="application/dicom+xml")[0] == 415
+    # hostile nesting: JSON arrays 100,000 deep (400), and sequences nested 300 deep
+    # inside otherwise valid metadata (that instance refused alone): never a 500
+    deep = b"--J\r\nContent-Type: application/dicom+json\r\n\r\n" + b"[" * 100_000 + \
+        b"]" * 100_000 + b"\r\n--J--\r\n"
+    assert post(deep)[0] == 400
+    meta = json.loads(_json_stow_body(other)[0].split(b"\r\n\r\n", 1)[1].split(b"\r\n--J")[0])
+    meta[0]["00081115"] = "NESTED"
+    nested = '{"00081115": {"vr": "SQ", "Value": [' * 300 + "{}" + "]}}" * 300
+    text = json.dumps(meta).replace('"NESTED"', '{"vr": "SQ", "Value": [' + nested + ']}')
+    status, answer = post(b"--J\r\nContent-Type: application/dicom+json\r\n\r\n"
+                          + text.encode() + b"\r\n--J--\r\n")
+    assert status in (400, 409), (status, answer)
+    assert node.running.node.catalog.instance(other.SOPInstanceUID) is None
     assert not [p for p in node.running.node.store.tmp_dir.iterdir()
                 if p.name.startswith("blob-")]
 

@@ -82,6 +82,9 @@ def metadata_sets(parts: list[Part]) -> list[dict[str, Any]]:
             raise MetadataError(f"a metadata part is larger than {MAX_METADATA_BYTES} bytes")
         try:
             value = json.loads(part.path.read_bytes())
+        except RecursionError as exc:  # nested deeper than the parser goes: hostile
+            raise MetadataError("a metadata part is nested too deeply to be DICOM JSON"
+                                ) from exc
         except (ValueError, UnicodeDecodeError) as exc:
             raise MetadataError(f"a metadata part is not JSON ({exc})") from exc
         sets = value if isinstance(value, list) else [value]
@@ -124,7 +127,8 @@ def build(obj: dict[str, Any], bulk: dict[str, Part], implementation_uid: str) -
         ds = Dataset.from_json(body, bulk_data_uri_handler=value_of)
     except InstanceRefused:
         raise
-    except (ValueError, TypeError, KeyError, AttributeError, NotImplementedError) as exc:
+    except (ValueError, TypeError, KeyError, AttributeError, NotImplementedError,
+            RecursionError) as exc:  # (sequences nested without end)
         raise InstanceRefused(f"the metadata is not a valid DICOM JSON data set "
                               f"({type(exc).__name__})") from exc
     sop_class, sop = ds.get("SOPClassUID"), ds.get("SOPInstanceUID")
