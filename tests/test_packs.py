@@ -101,6 +101,31 @@ def test_reader_refuses_a_header_that_breaks_the_framing(header: bytes, why: str
     assert reader.missing() == [h(1), h(2)]
 
 
+@pytest.mark.parametrize("header, seen, total, why", [
+    (protocol.pack_frame_header(h(1), protocol.ABSENT, 10, 0), 0, 0, "RAW or ZSTD only"),
+    (protocol.pack_frame_header(h(1), protocol.RAW, 10, 10), 1, 0, "sent twice"),
+    (protocol.pack_frame_header(h(9), protocol.RAW, 10, 10), protocol.PACK_MAX_BLOBS, 0,
+     "more than"),
+    (protocol.pack_frame_header(h(1), protocol.RAW, CHUNK_SIZE + 1, CHUNK_SIZE + 1), 0, 0,
+     "over one chunk"),
+    (protocol.pack_frame_header(h(1), protocol.RAW, 10, 10), 0,
+     protocol.PACK_MAX_BYTES - 9, "past the"),
+    (protocol.pack_frame_header(h(1), protocol.RAW, 10, 11), 0, 0, "payload of 11"),
+    (protocol.pack_frame_header(h(1), protocol.ZSTD, 10, 2**32 - 1), 0, 0, "payload of"),
+], ids=["status", "twice", "too-many", "over-a-chunk", "past-the-pack", "raw-length",
+        "oversized-zstd"])
+def test_a_pushed_frame_header_past_the_caps_is_refused_before_its_payload(
+        header: bytes, seen: int, total: int, why: str) -> None:
+    """What a hostile pusher can put in a frame header: every cap is checked from the
+    header alone, before a byte of its payload is read."""
+    already = {h(1)} if seen == 1 else {h(100 + i) for i in range(seen)}
+    with pytest.raises(protocol.BadRequest, match=why):
+        protocol.parse_push_frame_header(header, already, total)
+    assert protocol.parse_push_frame_header(
+        protocol.pack_frame_header(h(2), protocol.RAW, 10, 10), {h(1)}, 10) == (
+        h(2), protocol.RAW, 10, 10)
+
+
 def test_request_shapes_and_caps() -> None:
     items = [protocol.PackItem(h(i), i % 2 == 0) for i in range(protocol.PACK_MAX_BLOBS)]
     assert protocol.parse_pack_request(protocol.pack_request(items)) == items
