@@ -17,7 +17,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import sqlite3
 import stat
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -197,16 +196,12 @@ def commit_staged(node: LocalNode, entries: list[tuple[dict[str, str], StagedBlo
     their put events inserted in one transaction; (event id, new?) per entry, in order.
     Raises StoreFull when the disk or the catalog is full (nothing of the batch recorded)."""
     store = node.store
-    try:
-        blobs = store.install_staged([staged for _, staged in entries])
-        items = [(attrs, blob) for (attrs, _), blob in zip(entries, blobs, strict=True)]
-        results = node.catalog.add_local_puts(
-            items, blob_present=store.has,
-            same_instance=lambda held, new: same_dataset(store.path(held), store.path(new)))
-    except sqlite3.OperationalError as exc:
-        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
-            raise StoreFull("no space left for the catalog") from exc
-        raise
+    blobs = store.install_staged([staged for _, staged in entries])
+    items = [(attrs, blob) for (attrs, _), blob in zip(entries, blobs, strict=True)]
+    # a full catalog disk raises CatalogFull, a StoreFull
+    results = node.catalog.add_local_puts(
+        items, blob_present=store.has,
+        same_instance=lambda held, new: same_dataset(store.path(held), store.path(new)))
     # a file held already under another file meta (e.g. received by C-STORE): the blob
     # just made for it is referenced by nothing
     spare = [b.hash for b, (_eid, new) in zip(blobs, results, strict=True)

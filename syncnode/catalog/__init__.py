@@ -31,11 +31,11 @@ from .model import (
     PutMismatch,
     SameInstance,
 )
-from .schema import SCHEMA_VERSION, CatalogError, SchemaTooNew, open_database
+from .schema import SCHEMA_VERSION, CatalogError, CatalogFull, SchemaTooNew, open_database
 
 __all__ = [
     "INDEXED_FIELDS", "PUT_COLUMNS", "SCHEMA_VERSION", "ApplyResult", "BlobNotPresent",
-    "Catalog", "CatalogError", "Instance", "InvalidLocalPut", "LocalPut", "NoSigner",
+    "Catalog", "CatalogError", "CatalogFull", "Instance", "InvalidLocalPut", "LocalPut", "NoSigner",
     "PutMismatch", "SameInstance", "SchemaTooNew", "indexed_attributes", "open_database",
     "put_contradictions",
 ]

@@ -29,6 +29,11 @@ Invariants:
 - Every change happens in one ``BEGIN IMMEDIATE`` transaction, so another process (the
   CLI next to ``syncnode run``) sees the events, the live view and the Merkle index
   change together or not at all.
+- A transaction that fails, in its body or at ``COMMIT`` (a full disk is often found only
+  there, when the write-ahead log grows), leaves nothing behind: no open transaction, and
+  no in-memory state derived from it (the Merkle node cache, parsed origin keys). A full
+  disk raises :class:`~syncnode.catalog.schema.CatalogFull` (a ``StoreFull``); the same
+  change can be made again once space is freed.
 - The derived tables are a function of the event set alone: applying the same events
   in any order, any number of times, gives the same rows (see the rule in
   :mod:`syncnode.events`).
@@ -66,7 +71,7 @@ from .outbox import Outbox
 from .peers import Peers
 from .rejections import Rejections
 from .retrieved import Retrieved
-from .schema import CatalogError, open_database
+from .schema import CatalogError, open_database, write_transaction
 
 if TYPE_CHECKING:  # cryptography costs ~80 ms to import: only commands that sign load it
     from ..signing import OriginKeys, Signer
@@ -151,19 +156,21 @@ class Catalog(Admission, LocalPuts, Deletes, MerkleIndex, LiveView, Peers):
     # -- transactions --------------------------------------------------------------------
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (see :func:`~syncnode.catalog.schema.write_transaction`).
+        If it fails anywhere, COMMIT included, nothing of it stays: not in SQLite, and not
+        in what this object derived from it in memory (the Merkle node cache, the parsed
+        origin keys that stand for ``origins`` rows); a full disk raises CatalogFull."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            version = self._db.execute("PRAGMA data_version").fetchone()[0]
-            if version != self._merkle_version:  # another connection committed meanwhile
-                self._merkle_cache, self._merkle_version = None, version
             try:
-                yield self._db
+                with write_transaction(self._db, self.path):
+                    version = self._db.execute("PRAGMA data_version").fetchone()[0]
+                    if version != self._merkle_version:  # another connection committed
+                        self._merkle_cache, self._merkle_version = None, version
+                    yield self._db
             except BaseException:
-                self._db.execute("ROLLBACK")
-                self._merkle_cache = None
+                self._merkle_cache = self._merkle_version = None
+                self._keys = None
                 raise
-            else:
-                self._db.execute("COMMIT")
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:

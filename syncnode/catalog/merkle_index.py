@@ -7,7 +7,8 @@ Invariants:
 - The ``merkle`` rows are a function of the event set alone, updated in the same
   transaction as the inserts that change it (:meth:`MerkleIndex._update_merkle`).
 - The in-memory node cache is valid only while ``PRAGMA data_version`` says no other
-  connection committed; it is dropped on rollback.
+  connection committed; it is dropped when a write fails, at COMMIT included (see
+  :meth:`Catalog._write <syncnode.catalog.core.Catalog._write>`).
 - :meth:`MerkleIndex.check_derived` recomputes the root from the events and compares.
 """
 

@@ -15,15 +15,25 @@ syncnode must not write to tables it does not understand.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from ..blobstore import StoreFull
 from . import attrs
+
+log = logging.getLogger("syncnode.catalog")
 
 
 class CatalogError(Exception):
     """A catalog operation that cannot be carried out; the message says why."""
+
+
+class CatalogFull(CatalogError, StoreFull):
+    """The disk holding the catalog is full: the change was not recorded, nothing of it
+    shows, and the same change can be made again once space is freed."""
 
 
 class SchemaTooNew(CatalogError):
@@ -287,10 +297,47 @@ def schema_version(db: sqlite3.Connection) -> int:
     return int(db.execute("PRAGMA user_version").fetchone()[0])
 
 
-def migrate(db: sqlite3.Connection) -> int:
-    """Bring the catalog to :data:`SCHEMA_VERSION`; return the version it had."""
-    db.execute("BEGIN IMMEDIATE")
+def is_full(exc: BaseException) -> bool:
+    """Whether an SQLite error says the disk (or the database's size limit) is full."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(code, int) and code & 0xFF == sqlite3.SQLITE_FULL
+
+
+@contextmanager
+def write_transaction(db: sqlite3.Connection, path: Path | str = "") -> Iterator[None]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``, the one way a catalog transaction is written.
+
+    On any failure, in the body or at ``COMMIT``, the connection is left with no open
+    transaction and the original error is raised: SQLite rolls back by itself after some
+    errors (SQLITE_FULL, IOERR, NOMEM, BUSY: in WAL mode a full disk is often found only
+    at ``COMMIT``, when the log grows), so ``ROLLBACK`` is sent only if a transaction is
+    still open, and its own failure never hides the first. A full disk is raised as
+    :class:`CatalogFull`."""
     try:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            db.execute("COMMIT")
+        except BaseException as exc:
+            if db.in_transaction:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error as again:  # the connection is unusable: say so
+                    log.error("catalog %s: rollback after %s failed too: %s", path,
+                              type(exc).__name__, again)
+                    exc.add_note(f"and the rollback failed: {again}")
+            raise
+    except sqlite3.Error as exc:
+        if is_full(exc):
+            raise CatalogFull(f"no space left on the disk holding the catalog {path} "
+                              f"(nothing of this change was recorded): free space on that "
+                              f"disk ({exc})") from exc
+        raise
+
+
+def migrate(db: sqlite3.Connection, path: Path | str = "") -> int:
+    """Bring the catalog to :data:`SCHEMA_VERSION`; return the version it had."""
+    with write_transaction(db, path):
         found = schema_version(db)
         if found > SCHEMA_VERSION:
             raise SchemaTooNew(
@@ -300,10 +347,6 @@ def migrate(db: sqlite3.Connection) -> int:
             step(db)
         if found != SCHEMA_VERSION:
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
     return found
 
 
@@ -316,7 +359,7 @@ def open_database(path: Path | str) -> sqlite3.Connection:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA busy_timeout=60000")
-        migrate(db)
+        migrate(db, path)
     except BaseException:
         db.close()
         raise

@@ -87,6 +87,7 @@ from pynetdicom.presentation import build_context
 
 from ..audit import AuditLog
 from ..blobstore import BlobError, BlobStore
+from ..catalog import CatalogError
 from ..catalog.outbox import OutboxItem, Outcome, OutcomeKind
 from ..catalog.outbox import outbox_status as outbox_status  # re-exported
 from ..config import parse_ae_address
@@ -159,7 +160,7 @@ class Destination:
                         worked = self.send_due()
                     finally:
                         self.flush_outcomes()
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, CatalogError) as exc:  # e.g. its disk is full: retried
                 log.error("export to %s: catalog error: %s", self.address, exc)
                 worked = False
             except Exception:  # a bug must not end the worker: log it, retry later
