@@ -377,6 +377,25 @@ def add_instances(node: LocalNode, sops: list[str], study: str | None = None) ->
     return [eid for eid, _new in node.catalog.add_local_puts(items, blob_present=node.store.has)]
 
 
+def fill_disk(disk: Path) -> Path:
+    """Take every free byte of the filesystem at ``disk`` (a small tmpfs the test mounted)
+    with a file; return its path (deleting it gives the space back)."""
+    import errno
+    import shutil
+
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        for block in (1 << 16, 1 << 12, 1 << 9, 1):
+            try:
+                while True:
+                    f.write(b"\0" * block)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+    assert shutil.disk_usage(disk).free < 4096
+    return filler
+
+
 def catalog_fetch(catalog: Catalog) -> Callable[[str], Awaitable[RemoteNode]]:
     """What ``GET /peer/v1/merkle?prefix=P`` would answer from ``catalog`` (the server's
     own :func:`syncnode.protocol.read_merkle`, through the wire format), without a

@@ -10,7 +10,6 @@ pages spill into the log mid-transaction and a statement fails instead.
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import subprocess
@@ -18,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from syncsupport import fill_disk
 from test_catalog import check_merkle, foreign_put, new_catalog
 
 from syncnode import merkle
@@ -37,20 +37,6 @@ def small_disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=True, timeout=30)
-
-
-def fill(disk: Path) -> Path:
-    """Take every free byte of ``disk`` with a file; return its path."""
-    filler = disk / "filler"
-    with open(filler, "wb", buffering=0) as f:
-        for block in (1 << 16, 1 << 12, 1 << 9, 1):
-            try:
-                while True:
-                    f.write(b"\0" * block)
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC, exc
-    assert shutil.disk_usage(disk).free < 4096
-    return filler
 
 
 def state(c: Catalog) -> tuple[object, ...]:
@@ -74,7 +60,7 @@ def test_a_write_that_fills_the_disk_changes_nothing_and_the_next_one_works(
         before = state(c)
         # NODEB's first events: its certificate is stored with them (and its key cached)
         batch = [foreign_put("NODEB", 5000 + i, f"1.2.4.{i}") for i in range(300)]
-        filler = fill(small_disk)
+        filler = fill_disk(small_disk)
         try:
             with pytest.raises(CatalogFull, match="no space left") as failed:
                 c.apply(batch)

@@ -26,8 +26,10 @@ from syncsupport import (
     NodeProcess,
     add_instances,
     add_peer,
+    assert_blobs_intact,
     converged,
     describe_nodes,
+    fill_disk,
     import_files,
     live_view,
     make_dicom,
@@ -325,6 +327,62 @@ async def test_a_full_disk_pauses_pulls_and_they_resume_once_space_returns(
     print(f"\nfull disk: paused as {state['state']} ({state['last_error'][:70]}); "
           f"in sync {resumed:.1f} s after space returned")
     assert resumed < 10.0 + 15.0  # one store_full retry period, then the pulls
+
+
+@needs_root
+@pytest.mark.timeout(120)
+async def test_a_catalog_that_fills_up_mid_sync_loses_nothing(
+        tmp_path: Path, new_node: Callable[[str], LocalNode], running: StartNode) -> None:
+    """The rarer full disk: the blobs fit but the catalog's commit that makes them live does
+    not (its own disk fills as the write-ahead log grows). Nothing of that commit may show,
+    not even in memory: a later commit (here an instance stored at B as soon as space
+    returns) must not write a Merkle root counting events never stored, or B would look in
+    sync with A while missing them."""
+    a = new_node("a")
+    sops = [uid(34, i) for i in range(96)]
+    add_instances(a, sops, study=uid(34))
+    b_data = tmp_path / "b"
+    LocalNode.init(b_data).close()
+    with small_disk(tmp_path / "catalog-disk", "4m") as disk:
+        # B's catalog alone on the small disk; its blobs have room
+        shutil.move(b_data / "catalog.db", disk / "catalog.db")
+        (b_data / "catalog.db").symlink_to(disk / "catalog.db")
+        b = LocalNode(b_data)
+        try:
+            ra = await running(a)
+            rb = await running(b)
+            add_peer(b, a, url_of(ra), push="never")
+            pin(a, b)
+            filler = fill_disk(disk)
+            rb.peers_changed()
+            assert rb.engine is not None
+            peer = a.node_id.compact
+            await wait_for(lambda: peer in rb.engine.tasks, 10, "B's loop with A to start")
+            task, loop_of_a = rb.engine.tasks[peer], rb.engine.peers[peer]
+            await wait_for(lambda: loop_of_a.state.state == "store_full", 30,
+                           "B to pause on its full catalog", describe=lambda: loop_of_a.state)
+            assert "catalog" in loop_of_a.state.last_error, loop_of_a.state.last_error
+            assert b.catalog.event_count() == 0 and b.catalog.check_derived() == []
+            filler.unlink()
+            # space is back: the first commit is a local one, before B's next round
+            (local,) = add_instances(b, [uid(34, 1000)], study=uid(34))
+            assert b.catalog.check_derived() == []
+            wanted = {i["sop_instance_uid"]: i["blob"] for i in live_view(a)}
+            assert sorted(wanted) == sorted(sops)
+
+            def b_holds_a() -> bool:
+                held = {i["sop_instance_uid"]: i["blob"] for i in live_view(b)}
+                return all(held.get(sop) == blob for sop, blob in wanted.items())
+
+            await wait_for(b_holds_a, 30, "B to pull everything once space returned",
+                           describe=lambda: (loop_of_a.state, b.catalog.counts()))
+            assert not task.done() and rb.engine.tasks[peer] is task  # no restart
+            held = {i["sop_instance_uid"]: i["blob"] for i in live_view(b)}
+            assert set(held) == {*sops, uid(34, 1000)} and b.catalog.has_event(local)
+            assert b.catalog.check_derived() == []
+            assert_blobs_intact(b)
+        finally:
+            b.close()
 
 
 # ----------------------------------------------------------------------------------------
