@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import gc
 import json
 import logging
 import os
@@ -555,6 +556,7 @@ async def run(node: LocalNode, settings: Settings, duration: float | None = None
     except BaseException:
         await running.stop()  # what did start (listeners, lock, audit) is closed again
         raise
+    settle_gc()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -580,6 +582,28 @@ async def run(node: LocalNode, settings: Settings, duration: float | None = None
         if watchdog is not None:
             watchdog.cancel()
         await running.stop()
+
+
+# Young-generation threshold of the cyclic garbage collector while the node runs (Python's
+# default is 700): see settle_gc.
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def settle_gc() -> None:
+    """Spare the running node most of the cyclic garbage collector's work.
+
+    Everything made while starting (modules, DICOM dictionaries, routes, contexts) lives as
+    long as the process, yet each full collection walks all of it again: with Python's
+    defaults the collector was 8-13 % of both ends' CPU during a sync. So what exists once
+    the node is up is collected once and then frozen (moved out of the collector's sight,
+    :func:`gc.freeze`), and the young generation is collected after 20,000 allocations
+    instead of 700: most per-request objects are freed by reference counting before a
+    collection ever looks at them, and fewer survive into the older generations. Cycles
+    are still collected, only less often; memory stays bounded by the same mechanism."""
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 async def _watchdog(interval: float) -> None:
