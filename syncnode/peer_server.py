@@ -111,6 +111,7 @@ class PeerServer:
         p = protocol.PREFIX
         self.app.add_routes([
             web.get(f"{p}/hello", self.hello),
+            web.post(f"{p}/hello", self.hello),
             web.get(f"{p}/merkle", self.merkle),
             web.post(f"{p}/events", self.events),
             web.post(f"{p}/blobs/pack", self.pack),
@@ -250,20 +251,59 @@ class PeerServer:
 
     async def hello(self, request: web.Request) -> web.Response:
         """Who we are, and the root's Merkle answer: a peer whose root differs starts its
-        walk from it (one request fewer per round)."""
-        self.flush_audit(request[PEER_KEY].compact)  # its previous round ended
+        walk from it (one request fewer per round). A POST carries the asker's own root
+        answer: the events it lacks come with ours, as far as the two roots tell
+        (:func:`protocol.lacking_ids`; the asker need not ask ``/events`` for them)."""
+        peer = request[PEER_KEY].compact
+        self.flush_audit(peer)  # its previous round ended
+        asker = None
+        if request.method == "POST":
+            asker = protocol.parse_hello_request(await self._json(request))
+        served = 0
 
         def answer() -> dict[str, Any]:
-            root = self._merkle_answer("")
-            hello = {"node_id": str(self.node.node_id), "version": protocol.VERSION,
-                     "root": root["digest"], "count": root["count"], "merkle": root,
-                     "features": list(protocol.FEATURES)}
+            nonlocal served
+            with self.catalog.snapshot():  # the root and the events from one instant
+                node = protocol.read_merkle(self.catalog, "")
+                root = protocol.merkle_response("", node)
+                hello = {"node_id": str(self.node.node_id), "version": protocol.VERSION,
+                         "root": root["digest"], "count": root["count"], "merkle": root,
+                         "features": list(protocol.FEATURES)}
+                if asker is not None:
+                    found, certs = self._hello_events(node, asker)
+                    served = len(found)
+                    hello.update(protocol.events_response(found, certs))
             successor = renewal.statement(self.node.data)  # we renewed: tell who asks
             if successor is not None:
                 hello["successor"] = successor.to_dict()
             return hello
 
-        return await self._answer(answer)
+        response = await self._answer(answer)
+        if served:
+            self._tally(self._served, peer).events += served
+        return response
+
+    def _hello_events(self, node: protocol.RemoteNode, asker: protocol.RemoteNode
+                      ) -> tuple[list[tuple[str, bytes]], list[bytes]]:
+        """The events a hello answer carries for an asker whose root answer is ``asker``,
+        and their origins' certificates: at most MAX_HELLO_EVENTS, and HELLO_EVENT_BYTES
+        of bodies and certificates (fewer events until they fit). Blocking."""
+        ids = protocol.lacking_ids(node, asker, self.catalog.ids_under,
+                                   protocol.MAX_HELLO_EVENTS)
+        found = self.catalog.get_events(ids)
+        kept, size = [], 0
+        for eid, body in found:
+            size += len(body) + 32  # its JSON escapes: a cert per origin is counted below
+            if size > protocol.HELLO_EVENT_BYTES:
+                break
+            kept.append((eid, body))
+        while kept:
+            certs = self.catalog.certificates_for([e for e, _ in kept])
+            total = sum(len(b) for _, b in kept) + sum(len(c) for c in certs)
+            if total <= protocol.HELLO_EVENT_BYTES:
+                return kept, certs
+            kept = kept[:len(kept) // 2]
+        return [], []
 
     async def merkle(self, request: web.Request) -> web.Response:
         try:

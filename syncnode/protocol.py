@@ -9,6 +9,8 @@ method   path                                answer
 GET      /peer/v1/hello                      ``{node_id, version, root, count,
                                              successor?}`` (a renewed node's successor
                                              statement, :mod:`syncnode.tls.successor`)
+POST     /peer/v1/hello ``{merkle}``         the same, plus ``events`` and ``certs``: events
+                                             the asker lacks (below, "Hello with events")
 GET      /peer/v1/merkle?prefix=P            ``{prefix, digest, count, children?, ids?}``
 POST     /peer/v1/events  ``{ids: [...]}``   ``{events: [{id, body}], certs: [...]}``
 GET      /peer/v1/blobs/H/chunks             ``{size, chunks}`` (hex of the digests)
@@ -68,6 +70,19 @@ soon as the lists are short. ``hello`` also carries the root's Merkle answer
 (``merkle``), so a round that finds the roots differ starts its walk without asking for
 the root again.
 
+**Hello with events.** A round that finds the roots differ would spend a round trip on
+``POST /events`` before its first pull. ``POST /peer/v1/hello`` with ``{"merkle": A}``,
+``A`` the asker's own root Merkle answer (as :func:`read_merkle` builds it), answers the
+hello and, when the roots differ, ``events`` and ``certs`` as ``/events`` would: the
+events under the root's children where the asker holds nothing, or, when the asker lists
+its ids (it holds at most ``INLINE_IDS``), every event it does not list
+(:func:`lacking_ids`). At most ``MAX_HELLO_EVENTS`` events, and ``HELLO_EVENT_BYTES`` of
+event bodies and certificates together (:func:`parse_hello_events` checks both on the
+asker's side). The asker checks each body against its id and its signature as for
+``/events``, refuses the whole answer if one does not verify (nothing applied), and then
+walks the tree as before, leaving out what arrived. ``hello`` lists ``"hello-events"``; a
+peer without it answers the POST with 405 and the asker says hello with GET from then on.
+
 This module is sans-IO (in h11's manner): the Merkle answer a node gives
 (:func:`read_merkle`), the decision of one step of the diff walk (:class:`DiffWalk`) and
 the batching of event ids are pure functions of their inputs, shared by the peer server,
@@ -85,7 +100,7 @@ import base64
 import binascii
 import ipaddress
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -102,7 +117,9 @@ MAX_OFFER = 1000  # blobs per /push/offer
 MAX_JSON_BODY = 4 << 20
 MAX_CERT_BYTES = 16 << 10  # one origin certificate (DER)
 # what this node's peer server offers beyond version 1's endpoints
-FEATURES = ("pack", "damage-report", "push-pack")
+FEATURES = ("pack", "damage-report", "push-pack", "hello-events")
+MAX_HELLO_EVENTS = 500  # events carried by a hello answer
+HELLO_EVENT_BYTES = 1 << 20  # bytes of event bodies and certificates in a hello answer
 PACK_MAX_BLOBS = 64  # blobs per /blobs/pack request
 PACK_MAX_BYTES = 4 << 20  # blob bytes per pack answer (sender and receiver both enforce)
 PACK_CONTENT_TYPE = "application/x-syncnode-pack"
@@ -293,6 +310,78 @@ class DiffWalk:
             else:
                 self._stack.append(child)
         return step
+
+
+def hello_request(mine: RemoteNode) -> dict[str, Any]:
+    """The body of ``POST /hello``: the asker's root Merkle answer."""
+    if mine.prefix != "":
+        raise ValueError("a hello carries the root's Merkle answer")
+    return {"merkle": merkle_response("", mine)}
+
+
+def parse_hello_request(obj: Any) -> RemoteNode:
+    """The asker's root answer from a ``POST /hello`` body. Raises BadRequest."""
+    if not isinstance(obj, dict) or "merkle" not in obj:
+        raise BadRequest("a hello body is {merkle: the root's Merkle answer}")
+    try:
+        node = parse_merkle(obj["merkle"], "")
+    except (ProtocolError, ValueError) as exc:
+        raise BadRequest(f"hello: {exc}") from exc
+    if node.children is None:
+        raise BadRequest("hello: the root's Merkle answer needs its 16 children")
+    return node
+
+
+def lacking_ids(server: RemoteNode, asker: RemoteNode,
+                ids_under: Callable[[str, int], list[str]], limit: int) -> list[str]:
+    """Ids of events the server holds and the asker lacks, as far as the two root answers
+    tell without a walk: all of them when both list their ids, else those under the root's
+    children where the asker holds nothing (or, when the asker lists its ids, those under
+    any differing child that it does not list). At most ``limit``, in id order; the rest
+    is found by the usual walk. ``ids_under(prefix, n)``: the server's first n ids there."""
+    if server.digest == asker.digest or limit <= 0:
+        return []
+    held = set(asker.ids) if asker.ids is not None else None
+    if server.ids is not None and held is not None:
+        return sorted(set(server.ids) - held)[:limit]
+    if server.children is None or asker.children is None:
+        return []
+    out: list[str] = []
+    for i, (s, a) in enumerate(zip(server.children, asker.children, strict=True)):
+        room = limit - len(out)
+        if room <= 0:
+            break
+        if s.count == 0 or s.digest == a.digest:
+            continue
+        prefix = format(i, "x")
+        if a.count == 0:
+            out.extend(ids_under(prefix, room))
+        elif held is not None:
+            out.extend([e for e in ids_under(prefix, room + a.count) if e not in held][:room])
+    return out
+
+
+def parse_hello_events(obj: dict[str, Any]) -> tuple[list[tuple[str, bytes]], list[bytes]]:
+    """The events (and their origins' certificates) a hello answer carries, checked as
+    hostile input: at most MAX_HELLO_EVENTS, no id twice, at most HELLO_EVENT_BYTES of
+    bodies and certificates. Whether each body hashes to its id and its signature verifies
+    is checked by the caller, as for ``/events``. Raises ProtocolError."""
+    items = obj.get("events")
+    if not isinstance(items, list) or len(items) > MAX_HELLO_EVENTS:
+        raise ProtocolError(f"hello answer: 'events' must be a list of at most "
+                            f"{MAX_HELLO_EVENTS} events")
+    try:
+        events = parse_events(obj)
+        certs = parse_certs(obj.get("certs"))
+    except ProtocolError as exc:
+        raise ProtocolError(f"hello answer: {exc}") from exc
+    if len({e for e, _ in events}) != len(events):
+        raise ProtocolError("hello answer carries an event twice")
+    size = sum(len(b) for _, b in events) + sum(len(c) for c in certs)
+    if size > HELLO_EVENT_BYTES:
+        raise ProtocolError(f"hello answer carries {size} bytes of events and certificates, "
+                            f"at most {HELLO_EVENT_BYTES}")
+    return events, certs
 
 
 def batched(ids: Sequence[str], size: int) -> Iterator[list[str]]:

@@ -89,6 +89,8 @@ STORE_FULL_RETRY = 10.0  # seconds between retries while our disk is full
 JSON_DEADLINE = 120.0  # seconds for a whole JSON request and its answer
 MAX_ANSWER = 64 << 20  # bytes of one JSON answer from a peer (an /events batch at most)
 MAX_HELLO = 1 << 20  # bytes of a /hello answer (with the root's Merkle answer)
+# bytes of a hello answer with events (their bodies escaped in JSON, certificates in base64)
+MAX_HELLO_EVENTS_ANSWER = MAX_HELLO + 3 * protocol.HELLO_EVENT_BYTES
 ERROR_BODY = 300  # bytes of a peer's error answer kept for the message
 OFFLOAD_JSON = 256 << 10  # answers larger than this are parsed in a worker thread
 REPORT_TIMEOUT = 10.0  # seconds for telling a peer that a blob it sent does not match
@@ -213,6 +215,10 @@ class WithheldEvents(ProtocolError):
     """The peer listed events in its Merkle tree and then did not serve them."""
 
 
+class NotServed(ProtocolError):
+    """The peer does not serve this request (an older version): ask the older way."""
+
+
 class PeerLacksBlob(ProtocolError):
     """The peer answered 404 for a blob: it does not hold it (any more)."""
 
@@ -244,6 +250,8 @@ class PeerClient:
         self.base_deadline = PULL_BASE_DEADLINE
         self.json_deadline = JSON_DEADLINE
         self.connections = 16  # at least the window's ceiling (set by the sync engine)
+        # whether the peer takes POST /hello (its events come with hello): None until known
+        self.hello_events: bool | None = None
         # awaited with the bytes of every blob piece read: the bandwidth caps
         self.throttle: Callable[[int], Awaitable[None]] | None = None
 
@@ -277,14 +285,17 @@ class PeerClient:
             await self._session.close()
 
     async def _json(self, method: str, path: str, *, limit: int = MAX_ANSWER,
-                    **kw: Any) -> Any:
+                    unknown: Collection[int] = (), **kw: Any) -> Any:
         """A JSON answer, read with a size cap (a peer cannot make us hold more than
         ``limit`` bytes) by a deadline. Raises ProtocolError (or PeerLacksBlob for a 404
-        blob)."""
+        blob, NotServed for a status in ``unknown``)."""
         deadline = asyncio.timeout(self.json_deadline)
         try:
             async with deadline, self.session().request(method, self.base + path,
                                                          **kw) as resp:
+                if resp.status in unknown:
+                    await read_capped(resp, ERROR_BODY, f"{method} {path}")
+                    raise NotServed(f"{method} {path}: HTTP {resp.status}")
                 if resp.status >= 400:
                     kind = PeerLacksBlob if resp.status == 404 \
                         and path.startswith("/blobs/") else ProtocolError
@@ -303,8 +314,22 @@ class PeerClient:
         except ValueError as exc:
             raise ProtocolError(f"{method} {path}: answer is not JSON: {exc}") from exc
 
-    async def hello(self) -> dict[str, Any]:
-        obj = await self._json("GET", "/hello", limit=MAX_HELLO)
+    async def hello(self, mine: RemoteNode | None = None) -> dict[str, Any]:
+        """The peer's hello. With ``mine`` (our root's Merkle answer), asked by POST so that
+        the events we lack come with it (``events``, ``certs``: see
+        :func:`protocol.parse_hello_events`); a peer that does not take it (an older one:
+        405) is asked by GET, now and from then on."""
+        obj: Any = None
+        if mine is not None and self.hello_events is not False:
+            try:
+                obj = await self._json("POST", "/hello", limit=MAX_HELLO_EVENTS_ANSWER,
+                                       unknown=(404, 405), json=protocol.hello_request(mine))
+                self.hello_events = True
+            except NotServed as exc:
+                log.debug("%s: %s; asking with GET from now on", self.peer_id.short, exc)
+                self.hello_events = False
+        if obj is None:
+            obj = await self._json("GET", "/hello", limit=MAX_HELLO)
         if not isinstance(obj, dict):
             raise ProtocolError("/hello answer is not an object")
         return obj
@@ -1049,15 +1074,16 @@ class PeerSync:
     async def hello(self) -> dict[str, Any]:
         """The peer's hello; if it refused our certificate (it trusts our id but has not
         pinned it: it cannot dial us), introduce ourselves and ask once more."""
+        mine = await offload(_read_merkle, self.node.catalog, "")  # the events we lack come
         try:
-            return await self.client.hello()
+            return await self.client.hello(mine)
         except aiohttp.ClientError as exc:
             if not refused_our_certificate(exc):
                 raise
         successor = await offload(renewal.statement, self.node.data)  # we renewed: say so
         await introduce(self.client.base.removesuffix(protocol.PREFIX), self.node.identity,
                         self.peer_id, successor=successor)
-        return await self.client.hello()
+        return await self.client.hello(mine)
 
     async def learn_successor(self, hello: dict[str, Any]) -> None:
         """The peer renewed its certificate (its hello carries the statement its old key
@@ -1130,9 +1156,17 @@ class PeerSync:
         wanted: list[str] = []  # gathered across Merkle nodes so pulls run in big batches
         # the root's answer came with hello (older peers: asked for by the walk)
         first = (protocol.parse_merkle(hello["merkle"], "") if "merkle" in hello else None)
+        came: set[str] = set()  # events that came with hello: not asked for again
         try:
+            if "events" in hello:
+                received, certs = protocol.parse_hello_events(hello)
+                came = {e for e, _ in received}
+                await self._take_events(received, certs, unasked=True)
+                pulled += len(received)
+                log.debug("round with %s: %d events with hello, pulls fed at %.3f s",
+                          self.peer_id.short, len(received), time.monotonic() - t0)
             async for theirs, ours in walk_diff(self.node, self.client.merkle, first):
-                wanted.extend(theirs)
+                wanted.extend(e for e in theirs if e not in came)
                 if len(wanted) >= EVENT_BATCH:
                     await self.pull_events(wanted)
                     pulled += len(wanted)
@@ -1198,39 +1232,54 @@ class PeerSync:
             received, certs = await self.client.events(batch)
             log.debug("%d events from %s in %.3f s", len(received), self.peer_id.short,
                       time.monotonic() - t0)
-            self._pulled.events += len(received)
-            await offload(self.node.catalog.offer_certificates, certs)  # to verify them
-            plan = await offload(_plan_pull, self.node, received)
-            if plan.invalid:
-                st.integrity_errors += len(plan.invalid)
-            if plan.ready:
-                await self._apply(plan.ready)
-            waiting = plan.waiting
-            # puts whose tombstone we now hold need no blob
-            dead_blobs = await offload(_dead_blobs, self.node.catalog, waiting)
-            for blob in dead_blobs:
-                await self._apply(waiting.pop(blob))
-            size = sum(_put_of(v).size for v in waiting.values())
-            st.blobs_needed += len(waiting)  # earlier batches' blobs may still be pulling
-            st.bytes_needed += size
-            st.round_blobs += len(waiting)
-            st.round_bytes += size
-            st.studies_needed = _studies_needed(waiting.values(), st.studies_needed)
-            self.save_state()
-            self._feed_blobs(waiting)
-            st.events_received += len(received) - len(plan.invalid)
-            # Checked after applying what was good: a peer that lists events and then
-            # withholds them, or serves invalid ones, fails the round (backoff), never
-            # ends it "in sync" to be asked again at once.
-            if plan.invalid:
-                eid, why = plan.invalid[0]
-                raise ProtocolError(f"peer sent {len(plan.invalid)} invalid events, e.g. "
-                                    f"{eid}: {why}")
+            await self._take_events(received, certs)
             served = {e for e, _ in received}
             withheld = [e for e in batch if e not in served]
             if withheld:
                 raise WithheldEvents(f"peer listed {len(withheld)} events it did not serve, "
                                      f"e.g. {withheld[0]}")
+
+    async def _take_events(self, received: list[tuple[str, bytes]], certs: list[bytes],
+                           *, unasked: bool = False) -> None:
+        """Events from the peer (asked for, or ``unasked``: they came with its hello):
+        each body checked against its id, the signatures against their origins'
+        certificates (``certs``); those that need no blob applied, the puts that wait for
+        one handed to the round's pull scheduler. An invalid event fails the round (after
+        the good ones were applied; an unasked batch is refused whole, nothing applied)."""
+        st = self.state
+        self._pulled.events += len(received)
+        await offload(self.node.catalog.offer_certificates, certs)  # to verify them
+        plan = await offload(_plan_pull, self.node, received)
+        if plan.invalid:
+            st.integrity_errors += len(plan.invalid)
+            if unasked:
+                eid, why = plan.invalid[0]
+                raise ProtocolError(f"peer's hello carried {len(plan.invalid)} invalid "
+                                    f"events, e.g. {eid}: {why}; none of its {len(received)} "
+                                    "events applied")
+        if plan.ready:
+            await self._apply(plan.ready)
+        waiting = plan.waiting
+        # puts whose tombstone we now hold need no blob
+        dead_blobs = await offload(_dead_blobs, self.node.catalog, waiting)
+        for blob in dead_blobs:
+            await self._apply(waiting.pop(blob))
+        size = sum(_put_of(v).size for v in waiting.values())
+        st.blobs_needed += len(waiting)  # earlier batches' blobs may still be pulling
+        st.bytes_needed += size
+        st.round_blobs += len(waiting)
+        st.round_bytes += size
+        st.studies_needed = _studies_needed(waiting.values(), st.studies_needed)
+        self.save_state()
+        self._feed_blobs(waiting)
+        st.events_received += len(received) - len(plan.invalid)
+        # Checked after applying what was good: a peer that lists events and then
+        # withholds them, or serves invalid ones, fails the round (backoff), never
+        # ends it "in sync" to be asked again at once.
+        if plan.invalid:
+            eid, why = plan.invalid[0]
+            raise ProtocolError(f"peer sent {len(plan.invalid)} invalid events, e.g. "
+                                f"{eid}: {why}")
 
     def _feed_blobs(self, waiting: dict[str, list[ev.Checked]]) -> None:
         """Hand blobs to the round's pull scheduler (started with the first of them)."""

@@ -5,7 +5,9 @@ by the real :class:`syncnode.peer_server.PeerServer` of that node.
 
 Every request is counted per route (``calls``) so a test can bound what a receiver asks.
 A test that replaces ``blob`` but not ``pack`` gets a peer whose hello offers no packs, so
-that every blob goes through its ``blob`` answer.
+that every blob goes through its ``blob`` answer. By default it answers hello only by GET,
+as an older peer does (405 to a POST: its events come by ``/events``); a test that gives a
+``hello_post`` answer gets that for ``POST /hello`` (hello with events).
 """
 
 from __future__ import annotations
@@ -46,10 +48,12 @@ class FakePeer:
             overrides["hello"] = self._hello_without_packs
         app = web.Application(client_max_size=protocol.MAX_JSON_BODY,
                               middlewares=[self.real._guard])
+        routes = ROUTES + ([("POST", "/hello", "hello_post")] if "hello_post" in overrides
+                           else [])
         app.add_routes([web.route(method, protocol.PREFIX + path,
                                   self._counted(name, overrides.get(name)
                                                 or getattr(self.real, name)))
-                        for method, path, name in ROUTES])
+                        for method, path, name in routes])
         self.app = app
 
     async def _hello_without_packs(self, request: web.Request) -> web.StreamResponse:

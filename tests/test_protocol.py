@@ -140,3 +140,50 @@ def test_event_shapes_round_trip_and_reject_garbage() -> None:
     with pytest.raises(BadRequest):
         protocol.parse_events_request({"ids": ["ab" * 32] * (protocol.MAX_IDS + 1)})
     assert list(protocol.batched(list("abcde"), 2)) == [["a", "b"], ["c", "d"], ["e"]]
+
+
+# -- hello with events --------------------------------------------------------------------
+
+@pytest.mark.parametrize(("server_n", "shared_n", "asker_n"),
+                         [(40, 0, 0), (40, 30, 5), (300, 0, 0), (300, 100, 20),
+                          (300, 200, 0), (40, 40, 0)])
+def test_a_hello_lists_only_events_the_asker_lacks(server_n: int, shared_n: int,
+                                                  asker_n: int) -> None:
+    """What the two root answers tell: every event the asker lacks when it lists its ids
+    (or holds nothing under a child), never one it holds; what they cannot tell is left
+    to the walk."""
+    rng = random.Random(server_n * 1000 + shared_n + asker_n)
+    server_ids = ids(rng, server_n)
+    asker_ids = set(rng.sample(sorted(server_ids), shared_n)) | ids(rng, asker_n)
+    server, asker = MemorySource(server_ids), MemorySource(asker_ids)
+    mine = protocol.parse_hello_request(
+        protocol.hello_request(protocol.read_merkle(asker, "")))
+    got = protocol.lacking_ids(protocol.read_merkle(server, ""), mine, server.ids_under,
+                               protocol.MAX_HELLO_EVENTS)
+    lacking = server_ids - asker_ids
+    assert set(got) <= lacking and len(got) == len(set(got)) <= protocol.MAX_HELLO_EVENTS
+    if len(asker_ids) <= protocol.INLINE_IDS or not asker_ids:
+        assert len(got) == min(len(lacking), protocol.MAX_HELLO_EVENTS)
+    assert protocol.lacking_ids(protocol.read_merkle(server, ""),
+                                protocol.read_merkle(server, ""), server.ids_under, 500) == []
+
+
+@pytest.mark.parametrize("body", [None, [], {}, {"merkle": {"prefix": "0"}},
+                                  {"merkle": {"prefix": "", "digest": "00", "count": 0}}])
+def test_a_malformed_hello_body_is_a_bad_request(body: object) -> None:
+    with pytest.raises(BadRequest):
+        protocol.parse_hello_request(body)
+
+
+def test_the_events_of_a_hello_answer_are_bounded() -> None:
+    rng = random.Random(7)
+    good = [{"id": i, "body": "{}"} for i in sorted(ids(rng, 3))]
+    events, certs = protocol.parse_hello_events({"events": good, "certs": []})
+    assert [e for e, _ in events] == [g["id"] for g in good] and certs == []
+    many = [{"id": i, "body": "{}"} for i in ids(rng, protocol.MAX_HELLO_EVENTS + 1)]
+    large = [{"id": good[0]["id"], "body": "x" * (protocol.HELLO_EVENT_BYTES + 1)}]
+    for bad in ({"events": many}, {"events": large}, {"events": good + good[:1]},
+                {"events": "no"}, {"events": [{"id": "zz", "body": "{}"}]},
+                {"events": good, "certs": ["not base64!"]}):
+        with pytest.raises(ProtocolError, match="hello answer"):
+            protocol.parse_hello_events(bad)

@@ -11,15 +11,21 @@ the backoff ends.
 from __future__ import annotations
 
 import asyncio
+import json
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp import web
+from fakepeer import FakePeer
 from syncsupport import (
     add_peer,
     assert_blobs_intact,
     import_files,
+    live_view,
     load_faultproxy,
     make_dicom,
     pin,
@@ -30,10 +36,11 @@ from syncsupport import (
     wait_for,
 )
 
-from syncnode import sync
+from syncnode import protocol, sync
 from syncnode.blobstore import CHUNK_SIZE
 from syncnode.local import LocalNode
 from syncnode.node import RunningNode
+from syncnode.peer_server import PeerServer
 from syncnode.sync import PeerClient
 
 fp = load_faultproxy()
@@ -163,3 +170,134 @@ async def test_a_pack_frees_its_window_slot_once_its_bytes_are_in(
         release.set()
     await wait_for(lambda: root(b) == root(a), 20, "B to install what it pulled")
     assert_blobs_intact(b)
+
+
+# -- the events come with hello ----------------------------------------------------------
+
+def _record_requests(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """``METHOD route`` of every hello, events, pack and blob request the peer servers
+    started from now on serve, in order."""
+    served: list[str] = []
+    for name in ("hello", "events", "pack", "blob"):
+        real = getattr(PeerServer, name)
+
+        async def recorded(self: PeerServer, request: web.Request,
+                           _real: Any = real, _name: str = name) -> web.StreamResponse:
+            served.append(f"{request.method} {_name}")
+            return await _real(self, request)
+        monkeypatch.setattr(PeerServer, name, recorded)
+    return served
+
+
+async def test_the_events_come_with_hello_and_the_first_pull_follows_it(
+        tmp_path: Path, new_node: Callable[[str], LocalNode], running: StartNode,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A round that finds the roots differ gets the events it lacks in hello's answer: its
+    first pull is the request after hello (one round trip fewer before the first byte than
+    hello, then /events, then the pulls)."""
+    served = _record_requests(monkeypatch)
+    a, b = new_node("a"), new_node("b")
+    files = [make_dicom(tmp_path / f"{i}.dcm", sop=uid(5, 1, i), study=uid(5),
+                        series=uid(5, 2), seed=i) for i in range(6)]
+    import_files(a, *files)
+    ra = await running(a)
+    config = fp.FaultConfig(latency_ms=50)
+    async with fp.FaultProxy(("127.0.0.1", ra.ports["peer"]), config=config) as proxy:
+        add_peer(b, a, f"https://127.0.0.1:{proxy.port}", push="never")
+        pin(a, b)
+        rb = await running(b)
+        await wait_for(lambda: root(b) == root(a), 30, "B to pull from A")
+    ps = rb.engine.peers[a.node_id.compact]
+    assert ps.client.hello_events is True
+    assert served[0] == "POST hello", served
+    assert served[1] in ("POST pack", "GET blob"), served  # no /events in between
+    assert not any(s.endswith(" events") for s in served), served
+    assert ps.state.events_received == len(files)
+    assert_blobs_intact(b)
+
+
+async def test_an_older_peer_syncs_both_ways(
+        tmp_path: Path, new_node: Callable[[str], LocalNode], running: StartNode,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hello with events is a feature: a peer that answers POST /hello with 405 (an older
+    one) is asked by GET and /events, once and from then on; an older asker's GET hello
+    gets no events and asks /events as before."""
+    a, b, c = new_node("a"), new_node("b"), new_node("c")
+    files = [make_dicom(tmp_path / f"{i}.dcm", sop=uid(6, 1, i), study=uid(6),
+                        series=uid(6, 2), seed=i) for i in range(3)]
+    import_files(a, *files)
+    older_server = await FakePeer(a).start()  # hello by GET only, as before
+    try:
+        rb = await running(b)
+        pull_from(b, rb, a, older_server.url)
+        await wait_for(lambda: root(b) == root(a), 20, "B to pull from the older A")
+        ps = rb.engine.peers[a.node_id.compact]
+        await wait_for(lambda: ps.rounds >= 2, 10, "B's next round")
+        assert ps.client.hello_events is False  # asked by POST once, then by GET
+        assert older_server.calls["events"] >= 1 and older_server.calls["hello"] >= 2
+    finally:
+        await older_server.stop()
+    assert_blobs_intact(b)
+
+    served = _record_requests(monkeypatch)
+    real_hello = PeerClient.hello
+
+    async def older_hello(self: PeerClient, mine: Any = None) -> dict[str, Any]:
+        return await real_hello(self)  # an older asker sends no root: GET
+    monkeypatch.setattr(PeerClient, "hello", older_hello)
+    ra = await running(a)
+    rc = await running(c)
+    pull_from(c, rc, a, url_of(ra))
+    await wait_for(lambda: root(c) == root(a), 20, "the older C to pull from A")
+    assert served[0] == "GET hello" and "POST events" in served, served
+    assert_blobs_intact(c)
+
+
+@pytest.mark.parametrize("fault", ["forged", "too many", "too large", "malformed"])
+async def test_a_hostile_hello_answer_is_refused_and_nothing_applied(
+        tmp_path: Path, new_node: Callable[[str], LocalNode], running: StartNode,
+        fault: str) -> None:
+    """The events a hello answer carries are hostile input like any other: a body that does
+    not hash to its id, more than MAX_HELLO_EVENTS, more than HELLO_EVENT_BYTES, or not a
+    list of events fails the round cleanly (a peer error, backed off) with nothing applied
+    and no blob pulled."""
+    a, b = new_node("a"), new_node("b")
+    files = [make_dicom(tmp_path / f"{i}.dcm", sop=uid(7, 1, i), study=uid(7),
+                        series=uid(7, 2), seed=i) for i in range(3)]
+    import_files(a, *files)
+
+    async def hello_post(request: web.Request) -> web.StreamResponse:
+        answer = await fake.real.hello(request)
+        assert isinstance(answer, web.Response) and answer.body is not None
+        obj = json.loads(bytes(answer.body))  # type: ignore[arg-type]
+        assert len(obj["events"]) == len(files)
+        if fault == "forged":  # one character changed: it no longer hashes to its id
+            obj["events"][1]["body"] = obj["events"][1]["body"].replace('"', "'", 1)
+        elif fault == "too many":
+            obj["events"] += [{"id": secrets.token_hex(32), "body": "{}"}
+                              for _ in range(protocol.MAX_HELLO_EVENTS)]
+        elif fault == "too large":
+            obj["events"][0]["body"] += " " * protocol.HELLO_EVENT_BYTES
+        else:
+            obj["events"] = {"not": "a list"}
+        return web.json_response(obj)
+
+    fake = await FakePeer(a, hello_post=hello_post).start()
+    try:
+        rb = await running(b)
+        pull_from(b, rb, a, fake.url)
+        key = a.node_id.compact
+        await wait_for(lambda: key in rb.engine.peers
+                       and rb.engine.peers[key].state.state == "error", 20,
+                       "B to refuse the hello")
+        ps = rb.engine.peers[key]
+        assert fake.calls["hello_post"] >= 1
+        assert fake.calls["pack"] == fake.calls["blob"] == fake.calls["events"] == 0
+    finally:
+        await fake.stop()
+    assert ps.state.error_kind == "peer", ps.state.last_error
+    assert "hello" in ps.state.last_error, ps.state.last_error
+    assert live_view(b) == [] and not list(b.store.iter_hashes())
+    assert ps.state.events_received == 0
+    if fault == "forged":
+        assert ps.state.integrity_errors >= 1
