@@ -262,10 +262,12 @@ class Ticket:
         self.got = 0
         self.done = False
         self.error_exempt = False  # set when a failure says nothing about the path
+        # False when the first byte's delay is not a round trip (bytes already under way)
+        self.rtt_sample = True
 
     def progress(self, n: int) -> None:
         now = self.gate.clock()
-        if self.got == 0 and n:
+        if self.got == 0 and n and self.rtt_sample:
             self.gate.window.first_byte(now - self.started)
         n = min(n, max(0, self.size - self.got))
         self.got += n

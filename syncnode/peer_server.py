@@ -249,20 +249,23 @@ class PeerServer:
             node = protocol.read_merkle(self.catalog, prefix)
         return protocol.merkle_response(prefix, node)
 
-    async def hello(self, request: web.Request) -> web.Response:
+    async def hello(self, request: web.Request) -> web.StreamResponse:
         """Who we are, and the root's Merkle answer: a peer whose root differs starts its
         walk from it (one request fewer per round). A POST carries the asker's own root
         answer: the events it lacks come with ours, as far as the two roots tell
-        (:func:`protocol.lacking_ids`; the asker need not ask ``/events`` for them)."""
+        (:func:`protocol.lacking_ids`; the asker need not ask ``/events`` for them), and,
+        when it asks, a pack of the small blobs of those events after the answer (its
+        first pull, without a round trip of its own)."""
         peer = request[PEER_KEY].compact
         self.flush_audit(peer)  # its previous round ended
-        asker = None
+        asker, ask = None, None
         if request.method == "POST":
-            asker = protocol.parse_hello_request(await self._json(request))
+            asker, ask = protocol.parse_hello_request(await self._json(request))
         served = 0
+        packed: list[protocol.PackItem] = []
 
         def answer() -> dict[str, Any]:
-            nonlocal served
+            nonlocal served, packed
             with self.catalog.snapshot():  # the root and the events from one instant
                 node = protocol.read_merkle(self.catalog, "")
                 root = protocol.merkle_response("", node)
@@ -273,15 +276,55 @@ class PeerServer:
                     found, certs = self._hello_events(node, asker)
                     served = len(found)
                     hello.update(protocol.events_response(found, certs))
+                    if ask is not None:
+                        packed = self._hello_pack(found, ask)
+                        hello["pack"] = [[i.hash, size] for i, size in packed]
             successor = renewal.statement(self.node.data)  # we renewed: tell who asks
             if successor is not None:
                 hello["successor"] = successor.to_dict()
             return hello
 
-        response = await self._answer(answer)
+        if ask is None:
+            response: web.StreamResponse = await self._answer(answer)
+        else:
+            body = await self._run(lambda: json.dumps(answer()).encode())
+            response = web.StreamResponse(status=200, headers={
+                "Content-Type": protocol.HELLO_CONTENT_TYPE})
+            await response.prepare(request)
+            await response.write(protocol.HELLO_LENGTH.pack(len(body)) + body)
+            if packed:
+                await self._write_frames(response, [i for i, _ in packed], peer,
+                                         protocol.HELLO_PACK_BYTES)
+            await response.write_eof()
         if served:
             self._tally(self._served, peer).events += served
         return response
+
+    def _hello_pack(self, found: list[tuple[str, bytes]], ask: protocol.HelloPackAsk
+                    ) -> list[tuple[protocol.PackItem, int]]:
+        """The small blobs of the put events a hello answer carries, in their order, that
+        we hold: at most PACK_MAX_BLOBS and ``ask.bytes``; zstd as asked. Blocking."""
+        out: list[tuple[protocol.PackItem, int]] = []
+        total = 0
+        for eid, body in found:
+            if len(out) >= protocol.PACK_MAX_BLOBS:
+                break
+            try:
+                event = ev.decode_checked(eid, body)
+            except (ev.InvalidEvent, ValueError):
+                continue  # not ours to judge here: the asker refuses it
+            if not isinstance(event, ev.PutEvent) or event.size > CHUNK_SIZE \
+                    or any(i.hash == event.blob for i, _ in out):
+                continue
+            if total + event.size > ask.bytes:
+                break
+            if not self.node.store.has(event.blob):
+                continue
+            zstd = ask.zstd == "all" or (ask.zstd == "native"
+                                         and event.transfer_syntax_uid in wire.NATIVE_SYNTAXES)
+            out.append((protocol.PackItem(event.blob, zstd), event.size))
+            total += event.size
+        return out
 
     def _hello_events(self, node: protocol.RemoteNode, asker: protocol.RemoteNode
                       ) -> tuple[list[tuple[str, bytes]], list[bytes]]:
@@ -451,13 +494,21 @@ class PeerServer:
         frame is read, checked and (when asked and worth it) compressed in a worker thread
         while the previous one is written: memory holds two blobs of at most one chunk."""
         items = protocol.parse_pack_request(await self._json(request))
-        compress_ok = self.compression != "off"
-        budget = [protocol.PACK_MAX_BYTES]
         peer = request[PEER_KEY].compact
-        tally = self._tally(self._served, peer)
         resp = web.StreamResponse(status=200, headers={
             "Content-Type": protocol.PACK_CONTENT_TYPE})
         await resp.prepare(request)
+        await self._write_frames(resp, items, peer, protocol.PACK_MAX_BYTES)
+        await resp.write_eof()
+        return resp
+
+    async def _write_frames(self, resp: web.StreamResponse, items: list[protocol.PackItem],
+                            peer: str, budget_bytes: int) -> None:
+        """One pack frame per item, in order (at most ``budget_bytes`` of blobs); each made
+        in a worker thread while the previous one is written."""
+        compress_ok = self.compression != "off"
+        budget = [budget_bytes]
+        tally = self._tally(self._served, peer)
         ahead = asyncio.ensure_future(offload(self._pack_frame, items[0], compress_ok, budget))
         try:
             for i in range(len(items)):
@@ -480,8 +531,6 @@ class PeerServer:
             if not ahead.done():
                 ahead.cancel()
                 await asyncio.wait([ahead])
-        await resp.write_eof()
-        return resp
 
     def _pack_frame(self, item: protocol.PackItem, compress_ok: bool, budget: list[int]
                     ) -> tuple[bytes, bytes, int, str | None]:

@@ -83,6 +83,17 @@ asker's side). The asker checks each body against its id and its signature as fo
 walks the tree as before, leaving out what arrived. ``hello`` lists ``"hello-events"``; a
 peer without it answers the POST with 405 and the asker says hello with GET from then on.
 
+**The first pack with hello.** Even then the first blob byte waits for a pull asked after
+hello's answer: a round trip with the link idle. A hello body may also carry ``"pack":
+{"bytes": N, "zstd": Z}`` (``Z``: ``"none"``, ``"native"`` for the uncompressed transfer
+syntaxes, ``"all"``); a peer that lists ``"hello-pack"`` then answers
+``application/x-syncnode-hello``: the JSON answer's length as 4 bytes (big-endian), the
+JSON answer, whose ``pack`` lists ``[hash, size]`` of some blobs of its put events (each
+of at most one chunk, at most ``PACK_MAX_BLOBS`` and ``min(N, HELLO_PACK_BYTES)`` bytes in
+all, no hash twice), then exactly one pack frame for each of them, in that order, as a
+``/blobs/pack`` answer has (:class:`PackReader`). The asker checks the list against the
+events (:func:`parse_hello_pack`) before it reads a frame, and each blob against its hash.
+
 This module is sans-IO (in h11's manner): the Merkle answer a node gives
 (:func:`read_merkle`), the decision of one step of the diff walk (:class:`DiffWalk`) and
 the batching of event ids are pure functions of their inputs, shared by the peer server,
@@ -117,9 +128,13 @@ MAX_OFFER = 1000  # blobs per /push/offer
 MAX_JSON_BODY = 4 << 20
 MAX_CERT_BYTES = 16 << 10  # one origin certificate (DER)
 # what this node's peer server offers beyond version 1's endpoints
-FEATURES = ("pack", "damage-report", "push-pack", "hello-events")
+FEATURES = ("pack", "damage-report", "push-pack", "hello-events", "hello-pack")
 MAX_HELLO_EVENTS = 500  # events carried by a hello answer
 HELLO_EVENT_BYTES = 1 << 20  # bytes of event bodies and certificates in a hello answer
+HELLO_PACK_BYTES = 8 << 20  # blob bytes of the pack that follows a hello answer
+HELLO_CONTENT_TYPE = "application/x-syncnode-hello"
+HELLO_LENGTH = struct.Struct(">I")  # the JSON answer's length before the pack's frames
+HELLO_ZSTD = ("none", "native", "all")  # which blobs of a hello pack may come compressed
 PACK_MAX_BLOBS = 64  # blobs per /blobs/pack request
 PACK_MAX_BYTES = 4 << 20  # blob bytes per pack answer (sender and receiver both enforce)
 PACK_CONTENT_TYPE = "application/x-syncnode-pack"
@@ -312,15 +327,29 @@ class DiffWalk:
         return step
 
 
-def hello_request(mine: RemoteNode) -> dict[str, Any]:
-    """The body of ``POST /hello``: the asker's root Merkle answer."""
+@dataclass(frozen=True, slots=True)
+class HelloPackAsk:
+    """What a hello asks to come after its answer: up to ``bytes`` of small blobs of the
+    events it carries, compressed as ``zstd`` says (one of HELLO_ZSTD)."""
+
+    bytes: int
+    zstd: str = "none"
+
+
+def hello_request(mine: RemoteNode, pack: HelloPackAsk | None = None) -> dict[str, Any]:
+    """The body of ``POST /hello``: the asker's root Merkle answer (and the pack it
+    would like to follow the answer)."""
     if mine.prefix != "":
         raise ValueError("a hello carries the root's Merkle answer")
-    return {"merkle": merkle_response("", mine)}
+    body: dict[str, Any] = {"merkle": merkle_response("", mine)}
+    if pack is not None:
+        body["pack"] = {"bytes": pack.bytes, "zstd": pack.zstd}
+    return body
 
 
-def parse_hello_request(obj: Any) -> RemoteNode:
-    """The asker's root answer from a ``POST /hello`` body. Raises BadRequest."""
+def parse_hello_request(obj: Any) -> tuple[RemoteNode, HelloPackAsk | None]:
+    """The asker's root answer from a ``POST /hello`` body, and the pack it asks for
+    (its bytes capped at HELLO_PACK_BYTES). Raises BadRequest."""
     if not isinstance(obj, dict) or "merkle" not in obj:
         raise BadRequest("a hello body is {merkle: the root's Merkle answer}")
     try:
@@ -329,7 +358,43 @@ def parse_hello_request(obj: Any) -> RemoteNode:
         raise BadRequest(f"hello: {exc}") from exc
     if node.children is None:
         raise BadRequest("hello: the root's Merkle answer needs its 16 children")
-    return node
+    ask = obj.get("pack")
+    if ask is None:
+        return node, None
+    size = ask.get("bytes") if isinstance(ask, dict) else None
+    zstd = ask.get("zstd", "none") if isinstance(ask, dict) else None
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0 \
+            or zstd not in HELLO_ZSTD:
+        raise BadRequest(f"hello: 'pack' is {{bytes: a count, zstd: one of {HELLO_ZSTD}}}")
+    return node, HelloPackAsk(min(size, HELLO_PACK_BYTES), zstd)
+
+
+def parse_hello_pack(raw: Any, sizes: dict[str, int]) -> list[tuple[str, int]]:
+    """The blobs (hash, size) whose frames follow a hello answer (``raw``: its ``pack``
+    member), in order, checked as hostile input before a frame is read: each the blob of
+    a put event the answer carries (``sizes``: blob -> the size its event gives) with that
+    size and at most one chunk, no hash twice, at most PACK_MAX_BLOBS and HELLO_PACK_BYTES
+    in all. Raises ProtocolError."""
+    if not isinstance(raw, list) or len(raw) > PACK_MAX_BLOBS:
+        raise ProtocolError(f"hello answer: 'pack' must list at most {PACK_MAX_BLOBS} blobs")
+    out: list[tuple[str, int]] = []
+    seen: set[str] = set()
+    total = 0
+    for item in raw:
+        if not isinstance(item, list) or len(item) != 2:
+            raise ProtocolError("hello answer: each blob of its pack is [hash, size]")
+        blob, size = check_hash_value(item[0]), item[1]
+        if blob in seen or not isinstance(size, int) or isinstance(size, bool) \
+                or sizes.get(blob) != size or size > CHUNK_SIZE:
+            raise ProtocolError(f"hello answer: blob {blob} of its pack is not that of a put "
+                                "it carries, has another size, is over a chunk or twice")
+        seen.add(blob)
+        total += size
+        out.append((blob, size))
+    if total > HELLO_PACK_BYTES:
+        raise ProtocolError(f"hello answer: its pack has {total} bytes, at most "
+                            f"{HELLO_PACK_BYTES}")
+    return out
 
 
 def lacking_ids(server: RemoteNode, asker: RemoteNode,

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import ssl
@@ -97,6 +98,20 @@ REPORT_TIMEOUT = 10.0  # seconds for telling a peer that a blob it sent does not
 MAX_REPORTS = 8  # damage reports to one peer in flight at once (more are dropped)
 MAX_WINDOW = 32  # default ceiling of the adaptive window (the max_window setting)
 SCHEDULE_TICK = 0.5  # seconds between looks at other peers' claims while waiting
+
+
+class HelloAnswer:
+    """The open rest of a hello answer that carries a pack: its frames, for the blobs its
+    JSON listed (``expected``, set once that list has been checked). Read by one
+    :meth:`PeerClient.fetch_pack`; closed (the connection dropped if unread) otherwise."""
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self.resp = resp
+        self.expected: list[tuple[str, int]] = []
+
+    def close(self) -> None:
+        if not self.resp.closed:
+            _hang_up(self.resp)
 
 
 @dataclass
@@ -314,16 +329,20 @@ class PeerClient:
         except ValueError as exc:
             raise ProtocolError(f"{method} {path}: answer is not JSON: {exc}") from exc
 
-    async def hello(self, mine: RemoteNode | None = None) -> dict[str, Any]:
+    async def hello(self, mine: RemoteNode | None = None,
+                    pack: protocol.HelloPackAsk | None = None
+                    ) -> tuple[dict[str, Any], HelloAnswer | None]:
         """The peer's hello. With ``mine`` (our root's Merkle answer), asked by POST so that
         the events we lack come with it (``events``, ``certs``: see
-        :func:`protocol.parse_hello_events`); a peer that does not take it (an older one:
-        405) is asked by GET, now and from then on."""
+        :func:`protocol.parse_hello_events`), and with ``pack`` the frames of a first pack
+        after it (returned open, as a :class:`HelloAnswer`: the caller reads or closes
+        it). A peer that does not take the POST (an older one: 405) is asked by GET, now
+        and from then on."""
         obj: Any = None
+        answer: HelloAnswer | None = None
         if mine is not None and self.hello_events is not False:
             try:
-                obj = await self._json("POST", "/hello", limit=MAX_HELLO_EVENTS_ANSWER,
-                                       unknown=(404, 405), json=protocol.hello_request(mine))
+                obj, answer = await self._hello_post(protocol.hello_request(mine, pack))
                 self.hello_events = True
             except NotServed as exc:
                 log.debug("%s: %s; asking with GET from now on", self.peer_id.short, exc)
@@ -331,8 +350,60 @@ class PeerClient:
         if obj is None:
             obj = await self._json("GET", "/hello", limit=MAX_HELLO)
         if not isinstance(obj, dict):
+            if answer is not None:
+                answer.close()
             raise ProtocolError("/hello answer is not an object")
-        return obj
+        return obj, answer
+
+    async def _hello_post(self, body: dict[str, Any]) -> tuple[Any, HelloAnswer | None]:
+        """``POST /hello``: a JSON answer, or (when a pack was asked for and the peer
+        serves it) the JSON answer's length, the answer, and the open rest (the frames)."""
+        if "pack" not in body:
+            return await self._json("POST", "/hello", limit=MAX_HELLO_EVENTS_ANSWER,
+                                    unknown=(404, 405), json=body), None
+        deadline = asyncio.timeout(self.json_deadline)
+        resp: aiohttp.ClientResponse | None = None
+        try:
+            async with deadline:
+                resp = await self.session().post(self.base + "/hello", json=body)
+                if resp.status in (404, 405):
+                    await read_capped(resp, ERROR_BODY, "POST /hello")
+                    raise NotServed(f"POST /hello: HTTP {resp.status}")
+                if resp.status >= 400:
+                    raise ProtocolError(f"POST /hello: HTTP {resp.status}: "
+                                        f"{await _error_text(resp)}")
+                if resp.content_type != protocol.HELLO_CONTENT_TYPE:  # no pack: plain JSON
+                    raw = await read_capped(resp, MAX_HELLO_EVENTS_ANSWER, "POST /hello")
+                    resp.release()
+                    resp = None
+                else:
+                    try:
+                        head = await resp.content.readexactly(protocol.HELLO_LENGTH.size)
+                        (length,) = protocol.HELLO_LENGTH.unpack(head)
+                        if length > MAX_HELLO_EVENTS_ANSWER:
+                            raise ProtocolError(f"POST /hello: answer of {length} bytes, "
+                                                f"more than {MAX_HELLO_EVENTS_ANSWER}")
+                        raw = await resp.content.readexactly(length)
+                    except asyncio.IncompleteReadError as exc:
+                        raise ProtocolError("POST /hello: answer ended early") from exc
+        except TimeoutError as exc:
+            if resp is not None:
+                _hang_up(resp)
+            if not deadline.expired():
+                raise
+            raise PullTooSlow(f"POST /hello: no whole answer within "
+                              f"{self.json_deadline:.0f} s") from exc
+        except BaseException:
+            if resp is not None:
+                _hang_up(resp)
+            raise
+        try:
+            obj = json.loads(raw)
+        except ValueError as exc:
+            if resp is not None:
+                _hang_up(resp)
+            raise ProtocolError(f"POST /hello: answer is not JSON: {exc}") from exc
+        return obj, (HelloAnswer(resp) if resp is not None else None)
 
     def warm(self, n: int) -> list[asyncio.Task[None]]:
         """Open ``n`` more connections now, each with a small request (the root's Merkle
@@ -496,11 +567,13 @@ class PeerClient:
                          on_staged: Callable[[str, StagedBlob], None],
                          on_bytes: Callable[[int], None] | None = None,
                          on_wire: Callable[[int], None] | None = None,
-                         on_refused: Callable[[str, Exception, int], None] | None = None
-                         ) -> list[str]:
+                         on_refused: Callable[[str, Exception, int], None] | None = None,
+                         answer: HelloAnswer | None = None) -> list[str]:
         """Pull several small blobs in one request (``POST /blobs/pack``, see
         :mod:`syncnode.protocol`). ``blobs``: (hash, size, chunks root, zstd wanted), each of
-        at most one chunk, at most PACK_MAX_BLOBS and PACK_MAX_BYTES in all.
+        at most one chunk, at most PACK_MAX_BLOBS and PACK_MAX_BYTES in all. With
+        ``answer``, the frames are those after a hello answer (no request; HELLO_PACK_BYTES
+        in all): frames of blobs it lists that are not in ``blobs`` are read and dropped.
 
         Each blob is verified against its hash and written to its ``.part`` file in a worker
         thread as the next one is read, then handed to ``on_staged`` at once: a blob that
@@ -512,7 +585,8 @@ class PeerClient:
         bytes at the minimum rate); the blobs not staged by then are the caller's to retry.
         """
         total = sum(size for _, size, _, _ in blobs)
-        if len(blobs) > protocol.PACK_MAX_BLOBS or total > protocol.PACK_MAX_BYTES \
+        cap = protocol.PACK_MAX_BYTES if answer is None else protocol.HELLO_PACK_BYTES
+        if len(blobs) > protocol.PACK_MAX_BLOBS or total > cap \
                 or any(size > CHUNK_SIZE for _, size, _, _ in blobs):
             raise ValueError("a pack holds at most PACK_MAX_BLOBS blobs of at most one "
                              "chunk, PACK_MAX_BYTES in all")
@@ -521,7 +595,7 @@ class PeerClient:
         try:
             async with deadline:
                 return await self._fetch_pack(store, blobs, on_staged, on_bytes, on_wire,
-                                              on_refused)
+                                              on_refused, answer)
         except TimeoutError as exc:
             if not deadline.expired():
                 raise
@@ -533,10 +607,13 @@ class PeerClient:
                           on_staged: Callable[[str, StagedBlob], None],
                           on_bytes: Callable[[int], None] | None,
                           on_wire: Callable[[int], None] | None,
-                          on_refused: Callable[[str, Exception, int], None] | None
-                          ) -> list[str]:
+                          on_refused: Callable[[str, Exception, int], None] | None,
+                          answer: HelloAnswer | None = None) -> list[str]:
         roots = {h: root for h, _, root, _ in blobs}
-        reader = protocol.PackReader([(h, size) for h, size, _, _ in blobs])
+        if answer is None:
+            reader = protocol.PackReader([(h, size) for h, size, _, _ in blobs])
+        else:
+            reader = protocol.PackReader(answer.expected)
         request = protocol.pack_request([protocol.PackItem(h, z) for h, _, _, z in blobs])
         singly: list[str] = []
         loop = asyncio.get_running_loop()
@@ -571,7 +648,7 @@ class PeerClient:
                 on_staged(blob, outcome)
 
         try:
-            async with self.session().post(f"{self.base}/blobs/pack", json=request) as resp:
+            async with self._pack_answer(request, answer) as resp:
                 try:
                     if resp.status != 200:
                         raise ProtocolError(f"POST /blobs/pack: HTTP {resp.status}: "
@@ -589,6 +666,8 @@ class PeerClient:
                             await self.throttle(len(data))
                         frame = reader.feed(data)
                         if frame is None:
+                            continue
+                        if frame.blob not in roots:  # listed after hello, not ours to take
                             continue
                         if frame.status not in (protocol.RAW, protocol.ZSTD):
                             singly.append(frame.blob)  # absent, damaged or not packed there
@@ -615,6 +694,19 @@ class PeerClient:
                 if not job.cancelled() and job.exception() is None:
                     await settle()  # it arrived whole: kept
         return singly
+
+    @contextlib.asynccontextmanager
+    async def _pack_answer(self, request: dict[str, Any], answer: HelloAnswer | None
+                           ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """The answer whose frames a pack pull reads: asked for now, or after hello."""
+        if answer is None:
+            async with self.session().post(f"{self.base}/blobs/pack", json=request) as resp:
+                yield resp
+            return
+        try:
+            yield answer.resp
+        finally:
+            answer.resp.release()
 
     @contextlib.asynccontextmanager
     async def _get_blob(self, blob: str, headers: dict[str, str]
@@ -881,6 +973,7 @@ class PeerSync:
         self._cold = True  # no round has succeeded since the loop started or last failed
         self._feed: _PullFeed | None = None  # this round's blobs to pull (pull_events)
         self._warming: list[asyncio.Task[None]] = []  # connections being opened
+        self._first_pack: asyncio.Task[list[Exception]] | None = None  # after hello
 
     async def _throttle_in(self, n: int) -> None:
         limiter = self.engine.limiter
@@ -1071,19 +1164,33 @@ class PeerSync:
         await offload(trust.pin, der, self.peer_id)
         log.info("pinned certificate of peer %s", self.peer_id.short)
 
-    async def hello(self) -> dict[str, Any]:
-        """The peer's hello; if it refused our certificate (it trusts our id but has not
-        pinned it: it cannot dial us), introduce ourselves and ask once more."""
+    async def hello(self) -> tuple[dict[str, Any], HelloAnswer | None]:
+        """The peer's hello (with the events we lack, and the first pack's frames when
+        asked for: :meth:`PeerClient.hello`); if it refused our certificate (it trusts our
+        id but has not pinned it: it cannot dial us), introduce ourselves and ask once
+        more."""
         mine = await offload(_read_merkle, self.node.catalog, "")  # the events we lack come
+        pack = self._hello_pack_ask()
         try:
-            return await self.client.hello(mine)
+            return await self.client.hello(mine, pack)
         except aiohttp.ClientError as exc:
             if not refused_our_certificate(exc):
                 raise
         successor = await offload(renewal.statement, self.node.data)  # we renewed: say so
         await introduce(self.client.base.removesuffix(protocol.PREFIX), self.node.identity,
                         self.peer_id, successor=successor)
-        return await self.client.hello(mine)
+        return await self.client.hello(mine, pack)
+
+    def _hello_pack_ask(self) -> protocol.HelloPackAsk | None:
+        """The first pack asked for with hello: only while no other peer's loop is in a
+        round (each would send the same blobs; one pull of each is kept), compressed as
+        our pulls would ask (:func:`wire.want_compression`)."""
+        if not self.engine.sole_source(self):
+            return None
+        mode, url = self.engine.compression, self.state.url
+        zstd = ("all" if mode == "on" else "none" if mode == "off"
+                else "none" if wire.is_local_url(url) else "native")
+        return protocol.HelloPackAsk(protocol.HELLO_PACK_BYTES, zstd)
 
     async def learn_successor(self, hello: dict[str, Any]) -> None:
         """The peer renewed its certificate (its hello carries the statement its old key
@@ -1127,7 +1234,17 @@ class PeerSync:
         if self._cold and st.error_kind != "network":
             self._warming = self.client.warm(
                 min(self.pull_gate.window.limit, self.client.connections) - 1)
-        hello = await self.hello()
+        hello, answer = await self.hello()
+        try:
+            await self._sync_from(hello, answer, t0)
+        finally:
+            if answer is not None:
+                answer.close()  # not handed to the first pack's pull (which closes it)
+
+    async def _sync_from(self, hello: dict[str, Any], answer: HelloAnswer | None,
+                         t0: float) -> None:
+        """The round after hello; ``answer``: the frames of a first pack after it."""
+        st = self.state
         log.debug("round with %s: hello in %.3f s", self.peer_id.short, time.monotonic() - t0)
         if hello.get("version") != protocol.VERSION:
             raise ProtocolError(f"peer speaks protocol {hello.get('version')!r}")
@@ -1161,8 +1278,12 @@ class PeerSync:
             if "events" in hello:
                 received, certs = protocol.parse_hello_events(hello)
                 came = {e for e, _ in received}
-                await self._take_events(received, certs, unasked=True)
+                held = await self._take_events(
+                    received, certs, unasked=True,
+                    pack=(answer, hello.get("pack")) if answer is not None else None)
                 pulled += len(received)
+                if answer is not None:
+                    self._first_pack_pull(answer, held)
                 log.debug("round with %s: %d events with hello, pulls fed at %.3f s",
                           self.peer_id.short, len(received), time.monotonic() - t0)
             async for theirs, ours in walk_diff(self.node, self.client.merkle, first):
@@ -1240,12 +1361,19 @@ class PeerSync:
                                      f"e.g. {withheld[0]}")
 
     async def _take_events(self, received: list[tuple[str, bytes]], certs: list[bytes],
-                           *, unasked: bool = False) -> None:
+                           *, unasked: bool = False,
+                           pack: tuple[HelloAnswer, Any] | None = None
+                           ) -> dict[str, list[ev.Checked]]:
         """Events from the peer (asked for, or ``unasked``: they came with its hello):
         each body checked against its id, the signatures against their origins'
         certificates (``certs``); those that need no blob applied, the puts that wait for
         one handed to the round's pull scheduler. An invalid event fails the round (after
-        the good ones were applied; an unasked batch is refused whole, nothing applied)."""
+        the good ones were applied; an unasked batch is refused whole, nothing applied).
+
+        ``pack``: the frames after a hello answer and the list of their blobs, checked
+        against these events before anything is applied (:func:`protocol.parse_hello_pack`;
+        its ``expected`` is set); the puts waiting for those blobs are returned, not
+        handed to the scheduler."""
         st = self.state
         self._pulled.events += len(received)
         await offload(self.node.catalog.offer_certificates, certs)  # to verify them
@@ -1257,6 +1385,13 @@ class PeerSync:
                 raise ProtocolError(f"peer's hello carried {len(plan.invalid)} invalid "
                                     f"events, e.g. {eid}: {why}; none of its {len(received)} "
                                     "events applied")
+        held: dict[str, list[ev.Checked]] = {}
+        if pack is not None:
+            answer, listed = pack
+            sizes = {c.event.blob: c.event.size
+                     for c in itertools.chain(plan.ready, *plan.waiting.values())
+                     if isinstance(c.event, ev.PutEvent)}
+            answer.expected = protocol.parse_hello_pack(listed, sizes)
         if plan.ready:
             await self._apply(plan.ready)
         waiting = plan.waiting
@@ -1271,6 +1406,8 @@ class PeerSync:
         st.round_bytes += size
         st.studies_needed = _studies_needed(waiting.values(), st.studies_needed)
         self.save_state()
+        if pack is not None:
+            held = {b: waiting.pop(b) for b, _ in pack[0].expected if b in waiting}
         self._feed_blobs(waiting)
         st.events_received += len(received) - len(plan.invalid)
         # Checked after applying what was good: a peer that lists events and then
@@ -1280,6 +1417,40 @@ class PeerSync:
             eid, why = plan.invalid[0]
             raise ProtocolError(f"peer sent {len(plan.invalid)} invalid events, e.g. "
                                 f"{eid}: {why}")
+        return held
+
+    def _first_pack_pull(self, answer: HelloAnswer, held: dict[str, list[ev.Checked]]
+                         ) -> None:
+        """Pull the blobs whose frames follow hello's answer (``held``: their puts) as a
+        pack, alongside the scheduler's pulls of the rest: the link carries blob bytes
+        while the first pulls are asked for. A blob another peer's loop has claimed is
+        pulled the usual way (its frame is dropped); so are those the pack did not bring,
+        once it ended (:meth:`finish_pulls` waits for it)."""
+        sources, gate = self.engine.sources, self.pull_gate
+        group: list[tuple[Claim, list[ev.Checked]]] = []
+        for blob, size in answer.expected:
+            if blob not in held:
+                continue
+            claim = sources.pick(self.peer_id.compact, [(blob, size)], gate.window.rate(), 0.0)
+            if claim is None or claim.stolen_from:
+                if claim is not None:
+                    sources.release(claim)
+                self._feed_blobs({blob: held.pop(blob)})
+                continue
+            group.append((claim, held.pop(blob)))
+        if not group:
+            answer.close()
+            return
+        ticket = gate.ticket(sum(c.size for c, _ in group))
+        ticket.rtt_sample = False  # its bytes were under way before it started
+
+        async def pull() -> list[Exception]:
+            later = await self._pull_pack_and_apply(group, ticket, answer)
+            self._feed_blobs({c.blob: items for c, items in group if c.blob in later})
+            return []
+
+        self._first_pack = asyncio.get_running_loop().create_task(
+            pull(), name=f"first-pack-{self.peer_id.short}")
 
     def _feed_blobs(self, waiting: dict[str, list[ev.Checked]]) -> None:
         """Hand blobs to the round's pull scheduler (started with the first of them)."""
@@ -1307,22 +1478,35 @@ class PeerSync:
 
     async def finish_pulls(self, *, cancel: bool = False) -> list[Exception]:
         """No more blobs this round: wait until the scheduler has pulled (or failed) every
-        blob it was given, or, with ``cancel``, stop it. Returns the pulls' failures."""
+        blob it was given, or, with ``cancel``, stop it. Returns the pulls' failures.
+        The first pack's pull (after hello) ends first: the blobs it did not bring go to
+        the scheduler before it is told that no more come."""
+        failures: list[Exception] = []
+        first, self._first_pack = self._first_pack, None
+        if first is not None:
+            if cancel:
+                first.cancel()
+            (outcome,) = await asyncio.gather(first, return_exceptions=True)
+            if isinstance(outcome, Exception):
+                failures.append(outcome)
+            elif isinstance(outcome, BaseException) and not isinstance(
+                    outcome, asyncio.CancelledError):
+                raise outcome
         feed, self._feed = self._feed, None
         if feed is None or feed.task is None:
-            return []
+            return failures
         feed.closed = True
         self.pull_gate.wake.set()
         if cancel:
             feed.task.cancel()
         (outcome,) = await asyncio.gather(feed.task, return_exceptions=True)
         if isinstance(outcome, asyncio.CancelledError):
-            return []
+            return failures
         if isinstance(outcome, BaseException):  # a bug in the scheduler fails the round
             if not isinstance(outcome, Exception):
                 raise outcome
-            return [outcome]
-        return outcome
+            return [*failures, outcome]
+        return [*failures, *outcome]
 
     async def _apply(self, checked: list[ev.Checked]) -> None:
         result = await offload(self.node.apply, checked)
@@ -1519,7 +1703,8 @@ class PeerSync:
         return group
 
     async def _pull_pack_and_apply(self, group: list[tuple[Claim, list[ev.Checked]]],
-                                   ticket: Ticket) -> list[str]:
+                                   ticket: Ticket, answer: HelloAnswer | None = None
+                                   ) -> list[str]:
         """Pull a group of small blobs (each claimed) in one pack and have their puts
         applied. Returns the blobs to pull one by one afterwards (not packed by the peer,
         refused alone, or locked by another pull right now); blobs that arrived before a
@@ -1527,7 +1712,8 @@ class PeerSync:
 
         Locks are taken without waiting (a pack never waits for one lock while holding
         others). A blob in a pack is not taken over by another peer mid-pack (the pack's
-        own deadline bounds it); its claim is released once it is installed."""
+        own deadline bounds it); its claim is released once it is installed. ``answer``:
+        the frames come after hello's answer (closed here whatever happens)."""
         store, installer, sources = self.node.store, self.engine.installer, self.engine.sources
         mine: dict[str, list[ev.Checked]] = {}
         claims: dict[str, Claim] = {}
@@ -1566,7 +1752,7 @@ class PeerSync:
             if wanted:
                 async with installer.pulling():
                     try:
-                        singly = await self.pull_pack(wanted, arrived, ticket, claims)
+                        singly = await self.pull_pack(wanted, arrived, ticket, claims, answer)
                         later.extend(singly)
                     except Exception as exc:  # what arrived is installed, then reported
                         failure = exc
@@ -1579,6 +1765,8 @@ class PeerSync:
                         raise r
                     failure = failure or r
         finally:
+            if answer is not None:
+                answer.close()
             for lock in held:
                 lock.release()
             for blob in list(claims):  # not installed (yet): free for the next pick
@@ -1592,7 +1780,8 @@ class PeerSync:
     async def pull_pack(self, puts: list[ev.PutEvent],
                         arrived: Callable[[str, StagedBlob], None],
                         ticket: Ticket | None = None,
-                        claims: dict[str, Claim] | None = None) -> list[str]:
+                        claims: dict[str, Claim] | None = None,
+                        answer: HelloAnswer | None = None) -> list[str]:
         """Pull the blobs of ``puts`` (each of at most one chunk) in one pack; each blob is
         handed to ``arrived`` with its verified part file as soon as it is written. Returns
         the blobs to pull one by one. Free space is checked before anything is written."""
@@ -1622,7 +1811,7 @@ class PeerSync:
         return await self.client.fetch_pack(
             store, [(p.blob, p.size, p.chunks,
                      wire.want_compression(mode, url, p.transfer_syntax_uid)) for p in puts],
-            arrived, received, crossed, refused)
+            arrived, received, crossed, refused, answer)
 
     async def _settle_skipped(self) -> None:
         """Apply the skipped puts that a tombstone received since has removed (they need no

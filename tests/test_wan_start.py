@@ -91,7 +91,9 @@ async def test_a_dead_peer_gets_one_connection_a_round_and_is_reached_once_it_di
         add_peer(b, a, f"https://127.0.0.1:{proxy.port}", push="never")
         rb = await running(b)
         ps = rb.engine.peers[a.node_id.compact]
-        await wait_for(lambda: ps.rounds >= 3, 20, "B's third attempt to reach A")
+        # (its state reads "connecting" while an attempt is under way)
+        await wait_for(lambda: ps.rounds >= 3 and ps.state.state == "unreachable", 20,
+                       "B's third attempt to reach A")
         # the first round opened its window's connections alongside hello; later ones one
         warm = min(ps.pull_gate.window.limit, ps.client.connections) - 1
         assert ps.rounds <= proxy.stats.connections_accepted <= warm + ps.rounds, (
@@ -189,16 +191,20 @@ def _record_requests(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return served
 
 
-async def test_the_events_come_with_hello_and_the_first_pull_follows_it(
+async def test_the_events_and_a_first_pack_come_with_hello(
         tmp_path: Path, new_node: Callable[[str], LocalNode], running: StartNode,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """A round that finds the roots differ gets the events it lacks in hello's answer: its
-    first pull is the request after hello (one round trip fewer before the first byte than
-    hello, then /events, then the pulls)."""
+    """A round that finds the roots differ gets the events it lacks in hello's answer, and
+    the small blobs of those events right after it (the first pack, asked for with
+    hello): no /events request, no pack request for them; the one blob over a chunk is the
+    first request after hello. Before, the first blob byte waited for hello, then
+    /events, then the first pulls: two round trips more."""
     served = _record_requests(monkeypatch)
     a, b = new_node("a"), new_node("b")
     files = [make_dicom(tmp_path / f"{i}.dcm", sop=uid(5, 1, i), study=uid(5),
                         series=uid(5, 2), seed=i) for i in range(6)]
+    files.append(make_dicom(tmp_path / "big.dcm", sop=uid(5, 1, 9), study=uid(5),
+                            series=uid(5, 2), pixel_bytes=CHUNK_SIZE + 4096))
     import_files(a, *files)
     ra = await running(a)
     config = fp.FaultConfig(latency_ms=50)
@@ -206,12 +212,12 @@ async def test_the_events_come_with_hello_and_the_first_pull_follows_it(
         add_peer(b, a, f"https://127.0.0.1:{proxy.port}", push="never")
         pin(a, b)
         rb = await running(b)
-        await wait_for(lambda: root(b) == root(a), 30, "B to pull from A")
-    ps = rb.engine.peers[a.node_id.compact]
+        ps = rb.engine.peers[a.node_id.compact]
+        await wait_for(lambda: root(b) == root(a) and ps.state.in_sync, 30, "B to pull")
+        first_round = list(served)
     assert ps.client.hello_events is True
-    assert served[0] == "POST hello", served
-    assert served[1] in ("POST pack", "GET blob"), served  # no /events in between
-    assert not any(s.endswith(" events") for s in served), served
+    assert first_round[:2] == ["POST hello", "GET blob"], first_round
+    assert not any(s.endswith((" events", " pack")) for s in first_round), first_round
     assert ps.state.events_received == len(files)
     assert_blobs_intact(b)
 
@@ -242,7 +248,7 @@ async def test_an_older_peer_syncs_both_ways(
     served = _record_requests(monkeypatch)
     real_hello = PeerClient.hello
 
-    async def older_hello(self: PeerClient, mine: Any = None) -> dict[str, Any]:
+    async def older_hello(self: PeerClient, mine: Any = None, pack: Any = None) -> Any:
         return await real_hello(self)  # an older asker sends no root: GET
     monkeypatch.setattr(PeerClient, "hello", older_hello)
     ra = await running(a)
@@ -253,23 +259,33 @@ async def test_an_older_peer_syncs_both_ways(
     assert_blobs_intact(c)
 
 
-@pytest.mark.parametrize("fault", ["forged", "too many", "too large", "malformed"])
+@pytest.mark.parametrize("fault", ["forged", "too many", "too large", "malformed",
+                                   "foreign pack"])
 async def test_a_hostile_hello_answer_is_refused_and_nothing_applied(
         tmp_path: Path, new_node: Callable[[str], LocalNode], running: StartNode,
         fault: str) -> None:
     """The events a hello answer carries are hostile input like any other: a body that does
-    not hash to its id, more than MAX_HELLO_EVENTS, more than HELLO_EVENT_BYTES, or not a
-    list of events fails the round cleanly (a peer error, backed off) with nothing applied
-    and no blob pulled."""
+    not hash to its id, more than MAX_HELLO_EVENTS, more than HELLO_EVENT_BYTES, not a
+    list of events, or a first pack listing a blob that none of them names fails the round
+    cleanly (a peer error, backed off) with nothing applied and no blob pulled."""
     a, b = new_node("a"), new_node("b")
     files = [make_dicom(tmp_path / f"{i}.dcm", sop=uid(7, 1, i), study=uid(7),
                         series=uid(7, 2), seed=i) for i in range(3)]
     import_files(a, *files)
 
+    def answer() -> dict[str, Any]:  # what the real server answers, as JSON
+        node = protocol.read_merkle(a.catalog, "")
+        root_answer = protocol.merkle_response("", node)
+        found = a.catalog.get_events(a.catalog.ids_under(""))
+        return {"node_id": str(a.node_id), "version": protocol.VERSION,
+                "root": root_answer["digest"], "count": root_answer["count"],
+                "merkle": root_answer, "features": list(protocol.FEATURES),
+                **protocol.events_response(
+                    found, a.catalog.certificates_for([e for e, _ in found]))}
+
     async def hello_post(request: web.Request) -> web.StreamResponse:
-        answer = await fake.real.hello(request)
-        assert isinstance(answer, web.Response) and answer.body is not None
-        obj = json.loads(bytes(answer.body))  # type: ignore[arg-type]
+        await request.read()
+        obj = await asyncio.to_thread(answer)
         assert len(obj["events"]) == len(files)
         if fault == "forged":  # one character changed: it no longer hashes to its id
             obj["events"][1]["body"] = obj["events"][1]["body"].replace('"', "'", 1)
@@ -278,8 +294,16 @@ async def test_a_hostile_hello_answer_is_refused_and_nothing_applied(
                               for _ in range(protocol.MAX_HELLO_EVENTS)]
         elif fault == "too large":
             obj["events"][0]["body"] += " " * protocol.HELLO_EVENT_BYTES
-        else:
+        elif fault == "malformed":
             obj["events"] = {"not": "a list"}
+        else:  # its pack lists a blob none of its events names: refused before a frame
+            obj["pack"] = [[secrets.token_hex(32), 1000]]
+            body = json.dumps(obj).encode()
+            resp = web.StreamResponse(headers={"Content-Type": protocol.HELLO_CONTENT_TYPE})
+            await resp.prepare(request)
+            await resp.write(protocol.HELLO_LENGTH.pack(len(body)) + body + b"\0" * 2000)
+            await resp.write_eof()
+            return resp
         return web.json_response(obj)
 
     fake = await FakePeer(a, hello_post=hello_post).start()
