@@ -2,12 +2,16 @@
 
 Per round with a peer:
 
-1. ``hello``: equal Merkle roots mean nothing to do (one request).
+1. ``hello``: equal Merkle roots mean nothing to do (one request). It sends our root's
+   Merkle answer, so that the answer carries the events we lack as far as the two roots
+   tell, followed by a first pack of their small blobs (see :mod:`syncnode.protocol`):
+   the first blob bytes come one round trip after the TLS handshake.
 2. Walk the Merkle tree from the root, descending only where digests differ, until the
    id lists are short; each step yields the ids the peer has and we lack, and those we
    have and it lacks. Memory stays bounded by one node's id list.
-3. Fetch the missing events, verify each body against its id. Deletes, and puts already
-   tombstoned, apply at once; other puts wait for their blob.
+3. Fetch the missing events (those hello did not bring), verify each body against its
+   id. Deletes, and puts already tombstoned, apply at once; other puts wait for their
+   blob.
 4. Pull missing blobs, several at once through :class:`PartialBlob`: every chunk verified
    on arrival, resumable, whole hash checked, renamed into the store; only then are the
    puts applied (a put is never live without its whole blob). How many at once is the
