@@ -1435,10 +1435,11 @@ class PeerSync:
         for blob, size in answer.expected:
             if blob not in held:
                 continue
-            claim = sources.pick(self.peer_id.compact, [(blob, size)], gate.window.rate(), 0.0)
-            if claim is None or claim.stolen_from:
-                if claim is not None:
-                    sources.release(claim)
+            claim = None
+            if blob not in sources.claims:  # never taken over from another loop here
+                claim = sources.pick(self.peer_id.compact, [(blob, size)],
+                                     gate.window.rate(), 0.0)
+            if claim is None:
                 self._feed_blobs({blob: held.pop(blob)})
                 continue
             group.append((claim, held.pop(blob)))

@@ -156,7 +156,7 @@ def test_a_hello_lists_only_events_the_asker_lacks(server_n: int, shared_n: int,
     server_ids = ids(rng, server_n)
     asker_ids = set(rng.sample(sorted(server_ids), shared_n)) | ids(rng, asker_n)
     server, asker = MemorySource(server_ids), MemorySource(asker_ids)
-    mine = protocol.parse_hello_request(
+    mine, _ = protocol.parse_hello_request(
         protocol.hello_request(protocol.read_merkle(asker, "")))
     got = protocol.lacking_ids(protocol.read_merkle(server, ""), mine, server.ids_under,
                                protocol.MAX_HELLO_EVENTS)
@@ -187,3 +187,34 @@ def test_the_events_of_a_hello_answer_are_bounded() -> None:
                 {"events": good, "certs": ["not base64!"]}):
         with pytest.raises(ProtocolError, match="hello answer"):
             protocol.parse_hello_events(bad)
+
+
+def test_the_list_of_a_hello_pack_is_checked_before_a_frame_is_read() -> None:
+    rng = random.Random(8)
+    blobs = sorted(ids(rng, 3))
+    sizes = {blobs[0]: 1000, blobs[1]: CHUNK_SIZE, blobs[2]: CHUNK_SIZE + 1}
+    assert protocol.parse_hello_pack([[blobs[0], 1000], [blobs[1], CHUNK_SIZE]], sizes) == [
+        (blobs[0], 1000), (blobs[1], CHUNK_SIZE)]
+    assert protocol.parse_hello_pack([], sizes) == []
+    many = {b: 1 for b in ids(rng, protocol.PACK_MAX_BLOBS + 1)}
+    big = {b: CHUNK_SIZE for b in ids(rng, protocol.HELLO_PACK_BYTES // CHUNK_SIZE + 1)}
+    for raw, known in (([[blobs[0], 999]], sizes),  # not the size its event gives
+                       ([[blobs[2], CHUNK_SIZE + 1]], sizes),  # over a chunk
+                       ([[blobs[0], 1000], [blobs[0], 1000]], sizes),  # twice
+                       ([[rng.randbytes(32).hex(), 10]], sizes),  # no event of ours names it
+                       ([[blobs[0], True]], {blobs[0]: 1}), ([blobs[0]], sizes), ("x", sizes),
+                       ([[b, 1] for b in many], many), ([[b, s] for b, s in big.items()], big)):
+        with pytest.raises(ProtocolError, match="hello answer"):
+            protocol.parse_hello_pack(raw, known)
+
+
+def test_a_hello_asks_for_a_bounded_pack() -> None:
+    mine = RemoteNode("", bytes(32), 0, [merkle.NodeDigest(bytes(32), 0)] * merkle.FANOUT,
+                      [])
+    body = protocol.hello_request(mine, protocol.HelloPackAsk(1 << 40, "native"))
+    _, ask = protocol.parse_hello_request(body)
+    assert ask == protocol.HelloPackAsk(protocol.HELLO_PACK_BYTES, "native")
+    assert protocol.parse_hello_request(protocol.hello_request(mine))[1] is None
+    for bad in ({"bytes": -1}, {"bytes": 10, "zstd": "maybe"}, {"bytes": True}, "all"):
+        with pytest.raises(BadRequest):
+            protocol.parse_hello_request({**body, "pack": bad})
