@@ -358,6 +358,8 @@ def parse_hello_request(obj: Any) -> tuple[RemoteNode, HelloPackAsk | None]:
         raise BadRequest(f"hello: {exc}") from exc
     if node.children is None:
         raise BadRequest("hello: the root's Merkle answer needs its 16 children")
+    if sum(c.count for c in node.children) != node.count:
+        raise BadRequest("hello: the root's count is not the sum of its children's")
     ask = obj.get("pack")
     if ask is None:
         return node, None
@@ -422,7 +424,10 @@ def lacking_ids(server: RemoteNode, asker: RemoteNode,
         if a.count == 0:
             out.extend(ids_under(prefix, room))
         elif held is not None:
-            out.extend([e for e in ids_under(prefix, room + a.count) if e not in held][:room])
+            # the asker lists all its ids: it cannot hold more than that under a child,
+            # whatever count it claims there
+            skip = min(a.count, len(held))
+            out.extend([e for e in ids_under(prefix, room + skip) if e not in held][:room])
     return out
 
 

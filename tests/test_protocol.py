@@ -175,6 +175,33 @@ def test_a_malformed_hello_body_is_a_bad_request(body: object) -> None:
         protocol.parse_hello_request(body)
 
 
+def test_a_hostile_askers_counts_never_make_the_server_read_more_ids() -> None:
+    """An asker that lists its few ids but claims a huge count under a child would make
+    the server read that many of its own ids; the server reads at most its limit plus the
+    ids the asker listed. A root whose children's counts do not add up is refused."""
+    rng = random.Random(9)
+    server = MemorySource(ids(rng, 600))
+    held = sorted(server.ids_under("", 600))[:3]
+    honest = protocol.read_merkle(MemorySource(set(held)), "")
+    assert honest.children is not None
+    children = [merkle.NodeDigest(c.digest, 1 << 62 if c.count else 0)
+                for c in honest.children]
+    hostile = RemoteNode("", honest.digest, len(held), children, held)
+    asked: list[int] = []
+
+    def ids_under(prefix: str, n: int) -> list[str]:
+        asked.append(n)
+        return server.ids_under(prefix, n)
+
+    got = protocol.lacking_ids(protocol.read_merkle(server, ""), hostile, ids_under, 50)
+    assert set(got).isdisjoint(held) and len(got) <= 50
+    assert asked and max(asked) <= 50 + len(held)
+    body = protocol.hello_request(honest)
+    body["merkle"]["children"] = [[c.digest.hex(), c.count] for c in children]
+    with pytest.raises(BadRequest, match="sum of its children"):
+        protocol.parse_hello_request(body)
+
+
 def test_the_events_of_a_hello_answer_are_bounded() -> None:
     rng = random.Random(7)
     good = [{"id": i, "body": "{}"} for i in sorted(ids(rng, 3))]
