@@ -50,7 +50,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import events as ev
-from ..blobstore import CHUNK_SIZE, BlobInfo, BlobStore
+from ..blobstore import CHUNK_SIZE, BlobInfo, BlobStore, StoreFull
 from ..catalog import Catalog, LocalPut
 from ..dicomfile import InstanceInfo, same_dataset
 from ..signing import Signer
@@ -199,8 +199,12 @@ class IngestJournal:
                 for put in batch:
                     self._restore(put.event.blob if put.event is not None else "")
                 result = self.catalog.insert_local_puts(batch, blob_present=self.store.has)
-            except Exception:  # keep the events journaled; retry them shortly
-                log.exception("catalog insert of %d journaled events failed", len(batch))
+            except Exception as exc:  # keep the events journaled; retry them shortly
+                if isinstance(exc, StoreFull):  # expected while the disk is full: one line
+                    log.error("catalog insert of %d journaled events failed (retried each "
+                              "second): %s", len(batch), exc)
+                else:
+                    log.exception("catalog insert of %d journaled events failed", len(batch))
                 with self._lock:
                     self._pending[:0] = batch
                     self._lock.wait(1.0)
