@@ -231,10 +231,13 @@ def _index_batch(db: sqlite3.Connection, blob_path: Callable[[str], Path], since
             cols = list(attrs)
             db.execute(f"INSERT OR IGNORE INTO find_attrs ({', '.join(cols)}) "
                        f"VALUES ({', '.join('?' * len(cols))})", [attrs[c] for c in cols])
+        db.execute("COMMIT")
     except BaseException:
-        db.execute("ROLLBACK")
+        # SQLite may have rolled back itself (a full disk, at COMMIT too): a ROLLBACK then
+        # would fail and hide the first error (the rule of schema.write_transaction)
+        if db.in_transaction:
+            db.execute("ROLLBACK")
         raise
-    db.execute("COMMIT")
     return len(batch)
 
 
