@@ -392,6 +392,37 @@ def _known_good_of(root: Path) -> KnownGood:
         return _KNOWN_GOOD.setdefault(root, KnownGood())
 
 
+@dataclass
+class _Promised:
+    """Bytes promised to transfers of this process into one data folder that may not be
+    on disk yet (see :meth:`BlobStore.promise_room`)."""
+
+    bytes: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_PROMISED: dict[Path, _Promised] = {}
+_PROMISED_LOCK = threading.Lock()
+
+
+def _promised_of(root: Path) -> _Promised:
+    with _PROMISED_LOCK:
+        return _PROMISED.setdefault(root, _Promised())
+
+
+class RoomPromise:
+    """Room promised to one transfer: counted against the free space of the data folder
+    until :meth:`release` (idempotent), when the transfer's bytes are on disk or it failed."""
+
+    def __init__(self, promised: _Promised, size: int) -> None:
+        self._promised, self.size = promised, size
+
+    def release(self) -> None:
+        with self._promised.lock:
+            self._promised.bytes -= self.size
+            self.size = 0
+
+
 class BlobStore:
     """Content-addressed files under ``<data>/blobs`` with temp files in ``<data>/tmp``."""
 
@@ -409,6 +440,7 @@ class BlobStore:
         self._folders: set[Path] = set()  # fan-out folders known to exist
         self._tmp_prefix = secrets.token_hex(4)
         self._tmp_seq = itertools.count()
+        self._promised = _promised_of(self.root.resolve())  # shared like known_good
 
     # -- paths ---------------------------------------------------------------------------
     def path(self, blob_hash: str) -> Path:
@@ -839,15 +871,35 @@ class BlobStore:
     def ensure_room(self, size: int, reserve: int = FREE_RESERVE,
                     stale_after: float = LOW_SPACE_TRANSFER_AGE) -> None:
         """Raise StoreFull unless ``size`` more bytes fit and ``reserve`` stays free (for
-        the catalog and everything else). When short, transfers abandoned for
-        ``stale_after`` seconds are removed first."""
-        if self.free_bytes() - size >= reserve:
+        the catalog and everything else), besides the room promised to transfers under
+        way (:meth:`promise_room`). When short, transfers abandoned for ``stale_after``
+        seconds are removed first."""
+        promised = self._promised.bytes
+        if self.free_bytes() - promised - size >= reserve:
             return
         self.clean_transfers(stale_after)
         free = self.free_bytes()
-        if free - size < reserve:
-            raise StoreFull(f"no space for {size} more bytes: {free} free, {reserve} kept "
-                            "in reserve")
+        if free - promised - size < reserve:
+            under_way = f", {promised} promised to transfers under way" if promised else ""
+            raise StoreFull(f"no space for {size} more bytes: {free} free{under_way}, "
+                            f"{reserve} kept in reserve")
+
+    @property
+    def promised_bytes(self) -> int:
+        """Room promised to transfers under way (into this data folder, this process)."""
+        return self._promised.bytes
+
+    def promise_room(self, size: int, reserve: int = FREE_RESERVE,
+                     stale_after: float = LOW_SPACE_TRANSFER_AGE) -> RoomPromise:
+        """:meth:`ensure_room`, then count ``size`` as taken until the promise is released.
+        Transfers checked one by one against the same free space would otherwise each see
+        the room the others are about to fill, and together eat into the reserve the
+        catalog's commits need. (Bytes a transfer already wrote count twice until it
+        ends: the error is on the safe side and bounded by the transfers in flight.)"""
+        with self._promised.lock:
+            self.ensure_room(size, reserve, stale_after)
+            self._promised.bytes += size
+        return RoomPromise(self._promised, size)
 
     def verify(self, blob_hash: str) -> BlobDamage | None:
         """Re-hash one blob and its chunk list; None when both are intact. Either way the

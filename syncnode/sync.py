@@ -61,6 +61,7 @@ from .blobstore import (
     BlobHashMismatch,
     BlobStore,
     LocalStoreError,
+    RoomPromise,
     StagedBlob,
     StoreFull,
 )
@@ -1792,7 +1793,8 @@ class PeerSync:
         the blobs to pull one by one. Free space is checked before anything is written."""
         st = self.state
         store = self.node.store
-        await offload(lambda: store.ensure_room(sum(p.size for p in puts)))
+        # counted as taken until the pack is written (the other pulls see it gone)
+        room = await _promise_room(store, lambda: sum(p.size for p in puts))
 
         def received(n: int) -> None:
             st.bytes_received += n
@@ -1813,10 +1815,14 @@ class PeerSync:
         self.client.min_rate = self.engine.min_pull_rate
         self.client.base_deadline = self.engine.pull_base_deadline
         mode, url = self.engine.compression, self.state.url
-        return await self.client.fetch_pack(
-            store, [(p.blob, p.size, p.chunks,
-                     wire.want_compression(mode, url, p.transfer_syntax_uid)) for p in puts],
-            arrived, received, crossed, refused, answer)
+        try:
+            return await self.client.fetch_pack(
+                store, [(p.blob, p.size, p.chunks,
+                         wire.want_compression(mode, url, p.transfer_syntax_uid))
+                        for p in puts],
+                arrived, received, crossed, refused, answer)
+        finally:
+            room.release()
 
     async def _settle_skipped(self) -> None:
         """Apply the skipped puts that a tombstone received since has removed (they need no
@@ -1844,7 +1850,8 @@ class PeerSync:
             raise BlobTooLarge(f"blob {put.blob} announced at {put.size} bytes, more than "
                                f"the {self.engine.max_blob_size} this node accepts")
         store = self.node.store
-        await offload(lambda: store.ensure_room(put.size - _held(store, put.blob)))
+        # counted as taken until the blob is written (the other pulls see it gone)
+        room = await _promise_room(store, lambda: put.size - _held(store, put.blob))
         got = 0
 
         def received(n: int) -> None:
@@ -1873,6 +1880,8 @@ class PeerSync:
             st.bytes_discarded += got  # this attempt's bytes did not verify: no progress
             self.report_damage(put.blob, exc)
             raise
+        finally:
+            room.release()
         st.bytes_resumed += resumed
         return staged
 
@@ -2079,6 +2088,22 @@ def pack_target(rate: float, floor: int = 0) -> int:
     measured, at least ``floor`` (the window's share of its byte budget, when no other
     peer competes) and at most PACK_MAX_BYTES."""
     return max(MIN_PACK, min(protocol.PACK_MAX_BYTES, max(int(rate * PACK_SECONDS), floor)))
+
+
+async def _promise_room(store: BlobStore, size: Callable[[], int]) -> RoomPromise:
+    """:meth:`BlobStore.promise_room` off the event loop; a promise made after the caller
+    was cancelled is released, never leaked (it would hold the room for good)."""
+    made = asyncio.ensure_future(offload(lambda: store.promise_room(size())))
+    try:
+        return await asyncio.shield(made)
+    except asyncio.CancelledError:
+        made.add_done_callback(_release_late)
+        raise
+
+
+def _release_late(made: asyncio.Future[RoomPromise]) -> None:
+    if not made.cancelled() and made.exception() is None:
+        made.result().release()
 
 
 def _held(store: BlobStore, blob: str) -> int:

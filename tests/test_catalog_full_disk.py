@@ -21,7 +21,7 @@ from syncsupport import fill_disk
 from test_catalog import check_merkle, foreign_put, new_catalog
 
 from syncnode import merkle
-from syncnode.blobstore import StoreFull
+from syncnode.blobstore import BlobStore, StoreFull
 from syncnode.catalog import Catalog, CatalogError, CatalogFull
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None,
@@ -83,3 +83,24 @@ def test_a_write_that_fills_the_disk_changes_nothing_and_the_next_one_works(
         assert c.merkle_root() == reference and reference.count == 325
     finally:
         c.close()
+
+
+def test_room_promised_to_transfers_under_way_is_not_promised_twice(small_disk: Path) -> None:
+    """Pulls check the free space before they write; those under way have not written yet,
+    so what they were promised counts as taken, or together they eat the reserve the
+    catalog's commits need (and the disk fills during a commit)."""
+    store = BlobStore(small_disk / "node")
+    other = BlobStore(small_disk / "node")  # e.g. the DICOM SCP's object on the same folder
+    free = store.free_bytes()
+    first = store.promise_room(free - 100_000, reserve=0)
+    assert other.promised_bytes == free - 100_000
+    with pytest.raises(StoreFull, match="promised to transfers under way"):
+        other.promise_room(200_000, reserve=0)
+    with pytest.raises(StoreFull):
+        store.ensure_room(200_000, reserve=0)
+    store.ensure_room(50_000, reserve=0)
+    first.release()
+    first.release()  # once only
+    assert store.promised_bytes == 0
+    other.promise_room(200_000, reserve=0).release()
+    assert store.promised_bytes == 0

@@ -322,6 +322,7 @@ async def test_a_full_disk_pauses_pulls_and_they_resume_once_space_returns(
                 assert len(live_view(a)) == 12
                 report = a.verify()
                 assert report.ok, report
+                assert a.store.promised_bytes == 0  # refused and finished pulls gave it back
         finally:
             a.close()
     print(f"\nfull disk: paused as {state['state']} ({state['last_error'][:70]}); "
@@ -381,6 +382,7 @@ async def test_a_catalog_that_fills_up_mid_sync_loses_nothing(
             assert set(held) == {*sops, uid(34, 1000)} and b.catalog.has_event(local)
             assert b.catalog.check_derived() == []
             assert_blobs_intact(b)
+            assert b.store.promised_bytes == 0  # every pull gave back the room it was promised
         finally:
             b.close()
 
