@@ -41,6 +41,7 @@ Logs name UIDs, hashes, AE titles and addresses; never patient names, IDs or dat
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import ssl
@@ -55,12 +56,13 @@ from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes
-from pynetdicom import AllStoragePresentationContexts, evt
+from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import _MESSAGE_TYPES, C_STORE_RQ, DIMSEMessage
 from pynetdicom.dimse_primitives import C_CANCEL, C_GET, C_MOVE, C_STORE
 from pynetdicom.dsutils import decode
 from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -87,6 +89,7 @@ from .transport import (
     PduLimits,
     Perimeter,
     SyncnodeAE,
+    copy_contexts,
     set_nodelay,
     start_server,
 )
@@ -626,6 +629,26 @@ def _matching_keys(identifier: Dataset) -> list[str]:
     return keys
 
 
+@functools.cache
+def _supported_contexts() -> tuple[PresentationContext, ...]:
+    """What the SCP supports, built once per process: Verification, every storage class in
+    every transfer syntax it stores, C-FIND and C-GET/C-MOVE, storage commitment. Each
+    server takes copies (:func:`copy_contexts`): building these 178 contexts validates
+    ~18,000 UIDs, ~60 ms of CPU per node start."""
+    ae = AE()
+    ae.add_supported_context(Verification)
+    for cx in AllStoragePresentationContexts:
+        # SCP/SCU role selection accepted: a C-GET requester is the storage SCP
+        ae.add_supported_context(cx.abstract_syntax, STORE_TRANSFER_SYNTAXES,
+                                 scu_role=True, scp_role=True)
+    for model in FIND_MODELS + RETRIEVE_MODELS:
+        ae.add_supported_context(model)
+    # Storage commitment (push model): we are its SCP; the SCU role is accepted too so
+    # that a PACS can send us the report of a commitment we requested (exporter)
+    ae.add_supported_context(commitment.STORAGE_COMMITMENT, scu_role=True, scp_role=True)
+    return tuple(ae.supported_contexts)
+
+
 class DicomServer:
     """The node's DICOM SCP. ``start()`` binds and serves in background threads.
 
@@ -674,17 +697,10 @@ class DicomServer:
         self.ae.acse_timeout = 30
         self.ae.dimse_timeout = 60
         self.network_timeout = network_timeout
-        self.ae.add_supported_context(Verification)
-        for cx in AllStoragePresentationContexts:
-            # SCP/SCU role selection accepted: a C-GET requester is the storage SCP
-            self.ae.add_supported_context(cx.abstract_syntax, STORE_TRANSFER_SYNTAXES,
-                                          scu_role=True, scp_role=True)
-        for model in FIND_MODELS + RETRIEVE_MODELS:
-            self.ae.add_supported_context(model)
-        # Storage commitment (push model): we are its SCP; the SCU role is accepted too so
-        # that a PACS can send us the report of a commitment we requested (exporter)
-        self.ae.add_supported_context(commitment.STORAGE_COMMITMENT, scu_role=True,
-                                      scp_role=True)
+        # pynetdicom keeps an AE's supported contexts in this dict; our own copies of the
+        # process-wide templates (add_supported_context would validate every UID again)
+        self.ae._supported_contexts = {cx.abstract_syntax: cx
+                                       for cx in copy_contexts(list(_supported_contexts()))}
         self.commitments = commitment.CommitmentReporter(self._report_ae, self.destinations)
         # told of each N-EVENT-REPORT of a commitment we requested: (transaction, report)
         # (True if the transaction was one of ours)
