@@ -30,7 +30,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import InvalidInterval, parse_interval  # noqa: F401 (re-exported)
 from .durable import atomic_write
 from .local import LocalNode, offload_to
 
