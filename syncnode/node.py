@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -35,7 +35,6 @@ from .blobstore import BlobDamage
 from .config import CONFIG_FILE, Settings
 from .config import read_file as cfg_read_file
 from .damage import DamageChecks
-from .discovery import Discovery
 from .listeners import ListenerLimits, start_listener
 from .local import RUN_LOCK, TRANSFER_MAX_AGE, LocalNode, offload
 from .peer_server import PeerServer
@@ -46,6 +45,9 @@ from .service import NodeService
 from .sync import SyncEngine
 from .tls.certificates import NODE_SAN
 from .tls.contexts import INTRODUCTION_NAME, introduction_ssl_context, server_ssl_context
+
+if TYPE_CHECKING:  # zeroconf and ifaddr are imported only when discovery is on
+    from .discovery import Discovery
 
 log = logging.getLogger("syncnode.node")
 REFUSAL_LOG_SECONDS = 60.0  # one warning per refused address per minute
@@ -324,6 +326,8 @@ class RunningNode:
         self.status_providers["verify_schedule"] = self.scrub.status
 
     async def _start_discovery(self) -> None:
+        from .discovery import Discovery
+
         self.discovery = Discovery(self.node.node_id, self.ports["peer"], self._on_discovered)
         await self.discovery.start()
 
