@@ -17,6 +17,7 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -43,10 +44,12 @@ def procs() -> Iterator[list[NodeProcess]]:
         yield started
 
 
-def start(procs: list[NodeProcess], data: Path) -> int:
-    p = NodeProcess(data, data.parent / f"{data.name}.log", interval=0.5)
-    procs.append(p)
-    return p.wait_ready()
+def start(procs: list[NodeProcess], *datas: Path) -> list[int]:
+    """Start a node per data folder, all at once (their start-ups overlap), then wait for
+    each to be ready; their peer ports."""
+    started = [NodeProcess(d, d.parent / f"{d.name}.log", interval=0.5) for d in datas]
+    procs.extend(started)
+    return [p.wait_ready() for p in started]
 
 
 def poll(check: object, timeout: float, what: str, describe: object = None) -> None:
@@ -69,7 +72,9 @@ def peer_add(data: Path, node_id: str, url: str) -> subprocess.CompletedProcess[
 def test_chain_converges_by_node_ids_alone_and_a_stranger_learns_nothing(
         tmp_path: Path, procs: list[NodeProcess], closed_port: int) -> None:
     dirs = {n: tmp_path / n for n in "abcd"}
-    ids = {n: cli_json("init", data=d)["node_id"] for n, d in dirs.items()}
+    with ThreadPoolExecutor(4) as pool:  # four `syncnode init` side by side
+        ids = dict(zip(dirs, pool.map(lambda d: cli_json("init", data=d)["node_id"],
+                                      dirs.values()), strict=True))
     nodes = {n: LocalNode(d) for n, d in dirs.items()}
     for i, n in enumerate("abcd"):
         add_instances(nodes[n], [uid(9, i, k) for k in range(3)], study=uid(9, i))
@@ -79,14 +84,13 @@ def test_chain_converges_by_node_ids_alone_and_a_stranger_learns_nothing(
     # B trusts A by id alone; A's address is a closed port, so B can never fetch A's cert.
     res = peer_add(dirs["b"], ids["a"], f"https://127.0.0.1:{closed_port}")
     assert "pinned on first contact" in " ".join(res.stderr.split()), res.stderr
-    b_port = start(procs, dirs["b"])
-    c_port = start(procs, dirs["c"])
+    b_port, c_port = start(procs, dirs["b"], dirs["c"])
     peer_add(dirs["b"], ids["c"], f"https://127.0.0.1:{c_port}")  # fetches C's certificate
-    peer_add(dirs["c"], ids["b"], f"https://127.0.0.1:{b_port}")
-    peer_add(dirs["a"], ids["b"], f"https://127.0.0.1:{b_port}")
-    peer_add(dirs["d"], ids["b"], f"https://127.0.0.1:{b_port}")  # B knows nothing of D
-    start(procs, dirs["a"])
-    start(procs, dirs["d"])
+    # then, side by side (B already trusts all but D, which it must never learn of):
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(lambda n: peer_add(dirs[n], ids["b"], f"https://127.0.0.1:{b_port}"),
+                      "cad"))
+    start(procs, dirs["a"], dirs["d"])
 
     abc = [nodes[n] for n in "abc"]
 
