@@ -32,6 +32,7 @@ from syncsupport import (
     fill_disk,
     import_files,
     live_view,
+    load_faultproxy,
     make_dicom,
     node_processes,
     peer_state,
@@ -48,6 +49,7 @@ from syncnode.local import LocalNode
 from syncnode.node import RunningNode
 
 StartNode = Callable[..., Awaitable[RunningNode]]
+fp = load_faultproxy()
 MiB = 1 << 20
 needs_root = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None,
                                 reason="mounting a tmpfs needs root")
@@ -333,15 +335,19 @@ async def test_a_full_disk_pauses_pulls_and_they_resume_once_space_returns(
 @needs_root
 @pytest.mark.timeout(120)
 async def test_a_catalog_that_fills_up_mid_sync_loses_nothing(
-        tmp_path: Path, new_node: Callable[[str], LocalNode], running: StartNode) -> None:
+        tmp_path: Path, new_node: Callable[[str], LocalNode], running: StartNode,
+        caplog: pytest.LogCaptureFixture) -> None:
     """The rarer full disk: the blobs fit but the catalog's commit that makes them live does
-    not (its own disk fills as the write-ahead log grows). Nothing of that commit may show,
-    not even in memory: a later commit (here an instance stored at B as soon as space
-    returns) must not write a Merkle root counting events never stored, or B would look in
-    sync with A while missing them."""
+    not (its disk fills as the write-ahead log grows). Space returns while a large blob is
+    still arriving; its commit is then the first to succeed. Nothing of the failed commits
+    may show, not even in memory, or that commit writes a Merkle root counting events never
+    stored: B would reach A's root while missing them, and never pull them again."""
     a = new_node("a")
     sops = [uid(34, i) for i in range(96)]
     add_instances(a, sops, study=uid(34))
+    large = make_dicom(tmp_path / "large.dcm", sop=uid(34, 999), study=uid(34),
+                       series=uid(34, 0), pixel_bytes=1_200_000, seed=34)
+    import_files(a, large)
     b_data = tmp_path / "b"
     LocalNode.init(b_data).close()
     with small_disk(tmp_path / "catalog-disk", "4m") as disk:
@@ -350,36 +356,40 @@ async def test_a_catalog_that_fills_up_mid_sync_loses_nothing(
         (b_data / "catalog.db").symlink_to(disk / "catalog.db")
         b = LocalNode(b_data)
         try:
-            ra = await running(a)
-            rb = await running(b)
-            add_peer(b, a, url_of(ra), push="never")
-            pin(a, b)
-            filler = fill_disk(disk)
-            rb.peers_changed()
-            assert rb.engine is not None
-            peer = a.node_id.compact
-            await wait_for(lambda: peer in rb.engine.tasks, 10, "B's loop with A to start")
-            task, loop_of_a = rb.engine.tasks[peer], rb.engine.peers[peer]
-            await wait_for(lambda: loop_of_a.state.state == "store_full", 30,
-                           "B to pause on its full catalog", describe=lambda: loop_of_a.state)
-            assert "catalog" in loop_of_a.state.last_error, loop_of_a.state.last_error
-            assert b.catalog.event_count() == 0 and b.catalog.check_derived() == []
-            filler.unlink()
-            # space is back: the first commit is a local one, before B's next round
-            (local,) = add_instances(b, [uid(34, 1000)], study=uid(34))
-            assert b.catalog.check_derived() == []
-            wanted = {i["sop_instance_uid"]: i["blob"] for i in live_view(a)}
-            assert sorted(wanted) == sorted(sops)
+            ra, rb = await running(a), await running(b)
+            # the large blob takes ~2.5 s, the small ones (in packs) a fraction of that
+            config = fp.FaultConfig(rate_down=500_000)
+            async with fp.FaultProxy(("127.0.0.1", ra.ports["peer"]), config=config) as proxy:
+                add_peer(b, a, f"https://127.0.0.1:{proxy.port}", push="never")
+                pin(a, b)
+                filler = fill_disk(disk)
+                rb.peers_changed()
 
-            def b_holds_a() -> bool:
-                held = {i["sop_instance_uid"]: i["blob"] for i in live_view(b)}
-                return all(held.get(sop) == blob for sop, blob in wanted.items())
+                def commit_failed() -> bool:
+                    return any("pulled blobs failed" in r.getMessage()
+                               and "catalog" in r.getMessage()
+                               for r in caplog.records)
 
-            await wait_for(b_holds_a, 30, "B to pull everything once space returned",
-                           describe=lambda: (loop_of_a.state, b.catalog.counts()))
-            assert not task.done() and rb.engine.tasks[peer] is task  # no restart
+                await wait_for(commit_failed, 30, "a commit of pulled blobs to fail",
+                               step=0.02, describe=b.catalog.counts)
+                filler.unlink()
+                assert rb.engine is not None
+                peer = a.node_id.compact
+                task = rb.engine.tasks[peer]
+                wanted = {i["sop_instance_uid"]: i["blob"] for i in live_view(a)}
+                a_root = a.catalog.merkle_root()
+
+                def b_reached_a() -> bool:
+                    return b.catalog.merkle_root() == a_root
+
+                await wait_for(b_reached_a, 40, "B to reach A's root once space returned",
+                               describe=lambda: (rb.engine.peers[peer].state,
+                                                 b.catalog.counts()))
             held = {i["sop_instance_uid"]: i["blob"] for i in live_view(b)}
-            assert set(held) == {*sops, uid(34, 1000)} and b.catalog.has_event(local)
+            lost = set(wanted) - set(held)
+            assert not lost, f"B reached A's root with {len(lost)} instances lost"
+            assert held == wanted
+            assert not task.done() and rb.engine.tasks[peer] is task  # the same loop
             assert b.catalog.check_derived() == []
             assert_blobs_intact(b)
             assert b.store.promised_bytes == 0  # every pull gave back the room it was promised
