@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -110,6 +111,33 @@ def new_node(tmp_path: Path) -> Iterator[Callable[[str], LocalNode]]:
     yield make
     for n in opened:
         n.close()
+
+
+# -- a failed test's report ends with the tails of the node logs it wrote ------------------
+_LOGS_BEFORE = pytest.StashKey[int]()
+
+
+def _support() -> Any:
+    """tests/syncsupport.py if a test imported it (no node process was started otherwise);
+    not imported here, so a run that needs no nodes does not pay for its imports."""
+    return sys.modules.get("syncsupport")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    support = _support()
+    item.stash[_LOGS_BEFORE] = len(support.NODE_LOGS) if support else 0
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    outcome = yield
+    report = outcome.get_result()
+    support = _support()
+    if report.failed and support is not None:
+        tails = support.log_tails(support.NODE_LOGS[item.stash.get(_LOGS_BEFORE, 0):])
+        if tails:
+            report.sections.append(("node logs", tails))
 
 
 # -- the fault matrix's counts, shown in the terminal summary (also under -q) -------------

@@ -269,11 +269,27 @@ def cli_json(*args: str | Path, data: Path) -> Any:
     return json.loads(cli(*args, "--json", data=data).stdout)
 
 
+# Every ``syncnode run`` log a test started, in order: a failed test's report ends with
+# their tails (tests/conftest.py), so a failure under load can be read without re-running.
+NODE_LOGS: list[Path] = []
+
+
+def log_tails(logs: list[Path], lines: int = 40) -> str:
+    """The last ``lines`` lines of each log that exists, under its path."""
+    parts = []
+    for log in dict.fromkeys(logs):  # one section per file, in order
+        if log.is_file():
+            tail = log.read_text(errors="replace").splitlines()[-lines:]
+            parts.append(f"--- {log} (last {len(tail)} lines)\n" + "\n".join(tail))
+    return "\n".join(parts)
+
+
 class NodeProcess:
     """``syncnode run`` in its own process group; ``kill()`` SIGKILLs the whole group."""
 
     def __init__(self, data: Path, log: Path, interval: float = 0.5) -> None:
         self.data, self.log_path = data, log
+        NODE_LOGS.append(log)
         (data / "ports.json").unlink(missing_ok=True)
         self._log = open(log, "ab")  # open as long as the process runs
         self.proc = subprocess.Popen(
