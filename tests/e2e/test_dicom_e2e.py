@@ -25,6 +25,7 @@ import json
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -217,17 +218,21 @@ def test_storescu_every_valid_pydicom_file(bridge: tuple[LocalNode, DicomBridge]
         groups[info.transfer_syntax_uid].append(f)
         sops[f] = info.sop_instance_uid
     assert len(sops) > 40
-    sent: list[Path] = []
-    for ts, files in sorted(groups.items()):
-        if ts not in STORESCU_TS_FLAG:
-            continue  # storescu cannot propose it (the raw-sender test covers it)
-        for f in files:  # one storescu per file: its result is the file's status
-            res = kit.run_tool([kit.dcmtk("storescu"), STORESCU_TS_FLAG[ts], "-R", "-aec",
-                                "SYNCNODE", "127.0.0.1", str(br.port), str(f)], check=False)
-            if res.returncode == 0:
-                sent.append(f)
-            # else: storescu's own limits (it cannot read or re-encode a few of these
-            # files); the node refusing one would show in its failure count below.
+    # (storescu cannot propose the others: the raw-sender test covers them)
+    todo = [(ts, f) for ts, files in sorted(groups.items()) if ts in STORESCU_TS_FLAG
+            for f in files]
+
+    def store(item: tuple[str, Path]) -> bool:
+        ts, f = item
+        res = kit.run_tool([kit.dcmtk("storescu"), STORESCU_TS_FLAG[ts], "-R", "-aec",
+                            "SYNCNODE", "127.0.0.1", str(br.port), str(f)], check=False)
+        return res.returncode == 0
+
+    # one storescu per file, four associations at a time: its result is the file's status
+    with ThreadPoolExecutor(4) as pool:
+        sent = [f for (_, f), ok in zip(todo, pool.map(store, todo), strict=True) if ok]
+    # (a file not sent: storescu's own limits, it cannot read or re-encode a few of these
+    # files; the node refusing one would show in its failure count below)
     assert len(sent) >= 30
     assert br.server.wait_applied()
     listed = {r["sop_instance_uid"]
