@@ -242,6 +242,6 @@ def test_export_is_committed_only_after_orthanc_confirms(tmp_path: Path) -> None
         if ex is not None:
             ex.stop()
         scp.stop()
-        orthanc.stop()
+        kit.stop_all([orthanc], discard=True)  # its storage goes with tmp_path
         a.close()
         b.close()

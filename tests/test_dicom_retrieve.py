@@ -338,7 +338,7 @@ def test_orthanc_as_requester_moves_to_itself(tmp_path: Path, node: LocalNode,
             sop, oid = sorted(uids.items())[-1]
             assert kit.dataset_bytes(orthanc.instance_file(oid)) == stored_dataset(node, sop)
         finally:
-            orthanc.stop()
+            kit.stop_all([orthanc], discard=True)  # its storage goes with tmp_path
     finally:
         server.stop()
 

@@ -67,8 +67,7 @@ def orthancs(tmp_path: Path) -> Iterator[Callable[..., kit.Orthanc]]:
         return o
 
     yield make
-    for o in made:
-        o.stop()
+    kit.stop_all(made, discard=True)  # their storage goes with tmp_path
 
 
 async def start_node(node: LocalNode, interval: float, **flags: Any) -> RunningNode:
