@@ -371,9 +371,12 @@ class PeerClient:
         try:
             async with deadline:
                 resp = await self.session().post(self.base + "/hello", json=body)
-                if resp.status in (404, 405):
+                if resp.status in (404, 405):  # an older peer: its connection is kept
                     await read_capped(resp, ERROR_BODY, "POST /hello")
-                    raise NotServed(f"POST /hello: HTTP {resp.status}")
+                    status = resp.status
+                    resp.release()
+                    resp = None
+                    raise NotServed(f"POST /hello: HTTP {status}")
                 if resp.status >= 400:
                     raise ProtocolError(f"POST /hello: HTTP {resp.status}: "
                                         f"{await _error_text(resp)}")
@@ -389,8 +392,19 @@ class PeerClient:
                             raise ProtocolError(f"POST /hello: answer of {length} bytes, "
                                                 f"more than {MAX_HELLO_EVENTS_ANSWER}")
                         raw = await resp.content.readexactly(length)
+                        obj = json.loads(raw)
+                        if not isinstance(obj, dict) or not obj.get("pack"):
+                            # no frames follow: the connection is kept for the next request
+                            if await resp.content.read(1):
+                                raise ProtocolError("POST /hello: bytes after an answer "
+                                                    "that lists no pack")
+                            resp.release()
+                            resp = None
+                            return obj, None
                     except asyncio.IncompleteReadError as exc:
                         raise ProtocolError("POST /hello: answer ended early") from exc
+                    except ValueError as exc:
+                        raise ProtocolError(f"POST /hello: answer is not JSON: {exc}") from exc
         except TimeoutError as exc:
             if resp is not None:
                 _hang_up(resp)
@@ -402,13 +416,12 @@ class PeerClient:
             if resp is not None:
                 _hang_up(resp)
             raise
+        if resp is not None:
+            return obj, HelloAnswer(resp)
         try:
-            obj = json.loads(raw)
+            return json.loads(raw), None
         except ValueError as exc:
-            if resp is not None:
-                _hang_up(resp)
             raise ProtocolError(f"POST /hello: answer is not JSON: {exc}") from exc
-        return obj, (HelloAnswer(resp) if resp is not None else None)
 
     def warm(self, n: int) -> list[asyncio.Task[None]]:
         """Open ``n`` more connections now, each with a small request (the root's Merkle

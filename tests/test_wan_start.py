@@ -215,6 +215,10 @@ async def test_the_events_and_a_first_pack_come_with_hello(
         ps = rb.engine.peers[a.node_id.compact]
         await wait_for(lambda: root(b) == root(a) and ps.state.in_sync, 30, "B to pull")
         first_round = list(served)
+        # the rounds after it (roots equal, no pack follows) keep their connection
+        rounds, dialled = ps.rounds, proxy.stats.connections_accepted
+        await wait_for(lambda: ps.rounds >= rounds + 2, 10, "two more rounds")
+        assert proxy.stats.connections_accepted == dialled
     assert ps.client.hello_events is True
     assert first_round[:2] == ["POST hello", "GET blob"], first_round
     assert not any(s.endswith((" events", " pack")) for s in first_round), first_round
