@@ -554,7 +554,9 @@ def test_node_killed_during_storescu_keeps_every_acknowledged_instance(tmp_path:
     data = tmp_path / "n"
     LocalNode.init(data).close()
     port = kit.free_port()
-    IMAGES = 300  # the kill lands after 50 acknowledged; storescu can run ~160 files ahead of a starved reader (64 KiB of -v lines)
+    # the kill lands after 50 acknowledged; storescu can run ~160 files ahead of a starved
+    # reader (64 KiB of -v lines in the pipe)
+    IMAGES = 300
     study = kit.make_study(tmp_path / "s", IMAGES, seed="crash", rows=256, cols=256)
 
     def run_node() -> subprocess.Popen[bytes]:
