@@ -78,8 +78,10 @@ system temp dir) is removed at the end unless ``--keep``. Every process started 
 in its own process group and is stopped at the end, also on error or Ctrl-C.
 
 The report also gives the disk's commit cost (4 KiB write + fsync in the work folder, median
-of 50), the load average before and after, and, if node A pushed data to B while B pulled it,
-how much (both directions run by default: ``peer add --push auto``).
+of 50), the CPU it costs to write new bytes into the page cache (every receiver pays it for
+every byte it keeps; on a VM that backs guest memory only on first touch it can be a third of
+a receiver's CPU), the load average before and after, and, if node A pushed data to B while
+B pulled it, how much (both directions run by default: ``peer add --push auto``).
 
 ``--profile`` attaches ``py-spy record --idle --threads`` (``pip install py-spy``) to both
 nodes during the syncnode syncs and prints where their threads spend wall time (event loop:
@@ -101,6 +103,7 @@ import http.client
 import json
 import os
 import platform
+import resource
 import shlex
 import shutil
 import signal
@@ -1116,6 +1119,28 @@ def fsync_latency(folder: Path, n: int = 50) -> dict[str, float]:
     return {"median_s": times[n // 2], "p90_s": times[int(n * 0.9)], "n": n}
 
 
+def page_cache_write(folder: Path, mb: int = 256) -> dict[str, float]:
+    """CPU seconds (user + system, this process) per GB to write ``mb`` MB of new bytes into
+    a new file in ``folder``, without fsync: what every receiver pays for the bytes it keeps
+    (syncnode, Orthanc and the raw contenders alike) before any work of its own. Mostly the
+    kernel's copy into fresh page-cache pages; on a VM whose host backs guest memory only on
+    first touch (e.g. with free page reporting) it is several times the bare-metal cost."""
+    buf = os.urandom(1 << 20)
+    path = folder / ".page-cache-probe"
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        for _ in range(mb * MB // len(buf)):
+            os.write(fd, buf)
+    finally:
+        os.close(fd)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        path.unlink()
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    written = (mb * MB // len(buf)) * len(buf)
+    return {"cpu_s_per_gb": cpu / (written / 1e9), "bytes": written}
+
+
 def environment(work: Path) -> dict[str, Any]:
     cpu_model = ""
     mem_total = 0
@@ -1151,6 +1176,10 @@ def environment(work: Path) -> dict[str, Any]:
         "dcmtk": dcmtk, "git": git.stdout.strip() if git.returncode == 0 else "unknown",
         "workdir": str(work), "loadavg_start": os.getloadavg(),
         "fsync_4k": fsync_latency(work),
+        # as found (pages the host may back only on first touch), then into the pages
+        # the first probe just freed
+        "page_cache_write": page_cache_write(work, 512),
+        "page_cache_rewrite": page_cache_write(work, 512),
         "cache": "warm: the data set is read once before anything is timed",
         "orthanc_dcmtk_env": "TCP_NODELAY=1",
     }
@@ -1356,6 +1385,12 @@ def render(doc: dict[str, Any]) -> str:
     fs = env["fsync_4k"]
     lines.append(f"  disk: 4 KiB write + fsync in the work folder: median "
                  f"{fs['median_s'] * 1e3:.2f} ms, p90 {fs['p90_s'] * 1e3:.2f} ms")
+    pc, again = env.get("page_cache_write"), env.get("page_cache_rewrite")
+    if pc and again:
+        lines.append(f"  writing new bytes into the page cache ({pc['bytes'] / MB:.0f} MB, no "
+                     f"fsync), paid by every receiver below before any work of its own: "
+                     f"{pc['cpu_s_per_gb']:.2f} CPU s per GB into free memory as found, "
+                     f"{again['cpu_s_per_gb']:.2f} into pages just freed")
     data = doc.get("dataset", {})
     if data:
         lines.append(f"  data set: {data['files']} files, {data['bytes'] / MB:.1f} MB "
