@@ -306,24 +306,22 @@ class PeerServer:
         we hold: at most PACK_MAX_BLOBS and ``ask.bytes``; zstd as asked. Blocking."""
         out: list[tuple[protocol.PackItem, int]] = []
         total = 0
-        for eid, body in found:
+        puts = self.catalog.blobs_of_puts(eid for eid, _ in found)  # no body decoded
+        for eid, _ in found:
             if len(out) >= protocol.PACK_MAX_BLOBS:
                 break
-            try:
-                event = ev.decode_checked(eid, body)
-            except (ev.InvalidEvent, ValueError):
-                continue  # not ours to judge here: the asker refuses it
-            if not isinstance(event, ev.PutEvent) or event.size > CHUNK_SIZE \
-                    or any(i.hash == event.blob for i, _ in out):
+            if eid not in puts:
+                continue  # a delete
+            blob, size, syntax = puts[eid]
+            if size > CHUNK_SIZE or any(i.hash == blob for i, _ in out):
                 continue
-            if total + event.size > ask.bytes:
+            if total + size > ask.bytes:
                 break
-            if not self.node.store.has(event.blob):
+            if not self.node.store.has(blob):
                 continue
-            zstd = ask.zstd == "all" or (ask.zstd == "native"
-                                         and event.transfer_syntax_uid in wire.NATIVE_SYNTAXES)
-            out.append((protocol.PackItem(event.blob, zstd), event.size))
-            total += event.size
+            zstd = ask.zstd == "all" or (ask.zstd == "native" and syntax in wire.NATIVE_SYNTAXES)
+            out.append((protocol.PackItem(blob, zstd), size))
+            total += size
         return out
 
     def _hello_events(self, node: protocol.RemoteNode, asker: protocol.RemoteNode

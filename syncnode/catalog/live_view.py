@@ -127,6 +127,20 @@ class LiveView(Part):
                                    (check_hash(blob_hash, "blob hash"),)).fetchone()
         return _instance(row) if row else None
 
+    def blobs_of_puts(self, eids: Iterable[str]) -> dict[str, tuple[str, int, str]]:
+        """Event id -> (blob, size, transfer syntax) for the put events among ``eids`` held
+        here, read from their rows (no event body decoded; removed ones included)."""
+        out: dict[str, tuple[str, int, str]] = {}
+        with self._lock:
+            for e in eids:
+                row = self._db.execute(
+                    "SELECT p.blob, p.size, p.transfer_syntax_uid FROM events e "
+                    "JOIN puts p ON p.seq = e.seq WHERE e.id=?",
+                    (bytes.fromhex(check_hash(e, "event id")),)).fetchone()
+                if row is not None:
+                    out[e] = (row[0], row[1], row[2])
+        return out
+
     def referenced_blobs(self) -> set[str]:
         """Blobs some put that is not removed refers to: the blobs this node must hold."""
         with self._lock:
