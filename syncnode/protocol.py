@@ -656,6 +656,11 @@ class PackReader:
     def done(self) -> bool:
         return self._next >= len(self._expected) and self._header is None
 
+    @property
+    def at_header(self) -> bool:
+        """The next bytes to read are a frame header (protocol, not blob bytes)."""
+        return self._header is None
+
     def need(self) -> int:
         """Bytes to read next (0 when every frame arrived)."""
         if self._header is not None:

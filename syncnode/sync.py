@@ -672,13 +672,14 @@ class PeerClient:
                         raise ProtocolError(f"POST /blobs/pack: HTTP {resp.status}: "
                                             f"{await _error_text(resp)}")
                     while n := reader.need():
+                        payload = not reader.at_header
                         try:
                             data = await resp.content.readexactly(n)
                         except asyncio.IncompleteReadError as exc:
                             raise ProtocolError(
                                 f"pack answer ended early ({len(reader.missing())} blobs "
                                 "still due)") from exc
-                        if on_wire:
+                        if on_wire and payload:  # blob bytes as sent, as for one blob
                             on_wire(len(data))
                         if self.throttle is not None:  # bandwidth caps (syncnode.ratelimit)
                             await self.throttle(len(data))
