@@ -47,6 +47,7 @@ import blake3
 from .durable import fsync_dir, sync_filesystem
 from .ids import check_hash
 from .knowngood import Fingerprint, KnownGood, fingerprint
+from .perpath import PerPath
 
 CHUNK_SIZE = 1 << 20
 TRANSFER_SUFFIXES = (".part", ".offer")
@@ -383,13 +384,8 @@ class BlobWriter:
         self.abort()  # no-op after a commit
 
 
-_KNOWN_GOOD: dict[Path, KnownGood] = {}  # one record per blob folder, whichever object
-_KNOWN_GOOD_LOCK = threading.Lock()       # of this process reads or writes it
-
-
-def _known_good_of(root: Path) -> KnownGood:
-    with _KNOWN_GOOD_LOCK:
-        return _KNOWN_GOOD.setdefault(root, KnownGood())
+# one record per blob folder, whichever object of this process reads or writes it
+_known_good_of = PerPath(KnownGood, resolve=True)
 
 
 @dataclass
@@ -401,13 +397,7 @@ class _Promised:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-_PROMISED: dict[Path, _Promised] = {}
-_PROMISED_LOCK = threading.Lock()
-
-
-def _promised_of(root: Path) -> _Promised:
-    with _PROMISED_LOCK:
-        return _PROMISED.setdefault(root, _Promised())
+_promised_of = PerPath(_Promised, resolve=True)
 
 
 class RoomPromise:
@@ -434,13 +424,13 @@ class BlobStore:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         # shared by every store object of this process on the same folder (the DICOM SCP
         # installs with its own object; DICOMweb reads with the node's)
-        self.known_good = _known_good_of(self.root.resolve())
+        self.known_good = _known_good_of(self.root)
         self._dirty_dirs: set[Path] = set()
         self._dirty_lock = threading.Lock()
         self._folders: set[Path] = set()  # fan-out folders known to exist
         self._tmp_prefix = secrets.token_hex(4)
         self._tmp_seq = itertools.count()
-        self._promised = _promised_of(self.root.resolve())  # shared like known_good
+        self._promised = _promised_of(self.root)  # shared like known_good
 
     # -- paths ---------------------------------------------------------------------------
     def path(self, blob_hash: str) -> Path:

@@ -61,6 +61,7 @@ from .. import events as ev
 from .. import merkle
 from ..authority import Policy
 from ..ids import check_hash
+from ..perpath import PerPath
 from .admission import Admission
 from .deletes import Deletes
 from .live_view import LiveView
@@ -325,10 +326,4 @@ class _Clock:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-_CLOCKS: dict[Path, _Clock] = {}
-_CLOCKS_LOCK = threading.Lock()
-
-
-def _clock_of(path: Path) -> _Clock:
-    with _CLOCKS_LOCK:
-        return _CLOCKS.setdefault(path.resolve(), _Clock())
+_clock_of = PerPath(_Clock, resolve=True)
