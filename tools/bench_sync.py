@@ -814,10 +814,7 @@ async def _raw_tls_client(client_dir: Path, server_id: str, port: int, total: in
         got = sum(sizes)
         if got != total:
             raise RuntimeError(f"raw per-file: got {got} of {total} bytes")
-        out["per_file"] = {"seconds": dt, "bytes": got, "files": n_files,
-                           "concurrency": RAW_CONCURRENCY, "mb_per_s": got / MB / dt,
-                           "files_per_s": n_files / dt, "cpu_seconds": cpu,
-                           "cpu_seconds_per_gb": cpu / (got / 1e9)}
+        out["per_file"] = per_file_figures(dt, got, n_files, cpu)
 
         # The least any verified, durable copy does on top of the transport: each file
         # hashed (BLAKE3, as syncnode verifies) and written to a new file by a worker thread
@@ -852,12 +849,16 @@ async def _raw_tls_client(client_dir: Path, server_id: str, port: int, total: in
         got = sum(sizes)
         if got != total:
             raise RuntimeError(f"raw per-file, stored: got {got} of {total} bytes")
-        out["per_file_stored"] = {"seconds": dt, "bytes": got, "files": n_files,
-                                  "concurrency": RAW_CONCURRENCY, "mb_per_s": got / MB / dt,
-                                  "files_per_s": n_files / dt, "cpu_seconds": cpu,
-                                  "cpu_seconds_per_gb": cpu / (got / 1e9)}
+        out["per_file_stored"] = per_file_figures(dt, got, n_files, cpu)
         shutil.rmtree(store, ignore_errors=True)
     return out
+
+
+def per_file_figures(seconds: float, got: int, files: int, cpu: float) -> dict[str, Any]:
+    """A raw per-file contender's figures: ``got`` bytes in ``files`` files."""
+    return {"seconds": seconds, "bytes": got, "files": files, "concurrency": RAW_CONCURRENCY,
+            "mb_per_s": got / MB / seconds, "files_per_s": files / seconds,
+            "cpu_seconds": cpu, "cpu_seconds_per_gb": cpu / (got / 1e9)}
 
 
 def bench_raw_tls(procs: Processes, work: Path, files: Sequence[Path],
