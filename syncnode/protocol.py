@@ -421,13 +421,13 @@ def lacking_ids(server: RemoteNode, asker: RemoteNode,
         if s.count == 0 or s.digest == a.digest:
             continue
         prefix = format(i, "x")
-        if a.count == 0:
-            out.extend(ids_under(prefix, room))
-        elif held is not None:
-            # the asker lists all its ids: it cannot hold more than that under a child,
-            # whatever count it claims there
-            skip = min(a.count, len(held))
+        if held is not None:
+            # the asker lists all its ids: those under this child are skipped, whatever
+            # count it claims there (a claim of none would have them sent back to it)
+            skip = sum(1 for e in held if e.startswith(prefix))
             out.extend([e for e in ids_under(prefix, room + skip) if e not in held][:room])
+        elif a.count == 0:
+            out.extend(ids_under(prefix, room))
     return out
 
 

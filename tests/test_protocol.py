@@ -8,6 +8,8 @@ answering through :func:`protocol.read_merkle`, the function the peer server use
 from __future__ import annotations
 
 import random
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -15,28 +17,9 @@ from syncnode import merkle, protocol
 from syncnode.blobstore import CHUNK_SIZE
 from syncnode.protocol import BadRequest, DiffWalk, ProtocolError, RemoteNode
 
-
-class MemorySource:
-    """A :class:`protocol.MerkleSource` over a plain set of ids."""
-
-    def __init__(self, ids: set[str]) -> None:
-        self.tree = merkle.MemoryMerkle(bytes.fromhex(i) for i in ids)
-        self._nodes: dict[str, merkle.NodeDigest] = {}  # the reference tree recomputes
-
-    def merkle_node(self, prefix: str = "") -> merkle.NodeDigest:
-        if prefix not in self._nodes:
-            self._nodes[prefix] = self.tree.node(*merkle.index_of(prefix))
-        return self._nodes[prefix]
-
-    def merkle_children(self, prefix: str) -> list[merkle.NodeDigest]:
-        return [self.merkle_node(prefix + c) for c in "0123456789abcdef"]
-
-    def ids_under(self, prefix: str, limit: int | None = None) -> list[str]:
-        return [e.hex() for e in self.tree.ids_under(*merkle.index_of(prefix))][:limit]
-
-
-def ids(rng: random.Random, n: int) -> set[str]:
-    return {rng.randbytes(32).hex() for _ in range(n)}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from merklekit import MemorySource
+from merklekit import random_ids as ids
 
 
 def walk(theirs: MemorySource, ours: MemorySource) -> tuple[list[str], list[str], int]:
@@ -196,6 +179,11 @@ def test_a_hostile_askers_counts_never_make_the_server_read_more_ids() -> None:
     got = protocol.lacking_ids(protocol.read_merkle(server, ""), hostile, ids_under, 50)
     assert set(got).isdisjoint(held) and len(got) <= 50
     assert asked and max(asked) <= 50 + len(held)
+    # claiming nothing where it lists ids: those are still not sent back to it
+    none = RemoteNode("", honest.digest, len(held),
+                      [merkle.NodeDigest(c.digest, 0) for c in honest.children], held)
+    got = protocol.lacking_ids(protocol.read_merkle(server, ""), none, ids_under, 50)
+    assert set(got).isdisjoint(held) and len(got) == 50
     body = protocol.hello_request(honest)
     body["merkle"]["children"] = [[c.digest.hex(), c.count] for c in children]
     with pytest.raises(BadRequest, match="sum of its children"):
