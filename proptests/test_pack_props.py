@@ -2,7 +2,9 @@
 decodes to exactly its frames, in order; any other bytes (a mutated answer, or noise) end
 in ProtocolError or in frames that still keep every bound: only the blobs asked for, in
 the order asked, each with its announced size and a payload no longer than its limit. The
-reader never asks for more than one frame's worth of bytes at once."""
+reader never asks for more than one frame's worth of bytes at once. A pushed pack's frame
+headers, checked one by one as the peer server reads them, keep the caps of a whole pack
+whatever a pusher sends."""
 
 from __future__ import annotations
 
@@ -163,6 +165,72 @@ def test_a_header_with_one_field_wrong_is_refused_before_its_payload(
         return
     raise AssertionError(f"a header with a wrong {field} was taken: {reader.need()} bytes "
                          "of payload asked for")
+
+
+# A pushed pack's frame headers, as a hostile pusher might send them: mostly well formed
+# (so that long runs reach the caps on blobs and bytes), blobs from a pool in which some
+# repeat, now and then a wrong status, a size past a chunk or a length past its limit.
+@st.composite
+def push_header(draw: st.DrawFn) -> bytes:
+    blob = blob_id(draw(st.integers(0, 400)))
+    status = draw(st.sampled_from([protocol.RAW] * 5 + [protocol.ZSTD] * 4
+                                  + [protocol.ABSENT, protocol.DAMAGED, 7, 255]))
+    size = draw(st.one_of(st.integers(0, 120_000), st.integers(0, 120_000),
+                          st.integers(CHUNK_SIZE - 2, CHUNK_SIZE + 2),
+                          st.integers(0, 2**64 - 1)))
+    limit = protocol.pack_payload_limit(size)
+    if status == protocol.RAW:
+        length = draw(st.one_of(st.just(size), st.just(size), st.just(size),
+                                st.integers(0, 2**32 - 1)))
+    else:
+        length = draw(st.one_of(st.integers(0, limit), st.integers(0, limit),
+                                st.integers(limit, limit + 2), st.integers(0, 2**32 - 1)))
+    return protocol.PACK_HEADER.pack(bytes.fromhex(blob), status, size,
+                                     min(length, 2**32 - 1))
+
+
+@st.composite
+def well_formed_push(draw: st.DrawFn) -> list[bytes]:
+    """Well-formed headers of distinct blobs, small or up to a chunk: long enough runs to
+    reach the caps on blobs (PACK_MAX_BLOBS) and on bytes (PACK_MAX_BYTES)."""
+    n = draw(st.integers(0, 80))
+    sizes = draw(st.lists(st.one_of(st.integers(0, 70_000), st.integers(0, CHUNK_SIZE)),
+                          min_size=n, max_size=n))
+    out = []
+    for i, size in enumerate(sizes):
+        zstd = draw(st.booleans())
+        length = draw(st.integers(0, protocol.pack_payload_limit(size))) if zstd else size
+        out.append(protocol.PACK_HEADER.pack(bytes.fromhex(blob_id(1000 + i)),
+                                             protocol.ZSTD if zstd else protocol.RAW,
+                                             size, length))
+    return out
+
+
+@SETTINGS
+@given(run=well_formed_push(), hostile=st.lists(push_header(), max_size=30),
+       at=st.integers(0, 80))
+def test_a_pushed_packs_headers_keep_every_cap_together(run: list[bytes],
+                                                        hostile: list[bytes],
+                                                        at: int) -> None:
+    """Headers are checked one by one against what came before (as the peer server reads
+    a pushed pack): whatever a pusher sends, what is taken before the first refusal keeps
+    the caps of a whole pack: RAW or ZSTD only, no blob twice, at most PACK_MAX_BLOBS
+    blobs of at most one chunk and PACK_MAX_BYTES in all, each payload within its limit."""
+    headers = run[:at] + hostile + run[at:]
+    seen: set[str] = set()
+    total = 0
+    for header in headers:
+        try:
+            blob, status, size, length = protocol.parse_push_frame_header(header, seen, total)
+        except protocol.BadRequest:
+            break
+        assert status in (protocol.RAW, protocol.ZSTD)
+        assert size <= CHUNK_SIZE and length <= protocol.pack_payload_limit(size)
+        assert status != protocol.RAW or length == size
+        assert blob not in seen
+        seen.add(blob)
+        total += size
+    assert len(seen) <= protocol.PACK_MAX_BLOBS and total <= protocol.PACK_MAX_BYTES
 
 
 def test_the_payload_limit_never_exceeds_a_chunk_and_its_bound() -> None:
