@@ -264,14 +264,15 @@ async def test_an_older_peer_syncs_both_ways(
 
 
 @pytest.mark.parametrize("fault", ["forged", "too many", "too large", "malformed",
-                                   "foreign pack"])
+                                   "foreign pack", "bytes after"])
 async def test_a_hostile_hello_answer_is_refused_and_nothing_applied(
         tmp_path: Path, new_node: Callable[[str], LocalNode], running: StartNode,
         fault: str) -> None:
     """The events a hello answer carries are hostile input like any other: a body that does
     not hash to its id, more than MAX_HELLO_EVENTS, more than HELLO_EVENT_BYTES, not a
     list of events, or a first pack listing a blob that none of them names fails the round
-    cleanly (a peer error, backed off) with nothing applied and no blob pulled."""
+    cleanly (a peer error, backed off) with nothing applied and no blob pulled; so do bytes
+    after an answer that lists no pack."""
     a, b = new_node("a"), new_node("b")
     files = [make_dicom(tmp_path / f"{i}.dcm", sop=uid(7, 1, i), study=uid(7),
                         series=uid(7, 2), seed=i) for i in range(3)]
@@ -300,8 +301,10 @@ async def test_a_hostile_hello_answer_is_refused_and_nothing_applied(
             obj["events"][0]["body"] += " " * protocol.HELLO_EVENT_BYTES
         elif fault == "malformed":
             obj["events"] = {"not": "a list"}
-        else:  # its pack lists a blob none of its events names: refused before a frame
-            obj["pack"] = [[secrets.token_hex(32), 1000]]
+        else:
+            if fault == "foreign pack":  # a blob none of its events names: no frame read
+                obj["pack"] = [[secrets.token_hex(32), 1000]]
+            # else it lists no pack, yet bytes follow the answer: refused, not ignored
             body = json.dumps(obj).encode()
             resp = web.StreamResponse(headers={"Content-Type": protocol.HELLO_CONTENT_TYPE})
             await resp.prepare(request)
