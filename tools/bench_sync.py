@@ -101,6 +101,7 @@ import argparse
 import asyncio
 import http.client
 import json
+import mmap
 import os
 import platform
 import resource
@@ -1120,25 +1121,40 @@ def fsync_latency(folder: Path, n: int = 50) -> dict[str, float]:
     return {"median_s": times[n // 2], "p90_s": times[int(n * 0.9)], "n": n}
 
 
-def page_cache_write(folder: Path, mb: int = 256) -> dict[str, float]:
+def page_cache_write(folder: Path, mb: int = 256, *, direct: bool = False
+                     ) -> dict[str, Any]:
     """CPU seconds (user + system, this process) per GB to write ``mb`` MB of new bytes into
     a new file in ``folder``, without fsync: what every receiver pays for the bytes it keeps
     (syncnode, Orthanc and the raw contenders alike) before any work of its own. Mostly the
     kernel's copy into fresh page-cache pages; on a VM whose host backs guest memory only on
-    first touch (e.g. with free page reporting) it is several times the bare-metal cost."""
-    buf = os.urandom(1 << 20)
+    first touch (e.g. with free page reporting) it is several times the bare-metal cost.
+
+    ``direct``: the same bytes with ``O_DIRECT`` from one reused, page-aligned buffer (no
+    page-cache page, no kernel copy): what bypassing the cache would save. Filesystems
+    without ``O_DIRECT`` (tmpfs) give ``{"error": ...}``."""
+    size = 1 << 20
+    buf = mmap.mmap(-1, size)  # page-aligned, as O_DIRECT needs
+    buf.write(os.urandom(size))
     path = folder / ".page-cache-probe"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | (os.O_DIRECT if direct else 0)
     before = resource.getrusage(resource.RUSAGE_SELF)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        for _ in range(mb * MB // len(buf)):
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        buf.close()
+        return {"error": f"{type(exc).__name__}: {exc.strerror}"}
+    try:
+        for _ in range(mb * MB // size):
             os.write(fd, buf)
+    except OSError as exc:
+        return {"error": f"{type(exc).__name__}: {exc.strerror}"}
     finally:
         os.close(fd)
         after = resource.getrusage(resource.RUSAGE_SELF)
         path.unlink()
+        buf.close()
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    written = (mb * MB // len(buf)) * len(buf)
+    written = (mb * MB // size) * size
     return {"cpu_s_per_gb": cpu / (written / 1e9), "bytes": written}
 
 
@@ -1181,6 +1197,7 @@ def environment(work: Path) -> dict[str, Any]:
         # the first probe just freed
         "page_cache_write": page_cache_write(work, 512),
         "page_cache_rewrite": page_cache_write(work, 512),
+        "direct_write": page_cache_write(work, 512, direct=True),
         "cache": "warm: the data set is read once before anything is timed",
         "orthanc_dcmtk_env": "TCP_NODELAY=1",
     }
@@ -1392,6 +1409,11 @@ def render(doc: dict[str, Any]) -> str:
                      f"fsync), paid by every receiver below before any work of its own: "
                      f"{pc['cpu_s_per_gb']:.2f} CPU s per GB into free memory as found, "
                      f"{again['cpu_s_per_gb']:.2f} into pages just freed")
+    direct = env.get("direct_write")
+    if direct:
+        lines.append("  the same bytes bypassing the page cache (O_DIRECT, one reused buffer): "
+                     + (f"{direct['cpu_s_per_gb']:.2f} CPU s per GB" if "error" not in direct
+                        else f"not possible here ({direct['error']})"))
     data = doc.get("dataset", {})
     if data:
         lines.append(f"  data set: {data['files']} files, {data['bytes'] / MB:.1f} MB "
