@@ -567,3 +567,49 @@ def test_no_space_or_quota_is_store_full(tmp_path: Path, err: str,
         with pytest.raises(StoreFull):
             w.commit()
     assert not any((tmp_path / "data" / "tmp").iterdir())
+
+
+# -- the page cache ------------------------------------------------------------------------
+
+
+def resident_bytes(path: Path) -> int:
+    """Bytes of ``path`` in the page cache, as util-linux ``fincore`` (mincore) reports."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES",
+                          str(path)], check=True, capture_output=True, text=True).stdout
+    return int(out.strip())
+
+
+def filesystem_of(folder: Path) -> str:
+    return subprocess.run(["findmnt", "--noheadings", "--output", "FSTYPE", "--target",
+                           str(folder)], check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+@pytest.mark.parametrize("how", ["group", "writer"])
+def test_received_bytes_leave_the_page_cache(
+        store: BlobStore, tmp_path: Path, how: str) -> None:
+    """Once a blob is on disk its pages are dropped (a sync of gigabytes does not evict the
+    host's working set), and its bytes read back intact. A control file written the same
+    way stays cached: proof that the filesystem keeps written pages, so the drop is the
+    store's doing."""
+    if sys.platform != "linux" or filesystem_of(tmp_path) in ("tmpfs", "ramfs"):
+        pytest.skip("needs a disk-backed Linux filesystem (on tmpfs the cache is the file)")
+    data = data_of(6 * MiB + 12_345, seed=7)
+    control = tmp_path / "control"
+    with open(control, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    if how == "group":
+        tmp, fd = store.new_tmp()
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        [info] = store.install_staged([store.stage_tmp(tmp)])
+    else:
+        with store.writer() as w:
+            w.write(data)
+            info = w.commit()
+    assert info.created
+    assert resident_bytes(control) >= len(data)  # fincore sees what a write leaves cached
+    assert resident_bytes(store.path(info.hash)) == 0
+    assert b"".join(store.read_verified(info.hash)) == data
