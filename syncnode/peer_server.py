@@ -801,7 +801,7 @@ class PeerServer:
 
     def _install_pushed(self, staged: list[StagedBlob]) -> None:
         """Make the verified blobs durable and present, then forget their offers."""
-        self.node.store.install_staged(staged)
+        self.node.store.install_staged(staged, drop_cache=True)
         for s in staged:
             self._offer_path(s.digest).unlink(missing_ok=True)
 

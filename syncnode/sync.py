@@ -479,7 +479,7 @@ class PeerClient:
         Returns how many bytes were already held from an earlier attempt."""
         staged, resumed = await self.fetch_staged(store, blob, size, chunks_root, on_bytes,
                                                   compress=compress)
-        await offload(store.install_staged, [staged])
+        await offload(store.install_staged, [staged], drop_cache=True)
         return resumed
 
     async def fetch_staged(self, store: BlobStore, blob: str, size: int, chunks_root: str,
@@ -2290,7 +2290,7 @@ class Installer:
         node = self.engine.node
         staged = [a.staged for a in batch if a.staged is not None]
         if staged:
-            await offload(node.store.install_staged, staged)
+            await offload(node.store.install_staged, staged, drop_cache=True)
         result = await offload(node.apply, [c for a in batch for c in a.checked])
         for a in batch:
             bad = {c.eid: result.rejected[c.eid] for c in a.checked if c.eid in result.rejected}

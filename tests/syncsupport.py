@@ -119,6 +119,21 @@ def import_files(node: LocalNode, *paths: Path) -> None:
 
 
 # -- views of a node ---------------------------------------------------------------------
+
+
+def resident_bytes(path: Path) -> int:
+    """Bytes of ``path`` in the page cache, as util-linux ``fincore`` (mincore) reports."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES",
+                          str(path)], check=True, capture_output=True, text=True).stdout
+    return int(out.strip())
+
+
+def filesystem_of(folder: Path) -> str:
+    return subprocess.run(["findmnt", "--noheadings", "--output", "FSTYPE", "--target",
+                           str(folder)], check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
 def live_view(node: LocalNode) -> list[dict[str, Any]]:
     return [i.to_dict() for i in node.catalog.instances()]
 

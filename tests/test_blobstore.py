@@ -12,7 +12,9 @@ from pathlib import Path
 
 import blake3
 import pytest
+from syncsupport import filesystem_of, resident_bytes
 
+from syncnode import blobstore
 from syncnode.blobstore import (
     CHUNK_SIZE,
     DIGEST_SIZE,
@@ -572,26 +574,13 @@ def test_no_space_or_quota_is_store_full(tmp_path: Path, err: str,
 # -- the page cache ------------------------------------------------------------------------
 
 
-def resident_bytes(path: Path) -> int:
-    """Bytes of ``path`` in the page cache, as util-linux ``fincore`` (mincore) reports."""
-    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES",
-                          str(path)], check=True, capture_output=True, text=True).stdout
-    return int(out.strip())
-
-
-def filesystem_of(folder: Path) -> str:
-    return subprocess.run(["findmnt", "--noheadings", "--output", "FSTYPE", "--target",
-                           str(folder)], check=True, capture_output=True,
-                          text=True).stdout.strip()
-
-
-@pytest.mark.parametrize("how", ["group", "writer"])
-def test_received_bytes_leave_the_page_cache(
+@pytest.mark.parametrize("how", ["group", "verified", "local group", "writer"])
+def test_bytes_from_a_peer_leave_the_page_cache_local_ones_stay(
         store: BlobStore, tmp_path: Path, how: str) -> None:
-    """Once a blob is on disk its pages are dropped (a sync of gigabytes does not evict the
-    host's working set), and its bytes read back intact. A control file written the same
-    way stays cached: proof that the filesystem keeps written pages, so the drop is the
-    store's doing."""
+    """Once a blob from a peer is on disk its pages are dropped (a sync of gigabytes does
+    not evict the host's working set); one that arrived locally stays cached (every peer is
+    about to pull it). Both read back intact. A control file written the same way stays
+    cached: proof that the filesystem keeps written pages, so the drop is the store's."""
     if sys.platform != "linux" or filesystem_of(tmp_path) in ("tmpfs", "ramfs"):
         pytest.skip("needs a disk-backed Linux filesystem (on tmpfs the cache is the file)")
     data = data_of(6 * MiB + 12_345, seed=7)
@@ -600,16 +589,26 @@ def test_received_bytes_leave_the_page_cache(
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    if how == "group":
+    from_peer = how in ("group", "verified")
+    if how in ("group", "local group"):
         tmp, fd = store.new_tmp()
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        [info] = store.install_staged([store.stage_tmp(tmp)])
+        [info] = store.install_staged([store.stage_tmp(tmp)], drop_cache=from_peer)
+    elif how == "verified":
+        tmp, fd = store.new_tmp()
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        digest, chunk_digests = blobstore.hash_chunks(data)
+        info = store.install_verified(tmp, digest, len(data), chunk_digests, drop_cache=True)
     else:
         with store.writer() as w:
             w.write(data)
             info = w.commit()
     assert info.created
     assert resident_bytes(control) >= len(data)  # fincore sees what a write leaves cached
-    assert resident_bytes(store.path(info.hash)) == 0
+    cached = resident_bytes(store.path(info.hash))
+    assert cached == 0 if from_peer else cached >= len(data), cached
     assert b"".join(store.read_verified(info.hash)) == data

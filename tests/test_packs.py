@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,15 @@ from syncsupport import (
     add_peer,
     converged,
     describe_nodes,
+    filesystem_of,
     import_files,
     make_dicom,
     peer_state,
     pin,
     pull_from,
+    resident_bytes,
     uid,
+    url_of,
     wait_for,
 )
 
@@ -373,6 +377,44 @@ async def test_a_sync_pulls_small_blobs_in_packs_and_mends_a_damaged_one_alone(
         assert a.store.verify(b) is None
 
 
+@pytest.mark.timeout(60)
+async def test_pulled_blobs_leave_the_page_cache_and_the_senders_imports_stay(
+        tmp_path: Path, new_node: Callable[[str], LocalNode], running: StartNode) -> None:
+    """What B pulls (instances of 120 kB in packs, one of 3 MiB alone) is on B's disk and
+    out of B's page cache once installed, but for the header the C-FIND index reads back;
+    what A imported stays cached on A (every peer is about to pull it). A sync of gigabytes
+    does not evict the receiving host's working set."""
+    if sys.platform != "linux" or filesystem_of(tmp_path) in ("tmpfs", "ramfs"):
+        pytest.skip("needs a disk-backed Linux filesystem (on tmpfs the cache is the file)")
+    a, b = new_node("a"), new_node("b")
+    sizes = [120_000] * 6 + [3 * CHUNK_SIZE]
+    import_files(a, *_instances(tmp_path, 51, sizes))
+    ra, rb = await running(a), await running(b)
+    pull_from(b, rb, a, url_of(ra))
+    await wait_for(lambda: converged([a, b]), 40, "B to hold A's study",
+                   describe=lambda: describe_nodes([a, b]))
+    blobs = sorted(b.store.iter_hashes())
+    assert len(blobs) == len(sizes)
+    assert_dropped(b, blobs)
+    on_a = {x: resident_bytes(a.store.path(x)) for x in blobs}
+    assert all(on_a[x] >= a.store.size(x) for x in blobs), on_a
+    for x in blobs:
+        assert b.store.verify(x) is None
+
+
+def _instances(tmp: Path, tag: int, sizes: list[int]) -> list[Path]:
+    return [make_dicom(tmp / f"i{tag}-{i}.dcm", sop=uid(52, tag, i), study=uid(52, tag),
+                       series=uid(52, tag, 0), pixel_bytes=n, seed=100 * tag + i)
+            for i, n in enumerate(sizes)]
+
+
+def assert_dropped(node: LocalNode, blobs: list[str]) -> None:
+    """Each blob is out of the page cache but for, at most, the header the C-FIND index
+    reads back (up to 64 KiB, and under a quarter of the blob)."""
+    cached = {x: resident_bytes(node.store.path(x)) for x in blobs}
+    assert all(cached[x] <= min(64 << 10, node.store.size(x) // 4) for x in blobs), cached
+
+
 # -- pushes go in packs too ----------------------------------------------------------------
 
 
@@ -414,3 +456,27 @@ async def test_a_push_of_small_instances_goes_in_packs_and_a_damaged_blob_is_ref
     for b in f.store.iter_hashes():
         assert f.store.verify(b) is None
     assert not a.store.has(victim)  # A's own hash agreed: moved aside, not served again
+
+
+@pytest.mark.timeout(60)
+async def test_pushed_blobs_leave_the_receivers_page_cache(
+        tmp_path: Path, new_node: Callable[[str], LocalNode], running: StartNode) -> None:
+    """Bytes a peer pushes are a peer's too: F installs them, then drops them from its page
+    cache (but for the header its C-FIND index reads back)."""
+    if sys.platform != "linux" or filesystem_of(tmp_path) in ("tmpfs", "ramfs"):
+        pytest.skip("needs a disk-backed Linux filesystem (on tmpfs the cache is the file)")
+    a, f = new_node("a"), new_node("f")
+    import_files(a, *_instances(tmp_path, 53, [120_000] * 4))
+    fake = await FakePeer(f).start()
+    try:
+        ra = await running(a)
+        add_peer(a, f, fake.url, push="always")
+        pin(f, a)
+        ra.peers_changed()
+        await wait_for(lambda: len(f.catalog.instances()) == 4, 30, "F to hold A's 4",
+                       describe=lambda: describe_nodes([a, f]))
+        calls = dict(fake.calls)
+    finally:
+        await fake.stop()
+    assert calls.get("push_pack", 0) >= 1, calls
+    assert_dropped(f, sorted(f.store.iter_hashes()))
