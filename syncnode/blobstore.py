@@ -26,17 +26,18 @@ Invariants:
   :meth:`BlobStore.read_known` reads a blob whose file is unchanged since without hashing
   it again (for DICOMweb, C-GET/C-MOVE and the exporter; see :mod:`syncnode.knowngood`
   for what that trusts).
-- What a node receives from a peer does not stay in the page cache (``drop_cache`` of
-  :meth:`BlobStore.install_staged` and :meth:`BlobStore.install_verified`): once on
-  disk, its pages are dropped, the way ``dd oflag=nocache`` and backup tools do. A sync
-  of gigabytes then does not push the host's working set (the PACS's own) out of
-  memory, and the next group is written into the pages just freed instead of into new
-  ones, which costs far less CPU on a VM whose host backs guest memory only on first
-  touch. The price: the C-FIND index reads each new header back from disk (in the
-  background), and the first viewer of a new study reads it from disk. Keeping only the
-  header cached is not possible: the kernel caches a file in folios of up to 2 MiB and
-  drops only whole ones. What arrives locally (import, C-STORE, STOW-RS) stays cached:
-  every peer is about to pull it.
+- What a node receives from a peer does not stay in the page cache: once on disk, its
+  pages are dropped, the way ``dd oflag=nocache`` and backup tools do (pulls:
+  :meth:`BlobStore.drop_cached` after the puts are applied and the headers indexed for
+  C-FIND, which read them from memory; pushes and repairs: ``drop_cache`` of
+  :meth:`BlobStore.install_staged` and :meth:`BlobStore.install_verified`, their headers
+  read back later). A sync of gigabytes then does not push the host's working set (the
+  PACS's own) out of memory, and the next group is written into the pages just freed
+  instead of into new ones, which costs far less CPU on a VM whose host backs guest
+  memory only on first touch. The price: the first viewer of a new study reads it from
+  disk. Keeping only the header cached is not possible: the kernel caches a file in
+  folios of up to 2 MiB and drops only whole ones. What arrives locally (import,
+  C-STORE, STOW-RS) stays cached: every peer is about to pull it.
 """
 
 from __future__ import annotations
@@ -799,6 +800,12 @@ class BlobStore:
                     self.known_good.record(s.digest, os.stat(self.path(s.digest)))
         sync_filesystem(self.root)
         return infos
+
+    def drop_cached(self, blobs: Iterable[str]) -> None:
+        """Let these blobs' pages leave the page cache (bytes from a peer, once read by
+        what reads them next; module docstring)."""
+        for blob in blobs:
+            drop_cached(self.path(blob))
 
     def _place(self, chunks_tmp: Path | None, tmp: Path, final: Path) -> None:
         """Rename a blob (its chunk list first, if it has one) into place."""

@@ -43,6 +43,7 @@ import contextlib
 import itertools
 import json
 import logging
+import sqlite3
 import ssl
 import threading
 import time
@@ -2217,6 +2218,19 @@ class _Arrival:
     done: asyncio.Future[None]
 
 
+def _index_and_drop(node: LocalNode, blobs: list[str]) -> None:
+    """Bytes from a peer leave the page cache (see :mod:`syncnode.blobstore`), but only
+    once what reads them next has read them from memory: :meth:`LocalNode.apply` (the
+    put-versus-bytes check) and the C-FIND index of their headers, done here rather than by
+    the background backfill moments later from disk."""
+    try:
+        node.catalog.index_find_attributes(node.store.path)
+    except sqlite3.Error as exc:  # the backfill indexes them later, from disk
+        log.warning("C-FIND index of %d pulled blobs deferred to the backfill: %s",
+                    len(blobs), exc)
+    node.store.drop_cached(blobs)
+
+
 class Installer:
     """Makes pulled blobs durable and their puts live in groups, for all peers at once.
 
@@ -2290,7 +2304,7 @@ class Installer:
         node = self.engine.node
         staged = [a.staged for a in batch if a.staged is not None]
         if staged:
-            await offload(node.store.install_staged, staged, drop_cache=True)
+            await offload(node.store.install_staged, staged)
         result = await offload(node.apply, [c for a in batch for c in a.checked])
         for a in batch:
             bad = {c.eid: result.rejected[c.eid] for c in a.checked if c.eid in result.rejected}
@@ -2299,6 +2313,8 @@ class Installer:
                 a.done.set_exception(_rejection(bad, result.refused))
         if result.inserted:
             self.engine.changed(exclude={a.peer for a in batch})
+        if staged:
+            await offload(_index_and_drop, node, [s.digest for s in staged])
 
     async def close(self) -> None:
         await self.flush()
