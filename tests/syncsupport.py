@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import pydicom
+import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
@@ -128,10 +129,16 @@ def resident_bytes(path: Path) -> int:
     return int(out.strip())
 
 
-def filesystem_of(folder: Path) -> str:
-    return subprocess.run(["findmnt", "--noheadings", "--output", "FSTYPE", "--target",
-                           str(folder)], check=True, capture_output=True,
-                          text=True).stdout.strip()
+def skip_without_page_cache(folder: Path) -> None:
+    """Skip a test of page-cache residency where ``folder`` has no page cache of its own to
+    drop (not Linux, or tmpfs/ramfs, where the cache is the file)."""
+    if sys.platform != "linux":
+        pytest.skip("page-cache residency is read with Linux fincore")
+    fstype = subprocess.run(["findmnt", "--noheadings", "--output", "FSTYPE", "--target",
+                             str(folder)], check=True, capture_output=True,
+                            text=True).stdout.strip()
+    if fstype in ("tmpfs", "ramfs"):
+        pytest.skip(f"needs a disk-backed filesystem ({folder} is on {fstype})")
 
 
 def live_view(node: LocalNode) -> list[dict[str, Any]]:

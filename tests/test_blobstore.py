@@ -12,7 +12,7 @@ from pathlib import Path
 
 import blake3
 import pytest
-from syncsupport import filesystem_of, resident_bytes
+from syncsupport import resident_bytes, skip_without_page_cache
 
 from syncnode import blobstore
 from syncnode.blobstore import (
@@ -581,8 +581,7 @@ def test_bytes_from_a_peer_leave_the_page_cache_local_ones_stay(
     not evict the host's working set); one that arrived locally stays cached (every peer is
     about to pull it). Both read back intact. A control file written the same way stays
     cached: proof that the filesystem keeps written pages, so the drop is the store's."""
-    if sys.platform != "linux" or filesystem_of(tmp_path) in ("tmpfs", "ramfs"):
-        pytest.skip("needs a disk-backed Linux filesystem (on tmpfs the cache is the file)")
+    skip_without_page_cache(tmp_path)
     data = data_of(6 * MiB + 12_345, seed=7)
     control = tmp_path / "control"
     with open(control, "wb") as f:

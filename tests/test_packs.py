@@ -16,7 +16,6 @@ import contextlib
 import json
 import os
 import sqlite3
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -29,13 +28,13 @@ from syncsupport import (
     add_peer,
     converged,
     describe_nodes,
-    filesystem_of,
     import_files,
     make_dicom,
     peer_state,
     pin,
     pull_from,
     resident_bytes,
+    skip_without_page_cache,
     uid,
     url_of,
     wait_for,
@@ -387,8 +386,7 @@ async def test_pulled_blobs_leave_the_page_cache_and_the_senders_imports_stay(
     C-FIND (both read from memory first, not back from disk); what A imported stays cached
     on A (every peer is about to pull it). A sync of gigabytes does not evict the receiving
     host's working set."""
-    if sys.platform != "linux" or filesystem_of(tmp_path) in ("tmpfs", "ramfs"):
-        pytest.skip("needs a disk-backed Linux filesystem (on tmpfs the cache is the file)")
+    skip_without_page_cache(tmp_path)
     a, b = new_node("a"), new_node("b")
     sizes = [120_000] * 6 + [3 * CHUNK_SIZE]
     import_files(a, *_instances(tmp_path, 51, sizes))
@@ -433,6 +431,16 @@ def assert_dropped(node: LocalNode, blobs: list[str]) -> None:
 # -- pushes go in packs too ----------------------------------------------------------------
 
 
+async def _pushing(a: LocalNode, f: LocalNode, fake: FakePeer, running: StartNode
+                   ) -> RunningNode:
+    """Run A, pushing to F (behind ``fake``), which trusts it and never dials it."""
+    ra = await running(a)
+    add_peer(a, f, fake.url, push="always")
+    pin(f, a)
+    ra.peers_changed()
+    return ra
+
+
 @pytest.mark.timeout(60)
 async def test_a_push_of_small_instances_goes_in_packs_and_a_damaged_blob_is_refused_alone(
         tmp_path: Path, new_node: Callable[[str], LocalNode], running: StartNode) -> None:
@@ -449,10 +457,7 @@ async def test_a_push_of_small_instances_goes_in_packs_and_a_damaged_blob_is_ref
     path.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
     fake = await FakePeer(f).start()
     try:
-        ra = await running(a)
-        add_peer(a, f, fake.url, push="always")
-        pin(f, a)
-        ra.peers_changed()
+        await _pushing(a, f, fake, running)
         good = set(a.store.iter_hashes()) - {victim}
 
         def pushed() -> bool:
@@ -478,16 +483,12 @@ async def test_pushed_blobs_leave_the_receivers_page_cache(
         tmp_path: Path, new_node: Callable[[str], LocalNode], running: StartNode) -> None:
     """Bytes a peer pushes are a peer's too: F installs them, then drops them from its page
     cache (but for the header its C-FIND index reads back)."""
-    if sys.platform != "linux" or filesystem_of(tmp_path) in ("tmpfs", "ramfs"):
-        pytest.skip("needs a disk-backed Linux filesystem (on tmpfs the cache is the file)")
+    skip_without_page_cache(tmp_path)
     a, f = new_node("a"), new_node("f")
     import_files(a, *_instances(tmp_path, 53, [120_000] * 4))
     fake = await FakePeer(f).start()
     try:
-        ra = await running(a)
-        add_peer(a, f, fake.url, push="always")
-        pin(f, a)
-        ra.peers_changed()
+        await _pushing(a, f, fake, running)
         await wait_for(lambda: len(f.catalog.instances()) == 4, 30, "F to hold A's 4",
                        describe=lambda: describe_nodes([a, f]))
         calls = dict(fake.calls)
