@@ -2224,7 +2224,7 @@ def _index_and_drop(node: LocalNode, blobs: list[str]) -> None:
     put-versus-bytes check) and the C-FIND index of their headers, done here rather than by
     the background backfill moments later from disk."""
     try:
-        node.catalog.index_find_attributes(node.store.path)
+        node.catalog.index_find_attributes_of(node.store.path, blobs)
     except sqlite3.Error as exc:  # the backfill indexes them later, from disk
         log.warning("C-FIND index of %d pulled blobs deferred to the backfill: %s",
                     len(blobs), exc)

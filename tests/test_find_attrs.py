@@ -65,6 +65,35 @@ def test_blobs_stored_before_the_read_model_are_indexed_before_the_next_query(
         node.close()
 
 
+def test_indexing_given_blobs_reads_those_alone_and_once(tmp_path: Path) -> None:
+    """What the sync installer calls for the blobs it just stored: it reads those of them
+    that are live and not indexed yet, and nothing of a backlog of others (which is the
+    backfill's to read, in the background), whatever else the catalog holds."""
+    node = LocalNode.init(tmp_path / "n")
+    try:
+        s = kit.make_study(tmp_path / "s", 6, seed="given", patient_id="PG")
+        import_paths(node, s.files)
+        db = sqlite3.connect(node.catalog.path)
+        db.execute("DELETE FROM find_attrs")  # a backlog of six
+        db.commit()
+        blobs = sorted(i.blob for i in node.catalog.instances())
+        assert len(blobs) == 6
+
+        def indexed() -> set[str]:
+            return {r[0] for r in db.execute("SELECT blob FROM find_attrs")}
+
+        given = [*blobs[:2], "0" * 64]  # and a blob no live put names: not read
+        assert node.catalog.index_find_attributes_of(node.store.path, given) == 2
+        assert indexed() == set(blobs[:2])
+        assert node.catalog.index_find_attributes_of(node.store.path, blobs[:3]) == 1
+        assert indexed() == set(blobs[:3])
+        assert node.catalog.index_find_attributes(node.store.path) == 3  # the backlog
+        assert _studies(node, PatientName="test^given") == {s.study_uid}
+        db.close()
+    finally:
+        node.close()
+
+
 def test_an_unreadable_blob_matches_only_universal_keys(tmp_path: Path,
                                                        caplog: pytest.LogCaptureFixture
                                                        ) -> None:

@@ -178,13 +178,18 @@ def index_missing(catalog_path: Path | str, blob_path: Callable[[str], Path],
     batch of rows is one short write transaction. Concurrent callers are harmless (a row
     already written is kept).
     """
-    db = sqlite3.connect(catalog_path, timeout=60.0, isolation_level=None,
-                         check_same_thread=False)
+    db = _connect(catalog_path)
     try:
-        db.execute("PRAGMA busy_timeout=60000")
         return _index(db, blob_path, limit)
     finally:
         db.close()
+
+
+def _connect(catalog_path: Path | str) -> sqlite3.Connection:
+    db = sqlite3.connect(catalog_path, timeout=60.0, isolation_level=None,
+                         check_same_thread=False)
+    db.execute("PRAGMA busy_timeout=60000")
+    return db
 
 
 def _index(db: sqlite3.Connection, blob_path: Callable[[str], Path], limit: int | None,
@@ -207,11 +212,38 @@ def _index(db: sqlite3.Connection, blob_path: Callable[[str], Path], limit: int 
 _INDEXING = threading.Lock()
 
 
+def index_blobs(catalog_path: Path | str, blob_path: Callable[[str], Path],
+                blobs: list[str]) -> int:
+    """Index these blobs, of those live and without a ``find_attrs`` row; return how many
+    were read. For a caller that has just stored them and still has them in the page
+    cache (the sync installer): the backfill would read them moments later, from disk."""
+    db = _connect(catalog_path)
+    done = 0
+    try:
+        for i in range(0, len(blobs), 200):
+            with _INDEXING:
+                wanted = blobs[i : i + 200]
+                batch = [r[0] for r in db.execute(
+                    f"SELECT DISTINCT p.blob FROM puts p WHERE p.live = 1 AND p.blob IN "
+                    f"({', '.join('?' * len(wanted))}) AND NOT EXISTS (SELECT 1 FROM "
+                    f"find_attrs f WHERE f.blob = p.blob)", wanted)]
+                done += _index_these(db, blob_path, batch)
+    finally:
+        db.close()
+    return done
+
+
 def _index_batch(db: sqlite3.Connection, blob_path: Callable[[str], Path], since: int
                  ) -> int:
     batch = [r[0] for r in db.execute(
         "SELECT DISTINCT p.blob FROM puts p WHERE p.seq > ? AND p.live = 1 AND NOT "
         "EXISTS (SELECT 1 FROM find_attrs f WHERE f.blob = p.blob) LIMIT 200", (since,))]
+    return _index_these(db, blob_path, batch)
+
+
+def _index_these(db: sqlite3.Connection, blob_path: Callable[[str], Path], batch: list[str]
+                 ) -> int:
+    """Read and write the rows of ``batch`` (blobs without one); one write transaction."""
     if not batch:
         return 0
     rows: list[dict[str, Any]] = []

@@ -73,6 +73,11 @@ class LiveView(Part):
         :mod:`syncnode.catalog.attrs`); return how many blobs were read."""
         return find_attrs.index_missing(self.path, blob_path, limit)
 
+    def index_find_attributes_of(self, blob_path: Callable[[str], Path], blobs: list[str]
+                                 ) -> int:
+        """:meth:`index_find_attributes` for these blobs only (just stored, still cached)."""
+        return find_attrs.index_blobs(self.path, blob_path, blobs)
+
     def find(self, q: find_model.FindQuery) -> Iterator[dict[str, Any]]:
         """C-FIND matches (see :mod:`syncnode.catalog.find`), streamed from a read-only
         connection of the query's own."""
