@@ -26,18 +26,17 @@ Invariants:
   :meth:`BlobStore.read_known` reads a blob whose file is unchanged since without hashing
   it again (for DICOMweb, C-GET/C-MOVE and the exporter; see :mod:`syncnode.knowngood`
   for what that trusts).
-- What a node receives from a peer does not stay in the page cache: once on disk, its
-  pages are dropped, the way ``dd oflag=nocache`` and backup tools do (pulls:
-  :meth:`BlobStore.drop_cached` after the puts are applied and the headers indexed for
-  C-FIND, which read them from memory; pushes and repairs: ``drop_cache`` of
-  :meth:`BlobStore.install_staged` and :meth:`BlobStore.install_verified`, their headers
-  read back later). A sync of gigabytes then does not push the host's working set (the
-  PACS's own) out of memory, and the next group is written into the pages just freed
-  instead of into new ones, which costs far less CPU on a VM whose host backs guest
-  memory only on first touch. The price: the first viewer of a new study reads it from
-  disk. Keeping only the header cached is not possible: the kernel caches a file in
-  folios of up to 2 MiB and drops only whole ones. What arrives locally (import,
-  C-STORE, STOW-RS) stays cached: every peer is about to pull it.
+- What a node receives from a peer does not stay in the page cache
+  (:meth:`BlobStore.drop_cached`, called by :meth:`syncnode.local.LocalNode.settle_received`
+  once the puts are applied and the headers indexed for C-FIND, both reading the bytes
+  from memory), the way ``dd oflag=nocache`` and backup tools do. A sync of gigabytes
+  then does not push the host's working set (the PACS's own) out of memory, and the next
+  group is written into the pages just freed instead of into new ones, which costs far
+  less CPU on a VM whose host backs guest memory only on first touch. The price: the
+  first viewer of a new study reads it from disk. Keeping only the header cached is not
+  possible: the kernel caches a file in folios of up to 2 MiB and drops only whole ones.
+  What arrives locally (import, C-STORE, STOW-RS) stays cached: every peer is about to
+  pull it.
 """
 
 from __future__ import annotations
@@ -655,15 +654,14 @@ class BlobStore:
             return w.commit(sync_dir=sync_dir)
 
     def install_verified(self, path: Path, digest: str, size: int, chunk_digests: bytes,
-                         *, sync_dir: bool = True, drop_cache: bool = False) -> BlobInfo:
+                         *, sync_dir: bool = True) -> BlobInfo:
         """Move a file whose hash and chunk list the caller computed while writing it (and
-        fsynced) into the store, without reading it again. ``drop_cache``: its pages leave
-        the page cache (bytes from a peer; module docstring)."""
+        fsynced) into the store, without reading it again."""
         check_hash(digest, "blob hash")
-        return self._install(path, digest, size, chunk_digests, sync_dir, drop_cache)
+        return self._install(path, digest, size, chunk_digests, sync_dir)
 
     def _install(self, tmp: Path, digest: str, size: int, chunk_digests: bytes,
-                 sync_dir: bool, drop_cache: bool = False) -> BlobInfo:
+                 sync_dir: bool) -> BlobInfo:
         final = self.path(digest)
         chunks = chunk_hexes(chunk_digests)
         if final.is_file():
@@ -675,8 +673,6 @@ class BlobStore:
         final.parent.mkdir(parents=True, exist_ok=True)
         if has_chunk_file(chunk_digests):
             self._write_chunks(digest, chunk_digests)
-        if drop_cache:  # fsynced by the caller
-            drop_cached(tmp)
         os.replace(tmp, final)
         os.chmod(final, 0o444)
         self.known_good.record(digest, os.stat(final))  # hashed as it was written
@@ -746,8 +742,8 @@ class BlobStore:
 
     @enospc_as_store_full()
     def install_staged(self, staged: list[StagedBlob], *,
-                       before_final_sync: Callable[[list[BlobInfo]], None] | None = None,
-                       drop_cache: bool = False) -> list[BlobInfo]:
+                       before_final_sync: Callable[[list[BlobInfo]], None] | None = None
+                       ) -> list[BlobInfo]:
         """Make a group of staged blobs durable and present, at the cost of two filesystem
         syncs for the whole group instead of several fsyncs per blob.
 
@@ -756,8 +752,6 @@ class BlobStore:
         second sync makes the renames durable. A crash at any point leaves each blob whole
         or absent. ``before_final_sync`` is called after the renames with the blobs'
         infos, for changes that should become durable with them (the SCP's keep links).
-        ``drop_cache``: after the first sync the blobs' pages leave the page cache (bytes
-        from a peer; module docstring).
         """
         if not staged:
             return []
@@ -765,9 +759,6 @@ class BlobStore:
                                        if has_chunk_file(s.chunk_digests) else None)
                       for s in staged]
         sync_filesystem(self.tmp_dir)
-        if drop_cache:  # on disk now: clean pages can go
-            for s in staged:
-                drop_cached(s.tmp)
         infos = []
         for s, ctmp in zip(staged, chunk_tmps, strict=True):
             final = self.path(s.digest)
@@ -803,7 +794,8 @@ class BlobStore:
 
     def drop_cached(self, blobs: Iterable[str]) -> None:
         """Let these blobs' pages leave the page cache (bytes from a peer, once read by
-        what reads them next; module docstring)."""
+        what reads them next; module docstring). Only for installed blobs: their pages are
+        clean (on disk), the only ones the kernel drops."""
         for blob in blobs:
             drop_cached(self.path(blob))
 

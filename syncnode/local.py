@@ -329,6 +329,18 @@ class LocalNode:
             notes.append(note)
         return notes
 
+    def settle_received(self, blobs: list[str]) -> None:
+        """Blobs a peer sent, stored and their puts applied: index their headers for C-FIND
+        while they are still in the page cache, then let them leave it (see
+        :mod:`syncnode.blobstore`). The backfill would otherwise read them moments later,
+        from disk."""
+        try:
+            self.catalog.index_find_attributes_of(self.store.path, blobs)
+        except sqlite3.Error as exc:  # the backfill indexes them later, from disk
+            log.warning("C-FIND index of %d received blobs deferred to the backfill: %s",
+                        len(blobs), exc)
+        self.store.drop_cached(blobs)
+
     def refuse_untrue_puts(self, checked: Iterable[ev.Checked]) -> dict[str, str]:
         """The peer's put events (new to this node, blob present) whose blob is not the
         instance they claim: the blob is inspected as ``import`` inspects a file

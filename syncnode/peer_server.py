@@ -801,7 +801,7 @@ class PeerServer:
 
     def _install_pushed(self, staged: list[StagedBlob]) -> None:
         """Make the verified blobs durable and present, then forget their offers."""
-        self.node.store.install_staged(staged, drop_cache=True)
+        self.node.store.install_staged(staged)  # out of the cache once applied
         for s in staged:
             self._offer_path(s.digest).unlink(missing_ok=True)
 
@@ -826,10 +826,14 @@ class PeerServer:
         tally = self._tally(self._pushed_in, request[PEER_KEY].compact)
         tally.events += len(result.inserted)
         inserted = set(result.inserted)
+        blobs: list[str] = []
         for eid, _, put in checked:
             if eid in inserted and isinstance(put, ev.PutEvent):
                 tally.instances += 1
                 tally.studies.add(put.study_instance_uid)
+                blobs.append(put.blob)
+        if blobs:
+            await self._run(self.node.settle_received, blobs)
         if result.inserted and self.on_events:
             await self.on_events(result.inserted)
         return web.json_response({"applied": result.inserted, "rejected": result.rejected})

@@ -43,7 +43,6 @@ import contextlib
 import itertools
 import json
 import logging
-import sqlite3
 import ssl
 import threading
 import time
@@ -480,7 +479,8 @@ class PeerClient:
         Returns how many bytes were already held from an earlier attempt."""
         staged, resumed = await self.fetch_staged(store, blob, size, chunks_root, on_bytes,
                                                   compress=compress)
-        await offload(store.install_staged, [staged], drop_cache=True)
+        await offload(store.install_staged, [staged])
+        await offload(store.drop_cached, [blob])  # a peer's bytes (syncnode.blobstore)
         return resumed
 
     async def fetch_staged(self, store: BlobStore, blob: str, size: int, chunks_root: str,
@@ -2218,19 +2218,6 @@ class _Arrival:
     done: asyncio.Future[None]
 
 
-def _index_and_drop(node: LocalNode, blobs: list[str]) -> None:
-    """Bytes from a peer leave the page cache (see :mod:`syncnode.blobstore`), but only
-    once what reads them next has read them from memory: :meth:`LocalNode.apply` (the
-    put-versus-bytes check) and the C-FIND index of their headers, done here rather than by
-    the background backfill moments later from disk."""
-    try:
-        node.catalog.index_find_attributes_of(node.store.path, blobs)
-    except sqlite3.Error as exc:  # the backfill indexes them later, from disk
-        log.warning("C-FIND index of %d pulled blobs deferred to the backfill: %s",
-                    len(blobs), exc)
-    node.store.drop_cached(blobs)
-
-
 class Installer:
     """Makes pulled blobs durable and their puts live in groups, for all peers at once.
 
@@ -2314,7 +2301,7 @@ class Installer:
         if result.inserted:
             self.engine.changed(exclude={a.peer for a in batch})
         if staged:
-            await offload(_index_and_drop, node, [s.digest for s in staged])
+            await offload(node.settle_received, [s.digest for s in staged])
 
     async def close(self) -> None:
         await self.flush()

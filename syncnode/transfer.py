@@ -157,8 +157,7 @@ class PartialBlob:
     def finish(self) -> BlobInfo:
         """Check the whole hash and move the blob into the store, durably, on its own."""
         s = self.stage(durable=True)
-        return self.store.install_verified(s.tmp, s.digest, s.size, s.chunk_digests,
-                                           drop_cache=True)  # from a peer
+        return self.store.install_verified(s.tmp, s.digest, s.size, s.chunk_digests)
 
     def discard(self) -> None:
         self.close()

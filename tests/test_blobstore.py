@@ -574,40 +574,45 @@ def test_no_space_or_quota_is_store_full(tmp_path: Path, err: str,
 # -- the page cache ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("how", ["group", "verified", "local group", "writer"])
-def test_bytes_from_a_peer_leave_the_page_cache_local_ones_stay(
+@pytest.mark.parametrize("how", ["group", "verified", "writer"])
+def test_installs_keep_their_pages_and_drop_cached_lets_exactly_those_named_go(
         store: BlobStore, tmp_path: Path, how: str) -> None:
-    """Once a blob from a peer is on disk its pages are dropped (a sync of gigabytes does
-    not evict the host's working set); one that arrived locally stays cached (every peer is
-    about to pull it). Both read back intact. A control file written the same way stays
-    cached: proof that the filesystem keeps written pages, so the drop is the store's."""
+    """However a blob is installed it stays in the page cache (what arrives locally is about
+    to be pulled by every peer); :meth:`BlobStore.drop_cached` then evicts the blobs it
+    names and no other (a peer's, once applied and indexed), and they read back intact. A
+    control file proves the filesystem keeps written pages, so the drop is the store's."""
     skip_without_page_cache(tmp_path)
-    data = data_of(6 * MiB + 12_345, seed=7)
     control = tmp_path / "control"
     with open(control, "wb") as f:
-        f.write(data)
+        f.write(data_of(3 * MiB, seed=9))
         f.flush()
         os.fsync(f.fileno())
-    from_peer = how in ("group", "verified")
-    if how in ("group", "local group"):
-        tmp, fd = store.new_tmp()
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        [info] = store.install_staged([store.stage_tmp(tmp)], drop_cache=from_peer)
-    elif how == "verified":
-        tmp, fd = store.new_tmp()
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        digest, chunk_digests = blobstore.hash_chunks(data)
-        info = store.install_verified(tmp, digest, len(data), chunk_digests, drop_cache=True)
-    else:
-        with store.writer() as w:
-            w.write(data)
-            info = w.commit()
-    assert info.created
-    assert resident_bytes(control) >= len(data)  # fincore sees what a write leaves cached
-    cached = resident_bytes(store.path(info.hash))
-    assert cached == 0 if from_peer else cached >= len(data), cached
-    assert b"".join(store.read_verified(info.hash)) == data
+    infos = []
+    for seed in (7, 8):
+        data = data_of(6 * MiB + 12_345, seed=seed)
+        if how == "group":
+            tmp, fd = store.new_tmp()
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            [info] = store.install_staged([store.stage_tmp(tmp)])
+        elif how == "verified":
+            tmp, fd = store.new_tmp()
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            digest, chunk_digests = blobstore.hash_chunks(data)
+            info = store.install_verified(tmp, digest, len(data), chunk_digests)
+        else:
+            with store.writer() as w:
+                w.write(data)
+                info = w.commit()
+        assert info.created
+        infos.append(info)
+    assert resident_bytes(control) >= 3 * MiB  # fincore sees what a write leaves cached
+    kept, dropped = (i.hash for i in infos)
+    assert all(resident_bytes(store.path(i.hash)) >= i.size for i in infos)
+    store.drop_cached([dropped])
+    assert resident_bytes(store.path(dropped)) == 0
+    assert resident_bytes(store.path(kept)) >= infos[0].size
+    assert b"".join(store.read_verified(dropped)) == data_of(6 * MiB + 12_345, seed=8)
