@@ -129,16 +129,24 @@ def resident_bytes(path: Path) -> int:
     return int(out.strip())
 
 
-def skip_without_page_cache(folder: Path) -> None:
-    """Skip a test of page-cache residency where ``folder`` has no page cache of its own to
-    drop (not Linux, or tmpfs/ramfs, where the cache is the file)."""
+def why_no_page_cache(folder: Path) -> str:
+    """Why page-cache residency cannot be tested in ``folder`` ("" if it can): not Linux,
+    or tmpfs/ramfs, where the cache is the file."""
     if sys.platform != "linux":
-        pytest.skip("page-cache residency is read with Linux fincore")
+        return "page-cache residency is read with Linux fincore"
     fstype = subprocess.run(["findmnt", "--noheadings", "--output", "FSTYPE", "--target",
                              str(folder)], check=True, capture_output=True,
                             text=True).stdout.strip()
     if fstype in ("tmpfs", "ramfs"):
-        pytest.skip(f"needs a disk-backed filesystem ({folder} is on {fstype})")
+        return f"needs a disk-backed filesystem ({folder} is on {fstype})"
+    return ""
+
+
+def skip_without_page_cache(folder: Path) -> None:
+    """Skip a test of page-cache residency where ``folder`` has no page cache of its own."""
+    why = why_no_page_cache(folder)
+    if why:
+        pytest.skip(why)
 
 
 def live_view(node: LocalNode) -> list[dict[str, Any]]:

@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from syncsupport import resident_bytes, why_no_page_cache
+
 from syncnode.demo import make_study
 from syncnode.importer import import_paths
 from syncnode.local import LocalNode
@@ -51,6 +53,8 @@ async def test_verify_repair_from_peer(tmp_path: Path) -> None:
         report = json.loads(out)
         assert code == 0, out
         assert report["repair"][victim] == f"repaired from {a.node_id.short}"
+        if not why_no_page_cache(tmp_path):  # a peer's bytes: on disk, out of the cache
+            assert resident_bytes(path) == 0
         assert path.read_bytes() == original
         assert (b.data / "damaged" / victim).exists()  # kept aside for inspection
         code, out = await cli("verify", "--data", str(b.data))
