@@ -68,7 +68,7 @@ def drop_cached(path: Path) -> None:
         return
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:  # a duplicate's temp file, already discarded
+    except FileNotFoundError:  # deleted since (collected): nothing cached to drop
         return
     try:
         _FADVISE(fd, 0, 0, os.POSIX_FADV_DONTNEED)

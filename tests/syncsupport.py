@@ -119,7 +119,7 @@ def import_files(node: LocalNode, *paths: Path) -> None:
     assert report.imported == len(paths), report
 
 
-# -- views of a node ---------------------------------------------------------------------
+# -- the page cache ----------------------------------------------------------------------
 
 
 def resident_bytes(path: Path) -> int:
@@ -147,6 +147,9 @@ def skip_without_page_cache(folder: Path) -> None:
     why = why_no_page_cache(folder)
     if why:
         pytest.skip(why)
+
+
+# -- views of a node ---------------------------------------------------------------------
 
 
 def live_view(node: LocalNode) -> list[dict[str, Any]]:

@@ -536,7 +536,6 @@ def test_no_space_or_quota_is_store_full(tmp_path: Path, err: str,
     half-written file is removed."""
     import errno
 
-    from syncnode import blobstore
     from syncnode.blobstore import StoreFull, copy_fd, write_file
 
     code = getattr(errno, err)
@@ -588,8 +587,8 @@ def test_installs_keep_their_pages_and_drop_cached_lets_exactly_those_named_go(
         f.flush()
         os.fsync(f.fileno())
     infos = []
-    for seed in (7, 8):
-        data = data_of(6 * MiB + 12_345, seed=seed)
+    datas = [data_of(6 * MiB + 12_345, seed=seed) for seed in (7, 8)]
+    for data in datas:
         if how == "group":
             tmp, fd = store.new_tmp()
             with os.fdopen(fd, "wb") as f:
@@ -615,4 +614,4 @@ def test_installs_keep_their_pages_and_drop_cached_lets_exactly_those_named_go(
     store.drop_cached([dropped])
     assert resident_bytes(store.path(dropped)) == 0
     assert resident_bytes(store.path(kept)) >= infos[0].size
-    assert b"".join(store.read_verified(dropped)) == data_of(6 * MiB + 12_345, seed=8)
+    assert b"".join(store.read_verified(dropped)) == datas[1]

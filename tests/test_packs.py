@@ -333,11 +333,15 @@ async def test_a_hostile_pack_keeps_what_verified_and_refuses_the_rest(
 # -- end to end: a node pulling through packs --------------------------------------------
 
 
+def _instances(tmp: Path, tag: int, sizes: list[int]) -> list[Path]:
+    """One study's instances, one per size (bytes of pixel data), in files under ``tmp``."""
+    return [make_dicom(tmp / f"p{tag}-{i}.dcm", sop=uid(50, tag, i), study=uid(50, tag),
+                       series=uid(50, tag, 0), pixel_bytes=n, seed=500 * tag + i)
+            for i, n in enumerate(sizes)]
+
+
 def _small_study(tmp: Path, node: LocalNode, tag: int, n: int) -> None:
-    files = [make_dicom(tmp / f"p{tag}-{i}.dcm", sop=uid(50, tag, i), study=uid(50, tag),
-                        series=uid(50, tag, 0), pixel_bytes=15_000, seed=500 * tag + i)
-             for i in range(n)]
-    import_files(node, *files)
+    import_files(node, *_instances(tmp, tag, [15_000] * n))
 
 
 @pytest.mark.timeout(60)
@@ -401,12 +405,6 @@ async def test_pulled_blobs_leave_the_page_cache_and_the_senders_imports_stay(
     assert all(on_a[x] >= a.store.size(x) for x in blobs), on_a
     for x in blobs:
         assert b.store.verify(x) is None
-
-
-def _instances(tmp: Path, tag: int, sizes: list[int]) -> list[Path]:
-    return [make_dicom(tmp / f"i{tag}-{i}.dcm", sop=uid(52, tag, i), study=uid(52, tag),
-                       series=uid(52, tag, 0), pixel_bytes=n, seed=100 * tag + i)
-            for i, n in enumerate(sizes)]
 
 
 async def settled(node: LocalNode, blobs: list[str]) -> None:
