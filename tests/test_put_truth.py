@@ -17,26 +17,34 @@ UIDs that are not a date / a UID are refused when events are decoded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
 from syncsupport import (
     cli_json,
     import_files,
     make_dicom,
     peer_state,
+    pin,
     pull_from,
+    resident_bytes,
+    skip_without_page_cache,
     uid,
     url_of,
     wait_for,
 )
 
 from syncnode import events as ev
+from syncnode import protocol
 from syncnode.local import LocalNode
 from syncnode.node import RunningNode
+from syncnode.tls.contexts import client_ssl_context
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import dicom_testkit as kit
@@ -120,6 +128,50 @@ async def test_puts_that_contradict_their_bytes_are_refused(
     assert after["integrity_errors"] - before <= 8, (before, after)
     assert after["next_attempt"] > time.time() - 1
     assert a.catalog.has_event(mismatched) is False
+
+
+@pytest.mark.timeout(60)
+async def test_pushed_puts_that_contradict_their_bytes_are_refused_and_their_blobs_untouched(
+        new_node: Callable[[str], LocalNode], running: StartNode, tmp_path: Path) -> None:
+    """``POST /push/events`` from a trusted but hostile peer: an honest put and one that
+    claims another patient's instance for bytes A holds. The honest one is applied, indexed
+    for C-FIND and its blob let out of A's page cache; the forged one is rejected before it
+    is inserted, so nothing indexes it and its blob (a local copy) stays as it was, cached."""
+    skip_without_page_cache(tmp_path)
+    a, f = new_node("a"), new_node("hostile")
+    honest_sop = uid(51, 0, 1, 1)
+    honest = make_dicom(tmp_path / "honest.dcm", sop=honest_sop, study=uid(51, 0),
+                        series=uid(51, 0, 1), pixel_bytes=120_000, seed=1)
+    other = make_dicom(tmp_path / "other.dcm", sop=uid(51, 0, 1, 2), study=uid(51, 0),
+                       series=uid(51, 0, 1), pixel_bytes=120_000, seed=2)
+    import_files(f, honest)
+    [put] = f.catalog.instances()
+    forged = forged_put(f, other.read_bytes(), sop_instance_uid="2.25.3333",
+                        patient_id="OTHER-PATIENT", modality="MR")
+    # A holds both blobs already (as after the pushed pack), written locally: cached
+    held = [a.store.put_bytes(p.read_bytes()).hash for p in (honest, other)]
+    assert held[0] == put.blob
+    pin(a, f)
+    pin(f, a)
+    ra = await running(a)
+    ctx = client_ssl_context(f.identity, f.trust, expected=a.node_id)
+    pairs = f.catalog.get_events([put.event_id, forged])
+    body = protocol.events_response(pairs, f.catalog.certificates_for([put.event_id, forged]))
+    url = f"{url_of(ra)}{protocol.PREFIX}/push/events"
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as session, \
+            session.post(url, json=body) as r:
+        assert r.status == 200, await r.text()
+        answer = await r.json()
+    assert answer["applied"] == [put.event_id]
+    assert forged in answer["rejected"] and "OTHER-PATIENT" not in str(answer)
+    await wait_for(lambda: resident_bytes(a.store.path(put.blob)) == 0, 10,
+                   "the honest blob out of A's cache")
+    with contextlib.closing(sqlite3.connect(a.catalog.path)) as db:
+        rows = dict(db.execute("SELECT blob, readable FROM find_attrs").fetchall())
+    assert rows.get(put.blob) == 1 and held[1] not in rows
+    assert resident_bytes(a.store.path(held[1])) >= other.stat().st_size
+    assert not a.catalog.has_event(forged)
+    assert [i.sop_instance_uid for i in a.catalog.instances()] == [honest_sop]
 
 
 @pytest.mark.parametrize(("field", "value"), [
